@@ -1,0 +1,21 @@
+"""Attention backend schema (recipe group `attention/`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ascend_llm.config.checks import one_of, positive
+
+BACKENDS = ("auto", "naive", "segmented", "fused")
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "naive"
+    block_q: int = 128
+    block_k: int = 128
+
+    def validate(self, prefix: str = "attention") -> None:
+        one_of(f"{prefix}.backend", self.backend, BACKENDS)
+        positive(f"{prefix}.block_q", self.block_q)
+        positive(f"{prefix}.block_k", self.block_k)

@@ -1,0 +1,52 @@
+"""The root recipe: one field per recipe group. Builders receive only their own sub-config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ascend_llm.config.attention import AttentionConfig
+from ascend_llm.config.data import DataConfig
+from ascend_llm.config.model import ModelConfig
+from ascend_llm.config.optim import OptimConfig
+from ascend_llm.config.parallel import ClusterConfig, ParallelConfig
+from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.config.runtime import RuntimeConfig
+from ascend_llm.config.train import TrainConfig
+from ascend_llm.errors import ConfigError
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> RecipeConfig:
+        for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster"):
+            getattr(self, name).validate(name)
+        self._validate_cross_group()
+        return self
+
+    def _validate_cross_group(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError("data.vocab_size", self.data.vocab_size,
+                              f"must be <= model.vocab_size={self.model.vocab_size}")
+        world = self.parallel.world_size
+        if world != self.cluster.world_size:
+            raise ConfigError("parallel.data_parallel_degree", self.parallel.data_parallel_degree,
+                              f"world size {world} must equal cluster.num_nodes*cluster.num_workers_per_node"
+                              f"={self.cluster.world_size}")
+        per_rank = self.train.global_batch_size // self.train.grad_accum_steps
+        if per_rank % world:
+            raise ConfigError("train.global_batch_size", self.train.global_batch_size,
+                              f"global_batch_size/grad_accum_steps={per_rank} must be divisible by the "
+                              f"world size {world}")

@@ -1,0 +1,35 @@
+"""Runtime schema (recipe group `runtime/`): device, execution mode, declared peak, Ascend context knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ascend_llm.config.checks import non_negative, one_of, positive
+
+
+@dataclass
+class RuntimeConfig:
+    device_target: str = "auto"  # auto | cpu | ascend
+    mode: str = "graph"  # graph | pynative
+    # Declared peak for MFU, TFLOP/s per device. None: 354 on Ascend (the figure verl/MindSpeed use
+    # for 910B), and on CPU a nominal figure the user should set for their machine.
+    peak_tflops: Optional[float] = None
+    cpu_peak_tflops: float = 0.1
+    num_threads: int = 0  # 0: all cores
+    deterministic: bool = False
+    # Applied only when the device is Ascend (validated everywhere).
+    max_device_memory: str = "58GB"
+    jit_level: str = "O1"
+    memory_optimize_level: str = "O0"
+    precision_mode: str = "must_keep_origin_dtype"
+
+    def validate(self, prefix: str = "runtime") -> None:
+        one_of(f"{prefix}.device_target", self.device_target, ("auto", "cpu", "ascend"))
+        one_of(f"{prefix}.mode", self.mode, ("graph", "pynative"))
+        if self.peak_tflops is not None:
+            positive(f"{prefix}.peak_tflops", self.peak_tflops)
+        positive(f"{prefix}.cpu_peak_tflops", self.cpu_peak_tflops)
+        non_negative(f"{prefix}.num_threads", self.num_threads)
+        one_of(f"{prefix}.jit_level", self.jit_level, ("O0", "O1", "O2"))
+        one_of(f"{prefix}.memory_optimize_level", self.memory_optimize_level, ("O0", "O1"))

@@ -1,0 +1,175 @@
+"""Llama-family decoder as pure MindSpore cells: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Stable sub-cell names (tok_embeddings, layers.N.attention.{wq,wk,wv,wo}, layers.N.feed_forward.{w1,w2,w3},
+attention_norm, ffn_norm, norm, output) let precision maps, shard plans and checkpoints key on them.
+This module imports nothing from precision/ or parallel/: those are applied by converters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.attention import attention
+from ascend_llm.config.model import ModelConfig
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+
+    def construct(self, x):
+        x32 = x.astype(mstype.float32)
+        inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
+        return (x32 * inv * self.weight).astype(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (max_seq_len, head_dim) in the rotate-half (HF/Qwen) layout, float32."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.outer(np.arange(max_seq_len, dtype=np.float64), inv_freq)
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + d/2]) by position angles; x is BNSD, cos/sin are (S, D). fp32 math."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(mstype.float32)
+    rotated = ops.concat((-x32[..., half:], x32[..., :half]), -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Cell):
+    """Grouped-query self-attention; the attention backend is set by `apply_attention` (default naive)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.wq = nn.Dense(cfg.dim, cfg.num_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
+        self.wk = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
+        self.wv = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
+        self.wo = nn.Dense(cfg.num_heads * cfg.head_dim, cfg.dim, has_bias=False)
+        self.backend = "naive"
+        self.block_q = 128
+        self.block_k = 128
+
+    def construct(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        out = attention(q, k, v, causal=True, backend=self.backend, block_q=self.block_q, block_k=self.block_k)
+        out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Cell):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Dense(dim, hidden_dim, has_bias=False)
+        self.w2 = nn.Dense(hidden_dim, dim, has_bias=False)
+        self.w3 = nn.Dense(dim, hidden_dim, has_bias=False)
+
+    def construct(self, x):
+        return self.w2(ops.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Cell):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+
+    def construct(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Embedding(nn.Cell):
+    """Token embedding with a plain `weight` parameter (vocab_size, dim)."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.weight = Parameter(Tensor(np.zeros((vocab_size, dim), np.float32)), name="weight")
+
+    def construct(self, tokens):
+        return ops.gather(self.weight, tokens, 0)
+
+
+class Transformer(nn.Cell):
+    """Decoder-only Llama: tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.CellList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.tie_embeddings = cfg.tie_embeddings
+        if not cfg.tie_embeddings:
+            self.output = nn.Dense(cfg.dim, cfg.vocab_size, has_bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope_cos = Tensor(cos)
+        self.rope_sin = Tensor(sin)
+        init_weights(self, cfg, seed)
+
+    def construct(self, tokens):
+        seq = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        h = self.norm(h)
+        if self.tie_embeddings:
+            return ops.matmul(h, self.tok_embeddings.weight.astype(h.dtype).T).astype(mstype.float32)
+        return self.output(h).astype(mstype.float32)
+
+
+def init_weights(model: nn.Cell, cfg: ModelConfig, seed: int) -> None:
+    """Deterministic init from a NumPy generator (identical on every rank and backend).
+
+    Normal(0, init_std) for embeddings and projections; wo and w2 scaled by 1/sqrt(2 * num_layers)
+    (GPT-2 residual scaling); biases zero; norm weights one.
+    """
+    rng = np.random.default_rng(seed)
+    out_std = cfg.init_std / np.sqrt(2.0 * cfg.num_layers)
+    for name, param in model.parameters_and_names():
+        if name.endswith("norm.weight"):
+            continue
+        if name.endswith(".bias"):
+            value = np.zeros(param.shape, np.float32)
+        else:
+            std = out_std if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+            value = rng.normal(0.0, std, size=param.shape).astype(np.float32)
+        param.set_data(Tensor(value, param.dtype))
+
+
+def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
+    """Parameter count from the shapes alone (no allocation): usable for 7B/8B flavors."""
+    hd = cfg.head_dim
+    attn = cfg.dim * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * cfg.dim
+    if cfg.qkv_bias:
+        attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
+    layer = attn + 3 * cfg.dim * cfg.ffn_hidden_dim + 2 * cfg.dim
+    total = cfg.num_layers * layer + cfg.dim
+    embedding = cfg.vocab_size * cfg.dim
+    if not cfg.tie_embeddings:
+        total += embedding
+    return total + embedding if include_embedding else total
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    cfg.validate()
+    return Transformer(cfg, seed)

@@ -1,0 +1,44 @@
+"""ascend_llm: MindSpore-native LLM training for Ascend 910B, tested on CPU."""
+
+from setuptools import setup
+
+PACKAGES = [
+    "ascend_llm",
+    "ascend_llm.attention",
+    "ascend_llm.cli",
+    "ascend_llm.config",
+    "ascend_llm.data",
+    "ascend_llm.models",
+    "ascend_llm.parallel",
+    "ascend_llm.precision",
+    "ascend_llm.train",
+    "ascend_llm.recipes",
+]
+
+setup(
+    name="ascend_llm",
+    version="0.1.0",
+    description="MindSpore-native toolkit for training Llama-family models on Ascend 910B, with a CPU fallback",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    # The Hydra recipes live at the repository root (recipes/) and ship inside the wheel as
+    # ascend_llm/recipes, so they are found from a source checkout, an editable and a normal install.
+    package_dir={"ascend_llm.recipes": "recipes"},
+    package_data={"ascend_llm.recipes": ["*.yaml", "*/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "mindspore>=2.7,<2.11",
+        "numpy<2",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3",
+        "tokenizers>=0.15",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.5",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
+)
