@@ -5,6 +5,7 @@ from setuptools import setup
 PACKAGES = [
     "ascend_llm",
     "ascend_llm.attention",
+    "ascend_llm.bench",
     "ascend_llm.cli",
     "ascend_llm.config",
     "ascend_llm.data",

@@ -1,0 +1,48 @@
+"""`ascend-llm` entry point: one sub-command per module, imported lazily so `--help` stays fast.
+
+Every sub-command module exposes `main(argv: list[str]) -> int`. A UserInputError anywhere is printed as one
+line on stderr with exit status 2; other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ascend_llm.errors import UserInputError
+
+COMMANDS = {
+    "train": ("ascend_llm.cli.train", "train a model from a Hydra recipe (overrides as key=value)"),
+    "prepare": ("ascend_llm.cli.prepare", "tokenize a corpus into a token memmap (+ tokenizer)"),
+    "bench": ("ascend_llm.cli.bench", "run a benchmark: train, attention, precision, dp"),
+    "rank-table": ("ascend_llm.cli.rank_table", "generate, validate, merge or show HCCL rank tables"),
+    "launch": ("ascend_llm.cli.launch", "launch a distributed job with msrun from a recipe"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: ascend-llm <command> [args]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `ascend-llm <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ascend-llm: command={name!r}: allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except UserInputError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
