@@ -1,0 +1,65 @@
+"""`ascend-llm train [overrides]`: Hydra recipe -> training run. `--multirun`/`-m` sweeps work as in Hydra.
+
+The recipe is composed and validated first, so bad overrides fail in one line with exit 2 before Hydra
+starts; then Hydra runs the job (run directory = train.output_dir, sweeps under train.output_dir/multirun).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ascend_llm.config import compose_recipe, recipes_dir, register_schema, to_recipe
+from ascend_llm.errors import UserInputError
+
+MULTIRUN_FLAGS = ("--multirun", "-m")
+
+
+def _print_summary(summary: dict) -> None:
+    if summary.get("rank", 0) != 0:
+        return
+    losses = summary["losses"]
+    if losses:
+        print(f"trained steps {summary['start_step'] + 1}..{summary['start_step'] + len(losses)}: "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; time to first step {summary['first_step_s']:.1f} s")
+    for step, val in summary["val_losses"][-1:]:
+        print(f"validation loss at step {step}: {val:.4f}")
+    if "sample" in summary:
+        print("sample:\n" + summary["sample"])
+    print(f"run directory: {summary['run_dir']}")
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\nExample: ascend-llm train model=debug optim.lr=1e-3 train.num_steps=50\n"
+              f"Recipes: {recipes_dir()}")
+        return 0
+    if not any(flag in argv for flag in MULTIRUN_FLAGS):
+        from ascend_llm.train.trainer import train
+
+        _print_summary(train(compose_recipe(argv)))
+        return 0
+    import hydra
+
+    register_schema()
+
+    @hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
+    def job(cfg) -> None:
+        from ascend_llm.train.trainer import train
+
+        try:
+            recipe = to_recipe(cfg)
+            from hydra.core.hydra_config import HydraConfig
+
+            recipe.train.output_dir = HydraConfig.get().runtime.output_dir
+            _print_summary(train(recipe))
+        except UserInputError as exc:
+            print(exc.one_line(), file=sys.stderr)
+            sys.exit(2)
+
+    saved = sys.argv
+    sys.argv = ["ascend-llm train", *argv]
+    try:
+        job()
+    finally:
+        sys.argv = saved
+    return 0

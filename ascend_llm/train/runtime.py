@@ -1,0 +1,55 @@
+"""Selecting the device and execution mode, and applying the Ascend context knobs when on Ascend."""
+
+from __future__ import annotations
+
+import os
+
+import mindspore as ms
+
+from ascend_llm.config.runtime import RuntimeConfig
+from ascend_llm.errors import ConfigError
+
+ASCEND_910B_PEAK_TFLOPS = 354.0  # bf16 dense; the figure verl and MindSpeed hard-code for 910B
+
+
+def resolve_device(cfg: RuntimeConfig) -> str:
+    if cfg.device_target == "cpu":
+        return "CPU"
+    # Ask MindSpore only where CANN is installed: elsewhere the probe prints a library-load failure.
+    has_cann = bool(os.environ.get("ASCEND_HOME_PATH")) or os.path.isdir("/usr/local/Ascend")
+    ascend = has_cann and ms.hal.is_available("Ascend")
+    if cfg.device_target == "ascend" and not ascend:
+        raise ConfigError("runtime.device_target", "ascend", "no Ascend device/CANN here; use auto or cpu")
+    return "Ascend" if ascend else "CPU"
+
+
+_threads_set: list[int] = []
+
+
+def set_cpu_threads(num_threads: int) -> None:
+    """Kernel threads = cores (MindSpore defaults to 25, oversubscribing small machines). Settable once."""
+    if not _threads_set:
+        ms.device_context.cpu.op_tuning.threads_num(num_threads)
+        _threads_set.append(num_threads)
+
+
+def setup_runtime(cfg: RuntimeConfig) -> str:
+    """Set device, mode and threads; returns 'CPU' or 'Ascend'."""
+    device = resolve_device(cfg)
+    ms.set_device(device)
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
+    if cfg.deterministic:
+        ms.set_deterministic(True)
+    if device == "CPU":
+        set_cpu_threads(cfg.num_threads or os.cpu_count() or 1)
+    else:
+        ms.set_context(jit_config={"jit_level": cfg.jit_level}, max_device_memory=cfg.max_device_memory,
+                       memory_optimize_level=cfg.memory_optimize_level,
+                       ascend_config={"precision_mode": cfg.precision_mode})
+    return device
+
+
+def peak_tflops(cfg: RuntimeConfig, device: str) -> float:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops
+    return ASCEND_910B_PEAK_TFLOPS if device == "Ascend" else cfg.cpu_peak_tflops
