@@ -60,7 +60,8 @@ def _check_same_model(state: dict, recipe: RecipeConfig, source: str) -> None:
     saved = state.get("config", {}).get("model", {})
     for key, value in asdict(recipe.model).items():
         if key in saved and saved[key] != value:
-            raise CheckpointError(f"{source}: model.{key}", saved[key], f"checkpoint was trained with it; recipe has {value}")
+            raise CheckpointError(f"{source}: model.{key}", saved[key],
+                                  f"checkpoint was trained with it; the recipe has {value}")
 
 
 def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW):
