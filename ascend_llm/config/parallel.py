@@ -1,22 +1,70 @@
-"""Parallel degrees (recipe group `parallel/`) and cluster hardware (recipe group `cluster/`)."""
+"""Parallel degrees (recipe group `parallel/`) and cluster hardware and launch (recipe group `cluster/`).
+
+`parallel/` says degrees only; the world size is the product of every `*_degree` field. `cluster/` says how
+many nodes and workers per node, how they are launched (msrun's dynamic cluster or an HCCL rank table),
+and the HCCL environment knobs. `RecipeConfig` checks that the two world sizes agree.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
-from ascend_llm.config.checks import positive
+from ascend_llm.config.checks import in_range, non_negative, one_of, positive
+from ascend_llm.errors import ConfigError
+
+LAUNCHERS = ("msrun", "rank_table")
+HCCL_DETERMINISTIC = ("false", "true", "strict")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
 class ParallelConfig:
     data_parallel_degree: int = 1
 
+    def degrees(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
+
     @property
     def world_size(self) -> int:
-        return self.data_parallel_degree
+        size = 1
+        for degree in self.degrees().values():
+            size *= degree
+        return size
 
     def validate(self, prefix: str = "parallel") -> None:
-        positive(f"{prefix}.data_parallel_degree", self.data_parallel_degree)
+        for name, degree in self.degrees().items():
+            positive(f"{prefix}.{name}", degree)
+
+
+@dataclass
+class HcclConfig:
+    """HCCL environment exported to every worker (harmless on CPU, where MCCL ignores it)."""
+
+    connect_timeout_s: int = 120  # HCCL_CONNECT_TIMEOUT: link setup (error EI0006); 120..7200
+    exec_timeout_s: int = 1836  # HCCL_EXEC_TIMEOUT: peer wait during execution (error EI0002)
+    buffsize_mb: int = 200  # HCCL_BUFFSIZE: lower it when many communicators run out of memory
+    if_ip: Optional[str] = None  # HCCL_IF_IP: pin the host NIC by address
+    socket_ifname: Optional[str] = None  # HCCL_SOCKET_IFNAME: pin the host NIC by name (e.g. eth0)
+    deterministic: str = "false"  # HCCL_DETERMINISTIC: false | true | strict
+
+    def env(self) -> dict[str, str]:
+        out = {"HCCL_CONNECT_TIMEOUT": str(self.connect_timeout_s), "HCCL_EXEC_TIMEOUT": str(self.exec_timeout_s),
+               "HCCL_BUFFSIZE": str(self.buffsize_mb), "HCCL_DETERMINISTIC": self.deterministic}
+        if self.if_ip:
+            out["HCCL_IF_IP"] = self.if_ip
+        if self.socket_ifname:
+            out["HCCL_SOCKET_IFNAME"] = self.socket_ifname
+        return out
+
+    def validate(self, prefix: str = "cluster.hccl") -> None:
+        in_range(f"{prefix}.connect_timeout_s", self.connect_timeout_s, 120, 7200)
+        non_negative(f"{prefix}.exec_timeout_s", self.exec_timeout_s)
+        positive(f"{prefix}.buffsize_mb", self.buffsize_mb)
+        one_of(f"{prefix}.deterministic", self.deterministic, HCCL_DETERMINISTIC)
+        if self.if_ip is not None:
+            _check_ipv4(f"{prefix}.if_ip", self.if_ip)
 
 
 @dataclass
@@ -24,6 +72,23 @@ class ClusterConfig:
     name: str = "cpu_1proc"
     num_nodes: int = 1
     num_workers_per_node: int = 1
+    # msrun: dynamic cluster (scheduler + workers). rank_table: one process per device with RANK_TABLE_FILE,
+    # RANK_ID and DEVICE_ID and no scheduler (Ascend only).
+    launcher: str = "msrun"
+    node_rank: int = 0  # this node's index, 0..num_nodes-1 (set per node on multi-node jobs)
+    master_addr: str = "127.0.0.1"  # node 0's IP, reachable from every node
+    master_port: int = 8118
+    # HCCL rank table (JSON); relative paths are looked up from the working directory, then the repository.
+    rank_table_file: Optional[str] = None
+    visible_devices: Optional[str] = None  # ASCEND_RT_VISIBLE_DEVICES, e.g. "0,1,2,3"
+    log_dir: str = "msrun_log"  # scheduler.log and worker_<rank>.log
+    cluster_timeout_s: int = 600  # msrun --cluster_time_out (MS_TOPO_TIMEOUT)
+    job_timeout_s: Optional[int] = None  # wall-clock limit for the whole job; None: no limit
+    failure_grace_s: int = 10  # after a worker fails, how long msrun may take to stop before it is killed
+    bind_core: bool = False
+    tail_worker_log: str = "all"  # worker logs msrun echoes to the console: all | none | ranks like "0" or "0,1"
+    hccl: HcclConfig = field(default_factory=HcclConfig)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for every worker
 
     @property
     def world_size(self) -> int:
@@ -32,3 +97,69 @@ class ClusterConfig:
     def validate(self, prefix: str = "cluster") -> None:
         positive(f"{prefix}.num_nodes", self.num_nodes)
         positive(f"{prefix}.num_workers_per_node", self.num_workers_per_node)
+        one_of(f"{prefix}.launcher", self.launcher, LAUNCHERS)
+        if not (0 <= self.node_rank < self.num_nodes):
+            raise ConfigError(f"{prefix}.node_rank", self.node_rank,
+                              f"must be in 0..{self.num_nodes - 1} (cluster.num_nodes={self.num_nodes})")
+        in_range(f"{prefix}.master_port", self.master_port, 1024, 65535)
+        if not self.master_addr or any(c.isspace() for c in self.master_addr):
+            raise ConfigError(f"{prefix}.master_addr", self.master_addr, "must be node 0's IP address or host name")
+        positive(f"{prefix}.cluster_timeout_s", self.cluster_timeout_s)
+        if self.job_timeout_s is not None:
+            positive(f"{prefix}.job_timeout_s", self.job_timeout_s)
+        non_negative(f"{prefix}.failure_grace_s", self.failure_grace_s)
+        if not self.log_dir:
+            raise ConfigError(f"{prefix}.log_dir", self.log_dir, "must be a directory path")
+        self._validate_tail(prefix)
+        if self.visible_devices is not None and not re.fullmatch(r"\d+(,\d+)*", str(self.visible_devices)):
+            raise ConfigError(f"{prefix}.visible_devices", self.visible_devices,
+                              "must be a comma-separated list of device ids, e.g. 0,1,2,3")
+        if self.visible_devices is not None and len(str(self.visible_devices).split(",")) < self.num_workers_per_node:
+            raise ConfigError(f"{prefix}.visible_devices", self.visible_devices,
+                              f"must list at least cluster.num_workers_per_node={self.num_workers_per_node} devices")
+        for key in self.env:
+            if not ENV_NAME.fullmatch(str(key)):
+                raise ConfigError(f"{prefix}.env", key,
+                                  "keys must be environment variable names ([A-Za-z_][A-Za-z0-9_]*)")
+        self.hccl.validate(f"{prefix}.hccl")
+        if self.launcher == "rank_table" and not self.rank_table_file:
+            raise ConfigError(f"{prefix}.rank_table_file", self.rank_table_file,
+                              "required when cluster.launcher=rank_table")
+        if self.rank_table_file:
+            self._validate_rank_table(prefix)
+
+    def _validate_tail(self, prefix: str) -> None:
+        value = str(self.tail_worker_log)
+        if value in ("all", "none"):
+            return
+        ranks = value.split(",")
+        if not all(r.isdigit() and int(r) < self.world_size for r in ranks):
+            raise ConfigError(f"{prefix}.tail_worker_log", self.tail_worker_log,
+                              f"allowed: all, none, or ranks in 0..{self.world_size - 1} separated by commas")
+
+    def _validate_rank_table(self, prefix: str) -> None:
+        from ascend_llm.errors import RankTableError
+        from ascend_llm.parallel.rank_table import load_rank_table, resolve_rank_table_path
+
+        path = resolve_rank_table_path(self.rank_table_file, field=f"{prefix}.rank_table_file")
+        try:
+            table = load_rank_table(path)
+        except RankTableError as exc:
+            raise ConfigError(f"{prefix}.rank_table_file", str(path), f"invalid rank table: {exc}") from None
+        if table.num_servers != self.num_nodes:
+            raise ConfigError(f"{prefix}.num_nodes", self.num_nodes,
+                              f"must equal the rank table's server_count={table.num_servers} ({path})")
+        for index, server in enumerate(table.servers):
+            if len(server.devices) != self.num_workers_per_node:
+                raise ConfigError(f"{prefix}.num_workers_per_node", self.num_workers_per_node,
+                                  f"must equal the number of devices of every server in the rank table; "
+                                  f"server_list[{index}] ({server.server_id}) has {len(server.devices)} ({path})")
+
+
+def _check_ipv4(field_name: str, value: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.IPv4Address(str(value))
+    except ValueError:
+        raise ConfigError(field_name, value, "must be an IPv4 address like 192.168.1.10") from None

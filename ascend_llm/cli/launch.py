@@ -1,0 +1,52 @@
+"""`ascend-llm launch [overrides] [--dry-run] [--script PATH]`: run a recipe on every worker of this node.
+
+The recipe's `cluster/` group says how: msrun's dynamic cluster (default), msrun with an HCCL rank table
+(`cluster.rank_table_file`), or rank-table mode without msrun (`cluster.launcher=rank_table`). The command
+is printed, then run; `--dry-run` only prints it. Every worker runs `ascend-llm train <overrides>` (or
+`python <script> <overrides> [script args]` with --script). If a worker fails, the failed rank and the tail
+of its log are printed and the exit status is non-zero; `cluster.job_timeout_s` bounds the whole job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ascend_llm.config import compose_recipe
+from ascend_llm.parallel.launch import build_launch_plan, describe_plan
+
+EXAMPLES = """examples:
+  ascend-llm launch cluster=cpu_2proc parallel=dp2 model=debug train.num_steps=20
+  ascend-llm launch cluster=910b_1x8 parallel=dp8 experiment=llama3_8b_910b --dry-run
+  ascend-llm launch cluster=910b_2x8 parallel=dp16 cluster.master_addr=10.0.0.1 cluster.node_rank=1
+  ascend-llm launch cluster=910b_1x8_rank_table parallel=dp8 cluster.launcher=rank_table --dry-run
+  ascend-llm launch cluster=cpu_2proc parallel=dp2 --script my_job.py -- --my-flag 1"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ascend-llm launch", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value), passed on to every worker")
+    parser.add_argument("--dry-run", action="store_true", help="print the command(s) and exit")
+    parser.add_argument("--script", help="run this Python script on every worker instead of the trainer; it "
+                        "receives the overrides, then the arguments after `--`")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    script_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    recipe = compose_recipe(args.overrides)
+    plan = build_launch_plan(recipe, args.overrides, script=args.script, script_args=script_args)
+    print(describe_plan(plan), flush=True)
+    if args.dry_run:
+        return 0
+    from ascend_llm.parallel.supervise import run_plan
+
+    result = run_plan(plan)
+    print(result.report(), file=sys.stderr if result.returncode else sys.stdout, flush=True)
+    return result.returncode

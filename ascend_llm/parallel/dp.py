@@ -1,0 +1,130 @@
+"""Data parallel: communication init, gradient all-reduce (mean) and the main-rank test.
+
+Contract used by the trainer (`ascend_llm.train.trainer`):
+
+- `init_distributed(parallel_cfg, cluster_cfg) -> (rank, world_size)`.
+  world_size is `parallel_cfg.world_size` (the product of the `*_degree` fields), checked against the cluster.
+  When it is 1 nothing is initialised and `(0, 1)` is returned. When it is > 1 the process must have been
+  started by msrun (`MS_ROLE`, `MS_WORKER_NUM` set) or in rank-table mode (`RANK_TABLE_FILE` + `RANK_ID`);
+  otherwise LaunchError says how to launch (`ascend-llm launch ...`). Then it calls
+  `mindspore.communication.init()` (HCCL on Ascend, MCCL on CPU), checks that the communicator's size equals
+  world_size, and sets `ms.set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True,
+  device_num=world_size)`. Call it right after the device/mode are set and before any data preparation or
+  parameter creation: under msrun the same program also runs as the *scheduler* process, and for that
+  process `init()` serves the cluster and exits the interpreter when the workers are done, so code placed
+  before the call runs once more in the scheduler.
+- `build_grad_reducer(params, world_size) -> reduce`, where `reduce(tensors: tuple) -> tuple` returns the
+  element-wise mean over ranks of each tensor (AllReduce sum, then divide by world_size). Usable inside
+  `ms.jit` (it is an `nn.Cell`) and in pynative mode; any tuple of tensors works (gradients, or `(loss,)`),
+  so `params` may be None (it is accepted for symmetry with `nn.DistributedGradReducer`). Identity when
+  world_size == 1.
+- `is_main_rank() -> bool`: True on rank 0 and in single-process runs; metrics, checkpoints and samples are
+  written by the main rank only.
+
+Data parallel on CPU (MindSpore 2.10): msrun + `init()` uses MCCL; `ops.AllReduce` works in graph and
+pynative mode, while semi-auto/auto parallel refuse the CPU backend. So the all-reduce is explicit here and
+the same code runs on Ascend over HCCL. Identical initial parameters come from seeded NumPy init on every
+rank; each rank takes its slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from ascend_llm.errors import LaunchError
+
+LAUNCH_HINT = ("launch it with `ascend-llm launch cluster=cpu_2proc parallel=dp2 ...` (msrun) or set "
+               "parallel.data_parallel_degree=1 for a single process")
+
+
+def launched_by_msrun() -> bool:
+    return bool(os.environ.get("MS_ROLE")) and bool(os.environ.get("MS_WORKER_NUM"))
+
+
+def launched_by_rank_table() -> bool:
+    return bool(os.environ.get("RANK_TABLE_FILE")) and bool(os.environ.get("RANK_ID"))
+
+
+def _check_launch_env(world_size: int) -> None:
+    if launched_by_msrun():
+        workers = os.environ["MS_WORKER_NUM"]
+        if workers != str(world_size):
+            raise LaunchError("MS_WORKER_NUM", workers,
+                              f"msrun started {workers} workers but the recipe's world size is {world_size}; "
+                              "launch with `ascend-llm launch` so the two agree")
+        return
+    if launched_by_rank_table():
+        size = os.environ.get("RANK_SIZE")
+        if size is not None and size != str(world_size):
+            raise LaunchError("RANK_SIZE", size, f"must equal the recipe's world size {world_size}")
+        return
+    raise LaunchError("parallel world size", world_size,
+                      "needs one process per rank, but this process was not started by msrun (no MS_ROLE / "
+                      "MS_WORKER_NUM) nor in rank-table mode (no RANK_TABLE_FILE + RANK_ID): " + LAUNCH_HINT)
+
+
+def init_distributed(parallel_cfg: Any, cluster_cfg: Any) -> tuple[int, int]:
+    """Initialise communication when the world size is > 1; returns (rank, world_size). See the module doc."""
+    world_size = int(parallel_cfg.world_size)
+    cluster_world = int(cluster_cfg.world_size)
+    if world_size != cluster_world:
+        raise LaunchError("parallel world size", world_size,
+                          f"must equal cluster.num_nodes*cluster.num_workers_per_node={cluster_world}")
+    if world_size == 1:
+        return 0, 1
+    _check_launch_env(world_size)
+    import mindspore as ms
+    from mindspore.communication import get_group_size, get_rank, init
+    from mindspore.context import ParallelMode
+
+    init()  # the msrun scheduler process serves the cluster inside this call and then exits
+    rank, size = get_rank(), get_group_size()
+    if size != world_size:
+        raise LaunchError("communicator size", size, f"must equal the recipe's world size {world_size}")
+    ms.set_auto_parallel_context(parallel_mode=ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=size)
+    return rank, size
+
+
+def identity(tensors: tuple) -> tuple:
+    return tensors
+
+
+def build_grad_reducer(params: Sequence[Any] | None, world_size: int) -> Callable[[tuple], tuple]:
+    """A callable `tuple of tensors -> tuple of their means over ranks`; identity when world_size == 1."""
+    if world_size == 1:
+        return identity
+    from mindspore import nn, ops
+
+    class MeanAllReduce(nn.Cell):
+        """AllReduce(sum) over the world group, then divide by the world size; works inside ms.jit."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.all_reduce = ops.AllReduce()
+            self.scale = 1.0 / world_size
+
+        def construct(self, tensors):
+            out = ()
+            for t in tensors:
+                out = out + (self.all_reduce(t) * self.scale,)
+            return out
+
+    return MeanAllReduce()
+
+
+def get_rank_or_zero() -> int:
+    """This process's rank once communication is initialised, else 0."""
+    try:
+        from mindspore.communication import GlobalComm, get_rank
+    except ImportError:  # pragma: no cover - mindspore is a dependency
+        return 0
+    if not GlobalComm.INITED:
+        return 0
+    return int(get_rank())
+
+
+def is_main_rank() -> bool:
+    """True on rank 0 and in single-process runs."""
+    return get_rank_or_zero() == 0

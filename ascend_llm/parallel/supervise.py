@@ -1,0 +1,284 @@
+"""Run a LaunchPlan and watch it: name the rank that failed, show its log tail, never hang.
+
+msrun (`--join=True`) notices a worker that exits non-zero within a second and kills the other workers,
+but then waits for its scheduler, which only gives up after `--cluster_time_out`. The watchdog here
+follows msrun's output; once a worker has failed it allows `cluster.failure_grace_s` for msrun to stop and
+then kills the whole process tree (msrun, scheduler, workers, `tail -f`). `cluster.job_timeout_s` bounds
+the whole job. In rank-table mode this module starts the workers itself and stops the rest as soon as one
+fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, TextIO
+
+import psutil
+
+from ascend_llm.parallel.launch import LaunchPlan, ProcessSpec, check_port_free
+
+WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+WORKER_STARTED = re.compile(r"Start worker process with rank id:(\S+), log file:(.+?)\. Environment")
+TIMEOUT_EXIT = 124
+TAIL_LINES = 30
+NOISE = ("[INFO]", "[DEBUG]", "[WARNING]")  # MindSpore's own log lines; [ERROR] and [CRITICAL] are kept
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    elapsed_s: float
+    failed_rank: Optional[int] = None
+    failed_log: Optional[Path] = None
+    reason: str = ""
+    log_tail: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        if self.returncode == 0:
+            return f"launch finished in {self.elapsed_s:.1f} s"
+        who = f"rank {self.failed_rank}" if self.failed_rank is not None else "a worker"
+        lines = [f"launch failed after {self.elapsed_s:.1f} s (exit {self.returncode}): {who}: {self.reason}"]
+        if self.failed_log is not None:
+            lines.append(f"--- last {len(self.log_tail)} lines of {self.failed_log} ---")
+            lines += self.log_tail
+            lines.append("--- end of log ---")
+        return "\n".join(lines)
+
+
+def log_tail(path: Path, num_lines: int = TAIL_LINES) -> list[str]:
+    """The last lines of a worker log without MindSpore's INFO/DEBUG/WARNING lines (all lines if nothing else)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 256 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [line for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(NOISE)]
+    return (kept or lines)[-num_lines:]
+
+
+def _first_log_with_error(log_dir: Path) -> tuple[Optional[int], Optional[Path]]:
+    """Fallback when the failed pid is unknown: the lowest rank whose log shows a Python traceback."""
+    for path in sorted(log_dir.glob("worker_*.log"), key=lambda p: int(p.stem.split("_")[-1] or 0)
+                       if p.stem.split("_")[-1].isdigit() else 0):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if "Traceback (most recent call last)" in text or re.search(r"^\w*Error: ", text, re.M):
+            rank = path.stem.split("_")[-1]
+            return (int(rank) if rank.isdigit() else None), path
+    return None, None
+
+
+class ProcessTree:
+    """Remembers every descendant of the launched processes (workers start their own sessions)."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, psutil.Process] = {}
+        self.rank_of_pid: dict[int, int] = {}
+
+    def refresh(self, roots: list[subprocess.Popen]) -> None:
+        for root in roots:
+            try:
+                proc = psutil.Process(root.pid)
+                found = [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for child in found:
+                if child.pid in self.known:
+                    continue
+                self.known[child.pid] = child
+                try:
+                    env = child.environ()
+                except psutil.Error:
+                    continue
+                if env.get("MS_ROLE") == "MS_WORKER" and env.get("RANK_ID", "").isdigit():
+                    self.rank_of_pid[child.pid] = int(env["RANK_ID"])
+
+    def kill_all(self, roots: list[subprocess.Popen], grace_s: float = 3.0) -> int:
+        self.refresh(roots)
+        alive = []
+        for proc in self.known.values():
+            try:
+                if proc.is_running():
+                    proc.send_signal(signal.SIGTERM)
+                    alive.append(proc)
+            except psutil.Error:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=grace_s)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=grace_s)
+        for root in roots:
+            try:
+                root.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        return len(alive)
+
+
+def _environment(plan: LaunchPlan, spec: ProcessSpec) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(spec.env)
+    if plan.path_prefix:
+        env["PATH"] = plan.path_prefix + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_plan(plan: LaunchPlan, out: TextIO = sys.stdout, poll_s: float = 0.5) -> LaunchResult:
+    """Start the plan's processes and supervise them until they finish, fail, or time out."""
+    if plan.master is not None:
+        check_port_free(*plan.master)
+    plan.log_dir.mkdir(parents=True, exist_ok=True)
+    if plan.mode == "single":
+        return run_single(plan, poll_s)
+    if plan.mode == "rank_table":
+        return _run_direct(plan, out, poll_s)
+    return _run_msrun(plan, out, poll_s)
+
+
+def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
+    spec = plan.processes[0]
+    start = time.monotonic()
+    proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+                            bufsize=1)
+    failures: list[tuple[int, int, float]] = []  # (pid, code, when)
+    logs: dict[int, Path] = {}
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            match = WORKER_FAILED.search(line)
+            if match:
+                failures.append((int(match.group(1)), int(match.group(2)), time.monotonic()))
+            match = WORKER_STARTED.search(line)
+            if match and match.group(1).isdigit():
+                logs[int(match.group(1))] = Path(match.group(2))
+        out.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    tree = ProcessTree()
+    reason, code = "", None
+    try:
+        while proc.poll() is None:
+            tree.refresh([proc])
+            now = time.monotonic()
+            if plan.job_timeout_s is not None and now - start > plan.job_timeout_s:
+                killed = tree.kill_all([proc])
+                reason, code = (f"job timed out after cluster.job_timeout_s={plan.job_timeout_s} s; killed "
+                                f"{killed} process(es)"), TIMEOUT_EXIT
+                break
+            if failures and now - failures[0][2] > plan.failure_grace_s:
+                killed = tree.kill_all([proc])
+                reason = (f"msrun did not stop within cluster.failure_grace_s={plan.failure_grace_s} s after the "
+                          f"failure; killed {killed} process(es)")
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        tree.kill_all([proc])
+        reader.join(timeout=5)
+        return LaunchResult(130, time.monotonic() - start, reason="interrupted; all processes killed")
+    reader.join(timeout=5)
+    returncode = proc.wait()
+    elapsed = time.monotonic() - start
+    if code is None and returncode == 0 and not failures:
+        return LaunchResult(0, elapsed)
+    if code is None:
+        code = returncode if returncode not in (0, None) else 1
+    rank = log = None
+    if failures:
+        pid, exit_code, _ = failures[0]
+        rank = tree.rank_of_pid.get(pid)
+        what = f"worker exited with code {exit_code}" + (f" (pid {pid})" if rank is None else "")
+        reason = what + ("; " + reason if reason else "")
+    elif not reason:
+        reason = f"msrun exited with code {returncode}"
+    if rank is not None:
+        log = logs.get(rank, plan.log_dir / f"worker_{rank}.log")
+    else:
+        rank, log = _first_log_with_error(plan.log_dir)
+    if log is not None and not log.is_absolute():
+        log = (plan.log_dir / log.name) if not log.exists() else log.absolute()
+    return LaunchResult(code, elapsed, rank, log, reason, log_tail(log) if log is not None else [])
+
+
+def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
+    """Rank-table mode: one process per local device, each writing its own log."""
+    start = time.monotonic()
+    procs: list[tuple[ProcessSpec, subprocess.Popen]] = []
+    handles = []
+    tree = ProcessTree()
+    try:
+        for spec in plan.processes:
+            assert spec.log_path is not None
+            handle = open(spec.log_path, "w", encoding="utf-8")
+            handles.append(handle)
+            procs.append((spec, subprocess.Popen(spec.argv, env=_environment(plan, spec), stdout=handle,
+                                                 stderr=subprocess.STDOUT, start_new_session=True)))
+            out.write(f"started rank {spec.rank} (pid {procs[-1][1].pid}), log {spec.log_path}\n")
+        out.flush()
+        roots = [p for _, p in procs]
+        while True:
+            tree.refresh(roots)
+            failed = [(s, p.returncode) for s, p in procs if p.poll() not in (None, 0)]
+            if failed:
+                spec, rc = failed[0]
+                tree.kill_all(roots)
+                return LaunchResult(rc if rc > 0 else 1, time.monotonic() - start, spec.rank, spec.log_path,
+                                    f"worker exited with code {rc}; stopped the others", log_tail(spec.log_path))
+            if all(p.poll() == 0 for p in roots):
+                return LaunchResult(0, time.monotonic() - start)
+            if plan.job_timeout_s is not None and time.monotonic() - start > plan.job_timeout_s:
+                killed = tree.kill_all(roots)
+                return LaunchResult(TIMEOUT_EXIT, time.monotonic() - start,
+                                    reason=f"job timed out after cluster.job_timeout_s={plan.job_timeout_s} s; "
+                                    f"killed {killed} process(es)")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        tree.kill_all([p for _, p in procs])
+        return LaunchResult(130, time.monotonic() - start, reason="interrupted; all processes killed")
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+def run_single(plan: LaunchPlan, poll_s: float = 0.5) -> LaunchResult:
+    """World size 1: run the one process in the foreground (its output goes to the console)."""
+    spec = plan.processes[0]
+    start = time.monotonic()
+    proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), start_new_session=True)
+    tree = ProcessTree()
+    try:
+        while proc.poll() is None:
+            tree.refresh([proc])
+            if plan.job_timeout_s is not None and time.monotonic() - start > plan.job_timeout_s:
+                killed = tree.kill_all([proc])
+                return LaunchResult(TIMEOUT_EXIT, time.monotonic() - start, 0,
+                                    reason=f"job timed out after cluster.job_timeout_s={plan.job_timeout_s} s; "
+                                    f"killed {killed} process(es)")
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        tree.kill_all([proc])
+        return LaunchResult(130, time.monotonic() - start, reason="interrupted")
+    rc = proc.returncode
+    return LaunchResult(0 if rc == 0 else (rc if rc > 0 else 1), time.monotonic() - start,
+                        None if rc == 0 else 0, reason="" if rc == 0 else f"the process exited with code {rc}")
