@@ -51,7 +51,7 @@ def cache_key(cfg: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_prepared(cfg: DataConfig, out_dir: Path) -> PreparedData:
+def write_prepared(cfg: DataConfig, out_dir: Path, key: str) -> PreparedData:
     """Tokenize the corpus described by cfg into out_dir (which must not exist yet); atomic."""
     docs = read_documents(cfg.path, cfg.format, cfg.text_field, cfg.max_bytes)
     if cfg.tokenizer:
@@ -80,7 +80,7 @@ def write_prepared(cfg: DataConfig, out_dir: Path) -> PreparedData:
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"num_tokens": int(num_tokens), "dtype": np.dtype(dtype).name, "vocab_size": int(vocab_size),
                 "eos_id": int(eos_id), "num_docs": len(docs), "source": cfg.path or "<python stdlib>",
-                "format": cfg.format, "tokenizer": cfg.tokenizer or "trained byte-level BPE"}
+                "format": cfg.format, "tokenizer": cfg.tokenizer or "trained byte-level BPE", "key": key}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out_dir.exists():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
@@ -94,12 +94,17 @@ def write_prepared(cfg: DataConfig, out_dir: Path) -> PreparedData:
 
 def prepare(cfg: DataConfig, out_dir: Optional[str] = None) -> PreparedData:
     """Return the prepared corpus, building it on first use (cache_dir/<key>) or into out_dir."""
-    target = Path(out_dir).expanduser() if out_dir else Path(cfg.cache_dir).expanduser() / cache_key(cfg)
+    key = cache_key(cfg)
+    target = Path(out_dir).expanduser() if out_dir else Path(cfg.cache_dir).expanduser() / key
     meta_file = target / "meta.json"
     if meta_file.is_file():
-        return PreparedData(target, json.loads(meta_file.read_text()))
+        meta = json.loads(meta_file.read_text())
+        if meta.get("key") != key:
+            raise DataError("output", str(target), "holds a corpus prepared from other files or settings; "
+                            "choose a new path or delete it")
+        return PreparedData(target, meta)
     if target.exists() and any(target.iterdir()):
         raise DataError("output", str(target), "exists and is not a prepared corpus; choose an empty path")
     if target.exists():
         target.rmdir()
-    return write_prepared(cfg, target)
+    return write_prepared(cfg, target, key)

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import psutil
 from mindspore import Tensor, mutable
 from omegaconf import OmegaConf
 
@@ -132,7 +133,7 @@ def train(recipe: RecipeConfig) -> dict:
             f"train_windows={dataset.num_train:,} run_dir={run_dir}")
 
     losses, val_losses = [], []
-    first_step_s = None
+    first_step_s = since_launch_s = None
     window_start, window_tokens = time.perf_counter(), 0
     progress = None
     if main_rank and cfg.progress:
@@ -154,6 +155,7 @@ def train(recipe: RecipeConfig) -> dict:
         losses.append(loss_value)
         if first_step_s is None:
             first_step_s = time.perf_counter() - t_begin
+            since_launch_s = time.time() - psutil.Process().create_time()
             window_start, window_tokens = time.perf_counter(), 0
         else:
             window_tokens += tokens_per_step
@@ -186,7 +188,9 @@ def train(recipe: RecipeConfig) -> dict:
         progress.close()
 
     summary = {"losses": losses, "val_losses": val_losses, "run_dir": str(run_dir), "first_step_s": first_step_s,
-               "start_step": start_step, "rank": rank, "world_size": world}
+               "launch_to_first_step_s": since_launch_s if losses else None, "start_step": start_step,
+               "rank": rank, "world_size": world, "tokens_per_step": tokens_per_step,
+               "flops_per_token": flops_token, "peak_flops": peak}
     if main_rank and metrics is not None:
         records = metrics.records()
         if records:

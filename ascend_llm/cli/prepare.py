@@ -1,0 +1,27 @@
+"""`ascend-llm prepare [--output DIR] [data overrides]`: corpus -> tokenizer -> token memmap.
+
+Overrides use the recipe's data group, e.g.
+  ascend-llm prepare data.path=../shared/corpora/tang_poems.jsonl data.vocab_size=8000 --output data/tang
+Without --output the result goes to data.cache_dir, where `ascend-llm train` finds it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ascend_llm.config import compose_recipe
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ascend-llm prepare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", help="directory to write (must be empty or absent); default: the cache")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.path=corpus.jsonl")
+    args = parser.parse_args(argv)
+    from ascend_llm.data import prepare
+
+    recipe = compose_recipe(args.overrides)
+    prepared = prepare(recipe.data, args.output)
+    print(json.dumps({"path": str(prepared.path), **prepared.meta}, indent=2, ensure_ascii=False))
+    return 0
