@@ -141,7 +141,10 @@ class ClusterConfig:
         from ascend_llm.errors import RankTableError
         from ascend_llm.parallel.rank_table import load_rank_table, resolve_rank_table_path
 
-        path = resolve_rank_table_path(self.rank_table_file, field=f"{prefix}.rank_table_file")
+        try:
+            path = resolve_rank_table_path(self.rank_table_file, field=f"{prefix}.rank_table_file")
+        except RankTableError as exc:
+            raise ConfigError(exc.field, exc.value, exc.allowed) from None
         try:
             table = load_rank_table(path)
         except RankTableError as exc:

@@ -1,0 +1,237 @@
+"""Launch plans (exact msrun argv for single-node, multi-node and rank-table recipes), cluster config errors,
+and the supervisor's failure detection and timeouts with fast fake workers (no MindSpore)."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ascend_llm.cli.main import main as cli
+from ascend_llm.config import compose_recipe
+from ascend_llm.errors import ConfigError, LaunchError
+from ascend_llm.parallel.launch import LaunchPlan, ProcessSpec, build_launch_plan, check_port_free, describe_plan
+from ascend_llm.parallel.supervise import TIMEOUT_EXIT, run_plan
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = ["python", "-m", "ascend_llm.cli.main", "train"]
+
+
+def plan_for(overrides: list[str], **kwargs) -> LaunchPlan:
+    return build_launch_plan(compose_recipe(overrides), overrides, **kwargs)
+
+
+def test_single_node_msrun_argv(tmp_path):
+    overrides = ["cluster=cpu_2proc", "parallel=dp2", f"train.output_dir={tmp_path}", "cluster.master_port=8200"]
+    plan = plan_for(overrides)
+    assert plan.mode == "msrun" and len(plan.processes) == 1
+    argv = plan.processes[0].argv
+    assert Path(argv[0]).name == "msrun"
+    assert argv[1:] == ["--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1", "--master_port=8200",
+                        "--node_rank=0", f"--log_dir={tmp_path}/msrun_log", "--join=True",
+                        "--cluster_time_out=120", *TRAIN, *overrides]
+    assert plan.processes[0].env["HCCL_CONNECT_TIMEOUT"] == "120"
+    assert plan.master == ("127.0.0.1", 8200)
+
+
+def test_multi_node_msrun_argv_on_node_1():
+    overrides = ["cluster=910b_2x8", "parallel=dp16", "train.global_batch_size=16", "cluster.master_addr=10.0.0.1",
+                 "cluster.node_rank=1", "cluster.log_dir=/logs", "cluster.hccl.if_ip=10.0.0.2"]
+    plan = plan_for(overrides)
+    argv = plan.processes[0].argv
+    assert argv[1:10] == ["--worker_num=16", "--local_worker_num=8", "--master_addr=10.0.0.1", "--master_port=8118",
+                          "--node_rank=1", "--log_dir=/logs", "--join=True", "--cluster_time_out=900", *TRAIN[:1]]
+    assert argv[10:] == [*TRAIN[1:], *overrides]
+    assert plan.master is None  # only node 0 serves the scheduler
+    env = plan.processes[0].env
+    assert env["HCCL_CONNECT_TIMEOUT"] == "1200" and env["HCCL_IF_IP"] == "10.0.0.2"
+
+
+def test_multi_node_needs_a_real_master_address():
+    with pytest.raises(LaunchError, match="node 0's IP") as info:
+        plan_for(["cluster=910b_2x8", "parallel=dp16", "train.global_batch_size=16"])
+    assert info.value.field == "cluster.master_addr"
+
+
+def test_rank_table_recipe_passes_the_table_to_msrun():
+    plan = plan_for(["cluster=910b_1x8_rank_table", "parallel=dp8"])
+    argv = plan.processes[0].argv
+    table = REPO / "hccl_configs" / "hccl_910b_1x8.json"
+    assert f"--rank_table_file={table}" in argv
+    assert argv.index(f"--rank_table_file={table}") < argv.index("python")
+
+
+def test_rank_table_mode_starts_one_process_per_device_of_this_node(tmp_path):
+    overrides = ["cluster=910b_2x8_rank_table", "parallel=dp16", "train.global_batch_size=16",
+                 "cluster.launcher=rank_table", "cluster.node_rank=1", f"cluster.log_dir={tmp_path}",
+                 "cluster.visible_devices='0,1,2,3,4,5,6,7'", "+cluster.env.GLOG_v=3"]
+    plan = plan_for(overrides)
+    assert plan.mode == "rank_table" and len(plan.processes) == 8
+    table = str(REPO / "hccl_configs" / "hccl_910b_2x8.json")
+    for device, spec in enumerate(plan.processes):
+        assert spec.argv == [sys.executable, *TRAIN[1:], *overrides]
+        assert {k: spec.env[k] for k in ("RANK_TABLE_FILE", "RANK_ID", "DEVICE_ID", "RANK_SIZE")} == {
+            "RANK_TABLE_FILE": table, "RANK_ID": str(8 + device), "DEVICE_ID": str(device), "RANK_SIZE": "16"}
+        assert spec.env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7" and spec.env["GLOG_v"] == "3"
+        assert spec.log_path == tmp_path / f"worker_{8 + device}.log"
+    text = describe_plan(plan)
+    assert "RANK_ID=15 DEVICE_ID=7 RANK_SIZE=16" in text and f"> {tmp_path}/worker_15.log 2>&1" in text
+
+
+def test_world_size_one_runs_the_trainer_directly():
+    plan = plan_for(["train.num_steps=3"])
+    assert plan.mode == "single" and plan.processes[0].argv == [sys.executable, *TRAIN[1:], "train.num_steps=3"]
+
+
+def test_dry_run_cli_prints_the_command_and_quotes_it(capsys, tmp_path):
+    overrides = ["cluster=cpu_2proc", "parallel=dp2", "train.sample_prompt='a b;c'", f"train.output_dir={tmp_path}"]
+    assert cli(["launch", *overrides, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--worker_num=2 --local_worker_num=2" in out
+    assert "'train.sample_prompt='\"'\"'a b;c'\"'\"''" in out  # shlex quoting, ready to paste
+    assert not (tmp_path / "msrun_log").exists()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["cluster=cpu_2proc"], "parallel.data_parallel_degree"),
+    (["cluster=cpu_1proc", "parallel=dp2"], "parallel.data_parallel_degree"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.node_rank=1"], "cluster.node_rank"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.launcher=mpirun"], "cluster.launcher"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.launcher=rank_table"], "cluster.rank_table_file"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.master_port=80"], "cluster.master_port"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.hccl.connect_timeout_s=60"], "cluster.hccl.connect_timeout_s"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.hccl.deterministic=maybe"], "cluster.hccl.deterministic"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.tail_worker_log=5"], "cluster.tail_worker_log"),
+    (["cluster=910b_1x8_rank_table", "parallel.data_parallel_degree=4", "cluster.num_workers_per_node=4"],
+     "cluster.num_workers_per_node"),
+    (["cluster=910b_1x8_rank_table", "parallel=dp16", "cluster.num_nodes=2", "train.global_batch_size=16"],
+     "cluster.num_nodes"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.rank_table_file=missing.json"], "cluster.rank_table_file"),
+])
+def test_cluster_mistakes_are_config_errors(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        compose_recipe(overrides)
+    assert getattr(info.value, "field", None) == field, str(info.value)
+
+
+def test_launch_cli_bad_recipe_is_one_line_exit_2(capsys):
+    assert cli(["launch", "cluster=cpu_1proc", "parallel=dp2", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "parallel.data_parallel_degree=2" in err
+
+
+def test_port_in_use_is_refused():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(LaunchError, match="another job") as info:
+            check_port_free("127.0.0.1", port)
+    assert info.value.field == "cluster.master_port"
+
+
+# ---- supervisor, with fake workers -----------------------------------------------------------------------------
+
+def direct_plan(tmp_path: Path, codes: list[str], job_timeout_s=None) -> LaunchPlan:
+    specs = [ProcessSpec([sys.executable, "-c", code], {"RANK_ID": str(r)}, rank=r,
+                         log_path=tmp_path / f"worker_{r}.log") for r, code in enumerate(codes)]
+    return LaunchPlan("rank_table", specs, tmp_path, len(specs), len(specs), 60, job_timeout_s, 1)
+
+
+def test_direct_mode_names_the_failed_rank_and_stops_the_rest(tmp_path, capsys):
+    fail = "import sys, time; time.sleep(0.5); print('rank 1 says boom', flush=True); sys.exit(3)"
+    start = time.monotonic()
+    result = run_plan(direct_plan(tmp_path, ["import time; time.sleep(60)", fail]), poll_s=0.1)
+    assert time.monotonic() - start < 20
+    assert (result.returncode, result.failed_rank) == (3, 1)
+    assert "rank 1 says boom" in result.log_tail
+    report = result.report()
+    assert "rank 1: worker exited with code 3" in report and "worker_1.log" in report
+
+
+def test_direct_mode_job_timeout(tmp_path):
+    start = time.monotonic()
+    result = run_plan(direct_plan(tmp_path, ["import time; time.sleep(60)"] * 2, job_timeout_s=1), poll_s=0.1)
+    assert time.monotonic() - start < 15
+    assert result.returncode == TIMEOUT_EXIT and "timed out" in result.reason
+
+
+def test_direct_mode_success(tmp_path):
+    assert run_plan(direct_plan(tmp_path, ["print('ok')"] * 2), poll_s=0.1).returncode == 0
+
+
+FAKE_MSRUN = """#!{python}
+# Behaves like msrun after a worker failed: reports it, then waits for a scheduler that never ends.
+import os, subprocess, sys, time
+log_dir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--log_dir=")][0]
+env = dict(os.environ, MS_ROLE="MS_WORKER", RANK_ID="1")
+with open(os.path.join(log_dir, "worker_1.log"), "w") as fh:
+    worker = subprocess.Popen([sys.executable, "-c", "import sys; print('Traceback (most recent call last):');"
+                               "print('RuntimeError: injected'); sys.exit(1)"], env=env, stdout=fh, stderr=fh)
+print(f"Start worker process with rank id:1, log file:{{log_dir}}/worker_1.log. Environment variable", flush=True)
+worker.wait()
+print(f"[ERROR] Worker process {{worker.pid}} exit with exception. Error code: {{worker.returncode}}.", flush=True)
+scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+scheduler.wait()
+"""
+
+
+def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, capsys):
+    msrun = tmp_path / "msrun"
+    msrun.write_text(FAKE_MSRUN.format(python=sys.executable))
+    msrun.chmod(msrun.stat().st_mode | stat.S_IEXEC)
+    log_dir = tmp_path / "logs"
+    plan = LaunchPlan("msrun", [ProcessSpec([str(msrun), f"--log_dir={log_dir}"])], log_dir, 2, 2,
+                      cluster_timeout_s=300, failure_grace_s=1)
+    start = time.monotonic()
+    result = run_plan(plan, poll_s=0.1)
+    assert time.monotonic() - start < 20
+    assert result.returncode != 0 and result.failed_rank == 1
+    assert "RuntimeError: injected" in result.report()
+    assert "did not stop within cluster.failure_grace_s=1" in result.reason
+    leftovers = subprocess.run(["pgrep", "-f", "time.sleep\\(300\\)"], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), "the fake scheduler was left running"
+
+
+# ---- shell scripts ---------------------------------------------------------------------------------------------
+
+def sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("script", ["msrun_launch.sh", "rank_table_launch.sh"])
+def test_scripts_have_help(script):
+    done = sh(str(REPO / "scripts" / script), "--help")
+    assert done.returncode == 0 and done.stdout.startswith("Usage:")
+
+
+def test_msrun_script_dry_run_quotes_arguments():
+    done = sh(str(REPO / "scripts" / "msrun_launch.sh"), "--nodes", "2", "--workers", "8", "--node-rank", "1",
+              "--master-addr", "10.0.0.1", "--env", "HCCL_CONNECT_TIMEOUT=600", "--dry-run", "--",
+              "train.py", "--name", "a b;rm -rf x")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("HCCL_CONNECT_TIMEOUT=600 msrun --worker_num=16 --local_worker_num=8 "
+                                   "--master_addr=10.0.0.1 --master_port=8118 --node_rank=1 --log_dir=msrun_log "
+                                   "--join=True --cluster_time_out=600 train.py --name a\\ b\\;rm\\ -rf\\ x")
+    bad = sh(str(REPO / "scripts" / "msrun_launch.sh"), "--nodes", "2", "--dry-run", "--", "train.py")
+    assert bad.returncode == 2 and "master-addr" in bad.stderr
+
+
+def test_rank_table_script_reports_the_failed_rank(tmp_path):
+    worker = ('echo "rank $RANK_ID device $DEVICE_ID"; '
+              'if [ "$RANK_ID" = 2 ]; then sleep 1; echo boom; exit 5; fi; sleep 30')
+    start = time.monotonic()
+    done = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table",
+              str(REPO / "hccl_configs" / "hccl_910b_1x8.json"), "--log-dir", str(tmp_path), "--", "sh", "-c", worker)
+    assert time.monotonic() - start < 20
+    assert done.returncode == 5 and "rank 2 exited with status 5" in done.stderr and "boom" in done.stderr
+    assert (tmp_path / "worker_7.log").read_text().startswith("rank 7 device 7")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "9"}')
+    done = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", str(bad), "--dry-run", "--", "true")
+    assert done.returncode == 2 and "version" in done.stderr
