@@ -99,7 +99,7 @@ def prepare(cfg: DataConfig, out_dir: Optional[str] = None) -> PreparedData:
     meta_file = target / "meta.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        if meta.get("key") != key:
+        if out_dir and meta.get("key") != key:  # in the cache the key is the directory name
             raise DataError("output", str(target), "holds a corpus prepared from other files or settings; "
                             "choose a new path or delete it")
         return PreparedData(target, meta)
