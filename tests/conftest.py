@@ -29,3 +29,9 @@ def tang_poems() -> Path:
     if not path.is_file():
         pytest.skip(f"shared corpus absent: {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> str:
+    """One tokenized-corpus cache for the whole session (tokenizer training runs once)."""
+    return str(tmp_path_factory.mktemp("data_cache"))

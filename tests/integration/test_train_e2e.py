@@ -28,8 +28,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("data_cache"))
+def cache(data_cache) -> str:
+    return data_cache
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,20 @@
+"""Gradient accumulation over micro-batches equals one step over the whole global batch (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ascend_llm.config import compose_recipe
+from ascend_llm.train.trainer import train
+
+pytestmark = pytest.mark.integration
+
+
+def test_accumulation_matches_full_batch(tmp_path, data_cache):
+    common = ["debug=smoke", "train.num_steps=6", "train.global_batch_size=8", "train.progress=false",
+              "train.sample_tokens=0", "train.log_every=1", f"data.cache_dir={data_cache}"]
+    full = train(compose_recipe([*common, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'a'}"]))
+    accum = train(compose_recipe([*common, "train.grad_accum_steps=4", f"train.output_dir={tmp_path / 'b'}"]))
+    np.testing.assert_allclose(accum["losses"], full["losses"], rtol=0, atol=2e-5)
+    assert full["losses"][0] != full["losses"][-1]
