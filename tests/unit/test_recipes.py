@@ -98,3 +98,14 @@ def test_wheel_ships_the_recipes(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ascend_llm/recipes/train.yaml" in names
     assert "ascend_llm/recipes/model/tiny.yaml" in names and "ascend_llm/recipes/debug/smoke.yaml" in names
+
+
+def test_info_reports_published_counts_and_flops(capsys):
+    from ascend_llm.cli.info import main
+
+    assert main(["model=llama2_7b", "data.seq_len=4096"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738,415,616" in out  # Llama 2 7B: 6.74 B parameters
+    # PaLM-style FLOPs/token: 6 * non-embedding params + 12 * L * h * s
+    expected = 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 4096 * 4096
+    assert f"{expected:.4g}" in out

@@ -1,0 +1,43 @@
+"""`ascend-llm info [overrides]`: what a recipe would train, without building it.
+
+Prints the model's parameter counts (from the shapes alone, so 7B/8B flavors are instant), training FLOPs
+per token, the fp32 weight + AdamW state footprint, and the tokens per optimizer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ascend_llm.config import compose_recipe
+from ascend_llm.models.llama import count_params
+
+
+def describe(overrides: list[str]) -> dict:
+    from ascend_llm.train.metrics import flops_per_token
+
+    recipe = compose_recipe(overrides)
+    model = recipe.model
+    total = count_params(model)
+    return {
+        "model": model.name,
+        "parameters": total,
+        "non_embedding_parameters": count_params(model, include_embedding=False),
+        "layers": model.num_layers, "dim": model.dim, "heads": model.num_heads, "kv_heads": model.num_kv_heads,
+        "seq_len": recipe.data.seq_len,
+        "train_flops_per_token": flops_per_token(model, recipe.data.seq_len),
+        "fp32_weights_gib": total * 4 / 2**30,
+        "fp32_weights_and_adamw_gib": total * 12 / 2**30,
+        "tokens_per_step": recipe.train.global_batch_size * recipe.data.seq_len,
+        "world_size": recipe.parallel.world_size,
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ascend-llm info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model=llama3_8b")
+    facts = describe(parser.parse_args(argv).overrides)
+    for key, value in facts.items():
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else value
+        print(f"{key:<28} {shown}")
+    return 0
