@@ -1,0 +1,66 @@
+"""Mixed precision: per-layer dtype policies, float16 loss scaling, FP8 emulation, dynamic precision.
+
+Ascend 910B (A2) and 910C (A3) have no FP8 arithmetic (only Ascend 950 does). On them and on CPU, FP8 is
+an exact numerics emulation — operands rounded to the FP8 grid, GEMMs in bf16 (Ascend) or fp32 (CPU) — and
+never a speed-up. bf16 GEMMs are native on Ascend and emulated on CPU (bf16-rounded operands, fp32 GEMM).
+
+Trainer contract (all builders take only the `precision` sub-config, a PrecisionConfig):
+
+    model = build_model(...); apply_attention(model, ...)
+    apply_precision(model, cfg)           # once, after build and before compile: swaps Dense/Embedding
+    apply_fp8(model, cfg)                 # then FP8 (no-op unless cfg.fp8.enabled); keeps Parameter names
+    scaler = build_loss_scaler(cfg)       # LossScaler (fp16) or NoLossScaler; same interface
+    controller = build_controller(model, cfg)   # always an object; does nothing without FP8 layers
+
+    optimizer over model.trainable_params()     # FP8 state Parameters are non-trainable, so excluded
+
+    inside the compiled micro-batch step:       loss, grads = value_and_grad(scaler.scale(loss_fn(...)))
+                                                return scaler.unscale(loss), grads
+    inside the compiled update step:            grads = scaler.unscale(grads)
+                                                finite = scaler.adjust(mindspore.amp.all_finite(grads))
+                                                if finite: optimizer(grads)   # overflow: nothing changes
+    after each optimizer step (Python):         events = scaler.step(step)         # None or an overflow event
+                                                decisions = controller.step(step)  # list of dicts, log them
+    when logging:                               {**scaler.metrics(), **controller.metrics()}
+    checkpoint save:                            {**scaler.state_dict(), **controller.state_dict()}
+                                                (str -> np.ndarray; e.g. a precision.safetensors file)
+    checkpoint load (after the model params):   scaler.load_state_dict(d); controller.load_state_dict(d)
+
+With grad accumulation, call scaler.unscale/adjust once per optimizer step on the accumulated grads. FP8
+delayed scaling advances once per forward (per micro-batch, like TE's fp8_autocast around each forward),
+and FP8 statistics are those of the latest micro-batch. scaler.unscale on fp32 grads is exact (power-of-two
+scale). For an overflow the skip costs nothing but the step: the LR schedule still advances.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ascend_llm.precision.controller import PrecisionController, build_controller
+from ascend_llm.precision.fp8 import E4M3, E5M2, FORMATS, Fp8Format, bf16_round, fp8_round
+from ascend_llm.precision.fp8_dense import Fp8Dense, apply_fp8, fp8_layers
+from ascend_llm.precision.loss_scale import LossScaler, NoLossScaler, build_loss_scaler
+from ascend_llm.precision.policy import (
+    PrecisionDense,
+    PrecisionEmbedding,
+    apply_precision,
+    describe_precision,
+    resolve_layer_dtypes,
+)
+from ascend_llm.precision.scaling import compute_scale, current_scale, delayed_scaling_update
+
+logger = logging.getLogger("ascend_llm.precision")
+if not logger.handlers:
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("[ascend_llm.precision] %(message)s"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+__all__ = [
+    "E4M3", "E5M2", "FORMATS", "Fp8Dense", "Fp8Format", "LossScaler", "NoLossScaler", "PrecisionController",
+    "PrecisionDense", "PrecisionEmbedding", "apply_fp8", "apply_precision", "bf16_round", "build_controller",
+    "build_loss_scaler", "compute_scale", "current_scale", "delayed_scaling_update", "describe_precision",
+    "fp8_layers", "fp8_round", "resolve_layer_dtypes",
+]

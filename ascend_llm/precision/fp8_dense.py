@@ -1,0 +1,245 @@
+"""`Fp8Dense`: a Dense layer whose GEMMs run on FP8-rounded operands, and the `apply_fp8` converter.
+
+Forward: the input x and the weight w are scaled and rounded to the forward format (E4M3 in HYBRID);
+y = (q(x*sx) @ q(w*sw)^T) / (sx*sw). Backward (a custom bprop): the output gradient g is scaled and
+rounded to the backward format (E5M2 in HYBRID); dx = (q(g*sg) @ q(w*sw)) / (sg*sw) and
+dw = (q(g*sg)^T @ q(x*sx)) / (sg*sx). The FP8 values are exact in bf16 and fp32, so the GEMM runs in bf16
+on Ascend and fp32 on CPU with no further rounding of its operands. Ascend 910B has no FP8 arithmetic:
+this is numerics emulation there, never a speed-up.
+
+State, as non-trainable Parameters (so graph-mode steps update them with ops.assign, Python reads them
+after the step, and checkpoints can save them), per role r in {x, w, g}:
+  fp8_{r}_history (L,)  amax history (delayed scaling; L = 1 for current scaling)
+  fp8_{r}_scale   ()    the scale the next cast uses
+  fp8_{r}_stats   (3,)  [amax, overflow fraction (|t*s| > fp8 max, saturated), underflow fraction
+                        (non-zero values that flush to zero)] of the latest cast
+  fp8_level       ()    0 = fp8, 1 = bf16, 2 = fp32: the dynamic controller's rung for this layer
+Statistics are always measured on the FP8 cast, also when the layer is promoted, so the controller can
+see when it is clean again.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.fp8 import FORMATS, Fp8Format, bf16_round, round_to_grid
+from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
+
+logger = logging.getLogger("ascend_llm.precision")
+
+ROLES = ("x", "w", "g")
+STAT_NAMES = ("amax", "overflow", "underflow")
+EMULATION_NOTE = ("FP8 is numerics emulation here (FP8-rounded operands, GEMMs in {gemm}): Ascend 910B/910C have "
+                  "no FP8 arithmetic (only Ascend 950 does), so expect no FP8 speed-up")
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """Resolved, hashable FP8 settings a layer needs at graph-compile time."""
+
+    forward: Fp8Format
+    backward: Fp8Format
+    delayed: bool
+    history_len: int
+    amax_algo: str
+    margin: int
+    reduce_amax: bool
+    gemm_bf16: bool
+    dynamic: bool
+
+
+def build_fp8_recipe(cfg: PrecisionConfig, device: str | None = None, world_size: int = 1) -> Fp8Recipe:
+    fp8 = cfg.fp8
+    device = device or ms.get_context("device_target")
+    forward = FORMATS["e5m2" if fp8.format == "e5m2" else "e4m3"]
+    backward = FORMATS["e4m3" if fp8.format == "e4m3" else "e5m2"]
+    gemm_bf16 = fp8.gemm_dtype == "bfloat16" or (fp8.gemm_dtype == "auto" and device == "Ascend")
+    if cfg.dynamic.enabled:
+        gemm_bf16 = False  # the fp32 rung must really be fp32
+    delayed = fp8.recipe == "delayed"
+    return Fp8Recipe(forward, backward, delayed, fp8.amax_history_len if delayed else 1, fp8.amax_compute_algo,
+                     fp8.margin, fp8.reduce_amax and world_size > 1, gemm_bf16 and device == "Ascend",
+                     cfg.dynamic.enabled)
+
+
+def _state(name: str, value: np.ndarray) -> Parameter:
+    return Parameter(Tensor(value), name=name, requires_grad=False)
+
+
+def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max):
+    """Cast `t` (no gradient) to FP8 values in the scaled domain.
+
+    Returns (q, inverse scale, stats (3,), new history, new scale).
+    """
+    a = ops.abs(t)
+    amax = a.max()
+    if recipe.reduce_amax:
+        amax = reduce_max(amax)
+    if not recipe.delayed:
+        scale = current_scale(amax, spec.max_value, recipe.margin)
+    q = round_to_grid(t * scale, a < spec.min_normal / scale, spec, True, t)
+    overflow = (a > spec.max_value / scale).astype(ms.float32).mean()
+    underflow = ops.logical_and(a > 0.0, a <= (spec.min_subnormal * 0.5) / scale).astype(ms.float32).mean()
+    stats = ops.stack((amax, overflow, underflow))
+    if recipe.delayed:
+        history, new_scale = delayed_scaling_update(history, scale, amax, spec.max_value, recipe.margin,
+                                                    recipe.amax_algo)
+    else:
+        history, new_scale = amax.reshape(1), scale
+    return q, 1.0 / scale, stats, history, new_scale
+
+
+def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor):
+    """Operand and inverse scale for the layer's rung: fp8 (q, inv), bf16 (round(t), 1) or fp32 (t, 1)."""
+    is_fp8 = level < 0.5
+    operand = ops.where(is_fp8, q, ops.where(level < 1.5, bf16_round(t), t))
+    return operand, ops.where(is_fp8, inv, ops.ones_like(inv))
+
+
+class Fp8Gemm(nn.Cell):
+    """y = (ox @ ow^T) * inv_xw with a custom backward that rounds the output gradient to FP8.
+
+    Holds no Parameters (a bprop may not use them): the gradient's scaling state comes in as inputs and is
+    updated with ops.assign from the bprop.
+    """
+
+    def __init__(self, recipe: Fp8Recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+
+    def matmul(self, a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -> Tensor:
+        if self.recipe.gemm_bf16:
+            a, b = a.astype(ms.bfloat16), b.astype(ms.bfloat16)
+        return ops.matmul(a.T if transpose_a else a, b.T if transpose_b else b).astype(ms.float32)
+
+    def construct(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level):
+        return self.matmul(ox, ow, False, True) * (inv_x * inv_w)
+
+    def bprop(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level, out, dout):
+        g = ops.stop_gradient(dout.astype(ms.float32))
+        spec = self.recipe.backward
+        qg, inv_g, stats, history, scale = quantize(g, g_scale, g_history, spec, self.recipe, self.reduce_max)
+        ops.assign(g_stats, stats)
+        ops.assign(g_history, history)
+        ops.assign(g_scale, scale)
+        if self.recipe.dynamic:
+            qg, inv_g = select_level(level, qg, inv_g, g)
+        dx = self.matmul(qg, ow, False, False) * (inv_g * inv_w)
+        dw = self.matmul(qg, ox, True, False) * (inv_g * inv_x)
+        return (dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(ox), ops.zeros_like(ow),
+                ops.zeros_like(inv_x), ops.zeros_like(inv_w), ops.zeros_like(g_history), ops.zeros_like(g_scale),
+                ops.zeros_like(g_stats), ops.zeros_like(level))
+
+
+class Fp8Dense(nn.Cell):
+    """Drop-in replacement for a Dense layer (shares its weight and bias Parameters)."""
+
+    def __init__(self, weight: Parameter, bias: Parameter | None, recipe: Fp8Recipe):
+        super().__init__()
+        self.out_channels, self.in_channels = weight.shape
+        self.weight = weight
+        self.has_bias = bias is not None
+        if self.has_bias:
+            self.bias = bias
+        self.recipe = recipe
+        self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+        length = recipe.history_len
+        for role in ROLES:
+            setattr(self, f"fp8_{role}_history", _state(f"fp8_{role}_history", np.zeros(length, np.float32)))
+            setattr(self, f"fp8_{role}_scale", _state(f"fp8_{role}_scale", np.float32(1.0)))
+            setattr(self, f"fp8_{role}_stats", _state(f"fp8_{role}_stats", np.zeros(3, np.float32)))
+        self.fp8_level = _state("fp8_level", np.float32(0.0))
+        self.gemm = Fp8Gemm(recipe)
+
+    @classmethod
+    def from_dense(cls, dense: nn.Cell, recipe: Fp8Recipe) -> Fp8Dense:
+        return cls(dense.weight, dense.bias if getattr(dense, "has_bias", False) else None, recipe)
+
+    def _cast(self, t, history, scale, stats):
+        spec = self.recipe.forward
+        q, inv, new_stats, new_history, new_scale = quantize(t, scale, history, spec, self.recipe, self.reduce_max)
+        ops.assign(stats, new_stats)
+        ops.assign(history, new_history)
+        ops.assign(scale, new_scale)
+        if self.recipe.dynamic:
+            q, inv = select_level(self.fp8_level, q, inv, t)
+        return q, inv
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_channels).astype(ms.float32)
+        ox, inv_x = self._cast(ops.stop_gradient(x2), self.fp8_x_history, self.fp8_x_scale, self.fp8_x_stats)
+        ow, inv_w = self._cast(ops.stop_gradient(self.weight), self.fp8_w_history, self.fp8_w_scale,
+                               self.fp8_w_stats)
+        y = self.gemm(x2, self.weight, ox, ow, inv_x, inv_w, self.fp8_g_history, self.fp8_g_scale,
+                      self.fp8_g_stats, self.fp8_level)
+        if self.has_bias:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_channels,))
+
+    def extend_repr(self) -> str:
+        r = self.recipe
+        return (f"in={self.in_channels}, out={self.out_channels}, fwd={r.forward.name}, bwd={r.backward.name}, "
+                f"{'delayed' if r.delayed else 'current'} scaling, dynamic={r.dynamic}")
+
+
+def fp8_layers(model: nn.Cell) -> dict[str, Fp8Dense]:
+    """Every Fp8Dense in the model by its cell path."""
+    return {name: cell for name, cell in model.cells_and_names() if isinstance(cell, Fp8Dense)}
+
+
+def is_skipped(path: str, patterns) -> bool:
+    leaf = path.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(leaf, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
+def fp8_candidates(model: nn.Cell, cfg: PrecisionConfig) -> tuple[list[str], dict[str, str]]:
+    """(paths to convert, {path: reason} for dense layers left out)."""
+    from ascend_llm.precision.policy import is_dense
+
+    convert, skipped = [], {}
+    for path, cell in model.cells_and_names():
+        if not path or not is_dense(cell):
+            continue
+        out_dim, in_dim = cell.weight.shape
+        if is_skipped(path, cfg.fp8.skip):
+            skipped[path] = "in precision.fp8.skip"
+        elif in_dim % cfg.fp8.dim_multiple or out_dim % cfg.fp8.dim_multiple:
+            skipped[path] = f"dims {in_dim}x{out_dim} not multiples of {cfg.fp8.dim_multiple}"
+        elif getattr(cell, "activation_flag", False):
+            skipped[path] = "has a fused activation"
+        else:
+            convert.append(path)
+    return convert, skipped
+
+
+def apply_fp8(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
+    """Swap eligible Dense layers for Fp8Dense in place (no-op unless cfg.fp8.enabled); returns the model.
+
+    Call after `apply_precision` and before compiling: non-FP8 layers keep the policy's dtype.
+    """
+    if not cfg.fp8.enabled:
+        return model
+    from ascend_llm.precision.policy import replace_cell, sync_parameter_names, world_size
+
+    recipe = build_fp8_recipe(cfg, world_size=world_size())
+    convert, skipped = fp8_candidates(model, cfg)
+    cells = dict(model.cells_and_names())
+    for path in convert:
+        replace_cell(model, path, Fp8Dense.from_dense(cells[path], recipe))
+    sync_parameter_names(model)
+    gemm = "bf16" if recipe.gemm_bf16 else "fp32"
+    logger.info("FP8 (%s fwd / %s bwd, %s scaling, amax history %d, margin %d) on %d layers; kept out: %s",
+                recipe.forward.name, recipe.backward.name, "delayed" if recipe.delayed else "current",
+                recipe.history_len, recipe.margin, len(convert),
+                ", ".join(f"{p} ({why})" for p, why in skipped.items()) or "none")
+    logger.info(EMULATION_NOTE.format(gemm=gemm))
+    return model

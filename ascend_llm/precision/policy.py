@@ -1,0 +1,224 @@
+"""Per-layer precision policy: resolve a dtype for every linear/conv/embedding cell, then swap in cells that
+compute in it (`apply_precision`).
+
+A layer's dtype is the precision of its GEMM operands. Weights stay float32 Parameters (master weights, so
+the optimizer state is float32 too) and every converted layer returns float32, so norms, softmax, RoPE, the
+residual stream and the loss stay float32.
+
+- float16: native cast + fp16 MatMul (works on CPU and Ascend); needs loss scaling.
+- bfloat16: native bf16 MatMul on Ascend. On CPU, where bf16 MatMul has no kernel, it is *emulated*: the
+  operands are rounded to bf16 (exact round-to-nearest-even, by a cast there and back) and the GEMM runs in
+  fp32. In the backward the cast's gradient rounds the output gradient to bf16 too, as a bf16 GEMM would.
+- float32: the layer is left as it is.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections import Counter
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+
+from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.fp8 import bf16_round
+
+logger = logging.getLogger("ascend_llm.precision")
+
+MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+
+
+def is_dense(cell: nn.Cell) -> bool:
+    return isinstance(cell, (nn.Dense, PrecisionDense))
+
+
+def layer_kind(cell: nn.Cell) -> str | None:
+    """linear, conv, embedding or norm for the cells a policy can key on; None for containers and others."""
+    from ascend_llm.models.llama import Embedding, RMSNorm
+
+    if is_dense(cell):
+        return "linear"
+    if isinstance(cell, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(cell, (Embedding, PrecisionEmbedding, nn.Embedding)):
+        return "embedding"
+    if isinstance(cell, (RMSNorm, nn.LayerNorm)):
+        return "norm"
+    return None
+
+
+def _specificity(pattern: str) -> tuple[int, int]:
+    """Longer literal text first: `layers.0.attention.wq` beats `layers.*.attention.wq` beats `layers.*`."""
+    return (len(pattern.replace("*", "").replace("?", "")), len(pattern))
+
+
+def resolve_dtype(path: str, kind: str, cfg: PrecisionConfig) -> tuple[str, str]:
+    """(dtype, rule) for a cell: a full-path pattern, then the sub-cell name, then the kind, then the default."""
+    if kind == "norm":
+        return "float32", "norms stay float32"
+    leaf = path.rsplit(".", 1)[-1]
+    patterns = [k for k in cfg.layer_dtypes if "." in k or any(ch in k for ch in "*?[")]
+    for pattern in sorted(patterns, key=_specificity, reverse=True):
+        if fnmatch.fnmatchcase(path, pattern):
+            return cfg.layer_dtypes[pattern], f"layer_dtypes[{pattern}]"
+    if leaf in cfg.layer_dtypes:
+        return cfg.layer_dtypes[leaf], f"layer_dtypes[{leaf}]"
+    if kind in cfg.layer_dtypes:
+        return cfg.layer_dtypes[kind], f"layer_dtypes[{kind}]"
+    return cfg.compute_dtype, "compute_dtype"
+
+
+def resolve_layer_dtypes(model: nn.Cell, cfg: PrecisionConfig) -> dict[str, str]:
+    """{cell path: dtype} for every linear, conv, embedding and norm cell of the model."""
+    out = {}
+    for path, cell in model.cells_and_names():
+        kind = layer_kind(cell)
+        if path and kind is not None:
+            out[path] = resolve_dtype(path, kind, cfg)[0]
+    return out
+
+
+class PrecisionDense(nn.Cell):
+    """Dense whose GEMM runs in `dtype` (bf16 emulated where the device has no bf16 MatMul); returns float32."""
+
+    def __init__(self, weight: Parameter, bias: Parameter | None, dtype: str, emulate_bf16: bool):
+        super().__init__()
+        self.out_channels, self.in_channels = weight.shape
+        self.weight = weight
+        self.has_bias = bias is not None
+        if self.has_bias:
+            self.bias = bias
+        self.dtype_name = dtype
+        self.emulate = dtype == "bfloat16" and emulate_bf16
+        self.compute_dtype = MS_DTYPES[dtype]
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_channels)
+        if self.emulate:
+            y = self.matmul(bf16_round(x2.astype(ms.float32)), bf16_round(self.weight))
+        else:
+            y = self.matmul(x2.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        y = y.astype(ms.float32)
+        if self.has_bias:
+            y = y + self.bias
+        return y.reshape(shape[:-1] + (self.out_channels,))
+
+    def extend_repr(self) -> str:
+        mode = " (emulated: bf16-rounded operands, fp32 GEMM)" if self.emulate else ""
+        return f"in={self.in_channels}, out={self.out_channels}, dtype={self.dtype_name}{mode}"
+
+
+class PrecisionEmbedding(nn.Cell):
+    """Embedding lookup whose output is rounded to `dtype` (values as a low-precision table would give)."""
+
+    def __init__(self, weight: Parameter, dtype: str):
+        super().__init__()
+        self.weight = weight
+        self.dtype_name = dtype
+        self.compute_dtype = MS_DTYPES[dtype]
+
+    def construct(self, tokens):
+        return ops.gather(self.weight, tokens, 0).astype(self.compute_dtype).astype(ms.float32)
+
+
+def replace_cell(model: nn.Cell, path: str, new: nn.Cell) -> None:
+    parent = model
+    *parents, leaf = path.split(".")
+    for name in parents:
+        parent = parent[int(name)] if isinstance(parent, (nn.CellList, nn.SequentialCell)) else getattr(parent, name)
+    if isinstance(parent, (nn.CellList, nn.SequentialCell)):
+        parent[int(leaf)] = new
+    else:
+        setattr(parent, leaf, new)
+
+
+def sync_parameter_names(model: nn.Cell) -> None:
+    """Give every Parameter its full path again (assigning a cell into a parent renames its Parameters to
+    `<attr>.<name>`); checkpoints, optimizers and name maps key on these names."""
+    for name, param in model.parameters_and_names():
+        if param.name != name:
+            param.name = name
+
+
+def world_size() -> int:
+    """Data-parallel world size if `mindspore.communication` is initialised, else 1."""
+    try:
+        from mindspore.communication import get_group_size
+
+        return int(get_group_size())
+    except (RuntimeError, ValueError, ImportError):
+        return 1
+
+
+def bf16_is_emulated(device: str | None = None) -> bool:
+    return (device or ms.get_context("device_target")) != "Ascend"
+
+
+def _converted(cell: nn.Cell, kind: str, dtype: str, emulate: bool) -> nn.Cell | None:
+    if kind == "linear" and not isinstance(cell, PrecisionDense):
+        bias = cell.bias if getattr(cell, "has_bias", False) else None
+        if getattr(cell, "activation_flag", False):
+            return None
+        return PrecisionDense(cell.weight, bias, dtype, emulate)
+    if kind == "embedding" and hasattr(cell, "weight") and not isinstance(cell, nn.Embedding):
+        return PrecisionEmbedding(cell.weight, dtype)
+    if kind == "conv":
+        actual = "float32" if dtype == "bfloat16" and emulate else dtype
+        cell.to_float(MS_DTYPES[actual])
+        cell.precision_dtype = actual
+        return cell
+    return None
+
+
+def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
+    """Swap each linear/embedding cell whose resolved dtype is not float32 for a PrecisionDense /
+    PrecisionEmbedding sharing its Parameters; conv cells get `to_float`. Mutates and returns the model.
+
+    Call once after building the model and before compiling, then `apply_fp8`.
+    """
+    emulate = bf16_is_emulated()
+    cells = dict(model.cells_and_names())
+    changed, kept = Counter(), []
+    for path, dtype in resolve_layer_dtypes(model, cfg).items():
+        cell = cells[path]
+        kind = layer_kind(cell)
+        if dtype == "float32" or kind == "norm":
+            continue
+        new = _converted(cell, kind, dtype, emulate)
+        if new is None:
+            kept.append(path)
+            continue
+        if kind == "conv" and dtype == "bfloat16" and emulate:
+            logger.info("%s: no bf16 conv kernel on this device; kept float32", path)
+        if new is not cell:
+            replace_cell(model, path, new)
+        changed[f"{kind}:{dtype}"] += 1
+    sync_parameter_names(model)
+    if changed:
+        bf16_emulated = emulate and "bfloat16" in cfg.dtypes_used()
+        note = " (bf16 emulated: bf16-rounded operands, fp32 GEMM)" if bf16_emulated else ""
+        logger.info("precision policy %s: %s; everything else float32%s", cfg.name,
+                    ", ".join(f"{n} {k}" for k, n in sorted(changed.items())), note)
+    if kept:
+        logger.info("precision policy %s: kept float32 (unsupported cell): %s", cfg.name, ", ".join(kept))
+    return model
+
+
+def describe_precision(model: nn.Cell) -> dict[str, str]:
+    """{cell path: what it computes in} after the converters, for logs and tests."""
+    from ascend_llm.precision.fp8_dense import Fp8Dense
+
+    out = {}
+    for path, cell in model.cells_and_names():
+        if isinstance(cell, Fp8Dense):
+            out[path] = "fp8"
+        elif isinstance(cell, (PrecisionDense, PrecisionEmbedding)):
+            out[path] = cell.dtype_name
+        elif getattr(cell, "precision_dtype", None):
+            out[path] = cell.precision_dtype
+        elif path and layer_kind(cell) is not None:
+            out[path] = "float32"
+    return out
