@@ -198,6 +198,20 @@ def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, 
     assert not leftovers.strip(), "the fake scheduler was left running"
 
 
+def test_msrun_mode_job_timeout_kills_a_hung_job(tmp_path):
+    msrun = tmp_path / "msrun"
+    msrun.write_text(f"#!{sys.executable}\nimport subprocess\n"
+                     "subprocess.Popen(['sleep', '301'], start_new_session=True).wait()\n")
+    msrun.chmod(msrun.stat().st_mode | stat.S_IEXEC)
+    plan = LaunchPlan("msrun", [ProcessSpec([str(msrun)])], tmp_path, 2, 2, cluster_timeout_s=300, job_timeout_s=1)
+    start = time.monotonic()
+    result = run_plan(plan, poll_s=0.1)
+    assert time.monotonic() - start < 15
+    assert result.returncode == TIMEOUT_EXIT and "cluster.job_timeout_s=1" in result.report()
+    leftovers = subprocess.run(["pgrep", "-f", "sleep 301"], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), "the hung worker was left running"
+
+
 # ---- shell scripts ---------------------------------------------------------------------------------------------
 
 def sh(*args: str) -> subprocess.CompletedProcess:
