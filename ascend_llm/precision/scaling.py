@@ -23,7 +23,8 @@ from ascend_llm.precision.fp8 import FLOAT32_MAX
 
 def compute_scale(amax: Tensor, scale: Tensor, fp8_max: float, margin: int) -> Tensor:
     """TE `_default_sf_compute`: (fp8_max / amax) / 2**margin, keeping `scale` for amax 0/inf/NaN."""
-    sf = (fp8_max / amax) / (2.0 ** margin)
+    # ops.div on a filled tensor: `python_float / tensor` is a reciprocal-multiply on CPU (off by an ulp).
+    sf = ops.div(ops.full_like(amax, fp8_max), amax) / (2.0 ** margin)
     sf = ops.where(amax > 0.0, sf, scale)
     sf = ops.where(ops.isfinite(amax), sf, scale)
     return ops.where(ops.isinf(sf), FLOAT32_MAX, sf)
