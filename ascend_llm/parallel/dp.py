@@ -3,10 +3,11 @@
 Contract used by the trainer (`ascend_llm.train.trainer`):
 
 - `init_distributed(parallel_cfg, cluster_cfg) -> (rank, world_size)`.
-  world_size is `parallel_cfg.world_size` (the product of the `*_degree` fields), checked against the cluster.
-  When it is 1 nothing is initialised and `(0, 1)` is returned. When it is > 1 the process must have been
-  started by msrun (`MS_ROLE`, `MS_WORKER_NUM` set) or in rank-table mode (`RANK_TABLE_FILE` + `RANK_ID`);
-  otherwise LaunchError says how to launch (`ascend-llm launch ...`). Then it calls
+  world_size is the product of `parallel_cfg`'s `*_degree` fields; ConfigError unless it equals
+  `cluster_cfg.world_size` (num_nodes * num_workers_per_node). When it is 1 nothing is initialised and
+  `(0, 1)` is returned. When it is > 1 the process must have been started by msrun (`MS_ROLE`,
+  `MS_WORKER_NUM` set, and MS_WORKER_NUM == world_size) or in rank-table mode (`RANK_TABLE_FILE` +
+  `RANK_ID`); otherwise LaunchError says how to launch (`ascend-llm launch ...`). Then it calls
   `mindspore.communication.init()` (HCCL on Ascend, MCCL on CPU), checks that the communicator's size equals
   world_size, and sets `ms.set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True,
   device_num=world_size)`. Call it right after the device/mode are set and before any data preparation or
@@ -67,11 +68,9 @@ def _check_launch_env(world_size: int) -> None:
 
 def init_distributed(parallel_cfg: Any, cluster_cfg: Any) -> tuple[int, int]:
     """Initialise communication when the world size is > 1; returns (rank, world_size). See the module doc."""
-    world_size = int(parallel_cfg.world_size)
-    cluster_world = int(cluster_cfg.world_size)
-    if world_size != cluster_world:
-        raise LaunchError("parallel world size", world_size,
-                          f"must equal cluster.num_nodes*cluster.num_workers_per_node={cluster_world}")
+    from ascend_llm.parallel.dims import check_world_size
+
+    world_size = check_world_size(parallel_cfg, cluster_cfg)
     if world_size == 1:
         return 0, 1
     _check_launch_env(world_size)

@@ -101,10 +101,9 @@ def _tail_arg(cluster: Any, world: int) -> Optional[str]:
 def build_launch_plan(recipe: Any, overrides: Sequence[str] = (), script: Optional[str] = None,
                       script_args: Sequence[str] = ()) -> LaunchPlan:
     """The commands that launch `recipe` on this node. `overrides` are passed on to every worker."""
-    cluster, world = recipe.cluster, recipe.parallel.world_size
-    if world != cluster.world_size:
-        raise LaunchError("parallel world size", world,
-                          f"must equal cluster.num_nodes*cluster.num_workers_per_node={cluster.world_size}")
+    from ascend_llm.parallel.dims import check_world_size
+
+    cluster, world = recipe.cluster, check_world_size(recipe.parallel, recipe.cluster)
     task = _worker_task(overrides, script, script_args)
     log_dir = Path(cluster.log_dir).expanduser().absolute()
     env = base_env(cluster)

@@ -119,6 +119,60 @@ def test_cluster_mistakes_are_config_errors(overrides, field):
     assert getattr(info.value, "field", None) == field, str(info.value)
 
 
+CLUSTER_OPTIONS = sorted(p.stem for p in (REPO / "recipes" / "cluster").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", CLUSTER_OPTIONS)
+def test_every_cluster_option_composes_with_matching_degrees_and_plans(option):
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.load(REPO / "recipes" / "cluster" / f"{option}.yaml")
+    base = OmegaConf.load(REPO / "recipes" / "cluster" / f"{raw.defaults[0]}.yaml") if "defaults" in raw else raw
+    world = base.num_nodes * base.num_workers_per_node
+    overrides = [f"cluster={option}", f"parallel.data_parallel_degree={world}", f"train.global_batch_size={world}"]
+    if base.num_nodes > 1:
+        overrides.append("cluster.master_addr=10.0.0.1")
+    recipe = compose_recipe(overrides)
+    assert recipe.cluster.world_size == world and recipe.cluster.name == option
+    plan = build_launch_plan(recipe, overrides)
+    assert plan.mode == ("single" if world == 1 else "msrun") and plan.world_size == world
+
+
+def test_dims_world_size_and_coordinates():
+    from ascend_llm.config.parallel import ClusterConfig, ParallelConfig
+    from ascend_llm.parallel.dims import check_world_size, rank_coordinates
+
+    parallel = ParallelConfig(data_parallel_degree=4)
+    assert check_world_size(parallel, ClusterConfig(num_nodes=2, num_workers_per_node=2)) == 4
+    assert [rank_coordinates(r, parallel) for r in (0, 3)] == [{"data_parallel_degree": 0},
+                                                               {"data_parallel_degree": 3}]
+    with pytest.raises(ConfigError, match="data_parallel_degree=4 = 4 must equal") as info:
+        check_world_size(parallel, ClusterConfig(num_nodes=1, num_workers_per_node=2))
+    assert info.value.field == "parallel.data_parallel_degree"
+
+
+def test_dp_contract_without_a_launcher(monkeypatch):
+    from ascend_llm.config.parallel import ClusterConfig, ParallelConfig
+    from ascend_llm.parallel import dp
+
+    for name in ("MS_ROLE", "MS_WORKER_NUM", "RANK_TABLE_FILE", "RANK_ID", "RANK_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert dp.init_distributed(ParallelConfig(), ClusterConfig()) == (0, 1)
+    grads = (1, 2)
+    assert dp.build_grad_reducer(None, 1)(grads) is grads
+    assert dp.is_main_rank()
+    two = (ParallelConfig(data_parallel_degree=2), ClusterConfig(num_workers_per_node=2))
+    with pytest.raises(LaunchError, match="ascend-llm launch"):
+        dp.init_distributed(*two)
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("MS_WORKER_NUM", "4")
+    with pytest.raises(LaunchError, match="msrun started 4 workers") as info:
+        dp.init_distributed(*two)
+    assert info.value.field == "MS_WORKER_NUM"
+    with pytest.raises(ConfigError):
+        dp.init_distributed(two[0], ClusterConfig())
+
+
 def test_launch_cli_bad_recipe_is_one_line_exit_2(capsys):
     assert cli(["launch", "cluster=cpu_1proc", "parallel=dp2", "--dry-run"]) == 2
     err = capsys.readouterr().err
