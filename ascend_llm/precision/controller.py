@@ -20,7 +20,7 @@ import logging
 import math
 
 import numpy as np
-from mindspore import Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 from ascend_llm.config.precision import LEVELS, DynamicConfig, PrecisionConfig
 from ascend_llm.errors import CheckpointError
@@ -28,6 +28,12 @@ from ascend_llm.precision.fp8_dense import ROLES, STAT_NAMES, Fp8Dense, fp8_laye
 
 logger = logging.getLogger("ascend_llm.precision")
 COUNTER_PREFIX = "precision.controller."
+
+
+def write(param: Parameter, value: np.ndarray) -> None:
+    """Overwrite a Parameter in place. (`Parameter.set_data` swaps the buffer, and a function already
+    compiled with `ms.jit` keeps reading the old one; an eager ops.assign writes the buffer it reads.)"""
+    ops.assign(param, Tensor(np.asarray(value).reshape(param.shape), param.dtype))
 
 
 class PrecisionController:
@@ -64,7 +70,7 @@ class PrecisionController:
 
     def _set_level(self, name: str, level: int) -> None:
         self.levels[name] = level
-        self.layers[name].fp8_level.set_data(Tensor(np.float32(level)))
+        write(self.layers[name].fp8_level, np.float32(level))
 
     def step(self, step: int) -> list[dict]:
         """Read this step's statistics and apply the policy; returns (and logs) the decisions taken."""
@@ -145,7 +151,7 @@ class PrecisionController:
                 if value.shape != tuple(param.shape):
                     raise CheckpointError(param.name, value.shape, f"shape must be {tuple(param.shape)} "
                                           "(amax_history_len changed?)")
-                param.set_data(Tensor(value))
+                write(param, value)
             counters = state.get(COUNTER_PREFIX + name)
             if counters is not None:
                 level, self.bad_streak[name], self.clean_streak[name] = (int(v) for v in counters)

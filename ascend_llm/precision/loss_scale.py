@@ -119,7 +119,8 @@ class LossScaler:
         for key, (param, dtype) in targets.items():
             if key not in state:
                 raise CheckpointError(key, None, "missing from the checkpoint's precision state (was it fp16?)")
-            param.set_data(Tensor(np.asarray(state[key]).reshape(()), dtype))
+            # In place: set_data would swap the buffer under an already compiled step (see controller.write).
+            ops.assign(param, Tensor(np.asarray(state[key]).reshape(()), dtype))
         self._seen_skipped = int(self.skipped_steps.asnumpy())
 
 

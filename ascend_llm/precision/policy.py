@@ -6,9 +6,10 @@ the optimizer state is float32 too) and every converted layer returns float32, s
 residual stream and the loss stay float32.
 
 - float16: native cast + fp16 MatMul (works on CPU and Ascend); needs loss scaling.
-- bfloat16: native bf16 MatMul on Ascend. On CPU, where bf16 MatMul has no kernel, it is *emulated*: the
-  operands are rounded to bf16 (exact round-to-nearest-even, by a cast there and back) and the GEMM runs in
-  fp32. In the backward the cast's gradient rounds the output gradient to bf16 too, as a bf16 GEMM would.
+- bfloat16: native bf16 MatMul on Ascend. On CPU, where bf16 MatMul has no kernel, it is *emulated*: every
+  GEMM operand — x and w in the forward, the output gradient, w and x in the backward (a custom bprop) — is
+  rounded to bf16 (exact round-to-nearest-even, by a cast there and back) and the GEMM runs in fp32 with an
+  fp32 result (Ascend's bf16 MatMul returns bf16; the emulation keeps the fp32 accumulator).
 - float32: the layer is left as it is.
 """
 
@@ -79,6 +80,23 @@ def resolve_layer_dtypes(model: nn.Cell, cfg: PrecisionConfig) -> dict[str, str]
     return out
 
 
+class Bf16Gemm(nn.Cell):
+    """y = xb @ wb^T on bf16-rounded operands (given), with a backward whose operands are bf16-rounded too."""
+
+    def __init__(self):
+        super().__init__()
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x, w, xb, wb):
+        return self.matmul(xb, wb)
+
+    def bprop(self, x, w, xb, wb, out, dout):
+        gb = bf16_round(dout.astype(ms.float32))
+        dx = ops.matmul(gb, wb)
+        dw = ops.matmul(gb.T, xb)
+        return dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(xb), ops.zeros_like(wb)
+
+
 class PrecisionDense(nn.Cell):
     """Dense whose GEMM runs in `dtype` (bf16 emulated where the device has no bf16 MatMul); returns float32."""
 
@@ -93,12 +111,16 @@ class PrecisionDense(nn.Cell):
         self.emulate = dtype == "bfloat16" and emulate_bf16
         self.compute_dtype = MS_DTYPES[dtype]
         self.matmul = ops.MatMul(transpose_b=True)
+        self.bf16_gemm = Bf16Gemm()
 
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels)
         if self.emulate:
-            y = self.matmul(bf16_round(x2.astype(ms.float32)), bf16_round(self.weight))
+            x2 = x2.astype(ms.float32)
+            xb = ops.stop_gradient(bf16_round(x2))
+            wb = ops.stop_gradient(bf16_round(self.weight))
+            y = self.bf16_gemm(x2, self.weight, xb, wb)
         else:
             y = self.matmul(x2.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
         y = y.astype(ms.float32)
