@@ -1,7 +1,9 @@
 """The compiled pieces of a training step: micro-batch loss+grads, gradient accumulation, and the update.
 
 Split into three functions so gradient accumulation is a plain Python loop over one compiled graph; in
-graph mode each is wrapped in `ms.jit`, in pynative mode they run eagerly.
+graph mode each is wrapped in `ms.jit`, in pynative mode they run eagerly. The loss scaler (fp16) scales
+the loss before autodiff and unscales the accumulated, all-reduced gradients; a step whose gradients are
+not finite changes no parameter (all ranks agree, since they test the same reduced gradients).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import amp, nn, ops
 
 from ascend_llm.train.optim import AdamW, clip_by_global_norm
 
@@ -25,11 +27,11 @@ def cross_entropy_loss(logits, labels):
 class StepFunctions:
     grads: Callable  # (x, y) -> (loss, grads)
     accumulate: Callable  # (acc, grads) -> acc
-    apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm)
+    apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
     eval_loss: Callable  # (x, y) -> loss
 
 
-def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable,
+def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
                          graph: bool) -> StepFunctions:
     """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process)."""
     params = optimizer.params
@@ -37,10 +39,14 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
     def forward(x, y):
         return cross_entropy_loss(model(x), y)
 
-    grad_fn = ms.value_and_grad(forward, None, params)
+    def scaled_forward(x, y):
+        return scaler.scale(forward(x, y))
+
+    grad_fn = ms.value_and_grad(scaled_forward, None, params)
 
     def grads(x, y):
-        return grad_fn(x, y)
+        loss, grads_ = grad_fn(x, y)
+        return scaler.unscale(loss), grads_
 
     def accumulate(acc, new):
         return tuple(a + b for a, b in zip(acc, new))
@@ -48,9 +54,12 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
     def apply(grads_, loss, lr, grad_scale):
         grads_ = reduce(tuple(g * grad_scale for g in grads_))
         loss = reduce((loss * grad_scale,))[0]
+        grads_ = scaler.unscale(grads_)
+        finite = scaler.adjust(amp.all_finite(grads_))
         grads_, norm = clip_by_global_norm(grads_, grad_clip)
-        optimizer(grads_, lr)
-        return loss, norm
+        if finite:
+            optimizer(grads_, lr)
+        return loss, norm, finite
 
     wrap = ms.jit if graph else (lambda fn: fn)
     return StepFunctions(wrap(grads), wrap(accumulate), wrap(apply), wrap(forward))

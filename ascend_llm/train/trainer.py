@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import PackedDataset, prepare, shard_rows
 from ascend_llm.errors import CheckpointError, ConfigError
+from ascend_llm.precision import build_controller, build_loss_scaler, describe_precision
 from ascend_llm.train.build import build_training_model
 from ascend_llm.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ascend_llm.train.metrics import MetricsLog, flops_per_token, plot_loss
@@ -65,7 +67,10 @@ def _check_same_model(state: dict, recipe: RecipeConfig, source: str) -> None:
                                   f"checkpoint was trained with it; the recipe has {value}")
 
 
-def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW):
+PRECISION_PREFIX = "precision."
+
+
+def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW, precision_parts):
     """Returns (start_step, extra state) after loading the checkpoint selected by train.resume."""
     if recipe.train.resume == "none":
         return 0, {}
@@ -81,6 +86,9 @@ def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW):
     _check_same_model(state, recipe, str(path))
     _set_parameters(params, model_arrays, str(path / "model.safetensors"))
     _set_parameters(optimizer.state_parameters(), optim_arrays, str(path / "optimizer.safetensors"))
+    precision_state = {k[len(PRECISION_PREFIX):]: v for k, v in optim_arrays.items() if k.startswith(PRECISION_PREFIX)}
+    for part in precision_parts:
+        part.load_state_dict(precision_state)
     if state.get("global_batch_size") != recipe.train.global_batch_size:
         log(f"resuming with train.global_batch_size={recipe.train.global_batch_size} "
             f"(checkpoint used {state.get('global_batch_size')}): data order continues by position")
@@ -114,8 +122,11 @@ def train(recipe: RecipeConfig) -> dict:
     model = build_training_model(recipe)
     params = model.trainable_params()
     optimizer = AdamW(params, recipe.optim)
-    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, reduce, recipe.runtime.mode == "graph")
-    start_step, _ = _restore(recipe, run_dir, params, optimizer)
+    scaler = build_loss_scaler(recipe.precision)
+    controller = build_controller(model, recipe.precision)
+    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, reduce, scaler,
+                                 recipe.runtime.mode == "graph")
+    start_step, _ = _restore(recipe, run_dir, params, optimizer, (scaler, controller))
 
     rows_per_rank = cfg.global_batch_size // world
     micro_rows = rows_per_rank // cfg.grad_accum_steps
@@ -131,6 +142,8 @@ def train(recipe: RecipeConfig) -> dict:
         log(f"device={device} mode={recipe.runtime.mode} world_size={world} model={recipe.model.name} "
             f"params={sum(p.size for p in params):,} corpus_tokens={prepared.meta['num_tokens']:,} "
             f"train_windows={dataset.num_train:,} run_dir={run_dir}")
+        kinds = Counter(describe_precision(model).values())
+        log(f"precision={recipe.precision.name}: " + ", ".join(f"{n} cells {k}" for k, n in sorted(kinds.items())))
 
     losses, val_losses = [], []
     first_step_s = since_launch_s = None
@@ -150,8 +163,9 @@ def train(recipe: RecipeConfig) -> dict:
             loss, grads = steps.grads(Tensor(x), Tensor(y))
             acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
             loss_sum = loss if loss_sum is None else loss_sum + loss
-        loss, norm = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
+        loss, norm, _ = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
         loss_value, norm_value = float(loss.asnumpy()), float(norm.asnumpy())
+        events = [e for e in (scaler.step(step + 1),) if e] + controller.step(step + 1)
         losses.append(loss_value)
         if first_step_s is None:
             first_step_s = time.perf_counter() - t_begin
@@ -165,13 +179,16 @@ def train(recipe: RecipeConfig) -> dict:
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed if window_tokens else tokens_per_step / first_step_s
             record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                      "tokens_per_s": tps, "mfu": flops_token * tps / peak}
+                      "tokens_per_s": tps, "mfu": flops_token * tps / peak, **scaler.metrics(),
+                      **controller.metrics()}
             window_start, window_tokens = time.perf_counter(), 0
         if done % cfg.val_every == 0 or done == cfg.num_steps:
             val = _validate(dataset, steps.eval_loss, micro_rows, cfg.val_batches)
             val_losses.append((done, val))
             record = dict(record or {"step": done, "loss": loss_value}, val_loss=val, val_ppl=float(np.exp(val)))
             window_start = time.perf_counter()
+        if events:
+            record = dict(record or {"step": done, "loss": loss_value}, precision_events=events)
         if record and main_rank:
             metrics.write(record)
         if main_rank and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
@@ -179,7 +196,9 @@ def train(recipe: RecipeConfig) -> dict:
                      "global_batch_size": cfg.global_batch_size, "loss": loss_value, "config": resolved,
                      "data": str(prepared.path)}
             save_checkpoint(run_dir, done, {p.name: p.asnumpy() for p in params},
-                            {p.name: p.asnumpy() for p in optimizer.state_parameters()}, state, cfg.keep_last)
+                            {**{p.name: p.asnumpy() for p in optimizer.state_parameters()},
+                             **{PRECISION_PREFIX + k: v for part in (scaler, controller)
+                                for k, v in part.state_dict().items()}}, state, cfg.keep_last)
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(record or {}).get('tokens_per_s', 0):.0f}",
                                  refresh=False)
