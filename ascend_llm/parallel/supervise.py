@@ -23,6 +23,7 @@ from typing import Optional, TextIO
 
 import psutil
 
+from ascend_llm.errors import LaunchError
 from ascend_llm.parallel.launch import LaunchPlan, ProcessSpec, check_port_free
 
 WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
@@ -156,9 +157,13 @@ def run_plan(plan: LaunchPlan, out: TextIO = sys.stdout, poll_s: float = 0.5) ->
 def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
     spec = plan.processes[0]
     start = time.monotonic()
-    proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
-                            bufsize=1)
+    try:
+        proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+                                bufsize=1)
+    except OSError as exc:
+        raise LaunchError("msrun", spec.argv[0], f"cannot start it ({exc.strerror or exc}); msrun comes with "
+                          "mindspore: install it in this environment or put msrun on PATH") from None
     failures: list[tuple[int, int, float]] = []  # (pid, code, when)
     logs: dict[int, Path] = {}
 

@@ -252,6 +252,12 @@ def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, 
     assert not leftovers.strip(), "the fake scheduler was left running"
 
 
+def test_missing_msrun_is_a_launch_error(tmp_path):
+    plan = LaunchPlan("msrun", [ProcessSpec([str(tmp_path / "no-msrun")])], tmp_path, 2, 2, cluster_timeout_s=60)
+    with pytest.raises(LaunchError, match="msrun comes with mindspore"):
+        run_plan(plan)
+
+
 def test_msrun_mode_job_timeout_kills_a_hung_job(tmp_path):
     msrun = tmp_path / "msrun"
     msrun.write_text(f"#!{sys.executable}\nimport subprocess\n"
