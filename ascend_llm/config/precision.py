@@ -82,6 +82,9 @@ class PrecisionConfig:
     # Overrides keyed on a layer kind (linear, conv, embedding, norm), a sub-cell name (wq, w2, output,
     # tok_embeddings) or an fnmatch pattern on the full cell path (layers.0.*); the most specific wins.
     layer_dtypes: dict[str, str] = field(default_factory=dict)
+    # auto: on CPU, fused C++ kernels (compiled once with g++) for the FP8 casts and the bf16 rounding of the
+    # emulation, bit-identical to the MindSpore-ops path; ops: MindSpore ops only (always the case on Ascend).
+    cpu_kernels: str = "auto"
     loss_scale: str = "none"  # none | dynamic | static
     loss_scale_value: float = 65536.0
     loss_scale_factor: int = 2
@@ -98,6 +101,7 @@ class PrecisionConfig:
             if key in FP32_ONLY_KINDS and dtype != "float32":
                 raise ConfigError(f"{prefix}.layer_dtypes.{key}", dtype,
                                   "norms, softmax, RoPE and the loss are kept in float32")
+        one_of(f"{prefix}.cpu_kernels", self.cpu_kernels, ("auto", "ops"))
         one_of(f"{prefix}.loss_scale", self.loss_scale, LOSS_SCALES)
         if not isinstance(self.loss_scale_factor, int) or self.loss_scale_factor < 2:
             raise ConfigError(f"{prefix}.loss_scale_factor", self.loss_scale_factor, "must be an integer >= 2")

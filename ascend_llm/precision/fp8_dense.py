@@ -29,6 +29,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.cpu_kernel import build_bf16_op, build_cast_op, fused_available
 from ascend_llm.precision.fp8 import FORMATS, Fp8Format, bf16_round, round_to_grid
 from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
 
@@ -53,6 +54,7 @@ class Fp8Recipe:
     reduce_amax: bool
     gemm_bf16: bool
     dynamic: bool
+    fused: bool  # fused C++ CPU cast kernel (cpu_kernel.py) instead of the MindSpore-ops cast
 
 
 def build_fp8_recipe(cfg: PrecisionConfig, device: str | None = None, world_size: int = 1) -> Fp8Recipe:
@@ -64,29 +66,40 @@ def build_fp8_recipe(cfg: PrecisionConfig, device: str | None = None, world_size
     if cfg.dynamic.enabled:
         gemm_bf16 = False  # the fp32 rung must really be fp32
     delayed = fp8.recipe == "delayed"
+    fused = cfg.cpu_kernels == "auto" and fused_available(device)
     return Fp8Recipe(forward, backward, delayed, fp8.amax_history_len if delayed else 1, fp8.amax_compute_algo,
                      fp8.margin, fp8.reduce_amax and world_size > 1, gemm_bf16 and device == "Ascend",
-                     cfg.dynamic.enabled)
+                     cfg.dynamic.enabled, fused)
 
 
 def _state(name: str, value: np.ndarray) -> Parameter:
     return Parameter(Tensor(value), name=name, requires_grad=False)
 
 
-def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max):
-    """Cast `t` (no gradient) to FP8 values in the scaled domain.
+def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max, cast_op):
+    """Cast `t` (no gradient) to FP8 values in the scaled domain, with the fused CPU kernel when `cast_op`.
 
-    Returns (q, inverse scale, stats (3,), new history, new scale).
+    Returns (q, inverse scale, stats (3,), new history, new scale). stats = [amax of t (NaN ignored; all-reduced
+    with MAX across ranks when configured), fraction of |t*scale| > fp8 max (saturated), fraction of t != 0
+    with |t*scale| <= min subnormal / 2 (flushed to zero)].
     """
-    a = ops.abs(t)
-    amax = a.max()
+    if not recipe.delayed:
+        amax = ops.abs(t).max()
+        if recipe.reduce_amax:
+            amax = reduce_max(amax)
+        scale = current_scale(amax, spec.max_value, recipe.margin)
+    if cast_op is not None:
+        q, stats = cast_op(t, scale)
+        amax, overflow, underflow = stats[0], stats[1], stats[2]
+    else:
+        amax = ops.abs(t).max()
+        xs = t * scale
+        a = ops.abs(xs)
+        q = round_to_grid(xs, a < spec.min_normal, spec, True, t)
+        overflow = (a > spec.max_value).astype(ms.float32).mean()
+        underflow = ops.logical_and(t != 0.0, a <= spec.min_subnormal * 0.5).astype(ms.float32).mean()
     if recipe.reduce_amax:
         amax = reduce_max(amax)
-    if not recipe.delayed:
-        scale = current_scale(amax, spec.max_value, recipe.margin)
-    q = round_to_grid(t * scale, a < spec.min_normal / scale, spec, True, t)
-    overflow = (a > spec.max_value / scale).astype(ms.float32).mean()
-    underflow = ops.logical_and(a > 0.0, a <= (spec.min_subnormal * 0.5) / scale).astype(ms.float32).mean()
     stats = ops.stack((amax, overflow, underflow))
     if recipe.delayed:
         history, new_scale = delayed_scaling_update(history, scale, amax, spec.max_value, recipe.margin,
@@ -96,10 +109,11 @@ def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe:
     return q, 1.0 / scale, stats, history, new_scale
 
 
-def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor):
+def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor, bf16_op):
     """Operand and inverse scale for the layer's rung: fp8 (q, inv), bf16 (round(t), 1) or fp32 (t, 1)."""
     is_fp8 = level < 0.5
-    operand = ops.where(is_fp8, q, ops.where(level < 1.5, bf16_round(t), t))
+    rounded = bf16_op(t) if bf16_op is not None else bf16_round(t)
+    operand = ops.where(is_fp8, q, ops.where(level < 1.5, rounded, t))
     return operand, ops.where(is_fp8, inv, ops.ones_like(inv))
 
 
@@ -114,6 +128,8 @@ class Fp8Gemm(nn.Cell):
         super().__init__()
         self.recipe = recipe
         self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+        self.cast_op = build_cast_op(recipe.backward) if recipe.fused else None
+        self.bf16_op = build_bf16_op() if recipe.fused and recipe.dynamic else None
 
     def matmul(self, a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -> Tensor:
         if self.recipe.gemm_bf16:
@@ -126,12 +142,13 @@ class Fp8Gemm(nn.Cell):
     def bprop(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level, out, dout):
         g = ops.stop_gradient(dout.astype(ms.float32))
         spec = self.recipe.backward
-        qg, inv_g, stats, history, scale = quantize(g, g_scale, g_history, spec, self.recipe, self.reduce_max)
+        qg, inv_g, stats, history, scale = quantize(g, g_scale, g_history, spec, self.recipe, self.reduce_max,
+                                                    self.cast_op)
         ops.assign(g_stats, stats)
         ops.assign(g_history, history)
         ops.assign(g_scale, scale)
         if self.recipe.dynamic:
-            qg, inv_g = select_level(level, qg, inv_g, g)
+            qg, inv_g = select_level(level, qg, inv_g, g, self.bf16_op)
         dx = self.matmul(qg, ow, False, False) * (inv_g * inv_w)
         dw = self.matmul(qg, ox, True, False) * (inv_g * inv_x)
         return (dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(ox), ops.zeros_like(ow),
@@ -158,6 +175,8 @@ class Fp8Dense(nn.Cell):
             setattr(self, f"fp8_{role}_stats", _state(f"fp8_{role}_stats", np.zeros(3, np.float32)))
         self.fp8_level = _state("fp8_level", np.float32(0.0))
         self.gemm = Fp8Gemm(recipe)
+        self.cast_op = build_cast_op(recipe.forward) if recipe.fused else None
+        self.bf16_op = build_bf16_op() if recipe.fused and recipe.dynamic else None
 
     @classmethod
     def from_dense(cls, dense: nn.Cell, recipe: Fp8Recipe) -> Fp8Dense:
@@ -165,12 +184,13 @@ class Fp8Dense(nn.Cell):
 
     def _cast(self, t, history, scale, stats):
         spec = self.recipe.forward
-        q, inv, new_stats, new_history, new_scale = quantize(t, scale, history, spec, self.recipe, self.reduce_max)
+        q, inv, new_stats, new_history, new_scale = quantize(t, scale, history, spec, self.recipe, self.reduce_max,
+                                                             self.cast_op)
         ops.assign(stats, new_stats)
         ops.assign(history, new_history)
         ops.assign(scale, new_scale)
         if self.recipe.dynamic:
-            q, inv = select_level(self.fp8_level, q, inv, t)
+            q, inv = select_level(self.fp8_level, q, inv, t, self.bf16_op)
         return q, inv
 
     def construct(self, x):
@@ -237,6 +257,7 @@ def apply_fp8(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
         replace_cell(model, path, Fp8Dense.from_dense(cells[path], recipe))
     sync_parameter_names(model)
     gemm = "bf16" if recipe.gemm_bf16 else "fp32"
+    gemm += ", fused C++ cast kernel" if recipe.fused else ", MindSpore-ops cast"
     logger.info("FP8 (%s fwd / %s bwd, %s scaling, amax history %d, margin %d) on %d layers; kept out: %s",
                 recipe.forward.name, recipe.backward.name, "delayed" if recipe.delayed else "current",
                 recipe.history_len, recipe.margin, len(convert),

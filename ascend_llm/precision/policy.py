@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.cpu_kernel import build_bf16_op, fused_available
 from ascend_llm.precision.fp8 import bf16_round
 
 logger = logging.getLogger("ascend_llm.precision")
@@ -83,15 +84,19 @@ def resolve_layer_dtypes(model: nn.Cell, cfg: PrecisionConfig) -> dict[str, str]
 class Bf16Gemm(nn.Cell):
     """y = xb @ wb^T on bf16-rounded operands (given), with a backward whose operands are bf16-rounded too."""
 
-    def __init__(self):
+    def __init__(self, round_op=None):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        self.round_op = round_op
+
+    def round(self, t):
+        return self.round_op(t) if self.round_op is not None else bf16_round(t)
 
     def construct(self, x, w, xb, wb):
         return self.matmul(xb, wb)
 
     def bprop(self, x, w, xb, wb, out, dout):
-        gb = bf16_round(dout.astype(ms.float32))
+        gb = self.round(dout.astype(ms.float32))
         dx = ops.matmul(gb, wb)
         dw = ops.matmul(gb.T, xb)
         return dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(xb), ops.zeros_like(wb)
@@ -100,7 +105,8 @@ class Bf16Gemm(nn.Cell):
 class PrecisionDense(nn.Cell):
     """Dense whose GEMM runs in `dtype` (bf16 emulated where the device has no bf16 MatMul); returns float32."""
 
-    def __init__(self, weight: Parameter, bias: Parameter | None, dtype: str, emulate_bf16: bool):
+    def __init__(self, weight: Parameter, bias: Parameter | None, dtype: str, emulate_bf16: bool,
+                 bf16_kernel: bool = False):
         super().__init__()
         self.out_channels, self.in_channels = weight.shape
         self.weight = weight
@@ -111,15 +117,15 @@ class PrecisionDense(nn.Cell):
         self.emulate = dtype == "bfloat16" and emulate_bf16
         self.compute_dtype = MS_DTYPES[dtype]
         self.matmul = ops.MatMul(transpose_b=True)
-        self.bf16_gemm = Bf16Gemm()
+        self.bf16_gemm = Bf16Gemm(build_bf16_op() if self.emulate and bf16_kernel else None)
 
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels)
         if self.emulate:
             x2 = x2.astype(ms.float32)
-            xb = ops.stop_gradient(bf16_round(x2))
-            wb = ops.stop_gradient(bf16_round(self.weight))
+            xb = ops.stop_gradient(self.bf16_gemm.round(x2))
+            wb = ops.stop_gradient(self.bf16_gemm.round(self.weight))
             y = self.bf16_gemm(x2, self.weight, xb, wb)
         else:
             y = self.matmul(x2.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
@@ -179,12 +185,12 @@ def bf16_is_emulated(device: str | None = None) -> bool:
     return (device or ms.get_context("device_target")) != "Ascend"
 
 
-def _converted(cell: nn.Cell, kind: str, dtype: str, emulate: bool) -> nn.Cell | None:
+def _converted(cell: nn.Cell, kind: str, dtype: str, emulate: bool, kernel: bool) -> nn.Cell | None:
     if kind == "linear" and not isinstance(cell, PrecisionDense):
         bias = cell.bias if getattr(cell, "has_bias", False) else None
         if getattr(cell, "activation_flag", False):
             return None
-        return PrecisionDense(cell.weight, bias, dtype, emulate)
+        return PrecisionDense(cell.weight, bias, dtype, emulate, kernel)
     if kind == "embedding" and hasattr(cell, "weight") and not isinstance(cell, nn.Embedding):
         return PrecisionEmbedding(cell.weight, dtype)
     if kind == "conv":
@@ -202,6 +208,7 @@ def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
     Call once after building the model and before compiling, then `apply_fp8`.
     """
     emulate = bf16_is_emulated()
+    kernel = emulate and cfg.cpu_kernels == "auto" and "bfloat16" in cfg.dtypes_used() and fused_available()
     cells = dict(model.cells_and_names())
     changed, kept = Counter(), []
     for path, dtype in resolve_layer_dtypes(model, cfg).items():
@@ -209,7 +216,7 @@ def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
         kind = layer_kind(cell)
         if dtype == "float32" or kind == "norm":
             continue
-        new = _converted(cell, kind, dtype, emulate)
+        new = _converted(cell, kind, dtype, emulate, kernel)
         if new is None:
             kept.append(path)
             continue
@@ -221,7 +228,8 @@ def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
     sync_parameter_names(model)
     if changed:
         bf16_emulated = emulate and "bfloat16" in cfg.dtypes_used()
-        note = " (bf16 emulated: bf16-rounded operands, fp32 GEMM)" if bf16_emulated else ""
+        note = " (bf16 emulated: bf16-rounded operands, fp32 GEMM%s)" % (", fused C++ rounding" if kernel else "")
+        note = note if bf16_emulated else ""
         logger.info("precision policy %s: %s; everything else float32%s", cfg.name,
                     ", ".join(f"{n} {k}" for k, n in sorted(changed.items())), note)
     if kept:

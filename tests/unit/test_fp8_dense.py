@@ -13,6 +13,7 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.precision import Fp8Config, PrecisionConfig
 from ascend_llm.models.llama import build_model
 from ascend_llm.precision import apply_fp8, apply_precision, describe_precision
+from ascend_llm.precision.cpu_kernel import fused_available
 from ascend_llm.precision.fp8_dense import Fp8Dense, build_fp8_recipe
 
 E4M3, E5M2 = ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2
@@ -29,7 +30,8 @@ def te_scale(amax: float, fp8_max: float) -> np.float32:
     return F32(fp8_max) / F32(amax)
 
 
-def make_layer(n_in: int, n_out: int, bias: bool, seed: int, **fp8) -> tuple[Fp8Dense, np.ndarray, np.ndarray]:
+def make_layer(n_in: int, n_out: int, bias: bool, seed: int, kernels: str = "auto",
+               **fp8) -> tuple[Fp8Dense, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((n_out, n_in)) * 0.05).astype(F32)
     b = rng.standard_normal(n_out).astype(F32) if bias else None
@@ -37,7 +39,7 @@ def make_layer(n_in: int, n_out: int, bias: bool, seed: int, **fp8) -> tuple[Fp8
     dense.weight.set_data(Tensor(w))
     if bias:
         dense.bias.set_data(Tensor(b))
-    cfg = PrecisionConfig(fp8=Fp8Config(enabled=True, **fp8))
+    cfg = PrecisionConfig(cpu_kernels=kernels, fp8=Fp8Config(enabled=True, **fp8))
     return Fp8Dense.from_dense(dense, build_fp8_recipe(cfg, device="CPU")), w, b
 
 
@@ -67,6 +69,29 @@ def test_forward_and_backward_equal_the_fp8_reference_over_delayed_scaling_steps
         np.testing.assert_allclose(dw.asnumpy(), dw_ref, rtol=1e-5, atol=1e-6 * abs(dw_ref).max())
         sx, sw, sg = te_scale(abs(x).max(), 448), te_scale(abs(w).max(), 448), te_scale(abs(r).max(), 57344)
     assert layer.fp8_g_history.asnumpy()[-1] == F32(abs(r).max())  # the bprop recorded the gradient amax
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "current"])
+def test_fused_cpu_kernel_and_mindspore_ops_paths_agree_bit_for_bit(recipe):
+    if not fused_available("CPU"):
+        pytest.skip("no C++ compiler: the fused CPU kernels are not built")
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((96, 32)) * 3).astype(F32)
+    x[0, :3] = [0.0, 1e-12, -1e-12]
+    r = (rng.standard_normal((96, 16)) * 1e-2).astype(F32)
+    results = []
+    for kernels in ("ops", "auto"):
+        layer, _, _ = make_layer(32, 16, bias=False, seed=11, kernels=kernels, recipe=recipe, amax_history_len=3)
+        assert layer.recipe.fused == (kernels == "auto")
+        step = grad_step(layer)
+        out = []
+        for scale in (1.0, 40.0, 1.0):
+            loss, (dx, (dw,)) = step(Tensor(x * F32(scale)), Tensor(r))
+            out += [loss.asnumpy(), dx.asnumpy(), dw.asnumpy()]
+        out += [p.asnumpy() for p in layer.get_parameters() if not p.requires_grad]
+        results.append(out)
+    for ops_value, fused_value in zip(*results):
+        np.testing.assert_array_equal(ops_value, fused_value)
 
 
 def test_current_scaling_uses_this_tensors_amax():
@@ -128,20 +153,20 @@ def debug_cfg(**overrides) -> ModelConfig:
 
 
 def test_apply_fp8_converts_eligible_linears_and_keeps_names():
-    model = build_model(debug_cfg(ffn_hidden_dim=40))  # 40 is not a multiple of 16: the FFN stays out
+    model = build_model(debug_cfg(ffn_hidden_dim=40, num_layers=1))  # 40: not a multiple of 16, FFN stays out
     before = {p.name for p in model.trainable_params()}
     cfg = PrecisionConfig(name="fp8", compute_dtype="bfloat16", layer_dtypes={"embedding": "float32"},
                           fp8=Fp8Config(enabled=True, amax_history_len=8))
     apply_fp8(apply_precision(model, cfg), cfg)
     kinds = describe_precision(model)
-    assert kinds["layers.0.attention.wq"] == "fp8" and kinds["layers.1.attention.wo"] == "fp8"
+    assert kinds["layers.0.attention.wq"] == "fp8" and kinds["layers.0.attention.wo"] == "fp8"
     assert kinds["output"] == "bfloat16" and kinds["tok_embeddings"] == "float32"
     assert kinds["layers.0.feed_forward.w1"] == "bfloat16"  # dims not multiples of 16
     assert kinds["layers.0.attention_norm"] == "float32"
     assert {p.name for p in model.trainable_params()} == before
     assert all(p.dtype == ms.float32 for p in model.trainable_params())  # float32 master weights
     state = [p.name for p in model.get_parameters() if not p.requires_grad]
-    assert "layers.1.attention.wv.fp8_g_history" in state and len(state) == 2 * 4 * 10
+    assert "layers.0.attention.wv.fp8_g_history" in state and len(state) == 4 * 10
     logits = model(Tensor(np.random.default_rng(0).integers(0, 128, (2, 16)).astype(np.int32)))
     assert logits.shape == (2, 16, 128) and np.isfinite(logits.asnumpy()).all()
 

@@ -121,3 +121,38 @@ def test_bf16_round_equals_ml_dtypes():
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="e4m3, e5m2"):
         fp8_round(Tensor(np.ones(2, np.float32)), "e3m4")
+
+
+def fused_ops():
+    from ascend_llm.precision.cpu_kernel import build_bf16_op, build_cast_op, fused_available
+    from ascend_llm.precision.fp8 import FORMATS
+
+    if not fused_available("CPU"):
+        pytest.skip("no C++ compiler: the fused CPU kernels are not built")
+    return {name: build_cast_op(spec) for name, spec in FORMATS.items()}, build_bf16_op()
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scale", [1.0, 3.7])
+def test_fused_cpu_cast_equals_ml_dtypes_and_counts_exactly(fmt, scale):
+    casts, _ = fused_ops()
+    x = sample_values(fmt)
+    top = float(ml_dtypes.finfo(DTYPES[fmt]).max)
+    with np.errstate(over="ignore", invalid="ignore"):
+        xs = x * np.float32(scale)
+    clipped = np.where(np.isnan(xs), xs, np.clip(xs, -top, top)).astype(np.float32)
+    q, stats = ms.jit(casts[fmt])(Tensor(x), Tensor(np.float32(scale)))
+    assert mismatches(q.asnumpy(), clipped.astype(DTYPES[fmt]).astype(np.float32)) == 0
+    half_subnormal = float(np.abs(grid_values(DTYPES[fmt])[1])) / 2
+    with np.errstate(invalid="ignore"):
+        expected = [np.nanmax(np.abs(x)), np.mean(np.abs(xs) > top),
+                    np.mean((x != 0) & (np.abs(xs) <= half_subnormal))]
+    np.testing.assert_array_equal(stats.asnumpy(), np.float32(expected))
+
+
+def test_fused_cpu_bf16_rounding_equals_ml_dtypes():
+    _, bf16_op = fused_ops()
+    with np.errstate(over="ignore"):
+        x = sample_values("e5m2") * np.float32(1e3)
+    ref = x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    assert mismatches(ms.jit(bf16_op)(Tensor(x)).asnumpy(), ref) == 0

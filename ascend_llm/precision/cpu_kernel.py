@@ -1,0 +1,189 @@
+"""Optional fused CPU kernels for the FP8 cast and the bf16 rounding: one pass over memory instead of ~15
+MindSpore elementwise ops.
+
+The portable path (`fp8.round_to_grid`, MindSpore ops) runs everywhere, in graph mode, and is the reference;
+on CPU each of its ops is a full memory pass, so FP8 emulation would cost about as much as the GEMMs it
+wraps. This module compiles a small C++ library (MindSpore `ops.Custom(func_type="aot")`, g++ with OpenMP)
+that does the same saturating cast *and* the layer statistics in one pass. It is bit-identical to the
+portable path and to ml_dtypes (tests check both). It is used only on CPU, only when a C++ compiler is found
+(`precision.cpu_kernels=auto`), and compiled once into ~/.cache/ascend_llm/kernels (ASCEND_LLM_CACHE
+overrides the root).
+
+FP8 casts (`fp8_e4m3_cast`, `fp8_e5m2_cast`): inputs x (float32, any shape) and scale (float32, one
+element); outputs q = fp8_round(x * scale) (saturating) and stats = [max |x| (NaN ignored, like MindSpore's
+max reduction), fraction of |x*scale| > fp8 max, fraction of x != 0 with |x*scale| <= min subnormal / 2
+(flushed to zero)]. `bf16_round`: float32 -> bfloat16 -> float32, round-to-nearest-even.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mindspore as ms
+from mindspore import ops
+
+from ascend_llm.precision.fp8 import Fp8Format
+
+logger = logging.getLogger("ascend_llm.precision")
+
+SOURCE = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+// MindSpore's CPU threads may run with flush-to-zero / denormals-are-zero set; the kernels need IEEE
+// semantics (a float32-subnormal input is not zero), so each thread clears both bits for the loop.
+struct IeeeMode {
+  unsigned saved;
+  IeeeMode() : saved(_mm_getcsr()) { _mm_setcsr(saved & ~0x8040u); }
+  ~IeeeMode() { _mm_setcsr(saved); }
+};
+#else
+struct IeeeMode {};
+#endif
+
+static int64_t numel(int *ndims, int64_t **shapes, int i) {
+  int64_t n = 1;
+  for (int d = 0; d < ndims[i]; ++d) n *= shapes[i][d];
+  return n;
+}
+
+template <int M, int EMIN>
+static int fp8_cast(int nparam, void **params, int *ndims, int64_t **shapes) {
+  if (nparam != 4) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float scale = *static_cast<const float *>(params[1]);
+  float *q = static_cast<float *>(params[2]);
+  float *stats = static_cast<float *>(params[3]);
+  const int64_t n = numel(ndims, shapes, 0);
+  const float max_value = M == 3 ? 448.0f : 57344.0f;
+  const float min_normal = std::ldexp(1.0f, EMIN);
+  const float sub_up = std::ldexp(1.0f, M - EMIN);      // 1 / subnormal spacing
+  const float sub_step = std::ldexp(1.0f, EMIN - M);    // subnormal spacing
+  const float half_sub = 0.5f * sub_step;
+  const uint32_t shift = 23 - M;
+  const uint32_t mask = ~((1u << shift) - 1u);
+  const uint32_t half = (1u << (shift - 1)) - 1u;
+  float amax = 0.0f;
+  int64_t overflow = 0, underflow = 0;
+#pragma omp parallel reduction(max : amax) reduction(+ : overflow, underflow)
+  {
+    IeeeMode ieee;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = x[i];
+      const float av = std::fabs(v);
+      if (av > amax) amax = av;  // NaN compares false: ignored, like MindSpore's max reduction
+      const float xs = v * scale;
+      uint32_t bits, vbits;
+      std::memcpy(&bits, &xs, 4);
+      std::memcpy(&vbits, &v, 4);
+      const uint32_t sign = bits & 0x80000000u;
+      const float a = std::fabs(xs);
+      float r;
+      if (a != a) {
+        q[i] = xs;
+        continue;
+      } else if (a > max_value) {
+        r = max_value;
+        ++overflow;
+      } else if (a < min_normal) {
+        r = std::nearbyint(a * sub_up) * sub_step;   // round half to even (default rounding mode)
+        if ((vbits & 0x7fffffffu) != 0u && a <= half_sub) ++underflow;
+      } else {
+        uint32_t u = bits & 0x7fffffffu;
+        u = (u + half + ((u >> shift) & 1u)) & mask;  // round to nearest even on M mantissa bits
+        std::memcpy(&r, &u, 4);
+        if (r > max_value) r = max_value;
+      }
+      uint32_t out;
+      std::memcpy(&out, &r, 4);
+      out |= sign;
+      std::memcpy(&q[i], &out, 4);
+    }
+  }
+  stats[0] = amax;
+  stats[1] = n ? static_cast<float>(static_cast<double>(overflow) / n) : 0.0f;
+  stats[2] = n ? static_cast<float>(static_cast<double>(underflow) / n) : 0.0f;
+  return 0;
+}
+
+extern "C" int fp8_e4m3_cast(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return fp8_cast<3, -6>(nparam, params, ndims, shapes);
+}
+
+extern "C" int fp8_e5m2_cast(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  return fp8_cast<2, -14>(nparam, params, ndims, shapes);
+}
+
+// float32 -> bfloat16 -> float32, round to nearest even; NaN stays NaN, overflow goes to inf.
+extern "C" int bf16_round(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 2) return 1;
+  const uint32_t *x = static_cast<const uint32_t *>(params[0]);
+  uint32_t *y = static_cast<uint32_t *>(params[1]);
+  const int64_t n = numel(ndims, shapes, 0);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = x[i];
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    y[i] = nan ? (u | 0x00400000u) : ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+  }
+  return 0;
+}
+"""
+
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-fast-math"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ASCEND_LLM_CACHE", "~/.cache/ascend_llm")).expanduser() / "kernels"
+
+
+@functools.lru_cache(maxsize=1)
+def library_path() -> str | None:
+    """Path of the compiled kernel library, building it on first use; None when no compiler works."""
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        return None
+    digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"fp8_cast_{digest}.so"
+    if target.is_file():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "fp8_cast.cc"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            logger.info("fused FP8 CPU kernel not built (%s); using MindSpore ops", proc.stderr.strip()[:200])
+            return None
+        os.replace(out, target)  # atomic: concurrent builders agree on the result
+    return str(target)
+
+
+def fused_available(device: str | None = None) -> bool:
+    return (device or ms.get_context("device_target")) == "CPU" and library_path() is not None
+
+
+def build_cast_op(spec: Fp8Format) -> ops.Custom:
+    """(x, scale) -> (q, stats (3,)) for `spec`; call only when fused_available()."""
+    func = f"{library_path()}:fp8_{spec.name}_cast"
+    return ops.Custom(func, out_shape=lambda x, s: (x, [3]), out_dtype=lambda x, s: (x, x), func_type="aot")
+
+
+def build_bf16_op() -> ops.Custom:
+    """x -> x rounded to bfloat16 (float32 values, RNE); call only when fused_available()."""
+    return ops.Custom(f"{library_path()}:bf16_round", out_shape=lambda x: x, out_dtype=lambda x: x,
+                      func_type="aot")
