@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -19,12 +18,6 @@ import time
 from pathlib import Path
 
 WORKER_FLAG = "--worker-out"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _time_allreduce(params, world: int, repeats: int) -> float:
@@ -119,6 +112,7 @@ def main(argv: list[str]) -> int:
         return worker_main(argv)
     args = build_parser().parse_args(argv)
     from ascend_llm.bench.report import print_table, write_json
+    from ascend_llm.parallel.launch import find_free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench_dp_"))
     common = [f"model={args.model}", f"train.num_steps={args.steps}", f"train.global_batch_size={args.global_batch}",
@@ -127,7 +121,7 @@ def main(argv: list[str]) -> int:
     runs = {
         "1 process": _run("single", [*common, f"train.output_dir={work / 'single'}"], work),
         "2 msrun workers": _run("dp2", [*common, f"train.output_dir={work / 'dp2'}", "cluster=cpu_2proc",
-                                        "parallel=dp2", f"cluster.master_port={_free_port()}",
+                                        "parallel=dp2", f"cluster.master_port={find_free_port()}",
                                         "cluster.tail_worker_log=none"], work),
     }
     base = runs["1 process"]["tokens_per_s"]

@@ -176,6 +176,23 @@ def describe_plan(plan: LaunchPlan) -> str:
     return "\n".join(lines)
 
 
+def find_free_port(low: int = 20000, high: int = 30000) -> int:
+    """A port nobody listens on, below Linux's ephemeral range (32768+) so that outgoing connections of the
+    job itself cannot take it between this check and the scheduler's bind."""
+    import random
+
+    candidates = list(range(low, high))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise LaunchError("cluster.master_port", f"{low}..{high}", "no free port found in this range")
+
+
 def check_port_free(addr: str, port: int) -> None:
     """Refuse to start when something already listens on the scheduler port (another job)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -5,7 +5,6 @@ batch, end with bit-identical parameters on both ranks, and rank 0's checkpoint 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from ascend_llm.parallel.launch import find_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,12 +43,6 @@ sys.exit(code)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def metric_losses(run_dir: Path) -> list[float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, NUM_STEPS + 1))
@@ -72,8 +67,8 @@ def test_two_msrun_workers_match_one_process(tmp_path):
     script = tmp_path / "dp_worker.py"
     script.write_text(WORKER)
     overrides = [*COMMON, cache, f"train.output_dir={two_dir}", "cluster=cpu_2proc", "parallel=dp2",
-                 f"cluster.master_port={free_port()}", "cluster.cluster_timeout_s=120", "cluster.job_timeout_s=400",
-                 "cluster.tail_worker_log=none"]
+                 f"cluster.master_port={find_free_port()}", "cluster.cluster_timeout_s=120",
+                 "cluster.job_timeout_s=400", "cluster.tail_worker_log=none"]
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides, "--script", str(script)],
                           capture_output=True, text=True, timeout=600)

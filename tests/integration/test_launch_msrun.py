@@ -3,12 +3,13 @@ configured cluster timeout, naming the rank and showing the tail of its log; not
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from ascend_llm.parallel.launch import find_free_port
 
 pytestmark = pytest.mark.integration
 
@@ -37,18 +38,12 @@ for step in range(5):
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_failed_worker_is_named_and_the_job_stops(tmp_path):
     script = tmp_path / "failing_worker.py"
     script.write_text(WORKER)
     cluster_timeout = 90
     overrides = ["cluster=cpu_2proc", "parallel=dp2", f"train.output_dir={tmp_path / 'run'}",
-                 f"cluster.master_port={free_port()}", f"cluster.cluster_timeout_s={cluster_timeout}",
+                 f"cluster.master_port={find_free_port()}", f"cluster.cluster_timeout_s={cluster_timeout}",
                  "cluster.failure_grace_s=3", "cluster.tail_worker_log=none"]
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides, "--script", str(script)],

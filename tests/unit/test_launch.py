@@ -179,6 +179,14 @@ def test_launch_cli_bad_recipe_is_one_line_exit_2(capsys):
     assert err.count("\n") == 1 and "parallel.data_parallel_degree=2" in err
 
 
+def test_find_free_port_is_below_the_ephemeral_range():
+    from ascend_llm.parallel.launch import find_free_port
+
+    port = find_free_port()
+    assert 20000 <= port < 30000
+    check_port_free("127.0.0.1", port)
+
+
 def test_port_in_use_is_refused():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
