@@ -12,7 +12,8 @@ overrides the root).
 FP8 casts (`fp8_e4m3_cast`, `fp8_e5m2_cast`): inputs x (float32, any shape) and scale (float32, one
 element); outputs q = fp8_round(x * scale) (saturating) and stats = [max |x| (NaN ignored, like MindSpore's
 max reduction), fraction of |x*scale| > fp8 max, fraction of x != 0 with |x*scale| <= min subnormal / 2
-(flushed to zero)]. `bf16_round`: float32 -> bfloat16 -> float32, round-to-nearest-even.
+(flushed to zero)]. With a third input `level` (dynamic precision) the first output is the operand of the
+layer's rung instead: the FP8 values, bf16(x) or x. `bf16_round`: float32 -> bfloat16 -> float32, RNE.
 """
 
 from __future__ import annotations
@@ -56,13 +57,29 @@ static int64_t numel(int *ndims, int64_t **shapes, int i) {
   return n;
 }
 
+static inline float bf16_of(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  u = nan ? (u | 0x00400000u) : ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// params: x, scale[, level], q, stats. With a level input (dynamic precision) the first output is the
+// operand of the layer's rung: 0 -> the FP8 values (scaled domain), 1 -> bf16(x), 2 -> x; the statistics
+// are always those of the FP8 cast.
 template <int M, int EMIN>
 static int fp8_cast(int nparam, void **params, int *ndims, int64_t **shapes) {
-  if (nparam != 4) return 1;
+  if (nparam != 4 && nparam != 5) return 1;
+  const bool leveled = nparam == 5;
   const float *x = static_cast<const float *>(params[0]);
   const float scale = *static_cast<const float *>(params[1]);
-  float *q = static_cast<float *>(params[2]);
-  float *stats = static_cast<float *>(params[3]);
+  const float level = leveled ? *static_cast<const float *>(params[2]) : 0.0f;
+  float *q = static_cast<float *>(params[leveled ? 3 : 2]);
+  float *stats = static_cast<float *>(params[leveled ? 4 : 3]);
+  const int rung = level < 0.5f ? 0 : (level < 1.5f ? 1 : 2);
   const int64_t n = numel(ndims, shapes, 0);
   const float max_value = M == 3 ? 448.0f : 57344.0f;
   const float min_normal = std::ldexp(1.0f, EMIN);
@@ -89,8 +106,9 @@ static int fp8_cast(int nparam, void **params, int *ndims, int64_t **shapes) {
       const uint32_t sign = bits & 0x80000000u;
       const float a = std::fabs(xs);
       float r;
+      if (rung != 0) q[i] = rung == 1 ? bf16_of(v) : v;
       if (a != a) {
-        q[i] = xs;
+        if (rung == 0) q[i] = xs;
         continue;
       } else if (a > max_value) {
         r = max_value;
@@ -104,6 +122,7 @@ static int fp8_cast(int nparam, void **params, int *ndims, int64_t **shapes) {
         std::memcpy(&r, &u, 4);
         if (r > max_value) r = max_value;
       }
+      if (rung != 0) continue;
       uint32_t out;
       std::memcpy(&out, &r, 4);
       out |= sign;
@@ -130,15 +149,11 @@ extern "C" int fp8_e5m2_cast(int nparam, void **params, int *ndims, int64_t **sh
 extern "C" int bf16_round(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
   if (nparam != 2) return 1;
-  const uint32_t *x = static_cast<const uint32_t *>(params[0]);
-  uint32_t *y = static_cast<uint32_t *>(params[1]);
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
   const int64_t n = numel(ndims, shapes, 0);
 #pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = x[i];
-    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-    y[i] = nan ? (u | 0x00400000u) : ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
-  }
+  for (int64_t i = 0; i < n; ++i) y[i] = bf16_of(x[i]);
   return 0;
 }
 """
@@ -181,6 +196,13 @@ def build_cast_op(spec: Fp8Format) -> ops.Custom:
     """(x, scale) -> (q, stats (3,)) for `spec`; call only when fused_available()."""
     func = f"{library_path()}:fp8_{spec.name}_cast"
     return ops.Custom(func, out_shape=lambda x, s: (x, [3]), out_dtype=lambda x, s: (x, x), func_type="aot")
+
+
+def build_leveled_cast_op(spec: Fp8Format) -> ops.Custom:
+    """(x, scale, level) -> (operand of the rung: FP8 values / bf16(x) / x, stats of the FP8 cast)."""
+    func = f"{library_path()}:fp8_{spec.name}_cast"
+    return ops.Custom(func, out_shape=lambda x, s, lv: (x, [3]), out_dtype=lambda x, s, lv: (x, x),
+                      func_type="aot")
 
 
 def build_bf16_op() -> ops.Custom:

@@ -29,7 +29,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
-from ascend_llm.precision.cpu_kernel import build_bf16_op, build_cast_op, fused_available
+from ascend_llm.precision.cpu_kernel import build_cast_op, build_leveled_cast_op, fused_available
 from ascend_llm.precision.fp8 import FORMATS, Fp8Format, bf16_round, round_to_grid
 from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
 
@@ -76,7 +76,8 @@ def _state(name: str, value: np.ndarray) -> Parameter:
     return Parameter(Tensor(value), name=name, requires_grad=False)
 
 
-def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max, cast_op):
+def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max, cast_op,
+             level=None):
     """Cast `t` (no gradient) to FP8 values in the scaled domain, with the fused CPU kernel when `cast_op`.
 
     Returns (q, inverse scale, stats (3,), new history, new scale). stats = [amax of t (NaN ignored; all-reduced
@@ -89,7 +90,7 @@ def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe:
             amax = reduce_max(amax)
         scale = current_scale(amax, spec.max_value, recipe.margin)
     if cast_op is not None:
-        q, stats = cast_op(t, scale)
+        q, stats = cast_op(t, scale) if level is None else cast_op(t, scale, level)
         amax, overflow, underflow = stats[0], stats[1], stats[2]
     else:
         amax = ops.abs(t).max()
@@ -109,11 +110,11 @@ def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe:
     return q, 1.0 / scale, stats, history, new_scale
 
 
-def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor, bf16_op):
-    """Operand and inverse scale for the layer's rung: fp8 (q, inv), bf16 (round(t), 1) or fp32 (t, 1)."""
+def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor):
+    """Operand and inverse scale for the layer's rung: fp8 (q, inv), bf16 (round(t), 1) or fp32 (t, 1).
+    (The fused CPU kernel does this selection itself, in the same pass as the cast.)"""
     is_fp8 = level < 0.5
-    rounded = bf16_op(t) if bf16_op is not None else bf16_round(t)
-    operand = ops.where(is_fp8, q, ops.where(level < 1.5, rounded, t))
+    operand = ops.where(is_fp8, q, ops.where(level < 1.5, bf16_round(t), t))
     return operand, ops.where(is_fp8, inv, ops.ones_like(inv))
 
 
@@ -129,7 +130,8 @@ class Fp8Gemm(nn.Cell):
         self.recipe = recipe
         self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
         self.cast_op = build_cast_op(recipe.backward) if recipe.fused else None
-        self.bf16_op = build_bf16_op() if recipe.fused and recipe.dynamic else None
+        if recipe.fused and recipe.dynamic:
+            self.cast_op = build_leveled_cast_op(recipe.backward)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -> Tensor:
         if self.recipe.gemm_bf16:
@@ -137,19 +139,28 @@ class Fp8Gemm(nn.Cell):
         return ops.matmul(a.T if transpose_a else a, b.T if transpose_b else b).astype(ms.float32)
 
     def construct(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level):
-        return self.matmul(ox, ow, False, True) * (inv_x * inv_w)
+        if self.recipe.gemm_bf16:  # the FP8 values are exact in bf16; the scales are applied after the GEMM
+            return self.matmul(ox, ow, False, True) * (inv_x * inv_w)
+        # fp32 GEMM: fold both inverse scales into the (smaller) weight operand instead of the output
+        return self.matmul(ox, ow * (inv_x * inv_w), False, True)
 
     def bprop(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level, out, dout):
         g = ops.stop_gradient(dout.astype(ms.float32))
         spec = self.recipe.backward
+        leveled = self.recipe.fused and self.recipe.dynamic
         qg, inv_g, stats, history, scale = quantize(g, g_scale, g_history, spec, self.recipe, self.reduce_max,
-                                                    self.cast_op)
+                                                    self.cast_op, level if leveled else None)
         ops.assign(g_stats, stats)
         ops.assign(g_history, history)
         ops.assign(g_scale, scale)
-        if self.recipe.dynamic:
-            qg, inv_g = select_level(level, qg, inv_g, g, self.bf16_op)
-        dx = self.matmul(qg, ow, False, False) * (inv_g * inv_w)
+        if leveled:
+            inv_g = ops.where(level < 0.5, inv_g, ops.ones_like(inv_g))
+        elif self.recipe.dynamic:
+            qg, inv_g = select_level(level, qg, inv_g, g)
+        if self.recipe.gemm_bf16:
+            dx = self.matmul(qg, ow, False, False) * (inv_g * inv_w)
+        else:
+            dx = self.matmul(qg, ow * (inv_g * inv_w), False, False)
         dw = self.matmul(qg, ox, True, False) * (inv_g * inv_x)
         return (dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(ox), ops.zeros_like(ow),
                 ops.zeros_like(inv_x), ops.zeros_like(inv_w), ops.zeros_like(g_history), ops.zeros_like(g_scale),
@@ -176,7 +187,8 @@ class Fp8Dense(nn.Cell):
         self.fp8_level = _state("fp8_level", np.float32(0.0))
         self.gemm = Fp8Gemm(recipe)
         self.cast_op = build_cast_op(recipe.forward) if recipe.fused else None
-        self.bf16_op = build_bf16_op() if recipe.fused and recipe.dynamic else None
+        if recipe.fused and recipe.dynamic:
+            self.cast_op = build_leveled_cast_op(recipe.forward)
 
     @classmethod
     def from_dense(cls, dense: nn.Cell, recipe: Fp8Recipe) -> Fp8Dense:
@@ -184,13 +196,16 @@ class Fp8Dense(nn.Cell):
 
     def _cast(self, t, history, scale, stats):
         spec = self.recipe.forward
+        leveled = self.recipe.fused and self.recipe.dynamic
         q, inv, new_stats, new_history, new_scale = quantize(t, scale, history, spec, self.recipe, self.reduce_max,
-                                                             self.cast_op)
+                                                             self.cast_op, self.fp8_level if leveled else None)
         ops.assign(stats, new_stats)
         ops.assign(history, new_history)
         ops.assign(scale, new_scale)
-        if self.recipe.dynamic:
-            q, inv = select_level(self.fp8_level, q, inv, t, self.bf16_op)
+        if leveled:
+            inv = ops.where(self.fp8_level < 0.5, inv, ops.ones_like(inv))
+        elif self.recipe.dynamic:
+            q, inv = select_level(self.fp8_level, q, inv, t)
         return q, inv
 
     def construct(self, x):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import mindspore as ms
 import ml_dtypes
 import numpy as np
+import pytest
 from mindspore import Tensor, nn
 
 from ascend_llm.config.precision import DynamicConfig, Fp8Config, PrecisionConfig
@@ -25,7 +26,7 @@ class Pair(nn.Cell):
         return self.b(self.a(x))
 
 
-def build(seed: int = 0, **dynamic):
+def build(seed: int = 0, kernels: str = "auto", **dynamic):
     ms.set_seed(seed)
     net = Pair()
     rng = np.random.default_rng(seed)
@@ -33,7 +34,8 @@ def build(seed: int = 0, **dynamic):
         p.set_data(Tensor((rng.standard_normal(p.shape) * 0.1).astype(F32)))
     settings = dict(enabled=True, overflow_threshold=0.01, underflow_threshold=0.2, patience=2, clean_steps=3)
     settings.update(dynamic)
-    cfg = PrecisionConfig(name="fp8_dynamic", fp8=Fp8Config(enabled=True, amax_history_len=4, skip=[]),
+    cfg = PrecisionConfig(name="fp8_dynamic", cpu_kernels=kernels,
+                          fp8=Fp8Config(enabled=True, amax_history_len=4, skip=[]),
                           dynamic=DynamicConfig(**settings))
     cfg.validate()
     apply_fp8(net, cfg)
@@ -74,8 +76,9 @@ def test_overflow_promotes_and_clean_steps_demote():
     assert metrics["fp8/a/x_amax"] == F32(np.abs(X * F32(65536.0)).max())
 
 
-def test_promoted_layer_computes_in_its_rung():
-    net, controller, grad_fn = build(max_level="bf16")
+@pytest.mark.parametrize("kernels", ["auto", "ops"])  # fused CPU kernel selects the rung itself; ops: where
+def test_promoted_layer_computes_in_its_rung(kernels):
+    net, controller, grad_fn = build(kernels=kernels, max_level="bf16")
     run(net, controller, grad_fn, SCHEDULE[:6])
     assert controller.levels["a"] == 1 and float(net.a.fp8_level.asnumpy()) == 1.0  # capped at bf16
     w = net.a.weight.asnumpy()
