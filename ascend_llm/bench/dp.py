@@ -55,16 +55,8 @@ def worker_main(argv: list[str]) -> int:
     from ascend_llm.parallel.dp import is_main_rank
 
     recipe = compose_recipe(overrides)
-    models = []
-    build = trainer.build_training_model
-
-    def capture(r):
-        models.append(build(r))
-        return models[-1]
-
-    trainer.build_training_model = capture
     summary = trainer.train(recipe)
-    params = models[0].trainable_params()
+    params = trainer.build_training_model(recipe).trainable_params()  # same shapes as the trained model
     world = summary["world_size"]
     allreduce_ms = _time_allreduce(params, world, repeats=10)
     if is_main_rank():

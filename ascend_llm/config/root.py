@@ -40,11 +40,9 @@ class RecipeConfig:
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError("data.vocab_size", self.data.vocab_size,
                               f"must be <= model.vocab_size={self.model.vocab_size}")
-        world = self.parallel.world_size
-        if world != self.cluster.world_size:
-            raise ConfigError("parallel.data_parallel_degree", self.parallel.data_parallel_degree,
-                              f"world size {world} must equal cluster.num_nodes*cluster.num_workers_per_node"
-                              f"={self.cluster.world_size}")
+        from ascend_llm.parallel.dims import check_world_size  # lazy: model code must not load parallel/
+
+        world = check_world_size(self.parallel, self.cluster)
         per_rank = self.train.global_batch_size // self.train.grad_accum_steps
         if per_rank % world:
             raise ConfigError("train.global_batch_size", self.train.global_batch_size,

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -96,6 +97,15 @@ def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW, prec
     return int(state["step"]), state
 
 
+def params_sha256(params) -> str:
+    """Digest of all parameter values (sorted by name): equal on every data-parallel rank when in sync."""
+    digest = hashlib.sha256()
+    for p in sorted(params, key=lambda p: p.name):
+        digest.update(p.name.encode())
+        digest.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+    return digest.hexdigest()
+
+
 def _validate(dataset: PackedDataset, eval_loss, batch_rows: int, num_batches: int) -> float:
     indices = dataset.val_indices(batch_rows * num_batches)
     losses = []
@@ -176,22 +186,26 @@ def train(recipe: RecipeConfig) -> dict:
         done = step + 1
         record = None
         if done % cfg.log_every == 0 or done == cfg.num_steps or done == start_step + 1:
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed if window_tokens else tokens_per_step / first_step_s
             record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                      "tokens_per_s": tps, "mfu": flops_token * tps / peak, **scaler.metrics(),
-                      **controller.metrics()}
+                      **scaler.metrics(), **controller.metrics()}
+            if window_tokens:  # the first step of a process includes compilation: report it as such
+                tps = window_tokens / (time.perf_counter() - window_start)
+                record.update(tokens_per_s=tps, mfu=flops_token * tps / peak)
+            else:
+                record.update(compile_and_first_step_s=first_step_s)
             window_start, window_tokens = time.perf_counter(), 0
         if done % cfg.val_every == 0 or done == cfg.num_steps:
+            paused = time.perf_counter()
             val = _validate(dataset, steps.eval_loss, micro_rows, cfg.val_batches)
             val_losses.append((done, val))
             record = dict(record or {"step": done, "loss": loss_value}, val_loss=val, val_ppl=float(np.exp(val)))
-            window_start = time.perf_counter()
+            window_start += time.perf_counter() - paused  # throughput counts training time only
         if events:
             record = dict(record or {"step": done, "loss": loss_value}, precision_events=events)
         if record and main_rank:
             metrics.write(record)
         if main_rank and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
+            paused = time.perf_counter()
             state = {"position": done * cfg.global_batch_size, "seed": cfg.seed, "data_seed": recipe.data.seed,
                      "global_batch_size": cfg.global_batch_size, "loss": loss_value, "config": resolved,
                      "data": str(prepared.path)}
@@ -199,6 +213,7 @@ def train(recipe: RecipeConfig) -> dict:
                             {**{p.name: p.asnumpy() for p in optimizer.state_parameters()},
                              **{PRECISION_PREFIX + k: v for part in (scaler, controller)
                                 for k, v in part.state_dict().items()}}, state, cfg.keep_last)
+            window_start += time.perf_counter() - paused
         if progress is not None:
             progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(record or {}).get('tokens_per_s', 0):.0f}",
                                  refresh=False)
@@ -206,7 +221,10 @@ def train(recipe: RecipeConfig) -> dict:
     if progress is not None:
         progress.close()
 
-    summary = {"losses": losses, "val_losses": val_losses, "run_dir": str(run_dir), "first_step_s": first_step_s,
+    digest = params_sha256(params)
+    log(f"rank {rank}: final parameters sha256={digest}")
+    summary = {"param_sha256": digest, "losses": losses, "val_losses": val_losses, "run_dir": str(run_dir),
+               "first_step_s": first_step_s,
                "launch_to_first_step_s": since_launch_s if losses else None, "start_step": start_step,
                "rank": rank, "world_size": world, "tokens_per_step": tokens_per_step,
                "flops_per_token": flops_token, "peak_flops": peak}
