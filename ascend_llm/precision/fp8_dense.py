@@ -129,14 +129,21 @@ class Fp8Gemm(nn.Cell):
         super().__init__()
         self.recipe = recipe
         self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+        self.matmul_nn, self.matmul_nt = ops.MatMul(), ops.MatMul(transpose_b=True)
+        self.matmul_tn = ops.MatMul(transpose_a=True)
         self.cast_op = build_cast_op(recipe.backward) if recipe.fused else None
         if recipe.fused and recipe.dynamic:
             self.cast_op = build_leveled_cast_op(recipe.backward)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -> Tensor:
+        """MatMul primitives with transpose flags: no explicit transpose copies of activations/gradients."""
         if self.recipe.gemm_bf16:
             a, b = a.astype(ms.bfloat16), b.astype(ms.bfloat16)
-        return ops.matmul(a.T if transpose_a else a, b.T if transpose_b else b).astype(ms.float32)
+        if transpose_a:
+            return self.matmul_tn(a, b).astype(ms.float32)
+        if transpose_b:
+            return self.matmul_nt(a, b).astype(ms.float32)
+        return self.matmul_nn(a, b).astype(ms.float32)
 
     def construct(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level):
         if self.recipe.gemm_bf16:  # the FP8 values are exact in bf16; the scales are applied after the GEMM

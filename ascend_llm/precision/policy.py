@@ -87,6 +87,8 @@ class Bf16Gemm(nn.Cell):
     def __init__(self, round_op=None):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        self.matmul_nn = ops.MatMul()
+        self.matmul_tn = ops.MatMul(transpose_a=True)  # no explicit transpose copy of the gradient
         self.round_op = round_op
 
     def round(self, t):
@@ -97,8 +99,8 @@ class Bf16Gemm(nn.Cell):
 
     def bprop(self, x, w, xb, wb, out, dout):
         gb = self.round(dout.astype(ms.float32))
-        dx = ops.matmul(gb, wb)
-        dw = ops.matmul(gb.T, xb)
+        dx = self.matmul_nn(gb, wb)
+        dw = self.matmul_tn(gb, xb)
         return dx.astype(x.dtype), dw.astype(w.dtype), ops.zeros_like(xb), ops.zeros_like(wb)
 
 
@@ -214,8 +216,8 @@ def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
     for path, dtype in resolve_layer_dtypes(model, cfg).items():
         cell = cells[path]
         kind = layer_kind(cell)
-        if dtype == "float32" or kind == "norm":
-            continue
+        if dtype == "float32" or kind == "norm" or isinstance(cell, (PrecisionDense, PrecisionEmbedding)):
+            continue  # nothing to do, or converted already (apply_precision is idempotent)
         new = _converted(cell, kind, dtype, emulate, kernel)
         if new is None:
             kept.append(path)
