@@ -174,27 +174,42 @@ def run_builtin(names: list[str], overrides: list[str], steps: int) -> list[dict
 
 
 def run_trainer(names: list[str], overrides: list[str], steps: int, workdir: Path) -> list[dict]:
+    """Each precision through the real CLI (`ascend-llm train`) in a fresh process, one after another."""
     import json
-
-    from ascend_llm.config import compose_recipe
-    from ascend_llm.train.trainer import train
+    import subprocess
 
     rows = []
     for name in names:
         out = workdir / name
-        recipe = compose_recipe([*overrides, f"precision={name}", "train.log_every=1", f"train.val_every={steps}",
-                                 "train.val_batches=8", f"train.ckpt_every={steps}", "train.sample_tokens=0",
-                                 "train.progress=false", f"train.output_dir={out}"])
-        summary = train(recipe)
+        args = [sys.executable, "-m", "ascend_llm.cli.main", "train", *overrides, f"precision={name}",
+                "train.log_every=1", f"train.val_every={steps}", "train.val_batches=8", f"train.ckpt_every={steps}",
+                "train.sample_tokens=0", "train.progress=false", f"train.output_dir={out}"]
+        print(f"[bench precision] {name}: ascend-llm train ... precision={name}", file=sys.stderr, flush=True)
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"precision={name} run failed:\n{proc.stderr[-3000:]}")
+        summary = json.loads((out / "summary.json").read_text())
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        tokens = recipe.train.global_batch_size * recipe.data.seq_len
+        losses = [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if "loss" in r]
+        tokens = summary["tokens_per_step"]
         rates = [r["tokens_per_s"] for r in records if r.get("step", 0) > 5 and r.get("tokens_per_s")]
-        rows.append({"precision": name, "losses": summary["losses"], "val_loss": summary["val_losses"][-1][1],
+        events = [e for r in records for e in r.get("precision_events", [])]
+        last = max(records, key=lambda r: r["step"])
+        rows.append({"precision": name, "losses": losses, "val_loss": summary["val_losses"][-1][1],
                      "step_s": tokens / statistics.median(rates) if rates else float("nan"),
-                     "first_step_s": summary.get("first_step_s", float("nan")), "layers": "",
-                     "skipped": summary.get("loss_scale_skipped_steps", ""),
-                     "decisions": len(summary.get("precision_decisions", []))})
+                     "first_step_s": summary.get("first_step_s", float("nan")),
+                     "layers": precision_line(proc.stderr),
+                     "skipped": last.get("loss_scale_skipped_steps", 0),
+                     "decisions": sum(1 for e in events if "action" in e), "decision_log": events[:50]})
     return rows
+
+
+def precision_line(log: str) -> str:
+    """The trainer's "precision=<name>: N cells <kind>, ..." log line, without the name."""
+    for line in log.splitlines():
+        if "] precision=" in line and ": " in line:
+            return line.split(": ", 1)[1].strip()
+    return ""
 
 
 def summarize(rows: list[dict], tail: int) -> list[dict]:
@@ -232,7 +247,7 @@ def main(argv: list[str]) -> int:
         engine = "trainer" if trainer_applies_precision() else "builtin"
     start = time.perf_counter()
     if engine == "trainer":
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="bench_precision_") as tmp:
             rows = run_trainer(names, overrides, args.steps, Path(tmp))
     else:
         rows = run_builtin(names, overrides, args.steps)

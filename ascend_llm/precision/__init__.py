@@ -26,10 +26,18 @@ Trainer contract (all builders take only the `precision` sub-config, a Precision
                                                 (str -> np.ndarray; e.g. a precision.safetensors file)
     checkpoint load (after the model params):   scaler.load_state_dict(d); controller.load_state_dict(d)
 
-With grad accumulation, call scaler.unscale/adjust once per optimizer step on the accumulated grads. FP8
-delayed scaling advances once per forward (per micro-batch, like TE's fp8_autocast around each forward),
-and FP8 statistics are those of the latest micro-batch. scaler.unscale on fp32 grads is exact (power-of-two
-scale). For an overflow the skip costs nothing but the step: the LR schedule still advances.
+Notes for the trainer:
+- With grad accumulation, call scaler.unscale/adjust once per optimizer step on the accumulated grads.
+- FP8 delayed scaling advances once per forward (per micro-batch, like TE's fp8_autocast around each
+  forward), evaluation forwards included; FP8 statistics are those of the latest forward/backward.
+- An overflow step changes no parameter and no optimizer moment; the LR schedule still advances.
+- Write Parameters in place (`ops.assign(param, value)`) once a step function has been compiled:
+  `Parameter.set_data` swaps the buffer and an already compiled `ms.jit` function keeps reading the old one.
+  The load_state_dict methods here do that, so they may be called before or after compiling.
+- Data parallel: with `precision.fp8.reduce_amax` (default) and mindspore.communication initialised with more
+  than one rank, every amax is all-reduced with MAX inside the graph, so all ranks use the same scales.
+- `precision.cpu_kernels=auto` builds a small C++ library once (g++, ~/.cache/ascend_llm/kernels) for the
+  FP8 casts and bf16 rounding on CPU; without a compiler the MindSpore-ops path (same bits) is used.
 """
 
 from __future__ import annotations

@@ -4,15 +4,18 @@ Forward: the input x and the weight w are scaled and rounded to the forward form
 y = (q(x*sx) @ q(w*sw)^T) / (sx*sw). Backward (a custom bprop): the output gradient g is scaled and
 rounded to the backward format (E5M2 in HYBRID); dx = (q(g*sg) @ q(w*sw)) / (sg*sw) and
 dw = (q(g*sg)^T @ q(x*sx)) / (sg*sx). The FP8 values are exact in bf16 and fp32, so the GEMM runs in bf16
-on Ascend and fp32 on CPU with no further rounding of its operands. Ascend 910B has no FP8 arithmetic:
-this is numerics emulation there, never a speed-up.
+on Ascend and fp32 on CPU with no further rounding of its operands (with fp32 GEMMs the inverse scales are
+folded into the smaller weight operand). Ascend 910B has no FP8 arithmetic: this is numerics emulation
+there, never a speed-up. The cast is `fp8.round_to_grid` (MindSpore ops, any device) or, on CPU, the fused
+C++ kernel of `cpu_kernel.py` (same bits, one memory pass, statistics included).
 
 State, as non-trainable Parameters (so graph-mode steps update them with ops.assign, Python reads them
 after the step, and checkpoints can save them), per role r in {x, w, g}:
   fp8_{r}_history (L,)  amax history (delayed scaling; L = 1 for current scaling)
   fp8_{r}_scale   ()    the scale the next cast uses
-  fp8_{r}_stats   (3,)  [amax, overflow fraction (|t*s| > fp8 max, saturated), underflow fraction
-                        (non-zero values that flush to zero)] of the latest cast
+  fp8_{r}_stats   (3,)  [amax of t (NaN ignored), overflow fraction (|t*s| > fp8 max: saturated),
+                        underflow fraction (t != 0 with |t*s| <= min subnormal / 2: flushed to zero)]
+                        of the latest cast
   fp8_level       ()    0 = fp8, 1 = bf16, 2 = fp32: the dynamic controller's rung for this layer
 Statistics are always measured on the FP8 cast, also when the layer is promoted, so the controller can
 see when it is clean again.

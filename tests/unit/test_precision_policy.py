@@ -131,3 +131,14 @@ def test_bad_precision_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
         compose_recipe(overrides)
     assert info.value.field == field
+
+
+def test_low_precision_embedding_rounds_the_looked_up_rows():
+    model = Toy()
+    table = np.random.default_rng(3).standard_normal((32, 16)).astype(F32)
+    model.tok_embeddings.weight.set_data(Tensor(table))
+    apply_precision(model, PrecisionConfig(layer_dtypes={"embedding": "bfloat16"}))
+    assert describe_precision(model)["tok_embeddings"] == "bfloat16"
+    tokens = np.array([[3, 0, 31]], np.int32)
+    np.testing.assert_array_equal(model.tok_embeddings(Tensor(tokens)).asnumpy(), bf16(table[tokens]).astype(F32))
+    assert model.tok_embeddings.weight.dtype == ms.float32
