@@ -11,9 +11,13 @@ BACKENDS = ("auto", "naive", "segmented", "fused")
 
 @dataclass
 class AttentionConfig:
+    """backend: naive | segmented | fused | auto (fused on Ascend, segmented elsewhere);
+    block_q / block_k: query and key block sizes of the segmented backend (sequences shorter than a block use
+    one block; any sequence length works, it need not be a multiple)."""
+
     backend: str = "naive"
-    block_q: int = 128
-    block_k: int = 128
+    block_q: int = 512
+    block_k: int = 512
 
     def validate(self, prefix: str = "attention") -> None:
         one_of(f"{prefix}.backend", self.backend, BACKENDS)

@@ -1,0 +1,157 @@
+"""Segmented attention against an independent float64 NumPy reference: forward, log-sum-exp, gradients, masks,
+GQA, block-size invariance, fp16, extreme logits, merging partial results."""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from ascend_llm.attention import attention, empty_partial, merge_attention
+
+
+def reference(q, k, v, causal=False, scale=None, q_codes=None, k_codes=None, d_out=None):
+    """float64 attention with GQA by repeating heads; returns out, lse and (given d_out) dq, dk, dv."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, heads, seq_q, dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scale = dim ** -0.5 if scale is None else scale
+    s = q @ kr.transpose(0, 1, 3, 2) * scale
+    keep = np.ones((batch, 1, seq_q, seq_k), bool)
+    if causal:
+        keep &= np.arange(seq_k)[None, :] <= np.arange(seq_q)[:, None] + (seq_k - seq_q)
+    if q_codes is not None:
+        keep &= (q_codes[:, None, :, None] == k_codes[:, None, None, :])
+    s = np.where(keep, s, -np.inf)
+    m = s.max(-1, keepdims=True)
+    seen = np.isfinite(m)
+    m = np.where(seen, m, 0.0)
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    p = np.where(seen, p / np.where(seen, total, 1.0), 0.0)
+    out = p @ vr
+    lse = np.where(seen, m + np.log(np.where(seen, total, 1.0)), -np.inf)[..., 0]
+    if d_out is None:
+        return out, lse
+    dv = (p.transpose(0, 1, 3, 2) @ d_out).reshape(batch, kv_heads, group, seq_k, dim).sum(2)
+    dp = d_out @ vr.transpose(0, 1, 3, 2)
+    ds = p * (dp - (d_out * out).sum(-1, keepdims=True))
+    dq = ds @ kr * scale
+    dk = (ds.transpose(0, 1, 3, 2) @ q * scale).reshape(batch, kv_heads, group, seq_k, dim).sum(2)
+    return out, lse, dq, dk, dv
+
+
+def data(batch=2, heads=4, kv_heads=2, seq_q=37, seq_k=37, dim=16, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, heads, seq_q, dim)).astype(dtype)
+    k = rng.standard_normal((batch, kv_heads, seq_k, dim)).astype(dtype)
+    v = rng.standard_normal((batch, kv_heads, seq_k, dim)).astype(dtype)
+    d_out = rng.standard_normal((batch, heads, seq_q, dim)).astype(np.float64)
+    return q, k, v, d_out
+
+
+def run(q, k, v, d_out=None, backend="segmented", **options):
+    """Forward (out, lse) and, given d_out, gradients of sum(out * d_out) — all through ms.jit."""
+    def fwd(q_, k_, v_):
+        return attention(q_, k_, v_, backend=backend, return_lse=True, **options)
+
+    out, lse = ms.jit(fwd)(Tensor(q), Tensor(k), Tensor(v))
+    if d_out is None:
+        return out.asnumpy(), lse.asnumpy()
+    weight = Tensor(d_out.astype(np.float32))
+
+    def loss(q_, k_, v_):
+        return (attention(q_, k_, v_, backend=backend, **options).astype(ms.float32) * weight).sum()
+
+    grads = ms.jit(ms.grad(loss, grad_position=(0, 1, 2)))(Tensor(q), Tensor(k), Tensor(v))
+    return (out.asnumpy(), lse.asnumpy(), *(g.asnumpy() for g in grads))
+
+
+def assert_close(got, ref, atol, what):
+    err = np.abs(np.asarray(got, np.float64) - ref).max()
+    assert err <= atol, f"{what}: max abs error {err:.2e} > {atol:.0e}"
+
+
+@pytest.mark.parametrize("causal, block", [(False, 7), (True, 1), (True, 7), (True, 64), (True, 37)])
+def test_forward_lse_and_gradients_match_float64(causal, block):
+    """Block sizes 1, 7 (37 is not a multiple), 64 (> N) and N give the same exact result."""
+    q, k, v, d_out = data()
+    out, lse, dq, dk, dv = run(q, k, v, d_out, causal=causal, block_q=block, block_k=block)
+    ref = reference(q, k, v, causal=causal, d_out=d_out)
+    for got, want, tol, name in zip((out, lse, dq, dk, dv), ref, (1e-5, 1e-5, 1e-4, 1e-4, 1e-4),
+                                    ("out", "lse", "dq", "dk", "dv")):
+        assert_close(got, want, tol, name)
+
+
+def test_unequal_block_sizes_and_query_shorter_than_keys_bottom_right_causal():
+    q, k, v, d_out = data(seq_q=13, seq_k=37, seed=1)
+    out, lse, dq, dk, dv = run(q, k, v, d_out, causal=True, block_q=5, block_k=8)
+    ref = reference(q, k, v, causal=True, d_out=d_out)
+    for got, want, tol in zip((out, lse, dq, dk, dv), ref, (1e-5, 1e-5, 1e-4, 1e-4, 1e-4)):
+        assert_close(got, want, tol, "sq != sk")
+
+
+def test_packed_documents_and_padding_no_leakage_and_empty_rows_are_zero():
+    q, k, v, d_out = data(seq_q=29, seq_k=29, seed=2)
+    seg = np.array([[0] * 10 + [1] * 12 + [2] * 7, [5] * 20 + [6] * 9], np.int32)
+    key_mask = np.ones((2, 29), bool)
+    key_mask[1, 20:] = False  # document 6 of row 1 has all keys padded: its queries see nothing
+    q_codes = seg.copy()
+    k_codes = np.where(key_mask, seg, -1)
+    out, lse, dq, dk, dv = run(q, k, v, d_out, causal=True, block_q=8, block_k=8,
+                               segment_ids=Tensor(seg), key_mask=Tensor(key_mask))
+    ref = reference(q, k, v, causal=True, q_codes=q_codes, k_codes=k_codes, d_out=d_out)
+    for got, want, tol in zip((out, dq, dk, dv), (ref[0], *ref[2:]), (1e-5, 1e-4, 1e-4, 1e-4)):
+        assert np.isfinite(got).all()
+        assert_close(got, want, tol, "packed")
+    assert (out[1, :, 20:] == 0).all() and (dq[1, :, 20:] == 0).all() and np.isneginf(lse[1, :, 20:]).all()
+    assert (dk[1, :, 20:] == 0).all() and (dv[1, :, 20:] == 0).all()
+    # no leakage: document 1 alone gives the same output as inside the packed row
+    alone = reference(q[:1, :, 10:22], k[:1, :, 10:22], v[:1, :, 10:22], causal=True)[0]
+    assert_close(out[:1, :, 10:22], alone, 1e-5, "document 1 alone")
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    q, k, v, _ = data(seed=3)
+    q = q * 100.0
+    out, lse = run(q, k, v, causal=True, block_q=8, block_k=8)
+    ref_out, ref_lse = reference(q, k, v, causal=True)
+    assert np.isfinite(out).all() and np.isfinite(lse).all()
+    assert_close(out, ref_out, 1e-4, "x100 logits")
+    assert np.abs(lse - ref_lse).max() / np.abs(ref_lse).max() < 1e-6
+
+
+def test_fp16_error_at_most_twice_naive_fp16():
+    q, k, v, _ = data(seed=4, dtype=np.float16)
+    ref = reference(q, k, v, causal=True)[0]
+    seg = run(q, k, v, causal=True, block_q=8, block_k=8)[0]
+    naive = run(q, k, v, backend="naive", causal=True)[0]
+    assert seg.dtype == np.float16
+    seg_err, naive_err = np.abs(seg - ref).max(), np.abs(naive - ref).max()
+    assert seg_err <= 2 * naive_err, f"segmented fp16 error {seg_err:.2e} vs naive fp16 {naive_err:.2e}"
+
+
+def test_merging_partials_over_split_keys_equals_attention_over_the_union():
+    q, k, v, _ = data(seq_q=11, seq_k=30, seed=5)
+    out_a, lse_a = run(q, k[:, :, :17], v[:, :, :17], block_q=4, block_k=4)
+    out_b, lse_b = run(q, k[:, :, 17:], v[:, :, 17:], block_q=4, block_k=4)
+    merged, lse = merge_attention(Tensor(out_a), Tensor(lse_a), Tensor(out_b), Tensor(lse_b))
+    ref_out, ref_lse = reference(q, k, v)
+    assert_close(merged.asnumpy(), ref_out, 1e-5, "merged out")
+    assert_close(lse.asnumpy(), ref_lse, 1e-5, "merged lse")
+    empty_out, empty_lse = empty_partial(Tensor(out_a))
+    same, same_lse = merge_attention(Tensor(out_a), Tensor(lse_a), empty_out, empty_lse)
+    np.testing.assert_array_equal(same.asnumpy(), out_a)
+    np.testing.assert_array_equal(same_lse.asnumpy(), lse_a)
+
+
+def test_naive_backend_agrees_with_the_reference_on_masks():
+    q, k, v, _ = data(seq_q=9, seq_k=9, seed=6)
+    seg = np.array([[0] * 4 + [1] * 5, [3] * 9], np.int32)
+    out, lse = run(q, k, v, backend="naive", causal=True, segment_ids=Tensor(seg))
+    ref_out, ref_lse = reference(q, k, v, causal=True, q_codes=seg, k_codes=seg)
+    assert_close(out, ref_out, 1e-5, "naive out")
+    assert_close(lse, ref_lse, 1e-5, "naive lse")
