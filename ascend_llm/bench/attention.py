@@ -98,8 +98,9 @@ def run_config(backend: str, seq: int, block: int, repeats: int, with_error: boo
         proc = subprocess.run(cmd, capture_output=True, text=True)
         row = {"backend": backend, "seq_len": seq, "block": block if backend == "segmented" else ""}
         if proc.returncode != 0:
-            tail = " ".join(proc.stderr.strip().splitlines()[-1:])[:160]
-            return {**row, "status": f"failed (exit {proc.returncode}): {tail}"}
+            lines = [x for x in proc.stderr.splitlines() if x.strip() and "[WARNING]" not in x]
+            reason = "killed by the OS (out of memory)" if proc.returncode == -9 else (lines[-1][:120] if lines else "")
+            return {**row, "status": f"failed (exit {proc.returncode}): {reason}"}
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         flops = attention_flops(BATCH, HEADS, seq, seq, HEAD_DIM, causal=True)
         row.update(status="ok", time_s=round(result["time_s"], 3), first_call_s=round(result["first_call_s"], 2),
