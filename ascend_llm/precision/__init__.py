@@ -35,7 +35,8 @@ Notes for the trainer:
   `Parameter.set_data` swaps the buffer and an already compiled `ms.jit` function keeps reading the old one.
   The load_state_dict methods here do that, so they may be called before or after compiling.
 - Data parallel: with `precision.fp8.reduce_amax` (default) and mindspore.communication initialised with more
-  than one rank, every amax is all-reduced with MAX inside the graph, so all ranks use the same scales.
+  than one rank, every amax is reduced with MAX across ranks inside the graph (AllGather + max: MCCL's
+  AllReduce is SUM-only on CPU), so all ranks use the same scales. Checked under msrun with 2 CPU workers.
 - `precision.cpu_kernels=auto` builds a small C++ library once (g++, ~/.cache/ascend_llm/kernels) for the
   FP8 casts and bf16 rounding on CPU; without a compiler the MindSpore-ops path (same bits) is used.
 """

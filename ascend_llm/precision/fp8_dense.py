@@ -79,6 +79,18 @@ def _state(name: str, value: np.ndarray) -> Parameter:
     return Parameter(Tensor(value), name=name, requires_grad=False)
 
 
+class AmaxAllReduce(nn.Cell):
+    """MAX of a scalar over all ranks, as AllGather + max: `ops.AllReduce` supports only SUM on CPU (MCCL),
+    while AllGather works on CPU and Ascend alike, and gathering world_size scalars costs the same."""
+
+    def __init__(self):
+        super().__init__()
+        self.gather = ops.AllGather()
+
+    def construct(self, amax):
+        return self.gather(amax.reshape(1)).max()
+
+
 def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max, cast_op,
              level=None):
     """Cast `t` (no gradient) to FP8 values in the scaled domain, with the fused CPU kernel when `cast_op`.
@@ -131,7 +143,7 @@ class Fp8Gemm(nn.Cell):
     def __init__(self, recipe: Fp8Recipe):
         super().__init__()
         self.recipe = recipe
-        self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+        self.reduce_max = AmaxAllReduce() if recipe.reduce_amax else None
         self.matmul_nn, self.matmul_nt = ops.MatMul(), ops.MatMul(transpose_b=True)
         self.matmul_tn = ops.MatMul(transpose_a=True)
         self.cast_op = build_cast_op(recipe.backward) if recipe.fused else None
@@ -188,7 +200,7 @@ class Fp8Dense(nn.Cell):
         if self.has_bias:
             self.bias = bias
         self.recipe = recipe
-        self.reduce_max = ops.AllReduce(ops.ReduceOp.MAX) if recipe.reduce_amax else None
+        self.reduce_max = AmaxAllReduce() if recipe.reduce_amax else None
         length = recipe.history_len
         for role in ROLES:
             setattr(self, f"fp8_{role}_history", _state(f"fp8_{role}_history", np.zeros(length, np.float32)))
