@@ -63,7 +63,7 @@ devices="$("${PYTHON:-python3}" - "$table" "$node_rank" <<'PY'
 import json, sys
 path, node = sys.argv[1], int(sys.argv[2])
 try:
-    from ascend_llm.parallel.rank_table import load_rank_table
+    from ascend_llm.cluster.rank_table import load_rank_table
 except ImportError:
     load_rank_table = None
 if load_rank_table is not None:

@@ -1,6 +1,6 @@
 """`ascend-llm bench dp`: data-parallel throughput on CPU, 1 process vs 2 msrun workers, same global batch.
 
-Both runs go through the launcher (`ascend_llm.parallel.launch`) with this file as the worker script: each
+Both runs go through the launcher (`ascend_llm.cluster.launch`) with this file as the worker script: each
 worker trains with the real trainer, then times the gradient all-reduce alone (a jitted mean-all-reduce of
 tensors shaped like the model's parameters). tokens/s is the median of the per-step rates the trainer logs,
 after the first (compiling) step. Prints a table and writes JSON (default bench_results/dp.json).
@@ -71,9 +71,9 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _run(label: str, overrides: list[str], work: Path) -> dict:
+    from ascend_llm.cluster.launch import build_launch_plan, describe_plan
+    from ascend_llm.cluster.supervise import run_plan
     from ascend_llm.config import compose_recipe
-    from ascend_llm.parallel.launch import build_launch_plan, describe_plan
-    from ascend_llm.parallel.supervise import run_plan
 
     out = work / f"{label}.json"
     plan = build_launch_plan(compose_recipe(overrides), overrides, script=__file__,
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         return worker_main(argv)
     args = build_parser().parse_args(argv)
     from ascend_llm.bench.report import print_table, write_json
-    from ascend_llm.parallel.launch import find_free_port
+    from ascend_llm.cluster.launch import find_free_port
 
     work = Path(tempfile.mkdtemp(prefix="bench_dp_"))
     common = [f"model={args.model}", f"train.num_steps={args.steps}", f"train.global_batch_size={args.global_batch}",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ascend_llm.cluster.launch import build_launch_plan, describe_plan
+from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config import compose_recipe
-from ascend_llm.parallel.launch import build_launch_plan, describe_plan
 
 EXAMPLES = """examples:
   ascend-llm launch cluster=cpu_2proc parallel=dp2 model=debug train.num_steps=20
@@ -40,12 +41,12 @@ def main(argv: list[str]) -> int:
         cut = argv.index("--")
         argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
-    recipe = compose_recipe(args.overrides)
+    recipe = preflight(compose_recipe(args.overrides))
     plan = build_launch_plan(recipe, args.overrides, script=args.script, script_args=script_args)
     print(describe_plan(plan), flush=True)
     if args.dry_run:
         return 0
-    from ascend_llm.parallel.supervise import run_plan
+    from ascend_llm.cluster.supervise import run_plan
 
     result = run_plan(plan)
     print(result.report(), file=sys.stderr if result.returncode else sys.stdout, flush=True)

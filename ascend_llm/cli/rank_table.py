@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ascend_llm.parallel.hccn import (
+from ascend_llm.cluster.hccn import (
     DEFAULT_HCCN_CONF,
     HCCN_TOOL,
     discover_device_ips,
     parse_device_list,
     resolve_server_id,
 )
-from ascend_llm.parallel.rank_table import (
+from ascend_llm.cluster.rank_table import (
     build_single_server_table,
     format_rank_table,
     load_rank_table,

@@ -125,8 +125,6 @@ class ClusterConfig:
         if self.launcher == "rank_table" and not self.rank_table_file:
             raise ConfigError(f"{prefix}.rank_table_file", self.rank_table_file,
                               "required when cluster.launcher=rank_table")
-        if self.rank_table_file:
-            self._validate_rank_table(prefix)
 
     def _validate_tail(self, prefix: str) -> None:
         value = str(self.tail_worker_log)
@@ -137,28 +135,6 @@ class ClusterConfig:
             raise ConfigError(f"{prefix}.tail_worker_log", self.tail_worker_log,
                               f"allowed: all, none, or ranks in 0..{self.world_size - 1} separated by commas")
 
-    def _validate_rank_table(self, prefix: str) -> None:
-        from ascend_llm.errors import RankTableError
-        from ascend_llm.parallel.rank_table import load_rank_table, resolve_rank_table_path
-
-        try:
-            path = resolve_rank_table_path(self.rank_table_file, field=f"{prefix}.rank_table_file")
-        except RankTableError as exc:
-            raise ConfigError(exc.field, exc.value, exc.allowed) from None
-        try:
-            table = load_rank_table(path)
-        except RankTableError as exc:
-            raise ConfigError(f"{prefix}.rank_table_file", str(path), f"invalid rank table: {exc}") from None
-        if table.num_servers != self.num_nodes:
-            raise ConfigError(f"{prefix}.num_nodes", self.num_nodes,
-                              f"must equal the rank table's server_count={table.num_servers} ({path})")
-        for index, server in enumerate(table.servers):
-            if len(server.devices) != self.num_workers_per_node:
-                raise ConfigError(f"{prefix}.num_workers_per_node", self.num_workers_per_node,
-                                  f"must equal the number of devices of every server in the rank table; "
-                                  f"server_list[{index}] ({server.server_id}) has {len(server.devices)} ({path})")
-
-
 def _check_ipv4(field_name: str, value: str) -> None:
     import ipaddress
 
@@ -166,3 +142,18 @@ def _check_ipv4(field_name: str, value: str) -> None:
         ipaddress.IPv4Address(str(value))
     except ValueError:
         raise ConfigError(field_name, value, "must be an IPv4 address like 192.168.1.10") from None
+
+
+def check_world_size(parallel: ParallelConfig, cluster: ClusterConfig) -> int:
+    """The world size; ConfigError unless the product of the `*_degree` fields equals
+    cluster.num_nodes * cluster.num_workers_per_node."""
+    size, cluster_size = parallel.world_size, int(cluster.world_size)
+    if size != cluster_size:
+        named = parallel.degrees()
+        product = " * ".join(f"{name}={value}" for name, value in named.items())
+        first = next(iter(named))
+        raise ConfigError(f"parallel.{first}", getattr(parallel, first),
+                          f"world size {product} = {size} must equal cluster.num_nodes*cluster.num_workers_per_node"
+                          f" = {cluster.num_nodes}*{cluster.num_workers_per_node} = {cluster_size} (e.g. "
+                          f"parallel.data_parallel_degree={cluster_size} for data parallel only)")
+    return size

@@ -8,7 +8,7 @@ from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.data import DataConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.optim import OptimConfig
-from ascend_llm.config.parallel import ClusterConfig, ParallelConfig
+from ascend_llm.config.parallel import ClusterConfig, ParallelConfig, check_world_size
 from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.config.runtime import RuntimeConfig
 from ascend_llm.config.train import TrainConfig
@@ -40,8 +40,6 @@ class RecipeConfig:
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError("data.vocab_size", self.data.vocab_size,
                               f"must be <= model.vocab_size={self.model.vocab_size}")
-        from ascend_llm.parallel.dims import check_world_size  # lazy: model code must not load parallel/
-
         world = check_world_size(self.parallel, self.cluster)
         per_rank = self.train.global_batch_size // self.train.grad_accum_steps
         if per_rank % world:

@@ -1,4 +1,5 @@
-"""Distributed pieces: HCCL rank tables, the msrun launcher, degree checks and data parallel.
+"""Inside the training step: layout and groups (dims), data parallel (dp), and the sharded-optimizer,
+tensor and context parallel code built on explicit collectives.
 
-Importing this package does not import MindSpore; only `dp` does (lazily, inside its functions).
+Importing this package does not import MindSpore; the modules that need it import it themselves.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ascend_llm.config.parallel import check_world_size  # noqa: F401  (re-exported: one definition)
 from ascend_llm.errors import ConfigError
 
 
@@ -21,19 +22,6 @@ def world_size(parallel: Any) -> int:
     size = 1
     for degree in degrees(parallel).values():
         size *= int(degree)
-    return size
-
-
-def check_world_size(parallel: Any, cluster: Any) -> int:
-    """Raise ConfigError unless the product of the degrees equals the cluster's worker count; returns it."""
-    size, cluster_size = world_size(parallel), int(cluster.world_size)
-    if size != cluster_size:
-        product = " * ".join(f"{name}={value}" for name, value in degrees(parallel).items())
-        first = next(iter(degrees(parallel)))
-        raise ConfigError(f"parallel.{first}", getattr(parallel, first),
-                          f"world size {product} = {size} must equal cluster.num_nodes*cluster.num_workers_per_node"
-                          f" = {cluster.num_nodes}*{cluster.num_workers_per_node} = {cluster_size} (e.g. "
-                          f"parallel.data_parallel_degree={cluster_size} for data parallel only)")
     return size
 
 

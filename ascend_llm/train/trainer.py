@@ -18,6 +18,7 @@ import psutil
 from mindspore import Tensor, mutable
 from omegaconf import OmegaConf
 
+from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import PackedDataset, prepare, shard_rows
 from ascend_llm.errors import CheckpointError, ConfigError
@@ -117,7 +118,7 @@ def _validate(dataset: PackedDataset, eval_loss, batch_rows: int, num_batches: i
 
 def train(recipe: RecipeConfig) -> dict:
     """Train per the recipe; returns {"losses", "val_losses", "run_dir", "sample", "first_step_s", ...}."""
-    recipe.validate()
+    preflight(recipe)
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
     rank, world, reduce = init_parallel(recipe)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ascend_llm.parallel.launch import find_free_port
+from ascend_llm.cluster.launch import find_free_port
 
 pytestmark = pytest.mark.integration
 

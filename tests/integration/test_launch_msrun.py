@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ascend_llm.parallel.launch import find_free_port
+from ascend_llm.cluster.launch import find_free_port
 
 pytestmark = pytest.mark.integration
 

@@ -39,3 +39,27 @@ def test_importing_models_loads_no_precision_or_parallel_module():
             "print([m for m in sys.modules if m.startswith(('ascend_llm.precision', 'ascend_llm.parallel'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+CONFIG_FORBIDDEN = ("ascend_llm.parallel", "ascend_llm.cluster", "ascend_llm.train", "ascend_llm.data",
+                    "ascend_llm.precision", "ascend_llm.models", "mindspore")
+FILE_OPENERS = ("open(", ".read_text(", ".read_bytes(", "json.load(", "yaml.safe_load(")
+
+
+def test_config_is_the_ground_floor():
+    """config/ imports nothing above it and opens no files (file checks live in cluster/preflight.py)."""
+    files = sorted((PACKAGE / "config").glob("*.py"))
+    assert files
+    for file in files:
+        bad = [m for m in imported_modules(file) if m.startswith(CONFIG_FORBIDDEN)]
+        assert not bad, f"config/{file.name} imports {bad}"
+        text = file.read_text()
+        assert not [call for call in FILE_OPENERS if call in text], f"config/{file.name} opens files"
+
+
+def test_cluster_code_is_outside_the_step():
+    """cluster/ (launcher, rank tables, supervisor) never imports the in-step parallel code or MindSpore."""
+    for file in sorted((PACKAGE / "cluster").glob("*.py")):
+        above = ("ascend_llm.parallel", "mindspore", "ascend_llm.train")
+        bad = [m for m in imported_modules(file) if m.startswith(above)]
+        assert not bad, f"cluster/{file.name} imports {bad}"

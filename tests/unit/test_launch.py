@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from ascend_llm.cli.main import main as cli
+from ascend_llm.cluster.launch import LaunchPlan, ProcessSpec, build_launch_plan, check_port_free, describe_plan
+from ascend_llm.cluster.preflight import preflight
+from ascend_llm.cluster.supervise import TIMEOUT_EXIT, run_plan
 from ascend_llm.config import compose_recipe
 from ascend_llm.errors import ConfigError, LaunchError
-from ascend_llm.parallel.launch import LaunchPlan, ProcessSpec, build_launch_plan, check_port_free, describe_plan
-from ascend_llm.parallel.supervise import TIMEOUT_EXIT, run_plan
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["python", "-m", "ascend_llm.cli.main", "train"]
@@ -115,7 +116,7 @@ def test_dry_run_cli_prints_the_command_and_quotes_it(capsys, tmp_path):
 ])
 def test_cluster_mistakes_are_config_errors(overrides, field):
     with pytest.raises(ConfigError) as info:
-        compose_recipe(overrides)
+        preflight(compose_recipe(overrides))
     assert getattr(info.value, "field", None) == field, str(info.value)
 
 
@@ -180,7 +181,7 @@ def test_launch_cli_bad_recipe_is_one_line_exit_2(capsys):
 
 
 def test_find_free_port_is_below_the_ephemeral_range():
-    from ascend_llm.parallel.launch import find_free_port
+    from ascend_llm.cluster.launch import find_free_port
 
     port = find_free_port()
     assert 20000 <= port < 30000

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from ascend_llm.cli.main import main as cli
-from ascend_llm.errors import RankTableError
-from ascend_llm.parallel import hccn
-from ascend_llm.parallel.rank_table import (
+from ascend_llm.cluster import hccn
+from ascend_llm.cluster.rank_table import (
     format_rank_table,
     load_rank_table,
     merge_rank_tables,
     parse_rank_table,
     write_rank_table,
 )
+from ascend_llm.errors import RankTableError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "hccl_configs").glob("*.json"))

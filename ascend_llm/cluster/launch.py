@@ -1,7 +1,7 @@
 """Build the launch command(s) of a recipe: msrun's dynamic cluster, HCCL rank-table mode, or one process.
 
 `build_launch_plan(recipe, overrides)` returns argv lists and environment additions; nothing goes through a
-shell. `describe_plan` renders them as shell-quoted lines for `--dry-run`. `ascend_llm.parallel.supervise`
+shell. `describe_plan` renders them as shell-quoted lines for `--dry-run`. `ascend_llm.cluster.supervise`
 runs a plan with failure detection and timeouts.
 
 Modes (from `cluster.launcher` and the world size):
@@ -101,7 +101,7 @@ def _tail_arg(cluster: Any, world: int) -> Optional[str]:
 def build_launch_plan(recipe: Any, overrides: Sequence[str] = (), script: Optional[str] = None,
                       script_args: Sequence[str] = ()) -> LaunchPlan:
     """The commands that launch `recipe` on this node. `overrides` are passed on to every worker."""
-    from ascend_llm.parallel.dims import check_world_size
+    from ascend_llm.config.parallel import check_world_size
 
     cluster, world = recipe.cluster, check_world_size(recipe.parallel, recipe.cluster)
     task = _worker_task(overrides, script, script_args)
@@ -128,7 +128,7 @@ def _msrun_plan(cluster: Any, task: list[str], env: dict[str, str], common: dict
     if cluster.bind_core:
         argv.append("--bind_core=True")
     if cluster.rank_table_file:
-        from ascend_llm.parallel.rank_table import resolve_rank_table_path
+        from ascend_llm.cluster.rank_table import resolve_rank_table_path
 
         argv.append(f"--rank_table_file={resolve_rank_table_path(cluster.rank_table_file, 'cluster.rank_table_file')}")
     tail = _tail_arg(cluster, common["world_size"])
@@ -142,7 +142,7 @@ def _msrun_plan(cluster: Any, task: list[str], env: dict[str, str], common: dict
 
 
 def _rank_table_plan(cluster: Any, task: list[str], env: dict[str, str], common: dict) -> LaunchPlan:
-    from ascend_llm.parallel.rank_table import load_rank_table, resolve_rank_table_path
+    from ascend_llm.cluster.rank_table import load_rank_table, resolve_rank_table_path
 
     if not cluster.rank_table_file:
         raise LaunchError("cluster.rank_table_file", None, "required when cluster.launcher=rank_table")

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from ascend_llm.cluster.rank_table import MAX_DEVICE_ID
 from ascend_llm.errors import RankTableError
-from ascend_llm.parallel.rank_table import MAX_DEVICE_ID
 
 DEFAULT_HCCN_CONF = "/etc/hccn.conf"
 HCCN_TOOL = "hccn_tool"

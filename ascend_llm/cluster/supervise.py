@@ -23,8 +23,8 @@ from typing import Optional, TextIO
 
 import psutil
 
+from ascend_llm.cluster.launch import LaunchPlan, ProcessSpec, check_port_free
 from ascend_llm.errors import LaunchError
-from ascend_llm.parallel.launch import LaunchPlan, ProcessSpec, check_port_free
 
 WORKER_FAILED = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
 WORKER_STARTED = re.compile(r"Start worker process with rank id:(\S+), log file:(.+?)\. Environment")
