@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from ascend_llm.attention import attention
+from ascend_llm.attention.core import CoreAttention
 from ascend_llm.config.model import ModelConfig
 
 
@@ -46,7 +46,7 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Cell):
-    """Grouped-query self-attention; the attention backend is set by `apply_attention` (default naive)."""
+    """Grouped-query self-attention; `core_attention` (AttentionConfig defaults) is replaced by `apply_attention`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,18 +55,16 @@ class Attention(nn.Cell):
         self.wk = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
         self.wv = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
         self.wo = nn.Dense(cfg.num_heads * cfg.head_dim, cfg.dim, has_bias=False)
-        self.backend = "naive"
-        self.block_q = 128
-        self.block_k = 128
+        self.core_attention = CoreAttention()
 
-    def construct(self, x, cos, sin):
+    def construct(self, x, cos, sin, segment_ids=None):
         batch, seq, _ = x.shape
         q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out = attention(q, k, v, causal=True, backend=self.backend, block_q=self.block_q, block_k=self.block_k)
+        out = self.core_attention(q, k, v, segment_ids)
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.wo(out)
 
@@ -92,8 +90,8 @@ class TransformerBlock(nn.Cell):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
-    def construct(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def construct(self, x, cos, sin, segment_ids=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, segment_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -125,12 +123,14 @@ class Transformer(nn.Cell):
         self.rope_sin = Tensor(sin)
         init_weights(self, cfg, seed)
 
-    def construct(self, tokens):
+    def construct(self, tokens, segment_ids=None):
+        """tokens (B, S) int32; segment_ids (B, S) int32 document ids of packed sequences, or None.
+        Returns logits (B, S, vocab) float32."""
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, segment_ids)
         h = self.norm(h)
         if self.tie_embeddings:
             return ops.matmul(h, self.tok_embeddings.weight.astype(h.dtype).T).astype(mstype.float32)
