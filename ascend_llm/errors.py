@@ -37,3 +37,16 @@ class RankTableError(UserInputError):
 
 class LaunchError(UserInputError):
     area = "launch"
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised by the trainer after `train.max_nonfinite_steps` non-finite steps in a row (exit status 3)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, num_steps: int, likely: str):
+        self.step, self.loss, self.grad_norm, self.num_steps, self.likely = step, loss, grad_norm, num_steps, likely
+        super().__init__(f"training diverged at step {step}: {num_steps} non-finite steps in a row (loss={loss:g}, "
+                         f"grad_norm={grad_norm:g}); likely field: {likely}; the newest checkpoint holds the last "
+                         "finite weights (resume from it with the field changed, or train.max_nonfinite_steps)")
+
+    def one_line(self) -> str:
+        return "error: " + " ".join(str(self).split())

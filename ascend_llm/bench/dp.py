@@ -53,10 +53,11 @@ def worker_main(argv: list[str]) -> int:
     import ascend_llm.train.trainer as trainer
     from ascend_llm.config import compose_recipe
     from ascend_llm.parallel.dp import is_main_rank
+    from ascend_llm.train.build import build_training_model
 
     recipe = compose_recipe(overrides)
     summary = trainer.train(recipe)
-    params = trainer.build_training_model(recipe).trainable_params()  # same shapes as the trained model
+    params = build_training_model(recipe).trainable_params()  # same shapes as the trained model
     world = summary["world_size"]
     allreduce_ms = _time_allreduce(params, world, repeats=10)
     if is_main_rank():

@@ -5,12 +5,19 @@ from __future__ import annotations
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 import ascend_llm.bench
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(ascend_llm.bench.__path__) if not m.name.startswith("_"))
+    """Benchmark modules that define `main` (helpers such as `report` are not benchmarks)."""
+    names = []
+    for module in pkgutil.iter_modules(ascend_llm.bench.__path__):
+        source = Path(module.module_finder.path) / f"{module.name}.py"
+        if not module.name.startswith("_") and source.is_file() and "\ndef main(" in source.read_text():
+            names.append(module.name)
+    return sorted(names)
 
 
 def main(argv: list[str]) -> int:

@@ -1,7 +1,9 @@
 """`ascend-llm` entry point: one sub-command per module, imported lazily so `--help` stays fast.
 
 Every sub-command module exposes `main(argv: list[str]) -> int`. A UserInputError anywhere is printed as one
-line on stderr with exit status 2; other exceptions are bugs and keep their traceback.
+line on stderr with exit status 2; a diverged training run as one line with exit status 3; other exceptions
+are bugs and keep their traceback. Logging goes through one `ascend_llm` logger configured here
+($ASCEND_LLM_LOG_LEVEL), and output to a pipe that closes early is dropped without a traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ascend_llm.errors import UserInputError
+from ascend_llm.cli.streams import configure_logging, protect_std_streams
+from ascend_llm.errors import TrainingDiverged, UserInputError
 
 COMMANDS = {
     "train": ("ascend_llm.cli.train", "train a model from a Hydra recipe (overrides as key=value)"),
@@ -30,6 +33,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    protect_std_streams()
+    configure_logging()
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(exc.one_line(), file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

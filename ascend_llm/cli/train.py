@@ -1,15 +1,18 @@
 """`ascend-llm train [overrides]`: Hydra recipe -> training run. `--multirun`/`-m` sweeps work as in Hydra.
 
-The recipe is composed and validated first, so bad overrides fail in one line with exit 2 before Hydra
-starts; then Hydra runs the job (run directory = train.output_dir, sweeps under train.output_dir/multirun).
+The recipe is composed and validated first (for a sweep: every combination), so bad overrides fail in one
+line with exit 2 before Hydra starts or anything is written; then Hydra runs the job(s) (run directory =
+train.output_dir, sweeps under train.output_dir/multirun).
 """
 
 from __future__ import annotations
 
 import sys
 
+from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config import compose_recipe, recipes_dir, register_schema, to_recipe
-from ascend_llm.errors import UserInputError
+from ascend_llm.config.overrides import check_group_options, expand_sweep, quote_overrides
+from ascend_llm.errors import TrainingDiverged, UserInputError
 
 MULTIRUN_FLAGS = ("--multirun", "-m")
 
@@ -40,6 +43,10 @@ def main(argv: list[str]) -> int:
         return 0
     import hydra
 
+    overrides = quote_overrides([a for a in argv if a not in MULTIRUN_FLAGS], sweep=True)
+    check_group_options(overrides, recipes_dir())
+    for combination in expand_sweep(overrides):  # every job composes and validates before any runs
+        preflight(compose_recipe(combination))
     register_schema()
 
     @hydra.main(config_path=str(recipes_dir()), config_name="train", version_base="1.3")
@@ -55,9 +62,12 @@ def main(argv: list[str]) -> int:
         except UserInputError as exc:
             print(exc.one_line(), file=sys.stderr)
             sys.exit(2)
+        except TrainingDiverged as exc:
+            print(exc.one_line(), file=sys.stderr)
+            sys.exit(3)
 
     saved = sys.argv
-    sys.argv = ["ascend-llm train", *argv]
+    sys.argv = ["ascend-llm train", "--multirun", *overrides]
     try:
         job()
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from ascend_llm.config.overrides import check_group_options, quote_overrides
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.errors import ConfigError
 
@@ -43,6 +44,8 @@ def compose_recipe(overrides: Sequence[str] = (), config_name: str = "train") ->
     from omegaconf.errors import OmegaConfBaseException
 
     register_schema()
+    overrides = quote_overrides(overrides)
+    check_group_options(overrides, recipes_dir())
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=list(overrides))

@@ -43,9 +43,6 @@ Notes for the trainer:
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from ascend_llm.precision.controller import PrecisionController, build_controller
 from ascend_llm.precision.fp8 import E4M3, E5M2, FORMATS, Fp8Format, bf16_round, fp8_round
 from ascend_llm.precision.fp8_dense import Fp8Dense, apply_fp8, fp8_layers
@@ -58,14 +55,6 @@ from ascend_llm.precision.policy import (
     resolve_layer_dtypes,
 )
 from ascend_llm.precision.scaling import compute_scale, current_scale, delayed_scaling_update
-
-logger = logging.getLogger("ascend_llm.precision")
-if not logger.handlers:
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("[ascend_llm.precision] %(message)s"))
-    logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 __all__ = [
     "E4M3", "E5M2", "FORMATS", "Fp8Dense", "Fp8Format", "LossScaler", "NoLossScaler", "PrecisionController",

@@ -1,23 +1,102 @@
-"""Build the model and apply the converters in one fixed order: attention, precision, FP8.
+"""Build the model and apply the model converters in one fixed order (torchtitan's `ModelConvertersContainer`
+and `parallelize.py` are the model): attention backend, precision policy, FP8 emulation; then the
+parallel converters (tensor, context parallel), LoRA and recompute as they land, in that order.
 
-This is the only place that combines model code with precision strategies (cf. torchtitan's
-parallelize.py); data parallelism needs no model change here (gradients are all-reduced in the step).
-Each converter receives only its own sub-config.
+This is the only place that combines model code with those strategies. Each converter receives only its own
+sub-config. Data parallelism needs no model change (gradients are averaged in the step).
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol, runtime_checkable
+
 from mindspore import nn
 
 from ascend_llm.attention.apply import apply_attention
+from ascend_llm.config.attention import AttentionConfig
+from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
 from ascend_llm.precision import apply_fp8, apply_precision
 
 
+@runtime_checkable
+class ModelConverter(Protocol):
+    """Converts a model in place before compilation. Optional hooks a converter may define:
+    `after_step(step) -> list[dict]` (events), `metrics() -> dict`, and `state_dict()` / `load_state_dict()`
+    for state that must survive a resume (checkpointed as the `converters` part, namespaced by `name`)."""
+
+    name: str
+
+    def convert(self, model: nn.Cell) -> None: ...
+
+
+class AttentionConverter:
+    name = "attention"
+
+    def __init__(self, cfg: AttentionConfig):
+        self.cfg = cfg
+
+    def convert(self, model: nn.Cell) -> None:
+        apply_attention(model, self.cfg)
+
+
+class PrecisionConverter:
+    name = "precision"
+
+    def __init__(self, cfg: PrecisionConfig):
+        self.cfg = cfg
+
+    def convert(self, model: nn.Cell) -> None:
+        apply_precision(model, self.cfg)
+
+
+class Fp8Converter:
+    name = "fp8"
+
+    def __init__(self, cfg: PrecisionConfig):
+        self.cfg = cfg
+
+    def convert(self, model: nn.Cell) -> None:
+        apply_fp8(model, self.cfg)
+
+
+class ModelConverters:
+    """The converters of a run, applied and consulted in one fixed order."""
+
+    def __init__(self, converters: list[ModelConverter]):
+        self.converters = list(converters)
+
+    def convert(self, model: nn.Cell) -> nn.Cell:
+        for converter in self.converters:
+            converter.convert(model)
+        return model
+
+    def _with(self, hook: str) -> list[Any]:
+        return [c for c in self.converters if callable(getattr(c, hook, None))]
+
+    def after_step(self, step: int) -> list[dict]:
+        return [event for c in self._with("after_step") for event in c.after_step(step)]
+
+    def metrics(self) -> dict:
+        return {key: value for c in self._with("metrics") for key, value in c.metrics().items()}
+
+    def state_dict(self) -> dict:
+        return {f"{c.name}.{key}": value for c in self._with("state_dict") for key, value in c.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for c in self._with("load_state_dict"):
+            prefix = f"{c.name}."
+            c.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def build_converters(recipe: RecipeConfig) -> ModelConverters:
+    """The fixed order: attention, precision, FP8."""
+    return ModelConverters([AttentionConverter(recipe.attention), PrecisionConverter(recipe.precision),
+                            Fp8Converter(recipe.precision)])
+
+
 def build_training_model(recipe: RecipeConfig) -> nn.Cell:
+    """The model of the recipe with every converter applied (seeded init: identical on every rank)."""
     model = build_model(recipe.model, seed=recipe.train.seed)
-    apply_attention(model, recipe.attention)
-    apply_precision(model, recipe.precision)
-    apply_fp8(model, recipe.precision)
-    return model
+    return build_converters(recipe).convert(model)

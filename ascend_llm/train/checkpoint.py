@@ -1,28 +1,41 @@
-"""Checkpoints: one directory per step holding safetensors for the model and optimizer, plus state.json.
+"""Checkpoints: saving and restoring a dict of named stateful parts, every compatibility check, retention.
 
-state.json records the step, data position, seed, resolved config, extra trainer state and the SHA-256 of
-each tensor file, so corruption is detected on resume. A checkpoint is written into a temporary directory
-and renamed into place (complete or absent); only the newest `keep_last` are kept.
+Layout of `checkpoints/step_NNNNNNNN/` (format 2):
+- `<part>.safetensors` for each part whose state is arrays (model, optimizer, precision, converters);
+- `state.json`: {"format", "step", "run_id", "parts": {<part>: JSON state}, "files": {file: sha256}};
+- copies of `files` handed to the manager (the tokenizer: `tokenizer.json`).
+Tensor names are full parameter names and shapes are unsharded, whatever layout wrote them.
+
+Writes are crash-safe: everything goes into a temporary directory; each file and the directory are
+fsync'ed; then the directory is renamed into place. Replacing a checkpoint of the same step first renames
+the old one aside, so a crash between the two renames leaves it recoverable (`recover_stale` renames it
+back). A checkpoint holding a non-finite parameter or moment is never written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from ascend_llm.errors import CheckpointError
+from ascend_llm.errors import CheckpointError, ConfigError
+from ascend_llm.train.state import Stateful
 
-FILES = ("model.safetensors", "optimizer.safetensors")
+logger = logging.getLogger("ascend_llm.train")
+FORMAT = 2
+STATE_FILE = "state.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -34,30 +47,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: dict[str, np.ndarray], optimizer: dict[str, np.ndarray],
-                    state: dict, keep_last: int) -> Path:
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.tmp-", dir=root))
-    try:
-        save_file(model, str(tmp / FILES[0]))
-        save_file(optimizer, str(tmp / FILES[1]))
-        record = dict(state, step=step, sha256={name: _sha256(tmp / name) for name in FILES})
-        (tmp / "state.json").write_text(json.dumps(record, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(run_dir)[keep_last:]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories, newest step first (temporary directories are ignored)."""
+    """Checkpoint directories, newest step first (temporary and set-aside directories are ignored)."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
@@ -65,34 +56,255 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    """Read and verify a checkpoint; CheckpointError names the file and what is wrong."""
-    path = Path(path)
-    state_file = path / "state.json"
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries) so a rename after it is durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        state = json.loads(state_file.read_text())
-        expected = state["sha256"]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_stale(run_dir: Path) -> None:
+    """Remove temporary directories of interrupted saves; rename back a checkpoint that a crash left set aside
+    (`.step_N.old-*` while `step_N` is missing)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        name = path.name
+        if name.startswith(".step_") and ".tmp-" in name:
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(".step_") and ".old-" in name:
+            final = root / name[1:name.index(".old-")]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, final)
+                logger.warning("recovered checkpoint %s set aside by an interrupted save", final)
+
+
+def _is_tensor_state(state: Mapping[str, Any]) -> bool:
+    return bool(state) and all(isinstance(v, np.ndarray) for v in state.values())
+
+
+def _first_nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
+    for name, value in arrays.items():
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            return name
+    return None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+    """Verify and read one checkpoint: (state.json, {part: arrays}). CheckpointError names the file and what is
+    wrong (unreadable, missing, checksum mismatch, older format)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / STATE_FILE).read_text())
+        expected = meta["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(str(state_file), "unreadable", f"state.json must be valid JSON with sha256 ({exc})")
-    for name in FILES:
+        if (path / STATE_FILE).is_file() and "sha256" in (path / STATE_FILE).read_text():
+            raise CheckpointError(str(path), "format 1", "written by an older ascend_llm; this version reads "
+                                  "format 2 (start a fresh run or use the release that wrote it)") from None
+        raise CheckpointError(str(path / STATE_FILE), "unreadable", f"must be valid JSON with files ({exc})") from None
+    for name, digest in expected.items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(str(file), "missing", "a checkpoint holds model and optimizer safetensors")
-        actual = _sha256(file)
-        if actual != expected.get(name):
-            raise CheckpointError(str(file), f"sha256 {actual[:12]}",
-                                  f"must match state.json ({str(expected.get(name))[:12]}): file is corrupted")
-    try:
-        return load_file(str(path / FILES[0])), load_file(str(path / FILES[1])), state
-    except Exception as exc:  # safetensors raises its own error types on malformed files
-        raise CheckpointError(str(path), "unreadable", f"safetensors failed to load ({exc})") from None
+            raise CheckpointError(str(file), "missing", "listed in state.json but absent")
+        if sha256_file(file) != digest:
+            raise CheckpointError(str(file), "sha256 mismatch", f"must match state.json ({digest[:12]}): corrupted")
+    tensors = {}
+    for part in meta.get("tensor_parts", []):
+        try:
+            tensors[part] = load_file(str(path / f"{part}.safetensors"))
+        except Exception as exc:  # safetensors raises its own error types on malformed files
+            raise CheckpointError(str(path / f"{part}.safetensors"), "unreadable", f"safetensors: {exc}") from None
+    return meta, tensors
 
 
-def latest_valid_checkpoint(run_dir: Path, report=print):
-    """Newest checkpoint that verifies, reporting each corrupted one skipped; None when there is none."""
+def latest_valid_checkpoint(run_dir: Path, report: Callable[[str], None] = logger.warning):
+    """(path, (meta, tensors)) of the newest checkpoint that verifies, reporting each one skipped; or None."""
     for path in list_checkpoints(run_dir):
         try:
-            return path, load_checkpoint(path)
+            return path, read_checkpoint(path)
         except CheckpointError as exc:
             report(f"{exc.one_line()}; skipping to the previous checkpoint")
     return None
+
+
+def guard_fresh_run(run_dir: Path, overwrite: bool) -> None:
+    """A fresh run (train.resume=none) must not mix with another run's files in train.output_dir.
+
+    Raises ConfigError naming train.output_dir and its newest checkpoint unless `overwrite`, in which case the
+    other run's checkpoints and metrics are removed first."""
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not found and not (metrics.is_file() and metrics.stat().st_size):
+        return
+    if not overwrite:
+        held = f"checkpoint {found[0].name}" if found else "metrics.jsonl"
+        raise ConfigError("train.output_dir", str(run_dir),
+                          f"holds another run (newest: {held}); continue it with train.resume=auto, choose another "
+                          "train.output_dir, or replace it with train.overwrite=true")
+    shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+    for name in ("metrics.jsonl", "loss.png", "sample.txt", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    logger.warning("train.overwrite=true: removed the previous run's checkpoints and metrics in %s", run_dir)
+
+
+def check_model_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+    """Every architecture field of the recipe's `model` group must equal the checkpoint's."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(f"{source}: model.{key}", saved[key],
+                                  f"the checkpoint was trained with it; the recipe has {value}")
+
+
+DATA_FIELDS = {"seq_len": "data.seq_len", "data_seed": "data.seed", "corpus": "data.path"}
+
+
+def check_data_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str,
+                          allow_data_change: bool) -> bool:
+    """True when the saved data position applies to this run. The tokenizer must always match (embedding rows
+    are token ids); another seq_len, data seed or corpus is refused unless `allow_data_change`, in which case
+    the data position restarts at 0 (returns False)."""
+    tokenizer = Path(source) / "tokenizer.json"
+    if saved.get("tokenizer_sha256") != current.get("tokenizer_sha256"):
+        raise CheckpointError(f"{source}: data.tokenizer", current.get("tokenizer"),
+                              f"the checkpoint was trained with another tokenizer (sha256 "
+                              f"{str(saved.get('tokenizer_sha256'))[:12]}, this run's is "
+                              f"{str(current.get('tokenizer_sha256'))[:12]}); reuse the checkpoint's with "
+                              f"data.tokenizer={tokenizer}")
+    changed = [(DATA_FIELDS[k], saved.get(k), current.get(k)) for k in DATA_FIELDS if saved.get(k) != current.get(k)]
+    if not changed:
+        return True
+    field_name, old, new = changed[0]
+    if not allow_data_change:
+        raise CheckpointError(f"{source}: {field_name}", old,
+                              f"the checkpoint was trained with it; this run has {new}; to continue on other data "
+                              "pass train.allow_data_change=true (the data position then restarts at 0)")
+    logger.warning("train.allow_data_change=true: %s changed (%s -> %s); data position restarts at 0",
+                   field_name, old, new)
+    return False
+
+
+class CheckpointManager:
+    """Save and restore named stateful parts under `run_dir/checkpoints/`.
+
+    parts: {"model": ..., "optimizer": ..., "precision": ..., "data": DataState, "run": RunState, ...}; the
+    "run" and "data" parts are required (they carry the run id and the compatibility identity).
+    files: extra files copied into every checkpoint, e.g. {"tokenizer.json": path}.
+    keep_last: newest checkpoints of this run kept; retention never removes the one just written and never
+    touches another run's checkpoints."""
+
+    def __init__(self, run_dir: Path, parts: dict[str, Stateful], keep_last: int,
+                 files: Mapping[str, Path] | None = None):
+        self.run_dir, self.parts, self.keep_last = Path(run_dir), parts, keep_last
+        self.files = dict(files or {})
+
+    def save(self, step: int) -> Path | None:
+        """Write checkpoint `step` (main rank only). Returns its path, or None when the state is not finite."""
+        states = {name: part.state_dict() for name, part in self.parts.items()}
+        tensor_parts = [name for name, st in states.items() if _is_tensor_state(st)]
+        for name in tensor_parts:
+            bad = _first_nonfinite(states[name])
+            if bad:
+                logger.warning("step %d: not checkpointing: %s %s holds non-finite values", step, name, bad)
+                return None
+        root = checkpoint_dir(self.run_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.tmp-", dir=root))
+        try:
+            self._write(tmp, step, states, tensor_parts)
+            final = self._replace(root, tmp, step)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._retain(final)
+        return final
+
+    def _write(self, tmp: Path, step: int, states: dict, tensor_parts: list[str]) -> None:
+        names = []
+        for name in tensor_parts:
+            save_file(states[name], str(tmp / f"{name}.safetensors"))
+            names.append(f"{name}.safetensors")
+        for name, source in self.files.items():
+            shutil.copyfile(source, tmp / name)
+            names.append(name)
+        for name in names:
+            fsync_path(tmp / name)
+        meta = {"format": FORMAT, "step": step, "run_id": self.parts["run"].run_id, "tensor_parts": tensor_parts,
+                "parts": {k: v for k, v in states.items() if k not in tensor_parts and not _is_empty_tensor(v)},
+                "files": {name: sha256_file(tmp / name) for name in names}}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        fsync_path(tmp / STATE_FILE)
+        fsync_path(tmp)
+
+    @staticmethod
+    def _replace(root: Path, tmp: Path, step: int) -> Path:
+        final = root / f"step_{step:08d}"
+        aside = None
+        if final.exists():
+            aside = root / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        fsync_path(root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return final
+
+    def _retain(self, just_written: Path) -> None:
+        ours = [p for p in list_checkpoints(self.run_dir) if _run_id(p) == self.parts["run"].run_id]
+        for old in ours[self.keep_last:]:
+            if old != just_written:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self, resume: str, allow_data_change: bool = False) -> int:
+        """Load the checkpoint train.resume selects ("none" | "auto" | a directory); returns its step (0 when
+        nothing is loaded). Raises CheckpointError for an explicit directory that does not verify or any
+        incompatibility (model, tokenizer, data)."""
+        recover_stale(self.run_dir)
+        if resume == "none":
+            return 0
+        if resume == "auto":
+            found = latest_valid_checkpoint(self.run_dir)
+            if found is None:
+                logger.info("train.resume=auto: no valid checkpoint in %s; starting from step 0", self.run_dir)
+                return 0
+            path, (meta, tensors) = found
+        else:
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError("train.resume", resume, "must be none, auto or a checkpoint directory")
+            meta, tensors = read_checkpoint(path)
+        self._load(path, meta, tensors, allow_data_change)
+        logger.info("resumed from %s at step %d", path, meta["step"])
+        return int(meta["step"])
+
+    def _load(self, path: Path, meta: dict, tensors: dict, allow_data_change: bool) -> None:
+        saved = meta["parts"]
+        check_model_compatible(saved["run"]["config"].get("model", {}), self.parts["run"].config.get("model", {}),
+                               str(path))
+        keep_position = check_data_compatible(saved["data"], self.parts["data"].identity, str(path),
+                                              allow_data_change)
+        for name, part in self.parts.items():
+            if name == "data" and not keep_position:
+                continue
+            if name in tensors:
+                part.load_state_dict(tensors[name])
+            elif name in saved:
+                part.load_state_dict(saved[name])
+            else:
+                part.load_state_dict({})
+
+
+def _is_empty_tensor(state: Any) -> bool:
+    return isinstance(state, dict) and not state
+
+
+def _run_id(path: Path) -> str | None:
+    try:
+        return json.loads((path / STATE_FILE).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None

@@ -1,12 +1,18 @@
-"""Per-step metrics (metrics.jsonl), model FLOPs and MFU, and the loss-curve plot."""
+"""Per-step metrics (metrics.jsonl, tolerant of torn lines), throughput and MFU, model FLOPs, the loss plot."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.models.llama import count_params
+
+logger = logging.getLogger("ascend_llm.train")
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -16,27 +22,89 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * num_matmul + 12.0 * cfg.num_layers * cfg.dim * seq_len
 
 
+def read_records(path: Path) -> list[dict]:
+    """The JSON records of a metrics.jsonl; a torn or garbled line (a job killed mid-append) is skipped with a
+    warning, never fatal."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            logger.warning("%s:%d: skipping a torn or unreadable line (%d chars)", path, number, len(line))
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class MetricsLog:
-    """Appends one JSON object per line. On resume, lines past the resumed step are dropped first."""
+    """metrics.jsonl: one JSON object per line, appended and flushed per record. On resume the file is
+    rewritten (atomically) without records past the resumed step and without torn lines."""
 
     def __init__(self, path: Path, resume_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        if resume_step == 0 or kept or self.path.is_file():
-            self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_records(self.path)
+
+
+class Throughput:
+    """Tokens/s and MFU over the training time between log steps, excluding paused time (validation,
+    checkpoints, sampling). The first step of a process includes graph compilation: it is reported as
+    `compile_and_first_step_s`, not as throughput.
+
+    MFU = flops_per_token * tokens_per_s / peak_flops, with peak_flops = declared peak FLOP/s per device times
+    the number of devices (PaLM, Chowdhery et al. 2022, appendix B)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float):
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.started = time.perf_counter()
+        self.first_step_s: float | None = None
+        self.window_start, self.window_tokens = self.started, 0
+        self.last_tokens_per_s = 0.0
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        if self.first_step_s is None:
+            self.first_step_s = now - self.started
+            self.window_start, self.window_tokens = now, 0
+        else:
+            self.window_tokens += self.tokens_per_step
+
+    @contextmanager
+    def pause(self):
+        """Time inside this context is not training time."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - paused
+
+    def take(self) -> dict:
+        """The window's {"tokens_per_s", "mfu"} (or {"compile_and_first_step_s"} for the first step); resets it."""
+        now = time.perf_counter()
+        if self.window_tokens:
+            self.last_tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
+            out = {"tokens_per_s": self.last_tokens_per_s,
+                   "mfu": self.flops_per_token * self.last_tokens_per_s / self.peak_flops}
+        else:
+            out = {"compile_and_first_step_s": self.first_step_s}
+        self.window_start, self.window_tokens = now, 0
+        return out
 
 
 def plot_loss(records: list[dict], out: Path, title: str) -> Path:

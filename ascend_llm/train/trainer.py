@@ -1,242 +1,205 @@
-"""The training loop: data, model, compiled step, validation, metrics, checkpoints, resume, plot, sample.
+"""The training loop: a short loop over the parts `train/session.py` assembles.
 
 `train(recipe)` is the API behind `ascend-llm train`; it returns a summary dict with the per-step losses.
+Every phase is a function of the session, testable on its own. Anything that may run collectives (the step,
+validation, the closing sample, the precision runtime's after-step hook) runs on every rank; only files are
+written by the main rank.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
+import logging
+import math
 import time
-from collections import Counter
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import psutil
 from mindspore import Tensor, mutable
-from omegaconf import OmegaConf
 
-from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
-from ascend_llm.data import PackedDataset, prepare, shard_rows
-from ascend_llm.errors import CheckpointError, ConfigError
-from ascend_llm.precision import build_controller, build_loss_scaler, describe_precision
-from ascend_llm.train.build import build_training_model
-from ascend_llm.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from ascend_llm.train.metrics import MetricsLog, flops_per_token, plot_loss
-from ascend_llm.train.optim import AdamW
-from ascend_llm.train.runtime import peak_tflops, setup_runtime
+from ascend_llm.data import shard_rows
+from ascend_llm.errors import TrainingDiverged
+from ascend_llm.train.metrics import plot_loss
 from ascend_llm.train.sample import generate
 from ascend_llm.train.schedule import lr_at
-from ascend_llm.train.step import build_step_functions
+from ascend_llm.train.session import Session, build_session, open_outputs, params_sha256
+
+logger = logging.getLogger("ascend_llm.train")
 
 
-def log(message: str) -> None:
-    print(f"[ascend_llm] {message}", file=sys.stderr, flush=True)
-
-
-def identity(tensors):
-    return tensors
-
-
-def init_parallel(recipe: RecipeConfig) -> tuple[int, int, object]:
-    """(rank, world_size, reduce) — communication is initialised only when the recipe asks for > 1 worker."""
-    if recipe.parallel.world_size == 1:
-        return 0, 1, identity
-    from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
-
-    rank, world = init_distributed(recipe.parallel, recipe.cluster)
-    return rank, world, build_grad_reducer(None, world)
-
-
-def _set_parameters(params, arrays: dict, source: str) -> None:
-    for p in params:
-        if p.name not in arrays:
-            raise CheckpointError(source, p.name, "parameter missing from the checkpoint (different model?)")
-        value = arrays[p.name]
-        if tuple(value.shape) != tuple(p.shape):
-            raise CheckpointError(f"{source}:{p.name}", tuple(value.shape), f"shape must be {tuple(p.shape)}")
-        p.set_data(Tensor(value.astype(np.float32) if value.dtype != np.int32 else value, p.dtype))
-
-
-def _check_same_model(state: dict, recipe: RecipeConfig, source: str) -> None:
-    saved = state.get("config", {}).get("model", {})
-    for key, value in asdict(recipe.model).items():
-        if key in saved and saved[key] != value:
-            raise CheckpointError(f"{source}: model.{key}", saved[key],
-                                  f"checkpoint was trained with it; the recipe has {value}")
-
-
-PRECISION_PREFIX = "precision."
-
-
-def _restore(recipe: RecipeConfig, run_dir: Path, params, optimizer: AdamW, precision_parts):
-    """Returns (start_step, extra state) after loading the checkpoint selected by train.resume."""
-    if recipe.train.resume == "none":
-        return 0, {}
-    if recipe.train.resume == "auto":
-        found = latest_valid_checkpoint(run_dir, report=log)
-        if found is None:
-            log(f"train.resume=auto: no valid checkpoint in {run_dir}; starting from step 0")
-            return 0, {}
-        path, (model_arrays, optim_arrays, state) = found
-    else:
-        path = Path(recipe.train.resume)
-        model_arrays, optim_arrays, state = load_checkpoint(path)
-    _check_same_model(state, recipe, str(path))
-    _set_parameters(params, model_arrays, str(path / "model.safetensors"))
-    _set_parameters(optimizer.state_parameters(), optim_arrays, str(path / "optimizer.safetensors"))
-    precision_state = {k[len(PRECISION_PREFIX):]: v for k, v in optim_arrays.items() if k.startswith(PRECISION_PREFIX)}
-    for part in precision_parts:
-        part.load_state_dict(precision_state)
-    if state.get("global_batch_size") != recipe.train.global_batch_size:
-        log(f"resuming with train.global_batch_size={recipe.train.global_batch_size} "
-            f"(checkpoint used {state.get('global_batch_size')}): data order continues by position")
-    log(f"resumed from {path} at step {state['step']}")
-    return int(state["step"]), state
-
-
-def params_sha256(params) -> str:
-    """Digest of all parameter values (sorted by name): equal on every data-parallel rank when in sync."""
-    digest = hashlib.sha256()
-    for p in sorted(params, key=lambda p: p.name):
-        digest.update(p.name.encode())
-        digest.update(np.ascontiguousarray(p.asnumpy()).tobytes())
-    return digest.hexdigest()
-
-
-def _validate(dataset: PackedDataset, eval_loss, batch_rows: int, num_batches: int) -> float:
-    indices = dataset.val_indices(batch_rows * num_batches)
-    losses = []
-    for start in range(0, len(indices) - batch_rows + 1, batch_rows):
-        x, y = dataset.batch(indices[start:start + batch_rows])
-        losses.append(float(eval_loss(Tensor(x), Tensor(y)).asnumpy()))
-    return float(np.mean(losses)) if losses else float("nan")
+@dataclass
+class StepOutcome:
+    step: int  # optimizer steps done, counting this one
+    loss: float
+    grad_norm: float
+    lr: float
+    finite: bool  # False: the update was skipped (non-finite loss or gradients)
 
 
 def train(recipe: RecipeConfig) -> dict:
-    """Train per the recipe; returns {"losses", "val_losses", "run_dir", "sample", "first_step_s", ...}."""
-    preflight(recipe)
+    """Train per the recipe; returns {"losses", "val_losses", "run_dir", "sample", "first_step_s", ...}.
+
+    Raises ConfigError / DataError / CheckpointError / LaunchError for bad input (before writing anything) and
+    TrainingDiverged after train.max_nonfinite_steps non-finite steps in a row."""
+    session = build_session(recipe)
+    open_outputs(session)
     cfg = recipe.train
-    device = setup_runtime(recipe.runtime)
-    rank, world, reduce = init_parallel(recipe)
-    main_rank = rank == 0
-    prepared = prepare(recipe.data)
-    vocab = prepared.meta["vocab_size"]
-    if vocab > recipe.model.vocab_size:
-        raise ConfigError("model.vocab_size", recipe.model.vocab_size, f"must be >= the tokenizer's {vocab} ids")
-    dataset = PackedDataset(prepared.tokens(), recipe.data.seq_len, recipe.data.val_fraction, recipe.data.seed)
-    run_dir = Path(cfg.output_dir)
+    for step in range(session.start_step, cfg.num_steps):
+        # step: one optimizer update over train.grad_accum_steps micro-batches of this rank's rows
+        outcome = run_step(session, step)
+        # post-step hooks (all ranks): precision runtime and converters, then the non-finite accounting
+        events = session.precision.after_step(outcome.step) + session.converters.after_step(outcome.step)
+        check_finite(session, outcome)
+        # log: a metrics record every train.log_every steps (and on events), the progress bar every step
+        record = step_record(session, outcome, events)
+        # validate when due (all ranks: the forward may hold collectives)
+        if outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps:
+            record = validate(session, outcome, record)
+        write_record(session, record, outcome)
+        # checkpoint when due (the main rank writes; never a non-finite state)
+        if outcome.step % cfg.ckpt_every == 0 or outcome.step == cfg.num_steps:
+            save_checkpoint(session, outcome)
+    return finish(session)
 
-    model = build_training_model(recipe)
-    params = model.trainable_params()
-    optimizer = AdamW(params, recipe.optim)
-    scaler = build_loss_scaler(recipe.precision)
-    controller = build_controller(model, recipe.precision)
-    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, reduce, scaler,
-                                 recipe.runtime.mode == "graph")
-    start_step, _ = _restore(recipe, run_dir, params, optimizer, (scaler, controller))
 
-    rows_per_rank = cfg.global_batch_size // world
-    micro_rows = rows_per_rank // cfg.grad_accum_steps
+def run_step(session: Session, step: int) -> StepOutcome:
+    """Read this rank's rows of the global batch at the data position, accumulate gradients, update."""
+    cfg, steps = session.recipe.train, session.steps
+    lr = lr_at(step, session.recipe.optim, cfg.num_steps)
+    rows = session.dataset.train_indices(session.data.position, cfg.global_batch_size)
+    local, micro = shard_rows(rows, session.rank, session.world_size), session.micro_rows
+    acc = loss_sum = None
+    for index in range(cfg.grad_accum_steps):
+        x, y = session.dataset.batch(local[index * micro:(index + 1) * micro])
+        loss, grads = steps.grads(Tensor(x), Tensor(y))
+        acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
+        loss_sum = loss if loss_sum is None else loss_sum + loss
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
-    tokens_per_step = cfg.global_batch_size * recipe.data.seq_len
-    flops_token = flops_per_token(recipe.model, recipe.data.seq_len)
-    peak = peak_tflops(recipe.runtime, device) * 1e12 * world
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main_rank else None
-    resolved = OmegaConf.to_container(OmegaConf.structured(recipe))
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(recipe)))
-        log(f"device={device} mode={recipe.runtime.mode} world_size={world} model={recipe.model.name} "
-            f"params={sum(p.size for p in params):,} corpus_tokens={prepared.meta['num_tokens']:,} "
-            f"train_windows={dataset.num_train:,} run_dir={run_dir}")
-        kinds = Counter(describe_precision(model).values())
-        log(f"precision={recipe.precision.name}: " + ", ".join(f"{n} cells {k}" for k, n in sorted(kinds.items())))
+    loss, norm, finite = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
+    session.data.advance(cfg.global_batch_size)
+    session.throughput.step_done()
+    loss_value = float(loss.asnumpy())
+    ok = bool(np.asarray(finite.asnumpy() if hasattr(finite, "asnumpy") else finite)) and math.isfinite(loss_value)
+    session.losses.append(loss_value)
+    return StepOutcome(step + 1, loss_value, float(norm.asnumpy()), lr, ok)
 
-    losses, val_losses = [], []
-    first_step_s = since_launch_s = None
-    window_start, window_tokens = time.perf_counter(), 0
-    progress = None
-    if main_rank and cfg.progress:
-        from tqdm import tqdm
 
-        progress = tqdm(total=cfg.num_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    t_begin = time.perf_counter()
-    for step in range(start_step, cfg.num_steps):
-        lr = lr_at(step, recipe.optim, cfg.num_steps)
-        local = shard_rows(dataset.train_indices(step * cfg.global_batch_size, cfg.global_batch_size), rank, world)
-        acc = loss_sum = None
-        for micro in range(cfg.grad_accum_steps):
-            x, y = dataset.batch(local[micro * micro_rows:(micro + 1) * micro_rows])
-            loss, grads = steps.grads(Tensor(x), Tensor(y))
-            acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
-            loss_sum = loss if loss_sum is None else loss_sum + loss
-        loss, norm, _ = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
-        loss_value, norm_value = float(loss.asnumpy()), float(norm.asnumpy())
-        events = [e for e in (scaler.step(step + 1),) if e] + controller.step(step + 1)
-        losses.append(loss_value)
-        if first_step_s is None:
-            first_step_s = time.perf_counter() - t_begin
-            since_launch_s = time.time() - psutil.Process().create_time()
-            window_start, window_tokens = time.perf_counter(), 0
-        else:
-            window_tokens += tokens_per_step
-        done = step + 1
-        record = None
-        if done % cfg.log_every == 0 or done == cfg.num_steps or done == start_step + 1:
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                      **scaler.metrics(), **controller.metrics()}
-            if window_tokens:  # the first step of a process includes compilation: report it as such
-                tps = window_tokens / (time.perf_counter() - window_start)
-                record.update(tokens_per_s=tps, mfu=flops_token * tps / peak)
-            else:
-                record.update(compile_and_first_step_s=first_step_s)
-            window_start, window_tokens = time.perf_counter(), 0
-        if done % cfg.val_every == 0 or done == cfg.num_steps:
-            paused = time.perf_counter()
-            val = _validate(dataset, steps.eval_loss, micro_rows, cfg.val_batches)
-            val_losses.append((done, val))
-            record = dict(record or {"step": done, "loss": loss_value}, val_loss=val, val_ppl=float(np.exp(val)))
-            window_start += time.perf_counter() - paused  # throughput counts training time only
-        if events:
-            record = dict(record or {"step": done, "loss": loss_value}, precision_events=events)
-        if record and main_rank:
-            metrics.write(record)
-        if main_rank and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
-            paused = time.perf_counter()
-            state = {"position": done * cfg.global_batch_size, "seed": cfg.seed, "data_seed": recipe.data.seed,
-                     "global_batch_size": cfg.global_batch_size, "loss": loss_value, "config": resolved,
-                     "data": str(prepared.path)}
-            save_checkpoint(run_dir, done, {p.name: p.asnumpy() for p in params},
-                            {**{p.name: p.asnumpy() for p in optimizer.state_parameters()},
-                             **{PRECISION_PREFIX + k: v for part in (scaler, controller)
-                                for k, v in part.state_dict().items()}}, state, cfg.keep_last)
-            window_start += time.perf_counter() - paused
-        if progress is not None:
-            progress.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{(record or {}).get('tokens_per_s', 0):.0f}",
-                                 refresh=False)
-            progress.update(1)
-    if progress is not None:
-        progress.close()
+def check_finite(session: Session, outcome: StepOutcome) -> None:
+    """Count skipped (non-finite) steps; raise TrainingDiverged after train.max_nonfinite_steps in a row."""
+    run, cfg = session.run, session.recipe.train
+    if outcome.finite:
+        session.nonfinite_streak = 0
+        return
+    session.nonfinite_streak += 1
+    run.num_skipped_steps += 1
+    logger.warning("step %d: non-finite loss or gradients (loss=%g, grad_norm=%g): update skipped (%d in a row, "
+                   "%d in this run)", outcome.step, outcome.loss, outcome.grad_norm, session.nonfinite_streak,
+                   run.num_skipped_steps)
+    if session.nonfinite_streak >= cfg.max_nonfinite_steps:
+        raise TrainingDiverged(outcome.step, outcome.loss, outcome.grad_norm, session.nonfinite_streak,
+                               likely_cause(session.recipe, outcome))
 
-    digest = params_sha256(params)
-    log(f"rank {rank}: final parameters sha256={digest}")
-    summary = {"param_sha256": digest, "losses": losses, "val_losses": val_losses, "run_dir": str(run_dir),
-               "first_step_s": first_step_s,
-               "launch_to_first_step_s": since_launch_s if losses else None, "start_step": start_step,
-               "rank": rank, "world_size": world, "tokens_per_step": tokens_per_step,
-               "flops_per_token": flops_token, "peak_flops": peak}
-    if main_rank and metrics is not None:
-        records = metrics.records()
-        if records:
-            summary["plot"] = str(plot_loss(records, run_dir / "loss.png", f"{recipe.model.name} on {device}"))
-        if cfg.sample_tokens > 0:
-            text = generate(model, prepared.tokenizer(), cfg.sample_prompt, cfg.sample_tokens, recipe.data.seq_len,
-                            cfg.sample_top_k, cfg.seed, prepared.meta["eos_id"])
-            summary["sample"] = text
-            (run_dir / "sample.txt").write_text(text)
-        (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+
+def likely_cause(recipe: RecipeConfig, outcome: StepOutcome) -> str:
+    """The recipe field most likely responsible for a run of non-finite steps."""
+    if recipe.precision.loss_scale != "none" and math.isfinite(outcome.loss):
+        return (f"precision.loss_scale_value={recipe.precision.loss_scale_value:g} (fp16 gradients overflow at "
+                "every scale: try precision=bf16)")
+    return f"optim.lr={recipe.optim.lr:g} (too high for this model? try 10x lower)"
+
+
+def step_record(session: Session, outcome: StepOutcome, events: list[dict]) -> dict:
+    """The metrics record of this step ({} when nothing is due); updates the progress bar."""
+    cfg, record = session.recipe.train, {}
+    due = outcome.step % cfg.log_every == 0 or outcome.step == cfg.num_steps or outcome.step == session.start_step + 1
+    if due:
+        record = {"step": outcome.step, "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                  "skipped_steps": session.run.num_skipped_steps, **session.precision.metrics(),
+                  **session.converters.metrics(), **session.throughput.take()}
+    if events:
+        record = dict(record or {"step": outcome.step, "loss": outcome.loss}, precision_events=events)
+    if session.progress is not None:
+        postfix = {"loss": f"{outcome.loss:.3f}", "tok_s": f"{session.throughput.last_tokens_per_s:.0f}"}
+        if session.run.num_skipped_steps:
+            postfix["skipped"] = session.run.num_skipped_steps
+        session.progress.set_postfix(postfix, refresh=False)
+        session.progress.update(1)
+    return record
+
+
+def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
+    """Mean loss over train.val_batches held-out micro-batches (on every rank); adds val_loss and val_ppl to
+    the record. With no validation windows (data.val_fraction=0) it does nothing."""
+    rows, num_batches = session.micro_rows, session.recipe.train.val_batches
+    indices = session.dataset.val_indices(rows * num_batches)
+    if len(indices) < rows:
+        return record
+    with session.throughput.pause():
+        losses = []
+        for start in range(0, len(indices) - rows + 1, rows):
+            x, y = session.dataset.batch(indices[start:start + rows])
+            losses.append(float(session.steps.eval_loss(Tensor(x), Tensor(y)).asnumpy()))
+    val = float(np.mean(losses))
+    session.val_losses.append((outcome.step, val))
+    return dict(record or {"step": outcome.step, "loss": outcome.loss}, val_loss=val, val_ppl=float(np.exp(val)))
+
+
+def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:
+    if record and session.metrics is not None:
+        session.metrics.write(record)
+
+
+def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
+    """Main rank: checkpoint this step, unless the step was skipped as non-finite (its state is the last
+    finite one, already saved or about to be replaced by a finite step)."""
+    if not session.main_rank:
+        return
+    if not outcome.finite:
+        logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
+        return
+    session.run.step, session.run.loss = outcome.step, outcome.loss
+    with session.throughput.pause():
+        session.checkpoints.save(outcome.step)
+
+
+def finish(session: Session) -> dict:
+    """Close the progress bar, sample (all ranks: the forward may hold collectives), write the plot, the
+    sample and summary.json (main rank); returns the summary."""
+    if session.progress is not None:
+        session.progress.close()
+    recipe, cfg = session.recipe, session.recipe.train
+    digest = params_sha256(session.model.trainable_params())
+    logger.info("rank %d: final parameters sha256=%s", session.rank, digest)
+    summary = {"param_sha256": digest, "losses": session.losses, "val_losses": session.val_losses,
+               "run_dir": str(session.run_dir), "first_step_s": session.throughput.first_step_s,
+               "launch_to_first_step_s": _since_launch(session), "start_step": session.start_step,
+               "rank": session.rank, "world_size": session.world_size, "skipped_steps": session.run.num_skipped_steps,
+               "tokens_per_step": session.throughput.tokens_per_step,
+               "flops_per_token": session.throughput.flops_per_token, "peak_flops": session.throughput.peak_flops}
+    if cfg.sample_tokens > 0:
+        summary["sample"] = generate(session.model, session.prepared.tokenizer(), cfg.sample_prompt,
+                                     cfg.sample_tokens, recipe.data.seq_len, cfg.sample_top_k, cfg.seed,
+                                     session.prepared.meta["eos_id"])
+    if session.main_rank:
+        _write_outputs(session, summary)
     return summary
+
+
+def _since_launch(session: Session) -> float | None:
+    if session.throughput.first_step_s is None:
+        return None
+    return time.time() - psutil.Process().create_time() - (time.perf_counter() - session.throughput.started
+                                                            - session.throughput.first_step_s)
+
+
+def _write_outputs(session: Session, summary: dict) -> None:
+    run_dir = session.run_dir
+    records = session.metrics.records() if session.metrics is not None else []
+    if records:
+        summary["plot"] = str(plot_loss(records, run_dir / "loss.png",
+                                        f"{session.recipe.model.name} on {session.device}"))
+    if "sample" in summary:
+        (run_dir / "sample.txt").write_text(summary["sample"])
+    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))

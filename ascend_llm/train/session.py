@@ -1,0 +1,161 @@
+"""Assembling a training run: every part the loop needs, built once, in one place.
+
+`build_session(recipe)` runs the preflight, sets the device, initialises communication, prepares the data,
+builds the model with its converters, the optimizer, the precision runtime and the compiled step functions,
+and then restores the checkpoint `train.resume` selects. Nothing is written to `train.output_dir` before
+every check has passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ascend_llm.cluster.preflight import preflight
+from ascend_llm.config.root import RecipeConfig
+from ascend_llm.data import PackedDataset, prepare
+from ascend_llm.errors import ConfigError
+from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
+from ascend_llm.precision import describe_precision
+from ascend_llm.precision.runtime import PrecisionRuntime, build_precision_runtime
+from ascend_llm.train.build import ModelConverters, build_converters
+from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
+from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
+from ascend_llm.train.optim import AdamW
+from ascend_llm.train.runtime import peak_tflops, setup_runtime
+from ascend_llm.train.state import DataState, ParameterState, RunState
+from ascend_llm.train.step import StepFunctions, build_step_functions
+
+logger = logging.getLogger("ascend_llm.train")
+
+
+@dataclass
+class Session:
+    """The parts of one training run (one process, one rank)."""
+
+    recipe: RecipeConfig
+    rank: int
+    world_size: int
+    device: str
+    prepared: Any
+    dataset: PackedDataset
+    model: Any
+    converters: ModelConverters
+    optimizer: AdamW
+    precision: PrecisionRuntime
+    steps: StepFunctions
+    data: DataState
+    run: RunState
+    checkpoints: CheckpointManager
+    throughput: Throughput
+    start_step: int = 0
+    metrics: MetricsLog | None = None
+    progress: Any = None
+    nonfinite_streak: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def main_rank(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.recipe.train.output_dir)
+
+    @property
+    def micro_rows(self) -> int:
+        """Sequences per micro-batch on this rank."""
+        cfg = self.recipe.train
+        return cfg.global_batch_size // self.world_size // cfg.grad_accum_steps
+
+
+def data_identity(recipe: RecipeConfig, prepared) -> dict:
+    """What a checkpoint's data position means: tokenizer hash, seq_len, data seed, corpus."""
+    meta = prepared.meta
+    return {"tokenizer_sha256": sha256_file(prepared.path / "tokenizer.json"),
+            "tokenizer": recipe.data.tokenizer or "trained", "seq_len": recipe.data.seq_len,
+            "data_seed": recipe.data.seed, "corpus": f"{meta.get('source')} ({meta.get('num_tokens')} tokens)",
+            "global_batch_size": recipe.train.global_batch_size}
+
+
+def _build_data(recipe: RecipeConfig):
+    prepared = prepare(recipe.data)
+    vocab = prepared.meta["vocab_size"]
+    if vocab > recipe.model.vocab_size:
+        raise ConfigError("model.vocab_size", recipe.model.vocab_size, f"must be >= the tokenizer's {vocab} ids")
+    dataset = PackedDataset(prepared.tokens(), recipe.data.seq_len, recipe.data.val_fraction, recipe.data.seed)
+    return prepared, dataset
+
+
+def build_session(recipe: RecipeConfig) -> Session:
+    """All parts of a run, restored from `train.resume`. Raises ConfigError, DataError, CheckpointError,
+    LaunchError (one line each, exit 2 in the CLI) before writing anything to train.output_dir."""
+    preflight(recipe)
+    cfg = recipe.train
+    device = setup_runtime(recipe.runtime)
+    rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
+    prepared, dataset = _build_data(recipe)
+    if cfg.resume == "none" and (rank == 0 or not cfg.overwrite):  # with overwrite, rank 0 alone clears
+        guard_fresh_run(Path(cfg.output_dir), cfg.overwrite)
+    converters = build_converters(recipe)
+    from ascend_llm.models import build_model
+
+    model = converters.convert(build_model(recipe.model, seed=cfg.seed))
+    params = model.trainable_params()
+    optimizer = AdamW(params, recipe.optim)
+    precision = build_precision_runtime(model, recipe.precision)
+    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
+                                 precision.scaler, recipe.runtime.mode == "graph")
+    data = DataState(data_identity(recipe, prepared))
+    run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
+    parts = {"model": ParameterState(params, "model"), "optimizer": ParameterState(optimizer.state_parameters(),
+             "optimizer"), "precision": precision, "converters": converters, "data": data, "run": run}
+    checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last,
+                                    files={"tokenizer.json": prepared.path / "tokenizer.json"})
+    start_step = checkpoints.restore(cfg.resume, cfg.allow_data_change)
+    tokens_per_step = cfg.global_batch_size * recipe.data.seq_len
+    throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
+                            peak_tflops(recipe.runtime, device) * 1e12 * world)
+    return Session(recipe, rank, world, device, prepared, dataset, model, converters, optimizer, precision, steps,
+                   data, run, checkpoints, throughput, start_step=start_step)
+
+
+def open_outputs(session: Session) -> None:
+    """Main rank: the run directory, config.yaml, metrics.jsonl (trimmed to the resumed step), the progress
+    bar, and the opening log lines."""
+    if not session.main_rank:
+        return
+    recipe, run_dir = session.recipe, session.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(session.run.config)))
+    session.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=session.start_step)
+    num_params = sum(p.size for p in session.model.trainable_params())
+    logger.info("device=%s mode=%s world_size=%d model=%s params=%s corpus_tokens=%s train_windows=%s run_dir=%s",
+                session.device, recipe.runtime.mode, session.world_size, recipe.model.name, f"{num_params:,}",
+                f"{session.prepared.meta['num_tokens']:,}", f"{session.dataset.num_train:,}", run_dir)
+    kinds = Counter(describe_precision(session.model).values())
+    cells = ", ".join(f"{n} cells {k}" for k, n in sorted(kinds.items()))
+    logger.info("precision=%s: %s", recipe.precision.name, cells)
+    if recipe.train.progress:
+        from tqdm import tqdm
+
+        session.progress = tqdm(total=recipe.train.num_steps, initial=session.start_step, desc="train",
+                                unit="step", dynamic_ncols=True)
+
+
+def params_sha256(params) -> str:
+    """Digest of all parameter values (sorted by name): equal on every data-parallel rank when in sync."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for p in sorted(params, key=lambda p: p.name):
+        digest.update(p.name.encode())
+        digest.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,93 @@
+"""The stateful parts of a training run and their one lifecycle: `state_dict()` / `load_state_dict()`.
+
+A checkpoint (`train/checkpoint.py`) is a dict of named parts. A part whose state is a dict of NumPy arrays
+is stored in its own safetensors file (`<name>.safetensors`); a part whose state is JSON-able scalars is stored
+in `state.json`. Parts never know where they are stored; the checkpoint manager never knows what they hold.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+
+from ascend_llm.errors import CheckpointError
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything a checkpoint holds (model, optimizer, data position, precision runtime, run metadata)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ParameterState:
+    """Parameters by full name (layout-free: names and shapes of the unsharded model).
+
+    state_dict() -> {name: float32/int32 ndarray}. load_state_dict() writes in place (`ops.assign`), so it is
+    correct before or after the step functions are compiled; it raises CheckpointError naming the parameter
+    when one is missing or has another shape (a different model)."""
+
+    def __init__(self, params: list[Parameter], what: str):
+        self.params = list(params)
+        self.what = what
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {p.name: p.asnumpy() for p in self.params}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for p in self.params:
+            if p.name not in state:
+                raise CheckpointError(f"{self.what}:{p.name}", "missing",
+                                      "the checkpoint has no such parameter (a different model?)")
+            value = np.asarray(state[p.name])
+            if tuple(value.shape) != tuple(p.shape):
+                raise CheckpointError(f"{self.what}:{p.name}", tuple(value.shape),
+                                      f"shape must be {tuple(p.shape)} (a different model?)")
+            ops.assign(p, Tensor(value, p.dtype))
+
+
+@dataclass
+class DataState:
+    """Where the run is in its data: `position` counts training sequences consumed (all ranks, all
+    micro-batches), so a resumed run continues at the same window even with another global batch size.
+    `identity` says which data this is (tokenizer hash, seq_len, data seed, corpus key); the checkpoint
+    manager compares it on restore."""
+
+    identity: dict[str, Any]
+    position: int = 0
+
+    def advance(self, num_sequences: int) -> None:
+        self.position += int(num_sequences)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, **self.identity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state["position"])
+
+
+@dataclass
+class RunState:
+    """Run metadata: a run id (a fresh run gets a new one; a resumed run keeps it), the seed, the step of the
+    checkpoint, the last loss, and the resolved recipe (for the model-compatibility check and for export)."""
+
+    config: dict[str, Any]
+    seed: int
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    step: int = 0
+    loss: float | None = None
+    num_skipped_steps: int = 0  # optimizer steps skipped for non-finite loss or gradients, whole run
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "seed": self.seed, "step": self.step, "loss": self.loss,
+                "num_skipped_steps": self.num_skipped_steps, "config": self.config}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id, self.step, self.loss = state["run_id"], int(state["step"]), state.get("loss")
+        self.num_skipped_steps = int(state.get("num_skipped_steps", 0))
