@@ -45,7 +45,7 @@ class TrainConfig:
     resume: str = "none"
     overwrite: bool = False
     allow_data_change: bool = False
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = 5
     sample_prompt: str = "def "
     sample_tokens: int = 48
     sample_top_k: int = 1

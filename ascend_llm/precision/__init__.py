@@ -51,9 +51,9 @@ from ascend_llm.precision.policy import (
     PrecisionDense,
     PrecisionEmbedding,
     apply_precision,
-    describe_precision,
     resolve_layer_dtypes,
 )
+from ascend_llm.precision.report import describe_precision
 from ascend_llm.precision.scaling import compute_scale, current_scale, delayed_scaling_update
 
 __all__ = [

@@ -18,8 +18,7 @@ How the rounding works, without bit views (`Tensor.view(int32)` is not allowed u
 - |x| is clamped to 2**(emax+2) first so the split cannot overflow; NaN is restored at the end with a where
   (`ops.clamp`/`ops.minimum` map NaN to the bound on CPU; `copysign`/`signbit` lose -0.0 there).
 
-`Fp8Dense`, `apply_fp8` and the scaling recipes live in `fp8_dense.py` and `scaling.py`; they are also
-reachable from here as `ascend_llm.precision.fp8.Fp8Dense` etc.
+`Fp8Dense`, `apply_fp8` and the scaling recipes live in `fp8_dense.py` and `scaling.py`.
 """
 
 from __future__ import annotations
@@ -103,16 +102,3 @@ def bf16_round(x: Tensor) -> Tensor:
     Used to emulate bf16 GEMM operands where the device has no bf16 MatMul (CPU); casts work there.
     """
     return x.astype(ms.bfloat16).astype(ms.float32)
-
-
-def __getattr__(name: str):
-    # Lazy re-exports (PEP 562): fp8_dense and scaling import this module.
-    if name in ("Fp8Dense", "apply_fp8"):
-        from ascend_llm.precision import fp8_dense
-
-        return getattr(fp8_dense, name)
-    if name in ("delayed_scaling_update", "current_scale", "compute_scale", "DelayedScalingState"):
-        from ascend_llm.precision import scaling
-
-        return getattr(scaling, name)
-    raise AttributeError(name)

@@ -32,8 +32,10 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.cells import replace_cell, sync_parameter_names, world_size
 from ascend_llm.precision.cpu_kernel import build_cast_op, build_leveled_cast_op, fused_available
 from ascend_llm.precision.fp8 import FORMATS, Fp8Format, bf16_round, round_to_grid
+from ascend_llm.precision.policy import is_dense
 from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
 
 logger = logging.getLogger("ascend_llm.precision")
@@ -260,7 +262,6 @@ def is_skipped(path: str, patterns) -> bool:
 
 def fp8_candidates(model: nn.Cell, cfg: PrecisionConfig) -> tuple[list[str], dict[str, str]]:
     """(paths to convert, {path: reason} for dense layers left out)."""
-    from ascend_llm.precision.policy import is_dense
 
     convert, skipped = [], {}
     for path, cell in model.cells_and_names():
@@ -285,7 +286,6 @@ def apply_fp8(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
     """
     if not cfg.fp8.enabled:
         return model
-    from ascend_llm.precision.policy import replace_cell, sync_parameter_names, world_size
 
     recipe = build_fp8_recipe(cfg, world_size=world_size())
     convert, skipped = fp8_candidates(model, cfg)

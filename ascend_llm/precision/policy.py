@@ -23,6 +23,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.precision.cells import replace_cell, sync_parameter_names
 from ascend_llm.precision.cpu_kernel import build_bf16_op, fused_available
 from ascend_llm.precision.fp8 import bf16_round
 
@@ -154,35 +155,6 @@ class PrecisionEmbedding(nn.Cell):
         return ops.gather(self.weight, tokens, 0).astype(self.compute_dtype).astype(ms.float32)
 
 
-def replace_cell(model: nn.Cell, path: str, new: nn.Cell) -> None:
-    parent = model
-    *parents, leaf = path.split(".")
-    for name in parents:
-        parent = parent[int(name)] if isinstance(parent, (nn.CellList, nn.SequentialCell)) else getattr(parent, name)
-    if isinstance(parent, (nn.CellList, nn.SequentialCell)):
-        parent[int(leaf)] = new
-    else:
-        setattr(parent, leaf, new)
-
-
-def sync_parameter_names(model: nn.Cell) -> None:
-    """Give every Parameter its full path again (assigning a cell into a parent renames its Parameters to
-    `<attr>.<name>`); checkpoints, optimizers and name maps key on these names."""
-    for name, param in model.parameters_and_names():
-        if param.name != name:
-            param.name = name
-
-
-def world_size() -> int:
-    """Data-parallel world size if `mindspore.communication` is initialised, else 1."""
-    try:
-        from mindspore.communication import get_group_size
-
-        return int(get_group_size())
-    except (RuntimeError, ValueError, ImportError):
-        return 1
-
-
 def bf16_is_emulated(device: str | None = None) -> bool:
     return (device or ms.get_context("device_target")) != "Ascend"
 
@@ -237,20 +209,3 @@ def apply_precision(model: nn.Cell, cfg: PrecisionConfig) -> nn.Cell:
     if kept:
         logger.info("precision policy %s: kept float32 (unsupported cell): %s", cfg.name, ", ".join(kept))
     return model
-
-
-def describe_precision(model: nn.Cell) -> dict[str, str]:
-    """{cell path: what it computes in} after the converters, for logs and tests."""
-    from ascend_llm.precision.fp8_dense import Fp8Dense
-
-    out = {}
-    for path, cell in model.cells_and_names():
-        if isinstance(cell, Fp8Dense):
-            out[path] = "fp8"
-        elif isinstance(cell, (PrecisionDense, PrecisionEmbedding)):
-            out[path] = cell.dtype_name
-        elif getattr(cell, "precision_dtype", None):
-            out[path] = cell.precision_dtype
-        elif path and layer_kind(cell) is not None:
-            out[path] = "float32"
-    return out

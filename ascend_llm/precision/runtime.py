@@ -29,6 +29,11 @@ class PrecisionRuntime:
         overflow = self.scaler.step(step)
         return ([overflow] if overflow else []) + self.controller.step(step)
 
+    def overflow_is_calibration(self) -> bool:
+        """True while a dynamic fp16 loss scale can still shrink (> 1): gradient overflows then are the scaler
+        calibrating itself, not divergence."""
+        return isinstance(self.scaler, LossScaler) and self.scaler.dynamic and self.scaler.value > 1.0
+
     def metrics(self) -> dict:
         """Scalars for metrics.jsonl: loss scale and skipped steps (fp16), FP8 statistics per rung."""
         return {**self.scaler.metrics(), **self.controller.metrics()}

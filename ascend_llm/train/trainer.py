@@ -87,13 +87,16 @@ def run_step(session: Session, step: int) -> StepOutcome:
 
 
 def check_finite(session: Session, outcome: StepOutcome) -> None:
-    """Count skipped (non-finite) steps; raise TrainingDiverged after train.max_nonfinite_steps in a row."""
+    """Count skipped (non-finite) steps; raise TrainingDiverged after train.max_nonfinite_steps in a row.
+    Overflows of a dynamic fp16 loss scale that can still shrink are counted as skipped but are not divergence."""
     run, cfg = session.run, session.recipe.train
     if outcome.finite:
         session.nonfinite_streak = 0
         return
-    session.nonfinite_streak += 1
     run.num_skipped_steps += 1
+    if math.isfinite(outcome.loss) and session.precision.overflow_is_calibration():
+        return  # the fp16 loss scaler halves its scale and logs the overflow itself
+    session.nonfinite_streak += 1
     logger.warning("step %d: non-finite loss or gradients (loss=%g, grad_norm=%g): update skipped (%d in a row, "
                    "%d in this run)", outcome.step, outcome.loss, outcome.grad_norm, session.nonfinite_streak,
                    run.num_skipped_steps)

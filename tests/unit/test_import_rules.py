@@ -63,3 +63,32 @@ def test_cluster_code_is_outside_the_step():
         above = ("ascend_llm.parallel", "mindspore", "ascend_llm.train")
         bad = [m for m in imported_modules(file) if m.startswith(above)]
         assert not bad, f"cluster/{file.name} imports {bad}"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """{module: ascend_llm modules it imports (anywhere in the file, lazy imports included)}."""
+    graph = {}
+    for file in PACKAGE.rglob("*.py"):
+        parts = file.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = {m for m in imported_modules(file) if m.startswith("ascend_llm.")}
+    known = set(graph)
+    return {name: {m if m in known else m.rsplit(".", 1)[0] for m in deps} & known - {name}
+            for name, deps in graph.items()}
+
+
+def test_no_import_cycles_inside_a_folder():
+    """Cycles through a package __init__ re-export are allowed; module-to-module cycles within a folder are not
+    (the precision cycle through fp8.py's lazy re-export was one)."""
+    graph = module_graph()
+
+    def visit(node, path):
+        for dep in graph.get(node, ()):
+            if dep.endswith("__init__") or dep.count(".") < 2 or dep.rsplit(".", 1)[0] != node.rsplit(".", 1)[0]:
+                continue
+            assert dep not in path, f"import cycle: {' -> '.join(path + [dep])}"
+            visit(dep, path + [dep])
+
+    for module in graph:
+        if module.count(".") >= 2:
+            visit(module, [module])
