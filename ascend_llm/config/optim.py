@@ -9,6 +9,15 @@ from ascend_llm.config.checks import in_range, non_negative, positive
 
 @dataclass
 class OptimConfig:
+    """AdamW with decoupled weight decay (Loshchilov & Hutter 2019) and bias correction; linear warmup then
+    cosine decay to lr * min_lr_ratio at train.num_steps.
+
+    name: adamw (the only optimizer). lr: peak learning rate. min_lr_ratio: final lr / peak lr, in [0, 1].
+    warmup_steps: optimizer steps of linear warmup from 0. weight_decay: decoupled decay per step (norms and
+    biases excluded). beta1, beta2, eps: Adam moment coefficients and denominator epsilon.
+    grad_clip: clip the global L2 norm of the gradients to this value (0 disables).
+    """
+
     name: str = "adamw"
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -17,7 +26,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_clip: float = 1.0
 
     def validate(self, prefix: str = "optim") -> None:
         positive(f"{prefix}.lr", self.lr)

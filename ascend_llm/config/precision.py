@@ -77,6 +77,13 @@ class DynamicConfig:
 
 @dataclass
 class PrecisionConfig:
+    """Mixed-precision policy. The comments on each field give its unit and allowed values.
+
+    name: label of the recipe (fp32, bf16, fp16, fp8, ...). compute_dtype: default GEMM operand dtype of linear
+    layers. loss_scale_value: initial (dynamic) or fixed (static) scale, >= 1; loss_scale_factor: integer
+    growth/shrink factor >= 2. Raises ConfigError on validate() for any value outside the allowed sets.
+    """
+
     name: str = "fp32"
     compute_dtype: str = "float32"  # default GEMM dtype of linear layers
     # Overrides keyed on a layer kind (linear, conv, embedding, norm), a sub-cell name (wq, w2, output,

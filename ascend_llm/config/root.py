@@ -17,6 +17,10 @@ from ascend_llm.errors import ConfigError
 
 @dataclass
 class RecipeConfig:
+    """The whole recipe: one sub-config per recipe group. Builders take only their own sub-config;
+    `validate()` checks each group and the few rules that span groups (sequence length, vocabulary, batch
+    divisibility by the world size) and raises ConfigError naming the field."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)

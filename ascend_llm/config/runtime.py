@@ -10,6 +10,17 @@ from ascend_llm.config.checks import non_negative, one_of, positive
 
 @dataclass
 class RuntimeConfig:
+    """Where and how the step runs.
+
+    device_target: auto (Ascend when CANN and a device are present, else CPU) | cpu | ascend.
+    mode: graph (ms.jit-compiled steps) | pynative (eager, for debugging).
+    peak_tflops: declared peak TFLOP/s per device for MFU; None: 354 on Ascend 910B (bf16 dense, the figure
+        verl and MindSpeed use) and cpu_peak_tflops on CPU (a nominal figure: set it for your machine).
+    num_threads: CPU kernel threads (0: all cores). deterministic: MindSpore deterministic kernels.
+    max_device_memory, jit_level, memory_optimize_level, precision_mode: Ascend context settings (applied only on
+        Ascend, validated everywhere).
+    """
+
     device_target: str = "auto"  # auto | cpu | ascend
     mode: str = "graph"  # graph | pynative
     # Declared peak for MFU, TFLOP/s per device. None: 354 on Ascend (the figure verl/MindSpeed use

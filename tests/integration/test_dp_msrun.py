@@ -79,3 +79,28 @@ def test_two_msrun_workers_match_one_process(tmp_path):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(two[name]).tobytes())
     assert digest.hexdigest() == digests[0], "rank 0's checkpoint is not its final parameters"
+
+
+def test_fp8_data_parallel_with_a_closing_sample_ends_cleanly_on_both_ranks(tmp_path):
+    """Every forward that may hold collectives (FP8 amax reduction) runs on all ranks, the closing sample
+    included: the job exits 0, both ranks end in sync, and the losses match one FP8 process."""
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.train.trainer import train
+
+    steps = 4
+    common = ["debug=smoke", "precision=fp8", f"train.num_steps={steps}", "train.global_batch_size=8",
+              "train.log_every=1", "train.val_every=1000", f"train.ckpt_every={steps}", "train.progress=false",
+              "train.sample_tokens=4", f"data.cache_dir={tmp_path / 'cache'}"]
+    reference = train(compose_recipe([*common, f"train.output_dir={tmp_path / 'one'}"]))
+    overrides = [*common, f"train.output_dir={tmp_path / 'two'}", "cluster=cpu_2proc", "parallel=dp2",
+                 f"cluster.master_port={find_free_port()}", "cluster.cluster_timeout_s=120",
+                 "cluster.job_timeout_s=400", "cluster.tail_worker_log=none"]
+    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in records], reference["losses"], rtol=0, atol=1e-5)
+    assert (tmp_path / "two" / "sample.txt").read_text() == reference["sample"]
+    digests = [re.findall(r"final parameters sha256=([0-9a-f]{64})",
+                          (tmp_path / "two" / "msrun_log" / f"worker_{rank}.log").read_text()) for rank in (0, 1)]
+    assert digests[0] and digests[0] == digests[1]

@@ -75,12 +75,16 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(smoke_run, cache, tm
     blob[len(blob) // 2] ^= 0x55
     (newest / "model.safetensors").write_bytes(bytes(blob))
     fallback_step = int(checkpoints[-2].name[5:])
+    # A kill while appending leaves a torn last line in metrics.jsonl: resume and the plot must not mind it.
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 99, "loss": 4.2')
 
     resumed = subprocess.run(cli([*COMMON, f"train.output_dir={run_dir}", f"data.cache_dir={cache}",
                                   "train.resume=auto"]), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{newest.name}" in resumed.stderr and "corrupted" in resumed.stderr
     assert f"resumed from {checkpoints[-2]} at step {fallback_step}" in resumed.stderr
+    assert "Traceback" not in resumed.stderr and (run_dir / "loss.png").is_file()
     curve = losses(run_dir)
     assert sorted(curve) == list(range(1, 31))
     for step in range(fallback_step + 1, 31):

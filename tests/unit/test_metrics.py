@@ -54,3 +54,20 @@ def test_throughput_excludes_paused_time_and_reports_compile_first(monkeypatch):
     assert out["tokens_per_s"] == pytest.approx(200 / 3.0)  # 16 - 11 s minus 2 s paused
     assert out["mfu"] == pytest.approx(6.0 * (200 / 3.0) / 1200.0)
     assert meter.last_tokens_per_s == out["tokens_per_s"]
+
+
+def test_pipe_safe_stream_drops_output_after_the_reader_is_gone():
+    import io
+    import os
+
+    from ascend_llm.cli.streams import PipeSafeStream
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)  # the reader (`head`) has exited
+    raw = io.TextIOWrapper(os.fdopen(write_fd, "wb", buffering=0), write_through=True)
+    with pytest.raises(BrokenPipeError):
+        raw.write("x" * 10)
+    safe = PipeSafeStream(raw)
+    assert safe.write("more\n" * 1000) == 5000 and safe.broken
+    safe.write("and more")
+    safe.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,13 @@ def test_info_reports_published_counts_and_flops(capsys):
     # PaLM-style FLOPs/token: 6 * non-embedding params + 12 * L * h * s
     expected = 6 * (6_738_415_616 - 32000 * 4096) + 12 * 32 * 4096 * 4096
     assert f"{expected:.4g}" in out
+
+
+def test_readme_states_the_tiny_model_size_the_code_builds():
+    import re
+
+    from ascend_llm.models.llama import count_params
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    stated = float(re.search(r"trains the `tiny` model \(([\d.]+) M parameters\)", readme).group(1))
+    assert stated == round(count_params(compose_recipe(["model=tiny"]).model) / 1e6, 1)
