@@ -1,20 +1,9 @@
 """ascend_llm: MindSpore-native LLM training for Ascend 910B, tested on CPU."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = [
-    "ascend_llm",
-    "ascend_llm.attention",
-    "ascend_llm.bench",
-    "ascend_llm.cli",
-    "ascend_llm.config",
-    "ascend_llm.data",
-    "ascend_llm.models",
-    "ascend_llm.parallel",
-    "ascend_llm.precision",
-    "ascend_llm.train",
-    "ascend_llm.recipes",
-]
+# Every package under ascend_llm/ (new sub-packages ship without editing this file), plus the recipes.
+PACKAGES = find_packages(include=["ascend_llm", "ascend_llm.*"]) + ["ascend_llm.recipes"]
 
 setup(
     name="ascend_llm",

@@ -99,6 +99,10 @@ def test_wheel_ships_the_recipes(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "ascend_llm/recipes/train.yaml" in names
     assert "ascend_llm/recipes/model/tiny.yaml" in names and "ascend_llm/recipes/debug/smoke.yaml" in names
+    packages = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    source = {str(p.parent.relative_to(Path(__file__).resolve().parents[2])) for p in
+              (Path(__file__).resolve().parents[2] / "ascend_llm").rglob("__init__.py")}
+    assert source <= packages, f"packages missing from the wheel: {sorted(source - packages)}"
 
 
 def test_info_reports_published_counts_and_flops(capsys):
