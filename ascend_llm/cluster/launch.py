@@ -64,8 +64,24 @@ def msrun_executable() -> str:
     return shutil.which("msrun") or "msrun"
 
 
+# ascend_llm's log level -> MindSpore's GLOG_v (0 debug, 1 info, 2 warning, 3 error). MindSpore's own INFO is
+# its cluster layer's chatter (one line per RPC event), so our INFO maps to its WARNING.
+GLOG_LEVELS = {"DEBUG": "1", "INFO": "2", "WARNING": "2", "ERROR": "3", "CRITICAL": "3"}
+
+
+def mindspore_log_env() -> dict[str, str]:
+    """GLOG_v for the workers from $ASCEND_LLM_LOG_LEVEL (default INFO -> 2), unless GLOG_v is already set."""
+    if "GLOG_v" in os.environ:
+        return {}
+    level = os.environ.get("ASCEND_LLM_LOG_LEVEL", "INFO").upper()
+    return {"GLOG_v": GLOG_LEVELS.get(level, "2")}
+
+
 def base_env(cluster: Any) -> dict[str, str]:
+    """Environment additions for every worker: HCCL knobs, visible devices, the log level, cluster.env (last,
+    so the user's values win)."""
     env = dict(cluster.hccl.env())
+    env.update(mindspore_log_env())
     if cluster.visible_devices is not None:
         env["ASCEND_RT_VISIBLE_DEVICES"] = str(cluster.visible_devices)
     env.update({str(k): str(v) for k, v in dict(cluster.env).items()})

@@ -142,6 +142,16 @@ def _environment(plan: LaunchPlan, spec: ProcessSpec) -> dict[str, str]:
     return env
 
 
+# MindSpore's C++ cluster layer logs `[INFO] DISTRIBUTED(pid,...)` lines in every worker whatever GLOG_v says;
+# msrun relays them with the workers' output. They stay in the log files and are hidden from the console
+# unless $ASCEND_LLM_LOG_LEVEL is DEBUG.
+MINDSPORE_INFO = re.compile(r"^\[(INFO|DEBUG)\] [A-Z_]+\(\d+,")
+
+
+def mindspore_info_hidden() -> bool:
+    return os.environ.get("ASCEND_LLM_LOG_LEVEL", "INFO").upper() != "DEBUG"
+
+
 def run_plan(plan: LaunchPlan, out: TextIO = sys.stdout, poll_s: float = 0.5) -> LaunchResult:
     """Start the plan's processes and supervise them until they finish, fail, or time out."""
     if plan.master is not None:
@@ -169,8 +179,10 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
 
     def pump() -> None:
         assert proc.stdout is not None
+        quiet = mindspore_info_hidden()
         for line in proc.stdout:
-            out.write(line)
+            if not (quiet and MINDSPORE_INFO.match(line)):
+                out.write(line)
             match = WORKER_FAILED.search(line)
             if match:
                 failures.append((int(match.group(1)), int(match.group(2)), time.monotonic()))
