@@ -1,0 +1,92 @@
+"""The trainer's phases, each on its own: non-finite accounting and the divergence stop, the metrics record
+and the progress bar, validation with no held-out windows. Plain objects stand in for the compiled parts."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+
+from ascend_llm.config import compose_recipe
+from ascend_llm.data.dataset import PackedDataset
+from ascend_llm.errors import TrainingDiverged
+from ascend_llm.train.metrics import Throughput
+from ascend_llm.train.state import RunState
+from ascend_llm.train.trainer import StepOutcome, check_finite, step_record, validate
+
+
+class FakePrecision:
+    def __init__(self, calibrating=False):
+        self.calibrating = calibrating
+
+    def overflow_is_calibration(self):
+        return self.calibrating
+
+    def metrics(self):
+        return {}
+
+
+class FakeBar:
+    def __init__(self):
+        self.postfix = None
+
+    def set_postfix(self, postfix, refresh=False):
+        self.postfix = dict(postfix)
+
+    def update(self, n):
+        pass
+
+
+def session(*overrides, calibrating=False, dataset=None):
+    recipe = compose_recipe(["model=debug", *overrides])
+    return types.SimpleNamespace(recipe=recipe, run=RunState({}, seed=0), precision=FakePrecision(calibrating),
+                                 converters=types.SimpleNamespace(metrics=dict), nonfinite_streak=0,
+                                 throughput=Throughput(100, 1.0, 1.0), progress=FakeBar(), start_step=0,
+                                 dataset=dataset, micro_rows=2, val_losses=[], steps=None)
+
+
+def outcome(step, finite, loss=float("nan")):
+    return StepOutcome(step=step, loss=loss if not finite else 1.0, grad_norm=float("nan"), lr=1e-3, finite=finite)
+
+
+def test_divergence_stops_after_max_nonfinite_steps_in_a_row_naming_the_likely_field():
+    s = session("train.max_nonfinite_steps=3", "optim.lr=3000")
+    check_finite(s, outcome(1, False))
+    check_finite(s, outcome(2, False))
+    check_finite(s, outcome(3, True))  # a finite step resets the streak
+    check_finite(s, outcome(4, False))
+    check_finite(s, outcome(5, False))
+    with pytest.raises(TrainingDiverged) as info:
+        check_finite(s, outcome(6, False))
+    assert s.run.num_skipped_steps == 5
+    line = info.value.one_line()
+    assert line.startswith("error: training diverged at step 6: 3 non-finite steps in a row")
+    assert "optim.lr=3000" in line
+
+
+def test_fp16_overflows_while_the_loss_scale_shrinks_are_not_divergence():
+    s = session("precision=fp16", "train.max_nonfinite_steps=2", calibrating=True)
+    for step in range(1, 6):  # finite loss, overflowing gradients: the scaler calibrates
+        check_finite(s, StepOutcome(step, 2.0, float("inf"), 1e-3, False))
+    assert s.run.num_skipped_steps == 5 and s.nonfinite_streak == 0
+    s.precision.calibrating = False  # scale at its floor: now it counts, and names the loss scale
+    check_finite(s, StepOutcome(6, 2.0, float("inf"), 1e-3, False))
+    with pytest.raises(TrainingDiverged, match="precision.loss_scale_value"):
+        check_finite(s, StepOutcome(7, 2.0, float("inf"), 1e-3, False))
+
+
+def test_progress_bar_keeps_the_last_measured_tokens_per_second_between_log_steps():
+    s = session("train.log_every=5")
+    s.throughput.last_tokens_per_s = 1234.0
+    record = step_record(s, StepOutcome(3, 2.0, 0.5, 1e-3, True), [])
+    assert record == {} and s.progress.postfix["tok_s"] == "1234"
+    record = step_record(s, StepOutcome(4, 2.0, 0.5, 1e-3, True), [{"event": "x"}])
+    assert record["precision_events"] == [{"event": "x"}] and record["step"] == 4
+
+
+def test_no_validation_windows_means_no_validation_and_no_nan():
+    dataset = PackedDataset(np.arange(2000) % 50, seq_len=16, val_fraction=0.0, seed=0)
+    s = session(dataset=dataset)
+    assert validate(s, StepOutcome(10, 2.0, 0.5, 1e-3, True), {}) == {}
+    assert s.val_losses == []
