@@ -8,13 +8,11 @@ sub-config. Data parallelism needs no model change (gradients are averaged in th
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from mindspore import nn
 
 from ascend_llm.attention.apply import apply_attention
-from ascend_llm.config.attention import AttentionConfig
-from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
 from ascend_llm.precision import apply_fp8, apply_precision
@@ -31,34 +29,15 @@ class ModelConverter(Protocol):
     def convert(self, model: nn.Cell) -> None: ...
 
 
-class AttentionConverter:
-    name = "attention"
+class ApplyConverter:
+    """A stateless converter: `apply_fn(model, cfg)` with its own sub-config (apply_attention, apply_precision,
+    apply_fp8, and the parallel converters)."""
 
-    def __init__(self, cfg: AttentionConfig):
-        self.cfg = cfg
-
-    def convert(self, model: nn.Cell) -> None:
-        apply_attention(model, self.cfg)
-
-
-class PrecisionConverter:
-    name = "precision"
-
-    def __init__(self, cfg: PrecisionConfig):
-        self.cfg = cfg
+    def __init__(self, name: str, apply_fn: Callable[[nn.Cell, Any], Any], cfg: Any):
+        self.name, self.apply_fn, self.cfg = name, apply_fn, cfg
 
     def convert(self, model: nn.Cell) -> None:
-        apply_precision(model, self.cfg)
-
-
-class Fp8Converter:
-    name = "fp8"
-
-    def __init__(self, cfg: PrecisionConfig):
-        self.cfg = cfg
-
-    def convert(self, model: nn.Cell) -> None:
-        apply_fp8(model, self.cfg)
+        self.apply_fn(model, self.cfg)
 
 
 class ModelConverters:
@@ -92,8 +71,9 @@ class ModelConverters:
 
 def build_converters(recipe: RecipeConfig) -> ModelConverters:
     """The fixed order: attention, precision, FP8."""
-    return ModelConverters([AttentionConverter(recipe.attention), PrecisionConverter(recipe.precision),
-                            Fp8Converter(recipe.precision)])
+    return ModelConverters([ApplyConverter("attention", apply_attention, recipe.attention),
+                            ApplyConverter("precision", apply_precision, recipe.precision),
+                            ApplyConverter("fp8", apply_fp8, recipe.precision)])
 
 
 def build_training_model(recipe: RecipeConfig) -> nn.Cell:
