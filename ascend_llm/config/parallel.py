@@ -182,8 +182,9 @@ def check_world_size(parallel: ParallelConfig, cluster: ClusterConfig) -> int:
     size, cluster_size = parallel.world_size, int(cluster.world_size)
     if size != cluster_size:
         named = parallel.degrees()
-        product = " * ".join(f"{name}={value}" for name, value in named.items())
         first = next(iter(named))
+        shown = {n: v for n, v in named.items() if v != 1 or n == first}  # degrees of 1 add nothing
+        product = " * ".join(f"{name}={value}" for name, value in shown.items())
         raise ConfigError(f"parallel.{first}", getattr(parallel, first),
                           f"world size {product} = {size} must equal cluster.num_nodes*cluster.num_workers_per_node"
                           f" = {cluster.num_nodes}*{cluster.num_workers_per_node} = {cluster_size} (e.g. "
