@@ -6,10 +6,11 @@ this rank's coordinate on `groups.tp` (size T, rank t):
 - `attention_norm`, `ffn_norm`, `norm` -> `TPNorm`: RMSNorm then Megatron's f (identity forward, all-reduce
   of the gradient backward), so every column-parallel layer after it sees the replicated input and the input
   gradient sums every rank's partial;
-- wq, wk, wv, w1, w3 and the output head -> `ColumnParallelLinear`: rows [t*n/T, (t+1)*n/T) of the full
-  (n_out, n_in) weight (whole heads for wq/wk/wv: `attention.num_heads`/`num_kv_heads` become H/T, KV/T);
-- wo, w2 -> `RowParallelLinear`: columns [t*n/T, (t+1)*n/T), output through g (all-reduce forward,
-  identity backward);
+- wq, wk, wv, w1, w3 and the output head: column parallel (`shard_column`, in place, the cell is kept):
+  rows [t*n/T, (t+1)*n/T) of the full (n_out, n_in) weight (whole heads for wq/wk/wv:
+  `attention.num_heads`/`num_kv_heads` become H/T, KV/T);
+- wo, w2 -> `RowParallel(cell)`: columns [t*n/T, (t+1)*n/T) sliced in place, output through g (all-reduce
+  forward, identity backward);
 - tok_embeddings -> `VocabParallelEmbedding`: rows [t*Vp/T, (t+1)*Vp/T) of the embedding padded to Vp
   (vocab rounded up to a multiple of T, padding rows zero); tokens outside the shard give 0, then g.
   With tied embeddings the model's own `h @ tok_embeddings.weight.T` is then the vocab-parallel head.
@@ -20,8 +21,16 @@ process. Parameter names stay those of the unsharded model. `tp_shard_axes(model
 parameter is sharded; `gather_full(tensors, ...)` and `shard_full(arrays, ...)` convert between shards and
 full (unsharded, unpadded) arrays for layout-free checkpoints.
 
-Supported projections: `nn.Dense` (fp32/fp16/bf16 weights as built); FP8/LoRA cells raise ConfigError.
-Sequence parallel is not implemented here (`parallel.sequence_parallel` must stay false with TP).
+Sequence parallel (`parallel.sequence_parallel`, Korthikanti et al. 2022): the residual stream between the
+TP regions is sharded along the sequence (B, S/T, dim); f becomes an all-gather along the sequence (backward
+reduce-scatter), g a reduce-scatter (backward all-gather), and the norm weights' gradients are summed over TP
+(`GradSumTP`), so the trainer needs no extra reduction. The logits stay (B, S, Vp/T).
+
+Projections are sharded in place, so the converter composes with the precision converters whichever runs
+first: nn.Dense, PrecisionDense and Fp8Dense are accepted (anything with a 2-D `weight` and
+`in_channels`/`out_channels`). With FP8 delayed scaling each rank's amax is that of its shard (not reduced
+over TP), so FP8 numerics under TP differ from one process; the embedding is replaced by
+`VocabParallelEmbedding` (float32 gather: a bf16 PrecisionEmbedding's rounding is not kept).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from mindspore import dtype as mstype
 
 from ascend_llm.config.parallel import check_parallel_model
 from ascend_llm.errors import ConfigError
-from ascend_llm.parallel.comm import AllGather, AllReduce, Group
+from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter
 
 IGNORE_INDEX = -100
 
@@ -65,6 +74,32 @@ class ReduceFromTP(nn.Cell):
         return (dout,)
 
 
+class GradSumTP(nn.Cell):
+    """Identity forward; backward all-reduce (sum) over TP. Applied to a replicated weight used on a shard of
+    the sequence (sequence-parallel norms), so every rank gets the full gradient (Megatron's SP all-reduce of
+    layer-norm gradients)."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.reduce = AllReduce(group, "sum")
+
+    def construct(self, w):
+        return w
+
+    def bprop(self, w, out, dout):
+        return (self.reduce(dout),)
+
+
+def enter_op(group: Group, sequence_parallel: bool) -> nn.Cell:
+    """Into the TP region: f, or with SP the all-gather along the sequence (axis 1; backward reduce-scatter)."""
+    return AllGather(group, 1) if sequence_parallel else CopyToTP(group)
+
+
+def exit_op(group: Group, sequence_parallel: bool) -> nn.Cell:
+    """Out of the TP region: g, or with SP the reduce-scatter along the sequence (axis 1; backward all-gather)."""
+    return ReduceScatter(group, 1) if sequence_parallel else ReduceFromTP(group)
+
+
 def padded_vocab(vocab_size: int, tp: int) -> int:
     """vocab_size rounded up to a multiple of tp."""
     return -(-vocab_size // tp) * tp
@@ -82,76 +117,89 @@ def _pad_rows(full: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([full, pad], 0)
 
 
-def _param(full: Parameter, value: np.ndarray, axis) -> Parameter:
-    p = Parameter(Tensor(value, full.dtype), name=full.name, requires_grad=full.requires_grad)
-    p.tp_axis = axis  # sharded axis (None: replicated); read by tp_shard_axes
-    return p
+def _reshard(param: Parameter, value: np.ndarray, axis) -> None:
+    """Replace `param`'s data by this rank's shard (in place: same Parameter object, name and dtype)."""
+    param.set_data(Tensor(value, param.dtype), slice_shape=True)
+    param.tp_axis = axis  # sharded axis (None: replicated); read by tp_shard_axes
 
 
-class ColumnParallelLinear(nn.Cell):
-    """y = x @ W_t.T (+ b_t): this rank's output rows. x must already be replicated through f (TPNorm)."""
+def _linear(cell: nn.Cell, path: str) -> nn.Cell:
+    """`cell` if it is a linear cell this converter can shard in place: a 2-D `weight` (out, in) and the
+    `in_channels`/`out_channels`/`has_bias` attributes (nn.Dense, precision.PrecisionDense, Fp8Dense)."""
+    weight = getattr(cell, "weight", None)
+    if not isinstance(weight, Parameter) or len(weight.shape) != 2 or not hasattr(cell, "in_channels"):
+        raise ConfigError("parallel.tensor_parallel_degree", path,
+                          f"{path} is {type(cell).__name__}; tensor parallel shards linear cells with a (out, in) "
+                          "weight (nn.Dense, PrecisionDense, Fp8Dense) only")
+    return cell
 
-    def __init__(self, dense: nn.Dense, group: Group, rows: int | None = None):
+
+def shard_column(cell: nn.Cell, group: Group, rows: int | None = None) -> nn.Cell:
+    """Column parallel, in place: keep output rows [t*n/T, (t+1)*n/T) of the weight (and bias), after padding
+    the rows to `rows` (vocabulary padding). The input must be replicated through f (TPNorm). Returns `cell`."""
+    full = _pad_rows(cell.weight.asnumpy(), rows or cell.weight.shape[0])
+    _reshard(cell.weight, _slice(full, 0, group.rank, group.size), 0)
+    if cell.has_bias:
+        bias = _pad_rows(cell.bias.asnumpy(), full.shape[0])
+        _reshard(cell.bias, _slice(bias, 0, group.rank, group.size), 0)
+    cell.out_channels = full.shape[0] // group.size
+    return cell
+
+
+class RowParallel(nn.Cell):
+    """Row parallel: the wrapped linear cell keeps input columns [t*n/T, (t+1)*n/T) of its weight (sliced in
+    place), and its output goes through g (with sequence parallel: reduce-scatter along the sequence, so y is
+    (B, S/T, n_out)). The wrapper exposes the same `weight` Parameter so the name stays `<path>.weight`."""
+
+    def __init__(self, cell: nn.Cell, group: Group, sequence_parallel: bool = False, path: str = "row"):
         super().__init__()
-        full = dense.weight.asnumpy()
-        full = _pad_rows(full, rows or full.shape[0])
-        self.weight = _param(dense.weight, _slice(full, 0, group.rank, group.size), 0)
-        self.has_bias = dense.has_bias
-        if self.has_bias:
-            bias = _pad_rows(dense.bias.asnumpy(), rows or full.shape[0])
-            self.bias = _param(dense.bias, _slice(bias, 0, group.rank, group.size), 0)
+        if cell.has_bias:
+            raise ConfigError("parallel.tensor_parallel_degree", path,
+                              f"{path} has a bias; row-parallel layers must not (it would be added T times)")
+        _reshard(cell.weight, _slice(cell.weight.asnumpy(), 1, group.rank, group.size), 1)
+        cell.in_channels = cell.weight.shape[1]
+        self.weight = cell.weight
+        self.inner = cell
+        self.reduce = exit_op(group, sequence_parallel)
 
     def construct(self, x):
-        y = ops.matmul(x, self.weight.astype(x.dtype).T)
-        if self.has_bias:
-            y = y + self.bias.astype(y.dtype)
-        return y
-
-
-class RowParallelLinear(nn.Cell):
-    """y = g(x_t @ W_t.T) (+ b): x_t is this rank's slice of the input features (a column-parallel output)."""
-
-    def __init__(self, dense: nn.Dense, group: Group):
-        super().__init__()
-        self.weight = _param(dense.weight, _slice(dense.weight.asnumpy(), 1, group.rank, group.size), 1)
-        self.has_bias = dense.has_bias
-        if self.has_bias:
-            self.bias = _param(dense.bias, dense.bias.asnumpy(), None)
-        self.reduce = ReduceFromTP(group)
-
-    def construct(self, x):
-        y = self.reduce(ops.matmul(x, self.weight.astype(x.dtype).T))
-        if self.has_bias:
-            y = y + self.bias.astype(y.dtype)
-        return y
+        return self.reduce(self.inner(x))
 
 
 class TPNorm(nn.Cell):
-    """RMSNorm (same weight Parameter, same fp32 math as models.llama.RMSNorm), then f."""
+    """RMSNorm (same weight Parameter, same fp32 math as models.llama.RMSNorm), then f. With sequence parallel:
+    x is this rank's sequence shard (B, S/T, dim), the weight's gradient is summed over TP, and the output is
+    all-gathered along the sequence (B, S, dim)."""
 
-    def __init__(self, norm: nn.Cell, group: Group):
+    def __init__(self, norm: nn.Cell, group: Group, sequence_parallel: bool = False):
         super().__init__()
         self.eps = norm.eps
         self.weight = norm.weight
-        self.copy = CopyToTP(group)
+        self.enter = enter_op(group, sequence_parallel)
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel:
+            self.grad_sum = GradSumTP(group)
 
     def construct(self, x):
+        weight = self.grad_sum(self.weight) if self.sequence_parallel else self.weight
         x32 = x.astype(mstype.float32)
         inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
-        return self.copy((x32 * inv * self.weight).astype(x.dtype))
+        return self.enter((x32 * inv * weight).astype(x.dtype))
 
 
 class VocabParallelEmbedding(nn.Cell):
     """Rows [start, start + per) of the padded table; tokens elsewhere contribute 0; summed over TP by g.
-    tokens (B, S) int32 -> (B, S, dim) in the table's dtype."""
+    tokens (B, S) int32 -> (B, S, dim) in the table's dtype; with sequence parallel g is a reduce-scatter
+    along the sequence and the result is (B, S/T, dim)."""
 
-    def __init__(self, embedding: nn.Cell, group: Group, padded: int):
+    def __init__(self, embedding: nn.Cell, group: Group, padded: int, sequence_parallel: bool = False):
         super().__init__()
         full = _pad_rows(embedding.weight.asnumpy(), padded)
         self.per = padded // group.size
         self.start = group.rank * self.per
-        self.weight = _param(embedding.weight, _slice(full, 0, group.rank, group.size), 0)
-        self.reduce = ReduceFromTP(group)
+        _reshard(embedding.weight, _slice(full, 0, group.rank, group.size), 0)
+        self.weight = embedding.weight
+        self.reduce = exit_op(group, sequence_parallel)
 
     def construct(self, tokens):
         local = tokens - self.start
@@ -204,45 +252,35 @@ class VocabParallelCrossEntropy(nn.Cell):
         return losses.sum() / ops.maximum(count, 1.0)
 
 
-def _check_dense(cell: nn.Cell, path: str) -> nn.Dense:
-    if type(cell) is not nn.Dense:
-        raise ConfigError("parallel.tensor_parallel_degree", path,
-                          f"{path} is {type(cell).__name__}; tensor parallel shards nn.Dense projections only "
-                          "(apply it before FP8/LoRA converters, or use tensor_parallel_degree=1)")
-    return cell
-
-
 def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | None = None) -> nn.Cell:
     """Shard `model` (a models.llama.Transformer, full size and seeded) over `groups.tp`; see the module doc.
+    `seq_len` (the per-rank sequence length before SP, i.e. after CP) is checked for SP divisibility.
     Identity when the TP group has size 1. ConfigError for indivisible heads/KV heads/FFN or non-Dense
     projections. Returns the model (mutated in place)."""
     group = groups.tp
     if group.size == 1:
         return model
-    if parallel_cfg.sequence_parallel:
-        raise ConfigError("parallel.sequence_parallel", True, "is not implemented with tensor parallel yet; "
-                          "set parallel.sequence_parallel=false")
+    sp = bool(parallel_cfg.sequence_parallel)
     cfg = model.cfg
     check_parallel_model(parallel_cfg, cfg, seq_len or cfg.max_seq_len)
     tp = group.size
     for i, layer in enumerate(model.layers):
         attn, ffn = layer.attention, layer.feed_forward
-        layer.attention_norm = TPNorm(layer.attention_norm, group)
-        layer.ffn_norm = TPNorm(layer.ffn_norm, group)
+        prefix = f"layers.{i}"
+        layer.attention_norm = TPNorm(layer.attention_norm, group, sp)
+        layer.ffn_norm = TPNorm(layer.ffn_norm, group, sp)
         for name in ("wq", "wk", "wv"):
-            setattr(attn, name, ColumnParallelLinear(_check_dense(getattr(attn, name), f"layers.{i}.attention.{name}"),
-                                                     group))
-        attn.wo = RowParallelLinear(_check_dense(attn.wo, f"layers.{i}.attention.wo"), group)
+            shard_column(_linear(getattr(attn, name), f"{prefix}.attention.{name}"), group)
+        attn.wo = RowParallel(_linear(attn.wo, f"{prefix}.attention.wo"), group, sp, f"{prefix}.attention.wo")
         attn.num_heads, attn.num_kv_heads = attn.num_heads // tp, attn.num_kv_heads // tp
         for name in ("w1", "w3"):
-            setattr(ffn, name, ColumnParallelLinear(_check_dense(getattr(ffn, name), f"layers.{i}.feed_forward.{name}"),
-                                                    group))
-        ffn.w2 = RowParallelLinear(_check_dense(ffn.w2, f"layers.{i}.feed_forward.w2"), group)
-    model.norm = TPNorm(model.norm, group)
+            shard_column(_linear(getattr(ffn, name), f"{prefix}.feed_forward.{name}"), group)
+        ffn.w2 = RowParallel(_linear(ffn.w2, f"{prefix}.feed_forward.w2"), group, sp, f"{prefix}.feed_forward.w2")
+    model.norm = TPNorm(model.norm, group, sp)
     padded = padded_vocab(cfg.vocab_size, tp)
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, padded)
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, padded, sp)
     if not cfg.tie_embeddings:
-        model.output = ColumnParallelLinear(_check_dense(model.output, "output"), group, rows=padded)
+        shard_column(_linear(model.output, "output"), group, rows=padded)
     for name, param in model.parameters_and_names():
         if param.name != name:
             param.name = name

@@ -2,8 +2,10 @@
 so TP pads it): the loss, the logits (in global order) and the gradients of every parameter after one
 forward/backward equal a single-process run of the same seeded model (which test_model_reference checks
 against float64 NumPy). TP gradients are all-gathered to the unsharded names and shapes; CP gradients are
-summed over the CP ranks (what the data-parallel reduce over groups.dp_cp does). CP runs causal and with
-packed-document segment ids."""
+reduced by dp.build_grad_reducer over groups.dp_cp (sum over CP, mean over DP). tp_dp and cp_dp are the 2x2
+layouts on 4 workers (each data-parallel replica takes one row of the batch). TP also runs with every
+target in rank 0's vocabulary shard (rank 1's holds none); CP runs causal and with packed-document segment
+ids; tp_sp is TP with sequence parallel."""
 
 from __future__ import annotations
 
@@ -38,26 +40,40 @@ def reference():
         return ops.cross_entropy(logits.reshape(-1, cfg.vocab_size), y.reshape(-1)), logits
 
     out = {}
-    for variant, seg in (("causal", None), ("segments", Tensor(segments))):
-        args = (Tensor(tokens), Tensor(labels)) + (() if seg is None else (seg,))
+    for variant, targets, seg in (("causal", labels, None), ("segments", labels, Tensor(segments)),
+                                  ("lowlabels", labels % 255, None)):
+        args = (Tensor(tokens), Tensor(targets)) + (() if seg is None else (seg,))
         (loss, logits), grads = ms.value_and_grad(forward, None, params, has_aux=True)(*args)
         out[variant] = (loss.asnumpy(), logits.asnumpy(), {p.name: g.asnumpy() for p, g in zip(params, grads)})
     return out
 
 
+class Layouts:
+    """Runs each layout's msrun job once, on first use."""
+
+    def __init__(self, out: Path):
+        self.out, self.results = out, {}
+
+    def __getitem__(self, mode: str) -> dict:
+        if mode not in self.results:
+            workers = 4 if mode.endswith("_dp") else 2
+            run_msrun(WORKERS / "tpcp_worker.py", self.out / mode, mode, workers=workers)
+            self.results[mode] = dict(np.load(self.out / mode / f"{mode}.npz"))
+        return self.results[mode]
+
+
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tpcp")
-    results = {}
-    for mode in ("tp", "cp"):
-        run_msrun(WORKERS / "tpcp_worker.py", out, mode)
-        results[mode] = dict(np.load(out / f"{mode}.npz"))
-    return results
+    return Layouts(tmp_path_factory.mktemp("tpcp"))
 
 
-@pytest.mark.parametrize("mode,variant", [("tp", "causal"), ("cp", "causal"), ("cp", "segments")])
+@pytest.mark.parametrize("mode,variant", [("tp", "causal"), ("tp", "lowlabels"), ("cp", "causal"),
+                                          ("cp", "segments"), ("tp_sp", "segments"), ("tp_dp", "causal"),
+                                          ("cp_dp", "segments")])
 def test_layout_matches_single_process(layouts, reference, mode, variant):
     got = layouts[mode]
+    # checkpoints stay layout-free: gathered shards equal the full seeded init, and sharding it gives them
+    assert got["state/gather_err"] == 0 and got["state/shard_err"] == 0
     loss, logits, grads = reference[variant]
     np.testing.assert_allclose(got[f"{variant}/loss"], loss, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[f"{variant}/logits"], logits, rtol=0, atol=1e-5)

@@ -112,3 +112,12 @@ def test_shard_full_pads_vocab_and_concatenates_back():
             continue
         joined = np.concatenate([s[name] for s in shards], axis)
         np.testing.assert_array_equal(joined[tuple(slice(0, n) for n in full[name].shape)], full[name])
+
+
+def test_launch_dry_run_prints_the_layout(capsys):
+    from ascend_llm.cli.launch import main
+
+    assert main(["cluster=cpu_4proc", "parallel=tp2_dp2", "model=debug", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--worker_num=4 --local_worker_num=4" in out
+    assert "# rank 1: dp=0 cp=0 tp=1" in out and "# rank 2: dp=1 cp=0 tp=0" in out

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2) -> None:
     """msrun `script out_dir args...` with `workers` local workers; asserts every worker succeeded."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",
