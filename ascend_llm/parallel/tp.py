@@ -318,3 +318,26 @@ def shard_full(arrays: dict[str, np.ndarray], axes: dict[str, int | None], rank:
             full = _pad_rows(full, padded_vocab(full.shape[0], size))
         out[name] = _slice(full, axis, rank, size)
     return out
+
+
+class TPGradNorm(nn.Cell):
+    """Global L2 norm of gradients sharded over TP (what `train.optim.clip_by_global_norm` must use with TP):
+    sqrt(sum over replicated params of |g|^2 + all-reduce over TP of the sum over sharded params of |g|^2).
+    Replicated gradients are equal on every TP rank, so they are counted once. Vocabulary padding rows have
+    zero gradient and add nothing. construct(grads: tuple, same order as `params`) -> float32 scalar."""
+
+    def __init__(self, params, group: Group):
+        super().__init__()
+        self.sharded = tuple(getattr(p, "tp_axis", None) is not None for p in params)
+        self.reduce = AllReduce(group, "sum")
+
+    def construct(self, grads):
+        sharded = ops.zeros((), mstype.float32)
+        replicated = ops.zeros((), mstype.float32)
+        for g, is_sharded in zip(grads, self.sharded):
+            sq = (g.astype(mstype.float32) ** 2).sum()
+            if is_sharded:
+                sharded = sharded + sq
+            else:
+                replicated = replicated + sq
+        return ops.sqrt(replicated + self.reduce(sharded))

@@ -77,6 +77,9 @@ def test_layout_matches_single_process(layouts, reference, mode, variant):
     loss, logits, grads = reference[variant]
     np.testing.assert_allclose(got[f"{variant}/loss"], loss, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got[f"{variant}/logits"], logits, rtol=0, atol=1e-5)
+    # the global gradient norm for clipping, from the shards (tp.TPGradNorm)
+    want_norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+    np.testing.assert_allclose(got[f"{variant}/grad_norm"], want_norm, rtol=1e-5)
     names = sorted(k.split("/grad/")[1] for k in got if k.startswith(f"{variant}/grad/"))
     assert names == sorted(grads)
     for name in names:

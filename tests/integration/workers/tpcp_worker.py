@@ -94,7 +94,7 @@ def run(mode: str, out_dir: str) -> None:
     from mindspore import Tensor
     from mindspore.communication import init
 
-    from ascend_llm.parallel.tp import gather_full, shard_full, tp_shard_axes
+    from ascend_llm.parallel.tp import TPGradNorm, gather_full, shard_full, tp_shard_axes
 
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -125,6 +125,7 @@ def run(mode: str, out_dir: str) -> None:
         (loss, logits), grads = ms.jit(ms.value_and_grad(forward, None, params, has_aux=True))(*args)
         loss = reduce((loss,))[0].asnumpy()
         grads = reduce(tuple(grads))
+        results[f"{variant}/grad_norm"] = TPGradNorm(params, groups.tp)(grads).asnumpy()
         results[f"{variant}/loss"] = loss
         results[f"{variant}/logits"] = full_logits(logits, parallel, groups, model.cfg.vocab_size)
         grads = gather_full({p.name: g for p, g in zip(params, grads)}, axes, groups.tp, full_shapes)
