@@ -21,7 +21,12 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 @dataclass
 class ParallelConfig:
+    """Degrees, declared outermost first: rank = (dp_index * cp + cp_index) * tp + tp_index (tp innermost)."""
+
     data_parallel_degree: int = 1
+    context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
+    tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
+    sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
 
     def degrees(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
@@ -36,6 +41,33 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         for name, degree in self.degrees().items():
             positive(f"{prefix}.{name}", degree)
+        one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
+
+
+def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: str = "parallel") -> None:
+    """Divisibility of the model and sequence by the TP/CP degrees; ConfigError naming the field.
+
+    TP splits query heads, KV heads and the FFN hidden size (the vocabulary is padded, so any size works);
+    sequence parallel splits the sequence over TP; CP splits the sequence into 2*cp zigzag chunks.
+    """
+    tp, cp = int(parallel.tensor_parallel_degree), int(parallel.context_parallel_degree)
+    if model.num_heads % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.num_heads={model.num_heads}")
+    if model.num_kv_heads % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.num_kv_heads={model.num_kv_heads} (KV-head replication is not "
+                          "implemented)")
+    if model.ffn_hidden_dim % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.ffn_hidden_dim={model.ffn_hidden_dim}")
+    if parallel.sequence_parallel and tp > 1 and (seq_len // cp) % tp:
+        raise ConfigError(f"{prefix}.sequence_parallel", True,
+                          f"needs the per-rank sequence length {seq_len // cp} divisible by "
+                          f"tensor_parallel_degree={tp}")
+    if cp > 1 and seq_len % (2 * cp):
+        raise ConfigError("data.seq_len", seq_len,
+                          f"must be divisible by 2*parallel.context_parallel_degree={2 * cp} (zigzag chunks)")
 
 
 @dataclass
@@ -150,8 +182,9 @@ def check_world_size(parallel: ParallelConfig, cluster: ClusterConfig) -> int:
     size, cluster_size = parallel.world_size, int(cluster.world_size)
     if size != cluster_size:
         named = parallel.degrees()
-        product = " * ".join(f"{name}={value}" for name, value in named.items())
         first = next(iter(named))
+        shown = {n: v for n, v in named.items() if v != 1 or n == first}  # degrees of 1 add nothing
+        product = " * ".join(f"{name}={value}" for name, value in shown.items())
         raise ConfigError(f"parallel.{first}", getattr(parallel, first),
                           f"world size {product} = {size} must equal cluster.num_nodes*cluster.num_workers_per_node"
                           f" = {cluster.num_nodes}*{cluster.num_workers_per_node} = {cluster_size} (e.g. "
