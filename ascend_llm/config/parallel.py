@@ -19,9 +19,15 @@ HCCL_DETERMINISTIC = ("false", "true", "strict")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+ZERO_STAGES = (0, 1, 2)
+
+
 @dataclass
 class ParallelConfig:
     data_parallel_degree: int = 1
+    # ZeRO stage over the data-parallel group (Rajbhandari et al. 2020): 0 replicated optimizer state,
+    # 1 optimizer state (and fp32 master weights) sharded, 2 also the gradient-accumulation buffer sharded.
+    zero_stage: int = 0
 
     def degrees(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
@@ -36,6 +42,11 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         for name, degree in self.degrees().items():
             positive(f"{prefix}.{name}", degree)
+        one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        if self.zero_stage > 0 and self.data_parallel_degree < 2:
+            raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
+                              f"shards over the data-parallel group, which needs {prefix}.data_parallel_degree >= 2 "
+                              f"(it is {self.data_parallel_degree}); use zero_stage=0 for one data-parallel rank")
 
 
 @dataclass
@@ -89,6 +100,10 @@ class ClusterConfig:
     tail_worker_log: str = "all"  # worker logs msrun echoes to the console: all | none | ranks like "0" or "0,1"
     hccl: HcclConfig = field(default_factory=HcclConfig)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every worker
+    # Hardware, read by the memory/time planner (`ascend-llm plan`). None: not declared (no memory check).
+    device_memory_gib: Optional[float] = None  # memory of one device (910B: 64 GB HBM)
+    intra_node_gb_per_s: Optional[float] = None  # declared per-device collective bandwidth inside a node, GB/s
+    inter_node_gb_per_s: Optional[float] = None  # declared per-device collective bandwidth across nodes, GB/s
 
     @property
     def world_size(self) -> int:
@@ -122,6 +137,9 @@ class ClusterConfig:
                 raise ConfigError(f"{prefix}.env", key,
                                   "keys must be environment variable names ([A-Za-z_][A-Za-z0-9_]*)")
         self.hccl.validate(f"{prefix}.hccl")
+        for name in ("device_memory_gib", "intra_node_gb_per_s", "inter_node_gb_per_s"):
+            if getattr(self, name) is not None:
+                positive(f"{prefix}.{name}", getattr(self, name))
         if self.launcher == "rank_table" and not self.rank_table_file:
             raise ConfigError(f"{prefix}.rank_table_file", self.rank_table_file,
                               "required when cluster.launcher=rank_table")
