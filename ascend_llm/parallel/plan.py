@@ -193,9 +193,11 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
         "shortfall_gib": None if mem.shortfall_bytes is None else mem.shortfall_bytes / GIB,
         "notes": mem.notes,
         "time": {"compute_s": tp.compute_s, "comm_s": tp.comm_s, "step_s": tp.step_s,
+                 "model_flops_per_token": tp.model_flops_per_token,
                  "tokens_per_s_per_device": tp.tokens_per_s_per_device, "peak_tflops": tp.peak_tflops,
-                 "published": [{"setup": name, "tokens_per_s_per_device": value,
-                                "implied_mfu": tp.published_mfu(value)} for name, value in tp.published]},
+                 "published": [{"setup": name, "seq_len": seq, "tokens_per_s_per_device": value,
+                                "implied_mfu": tp.published_mfu(recipe.model, seq, value)}
+                               for name, seq, value in tp.published]},
         "suggestions": planned.suggestions,
     }
 
@@ -235,6 +237,6 @@ def _format_time(time: dict) -> list[str]:
              f"tokens/s per device estimate: {time['tokens_per_s_per_device']:,.0f} (an upper bound: real runs "
              "reach 40-60% MFU)"]
     for row in time["published"]:
-        lines.append(f"published 910B: {row['setup']}: {row['tokens_per_s_per_device']:,} tokens/s per device "
-                     f"(= {row['implied_mfu']:.0%} MFU at the declared peak)")
+        lines.append(f"published 910B: {row['setup']}, {row['seq_len']} tokens: {row['tokens_per_s_per_device']:,} "
+                     f"tokens/s per device (= {row['implied_mfu']:.0%} MFU at the declared peak)")
     return lines

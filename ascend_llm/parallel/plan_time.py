@@ -24,10 +24,10 @@ from typing import Any, Optional
 
 from ascend_llm.parallel.plan_memory import Layout, kv_heads_per_device, parameters_per_device
 
-# Published 910B throughput, bf16 (../shared/ascend-reference.md): (model name, seq_len) -> rows.
+# Published 910B throughput, bf16 (../shared/ascend-reference.md): model name -> (setup, seq_len, tokens/s/device).
 PUBLISHED_910B = {
-    ("llama2_7b", 4096): [("MindFormers, DP8, FA, jit O1", 4160), ("MindSpeed-LLM, TP1 PP2 SP", 4672)],
-    ("llama3_8b", 8192): [("MindFormers, DP8, full recompute, FA", 2581)],
+    "llama2_7b": [("MindFormers, DP8, FA, jit O1", 4096, 4160), ("MindSpeed-LLM, TP1 PP2 SP", 4096, 4672)],
+    "llama3_8b": [("MindFormers, DP8, full recompute, FA", 8192, 2581)],
 }
 
 
@@ -57,7 +57,7 @@ class TimePlan:
     world_size: int
     model_flops_per_token: float
     peak_tflops: float
-    published: list[tuple[str, int]]
+    published: list[tuple[str, int, int]]
 
     @property
     def step_s(self) -> float:
@@ -67,9 +67,10 @@ class TimePlan:
     def tokens_per_s_per_device(self) -> float:
         return self.tokens_per_step / self.step_s / self.world_size
 
-    def published_mfu(self, tokens_per_s: float) -> float:
-        """MFU a published tokens/s per device implies at the declared peak (6N + 12Lhs FLOPs/token)."""
-        return tokens_per_s * self.model_flops_per_token / (self.peak_tflops * 1e12)
+    def published_mfu(self, model: Any, seq_len: int, tokens_per_s: float) -> float:
+        """MFU a published tokens/s per device implies at the declared peak (6N + 12Lhs FLOPs/token at the
+        published sequence length)."""
+        return tokens_per_s * flops_per_token(model, seq_len) / (self.peak_tflops * 1e12)
 
 
 def ring_seconds(num_bytes: float, ranks: int, gb_per_s: Optional[float], factor: float) -> float:
@@ -102,4 +103,4 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
         kv = 2 * kv_heads_per_device(m, t) * m.head_dim * lay.micro_batch * lay.seq_len * lay.compute_bytes
         comm["context parallel (k, v)"] = micro_steps * m.num_layers * 2 * ring_seconds(kv, c, intra_gb_s, 1.0)
     return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops,
-                    PUBLISHED_910B.get((m.name, lay.seq_len), []))
+                    PUBLISHED_910B.get(m.name, []))
