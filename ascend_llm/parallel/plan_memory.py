@@ -3,7 +3,8 @@
 Every term is a byte count for ONE device. Symbols: P = parameters held by the device (after tensor-parallel
 splitting), d/t/c = data/tensor/context-parallel degrees, b = micro-batch rows per data-parallel rank,
 s = sequence length, h = model dim, a = attention heads, h_kv = key/value width (num_kv_heads * head_dim),
-F = SwiGLU hidden width, V = vocabulary, L = layers, e = bytes of the compute dtype, shard(n) = ceil(n/d).
+F = SwiGLU hidden width, V = vocabulary, L = layers, e = bytes of the compute dtype; a sharded per-parameter
+state keeps sum over parameter tensors of ceil(n/d) elements (each tensor padded to a multiple of d).
 
 Sources:
 - Model states and sharding: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from math import ceil
 from typing import Any, Optional
 
 from ascend_llm.errors import ConfigError
@@ -126,30 +126,37 @@ def kv_heads_per_device(model: Any, tp: int) -> int:
     return max(model.num_kv_heads // tp, 1)
 
 
-def parameters_per_device(model: Any, tp: int = 1) -> int:
-    """Parameter count one device holds. Column/row-parallel projections, the vocab-parallel embedding and
-    output head are divided by tp; norm weights are replicated. Equals models.llama.count_params at tp=1."""
+def parameter_sizes(model: Any, tp: int = 1) -> list[int]:
+    """Element count of every parameter tensor one device holds, in the model's order. Column/row-parallel
+    projections, the vocab-parallel embedding and output head are divided by tp; norm weights are replicated."""
     hd, h = model.head_dim, model.dim
-    q_out, kv_out = model.num_heads * hd // tp, kv_heads_per_device(model, tp) * hd
-    attention = h * q_out + 2 * h * kv_out + q_out * h
-    if model.qkv_bias:
-        attention += q_out + 2 * kv_out
-    layer = attention + 3 * h * model.ffn_hidden_dim // tp + 2 * h
+    q_out, kv_out, ffn = model.num_heads * hd // tp, kv_heads_per_device(model, tp) * hd, model.ffn_hidden_dim // tp
     vocab_part = model.vocab_size * h // tp
-    return model.num_layers * layer + h + vocab_part * (1 if model.tie_embeddings else 2)
+    layer = [h]  # attention_norm
+    for out in (q_out, kv_out, kv_out):
+        layer += [h * out] + ([out] if model.qkv_bias else [])
+    layer += [q_out * h, h, h * ffn, ffn * h, h * ffn]  # wo, ffn_norm, w1, w2, w3
+    return [vocab_part] + layer * model.num_layers + [h] + ([] if model.tie_embeddings else [vocab_part])
 
 
-def shard(numel: int, stage_active: bool, dp: int) -> int:
-    """Elements one rank holds of a flat buffer of `numel` sharded over dp ranks (padded to a multiple)."""
-    return ceil(numel / dp) if stage_active else numel
+def parameters_per_device(model: Any, tp: int = 1) -> int:
+    """Parameters one device holds (sum of `parameter_sizes`); equals models.llama.count_params at tp=1."""
+    return sum(parameter_sizes(model, tp))
+
+
+def sharded_elements(model: Any, tp: int, dp: int, active: bool) -> int:
+    """Elements of a per-parameter state one rank keeps: sum of ceil(n/dp) over the parameter tensors when
+    sharded (each tensor padded to a multiple of dp, as parallel/zero.py does), else every element."""
+    sizes = parameter_sizes(model, tp)
+    return sum(-(-n // dp) for n in sizes) if active else sum(sizes)
 
 
 def model_state_terms(lay: Layout) -> list[Term]:
     """Parameters, gradients, accumulation buffer, master weights, AdamW moments (ZeRO paper, sec. 3.1, 5)."""
-    p = parameters_per_device(lay.model, lay.tensor_parallel_degree)
-    d, z = lay.data_parallel_degree, lay.zero_stage
+    t, d, z = lay.tensor_parallel_degree, lay.data_parallel_degree, lay.zero_stage
+    p = parameters_per_device(lay.model, t)
     pb = lay.param_bytes
-    opt_n = shard(p, z >= 1, d)
+    opt_n = sharded_elements(lay.model, t, d, z >= 1)
     zero = "ZeRO (Rajbhandari et al. 2020) sec. 5"
     terms = [
         Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", zero + ", sec. 3.1"),
@@ -158,15 +165,15 @@ def model_state_terms(lay: Layout) -> list[Term]:
              "bucketed reduce-scatter inside the backward, which this step does not do"),
     ]
     if lay.grad_accum_steps > 1:
-        acc_n = shard(p, z >= 2, d)
+        acc_n = sharded_elements(lay.model, t, d, z >= 2)
         terms.append(Term("grad accumulation buffer", acc_n * pb,
-                          f"{'ceil(P/d)' if z >= 2 else 'P'} * {pb} B (running sum beside the new gradients)",
+                          f"{'sum ceil(n/d)' if z >= 2 else 'P'} * {pb} B (running sum beside the new gradients)",
                           zero + " stage 2 (gradient partition)" if z >= 2 else "trainer: acc + grads coexist"))
     if pb != 4:
-        terms.append(Term("fp32 master weights", opt_n * 4, f"{'ceil(P/d)' if z else 'P'} * 4 B",
+        terms.append(Term("fp32 master weights", opt_n * 4, f"{'sum ceil(n/d)' if z else 'P'} * 4 B",
                           zero + " stage 1" if z else "ZeRO sec. 3.1 (mixed-precision Adam)"))
     terms.append(Term("optimizer state (AdamW m, v)", opt_n * 8 + 4,
-                      f"{'ceil(P/d)' if z else 'P'} * 8 B + 4 B step",
+                      f"{'sum ceil(n/d)' if z else 'P'} * 8 B + 4 B step",
                       zero + " stage 1" if z else "ZeRO sec. 3.1"))
     return terms
 

@@ -35,6 +35,14 @@ def run_job(tmp_path: Path, stage: int) -> tuple[list[dict], Path]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)], out
 
 
+def planned_state_bytes(stage: int) -> float:
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.parallel.plan import plan_recipe
+
+    recipe = compose_recipe(["model=debug", "cluster=cpu_2proc", f"parallel=dp2_zero{stage}"])
+    return plan_recipe(recipe).memory.term("optimizer state (AdamW m, v)").bytes
+
+
 def resume_in_one_process(state_file: Path) -> list[float]:
     import mindspore as ms
     from mindspore import Tensor
@@ -82,9 +90,13 @@ def test_zero_matches_unsharded_adamw_under_msrun(tmp_path, stage):
         np.testing.assert_allclose(rep["zero_losses"], rep["ref_losses"], rtol=0, atol=1e-5)
         assert rep["max_param_diff"] < 1e-5
         assert rep["full_state_keys_match"] and rep["state_diff"] < 1e-5 and rep["reload_diff"] == 0.0
-        # each rank keeps ceil(P/2) elements of m and v (+ the 4-byte step): half the unsharded state
-        assert rep["zero_state_bytes"] == ceil(rep["num_params"] / 2) * 8 + 4
-        assert rep["unsharded_state_bytes"] == rep["num_params"] * 8 + 4
+        # each rank keeps ceil(n/2) elements of m and v per parameter (+ the 4-byte step): half the unsharded
+        # state, and exactly what `ascend-llm plan` counts for this recipe
+        sizes = rep["param_sizes"]
+        assert rep["zero_state_bytes"] == sum(ceil(n / 2) for n in sizes) * 8 + 4
+        assert rep["unsharded_state_bytes"] == sum(sizes) * 8 + 4
+        assert abs(rep["zero_state_bytes"] - rep["unsharded_state_bytes"] / 2) <= 4 * len(sizes)
+        assert rep["zero_state_bytes"] == planned_state_bytes(stage)
         print(f"stage {stage} rank {rep['rank']}: optimizer state {rep['zero_state_bytes']:,} bytes vs "
               f"{rep['unsharded_state_bytes']:,} unsharded")
     assert reports[0]["zero_losses"] == reports[1]["zero_losses"]

@@ -71,6 +71,9 @@ def test_state_terms_equal_the_trainers_parameters(model):
     nbytes = {p.name: p.size * ms.dtype_to_nptype(p.dtype)().itemsize for p in params}
     opt_bytes = sum(p.size * ms.dtype_to_nptype(p.dtype)().itemsize for p in optimizer.state_parameters())
     got = {t.name: t.bytes for t in plan_recipe(recipe).memory.terms}
+    from ascend_llm.parallel.plan_memory import parameter_sizes
+
+    assert parameter_sizes(recipe.model) == [p.size for p in params]  # tensor by tensor, in order
     assert got["parameters"] == sum(nbytes.values())
     assert got["gradients"] == sum(nbytes.values())  # one gradient per trainable parameter, same dtype
     assert got["optimizer state (AdamW m, v)"] == opt_bytes

@@ -99,13 +99,13 @@ def main(argv: list[str]) -> None:
     fresh = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
     fresh.load_full_state_dict(full)  # the gathered state, re-sharded: must give back the same shards
     reload_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
-                      for a, b in zip(fresh.state_parameters()[1:3], zero_opt.state_parameters()[1:3]))
+                      for a, b in zip(fresh.state_parameters(), zero_opt.state_parameters()))
     unsharded_bytes = sum(int(p.size) * p.itemsize for p in ref_opt.state_parameters())
     report = {"rank": rank, "world": world, "stage": stage, "zero_losses": zero_losses, "ref_losses": ref_losses,
               "max_param_diff": max_param_diff, "full_state_keys_match": sorted(full) == sorted(ref_state),
               "state_diff": state_diff, "reload_diff": reload_diff,
               "zero_state_bytes": zero_opt.state_bytes(), "unsharded_state_bytes": unsharded_bytes,
-              "num_params": sum(int(p.size) for p in zero_params)}
+              "param_sizes": [int(p.size) for p in zero_params]}
     print(f"[zero_worker] rank {rank}: optimizer state {zero_opt.state_bytes():,} bytes (unsharded "
           f"{unsharded_bytes:,})", flush=True)
     if rank == 0:
