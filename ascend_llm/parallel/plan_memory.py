@@ -159,7 +159,7 @@ def model_state_terms(lay: Layout) -> list[Term]:
     opt_n = sharded_elements(lay.model, t, d, z >= 1)
     zero = "ZeRO (Rajbhandari et al. 2020) sec. 5"
     terms = [
-        Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", zero + ", sec. 3.1"),
+        Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", "ZeRO sec. 3.1"),
         Term("gradients", p * pb, f"P * {pb} B (backward output, parameter dtype)",
              "ZeRO sec. 3.1; the compiled backward returns every gradient at once, so stage 2's 2P/d needs "
              "bucketed reduce-scatter inside the backward, which this step does not do"),
@@ -176,6 +176,28 @@ def model_state_terms(lay: Layout) -> list[Term]:
                       f"{'sum ceil(n/d)' if z else 'P'} * 8 B + 4 B step",
                       zero + " stage 1" if z else "ZeRO sec. 3.1"))
     return terms
+
+
+def optimizer_transient_term(lay: Layout, activation_bytes: float) -> Term:
+    """Temporaries of the optimizer step, which works one parameter tensor at a time (train/optim.py,
+    parallel/zero.py), so they are bounded by the largest tensor (n_max elements, usually the embedding):
+    float32 m, v, update and new value of it (16 B per element, of its shard under ZeRO), plus under ZeRO the
+    all-gathered parameter (parameter dtype on Ascend, float32 on CPU) and at stage 2 its padded gradient.
+    The step runs after the backward has freed the activations, so only the part above them adds to the peak:
+    max(0, T - activations)."""
+    sizes = parameter_sizes(lay.model, lay.tensor_parallel_degree)
+    n_max, d, z = max(sizes), lay.data_parallel_degree, lay.zero_stage
+    name = "optimizer step transients above activations"
+    if not z:
+        return Term(name, max(0.0, 16 * n_max - activation_bytes), "max(0, 16 B * n_max - activations)",
+                    "train/optim.py (per-tensor update, after the backward)")
+    gathered = lay.param_bytes if lay.device == "ascend" else 4
+    extra = n_max * lay.param_bytes if z >= 2 else 0
+    total = 16 * -(-n_max // d) + n_max * gathered + extra
+    return Term(name, max(0.0, total - activation_bytes),
+                f"max(0, 16 B * ceil(n_max/d) + n_max * {gathered} B gathered"
+                + (f" + n_max * {lay.param_bytes} B padded gradient" if z >= 2 else "") + " - activations)",
+                "parallel/zero.py (per-tensor reduce-scatter, update, all-gather, after the backward)")
 
 
 def layer_activation_terms(lay: Layout) -> dict[str, float]:
@@ -263,7 +285,9 @@ def overhead_terms(lay: Layout, subtotal: float) -> list[Term]:
 def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optional[str]) -> MemoryPlan:
     """The per-device MemoryPlan. device_memory_gib: one device's memory (None: undeclared); pool_cap:
     MindSpore's max_device_memory string, applied on Ascend only. Raises ConfigError on a bad pool string."""
-    terms = model_state_terms(lay) + activation_terms(lay)
+    activations = activation_terms(lay)
+    terms = model_state_terms(lay) + activations
+    terms.append(optimizer_transient_term(lay, sum(t.bytes for t in activations)))
     terms += overhead_terms(lay, sum(t.bytes for t in terms))
     pool = parse_memory_size(pool_cap) if (pool_cap is not None and lay.device == "ascend") else None
     device = device_memory_gib * GIB if device_memory_gib is not None else None

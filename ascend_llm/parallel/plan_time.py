@@ -11,8 +11,10 @@ Formulas:
   core's forward 4*L*h*s.
 - Ring all-reduce moves 2(k-1)/k of the buffer per rank; reduce-scatter and all-gather (k-1)/k each
   (Patarasuk & Yuan 2009; the figures NCCL/HCCL bandwidth tests report as "bus bandwidth").
-- Data parallel: gradients all-reduced once per step (ZeRO 1/2: reduce-scatter of gradients plus all-gather of
-  parameters, the same volume; ZeRO paper sec. 7). Tensor parallel: 2 all-reduces of b*s*h activations per
+- Data parallel: gradients all-reduced once per step; ZeRO-1 as implemented here adds the all-gather of the
+  updated parameters (3 passes); ZeRO-2 reduce-scatters every micro-batch's gradients into the shard and then
+  all-gathers the parameters (micro-batches + 1 passes; ZeRO paper sec. 7 counts 2 for one micro-batch).
+  Tensor parallel: 2 all-reduces of b*s*h activations per
   layer forward and 2 backward (Megatron-LM, Shoeybi et al. 2019, fig. 4). Context parallel: K and V
   all-gathered per layer forward, their gradients reduce-scattered backward.
 """
@@ -91,9 +93,12 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     compute_s = device_flops / (peak_tflops * 1e12)
     p_bytes = parameters_per_device(m, t) * lay.param_bytes
     dp_bw = inter_gb_s if lay.num_nodes > 1 else intra_gb_s
-    comm = {"data parallel (gradients" + (", parameters)" if lay.zero_stage else ")"):
-            ring_seconds(p_bytes, d, dp_bw, 2.0)}
     micro_steps = lay.grad_accum_steps
+    # ZeRO 0: one all-reduce (2 passes); 1: all-reduce + parameter all-gather (3); 2: a reduce-scatter per
+    # micro-batch (the shard accumulates) + the parameter all-gather (micro_steps + 1).
+    passes = {0: 2.0, 1: 3.0, 2: micro_steps + 1.0}[lay.zero_stage]
+    comm = {"data parallel (gradients" + (", parameters)" if lay.zero_stage else ")"):
+            ring_seconds(p_bytes, d, dp_bw, passes)}
     if t > 1:
         act = lay.micro_batch * lay.seq_len / c * m.dim * lay.compute_bytes
         per_layer = 4 + (2 if lay.recompute == "full" else 0)
