@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ascend_llm.config import compose_recipe
@@ -77,7 +78,13 @@ def test_state_terms_equal_the_trainers_parameters(model):
 
     assert parameter_sizes(recipe.model) == [p.size for p in params]  # tensor by tensor, in order
     assert got["parameters"] == sum(nbytes.values())
-    assert got["gradients"] == sum(nbytes.values())  # one gradient per trainable parameter, same dtype
+    x = ms.Tensor(np.zeros((2, 16), np.int32))
+
+    def forward(tokens):
+        return net(tokens).mean()
+
+    grads = ms.value_and_grad(forward, None, params)(x)[1]
+    assert got["gradients"] == sum(g.size * ms.dtype_to_nptype(g.dtype)().itemsize for g in grads)
     assert got["optimizer state (AdamW m, v)"] == opt_bytes
 
 

@@ -30,24 +30,17 @@ def lr_at(step: int) -> np.float32:
     return np.float32(3e-3 * (1.0 + step) / NUM_STEPS)
 
 
-def main(argv: list[str]) -> None:
-    out = Path(argv[argv.index("--out") + 1])
-    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+def build_steps(recipe, world: int, stage: int):
+    """Two seeded copies of the model: (zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params)."""
     import mindspore as ms
-    from mindspore import Tensor, ops
+    from mindspore import ops
 
-    from ascend_llm.config import compose_recipe
     from ascend_llm.models import build_model
-    from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
+    from ascend_llm.parallel.dp import build_grad_reducer
     from ascend_llm.parallel.zero import ZeroAdamW
     from ascend_llm.train.optim import AdamW, clip_by_global_norm
-    from ascend_llm.train.runtime import setup_runtime
     from ascend_llm.train.step import cross_entropy_loss
 
-    recipe = compose_recipe(overrides)
-    setup_runtime(recipe.runtime)
-    rank, world = init_distributed(recipe.parallel, recipe.cluster)
-    stage = recipe.parallel.zero_stage
     zero_model, ref_model = build_model(recipe.model, seed=7), build_model(recipe.model, seed=7)
     zero_params, ref_params = zero_model.trainable_params(), ref_model.trainable_params()
     zero_opt = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
@@ -83,6 +76,41 @@ def main(argv: list[str]) -> None:
         ref_opt(grads, lr)
         return loss
 
+    return zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params
+
+
+def state_checks(recipe, stage: int, zero_opt, ref_opt, zero_params) -> tuple[dict, dict]:
+    """The gathered (layout-free) state vs the unsharded one, and its re-sharding; (full state, report)."""
+    from ascend_llm.parallel.zero import ZeroAdamW
+
+    full = zero_opt.full_state_dict()  # collective: every rank
+    ref_state = {p.name: p.asnumpy() for p in ref_opt.state_parameters()}
+    fresh = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
+    fresh.load_full_state_dict(full)  # the gathered state, re-sharded: must give back the same shards
+    return full, {
+        "full_state_keys_match": sorted(full) == sorted(ref_state),
+        "state_diff": max(float(np.abs(full[k].astype(np.float64) - ref_state[k]).max()) for k in ref_state),
+        "reload_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
+                           for a, b in zip(fresh.state_parameters(), zero_opt.state_parameters())),
+        "zero_state_bytes": zero_opt.state_bytes(),
+        "unsharded_state_bytes": sum(int(p.size) * p.itemsize for p in ref_opt.state_parameters()),
+        "param_sizes": [int(p.size) for p in zero_params]}
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[argv.index("--out") + 1])
+    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+    from mindspore import Tensor
+
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.parallel.dp import init_distributed
+    from ascend_llm.train.runtime import setup_runtime
+
+    recipe = compose_recipe(overrides)
+    setup_runtime(recipe.runtime)
+    rank, world = init_distributed(recipe.parallel, recipe.cluster)
+    stage = recipe.parallel.zero_stage
+    zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params = build_steps(recipe, world, stage)
     half = ROWS // world
     zero_losses, ref_losses = [], []
     for step in range(NUM_STEPS):
@@ -91,31 +119,18 @@ def main(argv: list[str]) -> None:
         local = slice(rank * half, (rank + 1) * half)
         zero_losses.append(float(zero_step(Tensor(x[local]), Tensor(y[local]), lr).asnumpy()))
         ref_losses.append(float(ref_step(Tensor(x), Tensor(y), lr).asnumpy()))
-
-    max_param_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max()) for a, b in zip(zero_params, ref_params))
-    full = zero_opt.full_state_dict()  # collective: every rank
-    ref_state = {p.name: p.asnumpy() for p in ref_opt.state_parameters()}
-    state_diff = max(float(np.abs(full[k].astype(np.float64) - ref_state[k]).max()) for k in ref_state)
-    fresh = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
-    fresh.load_full_state_dict(full)  # the gathered state, re-sharded: must give back the same shards
-    reload_diff = max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
-                      for a, b in zip(fresh.state_parameters(), zero_opt.state_parameters()))
-    unsharded_bytes = sum(int(p.size) * p.itemsize for p in ref_opt.state_parameters())
+    full, checks = state_checks(recipe, stage, zero_opt, ref_opt, zero_params)
     report = {"rank": rank, "world": world, "stage": stage, "zero_losses": zero_losses, "ref_losses": ref_losses,
-              "max_param_diff": max_param_diff, "full_state_keys_match": sorted(full) == sorted(ref_state),
-              "state_diff": state_diff, "reload_diff": reload_diff,
-              "zero_state_bytes": zero_opt.state_bytes(), "unsharded_state_bytes": unsharded_bytes,
-              "param_sizes": [int(p.size) for p in zero_params]}
-    print(f"[zero_worker] rank {rank}: optimizer state {zero_opt.state_bytes():,} bytes (unsharded "
-          f"{unsharded_bytes:,})", flush=True)
+              "max_param_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
+                                    for a, b in zip(zero_params, ref_params)), **checks}
+    print(f"[zero_worker] rank {rank}: optimizer state {checks['zero_state_bytes']:,} bytes (unsharded "
+          f"{checks['unsharded_state_bytes']:,})", flush=True)
     if rank == 0:
         np.savez(out / "state.npz", **{"param." + p.name: p.asnumpy() for p in zero_params},
                  **{"opt." + k: v for k, v in full.items()})
-        resumed = []
-        for step in range(NUM_STEPS, NUM_STEPS + RESUME_STEPS):
-            x, y = batch(step, recipe.model.vocab_size)
-            resumed.append(float(ref_step(Tensor(x), Tensor(y), Tensor(lr_at(step))).asnumpy()))
-        report["ref_resumed_losses"] = resumed
+        report["ref_resumed_losses"] = [
+            float(ref_step(Tensor(x), Tensor(y), Tensor(lr_at(i))).asnumpy())
+            for i in range(NUM_STEPS, NUM_STEPS + RESUME_STEPS) for x, y in [batch(i, recipe.model.vocab_size)]]
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
