@@ -162,9 +162,10 @@ def check_fits(recipe: Any) -> None:
         return
     mem = planned.memory
     fix = (" ".join(planned.suggestions[0]) if planned.suggestions
-           else f"none within {MAX_CHANGES} changes: use more devices")
-    raise ConfigError("memory per device", f"{mem.total_bytes / GIB:.1f} GiB",
-                      f"exceeds {budget_text(mem)} by {mem.shortfall_bytes / GIB:.1f} GiB; smallest change that "
+           else f"none within {MAX_CHANGES} changes: add devices or tensor/context parallelism, or shorten "
+                "data.seq_len")
+    raise ConfigError("memory per device", f"{mem.total_bytes / GIB:.3g} GiB",
+                      f"exceeds {budget_text(mem)} by {mem.shortfall_bytes / GIB:.3g} GiB; smallest change that "
                       f"fits: {fix} (details: ascend-llm plan <overrides>; train.memory_check=false skips this)")
 
 
@@ -226,7 +227,8 @@ def format_plan(recipe: Any, planned: Plan) -> str:
         lines.append("smallest changes that fit (each re-planned):")
         lines += ["  " + " ".join(s) for s in planned.suggestions]
     elif fits is False:
-        lines.append(f"no change of up to {MAX_CHANGES} knobs fits: add devices or use a smaller model")
+        lines.append(f"no change of up to {MAX_CHANGES} knobs fits: add devices or tensor/context parallelism, "
+                     "shorten data.seq_len, or use a smaller model")
     return "\n".join(lines)
 
 
