@@ -2,7 +2,8 @@
 
 The recipe's `cluster/` group says how: msrun's dynamic cluster (default), msrun with an HCCL rank table
 (`cluster.rank_table_file`), or rank-table mode without msrun (`cluster.launcher=rank_table`). The command
-is printed, then run; `--dry-run` only prints it. Every worker runs `ascend-llm train <overrides>` (or
+is printed with the layout (which rank holds which dp/cp/tp coordinates), then run; `--dry-run` only prints
+them. Every worker runs `ascend-llm train <overrides>` (or
 `python <script> <overrides> [script args]` with --script). If a worker fails, the failed rank and the tail
 of its log are printed and the exit status is non-zero; `cluster.job_timeout_s` bounds the whole job.
 """
@@ -44,6 +45,11 @@ def main(argv: list[str]) -> int:
     recipe = preflight(compose_recipe(args.overrides))
     plan = build_launch_plan(recipe, args.overrides, script=args.script, script_args=script_args)
     print(describe_plan(plan), flush=True)
+    if recipe.parallel.world_size > 1:
+        from ascend_llm.parallel.dims import describe_layout
+
+        print("# layout (rank = (dp * cp + cp_index) * tp + tp_index):\n# " + "\n# ".join(describe_layout(
+            recipe.parallel)), flush=True)
     if args.dry_run:
         return 0
     from ascend_llm.cluster.supervise import run_plan

@@ -24,7 +24,12 @@ ZERO_STAGES = (0, 1, 2)
 
 @dataclass
 class ParallelConfig:
+    """Degrees, declared outermost first: rank = (dp_index * cp + cp_index) * tp + tp_index (tp innermost)."""
+
     data_parallel_degree: int = 1
+    context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
+    tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
+    sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
     # ZeRO stage over the data-parallel group (Rajbhandari et al. 2020): 0 replicated optimizer state,
     # 1 optimizer state (and fp32 master weights) sharded, 2 also the gradient-accumulation buffer sharded.
     zero_stage: int = 0
@@ -42,11 +47,38 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         for name, degree in self.degrees().items():
             positive(f"{prefix}.{name}", degree)
+        one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
         one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.zero_stage > 0 and self.data_parallel_degree < 2:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
                               f"shards over the data-parallel group, which needs {prefix}.data_parallel_degree >= 2 "
                               f"(it is {self.data_parallel_degree}); use zero_stage=0 for one data-parallel rank")
+
+
+def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: str = "parallel") -> None:
+    """Divisibility of the model and sequence by the TP/CP degrees; ConfigError naming the field.
+
+    TP splits query heads, KV heads and the FFN hidden size (the vocabulary is padded, so any size works);
+    sequence parallel splits the sequence over TP; CP splits the sequence into 2*cp zigzag chunks.
+    """
+    tp, cp = int(parallel.tensor_parallel_degree), int(parallel.context_parallel_degree)
+    if model.num_heads % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.num_heads={model.num_heads}")
+    if model.num_kv_heads % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.num_kv_heads={model.num_kv_heads} (KV-head replication is not "
+                          "implemented)")
+    if model.ffn_hidden_dim % tp:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
+                          f"must divide model.ffn_hidden_dim={model.ffn_hidden_dim}")
+    if parallel.sequence_parallel and tp > 1 and (seq_len // cp) % tp:
+        raise ConfigError(f"{prefix}.sequence_parallel", True,
+                          f"needs the per-rank sequence length {seq_len // cp} divisible by "
+                          f"tensor_parallel_degree={tp}")
+    if cp > 1 and seq_len % (2 * cp):
+        raise ConfigError("data.seq_len", seq_len,
+                          f"must be divisible by 2*parallel.context_parallel_degree={2 * cp} (zigzag chunks)")
 
 
 @dataclass
@@ -168,8 +200,9 @@ def check_world_size(parallel: ParallelConfig, cluster: ClusterConfig) -> int:
     size, cluster_size = parallel.world_size, int(cluster.world_size)
     if size != cluster_size:
         named = parallel.degrees()
-        product = " * ".join(f"{name}={value}" for name, value in named.items())
         first = next(iter(named))
+        shown = {n: v for n, v in named.items() if v != 1 or n == first}  # degrees of 1 add nothing
+        product = " * ".join(f"{name}={value}" for name, value in shown.items())
         raise ConfigError(f"parallel.{first}", getattr(parallel, first),
                           f"world size {product} = {size} must equal cluster.num_nodes*cluster.num_workers_per_node"
                           f" = {cluster.num_nodes}*{cluster.num_workers_per_node} = {cluster_size} (e.g. "

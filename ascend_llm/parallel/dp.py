@@ -14,8 +14,10 @@ Contract used by the trainer (`ascend_llm.train.trainer`):
   parameter creation: under msrun the same program also runs as the *scheduler* process, and for that
   process `init()` serves the cluster and exits the interpreter when the workers are done, so code placed
   before the call runs once more in the scheduler.
-- `build_grad_reducer(params, world_size) -> reduce`, where `reduce(tensors: tuple) -> tuple` returns the
-  element-wise mean over ranks of each tensor (AllReduce sum, then divide by world_size). Usable inside
+- `build_grad_reducer(params, world_size, group=None, scale=None) -> reduce`, where
+  `reduce(tensors: tuple) -> tuple` returns each tensor's sum over `group` times `scale`; by default the
+  element-wise mean over all ranks (world group, scale 1/world_size). With TP/CP: `group=groups.dp_cp`,
+  `scale=1/data_parallel_degree` (see `parallel.dims`). The all-reduce is `parallel.comm.AllReduce`. Usable inside
   `ms.jit` (it is an `nn.Cell`) and in pynative mode; any tuple of tensors works (gradients, or `(loss,)`),
   so `params` may be None (it is accepted for symmetry with `nn.DistributedGradReducer`). Identity when
   world_size == 1.
@@ -90,19 +92,36 @@ def identity(tensors: tuple) -> tuple:
     return tensors
 
 
-def build_grad_reducer(params: Sequence[Any] | None, world_size: int) -> Callable[[tuple], tuple]:
-    """A callable `tuple of tensors -> tuple of their means over ranks`; identity when world_size == 1."""
-    if world_size == 1:
-        return identity
-    from mindspore import nn, ops
+def build_grad_reducer(params: Sequence[Any] | None, world_size: int, group: Any = None,
+                       scale: float | None = None) -> Callable[[tuple], tuple]:
+    """A callable `tuple of tensors -> tuple of (sum over `group`) * scale`; identity when nothing is reduced.
 
-    class MeanAllReduce(nn.Cell):
-        """AllReduce(sum) over the world group, then divide by the world size; works inside ms.jit."""
+    Defaults (data parallel only): group = the world group, scale = 1/world_size (the mean over ranks).
+    With tensor/context parallel pass `group=groups.dp_cp` (from `parallel.dims.build_groups`) and
+    `scale=1/data_parallel_degree`: gradients are summed over the CP ranks (each holds its share of the loss)
+    and averaged over the data-parallel replicas; TP ranks hold different shards and are not reduced.
+    The all-reduce is `parallel.comm.AllReduce` (the one communication layer).
+    """
+    if group is None:
+        if world_size == 1:
+            return identity
+        from ascend_llm.parallel.comm import world_group
+
+        group = world_group()
+    if group.size == 1 and (scale is None or scale == 1.0):
+        return identity
+    scale = 1.0 / world_size if scale is None else float(scale)
+    from mindspore import nn
+
+    from ascend_llm.parallel.comm import AllReduce
+
+    class ScaledAllReduce(nn.Cell):
+        """AllReduce(sum) over the group, then multiply by `scale`; works inside ms.jit."""
 
         def __init__(self) -> None:
             super().__init__()
-            self.all_reduce = ops.AllReduce()
-            self.scale = 1.0 / world_size
+            self.all_reduce = AllReduce(group, "sum")
+            self.scale = scale
 
         def construct(self, tensors):
             out = ()
@@ -110,7 +129,7 @@ def build_grad_reducer(params: Sequence[Any] | None, world_size: int) -> Callabl
                 out = out + (self.all_reduce(t) * self.scale,)
             return out
 
-    return MeanAllReduce()
+    return ScaledAllReduce()
 
 
 def get_rank_or_zero() -> int:

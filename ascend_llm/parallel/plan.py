@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ascend_llm.config.parallel import check_parallel_model
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.plan_memory import (
     DTYPE_BYTES,
@@ -71,7 +72,9 @@ def peak_of(recipe: Any, device: str) -> float:
 
 
 def plan_recipe(recipe: Any, with_suggestions: bool = False) -> Plan:
-    """Plan a validated RecipeConfig. ConfigError if runtime.max_device_memory is malformed."""
+    """Plan a validated RecipeConfig. ConfigError if runtime.max_device_memory is malformed or the tensor/context
+    parallel degrees do not divide the model (config.parallel.check_parallel_model)."""
+    check_parallel_model(recipe.parallel, recipe.model, recipe.data.seq_len)
     lay = layout_of(recipe)
     mem = plan_memory(lay, recipe.cluster.device_memory_gib, recipe.runtime.max_device_memory)
     time = plan_time(lay, peak_of(recipe, lay.device), recipe.cluster.intra_node_gb_per_s,
@@ -110,11 +113,12 @@ def _knobs(recipe: Any, lay: Layout) -> list[list[dict[str, Any]]]:
         micro, accum = micro // 2, accum * 2
         options.append({"train.grad_accum_steps": accum})
     knobs.append(options)
-    if hasattr(recipe.parallel, "tensor_parallel_degree"):
+    if lay.context_parallel_degree == 1:
         tp_options, tp, dp = [], lay.tensor_parallel_degree, lay.data_parallel_degree
         while dp % 2 == 0 and tp * 2 <= 8:
             tp, dp = tp * 2, dp // 2
-            tp_options.append({"parallel.tensor_parallel_degree": tp, "parallel.data_parallel_degree": dp})
+            tp_options.append({"parallel.tensor_parallel_degree": tp, "parallel.data_parallel_degree": dp,
+                               "parallel.sequence_parallel": True})
         knobs.append(tp_options)
     return [k for k in knobs if k]
 
@@ -128,9 +132,9 @@ def _try(recipe: Any, changes: dict[str, Any]) -> Optional[Plan]:
         changes["parallel.zero_stage"] = 0
     try:
         trial.validate()
+        return plan_recipe(trial)
     except ConfigError:
         return None
-    return plan_recipe(trial)
 
 
 def suggest(recipe: Any, limit: int = 5) -> list[list[str]]:

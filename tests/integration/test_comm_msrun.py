@@ -6,33 +6,16 @@ sum over ranks: each op's input gradient is the adjoint collective applied to th
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ascend_llm.cluster.launch import find_free_port, msrun_executable
-
 pytestmark = pytest.mark.integration
 WORKER = Path(__file__).parent / "workers" / "comm_worker.py"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2) -> None:
-    """msrun `script out_dir args...` with `workers` local workers; asserts every worker succeeded."""
-    import os
-
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",
-            f"--master_port={find_free_port()}", f"--log_dir={out_dir / 'log'}", "--join=True",
-            "--cluster_time_out=120", str(script), str(out_dir), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=out_dir)
-    logs = "".join((out_dir / "log" / f"worker_{r}.log").read_text()[-3000:] for r in range(workers)
-                   if (out_dir / "log" / f"worker_{r}.log").exists())
-    assert done.returncode == 0, done.stderr[-2000:] + logs
+sys.path.insert(0, str(WORKER.parent))
+from msrun_util import run_msrun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +60,6 @@ CASES = ["sum", "max", "gather0", "gather1", "scatter0", "scatter1", "bcast1"]
 @pytest.mark.parametrize("group", ["world", "sub"])
 @pytest.mark.parametrize("case", CASES)
 def test_collective_matches_numpy(comm_results, group, case):
-    sys.path.insert(0, str(WORKER.parent))
     from comm_worker import inputs
 
     xs, ws = zip(*(inputs(r) for r in range(2)))

@@ -1,0 +1,320 @@
+"""Tensor parallel (Megatron-LM, Shoeybi et al. 2019, section 3) by a converter; model code untouched.
+
+`apply_tensor_parallel(model, parallel_cfg, groups)` rewrites a built (seeded, full-size) Llama in place for
+this rank's coordinate on `groups.tp` (size T, rank t):
+
+- `attention_norm`, `ffn_norm`, `norm` -> `TPNorm`: RMSNorm then Megatron's f (identity forward, all-reduce
+  of the gradient backward), so every column-parallel layer after it sees the replicated input and the input
+  gradient sums every rank's partial;
+- wq, wk, wv, w1, w3 and the output head: column parallel (`shard_column`, in place, the cell is kept):
+  rows [t*n/T, (t+1)*n/T) of the full (n_out, n_in) weight (whole heads for wq/wk/wv:
+  `attention.num_heads`/`num_kv_heads` become H/T, KV/T);
+- wo, w2 -> `RowParallel(cell)`: columns [t*n/T, (t+1)*n/T) sliced in place, output through g (all-reduce
+  forward, identity backward);
+- tok_embeddings -> `VocabParallelEmbedding`: rows [t*Vp/T, (t+1)*Vp/T) of the embedding padded to Vp
+  (vocab rounded up to a multiple of T, padding rows zero); tokens outside the shard give 0, then g.
+  With tied embeddings the model's own `h @ tok_embeddings.weight.T` is then the vocab-parallel head.
+- The model's output is this rank's logits (B, S, Vp/T) float32: use `VocabParallelCrossEntropy`.
+
+Weights are sliced from the full seeded initialisation, so a TP run starts from the same model as one
+process. Parameter names stay those of the unsharded model. `tp_shard_axes(model)` says which axis of each
+parameter is sharded; `gather_full(tensors, ...)` and `shard_full(arrays, ...)` convert between shards and
+full (unsharded, unpadded) arrays for layout-free checkpoints.
+
+Sequence parallel (`parallel.sequence_parallel`, Korthikanti et al. 2022): the residual stream between the
+TP regions is sharded along the sequence (B, S/T, dim); f becomes an all-gather along the sequence (backward
+reduce-scatter), g a reduce-scatter (backward all-gather), and the norm weights' gradients are summed over TP
+(`GradSumTP`), so the trainer needs no extra reduction. The logits stay (B, S, Vp/T).
+
+Projections are sharded in place, so the converter composes with the precision converters whichever runs
+first: nn.Dense, PrecisionDense and Fp8Dense are accepted (anything with a 2-D `weight` and
+`in_channels`/`out_channels`). With FP8 delayed scaling each rank's amax is that of its shard (not reduced
+over TP), so FP8 numerics under TP differ from one process; the embedding is replaced by
+`VocabParallelEmbedding` (float32 gather: a bf16 PrecisionEmbedding's rounding is not kept).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.config.parallel import check_parallel_model
+from ascend_llm.errors import ConfigError
+from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter
+
+IGNORE_INDEX = -100
+
+
+class CopyToTP(nn.Cell):
+    """Megatron f: identity forward; backward all-reduce (sum) of the gradient over the TP group."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.reduce = AllReduce(group, "sum")
+
+    def construct(self, x):
+        return x
+
+    def bprop(self, x, out, dout):
+        return (self.reduce(dout),)
+
+
+class ReduceFromTP(nn.Cell):
+    """Megatron g: all-reduce (sum) forward over the TP group; identity backward."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.reduce = AllReduce(group, "sum")
+
+    def construct(self, x):
+        return self.reduce(x)
+
+    def bprop(self, x, out, dout):
+        return (dout,)
+
+
+class GradSumTP(nn.Cell):
+    """Identity forward; backward all-reduce (sum) over TP. Applied to a replicated weight used on a shard of
+    the sequence (sequence-parallel norms), so every rank gets the full gradient (Megatron's SP all-reduce of
+    layer-norm gradients)."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.reduce = AllReduce(group, "sum")
+
+    def construct(self, w):
+        return w
+
+    def bprop(self, w, out, dout):
+        return (self.reduce(dout),)
+
+
+def enter_op(group: Group, sequence_parallel: bool) -> nn.Cell:
+    """Into the TP region: f, or with SP the all-gather along the sequence (axis 1; backward reduce-scatter)."""
+    return AllGather(group, 1) if sequence_parallel else CopyToTP(group)
+
+
+def exit_op(group: Group, sequence_parallel: bool) -> nn.Cell:
+    """Out of the TP region: g, or with SP the reduce-scatter along the sequence (axis 1; backward all-gather)."""
+    return ReduceScatter(group, 1) if sequence_parallel else ReduceFromTP(group)
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """vocab_size rounded up to a multiple of tp."""
+    return -(-vocab_size // tp) * tp
+
+
+def _slice(full: np.ndarray, axis: int, rank: int, size: int) -> np.ndarray:
+    per = full.shape[axis] // size
+    return np.ascontiguousarray(np.take(full, np.arange(rank * per, (rank + 1) * per), axis=axis))
+
+
+def _pad_rows(full: np.ndarray, rows: int) -> np.ndarray:
+    if full.shape[0] == rows:
+        return full
+    pad = np.zeros((rows - full.shape[0],) + full.shape[1:], full.dtype)
+    return np.concatenate([full, pad], 0)
+
+
+def _reshard(param: Parameter, value: np.ndarray, axis) -> None:
+    """Replace `param`'s data by this rank's shard (in place: same Parameter object, name and dtype)."""
+    param.set_data(Tensor(value, param.dtype), slice_shape=True)
+    param.tp_axis = axis  # sharded axis (None: replicated); read by tp_shard_axes
+
+
+def _linear(cell: nn.Cell, path: str) -> nn.Cell:
+    """`cell` if it is a linear cell this converter can shard in place: a 2-D `weight` (out, in) and the
+    `in_channels`/`out_channels`/`has_bias` attributes (nn.Dense, precision.PrecisionDense, Fp8Dense)."""
+    weight = getattr(cell, "weight", None)
+    if not isinstance(weight, Parameter) or len(weight.shape) != 2 or not hasattr(cell, "in_channels"):
+        raise ConfigError("parallel.tensor_parallel_degree", path,
+                          f"{path} is {type(cell).__name__}; tensor parallel shards linear cells with a (out, in) "
+                          "weight (nn.Dense, PrecisionDense, Fp8Dense) only")
+    return cell
+
+
+def shard_column(cell: nn.Cell, group: Group, rows: int | None = None) -> nn.Cell:
+    """Column parallel, in place: keep output rows [t*n/T, (t+1)*n/T) of the weight (and bias), after padding
+    the rows to `rows` (vocabulary padding). The input must be replicated through f (TPNorm). Returns `cell`."""
+    full = _pad_rows(cell.weight.asnumpy(), rows or cell.weight.shape[0])
+    _reshard(cell.weight, _slice(full, 0, group.rank, group.size), 0)
+    if cell.has_bias:
+        bias = _pad_rows(cell.bias.asnumpy(), full.shape[0])
+        _reshard(cell.bias, _slice(bias, 0, group.rank, group.size), 0)
+    cell.out_channels = full.shape[0] // group.size
+    return cell
+
+
+class RowParallel(nn.Cell):
+    """Row parallel: the wrapped linear cell keeps input columns [t*n/T, (t+1)*n/T) of its weight (sliced in
+    place), and its output goes through g (with sequence parallel: reduce-scatter along the sequence, so y is
+    (B, S/T, n_out)). The wrapper exposes the same `weight` Parameter so the name stays `<path>.weight`."""
+
+    def __init__(self, cell: nn.Cell, group: Group, sequence_parallel: bool = False, path: str = "row"):
+        super().__init__()
+        if cell.has_bias:
+            raise ConfigError("parallel.tensor_parallel_degree", path,
+                              f"{path} has a bias; row-parallel layers must not (it would be added T times)")
+        _reshard(cell.weight, _slice(cell.weight.asnumpy(), 1, group.rank, group.size), 1)
+        cell.in_channels = cell.weight.shape[1]
+        self.weight = cell.weight
+        self.inner = cell
+        self.reduce = exit_op(group, sequence_parallel)
+
+    def construct(self, x):
+        return self.reduce(self.inner(x))
+
+
+class TPNorm(nn.Cell):
+    """RMSNorm (same weight Parameter, same fp32 math as models.llama.RMSNorm), then f. With sequence parallel:
+    x is this rank's sequence shard (B, S/T, dim), the weight's gradient is summed over TP, and the output is
+    all-gathered along the sequence (B, S, dim)."""
+
+    def __init__(self, norm: nn.Cell, group: Group, sequence_parallel: bool = False):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.enter = enter_op(group, sequence_parallel)
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel:
+            self.grad_sum = GradSumTP(group)
+
+    def construct(self, x):
+        weight = self.grad_sum(self.weight) if self.sequence_parallel else self.weight
+        x32 = x.astype(mstype.float32)
+        inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
+        return self.enter((x32 * inv * weight).astype(x.dtype))
+
+
+class VocabParallelEmbedding(nn.Cell):
+    """Rows [start, start + per) of the padded table; tokens elsewhere contribute 0; summed over TP by g.
+    tokens (B, S) int32 -> (B, S, dim) in the table's dtype; with sequence parallel g is a reduce-scatter
+    along the sequence and the result is (B, S/T, dim)."""
+
+    def __init__(self, embedding: nn.Cell, group: Group, padded: int, sequence_parallel: bool = False):
+        super().__init__()
+        full = _pad_rows(embedding.weight.asnumpy(), padded)
+        self.per = padded // group.size
+        self.start = group.rank * self.per
+        _reshard(embedding.weight, _slice(full, 0, group.rank, group.size), 0)
+        self.weight = embedding.weight
+        self.reduce = exit_op(group, sequence_parallel)
+
+    def construct(self, tokens):
+        local = tokens - self.start
+        inside = ops.logical_and(local >= 0, local < self.per)
+        rows = ops.gather(self.weight, ops.where(inside, local, 0), 0)
+        rows = rows * inside.expand_dims(-1).astype(rows.dtype)
+        return self.reduce(rows)
+
+
+class VocabParallelCrossEntropy(nn.Cell):
+    """Mean token cross-entropy from vocab-sharded logits, never gathering them (Megatron's
+    `vocab_parallel_cross_entropy`): with m = max over all shards, Z = sum over shards of sum exp(l - m),
+    loss_i = log Z + m - l[target]. The max is a constant (stop_gradient); Z and the target logit are summed
+    over TP with g, so each rank's logits get the exact gradient softmax - onehot (divided by the count).
+
+    construct(logits (B, S, Vp/T) float, labels (B, S) int32) -> scalar float32; labels == -100 are ignored;
+    padded vocabulary columns (>= vocab_size) are excluded. `count_group` (context parallel) sums the token
+    count over the CP group, so each CP rank returns its share of the global mean and the CP ranks' losses
+    add up to it. Returns (sum of token losses) / (number of counted tokens).
+    """
+
+    def __init__(self, group: Group, vocab_size: int, count_group: Group | None = None):
+        super().__init__()
+        padded = padded_vocab(vocab_size, group.size)
+        self.per = padded // group.size
+        self.start = group.rank * self.per
+        columns = np.arange(self.start, self.start + self.per)
+        self.column_bias = Tensor(np.where(columns < vocab_size, 0.0, -np.inf).astype(np.float32))
+        self.max = AllReduce(group, "max")
+        self.sum_z = ReduceFromTP(group)
+        self.sum_target = ReduceFromTP(group)
+        self.count = AllReduce(count_group, "sum") if count_group is not None and count_group.size > 1 else None
+
+    def construct(self, logits, labels):
+        logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
+        labels = labels.reshape(-1)
+        top = ops.stop_gradient(self.max(logits.max(-1)))
+        shifted = logits - top.expand_dims(-1)
+        z = self.sum_z(ops.exp(shifted).sum(-1))
+        local = labels - self.start
+        inside = ops.logical_and(local >= 0, local < self.per)
+        picked = ops.gather_elements(shifted, 1, ops.where(inside, local, 0).expand_dims(-1)).squeeze(-1)
+        # the target sum depends on z: the two all-reduces run in the same order on every rank
+        target = self.sum_target(ops.depend(ops.where(inside, picked, 0.0), z))
+        valid = (labels != IGNORE_INDEX).astype(mstype.float32)
+        losses = (ops.log(z) - target) * valid
+        count = valid.sum()
+        if self.count is not None:
+            count = self.count(ops.stop_gradient(count))
+        return losses.sum() / ops.maximum(count, 1.0)
+
+
+def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | None = None) -> nn.Cell:
+    """Shard `model` (a models.llama.Transformer, full size and seeded) over `groups.tp`; see the module doc.
+    `seq_len` (the per-rank sequence length before SP, i.e. after CP) is checked for SP divisibility.
+    Identity when the TP group has size 1. ConfigError for indivisible heads/KV heads/FFN or non-Dense
+    projections. Returns the model (mutated in place)."""
+    group = groups.tp
+    if group.size == 1:
+        return model
+    sp = bool(parallel_cfg.sequence_parallel)
+    cfg = model.cfg
+    check_parallel_model(parallel_cfg, cfg, seq_len or cfg.max_seq_len)
+    tp = group.size
+    for i, layer in enumerate(model.layers):
+        attn, ffn = layer.attention, layer.feed_forward
+        prefix = f"layers.{i}"
+        layer.attention_norm = TPNorm(layer.attention_norm, group, sp)
+        layer.ffn_norm = TPNorm(layer.ffn_norm, group, sp)
+        for name in ("wq", "wk", "wv"):
+            shard_column(_linear(getattr(attn, name), f"{prefix}.attention.{name}"), group)
+        attn.wo = RowParallel(_linear(attn.wo, f"{prefix}.attention.wo"), group, sp, f"{prefix}.attention.wo")
+        attn.num_heads, attn.num_kv_heads = attn.num_heads // tp, attn.num_kv_heads // tp
+        for name in ("w1", "w3"):
+            shard_column(_linear(getattr(ffn, name), f"{prefix}.feed_forward.{name}"), group)
+        ffn.w2 = RowParallel(_linear(ffn.w2, f"{prefix}.feed_forward.w2"), group, sp, f"{prefix}.feed_forward.w2")
+    model.norm = TPNorm(model.norm, group, sp)
+    padded = padded_vocab(cfg.vocab_size, tp)
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, group, padded, sp)
+    if not cfg.tie_embeddings:
+        shard_column(_linear(model.output, "output"), group, rows=padded)
+    for name, param in model.parameters_and_names():
+        if param.name != name:
+            param.name = name
+    return model
+
+
+def tp_shard_axes(model: nn.Cell) -> dict[str, int | None]:
+    """{parameter name: sharded axis, or None when replicated} for every parameter of the model."""
+    return {p.name: getattr(p, "tp_axis", None) for p in model.get_parameters()}
+
+
+def gather_full(tensors: dict, axes: dict[str, int | None], group: Group, full_shapes: dict[str, tuple]) -> dict:
+    """Full (unsharded, unpadded) NumPy arrays from this rank's shards: all-gather along each sharded axis
+    over `group`, then drop vocabulary padding rows to `full_shapes[name]`. Eager; every TP rank must call it
+    with the same names in the same order. tensors: {name: Tensor or ndarray}."""
+    out = {}
+    for name, value in tensors.items():
+        value = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
+        axis = axes.get(name)
+        full = value.asnumpy() if axis is None or group.size == 1 else AllGather(group, axis)(value).asnumpy()
+        out[name] = full[tuple(slice(0, n) for n in full_shapes[name])]
+    return out
+
+
+def shard_full(arrays: dict[str, np.ndarray], axes: dict[str, int | None], rank: int, size: int) -> dict:
+    """This rank's shards of full arrays (the inverse of gather_full): vocabulary rows are zero-padded to a
+    multiple of `size` before slicing. arrays: {name: ndarray} with the unsharded model's names and shapes."""
+    out = {}
+    for name, full in arrays.items():
+        axis = axes.get(name)
+        if axis is None or size == 1:
+            out[name] = full
+            continue
+        if axis == 0 and full.shape[0] % size:
+            full = _pad_rows(full, padded_vocab(full.shape[0], size))
+        out[name] = _slice(full, axis, rank, size)
+    return out

@@ -1,0 +1,138 @@
+"""msrun worker for test_tpcp_msrun: the debug-size model under one layout, one forward + backward.
+
+Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and packed-document segment
+ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4 ranks. Gradients are
+reduced by dp.build_grad_reducer over groups.dp_cp and all-gathered over TP. Rank 0 writes <out>/<mode>.npz
+with the loss, the logits in global order, the full gradients under the unsharded parameter names, and the
+layout-free state checks (gather of the shards vs the full init, shard of the full init vs the shards)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+BATCH, SEQ = 2, 16
+
+
+def model_config():
+    from ascend_llm.config.model import ModelConfig
+
+    # the debug model with a vocabulary not divisible by 2 (exercises vocab padding)
+    return ModelConfig(name="debug", vocab_size=511, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                       ffn_hidden_dim=176, max_seq_len=64)
+
+
+def batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tokens, labels (B, S) int32 and segment ids (B, S) int32 (3 packed documents per row), seeded."""
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, 511, size=(BATCH, SEQ)).astype(np.int32)
+    labels = rng.integers(0, 511, size=(BATCH, SEQ)).astype(np.int32)
+    segments = np.stack([np.repeat([0, 1, 2], [5, 6, 5]), np.repeat([0, 1, 2], [2, 9, 5])]).astype(np.int32)
+    return tokens, labels, segments
+
+
+LAYOUTS = {"tp": dict(tensor_parallel_degree=2), "cp": dict(context_parallel_degree=2),
+           "tp_sp": dict(tensor_parallel_degree=2, sequence_parallel=True),
+           "tp_dp": dict(data_parallel_degree=2, tensor_parallel_degree=2),
+           "cp_dp": dict(data_parallel_degree=2, context_parallel_degree=2)}
+# "lowlabels": every target in rank 0's vocabulary shard [0, 256), so rank 1's shard holds none
+VARIANTS = {"tp": ("causal", "lowlabels"), "cp": ("causal", "segments"), "tp_sp": ("segments",),
+            "tp_dp": ("causal",),
+            "cp_dp": ("segments",)}
+
+
+def build(mode: str):
+    """(parallel config, groups, sharded model, loss cell, gradient reducer, full init arrays, full shapes)."""
+    from ascend_llm.config.parallel import ParallelConfig
+    from ascend_llm.models.llama import build_model
+    from ascend_llm.parallel.cp import apply_context_parallel
+    from ascend_llm.parallel.dims import build_groups
+    from ascend_llm.parallel.dp import build_grad_reducer
+    from ascend_llm.parallel.tp import VocabParallelCrossEntropy, apply_tensor_parallel
+
+    cfg = model_config()
+    parallel = ParallelConfig(**LAYOUTS[mode])
+    groups = build_groups(parallel)
+    model = build_model(cfg, seed=0)
+    init = {p.name: p.asnumpy() for p in model.trainable_params()}
+    apply_tensor_parallel(model, parallel, groups, seq_len=SEQ)
+    apply_context_parallel(model, parallel, groups, SEQ)
+    loss_fn = VocabParallelCrossEntropy(groups.tp, cfg.vocab_size, count_group=groups.cp)
+    reduce = build_grad_reducer(None, parallel.world_size, group=groups.dp_cp,
+                                scale=1.0 / parallel.data_parallel_degree)
+    return parallel, groups, model, loss_fn, reduce, init
+
+
+def local_batch(parallel, groups):
+    """This rank's rows (its data-parallel replica's share) and zigzag sequence slice (its CP rank)."""
+    from ascend_llm.parallel.cp import shard_sequence
+
+    dp, cp = parallel.data_parallel_degree, parallel.context_parallel_degree
+    per = BATCH // dp
+    rows = slice(groups.dp_rank * per, (groups.dp_rank + 1) * per)
+    return tuple(shard_sequence(a[rows], cp, groups.cp_rank) for a in batch())
+
+
+def full_logits(logits, parallel, groups, vocab: int) -> np.ndarray:
+    """This layout's logits (B, S, V) in global order on every rank (gathered over tp, cp and dp)."""
+    from mindspore import Tensor
+
+    from ascend_llm.parallel import comm
+    from ascend_llm.parallel.cp import zigzag_positions
+
+    local = comm.AllGather(groups.tp, 2)(logits).asnumpy()[..., :vocab]
+    per = BATCH // parallel.data_parallel_degree
+    full = np.zeros((BATCH, SEQ, vocab), np.float32)
+    rows = slice(groups.dp_rank * per, (groups.dp_rank + 1) * per)
+    full[rows][:, zigzag_positions(SEQ, parallel.context_parallel_degree, groups.cp_rank)] = local
+    return comm.AllReduce(groups.dp_cp, "sum")(Tensor(full)).asnumpy()
+
+
+def run(mode: str, out_dir: str) -> None:
+    import mindspore as ms
+    from mindspore import Tensor
+    from mindspore.communication import init
+
+    from ascend_llm.parallel.tp import gather_full, shard_full, tp_shard_axes
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    init()
+    parallel, groups, model, loss_fn, reduce, init_full = build(mode)
+    full_shapes = {name: value.shape for name, value in init_full.items()}
+    tokens, labels, segments = local_batch(parallel, groups)
+    params = model.trainable_params()
+    axes = tp_shard_axes(model)
+    results = {}
+    # layout-free state: shards gathered back equal the full seeded init; the full init sharded equals them
+    gathered = gather_full({p.name: p for p in params}, axes, groups.tp, full_shapes)
+    mine = shard_full(init_full, axes, groups.tp_rank, groups.tp.size)
+    results["state/gather_err"] = max(np.abs(gathered[n] - init_full[n]).max() for n in init_full)
+    results["state/shard_err"] = max(np.abs(mine[p.name] - p.asnumpy()).max() for p in params)
+    for variant in VARIANTS[mode]:
+        targets = labels % 255 if variant == "lowlabels" else labels
+        if variant != "segments":
+            def forward(x, y):
+                logits = model(x)
+                return loss_fn(logits, y), logits
+            args = (Tensor(tokens), Tensor(targets))
+        else:
+            def forward(x, y, s):
+                logits = model(x, s)
+                return loss_fn(logits, y), logits
+            args = (Tensor(tokens), Tensor(targets), Tensor(segments))
+        (loss, logits), grads = ms.jit(ms.value_and_grad(forward, None, params, has_aux=True))(*args)
+        loss = reduce((loss,))[0].asnumpy()
+        grads = reduce(tuple(grads))
+        results[f"{variant}/loss"] = loss
+        results[f"{variant}/logits"] = full_logits(logits, parallel, groups, model.cfg.vocab_size)
+        grads = gather_full({p.name: g for p, g in zip(params, grads)}, axes, groups.tp, full_shapes)
+        results.update({f"{variant}/grad/{name}": value for name, value in grads.items()})
+    if groups.rank == 0:
+        np.savez(f"{out_dir}/{mode}.npz", **results)
+    print(f"rank {groups.rank}: {mode} done", flush=True)
+
+
+if __name__ == "__main__":
+    run(sys.argv[2], sys.argv[1])
