@@ -19,6 +19,9 @@ HCCL_DETERMINISTIC = ("false", "true", "strict")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+ZERO_STAGES = (0, 1, 2)
+
+
 @dataclass
 class ParallelConfig:
     """Degrees, declared outermost first: rank = (dp_index * cp + cp_index) * tp + tp_index (tp innermost)."""
@@ -27,6 +30,9 @@ class ParallelConfig:
     context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
     tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
     sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
+    # ZeRO stage over the data-parallel group (Rajbhandari et al. 2020): 0 replicated optimizer state,
+    # 1 optimizer state (and fp32 master weights) sharded, 2 also the gradient-accumulation buffer sharded.
+    zero_stage: int = 0
 
     def degrees(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
@@ -42,6 +48,11 @@ class ParallelConfig:
         for name, degree in self.degrees().items():
             positive(f"{prefix}.{name}", degree)
         one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
+        one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
+        if self.zero_stage > 0 and self.data_parallel_degree < 2:
+            raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
+                              f"shards over the data-parallel group, which needs {prefix}.data_parallel_degree >= 2 "
+                              f"(it is {self.data_parallel_degree}); use zero_stage=0 for one data-parallel rank")
 
 
 def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: str = "parallel") -> None:
@@ -121,6 +132,10 @@ class ClusterConfig:
     tail_worker_log: str = "all"  # worker logs msrun echoes to the console: all | none | ranks like "0" or "0,1"
     hccl: HcclConfig = field(default_factory=HcclConfig)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for every worker
+    # Hardware, read by the memory/time planner (`ascend-llm plan`). None: not declared (no memory check).
+    device_memory_gib: Optional[float] = None  # memory of one device (910B: 64 GB HBM)
+    intra_node_gb_per_s: Optional[float] = None  # declared per-device collective bandwidth inside a node, GB/s
+    inter_node_gb_per_s: Optional[float] = None  # declared per-device collective bandwidth across nodes, GB/s
 
     @property
     def world_size(self) -> int:
@@ -154,6 +169,9 @@ class ClusterConfig:
                 raise ConfigError(f"{prefix}.env", key,
                                   "keys must be environment variable names ([A-Za-z_][A-Za-z0-9_]*)")
         self.hccl.validate(f"{prefix}.hccl")
+        for name in ("device_memory_gib", "intra_node_gb_per_s", "inter_node_gb_per_s"):
+            if getattr(self, name) is not None:
+                positive(f"{prefix}.{name}", getattr(self, name))
         if self.launcher == "rank_table" and not self.rank_table_file:
             raise ConfigError(f"{prefix}.rank_table_file", self.rank_table_file,
                               "required when cluster.launcher=rank_table")

@@ -13,6 +13,7 @@ from ascend_llm.config.checks import in_range, non_negative, one_of, positive
 from ascend_llm.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
 # Layer kinds a `layer_dtypes` key may name besides sub-cell names and patterns. Norms are listed so a
 # request for a low-precision norm gets a clear error rather than being ignored.
 KINDS = ("linear", "conv", "embedding", "norm")
@@ -86,6 +87,9 @@ class PrecisionConfig:
 
     name: str = "fp32"
     compute_dtype: str = "float32"  # default GEMM dtype of linear layers
+    # Dtype of the model's parameters (and so of their gradients). bfloat16: the optimizer keeps float32
+    # master weights (Megatron's layout, about 6 + 12/d bytes per parameter with sharding over d ranks).
+    param_dtype: str = "float32"
     # Overrides keyed on a layer kind (linear, conv, embedding, norm), a sub-cell name (wq, w2, output,
     # tok_embeddings) or an fnmatch pattern on the full cell path (layers.0.*); the most specific wins.
     layer_dtypes: dict[str, str] = field(default_factory=dict)
@@ -103,6 +107,7 @@ class PrecisionConfig:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{prefix}.name", self.name, "must be a non-empty label")
         one_of(f"{prefix}.compute_dtype", self.compute_dtype, DTYPES)
+        one_of(f"{prefix}.param_dtype", self.param_dtype, PARAM_DTYPES)
         for key, dtype in self.layer_dtypes.items():
             one_of(f"{prefix}.layer_dtypes.{key}", dtype, DTYPES)
             if key in FP32_ONLY_KINDS and dtype != "float32":

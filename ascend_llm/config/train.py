@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ascend_llm.config.checks import non_negative, positive
+from ascend_llm.config.checks import non_negative, one_of, positive
 from ascend_llm.errors import ConfigError
+
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class TrainConfig:
     sample_tokens: int = 48
     sample_top_k: int = 1
     progress: bool = True
+    # Activation recompute per decoder layer: none | selective (the attention core) | full (whole layer).
+    recompute: str = "none"
+    # Refuse to start on Ascend when the memory planner (`ascend-llm plan`) says the recipe cannot fit.
+    memory_check: bool = True
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every", "val_every",
@@ -57,6 +63,8 @@ class TrainConfig:
             positive(f"{prefix}.{name}", getattr(self, name))
         non_negative(f"{prefix}.sample_tokens", self.sample_tokens)
         non_negative(f"{prefix}.seed", self.seed)
+        one_of(f"{prefix}.recompute", self.recompute, RECOMPUTE_MODES)
+        one_of(f"{prefix}.memory_check", self.memory_check, (True, False))
         if self.global_batch_size % self.grad_accum_steps:
             raise ConfigError(f"{prefix}.grad_accum_steps", self.grad_accum_steps,
                               f"must divide train.global_batch_size={self.global_batch_size}")

@@ -1,0 +1,234 @@
+"""Sharded AdamW over the data-parallel group: ZeRO stage 1 and 2 (Rajbhandari et al. 2020, sec. 5).
+
+`ZeroAdamW(params, cfg, stage, group)` has the call signature of `ascend_llm.train.optim.AdamW`:
+`optimizer(grads, lr) -> step` inside the compiled step, and `state_parameters()` (this rank's shards).
+
+Layout. Each parameter of n elements is flattened and zero-padded to d * ceil(n/d) (d = group size); rank r
+owns elements [r*c, (r+1)*c) with c = ceil(n/d). Per parameter the rank keeps the AdamW moments m and v of its
+slice (float32, `zero_m.<name>`, `zero_v.<name>`) and, when the parameter is not float32 (bf16 on Ascend),
+float32 master weights of it (`zero_master.<name>`: Megatron's distributed-optimizer layout). Optimizer state
+per rank: 8 * sum(ceil(n/d)) + 4 bytes (+ 4 * sum(ceil(n/d)) of master weights), the figure `ascend-llm plan`
+uses. Working per parameter (not on one flat copy of the model) bounds the optimizer's transient buffers by
+the largest parameter.
+
+One optimizer call:
+1. gradients to this rank's shards (`reduce_gradients`):
+   stage 1: `grads` are already averaged over the group (the trainer's all-reduce): take this rank's slices;
+   stage 2: `grads` are this rank's local gradients: each is reduce-scattered (sum) and divided by d, so only
+   the shard of the average is kept (the trainer can accumulate micro-batches in these shards: 1/d memory);
+   with `grad_clip` > 0 the shards are clipped by the global norm (sum of squares all-reduced over the group),
+   since no rank holds the full gradient.
+2. AdamW on the shards, exactly the unsharded formula of train/optim.py: m, v, bias correction, decoupled
+   weight decay (norm weights and biases not decayed).
+3. all-gather of the updated shards and assignment of every full parameter.
+Collectives go through `ascend_llm.parallel.comm` (native HCCL ops on Ascend; exact AllReduce-based
+equivalents on CPU) and are chained by data dependencies (`ops.depend`), so every rank issues them in the same
+order (comm.py's ordering rule).
+
+Checkpoints stay layout-free: `full_state_dict()` gathers the shards and returns the same names and shapes
+as the unsharded AdamW (`adam_step`, `adam_m.<param>`, `adam_v.<param>`, plus `master.<param>` when master
+weights exist); `load_full_state_dict()` takes such a dict (from any degree, or one process) and keeps this
+rank's shard. Both are collective or local as noted and must run on every rank of the group.
+"""
+
+from __future__ import annotations
+
+from math import ceil
+from typing import Any, Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.config.optim import OptimConfig
+from ascend_llm.errors import CheckpointError, ConfigError
+from ascend_llm.parallel import comm
+from ascend_llm.train.optim import decays
+
+
+def shard_numel(numel: int, size: int) -> int:
+    """Elements of one parameter a rank owns: ceil(numel / size) (the last rank's tail is padding)."""
+    return ceil(numel / size)
+
+
+def owned_range(numel: int, size: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of the real (unpadded) elements rank `rank` owns of a flattened parameter."""
+    chunk = shard_numel(numel, size)
+    start = min(rank * chunk, numel)
+    return start, min(start + chunk, numel)
+
+
+class ZeroAdamW(nn.Cell):
+    """AdamW whose state is sharded over `group` (default: the world). See the module doc.
+
+    params: the full, replicated trainable parameters (any float dtype); cfg: OptimConfig; stage: 1 or 2;
+    grad_clip: global-norm clip applied inside at stage 2 (at stage 1 the trainer clips the reduced
+    gradients as today). Raises ConfigError for another stage.
+    """
+
+    def __init__(self, params: list[Parameter], cfg: OptimConfig, stage: int, group: Optional[Any] = None,
+                 grad_clip: float = 0.0):
+        super().__init__(auto_prefix=False)
+        if stage not in (1, 2):
+            raise ConfigError("parallel.zero_stage", stage, "ZeroAdamW implements stages 1 and 2")
+        self.group = group if group is not None else comm.world_group()
+        self.stage, self.size, self.rank = stage, self.group.size, self.group.rank
+        self.params = tuple(params)
+        self.sizes = tuple(int(np.prod(p.shape)) for p in params)
+        self.chunks = tuple(shard_numel(n, self.size) for n in self.sizes)
+        self.ranges = tuple(owned_range(n, self.size, self.rank) for n in self.sizes)
+        self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
+        self.weight_decay = tuple(cfg.weight_decay if decays(p.name) else 0.0 for p in params)
+        self.grad_clip = float(grad_clip) if stage == 2 else 0.0
+        self.has_master = any(p.dtype != mstype.float32 for p in params)
+        self.exp_avg = ParameterTuple(self._shard_param("zero_m.", p, c) for p, c in zip(params, self.chunks))
+        self.exp_avg_sq = ParameterTuple(self._shard_param("zero_v.", p, c) for p, c in zip(params, self.chunks))
+        self.step = Parameter(Tensor(0, mstype.int32), name="adam_step", requires_grad=False)
+        if self.has_master:
+            self.master = ParameterTuple(
+                Parameter(Tensor(self._local(p.asnumpy(), i)), name="zero_master." + p.name, requires_grad=False)
+                for i, p in enumerate(params))
+        self.scatter = comm.ReduceScatter(self.group, 0)
+        self.gather = comm.AllGather(self.group, 0)
+        self.sum = comm.AllReduce(self.group, "sum")
+        # Gather in the parameter dtype on Ascend (half the traffic for bf16); float32 on CPU, whose
+        # StridedSlice and Assign kernels have no bf16.
+        self.native = ms.get_context("device_target") == "Ascend"
+
+    @staticmethod
+    def _shard_param(prefix: str, param: Parameter, chunk: int) -> Parameter:
+        return Parameter(Tensor(np.zeros(chunk, np.float32)), name=prefix + param.name, requires_grad=False)
+
+    def state_parameters(self) -> list[Parameter]:
+        """This rank's optimizer state (step, m and v shards, master shards when present)."""
+        return [self.step, *self.exp_avg, *self.exp_avg_sq, *(self.master if self.has_master else ())]
+
+    def state_bytes(self) -> int:
+        return sum(int(np.prod(p.shape)) * p.itemsize for p in self.state_parameters())
+
+    # -- compiled pieces ---------------------------------------------------------------------------------
+    def _slice(self, tensor, i):
+        """This rank's float32 slice of parameter-shaped `tensor` i, zero-padded to its chunk."""
+        start, stop = self.ranges[i]
+        flat = tensor.reshape(-1).astype(mstype.float32)  # cast first: CPU slices have no bf16 kernel
+        pad = self.chunks[i] - (stop - start)
+        if stop == start:
+            return ops.zeros((self.chunks[i],), mstype.float32)
+        if pad:
+            return ops.concat((flat[start:stop], ops.zeros((pad,), mstype.float32)), 0)
+        return flat[start:stop]
+
+    def reduce_gradients(self, grads):
+        """(full gradients,) -> tuple of this rank's float32 shards of the group-average gradient."""
+        if self.stage == 1:
+            return tuple(self._slice(grads[i], i) for i in range(len(self.params)))
+        shards, previous = (), None
+        for i in range(len(self.params)):
+            flat = grads[i].reshape(-1)
+            pad = self.chunks[i] * self.size - self.sizes[i]
+            if pad:
+                flat = ops.concat((flat, ops.zeros((pad,), flat.dtype)), 0)
+            if previous is not None:
+                flat = ops.depend(flat, previous)  # same collective order on every rank
+            previous = self.scatter(flat)
+            shards = shards + (previous.astype(mstype.float32) * (1.0 / self.size),)
+        return shards
+
+    def clip_shards(self, shards):
+        """Global-norm clipping of gradient shards (stage 2); returns (clipped shards, global norm)."""
+        total = 0.0
+        for s in shards:
+            total = total + (s * s).sum()
+        norm = ops.sqrt(self.sum(total.reshape(1)))[0]
+        if self.grad_clip <= 0:
+            return shards, norm
+        factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
+        return tuple(s * factor for s in shards), norm
+
+    def apply_shards(self, shards, lr):
+        """AdamW on this rank's shards, then all-gather and assign the full parameters. Returns the step."""
+        step = self.step + 1
+        ops.assign(self.step, step)
+        t = step.astype(mstype.float32)
+        bias1 = 1.0 - ops.pow(self.beta1, t)
+        bias2 = 1.0 - ops.pow(self.beta2, t)
+        previous = None
+        for i in range(len(self.params)):
+            param, g = self.params[i], shards[i]
+            m = self.exp_avg[i] * self.beta1 + g * (1.0 - self.beta1)
+            v = self.exp_avg_sq[i] * self.beta2 + g * g * (1.0 - self.beta2)
+            ops.assign(self.exp_avg[i], m)
+            ops.assign(self.exp_avg_sq[i], v)
+            update = (m / bias1) / (ops.sqrt(v / bias2) + self.eps)
+            current = self.master[i] if self.has_master else self._slice(param, i)
+            new = current * (1.0 - lr * self.weight_decay[i]) - lr * update
+            if self.has_master:
+                ops.assign(self.master[i], new)
+            if self.native:
+                new = new.astype(param.dtype)
+            if previous is not None:
+                new = ops.depend(new, previous)  # same collective order on every rank
+            previous = self.gather(new)
+            full = previous[:self.sizes[i]].reshape(param.shape)
+            ops.assign(param, full.astype(param.dtype))
+        return step
+
+    def construct(self, grads, lr):
+        shards = self.reduce_gradients(grads)
+        if self.stage == 2:
+            shards, _ = self.clip_shards(shards)
+        return self.apply_shards(shards, lr)
+
+    # -- layout-free state ---------------------------------------------------------------------------------
+    def _local(self, array: np.ndarray, i: int) -> np.ndarray:
+        start, stop = self.ranges[i]
+        out = np.zeros(self.chunks[i], np.float32)
+        out[:stop - start] = np.asarray(array, np.float32).reshape(-1)[start:stop]
+        return out
+
+    def _gather_full(self, shard: Parameter, i: int) -> np.ndarray:
+        full = self.gather(shard.value()).asnumpy()  # eager collective, one at a time (same order everywhere)
+        return full[:self.sizes[i]].reshape(self.params[i].shape)
+
+    def full_state_dict(self) -> dict[str, np.ndarray]:
+        """The unsharded AdamW's state names and shapes (float32); collective: call on every rank."""
+        out = {"adam_step": self.step.asnumpy()}
+        groups = [("adam_m.", self.exp_avg), ("adam_v.", self.exp_avg_sq)]
+        if self.has_master:
+            groups.append(("master.", self.master))
+        for prefix, shards in groups:
+            for i, p in enumerate(self.params):
+                out[prefix + p.name] = self._gather_full(shards[i], i)
+        return out
+
+    def load_full_state_dict(self, state: dict[str, np.ndarray], source: str = "optimizer state") -> None:
+        """Keep this rank's shards of a full (layout-free) state (local, no communication); CheckpointError
+        names a missing or misshaped entry. Master weights absent from `state` come from the parameters."""
+        if "adam_step" not in state:
+            raise CheckpointError(source, "adam_step", "missing from the optimizer state")
+        moments = {prefix: self._entries(state, prefix, source) for prefix in ("adam_m.", "adam_v.")}
+        masters = None
+        if self.has_master:
+            if all("master." + p.name in state for p in self.params):
+                masters = self._entries(state, "master.", source)
+            else:
+                masters = [p.asnumpy() for p in self.params]
+        self.step.set_data(Tensor(np.asarray(state["adam_step"], np.int32).reshape(()), mstype.int32))
+        for i in range(len(self.params)):
+            self.exp_avg[i].set_data(Tensor(self._local(moments["adam_m."][i], i)))
+            self.exp_avg_sq[i].set_data(Tensor(self._local(moments["adam_v."][i], i)))
+            if masters is not None:
+                self.master[i].set_data(Tensor(self._local(masters[i], i)))
+
+    def _entries(self, state: dict, prefix: str, source: str) -> list[np.ndarray]:
+        arrays = []
+        for p in self.params:
+            name = prefix + p.name
+            if name not in state:
+                raise CheckpointError(source, name, "missing from the optimizer state (different model?)")
+            if tuple(np.shape(state[name])) != tuple(p.shape):
+                raise CheckpointError(f"{source}:{name}", tuple(np.shape(state[name])),
+                                      f"shape must be {tuple(p.shape)}")
+            arrays.append(state[name])
+        return arrays
