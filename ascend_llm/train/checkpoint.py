@@ -196,16 +196,22 @@ class CheckpointManager:
     "run" and "data" parts are required (they carry the run id and the compatibility identity).
     files: extra files copied into every checkpoint, e.g. {"tokenizer.json": path}.
     keep_last: newest checkpoints of this run kept; retention never removes the one just written and never
-    touches another run's checkpoints."""
+    touches another run's checkpoints.
+    writer: whether this rank writes. `save` is called on every rank (a sharded part gathers its state with
+    collectives); only the writer touches the file system."""
 
     def __init__(self, run_dir: Path, parts: dict[str, Stateful], keep_last: int,
-                 files: Mapping[str, Path] | None = None):
+                 files: Mapping[str, Path] | None = None, writer: bool = True):
         self.run_dir, self.parts, self.keep_last = Path(run_dir), parts, keep_last
         self.files = dict(files or {})
+        self.writer = writer
 
     def save(self, step: int) -> Path | None:
-        """Write checkpoint `step` (main rank only). Returns its path, or None when the state is not finite."""
+        """Write checkpoint `step`. Call on every rank. Returns its path (writer), or None (other ranks, or a
+        state that is not finite)."""
         states = {name: part.state_dict() for name, part in self.parts.items()}
+        if not self.writer:
+            return None
         tensor_parts = [name for name, st in states.items() if _is_tensor_state(st)]
         for name in tensor_parts:
             bad = _first_nonfinite(states[name])
@@ -262,9 +268,10 @@ class CheckpointManager:
 
     def restore(self, resume: str, allow_data_change: bool = False) -> int:
         """Load the checkpoint train.resume selects ("none" | "auto" | a directory); returns its step (0 when
-        nothing is loaded). Raises CheckpointError for an explicit directory that does not verify or any
-        incompatibility (model, tokenizer, data)."""
-        recover_stale(self.run_dir)
+        nothing is loaded). Every rank reads the same files. Raises CheckpointError for an explicit directory
+        that does not verify or any incompatibility (model, tokenizer, data)."""
+        if self.writer:
+            recover_stale(self.run_dir)
         if resume == "none":
             return 0
         if resume == "auto":

@@ -29,7 +29,7 @@ from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha2
 from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
 from ascend_llm.train.optim import AdamW
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
-from ascend_llm.train.state import DataState, ParameterState, RunState
+from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
 from ascend_llm.train.step import StepFunctions, build_step_functions
 
 logger = logging.getLogger("ascend_llm.train")
@@ -94,6 +94,17 @@ def _build_data(recipe: RecipeConfig):
     return prepared, dataset
 
 
+def build_optimizer(params, recipe: RecipeConfig):
+    """AdamW, or with parallel.zero_stage 1/2 the ZeRO-sharded AdamW over the data-parallel group (the world
+    when data parallel is the only layout). Stage 2 clips inside the optimizer (no rank holds full gradients)."""
+    stage = recipe.parallel.zero_stage
+    if stage == 0:
+        return AdamW(params, recipe.optim)
+    from ascend_llm.parallel.zero import ZeroAdamW
+
+    return ZeroAdamW(params, recipe.optim, stage, grad_clip=recipe.optim.grad_clip if stage == 2 else 0.0)
+
+
 def build_session(recipe: RecipeConfig) -> Session:
     """All parts of a run, restored from `train.resume`. Raises ConfigError, DataError, CheckpointError,
     LaunchError (one line each, exit 2 in the CLI) before writing anything to train.output_dir."""
@@ -109,15 +120,15 @@ def build_session(recipe: RecipeConfig) -> Session:
 
     model = converters.convert(build_model(recipe.model, seed=cfg.seed))
     params = model.trainable_params()
-    optimizer = AdamW(params, recipe.optim)
+    optimizer = build_optimizer(params, recipe)
     precision = build_precision_runtime(model, recipe.precision)
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
                                  precision.scaler, recipe.runtime.mode == "graph")
     data = DataState(data_identity(recipe, prepared))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
-    parts = {"model": ParameterState(params, "model"), "optimizer": ParameterState(optimizer.state_parameters(),
-             "optimizer"), "precision": precision, "converters": converters, "data": data, "run": run}
-    checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last,
+    parts = {"model": ParameterState(params, "model"), "optimizer": OptimizerState(optimizer),
+             "precision": precision, "converters": converters, "data": data, "run": run}
+    checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last, writer=rank == 0,
                                     files={"tokenizer.json": prepared.path / "tokenizer.json"})
     start_step = checkpoints.restore(cfg.resume, cfg.allow_data_change)
     tokens_per_step = cfg.global_batch_size * recipe.data.seq_len

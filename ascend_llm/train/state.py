@@ -52,6 +52,27 @@ class ParameterState:
             ops.assign(p, Tensor(value, p.dtype))
 
 
+class OptimizerState(ParameterState):
+    """The optimizer's state by the unsharded AdamW's names and shapes (`adam_step`, `adam_m.<param>`,
+    `adam_v.<param>`), whatever the sharding: a ZeRO optimizer gathers its shards (a collective: every rank
+    calls state_dict) and keeps its own shard on load, so checkpoints move between stages and degrees."""
+
+    def __init__(self, optimizer):
+        super().__init__(optimizer.state_parameters(), "optimizer")
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if hasattr(self.optimizer, "full_state_dict"):
+            return self.optimizer.full_state_dict()
+        return super().state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if hasattr(self.optimizer, "load_full_state_dict"):
+            self.optimizer.load_full_state_dict(state, source="optimizer.safetensors")
+        else:
+            super().load_state_dict(state)
+
+
 @dataclass
 class DataState:
     """Where the run is in its data: `position` counts training sequences consumed (all ranks, all

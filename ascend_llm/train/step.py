@@ -33,7 +33,9 @@ class StepFunctions:
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
                          graph: bool) -> StepFunctions:
-    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process)."""
+    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process). With a ZeRO-2
+    optimizer (`optimizer.stage == 2`) the update reduce-scatters gradients to shards instead of all-reducing
+    them (parallel/zero.py); with ZeRO-1 the optimizer slices the all-reduced gradients itself."""
     params = optimizer.params
 
     def forward(x, y):
@@ -52,8 +54,8 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         return tuple(a + b for a, b in zip(acc, new))
 
     def apply(grads_, loss, lr, grad_scale):
-        grads_ = reduce(tuple(g * grad_scale for g in grads_))
-        loss = reduce((loss * grad_scale,))[0]
+        loss = reduce((loss * grad_scale,))[0]  # collectives chained by data: the same order on every rank
+        grads_ = reduce(ops.depend(tuple(g * grad_scale for g in grads_), loss))
         grads_ = scaler.unscale(grads_)
         finite = scaler.adjust(amp.all_finite(grads_))
         grads_, norm = clip_by_global_norm(grads_, grad_clip)
@@ -61,5 +63,20 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
             optimizer(grads_, lr)
         return loss, norm, finite
 
+    def apply_sharded(grads_, loss, lr, grad_scale):
+        """ZeRO-2: reduce-scatter the local gradients to this rank's shards, agree on finiteness over the group
+        (a rank that skips alone would hang the others), clip by the global norm of the shards, update."""
+        loss = reduce((loss * grad_scale,))[0]
+        grads_ = scaler.unscale(ops.depend(tuple(g * grad_scale for g in grads_), loss))
+        shards = optimizer.reduce_gradients(grads_)
+        local_ok = ops.depend(amp.all_finite(shards).astype(ms.float32), shards[-1])
+        all_ok = reduce((local_ok.reshape(1),))[0][0]
+        finite = scaler.adjust(all_ok > 0.999)
+        shards, norm = optimizer.clip_shards((ops.depend(shards[0], all_ok),) + tuple(shards[1:]))
+        if finite:
+            optimizer.apply_shards(shards, lr)
+        return loss, norm, finite
+
     wrap = ms.jit if graph else (lambda fn: fn)
-    return StepFunctions(wrap(grads), wrap(accumulate), wrap(apply), wrap(forward))
+    update = apply_sharded if getattr(optimizer, "stage", 0) == 2 else apply
+    return StepFunctions(wrap(grads), wrap(accumulate), wrap(update), wrap(forward))

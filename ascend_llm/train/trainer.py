@@ -58,7 +58,7 @@ def train(recipe: RecipeConfig) -> dict:
         if outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps:
             record = validate(session, outcome, record)
         write_record(session, record, outcome)
-        # checkpoint when due (the main rank writes; never a non-finite state)
+        # checkpoint when due (all ranks gather, the main rank writes; never a non-finite state)
         if outcome.step % cfg.ckpt_every == 0 or outcome.step == cfg.num_steps:
             save_checkpoint(session, outcome)
     return finish(session)
@@ -155,10 +155,8 @@ def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:
 
 
 def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
-    """Main rank: checkpoint this step, unless the step was skipped as non-finite (its state is the last
-    finite one, already saved or about to be replaced by a finite step)."""
-    if not session.main_rank:
-        return
+    """Checkpoint this step (every rank gathers sharded state; the main rank writes), unless the step was
+    skipped as non-finite (its state is the last finite one, already saved)."""
     if not outcome.finite:
         logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
         return
