@@ -1,5 +1,6 @@
-"""The benchmark's own-process peak memory: a known NumPy allocation is measured to within -2/+8 MiB (allocator bookkeeping), by the
-exact VmHWM reset and by the sampling fallback, and a child process reports its own peak, not its parent's."""
+"""The benchmark's own-process peak memory: a known NumPy allocation is measured to within -2/+8 MiB (allocator
+bookkeeping), by the exact VmHWM reset and by the sampling fallback, and a child process reports its own peak,
+not its parent's."""
 
 from __future__ import annotations
 
