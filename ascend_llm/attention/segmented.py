@@ -38,7 +38,8 @@ def auto_block_size(seq: int) -> int:
 
     Measured on a 2-core x86 CPU, causal fp32 forward+backward, blocks compared in one process, interleaved
     (CPU seconds, median; scripts/bench_attention.py runs the full table): B=8 H=8 D=32 N=256: one block 0.70x
-    naive, 128: 0.80x, 64: 0.85x. B=8 H=8 D=64 N=1024: 256 and 512 0.40-0.44x naive, 1024: 0.53x. B=1 H=8
+    naive, 128: 0.80x, 64: 0.85x; N=512: one block 0.52x, 256: 0.48x, 128: 0.51x (within the noise of a shared
+    machine). B=8 H=8 D=64 N=1024: 256 and 512 0.40-0.44x naive, 1024: 0.53x. B=1 H=8
     D=64: N=2048: 256 1.26x, 1024 1.17x, 2048 1.41x the time of 512; N=8192: 256 1.40x, 1024 1.00x of 512.
     Smaller blocks pay a fixed cost per loop step (about 16 kernel launches); larger ones compute more of the
     masked diagonal blocks (about block/2 wasted keys per row).
