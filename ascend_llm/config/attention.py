@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ascend_llm.config.checks import one_of, positive
 
@@ -11,15 +12,18 @@ BACKENDS = ("auto", "naive", "segmented", "fused")
 
 @dataclass
 class AttentionConfig:
-    """backend: naive | segmented | fused | auto (fused on Ascend, segmented elsewhere);
-    block_q / block_k: query and key block sizes of the segmented backend (sequences shorter than a block use
-    one block; any sequence length works, it need not be a multiple)."""
+    """backend: naive | segmented | fused | auto (fused on Ascend, segmented elsewhere; on CPU segmented is
+    faster than naive at training lengths too, see `segmented.auto_block_size`);
+    block_q / block_k: query and key block sizes of the segmented backend; null (default) picks them per
+    sequence length (`ascend_llm.attention.segmented.auto_block_size`), an integer overrides (sequences shorter
+    than a block use one block; any sequence length works, it need not be a multiple)."""
 
-    backend: str = "naive"
-    block_q: int = 512
-    block_k: int = 512
+    backend: str = "auto"
+    block_q: Optional[int] = None
+    block_k: Optional[int] = None
 
     def validate(self, prefix: str = "attention") -> None:
         one_of(f"{prefix}.backend", self.backend, BACKENDS)
-        positive(f"{prefix}.block_q", self.block_q)
-        positive(f"{prefix}.block_k", self.block_k)
+        for name in ("block_q", "block_k"):
+            if getattr(self, name) is not None:
+                positive(f"{prefix}.{name}", getattr(self, name))

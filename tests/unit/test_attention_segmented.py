@@ -155,3 +155,64 @@ def test_naive_backend_agrees_with_the_reference_on_masks():
     ref_out, ref_lse = reference(q, k, v, causal=True, q_codes=seg, k_codes=seg)
     assert_close(out, ref_out, 1e-5, "naive out")
     assert_close(lse, ref_lse, 1e-5, "naive lse")
+
+
+def mask_path(q_shape, kv_shape, causal, block_q, block_k, has_segments=False):
+    """'constant' when every masked block pair shares one precomputed mask, else 'per-pair'."""
+    from ascend_llm.attention.segmented import SegmentedAttention
+
+    cell = SegmentedAttention(q_shape, kv_shape, causal, 1.0, block_q, block_k, has_segments)
+    return "per-pair" if cell.pair_bias is None else "constant"
+
+
+@pytest.mark.parametrize("causal, seq_q, seq_k, block, gqa", [(True, 37, 37, 8, True), (True, 32, 32, 8, False),
+                                                               (False, 20, 37, 8, True), (True, 11, 27, 8, True)])
+def test_shared_constant_mask_path_is_taken_and_exact(causal, seq_q, seq_k, block, gqa):
+    """Causal diagonal blocks with block_q == block_k (odd length: the last block is padded; Sq < Sk with a
+    shift that is a multiple of the block) and a padded last key block without causal share one mask."""
+    heads, kv_heads = (4, 2) if gqa else (2, 2)
+    q, k, v, d_out = data(heads=heads, kv_heads=kv_heads, seq_q=seq_q, seq_k=seq_k, seed=7)
+    assert mask_path(q.shape, k.shape, causal, block, block) == "constant"
+    got = run(q, k, v, d_out, causal=causal, block_q=block, block_k=block)
+    ref = reference(q, k, v, causal=causal, d_out=d_out)
+    for g, want, tol, name in zip(got, ref, (1e-5, 1e-5, 1e-4, 1e-4, 1e-4), ("out", "lse", "dq", "dk", "dv")):
+        assert_close(g, want, tol, name)
+
+
+def test_pairs_with_different_masks_and_segments_build_masks_per_pair():
+    assert mask_path((1, 2, 13, 8), (1, 2, 37, 8), True, 5, 8) == "per-pair"  # shifts differ from pair to pair
+    assert mask_path((1, 2, 32, 8), (1, 2, 32, 8), True, 8, 8, has_segments=True) == "per-pair"
+
+
+def test_segment_ids_with_gqa_and_odd_length_exact():
+    q, k, v, d_out = data(heads=6, kv_heads=2, seq_q=45, seq_k=45, seed=8)
+    seg = np.array([[0] * 9 + [1] * 30 + [2] * 6, [4] * 45], np.int32)
+    got = run(q, k, v, d_out, causal=True, block_q=16, block_k=16, segment_ids=Tensor(seg))
+    ref = reference(q, k, v, causal=True, q_codes=seg, k_codes=seg, d_out=d_out)
+    for g, want, tol, name in zip(got, ref, (1e-5, 1e-5, 1e-4, 1e-4, 1e-4), ("out", "lse", "dq", "dk", "dv")):
+        assert_close(g, want, tol, name)
+
+
+def test_auto_block_sizes_per_length_and_exact_beyond_one_block():
+    """No block sizes given: one block up to 512 tokens, 512-token blocks beyond (N = 600: a full block and a
+    padded one), still exact."""
+    from ascend_llm.attention.segmented import AUTO_BLOCK, auto_block_size
+
+    assert [auto_block_size(n) for n in (1, 256, 512, 600, 8192)] == [1, 256, 512, 512, 512] and AUTO_BLOCK == 512
+    q, k, v, d_out = data(batch=1, heads=2, kv_heads=1, seq_q=600, seq_k=600, dim=8, seed=9)
+    got = run(q, k, v, d_out, causal=True)
+    ref = reference(q, k, v, causal=True, d_out=d_out)
+    for g, want, tol, name in zip(got, ref, (1e-5, 1e-5, 1e-4, 1e-4, 1e-4), ("out", "lse", "dq", "dk", "dv")):
+        assert_close(g, want, tol, name)
+
+
+def test_attention_config_defaults_to_auto_with_per_length_blocks_and_rejects_bad_blocks():
+    from ascend_llm.config.attention import AttentionConfig
+    from ascend_llm.errors import ConfigError
+
+    cfg = AttentionConfig()
+    assert (cfg.backend, cfg.block_q, cfg.block_k) == ("auto", None, None)
+    cfg.validate()
+    AttentionConfig(block_q=64, block_k=128).validate()
+    with pytest.raises(ConfigError, match=r"attention.block_k=0: must be > 0"):
+        AttentionConfig(block_k=0).validate()
