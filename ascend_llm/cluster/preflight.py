@@ -36,7 +36,13 @@ def check_rank_table(cluster, prefix: str = "cluster") -> None:
 
 
 def preflight(recipe: RecipeConfig) -> RecipeConfig:
-    """Validate the recipe (pure checks) and then the checks that read files. Raises ConfigError."""
+    """Validate the recipe (pure checks), the rank table, and whether the recipe fits in device memory (the
+    planner's check: active when the cluster declares `device_memory_gib`, as the 910B clusters do; skipped with
+    train.memory_check=false). Raises ConfigError naming the field, or the shortfall and the first change that
+    fits."""
     recipe.validate()
     check_rank_table(recipe.cluster)
+    from ascend_llm.parallel.plan import check_fits  # pure arithmetic: no MindSpore, no collectives
+
+    check_fits(recipe)
     return recipe

@@ -317,3 +317,12 @@ def test_rank_table_script_reports_the_failed_rank(tmp_path):
     bad.write_text('{"version": "9"}')
     done = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", str(bad), "--dry-run", "--", "true")
     assert done.returncode == 2 and "version" in done.stderr
+
+
+def test_preflight_refuses_a_recipe_that_cannot_fit_on_910b_and_can_be_told_to_skip():
+    overrides = ["experiment=llama3_8b_910b", "data.seq_len=8192", "attention=naive", "train.recompute=none"]
+    with pytest.raises(ConfigError) as info:
+        preflight(compose_recipe(overrides))
+    assert info.value.field == "memory per device" and "smallest change that fits" in str(info.value)
+    preflight(compose_recipe([*overrides, "train.memory_check=false"]))
+    preflight(compose_recipe(["experiment=llama3_8b_910b"]))  # the shipped recipe fits
