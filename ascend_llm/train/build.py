@@ -16,6 +16,7 @@ from ascend_llm.attention.apply import apply_attention
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
 from ascend_llm.precision import apply_fp8, apply_precision
+from ascend_llm.train.recompute import apply_recompute
 
 
 @runtime_checkable
@@ -70,10 +71,11 @@ class ModelConverters:
 
 
 def build_converters(recipe: RecipeConfig) -> ModelConverters:
-    """The fixed order: attention, precision, FP8."""
+    """The fixed order: attention, precision, FP8, recompute."""
     return ModelConverters([ApplyConverter("attention", apply_attention, recipe.attention),
                             ApplyConverter("precision", apply_precision, recipe.precision),
-                            ApplyConverter("fp8", apply_fp8, recipe.precision)])
+                            ApplyConverter("fp8", apply_fp8, recipe.precision),
+                            ApplyConverter("recompute", apply_recompute, recipe.train.recompute)])
 
 
 def build_training_model(recipe: RecipeConfig) -> nn.Cell:

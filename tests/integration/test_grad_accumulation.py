@@ -18,3 +18,12 @@ def test_accumulation_matches_full_batch(tmp_path, data_cache):
     accum = train(compose_recipe([*common, "train.grad_accum_steps=4", f"train.output_dir={tmp_path / 'b'}"]))
     np.testing.assert_allclose(accum["losses"], full["losses"], rtol=0, atol=2e-5)
     assert full["losses"][0] != full["losses"][-1]
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_changes_no_number(tmp_path, data_cache, mode):
+    common = ["debug=smoke", "train.num_steps=3", "train.progress=false", "train.sample_tokens=0",
+              "train.log_every=1", f"data.cache_dir={data_cache}"]
+    plain = train(compose_recipe([*common, f"train.output_dir={tmp_path / 'a'}"]))
+    recomputed = train(compose_recipe([*common, f"train.recompute={mode}", f"train.output_dir={tmp_path / 'b'}"]))
+    np.testing.assert_allclose(recomputed["losses"], plain["losses"], rtol=0, atol=1e-6)
