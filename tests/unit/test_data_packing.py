@@ -144,3 +144,12 @@ def test_bad_sources_name_the_entry(items, field):
         parse_sources(items)
     assert info.value.field == field
     assert parse_sources(["3", "a", "1", "b"]) == [(0.75, "a"), (0.25, "b")]
+
+
+def test_sources_compose_from_the_command_line_convention():
+    from ascend_llm.config import compose_recipe
+
+    recipe = compose_recipe(["data.sources=[0.7,a.jsonl,0.3,b_folder]", "data.on_bad_record=skip"])
+    assert parse_sources(recipe.data.sources) == [(0.7, "a.jsonl"), (pytest.approx(0.3), "b_folder")]
+    with pytest.raises(ConfigError, match="data.on_bad_record='warn': allowed: error, skip"):
+        compose_recipe(["data.on_bad_record=warn"])

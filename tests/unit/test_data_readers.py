@@ -53,6 +53,9 @@ def test_jsonl_nonstring_text_skip_counts_per_file(tmp_path):
     report = prepared.meta["report"]
     assert report["skipped"] == {"non_string_text": 4} and report["documents"] == 2
     assert report["per_file_skips"] == {str(corpus): {"non_string_text": 4}}
+    assert report["files"] == 1 and report["bytes"] == len("first poem") + len("last poem")
+    assert report["tokens"] == prepared.meta["num_tokens"] and report["seconds"] >= 0
+    assert report["tokens_per_byte"] == round(report["tokens"] / report["bytes"], 4)
 
 
 def test_jsonl_undecodable_line_error_names_line(tmp_path):
