@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 
 from ascend_llm.bench.report import print_table, write_json
+from ascend_llm.data.corpus import resolve_path
+from ascend_llm.errors import DataError
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
          "model training data token corpus document window sequence attention layer gradient loss batch step "
          "memory stream file record reader encoder packed blend weight seed sample validation").split()
@@ -104,7 +105,12 @@ def main(argv: list[str]) -> int:
     dna.write_text("".join(rng.choice("ACGT") for _ in range(1_000_000)))
     rows += bench_corpus("dna_1mb_no_spaces", dna, work, args)
     if not args.skip_shared:
-        for file in sorted(SHARED.glob("*.jsonl")):
+        try:
+            shared = sorted(resolve_path("../shared/corpora").glob("*.jsonl"))
+        except DataError:
+            shared = []
+            print("bench prepare: ../shared/corpora not found beside the repository: skipped", file=sys.stderr)
+        for file in shared:
             rows += bench_corpus(file.stem, file, work, args)
     if args.size_mb > 0:
         rows += bench_corpus(f"synthetic_{args.size_mb:g}mb", synthetic_jsonl(work / "synthetic.jsonl", args.size_mb),
