@@ -39,7 +39,8 @@ if sys.argv[1] == "tokenizer":
 else:
     meta = prepare(cfg, sys.argv[3]).meta
     out = {"tokens": meta["num_tokens"], "documents": meta["num_docs"], "bytes": meta["report"]["bytes"]}
-out.update(seconds=time.perf_counter() - start, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+use = resource.getrusage(resource.RUSAGE_SELF)
+out.update(seconds=time.perf_counter() - start, cpu_s=use.ru_utime + use.ru_stime, peak_rss_mb=use.ru_maxrss / 1024)
 print(json.dumps(out))
 """
 
@@ -80,10 +81,12 @@ def bench_corpus(name: str, path: Path, work: Path, args) -> list[dict]:
     sample_mb = min(size_mb, args.sample_mb)
     return [{"corpus": name, "phase": "tokenizer", "input_mb": round(sample_mb, 2),
              "seconds": round(train["seconds"], 2), "mb_per_s": round(sample_mb / train["seconds"], 2),
+             "cpu_s": round(train["cpu_s"], 2), "mb_per_cpu_s": round(sample_mb / train["cpu_s"], 2),
              "peak_rss_mb": round(train["peak_rss_mb"])},
             {"corpus": name, "phase": "encode", "input_mb": round(size_mb, 2),
              "seconds": round(encode["seconds"], 2),
-             "mb_per_s": round(size_mb / encode["seconds"], 2), "peak_rss_mb": round(encode["peak_rss_mb"]),
+             "mb_per_s": round(size_mb / encode["seconds"], 2), "cpu_s": round(encode["cpu_s"], 2),
+             "mb_per_cpu_s": round(size_mb / encode["cpu_s"], 2), "peak_rss_mb": round(encode["peak_rss_mb"]),
              "tokens": encode["tokens"], "documents": encode["documents"]}]
 
 
@@ -91,7 +94,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ascend-llm bench prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=float, default=1000.0, help="generated JSONL size (MB)")
-    parser.add_argument("--sample-mb", type=float, default=64.0, help="data.tokenizer_sample_bytes in MB")
+    parser.add_argument("--sample-mb", type=float, default=16.0, help="data.tokenizer_sample_bytes in MB")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--skip-shared", action="store_true", help="do not bench ../shared/corpora")
     parser.add_argument("--json", default="bench_prepare.json")
@@ -115,7 +118,8 @@ def main(argv: list[str]) -> int:
     if args.size_mb > 0:
         rows += bench_corpus(f"synthetic_{args.size_mb:g}mb", synthetic_jsonl(work / "synthetic.jsonl", args.size_mb),
                              work, args)
-    print_table(rows, ["corpus", "phase", "input_mb", "seconds", "mb_per_s", "peak_rss_mb", "tokens", "documents"])
+    print_table(rows, ["corpus", "phase", "input_mb", "seconds", "mb_per_s", "cpu_s", "mb_per_cpu_s", "peak_rss_mb",
+                       "tokens", "documents"])
     print("json:", write_json(args.json, "prepare", rows, size_mb=args.size_mb, sample_mb=args.sample_mb,
                               vocab_size=args.vocab_size, workdir=str(work)))
     return 0
