@@ -214,3 +214,13 @@ def test_prepare_cli_error_is_one_line_exit_2(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         f"data error: {corpus}:2.text=None: the text field must be a JSON string "
         "(or set data.on_bad_record=skip to skip such records)")
+
+
+def test_unknown_suffix_needs_a_format(tmp_path):
+    corpus = tmp_path / "corpus.data"
+    corpus.write_text('{"text": "a record"}\n')
+    with pytest.raises(DataError) as info:
+        read_documents(str(corpus))
+    assert info.value.field == "data.path" and "unknown file kind" in str(info.value)
+    assert read_documents(str(corpus), fmt="jsonl") == ["a record"]
+    assert read_documents(str(corpus), fmt="txt") == ['{"text": "a record"}\n']
