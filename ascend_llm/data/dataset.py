@@ -155,6 +155,17 @@ class PackedDataset:
                 if len(starts) else None}
 
 
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Position ids restarting at 0 where each segment starts (Megatron's reset_position_ids).
+
+    segment_ids (B, S) int -> (B, S) int32; e.g. [0 0 0 1 1 2] -> [0 1 2 0 1 0]."""
+    segment_ids = np.asarray(segment_ids)
+    index = np.broadcast_to(np.arange(segment_ids.shape[-1]), segment_ids.shape)
+    starts = np.concatenate([np.ones_like(segment_ids[..., :1], bool),
+                             segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+    return (index - np.maximum.accumulate(np.where(starts, index, 0), axis=-1)).astype(np.int32)
+
+
 def shard_rows(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
     """Rank r's contiguous slice of a global batch; equal shards, so DP equals one process on the full batch."""
     per_rank = len(indices) // world_size

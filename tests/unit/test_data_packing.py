@@ -10,6 +10,7 @@ import pytest
 
 from ascend_llm.config.data import DataConfig, parse_sources
 from ascend_llm.data import IGNORE_INDEX, BlendedDataset, PackedDataset, build_dataset, prepare_sources
+from ascend_llm.data.dataset import segment_positions
 from ascend_llm.errors import ConfigError
 
 
@@ -153,3 +154,12 @@ def test_sources_compose_from_the_command_line_convention():
     assert parse_sources(recipe.data.sources) == [(0.7, "a.jsonl"), (pytest.approx(0.3), "b_folder")]
     with pytest.raises(ConfigError, match="data.on_bad_record='warn': allowed: error, skip"):
         compose_recipe(["data.on_bad_record=warn"])
+
+
+def test_segment_positions_restart_at_each_document():
+    seg = np.array([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert segment_positions(seg).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+    rng = np.random.default_rng(2)
+    seg = np.cumsum(rng.random((4, 50)) < 0.1, axis=1)
+    expect = [[t - min(u for u in range(t + 1) if row[u] == row[t]) for t in range(50)] for row in seg.tolist()]
+    assert segment_positions(seg).tolist() == expect
