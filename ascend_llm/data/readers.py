@@ -130,15 +130,17 @@ class TextReader(_Reader):
                     return
 
     def _decode_lines(self, raw: bytes, line: int) -> str:
-        text = self.decode(raw, line) if self.on_bad == "error" else None
-        if text is not None:
-            return text
-        kept = []
-        for number, chunk in enumerate(raw.splitlines(keepends=True), line):
-            piece = self.decode(chunk, number)
-            if piece is not None:
-                kept.append(piece)
-        return "".join(kept)
+        """The piece as text; with undecodable bytes: an error naming the line, or the piece without its
+        undecodable lines (each counted)."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if self.on_bad == "error":
+                self.decode(raw, line)
+        parts = raw.split(b"\n")
+        lines = [part + b"\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+        kept = [self.decode(chunk, number) for number, chunk in enumerate(lines, line)]
+        return "".join(piece for piece in kept if piece is not None)
 
 
 class JsonlReader(_Reader):
