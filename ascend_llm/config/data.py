@@ -59,7 +59,8 @@ class DataConfig:
     # Packed windows carry document ids; attention is block-diagonal and cross-document targets are ignored.
     document_mask: bool = False
     seed: int = 1234
-    # Cap on the raw corpus read (UTF-8 bytes, whole documents); None reads everything. Reported by prepare.
+    # Cap on the raw corpus read (UTF-8 bytes, whole documents); None reads all of a given corpus (the embedded
+    # corpus is the first 4 MB of the stdlib). prepare reports the cap and whether it was reached.
     max_bytes: Optional[int] = None
     cache_dir: str = "~/.cache/ascend_llm/data"
 

@@ -17,6 +17,7 @@ from ascend_llm.data.readers import KINDS, FileStats, file_kind, read_pieces
 from ascend_llm.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_MAX_BYTES = 4_000_000  # the embedded corpus is the first 4 MB of the stdlib (data.max_bytes overrides)
 
 
 def stdlib_files() -> list[Path]:
@@ -46,12 +47,16 @@ class CorpusFiles:
     files: list[tuple[Path, str]]
     ignored: list[str] = field(default_factory=list)
     source: str = "<python stdlib>"
+    default_max_bytes: Optional[int] = None  # the cap when data.max_bytes is None
+
+    def max_bytes(self, requested: Optional[int]) -> Optional[int]:
+        return requested if requested is not None else self.default_max_bytes
 
 
 def corpus_files(path: Optional[str], fmt: str = "auto", field_name: str = "data.path") -> CorpusFiles:
     """Resolve a corpus path to its files (sorted by path) and kinds. Raises DataError naming field_name."""
     if path is None:
-        return CorpusFiles([(p, "text") for p in stdlib_files()])
+        return CorpusFiles([(p, "text") for p in stdlib_files()], default_max_bytes=EMBEDDED_MAX_BYTES)
     source = resolve_path(path, field_name)
     if source.is_file():
         kind = file_kind(source, fmt)
@@ -74,8 +79,9 @@ def corpus_files(path: Optional[str], fmt: str = "auto", field_name: str = "data
 def iter_documents(corpus: CorpusFiles, on_bad_record: str = "error", text_field: str = "text",
                    max_bytes: Optional[int] = None, stats: Optional[list] = None) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pieces of the corpus in file order. Stops after the document during which
-    max_bytes (UTF-8, None = no cap) is reached. Appends one FileStats per file opened to `stats`."""
-    total = 0
+    max_bytes (UTF-8; None: the corpus's default, no cap for user corpora) is reached. Appends one FileStats
+    per file opened to `stats`."""
+    total, max_bytes = 0, corpus.max_bytes(max_bytes)
     for path, kind in corpus.files:
         file_stats = FileStats(str(path), kind)
         if stats is not None:
@@ -88,7 +94,7 @@ def iter_documents(corpus: CorpusFiles, on_bad_record: str = "error", text_field
 
 
 def read_documents(path: Optional[str], fmt: str = "auto", text_field: str = "text",
-                   max_bytes: Optional[int] = 4_000_000, on_bad_record: str = "error") -> list[str]:
+                   max_bytes: Optional[int] = None, on_bad_record: str = "error") -> list[str]:
     """Whole documents as a list (small corpora and tests; `prepare` streams instead). Raises DataError."""
     docs, parts = [], []
     for text, ends in iter_documents(corpus_files(path, fmt), on_bad_record, text_field, max_bytes):

@@ -157,12 +157,12 @@ def encode_corpus(corpus: CorpusFiles, cfg: DataConfig, tokenizer, tmp: Path, dt
             os.fsync(handle.fileno())
     if bar is not None:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds, cap = time.perf_counter() - start, corpus.max_bytes(cfg.max_bytes)
     return {"source": corpus.source, "files": len(corpus.files), "files_read": len(stats),
             "ignored_files": corpus.ignored, "documents": num_docs, "skipped": _sum_skips(stats),
             "bytes": num_bytes, "tokens": position, "tokens_per_byte": round(position / max(num_bytes, 1), 4),
             "seconds": round(seconds, 3), "mb_per_s": round(num_bytes / 1e6 / max(seconds, 1e-9), 3),
-            "max_bytes": cfg.max_bytes, "capped": bool(cfg.max_bytes is not None and num_bytes >= cfg.max_bytes),
+            "max_bytes": cap, "capped": bool(cap is not None and num_bytes >= cap),
             "per_file_skips": {s.path: dict(s.skipped) for s in stats if s.skipped}}
 
 

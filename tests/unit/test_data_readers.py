@@ -180,6 +180,17 @@ def test_max_bytes_cap_is_explicit_and_reported(tmp_path):
     assert DataConfig().max_bytes is None
 
 
+def test_no_hidden_cap_on_a_given_corpus_and_the_embedded_one_is_reported():
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.data.corpus import EMBEDDED_MAX_BYTES
+
+    assert compose_recipe(["data.path=x.jsonl"]).data.max_bytes is None  # the default recipe caps nothing
+    embedded = corpus_files(None)
+    assert embedded.max_bytes(None) == EMBEDDED_MAX_BYTES and embedded.max_bytes(123) == 123
+    docs = read_documents(None)
+    assert EMBEDDED_MAX_BYTES <= sum(len(d.encode()) for d in docs) < EMBEDDED_MAX_BYTES + 2_000_000
+
+
 def test_relative_path_resolves_beside_the_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_path("recipes/data/stdlib.yaml") == REPO / "recipes/data/stdlib.yaml"
