@@ -95,6 +95,13 @@ class BlendedDataset:
             out.append(self.bases[k] + dataset.val_indices(int(n)))
         return np.concatenate(out).astype(np.int64)
 
+    def describe_split(self) -> dict:
+        """Per source, PackedDataset.describe_split(); plus the totals."""
+        per = {name: d.describe_split() for name, d in zip(self.names, self.datasets)}
+        return {"train_tokens": sum(v["train_tokens"] for v in per.values()),
+                "val_tokens": sum(v["val_tokens"] for v in per.values()),
+                "train_windows": self.num_train, "val_windows": self.num_val, "sources": per}
+
     def describe_mix(self, position: int) -> dict:
         """Realised mix over the first `position` sequences: {name: {weight, sequences, share}}."""
         full, rest = divmod(position, self.block)

@@ -135,6 +135,8 @@ def test_blend_sources_prepared_with_one_tokenizer(tmp_path):
     assert isinstance(blend, BlendedDataset) and set(blend.describe_mix(0)) == {str(tmp_path / "a.jsonl"),
                                                                                 str(tmp_path / "b.jsonl")}
     assert prepare_sources(cfg)[1].path == prepared[1].path  # cached
+    split = blend.describe_split()
+    assert split["val_tokens"] == sum(v["val_tokens"] for v in split["sources"].values()) > 0
 
 
 @pytest.mark.parametrize("items, field", [(["0.7", "a", "0.3"], "data.sources"), (["x", "a", "1", "b"],
