@@ -83,7 +83,9 @@ def _keep(seed: int, number: int, probability: float) -> bool:
 
 def tokenizer_sample(corpora: list[CorpusFiles], cfg: DataConfig) -> list[str]:
     """A seeded sample of about cfg.tokenizer_sample_bytes of text pieces drawn across the given corpora."""
-    total = sum(p.stat().st_size for c in corpora for p, _ in c.files)
+    sizes = [sum(p.stat().st_size for p, _ in c.files) for c in corpora]
+    caps = [c.max_bytes(cfg.max_bytes) for c in corpora]
+    total = sum(size if cap is None else min(size, cap) for size, cap in zip(sizes, caps))
     probability = min(1.0, cfg.tokenizer_sample_bytes / max(total, 1))
     sample, taken, number = [], 0, 0
     for corpus in corpora:

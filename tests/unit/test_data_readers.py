@@ -235,3 +235,18 @@ def test_unknown_suffix_needs_a_format(tmp_path):
     assert info.value.field == "data.path" and "unknown file kind" in str(info.value)
     assert read_documents(str(corpus), fmt="jsonl") == ["a record"]
     assert read_documents(str(corpus), fmt="txt") == ['{"text": "a record"}\n']
+
+
+def test_tokenizer_sample_is_seeded_and_spread_over_the_corpus(tmp_path):
+    from ascend_llm.data.prepare import tokenizer_sample
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc{i:04d} " + "w" * 990}) + "\n" for i in range(1000)))
+    cfg = cfg_for(tmp_path, corpus, tokenizer_sample_bytes=100_000)
+    sample = tokenizer_sample([corpus_files(str(corpus))], cfg)
+    numbers = [int(text[3:7]) for text in sample]
+    assert 60 <= len(sample) <= 101 and max(numbers) >= 800 and min(numbers) < 200
+    assert sample == tokenizer_sample([corpus_files(str(corpus))], cfg)
+    other = tokenizer_sample([corpus_files(str(corpus))], cfg_for(tmp_path, corpus, tokenizer_sample_bytes=100_000,
+                                                                  seed=7))
+    assert other != sample
