@@ -2,7 +2,9 @@
 
 Overrides use the recipe's data group, e.g.
   ascend-llm prepare data.path=../shared/corpora/tang_poems.jsonl data.vocab_size=8000 --output data/tang
-Without --output the result goes to data.cache_dir, where `ascend-llm train` finds it again.
+  ascend-llm prepare 'data.sources=[0.7,corpus_a.jsonl,0.3,corpus_b]'
+Without --output the result goes to data.cache_dir, where `ascend-llm train` finds it again. Prints, per
+source: files, documents, skipped records by reason, bytes, tokens, tokens per byte, time (JSON on stdout).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ascend-llm prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", help="directory to write (must be empty or absent); default: the cache")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.path=corpus.jsonl")
     args = parser.parse_args(argv)
-    from ascend_llm.data import prepare
+    from ascend_llm.data import prepare_sources
 
     recipe = compose_recipe(args.overrides)
-    prepared = prepare(recipe.data, args.output)
-    print(json.dumps({"path": str(prepared.path), **prepared.meta}, indent=2, ensure_ascii=False))
+    prepared = prepare_sources(recipe.data, args.output, progress=not args.no_progress)
+    out = [{"path": str(p.path), **p.meta} for p in prepared]
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=2, ensure_ascii=False))
     return 0
