@@ -9,6 +9,7 @@ every check has passed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
-from ascend_llm.data import PackedDataset, prepare
+from ascend_llm.data import build_dataset, prepare_sources
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
 from ascend_llm.precision import describe_precision
@@ -44,7 +45,7 @@ class Session:
     world_size: int
     device: str
     prepared: Any
-    dataset: PackedDataset
+    dataset: Any  # PackedDataset or BlendedDataset (same interface)
     model: Any
     converters: ModelConverters
     optimizer: AdamW
@@ -76,22 +77,28 @@ class Session:
         return cfg.global_batch_size // self.world_size // cfg.grad_accum_steps
 
 
-def data_identity(recipe: RecipeConfig, prepared) -> dict:
-    """What a checkpoint's data position means: tokenizer hash, seq_len, data seed, corpus."""
-    meta = prepared.meta
+def data_identity(recipe: RecipeConfig, prepared_all: list) -> dict:
+    """What a checkpoint's data position means: tokenizer hash, seq_len, data seed, corpus (every source and
+    its weight, for a blend)."""
+    prepared, meta = prepared_all[0], prepared_all[0].meta
+    corpus = "; ".join(f"{p.meta.get('source')} ({p.meta.get('num_tokens')} tokens)" for p in prepared_all)
+    if recipe.data.sources:
+        corpus = f"{list(recipe.data.sources)}: {corpus}"
     return {"tokenizer_sha256": sha256_file(prepared.path / "tokenizer.json"),
             "tokenizer": recipe.data.tokenizer or "trained", "seq_len": recipe.data.seq_len,
-            "data_seed": recipe.data.seed, "corpus": f"{meta.get('source')} ({meta.get('num_tokens')} tokens)",
+            "data_seed": recipe.data.seed, "corpus": corpus, "document_mask": recipe.data.document_mask,
+            "vocab_size": meta["vocab_size"],
             "global_batch_size": recipe.train.global_batch_size}
 
 
-def _build_data(recipe: RecipeConfig):
-    prepared = prepare(recipe.data)
-    vocab = prepared.meta["vocab_size"]
+def _build_data(recipe: RecipeConfig, main_rank: bool):
+    """Every source prepared (cached; atomic, so ranks racing on a first preparation keep one result) and the
+    dataset over them (PackedDataset, or BlendedDataset for data.sources)."""
+    prepared_all = prepare_sources(recipe.data, progress=main_rank and recipe.train.progress)
+    vocab = prepared_all[0].meta["vocab_size"]
     if vocab > recipe.model.vocab_size:
         raise ConfigError("model.vocab_size", recipe.model.vocab_size, f"must be >= the tokenizer's {vocab} ids")
-    dataset = PackedDataset(prepared.tokens(), recipe.data.seq_len, recipe.data.val_fraction, recipe.data.seed)
-    return prepared, dataset
+    return prepared_all, build_dataset(recipe.data, prepared_all)
 
 
 def build_optimizer(params, recipe: RecipeConfig):
@@ -112,7 +119,8 @@ def build_session(recipe: RecipeConfig) -> Session:
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
-    prepared, dataset = _build_data(recipe)
+    prepared_all, dataset = _build_data(recipe, rank == 0)
+    prepared = prepared_all[0]  # the tokenizer, vocabulary and EOS id are shared by every source
     if cfg.resume == "none" and (rank == 0 or not cfg.overwrite):  # with overwrite, rank 0 alone clears
         guard_fresh_run(Path(cfg.output_dir), cfg.overwrite)
     converters = build_converters(recipe)
@@ -124,7 +132,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     precision = build_precision_runtime(model, recipe.precision)
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
                                  precision.scaler, recipe.runtime.mode == "graph")
-    data = DataState(data_identity(recipe, prepared))
+    data = DataState(data_identity(recipe, prepared_all))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
     parts = {"model": ParameterState(params, "model"), "optimizer": OptimizerState(optimizer),
              "precision": precision, "converters": converters, "data": data, "run": run}
@@ -151,6 +159,7 @@ def open_outputs(session: Session) -> None:
     logger.info("device=%s mode=%s world_size=%d model=%s params=%s corpus_tokens=%s train_windows=%s run_dir=%s",
                 session.device, recipe.runtime.mode, session.world_size, recipe.model.name, f"{num_params:,}",
                 f"{session.prepared.meta['num_tokens']:,}", f"{session.dataset.num_train:,}", run_dir)
+    logger.info("data split: %s", json.dumps(session.dataset.describe_split()))
     kinds = Counter(describe_precision(session.model).values())
     cells = ", ".join(f"{n} cells {k}" for k, n in sorted(kinds.items()))
     logger.info("precision=%s: %s", recipe.precision.name, cells)

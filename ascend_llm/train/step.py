@@ -18,17 +18,17 @@ from ascend_llm.train.optim import AdamW, clip_by_global_norm
 
 
 def cross_entropy_loss(logits, labels):
-    """Mean token cross-entropy in fp32; logits (B, S, V), labels (B, S)."""
+    """Mean token cross-entropy in fp32 over labels != -100; logits (B, S, V), labels (B, S) int32."""
     vocab = logits.shape[-1]
     return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1))
 
 
 @dataclass
 class StepFunctions:
-    grads: Callable  # (x, y) -> (loss, grads)
+    grads: Callable  # (x, y, segment_ids=None) -> (loss, grads); labels -100 are ignored
     accumulate: Callable  # (acc, grads) -> acc
     apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
-    eval_loss: Callable  # (x, y) -> loss
+    eval_loss: Callable  # (x, y, segment_ids=None) -> loss
 
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
@@ -38,16 +38,16 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
     them (parallel/zero.py); with ZeRO-1 the optimizer slices the all-reduced gradients itself."""
     params = optimizer.params
 
-    def forward(x, y):
-        return cross_entropy_loss(model(x), y)
+    def forward(x, y, segment_ids=None):
+        return cross_entropy_loss(model(x, segment_ids), y)
 
-    def scaled_forward(x, y):
-        return scaler.scale(forward(x, y))
+    def scaled_forward(x, y, segment_ids=None):
+        return scaler.scale(forward(x, y, segment_ids))
 
     grad_fn = ms.value_and_grad(scaled_forward, None, params)
 
-    def grads(x, y):
-        loss, grads_ = grad_fn(x, y)
+    def grads(x, y, segment_ids=None):
+        loss, grads_ = grad_fn(x, y, segment_ids)
         return scaler.unscale(loss), grads_
 
     def accumulate(acc, new):

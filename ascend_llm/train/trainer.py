@@ -72,8 +72,8 @@ def run_step(session: Session, step: int) -> StepOutcome:
     local, micro = shard_rows(rows, session.rank, session.world_size), session.micro_rows
     acc = loss_sum = None
     for index in range(cfg.grad_accum_steps):
-        x, y = session.dataset.batch(local[index * micro:(index + 1) * micro])
-        loss, grads = steps.grads(Tensor(x), Tensor(y))
+        batch = read_batch(session, local[index * micro:(index + 1) * micro])
+        loss, grads = steps.grads(*batch)
         acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
         loss_sum = loss if loss_sum is None else loss_sum + loss
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
@@ -84,6 +84,14 @@ def run_step(session: Session, step: int) -> StepOutcome:
     ok = bool(np.asarray(finite.asnumpy() if hasattr(finite, "asnumpy") else finite)) and math.isfinite(loss_value)
     session.losses.append(loss_value)
     return StepOutcome(step + 1, loss_value, float(norm.asnumpy()), lr, ok)
+
+
+def read_batch(session: Session, rows) -> tuple:
+    """(x, y) or, with data.document_mask, (x, y, segment_ids) as Tensors: labels crossing a document boundary
+    are -100 (ignored by the loss) and attention stays inside each document."""
+    if session.recipe.data.document_mask:
+        return tuple(Tensor(a) for a in session.dataset.batch(rows, with_segments=True))
+    return tuple(Tensor(a) for a in session.dataset.batch(rows))
 
 
 def check_finite(session: Session, outcome: StepOutcome) -> None:
@@ -121,6 +129,8 @@ def step_record(session: Session, outcome: StepOutcome, events: list[dict]) -> d
         record = {"step": outcome.step, "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
                   "skipped_steps": session.run.num_skipped_steps, **session.precision.metrics(),
                   **session.converters.metrics(), **session.throughput.take()}
+        if session.recipe.data.sources:  # the realised mix of a blend, by sequences drawn so far
+            record["data_mix"] = session.dataset.describe_mix(session.data.position)
     if events:
         record = dict(record or {"step": outcome.step, "loss": outcome.loss}, precision_events=events)
     if session.progress is not None:
@@ -142,8 +152,8 @@ def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
     with session.throughput.pause():
         losses = []
         for start in range(0, len(indices) - rows + 1, rows):
-            x, y = session.dataset.batch(indices[start:start + rows])
-            losses.append(float(session.steps.eval_loss(Tensor(x), Tensor(y)).asnumpy()))
+            batch = read_batch(session, indices[start:start + rows])
+            losses.append(float(session.steps.eval_loss(*batch).asnumpy()))
     val = float(np.mean(losses))
     session.val_losses.append((outcome.step, val))
     return dict(record or {"step": outcome.step, "loss": outcome.loss}, val_loss=val, val_ppl=float(np.exp(val)))

@@ -27,3 +27,27 @@ def test_recompute_changes_no_number(tmp_path, data_cache, mode):
     plain = train(compose_recipe([*common, f"train.output_dir={tmp_path / 'a'}"]))
     recomputed = train(compose_recipe([*common, f"train.recompute={mode}", f"train.output_dir={tmp_path / 'b'}"]))
     np.testing.assert_allclose(recomputed["losses"], plain["losses"], rtol=0, atol=1e-6)
+
+
+def test_blended_document_masked_training_reports_its_mix(tmp_path, data_cache):
+    import json
+
+    from tests.conftest import CORPORA
+
+    sources = []
+    for name in ("tang_poems.jsonl", "song_ci.jsonl"):
+        if not (CORPORA / name).is_file():
+            pytest.skip(f"shared corpus absent: {CORPORA / name}")
+        path = tmp_path / name
+        path.write_text("".join((CORPORA / name).read_text(encoding="utf-8").splitlines(True)[:600]),
+                        encoding="utf-8")
+        sources.append(str(path))
+    summary = train(compose_recipe(["debug=smoke", "train.num_steps=2", "train.progress=false",
+                                    "train.sample_tokens=0", "train.log_every=1", "data.document_mask=true",
+                                    f"data.sources=[0.75,{sources[0]},0.25,{sources[1]}]",
+                                    f"data.cache_dir={data_cache}", f"train.output_dir={tmp_path / 'run'}"]))
+    assert all(np.isfinite(summary["losses"]))
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    mix = last["data_mix"]
+    assert sum(v["sequences"] for v in mix.values()) == 16  # 2 steps x global batch 8
+    assert mix[sources[0]]["weight"] == 0.75 and mix[sources[1]]["weight"] == 0.25
