@@ -15,18 +15,47 @@ from ascend_llm.attention.core import CoreAttention
 from ascend_llm.config.model import ModelConfig
 
 
+class RMSNormKernel(nn.Cell):
+    """y = x * rsqrt(mean(x^2, -1) + eps) * weight in fp32, returned in x's dtype, with a hand-written backward.
+
+    construct(x (..., D) float, weight (D,) float32) -> (..., D) in x.dtype. The backward recomputes
+    xhat = x * r (r = rsqrt(mean(x^2) + eps)) and applies the closed form (Zhang & Sennrich 2019, RMSNorm)
+        dweight = sum_rows(dy * xhat),   dx = r * (dy * w - xhat * mean(dy * w * xhat, -1)),
+    in a third of the graph ops (and buffers) that autodiff of the forward produces.
+    """
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def _normalize(self, x32):
+        return x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
+
+    def construct(self, x, weight):
+        return (self._normalize(x.astype(mstype.float32)) * weight).astype(x.dtype)
+
+    def bprop(self, x, weight, out, dout):
+        x32 = x.astype(mstype.float32)
+        inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
+        xhat = x32 * inv
+        dy = dout.astype(mstype.float32)
+        dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        g = dy * weight
+        dx = inv * (g - xhat * (g * xhat).mean(-1, keep_dims=True))
+        return dx.astype(x.dtype), dw.astype(weight.dtype)
+
+
 class RMSNorm(nn.Cell):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in the input dtype."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and returned in the input dtype (see RMSNormKernel)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+        self.kernel = RMSNormKernel(eps)
 
     def construct(self, x):
-        x32 = x.astype(mstype.float32)
-        inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
-        return (x32 * inv * self.weight).astype(x.dtype)
+        return self.kernel(x, self.weight)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,12 +66,38 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.ndarr
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + d/2]) by position angles; x is BNSD, cos/sin are (S, D). fp32 math."""
+class RopeKernel(nn.Cell):
+    """y = x * cos + swap(x) * sin_signed in fp32, returned in x's dtype, with a hand-written backward.
+
+    swap(x) = concat(x[..., d/2:], x[..., :d/2]) and sin_signed = concat(-sin[:, :d/2], sin[:, d/2:]), which is
+    the rotate-half form x * cos + concat(-x2, x1) * sin without a Neg over the activations. swap is its own
+    transpose, so dx = dy * cos + swap(dy * sin_signed): no slice gradients or zero-padded buffers.
+    """
+
+    def construct(self, x, cos, sin_signed):
+        x32 = x.astype(mstype.float32)
+        return (x32 * cos + swap_halves(x32) * sin_signed).astype(x.dtype)
+
+    def bprop(self, x, cos, sin_signed, out, dout):
+        dy = dout.astype(mstype.float32)
+        dx = dy * cos + swap_halves(dy * sin_signed)
+        return dx.astype(x.dtype), ops.zeros_like(cos), ops.zeros_like(sin_signed)
+
+
+def swap_halves(x):
     half = x.shape[-1] // 2
-    x32 = x.astype(mstype.float32)
-    rotated = ops.concat((-x32[..., half:], x32[..., :half]), -1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    return ops.concat((x[..., half:], x[..., :half]), -1)
+
+
+_rope_kernel = RopeKernel()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + d/2]) by position angles; x is BNSD, cos/sin are (S, D) from
+    `rope_tables`. fp32 math, result in x's dtype."""
+    half = sin.shape[-1] // 2
+    sin_signed = ops.concat((-sin[:, :half], sin[:, half:]), -1)
+    return _rope_kernel(x, cos, sin_signed)
 
 
 class Attention(nn.Cell):

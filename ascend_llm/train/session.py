@@ -131,7 +131,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     optimizer = build_optimizer(params, recipe)
     precision = build_precision_runtime(model, recipe.precision)
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
-                                 precision.scaler, recipe.runtime.mode == "graph")
+                                 precision.scaler, recipe.runtime.mode == "graph", recipe.data.document_mask)
     data = DataState(data_identity(recipe, prepared_all))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
     parts = {"model": ParameterState(params, "model"), "optimizer": OptimizerState(optimizer),

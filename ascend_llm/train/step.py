@@ -14,13 +14,21 @@ from typing import Callable
 import mindspore as ms
 from mindspore import amp, nn, ops
 
+from ascend_llm.train.loss import token_cross_entropy
 from ascend_llm.train.optim import AdamW, clip_by_global_norm
 
 
 def cross_entropy_loss(logits, labels):
-    """Mean token cross-entropy in fp32 over labels != -100; logits (B, S, V), labels (B, S) int32."""
+    """Mean token cross-entropy in fp32; logits (B, S, V), labels (B, S). One fused kernel (see train/loss.py);
+    every label must be a token id."""
+    return token_cross_entropy(logits, labels)
+
+
+def masked_cross_entropy_loss(logits, labels):
+    """Mean token cross-entropy in fp32 over labels != -100 (document-masked batches: no loss across a
+    document boundary, Megatron's eod_mask_loss); logits (B, S, V), labels (B, S) int32."""
     vocab = logits.shape[-1]
-    return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1))
+    return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1), ignore_index=-100)
 
 
 @dataclass
@@ -32,14 +40,16 @@ class StepFunctions:
 
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
-                         graph: bool) -> StepFunctions:
+                         graph: bool, document_mask: bool = False) -> StepFunctions:
     """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process). With a ZeRO-2
     optimizer (`optimizer.stage == 2`) the update reduce-scatters gradients to shards instead of all-reducing
     them (parallel/zero.py); with ZeRO-1 the optimizer slices the all-reduced gradients itself."""
     params = optimizer.params
 
+    loss_fn = masked_cross_entropy_loss if document_mask else cross_entropy_loss
+
     def forward(x, y, segment_ids=None):
-        return cross_entropy_loss(model(x, segment_ids), y)
+        return loss_fn(model(x, segment_ids), y)
 
     def scaled_forward(x, y, segment_ids=None):
         return scaler.scale(forward(x, y, segment_ids))

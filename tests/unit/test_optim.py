@@ -66,3 +66,26 @@ def test_warmup_then_cosine_schedule():
     assert abs(lr_at(110, cfg, 110) - 0.1) < 1e-12 and abs(lr_at(500, cfg, 110) - 0.1) < 1e-12
     values = [lr_at(s, cfg, 110) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_adamw_non_float32_parameter_takes_the_plain_path_with_the_same_formula():
+    cfg = OptimConfig(lr=0.01, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    rng = np.random.default_rng(2)
+    init = {"a.w1.weight": rng.normal(size=(3, 4)), "b.w2.weight": rng.normal(size=(4,))}
+    params = [Parameter(Tensor(init["a.w1.weight"].astype(np.float32)), name="a.w1.weight"),
+              Parameter(Tensor(init["b.w2.weight"].astype(np.float16)), name="b.w2.weight")]
+    opt = AdamW(params, cfg)
+    assert opt.fused == (True, False)
+
+    @ms.jit
+    def step(g, lr):
+        return opt(g, lr)
+
+    grads = [[rng.normal(size=v.shape) for v in init.values()] for _ in range(3)]
+    for g in grads:
+        step((Tensor(g[0].astype(np.float32)), Tensor(g[1].astype(np.float16))), Tensor(np.float32(cfg.lr)))
+    ref32 = adamw_reference(init["a.w1.weight"], [g[0] for g in grads], cfg.lr, cfg, decay=True)
+    np.testing.assert_allclose(params[0].asnumpy(), ref32, rtol=2e-5, atol=2e-6)
+    ref16 = adamw_reference(init["b.w2.weight"].astype(np.float16).astype(np.float64),
+                            [g[1].astype(np.float16).astype(np.float64) for g in grads], cfg.lr, cfg, decay=True)
+    np.testing.assert_allclose(params[1].asnumpy().astype(np.float64), ref16, rtol=2e-3, atol=2e-3)
