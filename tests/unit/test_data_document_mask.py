@@ -14,7 +14,7 @@ from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.data import IGNORE_INDEX, PackedDataset
 from ascend_llm.models.llama import build_model
-from ascend_llm.train.step import cross_entropy_loss
+from ascend_llm.train.step import masked_cross_entropy_loss as cross_entropy_loss
 
 LEN_A, LEN_B, SEQ = 13, 20, 32
 
