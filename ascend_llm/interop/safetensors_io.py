@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors import serialize_file
 
 from ascend_llm.errors import InteropError
 
@@ -78,15 +77,27 @@ def encode(array: np.ndarray, dtype: str) -> bytes:
 
 
 def write_tensors(path: Path, tensors: dict[str, np.ndarray], dtype: str, metadata: dict | None = None) -> None:
-    """Write float tensors as one safetensors file of `dtype` (BF16/F16/F32), atomically (temp file + rename)."""
+    """Write float tensors as one safetensors file of `dtype` (BF16/F16/F32), atomically (temp file, fsync,
+    rename). Tensors are laid out in the dict's order; the header is padded with spaces to 8 bytes (the spec)."""
     path = Path(path)
-    flat = {name: {"dtype": dtype, "shape": list(value.shape), "data": encode(value, dtype)}
-            for name, value in tensors.items()}
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, value in tensors.items():
+        blob = encode(value, dtype)
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
     try:
-        serialize_file(flat, tmp, metadata)
-        with open(tmp, "rb") as handle:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)))
+            handle.write(text)
+            for blob in blobs:
+                handle.write(blob)
+            handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
