@@ -113,20 +113,11 @@ def _write_weights(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_sh
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _tokenizer_files(out: Path, tokenizer, chat_template: str | None) -> dict:
+def _tokenizer_files(out: Path, tokenizer: HFTokenizer | None, chat_template: str | None) -> dict:
     """Write tokenizer files; returns the special token ids for config.json / generation_config.json."""
     if tokenizer is None:
         return {}
-    if not isinstance(tokenizer, HFTokenizer):  # a toolkit tokenizer.json (trained BPE with an EOS token)
-        from ascend_llm.data.tokenizer import EOS
-
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS, "bos_token": None},
-            indent=2) + "\n")
-        tokenizer = HFTokenizer(out)
-    else:
-        tokenizer.save(out)
+    tokenizer.save(out)
     if chat_template:
         (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -134,11 +125,11 @@ def _tokenizer_files(out: Path, tokenizer, chat_template: str | None) -> dict:
 
 
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str = "bf16",
-              tokenizer: HFTokenizer | Path | None = None, chat_template: str | None = None,
+              tokenizer: HFTokenizer | None = None, chat_template: str | None = None,
               generation_config: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a Hugging Face directory at out_dir (must not exist or be empty). weights: toolkit names ->
-    float arrays; dtype: bf16 (round to nearest even), fp16 or fp32; tokenizer: an HFTokenizer, a toolkit
-    tokenizer.json path, or None. Returns out_dir. InteropError for bad arguments; nothing half-written."""
+    float arrays; dtype: bf16 (round to nearest even), fp16 or fp32; tokenizer: an HFTokenizer or None.
+    Returns out_dir. InteropError for bad arguments; nothing half-written."""
     if dtype not in EXPORT_DTYPES:
         raise InteropError("--dtype", dtype, "allowed: " + ", ".join(EXPORT_DTYPES))
     out = Path(out_dir)
