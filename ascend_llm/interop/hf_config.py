@@ -36,10 +36,15 @@ def _rope(raw: dict) -> dict:
     rope_type = params.get("rope_type", params.get("type", "default"))
     out = {"rope_theta": float(theta)}
     if rope_type == "llama3":
-        out.update(rope_scaling_type="llama3", rope_scaling_factor=float(params["factor"]),
-                   rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]),
-                   rope_original_max_seq_len=int(params["original_max_position_embeddings"]))
+        fields = {"rope_scaling_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                  "rope_high_freq_factor": "high_freq_factor",
+                  "rope_original_max_seq_len": "original_max_position_embeddings"}
+        for ours, theirs in fields.items():
+            if not isinstance(params.get(theirs), (int, float)):
+                raise InteropError(f"config.json:{key}.{theirs}", params.get(theirs), "a number is required (llama3)")
+            out[ours] = params[theirs]
+        out["rope_scaling_type"] = "llama3"
+        out["rope_original_max_seq_len"] = int(out["rope_original_max_seq_len"])
     elif rope_type != "default":
         raise InteropError(f"config.json:{key}.rope_type", rope_type, "allowed: default, llama3")
     return out
@@ -79,6 +84,7 @@ def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
     family = family_of(raw)
     _refuse_unsupported(raw, family)
     dtype_of(raw)
+    rope = _rope(raw)
     try:
         heads = int(raw["num_attention_heads"])
         dim = int(raw["hidden_size"])
@@ -90,7 +96,7 @@ def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             init_std=float(raw.get("initializer_range", 0.02)),
-            head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family == "qwen3", **_rope(raw))
+            head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family == "qwen3", **rope)
     except KeyError as exc:
         raise InteropError(f"config.json:{exc.args[0]}", "missing", "required for a Llama/Qwen config") from None
     except (TypeError, ValueError) as exc:
