@@ -89,6 +89,8 @@ class HFTokenizer:
         self._compiled = None
 
     def __getattr__(self, name: str):
+        if name.startswith("_") or name == "special":  # not yet set (copy/pickle): no recursion
+            raise AttributeError(name)
         if name in SPECIAL_KEYS:
             return self.special[name]
         if name.endswith("_id") and name[:-3] in SPECIAL_KEYS:
