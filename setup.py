@@ -23,6 +23,7 @@ setup(
         "omegaconf>=2.3",
         "tokenizers>=0.15",
         "safetensors>=0.4",
+        "jinja2>=3.1",
         "tqdm>=4.60",
         "matplotlib>=3.5",
         "psutil>=5.9",

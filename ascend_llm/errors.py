@@ -39,6 +39,12 @@ class LaunchError(UserInputError):
     area = "launch"
 
 
+class InteropError(UserInputError):
+    """A model directory (Hugging Face config.json, weights, tokenizer) that cannot be read or is unsupported."""
+
+    area = "model import"
+
+
 class TrainingDiverged(RuntimeError):
     """Raised by the trainer after `train.max_nonfinite_steps` non-finite steps in a row (exit status 3)."""
 

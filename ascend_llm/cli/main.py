@@ -22,6 +22,8 @@ COMMANDS = {
     "bench": ("ascend_llm.cli.bench", "run a benchmark: train, attention, precision, dp"),
     "rank-table": ("ascend_llm.cli.rank_table", "generate, validate, merge or show HCCL rank tables"),
     "launch": ("ascend_llm.cli.launch", "launch a distributed job with msrun from a recipe"),
+    "convert": ("ascend_llm.cli.convert", "export a checkpoint as a Hugging Face model directory"),
+    "generate": ("ascend_llm.cli.generate", "generate text with a KV cache from an HF directory or checkpoint"),
 }
 
 

@@ -1,0 +1,43 @@
+"""`ascend-llm convert SRC --to hf --output DIR [--dtype bf16|fp16|fp32]`: write a Hugging Face directory.
+
+SRC is a toolkit checkpoint (`runs/x/checkpoints/step_N`), a run directory (its newest checkpoint) or a Hugging
+Face directory (re-export, e.g. to change dtype). The output has config.json, generation_config.json,
+safetensors sharded by --max-shard-gb with model.safetensors.index.json, the tokenizer files and the chat
+template (--chat-template FILE adds or replaces one); transformers' AutoModelForCausalLM loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ascend_llm.errors import InteropError
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="ascend-llm convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="toolkit checkpoint or run directory, or a Hugging Face directory")
+    parser.add_argument("--to", required=True, choices=["hf"], help="output format")
+    parser.add_argument("--output", required=True, help="directory to write (must be absent or empty)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="tensor dtype (bf16)")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
+    parser.add_argument("--chat-template", help="a jinja2 chat template file to ship with the tokenizer")
+    args = parser.parse_args(argv)
+    from ascend_llm.interop.export import export_hf
+    from ascend_llm.interop.source import open_source
+
+    if args.max_shard_gb <= 0:
+        raise InteropError("--max-shard-gb", args.max_shard_gb, "must be > 0")
+    template = None
+    if args.chat_template:
+        file = Path(args.chat_template)
+        if not file.is_file():
+            raise InteropError("--chat-template", str(file), "must be a readable jinja2 file")
+        template = file.read_text(encoding="utf-8")
+    source = open_source(args.source)
+    out = export_hf(args.output, source.config, source.weights, dtype=args.dtype, tokenizer=source.tokenizer,
+                    chat_template=template, generation_config=source.generation,
+                    max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {out} ({source.kind} {source.path} -> hf, {args.dtype})")
+    return 0

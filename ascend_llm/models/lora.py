@@ -1,0 +1,99 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685) as a converter: `apply_lora(model, cfg)` wraps the Dense sub-cells
+named in `cfg.targets` (stable names: wq, wk, wv, wo, w1, w2, w3) so that y = base(x) + (alpha / r) B A dropout(x),
+with A (r, in) ~ Normal(0, 1/r) and B (out, r) = 0 (the update starts at zero). The base weights are frozen:
+only A and B are trainable, so the optimizer and the trainer's checkpoint (trainable parameters) hold only the
+adapter. `merged_weights(model)` folds W + (alpha / r) B A back into plain Dense names for export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.errors import ConfigError
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+@dataclass
+class LoraConfig:
+    """rank r > 0, alpha > 0 (scaling alpha / r), dropout in [0, 1) on the adapter's input, targets: sub-cell
+    names to adapt (default wq, wv as in the LoRA paper), seed of A's initialisation."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv"])
+    seed: int = 0
+
+    def validate(self, prefix: str = "lora") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{prefix}.rank", self.rank, "must be >= 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha", self.alpha, "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"{prefix}.targets", list(self.targets), "allowed: " + ", ".join(TARGETS))
+
+
+class LoraDense(nn.Cell):
+    """base(x) + scaling * (dropout(x) @ A^T) @ B^T; x (..., in) -> (..., out) in base's output dtype."""
+
+    def __init__(self, base: nn.Cell, rank: int, alpha: float, dropout: float, rng: np.random.Generator):
+        super().__init__()
+        out_features, in_features = base.weight.shape
+        self.base = base
+        for param in base.get_parameters():
+            param.requires_grad = False
+        self.lora_a = Parameter(Tensor(rng.normal(0.0, 1.0 / rank, (rank, in_features)).astype(np.float32)),
+                                name="lora_a")
+        self.lora_b = Parameter(Tensor(np.zeros((out_features, rank), np.float32)), name="lora_b")
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+
+    def construct(self, x):
+        y = self.base(x)
+        h = self.dropout(x) if self.dropout is not None else x
+        h = ops.matmul(h.astype(mstype.float32), self.lora_a.T)
+        return y + (ops.matmul(h, self.lora_b.T) * self.scaling).astype(y.dtype)
+
+
+def apply_lora(model: nn.Cell, cfg: LoraConfig) -> int:
+    """Freeze every parameter of `model` and wrap each target Dense in a LoraDense (mutates the model).
+    Returns the number of trainable parameters, exactly sum over wrapped cells of rank * (in + out)."""
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    for param in model.get_parameters():
+        param.requires_grad = False
+    wrapped = 0
+    for name, cell in list(model.cells_and_names()):
+        for child_name, child in list(cell.name_cells().items()):
+            if child_name in cfg.targets and not isinstance(child, LoraDense) and hasattr(child, "weight"):
+                setattr(cell, child_name, LoraDense(child, cfg.rank, cfg.alpha, cfg.dropout, rng))
+                wrapped += 1
+    if not wrapped:
+        raise ConfigError("lora.targets", list(cfg.targets), "matched no sub-cell of the model")
+    model.update_parameters_name()  # parameters take their cell paths (layers.0.attention.wq.lora_a, ...)
+    return sum(p.size for p in model.trainable_params())
+
+
+def merged_weights(model: nn.Cell) -> dict[str, np.ndarray]:
+    """Plain parameter names -> float32 arrays with each adapter folded in: W + (alpha / r) B A (float64 math)."""
+    out = {}
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, LoraDense):
+            base = cell.base.weight.astype(mstype.float32).asnumpy().astype(np.float64)
+            delta = cell.lora_b.asnumpy().astype(np.float64) @ cell.lora_a.asnumpy().astype(np.float64)
+            out[f"{name}.weight"] = (base + cell.scaling * delta).astype(np.float32)
+            if getattr(cell.base, "bias", None) is not None:
+                out[f"{name}.bias"] = cell.base.bias.astype(mstype.float32).asnumpy()
+    for param in model.get_parameters():
+        if ".lora_" in param.name or ".base." in param.name:
+            continue
+        out[param.name] = param.astype(mstype.float32).asnumpy()
+    return out

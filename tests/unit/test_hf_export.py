@@ -1,0 +1,135 @@
+"""Export to Hugging Face: every fixture re-exported is bit-identical with the Hugging Face layout (names,
+shapes, dtypes, tensor bytes); a toolkit checkpoint converts through the CLI and imports back exactly;
+bf16 rounding equals ml_dtypes'."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import mindspore as ms
+import ml_dtypes
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from ascend_llm.cli.main import main as cli_main
+from ascend_llm.config.model import ModelConfig
+from ascend_llm.interop import hf
+from ascend_llm.interop.export import export_hf, model_weights
+from ascend_llm.interop.safetensors_io import bf16_bits
+from ascend_llm.interop.tokenizer import HFTokenizer
+from ascend_llm.models.llama import build_model
+from ascend_llm.train.checkpoint import save_checkpoint
+
+FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "fixtures" / "hf").is_dir()), None)
+NAMES = ["llama_gqa", "qwen2_tied", "qwen3_qknorm", "llama_bf16"]
+
+
+def fixture(name: str) -> Path:
+    if FIXTURES is None:
+        pytest.skip("shared fixtures absent: ../shared/fixtures/hf")
+    return FIXTURES / name
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def raw_tensors(root: Path) -> dict[str, tuple[str, list, bytes]]:
+    """{name: (dtype, shape, bytes)} over all safetensors files, parsed here from the spec (no project code)."""
+    out = {}
+    for file in sorted(root.glob("*.safetensors")):
+        data = file.read_bytes()
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + size])
+        assert header.pop("__metadata__", {}).get("format") in (None, "pt")
+        for name, spec in header.items():
+            begin, end = spec["data_offsets"]
+            out[name] = (spec["dtype"], spec["shape"], data[8 + size + begin:8 + size + end])
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reexport_is_bit_identical_in_the_hf_layout(tmp_path, name):
+    src = fixture(name)
+    cfg, weights, _ = hf.load_pretrained(src)
+    dtype = "bf16" if name == "llama_bf16" else "fp32"
+    out = export_hf(tmp_path / "out", cfg, weights, dtype=dtype, tokenizer=HFTokenizer(src),
+                    generation_config=hf.read_generation_config(src), max_shard_bytes=150_000)
+    assert raw_tensors(out) == raw_tensors(src)  # names, dtypes, shapes and every byte
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(raw_tensors(src))
+    assert all((out / f).is_file() for f in index["weight_map"].values()) and len(set(index["weight_map"].values())) > 1
+    assert index["metadata"]["total_size"] == sum(len(b) for _, _, b in raw_tensors(src).values())
+    cfg2, weights2, _ = hf.load_pretrained(out)
+    assert dataclasses.replace(cfg2, name=cfg.name) == cfg
+    meta = json.loads(fixture(f"{name}.golden.json").read_text())
+    tokenizer = HFTokenizer(out)
+    assert tokenizer.encode(meta["text"]) == meta["text_input_ids"]
+    assert tokenizer.apply_chat_template(meta["chat_messages"]) == meta["chat_input_ids"]
+    assert hf.read_generation_config(out)["eos_token_ids"] == hf.read_generation_config(src)["eos_token_ids"]
+    written = json.loads((out / "config.json").read_text())
+    original = json.loads((src / "config.json").read_text())
+    for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings"):
+        assert written[key] == original[key], key
+
+
+def test_bf16_rounding_matches_ml_dtypes():
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, np.inf, -np.inf, 1e-45, -1e-45, 3.3895314e38, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8]
+    x = np.concatenate([rng.normal(size=20000) * 10.0 ** rng.integers(-40, 38, size=20000), edges])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(bf16_bits(x), x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.isnan(bf16_bits(np.array([np.nan], np.float32)).view(ml_dtypes.bfloat16).astype(np.float32))[0]
+
+
+def _toolkit_run(tmp_path: Path) -> tuple[Path, object, ModelConfig]:
+    """A toolkit run directory with one checkpoint of a Qwen3-shaped debug model and a prepared tokenizer."""
+    cfg = ModelConfig(name="debug", vocab_size=560, dim=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      ffn_hidden_dim=96, max_seq_len=128, head_dim_override=24, qk_norm=True, tie_embeddings=True)
+    model = build_model(cfg, seed=5)
+    rng = np.random.default_rng(1)
+    for p in model.get_parameters():
+        if "norm" in p.name:
+            p.set_data(Tensor(rng.normal(1.0, 0.2, p.shape).astype(np.float32)))
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    shutil.copy(fixture("qwen3_qknorm") / "tokenizer.json", prepared / "tokenizer.json")
+    (prepared / "meta.json").write_text(json.dumps({"eos_id": 557}))  # "<|endoftext|>", the toolkit's EOS
+    state = {"config": {"model": dataclasses.asdict(cfg)}, "data": str(prepared)}
+    save_checkpoint(tmp_path / "run", 7, model_weights(model), {"adam.m": np.zeros(3, np.float32)}, state, 1)
+    return tmp_path / "run", model, cfg
+
+
+def test_toolkit_checkpoint_converts_through_the_cli_and_imports_back(tmp_path, capsys):
+    run, model, cfg = _toolkit_run(tmp_path)
+    weights = model_weights(model)
+    assert cli_main(["convert", str(run), "--to", "hf", "--output", str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert cli_main(["convert", str(run / "checkpoints" / "step_00000007"), "--to", "hf",
+                     "--output", str(tmp_path / "bf16")]) == 0
+    files = raw_tensors(tmp_path / "fp32")
+    assert "lm_head.weight" not in files and files["model.layers.1.self_attn.k_norm.weight"][:2] == ("F32", [24])
+    assert files["model.layers.0.self_attn.q_proj.weight"][1] == [4 * 24, 64]
+    back, cfg_back, tokenizer = hf.load(tmp_path / "fp32")
+    assert dataclasses.replace(cfg_back, name=cfg.name) == cfg
+    for name, value in model_weights(back).items():
+        np.testing.assert_array_equal(value, weights[name])
+    ids = Tensor(np.random.default_rng(2).integers(0, 559, size=(2, 16)).astype(np.int32))
+    np.testing.assert_array_equal(back(ids).asnumpy(), model(ids).asnumpy())
+    assert tokenizer.eos_token_id == 557 and hf.read_generation_config(tmp_path / "fp32")["eos_token_ids"] == [557]
+    _, bf16_weights, _ = hf.load_pretrained(tmp_path / "bf16")
+    for name, value in bf16_weights.items():
+        np.testing.assert_array_equal(value, weights[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert cli_main(["convert", str(run), "--to", "hf", "--output", str(tmp_path / "fp32")]) == 2
+    assert "--output=" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32", "prepared", "run"]  # no temp left
