@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ascend_llm.attention import resolve_backend
 from ascend_llm.attention.core import CoreAttention
 from ascend_llm.config import compose_recipe
 from ascend_llm.config.attention import AttentionConfig
@@ -18,8 +19,8 @@ def test_a_bare_model_uses_the_attention_config_defaults():
     cells = core_cells(build_model(recipe.model))
     defaults = AttentionConfig()
     assert len(cells) == recipe.model.num_layers
-    assert {(c.backend, c.block_q, c.block_k) for c in cells} == {(defaults.backend, defaults.block_q,
-                                                                    defaults.block_k)}
+    assert {(c.backend, c.block_q, c.block_k) for c in cells} == {(resolve_backend(defaults.backend),
+                                                                    defaults.block_q, defaults.block_k)}
 
 
 def test_the_recipe_backend_and_blocks_replace_every_core_attention():

