@@ -26,7 +26,7 @@ ZERO_STAGES = (0, 1, 2)
 class ParallelConfig:
     """Degrees, declared outermost first: rank = (dp_index * cp + cp_index) * tp + tp_index (tp innermost)."""
 
-    data_parallel_degree: int = 1
+    data_parallel_degree: int = 0  # 0: fill the world, cluster world size / (cp * tp) (resolved on validate)
     context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
     tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
     sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
@@ -46,13 +46,33 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> None:
         for name, degree in self.degrees().items():
-            positive(f"{prefix}.{name}", degree)
+            if name == "data_parallel_degree":
+                non_negative(f"{prefix}.{name}", degree)  # 0: fill the world (resolved by RecipeConfig)
+            else:
+                positive(f"{prefix}.{name}", degree)
         one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
         one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
         if self.zero_stage > 0 and self.data_parallel_degree < 2:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
                               f"shards over the data-parallel group, which needs {prefix}.data_parallel_degree >= 2 "
                               f"(it is {self.data_parallel_degree}); use zero_stage=0 for one data-parallel rank")
+
+
+def resolve_data_parallel(parallel: ParallelConfig, cluster: ClusterConfig) -> None:
+    """data_parallel_degree=0 (the default) becomes the cluster's world size divided by the other degrees, so
+    `cluster=cpu_2proc` alone runs 2-way data parallel. ConfigError when the other degrees do not divide it."""
+    if parallel.data_parallel_degree != 0:
+        return
+    others = 1
+    for name, degree in parallel.degrees().items():
+        if name != "data_parallel_degree":
+            others *= int(degree)
+    world = int(cluster.world_size)
+    if others < 1 or world % others:
+        raise ConfigError("parallel.data_parallel_degree", 0,
+                          f"fills the world only when the world size cluster.num_nodes*cluster.num_workers_per_node="
+                          f"{world} is a multiple of the other degrees' product {others}; set the degrees explicitly")
+    parallel.data_parallel_degree = world // others
 
 
 def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: str = "parallel") -> None:
@@ -196,7 +216,8 @@ def _check_ipv4(field_name: str, value: str) -> None:
 
 def check_world_size(parallel: ParallelConfig, cluster: ClusterConfig) -> int:
     """The world size; ConfigError unless the product of the `*_degree` fields equals
-    cluster.num_nodes * cluster.num_workers_per_node."""
+    cluster.num_nodes * cluster.num_workers_per_node. A data_parallel_degree of 0 is resolved first."""
+    resolve_data_parallel(parallel, cluster)
     size, cluster_size = parallel.world_size, int(cluster.world_size)
     if size != cluster_size:
         named = parallel.degrees()

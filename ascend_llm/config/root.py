@@ -8,7 +8,7 @@ from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.data import DataConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.optim import OptimConfig
-from ascend_llm.config.parallel import ClusterConfig, ParallelConfig, check_world_size
+from ascend_llm.config.parallel import ClusterConfig, ParallelConfig, check_world_size, resolve_data_parallel
 from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.config.runtime import RuntimeConfig
 from ascend_llm.config.train import TrainConfig
@@ -32,6 +32,7 @@ class RecipeConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> RecipeConfig:
+        resolve_data_parallel(self.parallel, self.cluster)
         for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster"):
             getattr(self, name).validate(name)
         self._validate_cross_group()

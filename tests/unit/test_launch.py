@@ -99,7 +99,6 @@ def test_dry_run_cli_prints_the_command_and_quotes_it(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("overrides,field", [
-    (["cluster=cpu_2proc"], "parallel.data_parallel_degree"),
     (["cluster=cpu_1proc", "parallel=dp2"], "parallel.data_parallel_degree"),
     (["cluster=cpu_2proc", "parallel=dp2", "cluster.node_rank=1"], "cluster.node_rank"),
     (["cluster=cpu_2proc", "parallel=dp2", "cluster.launcher=mpirun"], "cluster.launcher"),
@@ -326,3 +325,12 @@ def test_preflight_refuses_a_recipe_that_cannot_fit_on_910b_and_can_be_told_to_s
     assert info.value.field == "memory per device" and "smallest change that fits" in str(info.value)
     preflight(compose_recipe([*overrides, "train.memory_check=false"]))
     preflight(compose_recipe(["experiment=llama3_8b_910b"]))  # the shipped recipe fits
+
+
+def test_data_parallel_degree_fills_the_world_unless_set():
+    assert compose_recipe(["cluster=cpu_2proc"]).parallel.data_parallel_degree == 2
+    assert compose_recipe([]).parallel.data_parallel_degree == 1
+    assert compose_recipe(["cluster=cpu_4proc", "parallel.tensor_parallel_degree=2"]).parallel.data_parallel_degree == 2
+    with pytest.raises(ConfigError) as info:
+        compose_recipe(["cluster=cpu_2proc", "parallel.data_parallel_degree=1"])  # explicit and disagreeing
+    assert info.value.field == "parallel.data_parallel_degree"

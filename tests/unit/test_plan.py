@@ -26,7 +26,8 @@ def terms(overrides):
 def test_debug_model_terms_by_hand():
     # debug: vocab 512, dim 64, 2 layers, 4 heads, 2 kv heads (head_dim 16), ffn 176; fp32; naive attention.
     # micro-batch = 8 rows / 2 accumulation steps = 4 rows of 64 tokens -> 256 tokens.
-    got = terms(["model=debug", "data.seq_len=64", "train.global_batch_size=8", "train.grad_accum_steps=2"])
+    got = terms(["model=debug", "data.seq_len=64", "train.global_batch_size=8", "train.grad_accum_steps=2",
+                 "attention=naive"])
     layer = 64 * 16 * (4 + 2 * 2) + 4 * 16 * 64 + 3 * 64 * 176 + 2 * 64  # 46208
     params = 2 * layer + 64 + 2 * 512 * 64  # 158016
     assert params == 158016
