@@ -18,6 +18,8 @@ COMMANDS = {
     "bench": ("ascend_llm.cli.bench", "run a benchmark: train, attention, precision, dp"),
     "rank-table": ("ascend_llm.cli.rank_table", "generate, validate, merge or show HCCL rank tables"),
     "launch": ("ascend_llm.cli.launch", "launch a distributed job with msrun from a recipe"),
+    "quantize": ("ascend_llm.cli.quantize", "weight-only int8/int4 quantization (RTN, GPTQ) of a model"),
+    "eval": ("ascend_llm.cli.eval", "perplexity (strided sliding windows) and size table of models"),
 }
 
 
