@@ -37,3 +37,9 @@ class RankTableError(UserInputError):
 
 class LaunchError(UserInputError):
     area = "launch"
+
+
+class InteropError(UserInputError):
+    """A model directory (Hugging Face config.json, weights, tokenizer) that cannot be read or is unsupported."""
+
+    area = "model import"

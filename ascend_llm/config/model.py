@@ -7,9 +7,19 @@ from dataclasses import dataclass
 from ascend_llm.config.checks import one_of, positive
 from ascend_llm.errors import ConfigError
 
+ROPE_SCALING_TYPES = ("none", "llama3")
+
 
 @dataclass
 class ModelConfig:
+    """Llama-family architecture.
+
+    head_dim_override: per-head width when it is not dim / num_heads (Qwen3: 128 with dim 2560 / 32 heads);
+    0 means dim // num_heads. qk_norm: per-head RMSNorm of q and k before RoPE (Qwen3). rope_scaling_type
+    `llama3` applies Llama 3.1's frequency scaling with rope_scaling_factor, rope_low_freq_factor,
+    rope_high_freq_factor and rope_original_max_seq_len (see models/llama.py: rope_inv_freq).
+    """
+
     name: str = "tiny"
     vocab_size: int = 4096
     dim: int = 256
@@ -23,20 +33,38 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
+    head_dim_override: int = 0
+    qk_norm: bool = False
+    rope_scaling_type: str = "none"
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.num_heads
+        return self.head_dim_override or self.dim // self.num_heads
 
     def validate(self, prefix: str = "model") -> None:
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_dim",
                      "max_seq_len", "rope_theta", "norm_eps", "init_std"):
             positive(f"{prefix}.{name}", getattr(self, name))
-        if self.dim % self.num_heads:
+        if self.head_dim_override < 0:
+            raise ConfigError(f"{prefix}.head_dim_override", self.head_dim_override, "must be >= 0 (0: dim/num_heads)")
+        if not self.head_dim_override and self.dim % self.num_heads:
             raise ConfigError(f"{prefix}.dim", self.dim, f"must be divisible by model.num_heads={self.num_heads}")
         if self.head_dim % 2:
-            raise ConfigError(f"{prefix}.dim", self.dim, f"head_dim=dim/num_heads={self.head_dim} must be even (RoPE)")
+            raise ConfigError(f"{prefix}.dim", self.dim, f"head_dim={self.head_dim} must be even (RoPE)")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"{prefix}.num_kv_heads", self.num_kv_heads,
                               f"must divide model.num_heads={self.num_heads}")
         one_of(f"{prefix}.qkv_bias", self.qkv_bias, (True, False))
+        one_of(f"{prefix}.qk_norm", self.qk_norm, (True, False))
+        one_of(f"{prefix}.rope_scaling_type", self.rope_scaling_type, ROPE_SCALING_TYPES)
+        if self.rope_scaling_type == "llama3":
+            for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                         "rope_original_max_seq_len"):
+                positive(f"{prefix}.{name}", getattr(self, name))
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ConfigError(f"{prefix}.rope_high_freq_factor", self.rope_high_freq_factor,
+                                  f"must be > model.rope_low_freq_factor={self.rope_low_freq_factor}")

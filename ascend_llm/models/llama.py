@@ -29,9 +29,33 @@ class RMSNorm(nn.Cell):
         return (x32 * inv * self.weight).astype(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (max_seq_len, head_dim) in the rotate-half (HF/Qwen) layout, float32."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE inverse frequencies (head_dim / 2,) float64: theta^(-2i/d), with Llama 3.1 scaling when configured.
+
+    `llama3` scaling (Meta's llama-models `apply_scaling`, transformers `_compute_llama3_parameters`): with
+    wavelength w = 2*pi/f, low = L/low_freq_factor, high = L/high_freq_factor (L = original context):
+    w > low -> f/factor; w < high -> f; otherwise (1 - s) f/factor + s f with s = (L/w - low_ff)/(high_ff - low_ff).
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    if cfg.rope_scaling_type != "llama3":
+        return inv_freq
+    factor, low_ff, high_ff = cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = float(cfg.rope_original_max_seq_len)
+    wavelen = 2.0 * np.pi / inv_freq
+    smooth = (old_len / wavelen - low_ff) / (high_ff - low_ff)
+    scaled = np.where(wavelen > old_len / low_ff, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old_len / high_ff) & (wavelen <= old_len / low_ff)
+    return np.where(medium, (1.0 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                inv_freq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin of shape (max_seq_len, head_dim) in the rotate-half (HF/Qwen) layout, float32.
+
+    inv_freq (head_dim / 2,) overrides theta^(-2i/d) (see rope_inv_freq for scaled variants)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     angles = np.outer(np.arange(max_seq_len, dtype=np.float64), inv_freq)
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -55,15 +79,28 @@ class Attention(nn.Cell):
         self.wk = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
         self.wv = nn.Dense(cfg.dim, cfg.num_kv_heads * cfg.head_dim, has_bias=cfg.qkv_bias)
         self.wo = nn.Dense(cfg.num_heads * cfg.head_dim, cfg.dim, has_bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.core_attention = CoreAttention()
+
+    def project_qkv(self, x, cos, sin):
+        """x (B, S, dim) -> q (B, H, S, D), k and v (B, H_kv, S, D); q/k normed per head (qk_norm) then rotated.
+        cos/sin broadcast against (B, H, S, D): (S, D) or per-row (B, 1, S, D)."""
+        batch, seq, _ = x.shape
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(0, 2, 1, 3), cos, sin)
+        k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
+        return q, k, v
 
     def construct(self, x, cos, sin, segment_ids=None):
         batch, seq, _ = x.shape
-        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin)
         out = self.core_attention(q, k, v, segment_ids)
         out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
         return self.wo(out)
@@ -118,7 +155,7 @@ class Transformer(nn.Cell):
         self.tie_embeddings = cfg.tie_embeddings
         if not cfg.tie_embeddings:
             self.output = nn.Dense(cfg.dim, cfg.vocab_size, has_bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, rope_inv_freq(cfg))
         self.rope_cos = Tensor(cos)
         self.rope_sin = Tensor(sin)
         init_weights(self, cfg, seed)
@@ -131,6 +168,10 @@ class Transformer(nn.Cell):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, segment_ids)
+        return self.project_logits(h)
+
+    def project_logits(self, h):
+        """Final norm and output head: h (B, S, dim) -> logits (B, S, vocab) float32 (tied: h @ embeddings^T)."""
         h = self.norm(h)
         if self.tie_embeddings:
             return ops.matmul(h, self.tok_embeddings.weight.astype(h.dtype).T).astype(mstype.float32)
@@ -162,6 +203,8 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
     attn = cfg.dim * hd * (cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.num_heads * hd * cfg.dim
     if cfg.qkv_bias:
         attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
+    if cfg.qk_norm:
+        attn += 2 * hd
     layer = attn + 3 * cfg.dim * cfg.ffn_hidden_dim + 2 * cfg.dim
     total = cfg.num_layers * layer + cfg.dim
     embedding = cfg.vocab_size * cfg.dim

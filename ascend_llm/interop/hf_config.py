@@ -1,0 +1,138 @@
+"""Hugging Face `config.json` <-> `ModelConfig` for the Llama, Qwen2 and Qwen3 families.
+
+Reads both key styles: transformers >= 5 (`rope_parameters`, `dtype`) and older (`rope_theta` +
+`rope_scaling`, `torch_dtype`). Anything the toolkit's model does not compute (sliding windows, MoE, biases on
+o_proj/MLP, other activations or RoPE types, quantized weights) is refused with an InteropError naming the key.
+"""
+
+from __future__ import annotations
+
+from ascend_llm.config.model import ModelConfig
+from ascend_llm.errors import InteropError
+
+FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_HF_DTYPE = {v: k for k, v in DTYPES.items()}
+
+
+def family_of(raw: dict) -> str:
+    """`llama`, `qwen2` or `qwen3` from `architectures` (or `model_type` when architectures is absent)."""
+    archs = raw.get("architectures") or []
+    if archs:
+        if len(archs) != 1 or archs[0] not in FAMILIES:
+            raise InteropError("config.json:architectures", archs, "allowed: " + ", ".join(FAMILIES))
+        return FAMILIES[archs[0]]
+    model_type = raw.get("model_type")
+    if model_type not in FAMILIES.values():
+        raise InteropError("config.json:model_type", model_type, "allowed: " + ", ".join(FAMILIES.values()))
+    return model_type
+
+
+def _rope(raw: dict) -> dict:
+    """RoPE fields of ModelConfig from `rope_parameters` (new) or `rope_theta` + `rope_scaling` (old)."""
+    key = "rope_parameters" if isinstance(raw.get("rope_parameters"), dict) else "rope_scaling"
+    params = dict(raw.get(key) or {})
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    out = {"rope_theta": float(theta)}
+    if rope_type == "llama3":
+        out.update(rope_scaling_type="llama3", rope_scaling_factor=float(params["factor"]),
+                   rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_seq_len=int(params["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise InteropError(f"config.json:{key}.rope_type", rope_type, "allowed: default, llama3")
+    return out
+
+
+def _refuse_unsupported(raw: dict, family: str) -> None:
+    if raw.get("hidden_act", "silu") != "silu":
+        raise InteropError("config.json:hidden_act", raw["hidden_act"], "allowed: silu (SwiGLU)")
+    if raw.get("use_sliding_window"):
+        raise InteropError("config.json:use_sliding_window", True, "sliding-window attention is not supported")
+    layer_types = raw.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise InteropError("config.json:layer_types", sorted(set(layer_types)), "allowed: full_attention only")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if raw.get(key):
+            raise InteropError(f"config.json:{key}", raw[key], "mixture-of-experts models are not supported")
+    if raw.get("quantization_config"):
+        raise InteropError("config.json:quantization_config", raw["quantization_config"].get("quant_method"),
+                           "quantized checkpoints are not supported; use unquantized weights")
+    if family != "qwen2" and raw.get("attention_bias"):
+        raise InteropError("config.json:attention_bias", True, "allowed: false (o_proj bias is not supported)")
+    if raw.get("mlp_bias"):
+        raise InteropError("config.json:mlp_bias", True, "allowed: false")
+
+
+def dtype_of(raw: dict) -> str:
+    """Storage dtype named by `dtype` or `torch_dtype`: bf16, fp16 or fp32 (fp32 when absent)."""
+    key = "dtype" if "dtype" in raw else "torch_dtype"
+    value = raw.get(key) or "float32"
+    if value not in DTYPES:
+        raise InteropError(f"config.json:{key}", value, "allowed: " + ", ".join(DTYPES))
+    return DTYPES[value]
+
+
+def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
+    """ModelConfig for a Hugging Face config dict; InteropError names the first unsupported or missing key."""
+    family = family_of(raw)
+    _refuse_unsupported(raw, family)
+    dtype_of(raw)
+    try:
+        heads = int(raw["num_attention_heads"])
+        dim = int(raw["hidden_size"])
+        head_dim = int(raw.get("head_dim") or dim // heads)
+        cfg = ModelConfig(
+            name=name, vocab_size=int(raw["vocab_size"]), dim=dim, num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            ffn_hidden_dim=int(raw["intermediate_size"]), max_seq_len=int(raw.get("max_position_embeddings", 2048)),
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            init_std=float(raw.get("initializer_range", 0.02)),
+            head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family == "qwen3", **_rope(raw))
+    except KeyError as exc:
+        raise InteropError(f"config.json:{exc.args[0]}", "missing", "required for a Llama/Qwen config") from None
+    except (TypeError, ValueError) as exc:
+        raise InteropError("config.json", "malformed", str(exc)) from None
+    cfg.validate(prefix="config.json")
+    return cfg
+
+
+def family_for(cfg: ModelConfig) -> str:
+    """The HF family whose layout computes this ModelConfig: qwen3 (qk_norm), qwen2 (qkv bias) or llama."""
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise InteropError("model.qkv_bias", True, "no Hugging Face family has both q/k norm and q/k/v bias")
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = None) -> dict:
+    """config.json dict (transformers >= 5 keys plus `rope_theta`/`torch_dtype` for older readers)."""
+    family = family_for(cfg)
+    arch = {v: k for k, v in FAMILIES.items()}[family]
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling_type == "llama3":
+        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                    high_freq_factor=cfg.rope_high_freq_factor,
+                    original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    raw = {
+        "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "rope_parameters": rope,
+        "dtype": _HF_DTYPE[dtype], "use_cache": True, "attention_dropout": 0.0,
+        # transformers < 5 reads these two instead of rope_parameters / dtype
+        "rope_theta": cfg.rope_theta, "torch_dtype": _HF_DTYPE[dtype],
+    }
+    if cfg.rope_scaling_type == "llama3":
+        raw["rope_scaling"] = dict(rope)
+    if family != "qwen2":
+        raw.update(attention_bias=False)
+    if family == "llama":
+        raw.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        raw.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
+                   layer_types=["full_attention"] * cfg.num_layers)
+    raw.update(special or {})
+    return raw
