@@ -9,9 +9,12 @@ PACKAGES = [
     "ascend_llm.cli",
     "ascend_llm.config",
     "ascend_llm.data",
+    "ascend_llm.eval",
+    "ascend_llm.inference",
     "ascend_llm.models",
     "ascend_llm.parallel",
     "ascend_llm.precision",
+    "ascend_llm.quant",
     "ascend_llm.train",
     "ascend_llm.recipes",
 ]
@@ -37,9 +40,11 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.5",
         "psutil>=5.9",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5"],
+        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
 )

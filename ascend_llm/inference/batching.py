@@ -10,14 +10,16 @@ The engine's cache has `num_slots` fixed slots of `max_len` positions. Each `ste
      random stream, and retires requests that hit a stop token, a stop string, their max_new_tokens or the
      cache end, freeing their slots for the next step.
 `serve_forever` runs steps on a background thread; `submit` is thread-safe and raises QueueFull past
-`max_queue` waiting requests. Stopping cancels waiting requests and lets running ones finish (or cancels them
-after `grace_s`).
+`max_queue` waiting requests. An exception inside a step finishes the requests it touched with finish_reason
+"error" (the exception kept in `request.error`) and the loop goes on. Stopping cancels waiting requests and
+lets running ones finish (or cancels them after `grace_s`).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ import numpy as np
 
 from ascend_llm.errors import ConfigError
 from ascend_llm.inference.sampling import SamplingParams, sample_next
+
+logger = logging.getLogger("ascend_llm.inference")
 
 
 class QueueFull(RuntimeError):
@@ -53,6 +57,7 @@ class Request:
     finish_s: Optional[float] = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    error: Optional[BaseException] = None
 
     def reserved_tokens(self) -> int:
         return len(self.prompt) + self.params.max_new_tokens
@@ -164,6 +169,13 @@ class ContinuousBatcher:
         for slot, request in running.items():
             self._emit(request, logits[slot])
 
+    def fail_running(self, exc: BaseException) -> None:
+        """Finish every running request with finish_reason "error" and free its slot."""
+        with self.lock:
+            for request in list(self.active.values()):
+                request.error = exc
+                self._finish(request, "error")
+
     def run_until_idle(self) -> None:
         while not self.idle():
             self.step()
@@ -184,7 +196,11 @@ class ContinuousBatcher:
                         self.lock.wait(0.5)
                     if self._stop and not self.active and not self.waiting:
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception as exc:  # a failing step must not leave its requests waiting forever
+                    logger.exception("continuous batching step failed")
+                    self.fail_running(exc)
 
         self._thread = threading.Thread(target=loop, name="continuous-batcher", daemon=True)
         self._thread.start()
