@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tokenizer", help="tokenizer.json when none sits beside the first model")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--pynative", action="store_true", help="PyNative instead of graph mode (no compile)")
     return p
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     from ascend_llm.eval.source import load_source
     from ascend_llm.eval.text import load_any_tokenizer, parse_slice, token_stream
 
-    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
     docs = parse_slice(args.docs, "--docs")
     rows, ids, baseline = [], None, None
     for path in args.models:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor
@@ -45,8 +46,12 @@ def test_quantize_eval_and_export(setup, capsys):
     assert main(["quantize", str(run), "--out", str(root / "q_gptq"), "--method", "gptq", "--bits", "4",
                  "--group-size", "32", "--calib-corpus", str(corpus), "--calib-docs", "0:40",
                  "--num-calib-samples", "8", "--calib-seq-len", "32", "--hf-gptq", str(root / "hf_gptq")]) == 0
-    assert main(["eval", str(run), str(root / "q_rtn"), str(root / "q_gptq"), "--corpus", str(corpus),
-                 "--docs=-20:", "--window", "32", "--stride", "16", "--json", str(root / "eval.json")]) == 0
+    try:
+        assert main(["eval", str(run), str(root / "q_rtn"), str(root / "q_gptq"), "--corpus", str(corpus),
+                     "--docs=-20:", "--window", "32", "--stride", "16", "--json", str(root / "eval.json"),
+                     "--pynative"]) == 0
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
     out = capsys.readouterr().out
     table = out.splitlines()[-5:]
     assert table[0].startswith("| model | kind | bytes on disk") and len(table) == 5  # header, rule, 3 rows
