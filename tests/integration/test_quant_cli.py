@@ -18,6 +18,7 @@ from ascend_llm.data.tokenizer import train_tokenizer
 from ascend_llm.models.llama import build_model
 from ascend_llm.train.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.integration
 WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "秋", "雨", "人", "歸", "酒", "明"]
 
 
