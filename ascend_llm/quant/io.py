@@ -43,6 +43,7 @@ def _write_dir(out_dir: Path, files: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared
     try:
         for name, content in files.items():
             path = tmp / name
@@ -50,6 +51,7 @@ def _write_dir(out_dir: Path, files: dict) -> Path:
                 save_file(content, str(path))
             else:
                 path.write_bytes(content)
+            os.chmod(path, 0o644)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         if out_dir.exists():
