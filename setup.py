@@ -27,9 +27,11 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.5",
         "psutil>=5.9",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5"],
+        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
 )

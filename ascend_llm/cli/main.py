@@ -24,6 +24,9 @@ COMMANDS = {
     "launch": ("ascend_llm.cli.launch", "launch a distributed job with msrun from a recipe"),
     "convert": ("ascend_llm.cli.convert", "export a checkpoint as a Hugging Face model directory"),
     "generate": ("ascend_llm.cli.generate", "generate text with a KV cache from an HF directory or checkpoint"),
+    "quantize": ("ascend_llm.cli.quantize", "weight-only int8/int4 quantization (RTN, GPTQ) of a model"),
+    "eval": ("ascend_llm.cli.eval", "perplexity (strided sliding windows) and size table of models"),
+    "serve": ("ascend_llm.cli.serve", "OpenAI-compatible HTTP server with continuous batching"),
 }
 
 

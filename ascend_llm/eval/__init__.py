@@ -1,0 +1,1 @@
+"""Model evaluation: perplexity with strided sliding windows, over any model source."""

@@ -1,0 +1,107 @@
+"""`QuantLinear`: a Dense layer with weight-only int8/int4 weights (activations stay float).
+
+Parameters (non-trainable, saved in checkpoints under the Dense's name):
+  qweight (out, in) uint8 codes for int8, (out, in // 2) uint8 for int4 (two codes per byte, quant/pack.py)
+  scales  (out, G) float16;  zeros (out, G) uint8 (asymmetric only; symmetric uses the constant 2**(bits-1))
+  g_idx   (in,) int32 (act-order only; otherwise the group of column c is c // group_size)
+  bias    (out,) float32 when the Dense had one
+
+CPU (and any device without the kernel): dequantize on the fly, w = scale * (code - zero) in float32, then
+y = x @ w^T (+ bias). Ascend: the weight-quantized batch matmul kernel (aclnnWeightQuantBatchMatmulV2, A16W8 /
+A16W4, computes x @ ((w_signed + offset) * scale) in float16) with signed codes w_signed = code - 2**(bits-1)
+and offset = 2**(bits-1) - zero; the kernel operands are prepared once in `_ascend_operands`.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ascend_llm.quant.rtn import QuantizedWeight, num_groups
+
+
+def _frozen(name: str, value: np.ndarray) -> Parameter:
+    return Parameter(Tensor(value), name=name, requires_grad=False)
+
+
+class QuantLinear(nn.Cell):
+    """y = x @ dequant(W)^T + b for x (..., in) float -> (..., out) in x's dtype."""
+
+    def __init__(self, qw: QuantizedWeight, bias: np.ndarray | None = None, device: str | None = None):
+        super().__init__()
+        self.out_channels, self.in_channels = qw.shape
+        self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
+        self.qweight = _frozen("qweight", qw.packed_codes())
+        self.scales = _frozen("scales", qw.scales.astype(np.float16))
+        self.zeros = None if qw.sym else _frozen("zeros", qw.zeros.astype(np.uint8))
+        self.g_idx = None if qw.g_idx is None else _frozen("g_idx", qw.g_idx.astype(np.int32))
+        self.column_group = Tensor(qw.group_of_column().astype(np.int32))
+        self.has_bias = bias is not None
+        self.bias = _frozen("bias", np.asarray(bias, np.float32)) if self.has_bias else None
+        device = device or ms.get_context("device_target")
+        self.use_kernel = device == "Ascend" and _kernel_supported(qw)
+        if self.use_kernel:
+            self._ascend_operands(qw)
+
+    def _ascend_operands(self, qw: QuantizedWeight) -> None:
+        from mindspore.ops.auto_generate import WeightQuantBatchMatmul
+
+        half = 2 ** (self.bits - 1)
+        signed = (qw.codes.astype(np.int16) - half).T  # (in, out)
+        offset = (half - qw.zeros.astype(np.float32)).T.astype(np.float16)  # (G, out)
+        scale = qw.scales.T.astype(np.float16)
+        if scale.shape[0] == 1:
+            scale, offset = scale[0], offset[0]
+        if self.bits == 8:
+            weight = Tensor(signed.astype(np.int8))
+        else:  # two signed nibbles per byte along the output axis, low nibble first
+            nib = (signed & 0x0F).astype(np.uint8)
+            weight = Tensor((nib[:, 0::2] | (nib[:, 1::2] << 4)).view(np.int8)).view(ms.qint4x2)
+        self.kernel_weight = weight
+        self.kernel_scale, self.kernel_offset = Tensor(scale), Tensor(offset)
+        group = 0 if qw.scales.shape[1] == 1 else qw.group_size
+        self.kernel = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=False, antiquant_group_size=group)
+
+    def dequantized_weight(self):
+        """(out, in) float32 weight, dequantized from the stored codes."""
+        codes = self.qweight.astype(ms.int32)
+        if self.bits == 4:
+            codes = ops.stack((codes % 16, codes // 16), -1).reshape(self.out_channels, self.in_channels)
+        group = self.column_group if self.g_idx is None else self.g_idx
+        scale = ops.gather(self.scales.astype(ms.float32), group, 1)
+        if self.zeros is None:
+            return (codes.astype(ms.float32) - float(2 ** (self.bits - 1))) * scale
+        zero = ops.gather(self.zeros.astype(ms.float32), group, 1)
+        return (codes.astype(ms.float32) - zero) * scale
+
+    def construct(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_channels)
+        if self.use_kernel:
+            y = self.kernel(x2.astype(ms.float16), self.kernel_weight, self.kernel_scale, self.kernel_offset,
+                            None, None, None).astype(x.dtype)
+        else:
+            y = ops.matmul(x2.astype(ms.float32), self.dequantized_weight().T).astype(x.dtype)
+        if self.has_bias:
+            y = y + self.bias.astype(y.dtype)
+        return y.reshape(shape[:-1] + (self.out_channels,))
+
+    def weight_bytes(self) -> int:
+        """Bytes of the quantized weight state held by this cell (codes, scales, zeros, g_idx; not bias)."""
+        params = (self.qweight, self.scales, self.zeros, self.g_idx)
+        return sum(p.asnumpy().nbytes for p in params if p is not None)
+
+    def extend_repr(self) -> str:
+        group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
+        kind = "WeightQuantBatchMatmul" if self.use_kernel else "dequantize on the fly"
+        return (f"in={self.in_channels}, out={self.out_channels}, int{self.bits} {group}, "
+                f"{'sym' if self.sym else 'asym'}, {kind}")
+
+
+def _kernel_supported(qw: QuantizedWeight) -> bool:
+    """The Ascend kernel's per-group mode needs whole groups (in % group_size == 0) in contiguous order."""
+    if qw.g_idx is not None:
+        return False
+    groups = num_groups(qw.shape[1], qw.group_size)
+    return groups == 1 or qw.shape[1] % qw.group_size == 0
