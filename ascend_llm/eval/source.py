@@ -39,18 +39,19 @@ def _from_checkpoint(step_dir: Path) -> ModelSource:
     from mindspore import Tensor
 
     from ascend_llm.models.llama import build_model
-    from ascend_llm.train.checkpoint import load_checkpoint
+    from ascend_llm.train.checkpoint import checkpoint_config, read_checkpoint
 
-    arrays, _, state = load_checkpoint(step_dir)
-    cfg = _model_config(state.get("config", {}).get("model", {}), str(step_dir / "state.json"))
+    meta, tensors = read_checkpoint(step_dir)
+    arrays = tensors.get("model", {})
+    cfg = _model_config(checkpoint_config(meta).get("model", {}), str(step_dir / "state.json"))
     model = build_model(cfg)
     for name, param in model.parameters_and_names():
         if name not in arrays:
             raise CheckpointError(f"{step_dir}/model.safetensors[{name}]", "missing", "the model needs it")
         param.set_data(Tensor(arrays[name]))
-    tokenizer = Path(state["data"]) / "tokenizer.json" if state.get("data") else None
+    tokenizer = step_dir / "tokenizer.json"  # every checkpoint keeps a copy of its run's tokenizer
     return ModelSource(model, cfg, "checkpoint", [step_dir / "model.safetensors"],
-                       tokenizer if tokenizer and tokenizer.is_file() else None)
+                       tokenizer if tokenizer.is_file() else None)
 
 
 def _from_hf(directory: Path) -> ModelSource:

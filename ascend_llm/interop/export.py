@@ -25,6 +25,7 @@ from ascend_llm.interop.hf_config import hf_config_from_model
 from ascend_llm.interop.names import to_hf
 from ascend_llm.interop.safetensors_io import EXPORT_DTYPES, read_tensors, write_tensors
 from ascend_llm.interop.tokenizer import HFTokenizer
+from ascend_llm.train.checkpoint import checkpoint_config
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -46,19 +47,19 @@ def checkpoint_model_tensors(step_dir: Path) -> dict[str, np.ndarray]:
 
 
 def read_toolkit_checkpoint(step_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Path | None]:
-    """(ModelConfig from state.json's resolved config, model tensors, tokenizer.json path or None)."""
+    """(ModelConfig from state.json's resolved recipe, model tensors, the checkpoint's tokenizer.json or None)."""
     step_dir = Path(step_dir)
     state_file = step_dir / "state.json"
     try:
         state = json.loads(state_file.read_text())
-        model_dict = state["config"]["model"]
+        model_dict = checkpoint_config(state)["model"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InteropError(str(state_file), "unreadable", f"must be JSON with config.model ({exc})") from None
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in model_dict.items() if k in known})
     cfg.validate()
-    tokenizer = Path(state["data"]) / "tokenizer.json" if state.get("data") else None
-    return cfg, checkpoint_model_tensors(step_dir), tokenizer if tokenizer and tokenizer.is_file() else None
+    tokenizer = step_dir / "tokenizer.json"  # every checkpoint keeps a copy of its run's tokenizer
+    return cfg, checkpoint_model_tensors(step_dir), tokenizer if tokenizer.is_file() else None
 
 
 def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

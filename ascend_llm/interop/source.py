@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +50,10 @@ def open_source(path: str | Path) -> ModelSource:
         from ascend_llm.data.tokenizer import EOS
 
         tokenizer = HFTokenizer.from_toolkit(tokenizer_file.parent, EOS)
-        meta = tokenizer_file.parent / "meta.json"
-        if meta.is_file():
-            eos = [int(json.loads(meta.read_text())["eos_id"])]
+        from tokenizers import Tokenizer
+
+        eos_id = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOS)
+        eos = [int(eos_id)] if eos_id is not None else []
     return ModelSource("checkpoint", step, cfg, weights, tokenizer, {"eos_token_ids": eos})
 
 

@@ -315,3 +315,33 @@ def _run_id(path: Path) -> str | None:
         return json.loads((path / STATE_FILE).read_text()).get("run_id")
     except (OSError, ValueError):
         return None
+
+
+def checkpoint_config(meta: Mapping[str, Any]) -> dict:
+    """The resolved recipe (a plain dict) a checkpoint's state.json records. KeyError when absent."""
+    return meta["parts"]["run"]["config"]
+
+
+class _Arrays:
+    """A fixed dict of arrays as a stateful part (weights produced outside the trainer)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.arrays
+
+    def load_state_dict(self, state: dict) -> None:
+        self.arrays = dict(state)
+
+
+def save_model_checkpoint(run_dir: Path, step: int, model: Mapping[str, np.ndarray], config: dict,
+                          tokenizer: Path | None = None) -> Path | None:
+    """Write `run_dir/checkpoints/step_N` holding only model weights, the resolved recipe `config` (at least
+    {"model": ...}) and optionally a tokenizer.json copy: the layout readers (convert, eval, serve) take, for
+    weights produced outside the trainer (conversions, tests). Same atomic write as training checkpoints."""
+    from ascend_llm.train.state import DataState, RunState
+
+    parts = {"model": _Arrays(model), "data": DataState({}), "run": RunState(dict(config), seed=0)}
+    files = {"tokenizer.json": Path(tokenizer)} if tokenizer else None
+    return CheckpointManager(run_dir, parts, keep_last=1_000_000, files=files).save(step)

@@ -16,7 +16,7 @@ from ascend_llm.cli.main import main
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.data.tokenizer import train_tokenizer
 from ascend_llm.models.llama import build_model
-from ascend_llm.train.checkpoint import save_checkpoint
+from ascend_llm.train.checkpoint import save_model_checkpoint
 
 pytestmark = pytest.mark.integration
 WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "秋", "雨", "人", "歸", "酒", "明"]
@@ -36,8 +36,8 @@ def setup(tmp_path_factory):
                       max_seq_len=64)
     model = build_model(cfg, seed=3)
     run = root / "run"
-    save_checkpoint(run, 5, {n: p.asnumpy() for n, p in model.parameters_and_names()}, {},
-                    {"config": {"model": dataclasses.asdict(cfg)}, "data": str(data)}, keep_last=1)
+    save_model_checkpoint(run, 5, {n: p.asnumpy() for n, p in model.parameters_and_names()},
+                          {"model": dataclasses.asdict(cfg)}, tokenizer=data / "tokenizer.json")
     return root, corpus, run
 
 

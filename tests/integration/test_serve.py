@@ -22,7 +22,7 @@ import pytest
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.data.tokenizer import train_tokenizer
 from ascend_llm.models.llama import build_model
-from ascend_llm.train.checkpoint import save_checkpoint
+from ascend_llm.train.checkpoint import save_model_checkpoint
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,8 +45,8 @@ def server(tmp_path_factory):
     cfg = ModelConfig(vocab_size=320, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=64,
                       max_seq_len=64)
     model = build_model(cfg, seed=2)
-    save_checkpoint(root / "run", 1, {n: p.asnumpy() for n, p in model.parameters_and_names()}, {},
-                    {"config": {"model": dataclasses.asdict(cfg)}, "data": str(root / "prepared")}, keep_last=1)
+    save_model_checkpoint(root / "run", 1, {n: p.asnumpy() for n, p in model.parameters_and_names()},
+                          {"model": dataclasses.asdict(cfg)}, tokenizer=root / "prepared" / "tokenizer.json")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "ascend_llm.cli.main", "serve", str(root / "run"), "--port",

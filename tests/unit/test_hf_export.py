@@ -23,7 +23,7 @@ from ascend_llm.interop.export import export_hf, model_weights
 from ascend_llm.interop.safetensors_io import bf16_bits
 from ascend_llm.interop.tokenizer import HFTokenizer
 from ascend_llm.models.llama import build_model
-from ascend_llm.train.checkpoint import save_checkpoint
+from ascend_llm.train.checkpoint import save_model_checkpoint
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
@@ -105,8 +105,8 @@ def _toolkit_run(tmp_path: Path) -> tuple[Path, object, ModelConfig]:
     prepared.mkdir()
     shutil.copy(fixture("qwen3_qknorm") / "tokenizer.json", prepared / "tokenizer.json")
     (prepared / "meta.json").write_text(json.dumps({"eos_id": 557}))  # "<|endoftext|>", the toolkit's EOS
-    state = {"config": {"model": dataclasses.asdict(cfg)}, "data": str(prepared)}
-    save_checkpoint(tmp_path / "run", 7, model_weights(model), {"adam.m": np.zeros(3, np.float32)}, state, 1)
+    save_model_checkpoint(tmp_path / "run", 7, model_weights(model), {"model": dataclasses.asdict(cfg)},
+                          tokenizer=prepared / "tokenizer.json")
     return tmp_path / "run", model, cfg
 
 
