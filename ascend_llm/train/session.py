@@ -21,16 +21,18 @@ from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import PackedDataset, prepare
 from ascend_llm.errors import ConfigError
-from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
+from ascend_llm.parallel.dims import build_groups
+from ascend_llm.parallel.dp import init_distributed
 from ascend_llm.precision import describe_precision
 from ascend_llm.precision.runtime import PrecisionRuntime, build_precision_runtime
 from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
+from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
 from ascend_llm.train.optim import AdamW
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, ParameterState, RunState
-from ascend_llm.train.step import StepFunctions, build_step_functions
+from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -54,6 +56,7 @@ class Session:
     run: RunState
     checkpoints: CheckpointManager
     throughput: Throughput
+    layout: TrainLayout
     start_step: int = 0
     metrics: MetricsLog | None = None
     progress: Any = None
@@ -71,9 +74,9 @@ class Session:
 
     @property
     def micro_rows(self) -> int:
-        """Sequences per micro-batch on this rank."""
+        """Sequences per micro-batch on this rank (its data-parallel replica's share)."""
         cfg = self.recipe.train
-        return cfg.global_batch_size // self.world_size // cfg.grad_accum_steps
+        return cfg.global_batch_size // self.layout.dp // cfg.grad_accum_steps
 
 
 def data_identity(recipe: RecipeConfig, prepared) -> dict:
@@ -101,22 +104,27 @@ def build_session(recipe: RecipeConfig) -> Session:
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
+    layout = TrainLayout(recipe.parallel, build_groups(recipe.parallel))  # every rank, before the model
     prepared, dataset = _build_data(recipe)
     if cfg.resume == "none" and (rank == 0 or not cfg.overwrite):  # with overwrite, rank 0 alone clears
         guard_fresh_run(Path(cfg.output_dir), cfg.overwrite)
-    converters = build_converters(recipe)
+    converters = build_converters(recipe, layout.groups)
     from ascend_llm.models import build_model
 
     model = converters.convert(build_model(recipe.model, seed=cfg.seed))
     params = model.trainable_params()
     optimizer = AdamW(params, recipe.optim)
     precision = build_precision_runtime(model, recipe.precision)
-    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
-                                 precision.scaler, recipe.runtime.mode == "graph")
+    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),
+                                 precision.scaler, recipe.runtime.mode == "graph",
+                                 loss_fn=layout.loss_fn(recipe.model.vocab_size, cross_entropy_loss),
+                                 grad_norm=layout.grad_norm(params))
+    sharding = layout.sharding(model, converters.get("tensor_parallel").full_shapes)
     data = DataState(data_identity(recipe, prepared))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
-    parts = {"model": ParameterState(params, "model"), "optimizer": ParameterState(optimizer.state_parameters(),
-             "optimizer"), "precision": precision, "converters": converters, "data": data, "run": run}
+    parts = {"model": ParameterState(params, "model", sharding),
+             "optimizer": ParameterState(optimizer.state_parameters(), "optimizer", sharding),
+             "precision": precision, "converters": converters, "data": data, "run": run}
     checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last,
                                     files={"tokenizer.json": prepared.path / "tokenizer.json"})
     start_step = checkpoints.restore(cfg.resume, cfg.allow_data_change)
@@ -124,7 +132,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
                             peak_tflops(recipe.runtime, device) * 1e12 * world)
     return Session(recipe, rank, world, device, prepared, dataset, model, converters, optimizer, precision, steps,
-                   data, run, checkpoints, throughput, start_step=start_step)
+                   data, run, checkpoints, throughput, layout, start_step=start_step)
 
 
 def open_outputs(session: Session) -> None:

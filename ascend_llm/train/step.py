@@ -23,21 +23,34 @@ def cross_entropy_loss(logits, labels):
     return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1))
 
 
+def clip_to_norm(grads, norm, max_norm: float):
+    """grads scaled by min(max_norm / (norm + 1e-6), 1) (`train.optim.clip_by_global_norm` with the norm
+    given: computed over TP shards); max_norm <= 0 disables clipping."""
+    if max_norm <= 0:
+        return grads
+    factor = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tuple(g * factor.astype(g.dtype) for g in grads)
+
+
 @dataclass
 class StepFunctions:
     grads: Callable  # (x, y) -> (loss, grads)
     accumulate: Callable  # (acc, grads) -> acc
     apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
-    eval_loss: Callable  # (x, y) -> loss
+    eval_loss: Callable  # (x, y) -> loss (reduced like the training loss)
 
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
-                         graph: bool) -> StepFunctions:
-    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process)."""
+                         graph: bool, loss_fn: Callable = cross_entropy_loss,
+                         grad_norm: Callable | None = None) -> StepFunctions:
+    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process); with context
+    parallel it also sums the CP ranks' shares (train/layout.py). `loss_fn(logits, labels)` is the loss
+    (vocab-parallel with TP/CP). `grad_norm(grads)`, when given (TP: `parallel.tp.TPGradNorm`), is the global
+    norm over all shards: clipping uses it, and a step is finite when it is (so every TP rank agrees)."""
     params = optimizer.params
 
     def forward(x, y):
-        return cross_entropy_loss(model(x), y)
+        return loss_fn(model(x), y)
 
     def scaled_forward(x, y):
         return scaler.scale(forward(x, y))
@@ -55,11 +68,19 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         grads_ = reduce(tuple(g * grad_scale for g in grads_))
         loss = reduce((loss * grad_scale,))[0]
         grads_ = scaler.unscale(grads_)
-        finite = scaler.adjust(amp.all_finite(grads_))
-        grads_, norm = clip_by_global_norm(grads_, grad_clip)
+        if grad_norm is None:
+            finite = scaler.adjust(amp.all_finite(grads_))
+            grads_, norm = clip_by_global_norm(grads_, grad_clip)
+        else:
+            norm = grad_norm(grads_)
+            finite = scaler.adjust(ops.isfinite(norm))
+            grads_ = clip_to_norm(grads_, norm, grad_clip)
         if finite:
             optimizer(grads_, lr)
         return loss, norm, finite
 
+    def eval_loss(x, y):
+        return reduce((forward(x, y),))[0]
+
     wrap = ms.jit if graph else (lambda fn: fn)
-    return StepFunctions(wrap(grads), wrap(accumulate), wrap(apply), wrap(forward))
+    return StepFunctions(wrap(grads), wrap(accumulate), wrap(apply), wrap(eval_loss))

@@ -19,12 +19,12 @@ import psutil
 from mindspore import Tensor, mutable
 
 from ascend_llm.config.root import RecipeConfig
-from ascend_llm.data import shard_rows
 from ascend_llm.errors import TrainingDiverged
 from ascend_llm.train.metrics import plot_loss
 from ascend_llm.train.sample import generate
 from ascend_llm.train.schedule import lr_at
 from ascend_llm.train.session import Session, build_session, open_outputs, params_sha256
+from ascend_llm.train.state import ParameterState
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -69,10 +69,10 @@ def run_step(session: Session, step: int) -> StepOutcome:
     cfg, steps = session.recipe.train, session.steps
     lr = lr_at(step, session.recipe.optim, cfg.num_steps)
     rows = session.dataset.train_indices(session.data.position, cfg.global_batch_size)
-    local, micro = shard_rows(rows, session.rank, session.world_size), session.micro_rows
+    local, micro = session.layout.local_rows(rows), session.micro_rows
     acc = loss_sum = None
     for index in range(cfg.grad_accum_steps):
-        x, y = session.dataset.batch(local[index * micro:(index + 1) * micro])
+        x, y = session.layout.local_batch(*session.dataset.batch(local[index * micro:(index + 1) * micro]))
         loss, grads = steps.grads(Tensor(x), Tensor(y))
         acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
         loss_sum = loss if loss_sum is None else loss_sum + loss
@@ -142,7 +142,7 @@ def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
     with session.throughput.pause():
         losses = []
         for start in range(0, len(indices) - rows + 1, rows):
-            x, y = session.dataset.batch(indices[start:start + rows])
+            x, y = session.layout.local_batch(*session.dataset.batch(indices[start:start + rows]))
             losses.append(float(session.steps.eval_loss(Tensor(x), Tensor(y)).asnumpy()))
     val = float(np.mean(losses))
     session.val_losses.append((outcome.step, val))
@@ -156,11 +156,16 @@ def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:
 
 def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
     """Main rank: checkpoint this step, unless the step was skipped as non-finite (its state is the last
-    finite one, already saved or about to be replaced by a finite step)."""
-    if not session.main_rank:
-        return
+    finite one, already saved or about to be replaced by a finite step). With tensor parallel every rank first
+    gathers the full tensors (ParameterState.collect: a collective)."""
     if not outcome.finite:
-        logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
+        if session.main_rank:
+            logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
+        return
+    for part in session.checkpoints.parts.values():
+        if isinstance(part, ParameterState):
+            part.collect()
+    if not session.main_rank:
         return
     session.run.step, session.run.loss = outcome.step, outcome.loss
     with session.throughput.pause():
@@ -174,7 +179,7 @@ def finish(session: Session) -> dict:
         session.progress.close()
     recipe, cfg = session.recipe, session.recipe.train
     digest = params_sha256(session.model.trainable_params())
-    logger.info("rank %d: final parameters sha256=%s", session.rank, digest)
+    logger.info("rank %d: final parameters sha256=%s (%s)", session.rank, digest, session.layout.coordinates())
     summary = {"param_sha256": digest, "losses": session.losses, "val_losses": session.val_losses,
                "run_dir": str(session.run_dir), "first_step_s": session.throughput.first_step_s,
                "launch_to_first_step_s": _since_launch(session), "start_step": session.start_step,
@@ -182,7 +187,8 @@ def finish(session: Session) -> dict:
                "tokens_per_step": session.throughput.tokens_per_step,
                "flops_per_token": session.throughput.flops_per_token, "peak_flops": session.throughput.peak_flops}
     if cfg.sample_tokens > 0:
-        summary["sample"] = generate(session.model, session.prepared.tokenizer(), cfg.sample_prompt,
+        forward = session.layout.full_logits(session.model, recipe.model.vocab_size)
+        summary["sample"] = generate(forward, session.prepared.tokenizer(), cfg.sample_prompt,
                                      cfg.sample_tokens, recipe.data.seq_len, cfg.sample_top_k, cfg.seed,
                                      session.prepared.meta["eos_id"])
     if session.main_rank:
