@@ -53,7 +53,8 @@ class ParameterState:
         sh = self.sharding
         axes = {p.name: sh.axis(p.name) for p in self.params}
         shapes = {p.name: sh.full_shape(p.name, p.shape) for p in self.params}
-        self._collected = gather_full({p.name: p for p in self.params}, axes, sh.group, shapes)
+        full = gather_full({p.name: p for p in self.params}, axes, sh.group, shapes)
+        self._collected = {name: np.asarray(value) for name, value in full.items()}  # 0-d stays an ndarray
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.sharding is not None:
