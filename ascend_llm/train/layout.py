@@ -11,7 +11,7 @@ every group then has size 1) answers, for this rank:
 - `loss_fn(vocab_size)`: the plain `cross_entropy_loss` when tp = cp = 1, else `VocabParallelCrossEntropy`
   (vocab-sharded logits, token count summed over CP);
 - `grad_norm(params)`: `TPGradNorm` over `groups.tp` when tp > 1 (the global norm for clipping), else None;
-- `sharding(full_shapes)`: how `ParameterState` gathers full tensors on save and shards them on load;
+- `sharding(model, full_shapes)`: how `ParameterState` gathers full tensors on save and shards them on load;
 - `full_logits(model)`: a forward for sampling that takes the full (1, S) tokens on every rank and returns
   the full (1, S, vocab) logits (gathered over CP and TP), so `train.sample.generate` needs no change.
 
