@@ -8,7 +8,13 @@ from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.data import DataConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.optim import OptimConfig
-from ascend_llm.config.parallel import ClusterConfig, ParallelConfig, check_world_size, resolve_data_parallel
+from ascend_llm.config.parallel import (
+    ClusterConfig,
+    ParallelConfig,
+    check_parallel_model,
+    check_world_size,
+    resolve_data_parallel,
+)
 from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.config.runtime import RuntimeConfig
 from ascend_llm.config.train import TrainConfig
@@ -19,7 +25,8 @@ from ascend_llm.errors import ConfigError
 class RecipeConfig:
     """The whole recipe: one sub-config per recipe group. Builders take only their own sub-config;
     `validate()` checks each group and the few rules that span groups (sequence length, vocabulary, batch
-    divisibility by the world size) and raises ConfigError naming the field."""
+    divisibility by the data-parallel degree, model and sequence divisibility by the TP/CP degrees) and
+    raises ConfigError naming the field."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
@@ -45,9 +52,11 @@ class RecipeConfig:
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError("data.vocab_size", self.data.vocab_size,
                               f"must be <= model.vocab_size={self.model.vocab_size}")
-        world = check_world_size(self.parallel, self.cluster)
-        per_rank = self.train.global_batch_size // self.train.grad_accum_steps
-        if per_rank % world:
+        check_world_size(self.parallel, self.cluster)
+        dp = self.parallel.data_parallel_degree
+        per_step = self.train.global_batch_size // self.train.grad_accum_steps
+        if per_step % dp:
             raise ConfigError("train.global_batch_size", self.train.global_batch_size,
-                              f"global_batch_size/grad_accum_steps={per_rank} must be divisible by the "
-                              f"world size {world}")
+                              f"global_batch_size/grad_accum_steps={per_step} must be divisible by "
+                              f"parallel.data_parallel_degree={dp}")
+        check_parallel_model(self.parallel, self.model, self.data.seq_len)

@@ -52,6 +52,10 @@ class ModelConverters:
             converter.convert(model)
         return model
 
+    def get(self, name: str) -> ModelConverter | None:
+        """The converter called `name`, or None."""
+        return next((c for c in self.converters if c.name == name), None)
+
     def _with(self, hook: str) -> list[Any]:
         return [c for c in self.converters if callable(getattr(c, hook, None))]
 
@@ -70,12 +74,50 @@ class ModelConverters:
             c.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-def build_converters(recipe: RecipeConfig) -> ModelConverters:
-    """The fixed order: attention, precision, FP8, recompute."""
-    return ModelConverters([ApplyConverter("attention", apply_attention, recipe.attention),
-                            ApplyConverter("precision", apply_precision, recipe.precision),
-                            ApplyConverter("fp8", apply_fp8, recipe.precision),
-                            ApplyConverter("recompute", apply_recompute, recipe.train.recompute)])
+class TensorParallelConverter:
+    """`parallel.tp.apply_tensor_parallel` over `groups.tp`; records `full_shapes` ({name: shape} of every
+    trainable parameter just before sharding) for layout-free checkpoints. `seq_len` is data.seq_len (with
+    sequence parallel, seq_len / cp must be divisible by tp: `config.parallel.check_parallel_model`)."""
+
+    name = "tensor_parallel"
+
+    def __init__(self, cfg: Any, groups: Any, seq_len: int):
+        self.cfg, self.groups, self.seq_len = cfg, groups, seq_len
+        self.full_shapes: dict[str, tuple] = {}
+
+    def convert(self, model: nn.Cell) -> None:
+        from ascend_llm.parallel.tp import apply_tensor_parallel
+
+        self.full_shapes = {p.name: tuple(p.shape) for p in model.trainable_params()}
+        apply_tensor_parallel(model, self.cfg, self.groups, seq_len=self.seq_len)
+
+
+class ContextParallelConverter:
+    """`parallel.cp.apply_context_parallel` over `groups.cp` at the training length `seq_len`."""
+
+    name = "context_parallel"
+
+    def __init__(self, cfg: Any, groups: Any, seq_len: int):
+        self.cfg, self.groups, self.seq_len = cfg, groups, seq_len
+
+    def convert(self, model: nn.Cell) -> None:
+        from ascend_llm.parallel.cp import apply_context_parallel
+
+        apply_context_parallel(model, self.cfg, self.groups, self.seq_len)
+
+
+def build_converters(recipe: RecipeConfig, groups: Any = None) -> ModelConverters:
+    """The fixed order: attention, precision, FP8, then (given this rank's `parallel.dims.ParallelGroups`)
+    tensor parallel and context parallel (each the identity when its degree is 1), then recompute."""
+    converters: list[ModelConverter] = [ApplyConverter("attention", apply_attention, recipe.attention),
+                                        ApplyConverter("precision", apply_precision, recipe.precision),
+                                        ApplyConverter("fp8", apply_fp8, recipe.precision)]
+    if groups is not None:
+        seq_len = recipe.data.seq_len
+        converters += [TensorParallelConverter(recipe.parallel, groups, seq_len),
+                       ContextParallelConverter(recipe.parallel, groups, seq_len)]
+    converters.append(ApplyConverter("recompute", apply_recompute, recipe.train.recompute))
+    return ModelConverters(converters)
 
 
 def build_training_model(recipe: RecipeConfig) -> nn.Cell:

@@ -22,16 +22,18 @@ from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import build_dataset, prepare_sources
 from ascend_llm.errors import ConfigError
-from ascend_llm.parallel.dp import build_grad_reducer, init_distributed
+from ascend_llm.parallel.dims import build_groups
+from ascend_llm.parallel.dp import init_distributed
 from ascend_llm.precision import describe_precision
 from ascend_llm.precision.runtime import PrecisionRuntime, build_precision_runtime
 from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
+from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
 from ascend_llm.train.optim import AdamW
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
-from ascend_llm.train.step import StepFunctions, build_step_functions
+from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss, masked_cross_entropy_loss
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -55,6 +57,7 @@ class Session:
     run: RunState
     checkpoints: CheckpointManager
     throughput: Throughput
+    layout: TrainLayout
     start_step: int = 0
     metrics: MetricsLog | None = None
     progress: Any = None
@@ -72,9 +75,9 @@ class Session:
 
     @property
     def micro_rows(self) -> int:
-        """Sequences per micro-batch on this rank."""
+        """Sequences per micro-batch on this rank (its data-parallel replica's share)."""
         cfg = self.recipe.train
-        return cfg.global_batch_size // self.world_size // cfg.grad_accum_steps
+        return cfg.global_batch_size // self.layout.dp // cfg.grad_accum_steps
 
 
 def data_identity(recipe: RecipeConfig, prepared_all: list) -> dict:
@@ -104,9 +107,13 @@ def _build_data(recipe: RecipeConfig, main_rank: bool):
 def build_optimizer(params, recipe: RecipeConfig):
     """AdamW, or with parallel.zero_stage 1/2 the ZeRO-sharded AdamW over the data-parallel group (the world
     when data parallel is the only layout). Stage 2 clips inside the optimizer (no rank holds full gradients)."""
-    stage = recipe.parallel.zero_stage
+    stage, par = recipe.parallel.zero_stage, recipe.parallel
     if stage == 0:
         return AdamW(params, recipe.optim)
+    if par.tensor_parallel_degree > 1 or par.context_parallel_degree > 1:
+        raise ConfigError("parallel.zero_stage", stage, "the trainer shards the optimizer over pure data parallel "
+                          "only (tensor/context parallel > 1 is planned by `ascend-llm plan` but not trained yet); "
+                          "use parallel.zero_stage=0 with tensor or context parallel")
     from ascend_llm.parallel.zero import ZeroAdamW
 
     return ZeroAdamW(params, recipe.optim, stage, grad_clip=recipe.optim.grad_clip if stage == 2 else 0.0)
@@ -119,22 +126,27 @@ def build_session(recipe: RecipeConfig) -> Session:
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
+    layout = TrainLayout(recipe.parallel, build_groups(recipe.parallel))  # every rank, before the model
     prepared_all, dataset = _build_data(recipe, rank == 0)
     prepared = prepared_all[0]  # the tokenizer, vocabulary and EOS id are shared by every source
     if cfg.resume == "none" and (rank == 0 or not cfg.overwrite):  # with overwrite, rank 0 alone clears
         guard_fresh_run(Path(cfg.output_dir), cfg.overwrite)
-    converters = build_converters(recipe)
+    converters = build_converters(recipe, layout.groups)
     from ascend_llm.models import build_model
 
     model = converters.convert(build_model(recipe.model, seed=cfg.seed))
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe)
     precision = build_precision_runtime(model, recipe.precision)
-    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, build_grad_reducer(None, world),
-                                 precision.scaler, recipe.runtime.mode == "graph", recipe.data.document_mask)
+    plain_loss = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
+    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),
+                                 precision.scaler, recipe.runtime.mode == "graph",
+                                 loss_fn=layout.loss_fn(recipe.model.vocab_size, plain_loss),
+                                 grad_norm=layout.grad_norm(params))
+    sharding = layout.sharding(model, converters.get("tensor_parallel").full_shapes)
     data = DataState(data_identity(recipe, prepared_all))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
-    parts = {"model": ParameterState(params, "model"), "optimizer": OptimizerState(optimizer),
+    parts = {"model": ParameterState(params, "model", sharding), "optimizer": OptimizerState(optimizer, sharding),
              "precision": precision, "converters": converters, "data": data, "run": run}
     checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last, writer=rank == 0,
                                     files={"tokenizer.json": prepared.path / "tokenizer.json"})
@@ -143,7 +155,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
                             peak_tflops(recipe.runtime, device) * 1e12 * world)
     return Session(recipe, rank, world, device, prepared, dataset, model, converters, optimizer, precision, steps,
-                   data, run, checkpoints, throughput, start_step=start_step)
+                   data, run, checkpoints, throughput, layout, start_step=start_step)
 
 
 def open_outputs(session: Session) -> None:

@@ -31,25 +31,58 @@ class ParameterState:
 
     state_dict() -> {name: float32/int32 ndarray}. load_state_dict() writes in place (`ops.assign`), so it is
     correct before or after the step functions are compiled; it raises CheckpointError naming the parameter
-    when one is missing or has another shape (a different model)."""
+    when one is missing or has another shape (a different model).
 
-    def __init__(self, params: list[Parameter], what: str):
+    With tensor parallel (`sharding`, a `train.layout.TPSharding`), the parameters are this rank's shards:
+    `collect()` (every TP rank, same order: it all-gathers) gathers the full, unpadded arrays and the next
+    state_dict() returns them; load_state_dict() checks the full shapes, then assigns this rank's shards
+    (`parallel.tp.shard_full`)."""
+
+    def __init__(self, params: list[Parameter], what: str, sharding: Any = None):
         self.params = list(params)
         self.what = what
+        self.sharding = sharding
+        self._collected: dict[str, np.ndarray] | None = None
+
+    def collect(self) -> None:
+        """Gather the full tensors across TP (a collective: every TP rank calls it); no-op without TP."""
+        if self.sharding is None:
+            return
+        from ascend_llm.parallel.tp import gather_full
+
+        sh = self.sharding
+        axes = {p.name: sh.axis(p.name) for p in self.params}
+        shapes = {p.name: sh.full_shape(p.name, p.shape) for p in self.params}
+        full = gather_full({p.name: p for p in self.params}, axes, sh.group, shapes)
+        self._collected = {name: np.asarray(value) for name, value in full.items()}  # 0-d stays an ndarray
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        if self.sharding is not None:
+            if self._collected is None:
+                raise RuntimeError(f"{self.what}: collect() must run on every TP rank before state_dict()")
+            state, self._collected = self._collected, None
+            return state
         return {p.name: p.asnumpy() for p in self.params}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        values = {}
         for p in self.params:
             if p.name not in state:
                 raise CheckpointError(f"{self.what}:{p.name}", "missing",
                                       "the checkpoint has no such parameter (a different model?)")
             value = np.asarray(state[p.name])
-            if tuple(value.shape) != tuple(p.shape):
+            shape = self.sharding.full_shape(p.name, p.shape) if self.sharding is not None else tuple(p.shape)
+            if tuple(value.shape) != tuple(shape):
                 raise CheckpointError(f"{self.what}:{p.name}", tuple(value.shape),
-                                      f"shape must be {tuple(p.shape)} (a different model?)")
-            ops.assign(p, Tensor(value, p.dtype))
+                                      f"shape must be {tuple(shape)} (a different model?)")
+            values[p.name] = value
+        if self.sharding is not None:
+            from ascend_llm.parallel.tp import shard_full
+
+            sh = self.sharding
+            values = shard_full(values, {n: sh.axis(n) for n in values}, sh.group.rank, sh.group.size)
+        for p in self.params:
+            ops.assign(p, Tensor(values[p.name], p.dtype))
 
 
 class OptimizerState(ParameterState):
@@ -57,8 +90,8 @@ class OptimizerState(ParameterState):
     `adam_v.<param>`), whatever the sharding: a ZeRO optimizer gathers its shards (a collective: every rank
     calls state_dict) and keeps its own shard on load, so checkpoints move between stages and degrees."""
 
-    def __init__(self, optimizer):
-        super().__init__(optimizer.state_parameters(), "optimizer")
+    def __init__(self, optimizer, sharding: Any = None):
+        super().__init__(optimizer.state_parameters(), "optimizer", sharding)
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -31,22 +31,34 @@ def masked_cross_entropy_loss(logits, labels):
     return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1), ignore_index=-100)
 
 
+def clip_to_norm(grads, norm, max_norm: float):
+    """grads scaled by min(max_norm / (norm + 1e-6), 1) (`train.optim.clip_by_global_norm` with the norm
+    given: computed over TP shards); max_norm <= 0 disables clipping."""
+    if max_norm <= 0:
+        return grads
+    factor = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tuple(g * factor.astype(g.dtype) for g in grads)
+
+
 @dataclass
 class StepFunctions:
     grads: Callable  # (x, y, segment_ids=None) -> (loss, grads); labels -100 are ignored
     accumulate: Callable  # (acc, grads) -> acc
     apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
-    eval_loss: Callable  # (x, y, segment_ids=None) -> loss
+    eval_loss: Callable  # (x, y, segment_ids=None) -> loss (reduced like the training loss)
 
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
-                         graph: bool, document_mask: bool = False) -> StepFunctions:
-    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process). With a ZeRO-2
-    optimizer (`optimizer.stage == 2`) the update reduce-scatters gradients to shards instead of all-reducing
-    them (parallel/zero.py); with ZeRO-1 the optimizer slices the all-reduced gradients itself."""
+                         graph: bool, loss_fn: Callable = cross_entropy_loss,
+                         grad_norm: Callable | None = None) -> StepFunctions:
+    """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process); with context
+    parallel it also sums the CP ranks' shares (train/layout.py). `loss_fn(logits, labels)` is the loss
+    (masked for document-masked batches, vocab-parallel with TP/CP). `grad_norm(grads)`, when given (TP:
+    `parallel.tp.TPGradNorm`), is the global norm over all shards: clipping uses it, and a step is finite when
+    it is (so every TP rank agrees). With a ZeRO-2 optimizer (`optimizer.stage == 2`) the update
+    reduce-scatters gradients to shards instead of all-reducing them (parallel/zero.py); with ZeRO-1 the
+    optimizer slices the all-reduced gradients itself."""
     params = optimizer.params
-
-    loss_fn = masked_cross_entropy_loss if document_mask else cross_entropy_loss
 
     def forward(x, y, segment_ids=None):
         return loss_fn(model(x, segment_ids), y)
@@ -67,15 +79,21 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         loss = reduce((loss * grad_scale,))[0]  # collectives chained by data: the same order on every rank
         grads_ = reduce(ops.depend(tuple(g * grad_scale for g in grads_), loss))
         grads_ = scaler.unscale(grads_)
-        finite = scaler.adjust(amp.all_finite(grads_))
-        grads_, norm = clip_by_global_norm(grads_, grad_clip)
+        if grad_norm is None:
+            finite = scaler.adjust(amp.all_finite(grads_))
+            grads_, norm = clip_by_global_norm(grads_, grad_clip)
+        else:
+            norm = grad_norm(grads_)
+            finite = scaler.adjust(ops.isfinite(norm))
+            grads_ = clip_to_norm(grads_, norm, grad_clip)
         if finite:
             optimizer(grads_, lr)
         return loss, norm, finite
 
     def apply_sharded(grads_, loss, lr, grad_scale):
-        """ZeRO-2: reduce-scatter the local gradients to this rank's shards, agree on finiteness over the group
-        (a rank that skips alone would hang the others), clip by the global norm of the shards, update."""
+        """ZeRO-2 (pure data parallel): reduce-scatter the local gradients to this rank's shards, agree on
+        finiteness over the group (a rank that skips alone would hang the others), clip by the global norm of
+        the shards, update."""
         loss = reduce((loss * grad_scale,))[0]
         grads_ = scaler.unscale(ops.depend(tuple(g * grad_scale for g in grads_), loss))
         shards = optimizer.reduce_gradients(grads_)
@@ -87,6 +105,9 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
             optimizer.apply_shards(shards, lr)
         return loss, norm, finite
 
+    def eval_loss(x, y, segment_ids=None):
+        return reduce((forward(x, y, segment_ids),))[0]
+
     wrap = ms.jit if graph else (lambda fn: fn)
     update = apply_sharded if getattr(optimizer, "stage", 0) == 2 else apply
-    return StepFunctions(wrap(grads), wrap(accumulate), wrap(update), wrap(forward))
+    return StepFunctions(wrap(grads), wrap(accumulate), wrap(update), wrap(eval_loss))

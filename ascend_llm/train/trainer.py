@@ -19,12 +19,12 @@ import psutil
 from mindspore import Tensor, mutable
 
 from ascend_llm.config.root import RecipeConfig
-from ascend_llm.data import shard_rows
 from ascend_llm.errors import TrainingDiverged
 from ascend_llm.train.metrics import plot_loss
 from ascend_llm.train.sample import generate
 from ascend_llm.train.schedule import lr_at
 from ascend_llm.train.session import Session, build_session, open_outputs, params_sha256
+from ascend_llm.train.state import ParameterState
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -69,7 +69,7 @@ def run_step(session: Session, step: int) -> StepOutcome:
     cfg, steps = session.recipe.train, session.steps
     lr = lr_at(step, session.recipe.optim, cfg.num_steps)
     rows = session.dataset.train_indices(session.data.position, cfg.global_batch_size)
-    local, micro = shard_rows(rows, session.rank, session.world_size), session.micro_rows
+    local, micro = session.layout.local_rows(rows), session.micro_rows
     acc = loss_sum = None
     for index in range(cfg.grad_accum_steps):
         batch = read_batch(session, local[index * micro:(index + 1) * micro])
@@ -87,11 +87,12 @@ def run_step(session: Session, step: int) -> StepOutcome:
 
 
 def read_batch(session: Session, rows) -> tuple:
-    """(x, y) or, with data.document_mask, (x, y, segment_ids) as Tensors: labels crossing a document boundary
-    are -100 (ignored by the loss) and attention stays inside each document."""
-    if session.recipe.data.document_mask:
-        return tuple(Tensor(a) for a in session.dataset.batch(rows, with_segments=True))
-    return tuple(Tensor(a) for a in session.dataset.batch(rows))
+    """(x, y) or, with data.document_mask, (x, y, segment_ids) as Tensors, this rank's part of the sequence
+    under context parallel: labels crossing a document boundary are -100 (ignored by the loss) and attention
+    stays inside each document."""
+    arrays = session.dataset.batch(rows, with_segments=True) if session.recipe.data.document_mask else \
+        session.dataset.batch(rows)
+    return tuple(Tensor(a) for a in session.layout.local_batch(*arrays))
 
 
 def check_finite(session: Session, outcome: StepOutcome) -> None:
@@ -165,14 +166,18 @@ def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:
 
 
 def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
-    """Checkpoint this step (every rank gathers sharded state; the main rank writes), unless the step was
-    skipped as non-finite (its state is the last finite one, already saved)."""
+    """Checkpoint this step (every rank gathers sharded state, ZeRO shards and TP shards alike; the main rank
+    writes), unless the step was skipped as non-finite (its state is the last finite one, already saved)."""
     if not outcome.finite:
-        logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
+        if session.main_rank:
+            logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
         return
     session.run.step, session.run.loss = outcome.step, outcome.loss
     with session.throughput.pause():
-        session.checkpoints.save(outcome.step)
+        for part in session.checkpoints.parts.values():
+            if isinstance(part, ParameterState):
+                part.collect()  # TP gather (a collective, every rank)
+        session.checkpoints.save(outcome.step)  # ZeRO gathers inside state_dict (every rank); the main rank writes
 
 
 def finish(session: Session) -> dict:
@@ -182,7 +187,7 @@ def finish(session: Session) -> dict:
         session.progress.close()
     recipe, cfg = session.recipe, session.recipe.train
     digest = params_sha256(session.model.trainable_params())
-    logger.info("rank %d: final parameters sha256=%s", session.rank, digest)
+    logger.info("rank %d: final parameters sha256=%s (%s)", session.rank, digest, session.layout.coordinates())
     summary = {"param_sha256": digest, "losses": session.losses, "val_losses": session.val_losses,
                "run_dir": str(session.run_dir), "first_step_s": session.throughput.first_step_s,
                "launch_to_first_step_s": _since_launch(session), "start_step": session.start_step,
@@ -190,7 +195,8 @@ def finish(session: Session) -> dict:
                "tokens_per_step": session.throughput.tokens_per_step,
                "flops_per_token": session.throughput.flops_per_token, "peak_flops": session.throughput.peak_flops}
     if cfg.sample_tokens > 0:
-        summary["sample"] = generate(session.model, session.prepared.tokenizer(), cfg.sample_prompt,
+        forward = session.layout.full_logits(session.model, recipe.model.vocab_size)
+        summary["sample"] = generate(forward, session.prepared.tokenizer(), cfg.sample_prompt,
                                      cfg.sample_tokens, recipe.data.seq_len, cfg.sample_top_k, cfg.seed,
                                      session.prepared.meta["eos_id"])
     if session.main_rank:
