@@ -37,7 +37,8 @@ def test_replica_rows_and_zigzag_positions():
 
 
 def test_one_process_layout_changes_nothing():
-    layout = TrainLayout(ParallelConfig(), build_groups(ParallelConfig()))
+    one = ParallelConfig(data_parallel_degree=1)  # a validated single-process recipe resolves 0 to 1
+    layout = TrainLayout(one, build_groups(one))
     assert layout.coordinates() == "dp=0 cp=0 tp=0"
     rows = np.arange(8)
     assert layout.local_rows(rows) is not None and list(layout.local_rows(rows)) == list(rows)
