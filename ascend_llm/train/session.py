@@ -126,7 +126,12 @@ def build_session(recipe: RecipeConfig) -> Session:
     converters = build_converters(recipe)
     from ascend_llm.models import build_model
 
-    model = converters.convert(build_model(recipe.model, seed=cfg.seed))
+    model = build_model(recipe.model, seed=cfg.seed)
+    if recipe.model.pretrained:  # every rank reads the weights, before any converter
+        from ascend_llm.interop.hf import assign_weights, read_hf_weights
+
+        assign_weights(model, read_hf_weights(Path(recipe.model.pretrained), recipe.model), recipe.model.pretrained)
+    model = converters.convert(model)
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe)
     precision = build_precision_runtime(model, recipe.precision)
