@@ -89,6 +89,4 @@ class DataConfig:
             if not self.document_mask:
                 raise ConfigError(f"{prefix}.document_mask", self.document_mask, "must be true with "
                                   "data.format=sft (conversations are packed with document masks)")
-            if not self.tokenizer:
-                raise ConfigError(f"{prefix}.tokenizer", self.tokenizer, "data.format=sft needs a Hugging Face "
-                                  "tokenizer with a chat template: set model.pretrained=DIR (or data.tokenizer)")
+

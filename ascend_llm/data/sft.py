@@ -174,6 +174,9 @@ def prepare_sft(cfg, target: Path, key: str, progress: bool = False) -> Prepared
     """Render, tokenize and label data.path into `target` (atomic: complete or absent)."""
     from ascend_llm.interop.tokenizer import HFTokenizer
 
+    if not cfg.tokenizer:
+        raise DataError("data.tokenizer", cfg.tokenizer, "data.format=sft needs a Hugging Face tokenizer with a "
+                        "chat template: set model.pretrained=DIR (or data.tokenizer=DIR/tokenizer.json)")
     try:
         tokenizer = HFTokenizer(Path(cfg.tokenizer).expanduser().parent)
         if not tokenizer.chat_template:

@@ -15,6 +15,7 @@ from mindspore import nn
 from ascend_llm.attention.apply import apply_attention
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
+from ascend_llm.models.lora import apply_lora
 from ascend_llm.precision import apply_fp8, apply_precision
 from ascend_llm.train.recompute import apply_recompute
 
@@ -70,11 +71,17 @@ class ModelConverters:
             c.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+def _apply_lora(model: nn.Cell, cfg) -> None:
+    if cfg.enabled:
+        apply_lora(model, cfg)
+
+
 def build_converters(recipe: RecipeConfig) -> ModelConverters:
-    """The fixed order: attention, precision, FP8, recompute."""
+    """The fixed order: attention, precision, FP8, LoRA (lora.enabled), recompute."""
     return ModelConverters([ApplyConverter("attention", apply_attention, recipe.attention),
                             ApplyConverter("precision", apply_precision, recipe.precision),
                             ApplyConverter("fp8", apply_fp8, recipe.precision),
+                            ApplyConverter("lora", _apply_lora, recipe.lora),
                             ApplyConverter("recompute", apply_recompute, recipe.train.recompute)])
 
 
