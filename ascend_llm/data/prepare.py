@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,29 +27,11 @@ import numpy as np
 
 from ascend_llm.config.data import DataConfig, parse_sources
 from ascend_llm.data.corpus import CorpusFiles, corpus_files, iter_documents
+from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.tokenizer import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
 from ascend_llm.errors import DataError
 
 ENCODE_BATCH_BYTES = 4 << 20
-FORMAT_VERSION = "v2"
-
-
-@dataclass
-class PreparedData:
-    path: Path
-    meta: dict
-
-    def tokens(self) -> np.memmap:
-        return np.memmap(self.path / "tokens.bin", dtype=self.meta["dtype"], mode="r",
-                         shape=(self.meta["num_tokens"],))
-
-    def doc_ends(self) -> np.ndarray:
-        """(num_docs,) int64 positions of each document's EOS in tokens()."""
-        file = self.path / "doc_ends.bin"
-        return np.fromfile(file, dtype=np.int64) if file.is_file() else np.empty(0, np.int64)
-
-    def tokenizer(self):
-        return load_tokenizer(str(self.path / "tokenizer.json"), self.meta.get("eos_token"))
 
 
 def _hash_file(path: str) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 
 from ascend_llm.data.corpus import corpus_files
 from ascend_llm.data.dataset import IGNORE_INDEX
-from ascend_llm.data.prepare import FORMAT_VERSION, PreparedData
+from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.readers import BOM, open_binary
 from ascend_llm.errors import DataError, UserInputError
 

@@ -128,9 +128,9 @@ def build_session(recipe: RecipeConfig) -> Session:
 
     model = build_model(recipe.model, seed=cfg.seed)
     if recipe.model.pretrained:  # every rank reads the weights, before any converter
-        from ascend_llm.interop.hf import assign_weights, read_hf_weights
+        from ascend_llm.interop.pretrained import load_pretrained_weights
 
-        assign_weights(model, read_hf_weights(Path(recipe.model.pretrained), recipe.model), recipe.model.pretrained)
+        load_pretrained_weights(model, recipe.model)
     model = converters.convert(model)
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe)

@@ -1,11 +1,11 @@
-"""model.pretrained, SFT data (data/sft.py) and LoRA in the trainer, on the tiny HF fixtures."""
+"""model.pretrained, SFT data (data/sft.py) and LoRA in the trainer, on the tiny HF fixtures (../shared).
+
+Label references are the chat template's text written out by hand in the test (qwen2_tied's ChatML template),
+decoded back from the labelled ids; the LoRA count is r * (in + out) per adapted matrix from the config."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +15,10 @@ from ascend_llm.config import compose_recipe
 from ascend_llm.data.dataset import IGNORE_INDEX
 from ascend_llm.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/hf")
-TANG = FIXTURES.parent.parent / "corpora" / "tang_poems.jsonl"
+FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
 QWEN2 = FIXTURES / "qwen2_tied"  # template: <|im_start|>{role}\n{content}<|im_end|>\n ...
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
 
 RECORDS = [  # one per style, with the (system, user, assistant) texts the template must show
     ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "問一"},
@@ -112,27 +111,3 @@ def test_lora_trainable_count_exact():
     params = model.trainable_params()
     assert sum(p.size for p in params) == m.num_layers * per_layer
     assert all(".lora_a" in p.name or ".lora_b" in p.name for p in params)  # the checkpointed model part
-
-
-def test_cli_sft_finetune_lowers_assistant_loss(tmp_path):
-    records = []
-    with open(TANG, encoding="utf-8") as handle:
-        for line in handle:
-            title, _, body = json.loads(line)["text"].partition("\n")
-            body = body.split("\n")[0]
-            if 8 <= len(body) <= 24 and len(title) <= 8:
-                records.append({"instruction": f"題：{title}", "output": body})
-            if len(records) == 32:
-                break
-    data = _write(tmp_path / "tang_sft.jsonl", records)
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "ascend_llm.cli.main", "train", *_sft_overrides(tmp_path, data),
-           "data.seq_len=128", "train.num_steps=12", "train.global_batch_size=4", "optim.lr=3e-3",
-           "optim.warmup_steps=2", "train.log_every=1",
-           "train.sample_tokens=0", "train.progress=false", f"train.output_dir={out}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # the logged loss is the mean over labelled (assistant) tokens only: data.format=sft labels nothing else
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
