@@ -111,3 +111,21 @@ def test_lora_trainable_count_exact():
     params = model.trainable_params()
     assert sum(p.size for p in params) == m.num_layers * per_layer
     assert all(".lora_a" in p.name or ".lora_b" in p.name for p in params)  # the checkpointed model part
+
+
+def test_lora_checkpoint_merges_into_pretrained_base():
+    from ascend_llm.interop.pretrained import merge_lora_tensors
+    from ascend_llm.interop.safetensors_io import read_tensors
+
+    rng = np.random.default_rng(0)
+    hf = read_tensors(QWEN2 / "model.safetensors")
+    q = hf["model.layers.1.self_attn.q_proj.weight"].astype(np.float64)  # (out, in)
+    a, b = rng.normal(size=(4, q.shape[1])), rng.normal(size=(q.shape[0], 4))
+    adapters = {"layers.1.attention.wq.lora_a": a.astype(np.float32),
+                "layers.1.attention.wq.lora_b": b.astype(np.float32)}
+    config = {"model": {"pretrained": str(QWEN2), "tie_embeddings": True}, "lora": {"rank": 4, "alpha": 8.0}}
+    merged = merge_lora_tensors(config, adapters)
+    expected = q + 8.0 / 4 * b.astype(np.float32).astype(np.float64) @ a.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(merged["layers.1.attention.wq.weight"], expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(merged["layers.0.attention.wk.weight"], hf["model.layers.0.self_attn.k_proj.weight"])
+    assert not any("lora" in name for name in merged)
