@@ -129,3 +129,16 @@ def test_lora_checkpoint_merges_into_pretrained_base():
     np.testing.assert_allclose(merged["layers.1.attention.wq.weight"], expected, rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(merged["layers.0.attention.wk.weight"], hf["model.layers.0.self_attn.k_proj.weight"])
     assert not any("lora" in name for name in merged)
+
+
+def test_pretrained_text_data_ends_documents_with_the_models_eos(tmp_path):
+    from ascend_llm.data.prepare import prepare
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one small document\n", encoding="utf-8")
+    recipe = compose_recipe([f"model.pretrained={FIXTURES / 'llama_bf16'}", f"data.path={corpus}",
+                             "data.seq_len=16", f"data.cache_dir={tmp_path / 'cache'}"])
+    prepared = prepare(recipe.data)
+    eos = json.loads((FIXTURES / "llama_bf16" / "generation_config.json").read_text())["eos_token_id"]
+    assert prepared.meta["eos_id"] == eos and int(prepared.tokens()[-1]) == eos
+    assert prepared.tokenizer().id_to_token(eos) == "<|end_of_text|>"
