@@ -48,7 +48,13 @@ def cache_key(cfg: DataConfig, path: Optional[str] = None, tokenizer: Optional[s
     tokenizer = tokenizer or cfg.tokenizer
     tokenizer_hash = _hash_file(tokenizer) if tokenizer else f"trained|{cfg.tokenizer_sample_bytes}|{cfg.seed}"
     digest.update(f"{cfg.text_field}|{cfg.on_bad_record}|{cfg.max_bytes}|{cfg.vocab_size}|{tokenizer_hash}|"
-                  f"{FORMAT_VERSION}|{cfg.eos_token}|{cfg.format}|{cfg.sft_overlong}".encode())
+                  f"{FORMAT_VERSION}".encode())
+    if cfg.eos_token:
+        digest.update(f"|eos={cfg.eos_token}".encode())
+    if cfg.format == "sft":  # rendering (chat template beside the tokenizer) and truncation at seq_len + 1
+        beside = [Path(tokenizer).expanduser().parent / n for n in ("tokenizer_config.json", "chat_template.jinja")]
+        digest.update(f"|sft|{cfg.sft_overlong}|{cfg.seq_len}|{[_hash_file(str(f)) for f in beside if f.is_file()]}"
+                      .encode())
     return digest.hexdigest()[:16]
 
 

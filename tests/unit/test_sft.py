@@ -142,3 +142,12 @@ def test_pretrained_text_data_ends_documents_with_the_models_eos(tmp_path):
     eos = json.loads((FIXTURES / "llama_bf16" / "generation_config.json").read_text())["eos_token_id"]
     assert prepared.meta["eos_id"] == eos and int(prepared.tokens()[-1]) == eos
     assert prepared.tokenizer().id_to_token(eos) == "<|end_of_text|>"
+
+
+def test_sft_cache_follows_seq_len(tmp_path):
+    from ascend_llm.data.prepare import prepare
+
+    data = _write(tmp_path / "long.jsonl", [{"instruction": "x", "output": "長" * 200}])
+    short = prepare(compose_recipe(_sft_overrides(tmp_path, data)).data)
+    longer = prepare(compose_recipe(_sft_overrides(tmp_path, data, "data.seq_len=200")).data)
+    assert (short.meta["num_tokens"], longer.meta["num_tokens"]) == (65, 201)
