@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from ascend_llm.config.overrides import check_group_options, quote_overrides
+from ascend_llm.config.pretrained import apply_pretrained
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.errors import ConfigError
 
@@ -28,13 +29,14 @@ def register_schema() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RecipeConfig)
 
 
-def to_recipe(cfg: DictConfig) -> RecipeConfig:
-    """Turn a composed DictConfig into the typed, validated RecipeConfig."""
+def to_recipe(cfg: DictConfig, overrides: Sequence[str] = ()) -> RecipeConfig:
+    """Turn a composed DictConfig into the typed, validated RecipeConfig (model.pretrained applied: its
+    directory's architecture replaces the model group's; `overrides` are checked against it)."""
     plain = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]) if "hydra" in cfg else cfg
     recipe = OmegaConf.to_object(plain)
     if not isinstance(recipe, RecipeConfig):
         raise ConfigError("recipe", type(recipe).__name__, "must compose to the RecipeConfig schema")
-    return recipe.validate()
+    return apply_pretrained(recipe.validate(), overrides)
 
 
 def compose_recipe(overrides: Sequence[str] = (), config_name: str = "train") -> RecipeConfig:
@@ -55,6 +57,6 @@ def compose_recipe(overrides: Sequence[str] = (), config_name: str = "train") ->
             reason += ": " + str(exc.__cause__).splitlines()[0]
         raise ConfigError("overrides", " ".join(overrides), reason) from None
     try:
-        return to_recipe(cfg)
+        return to_recipe(cfg, overrides)
     except OmegaConfBaseException as exc:
         raise ConfigError("recipe", " ".join(overrides), " ".join(str(exc).split())) from None

@@ -8,7 +8,8 @@ from typing import Optional
 from ascend_llm.config.checks import in_range, one_of, positive
 from ascend_llm.errors import ConfigError
 
-FORMATS = ("auto", "txt", "jsonl", "json")
+FORMATS = ("auto", "txt", "jsonl", "json", "sft")
+SFT_OVERLONG = ("truncate", "drop")
 ON_BAD_RECORD = ("error", "skip")
 
 
@@ -49,6 +50,8 @@ class DataConfig:
     on_bad_record: str = "error"
     # None: train a byte-level BPE tokenizer on a seeded sample of the corpus; else a path to a tokenizer.json.
     tokenizer: Optional[str] = None
+    # End-of-text token of that tokenizer (None: `<|endoftext|>`); model.pretrained sets the model's own EOS.
+    eos_token: Optional[str] = None
     # Seeded sample the tokenizer trains on (bytes). HF BPE training peaks at ~70 MB of RSS per MB of Chinese
     # sample (measured on the Tang poems), so 16 MB keeps it near 1.1 GB; encoding streams the whole corpus.
     tokenizer_sample_bytes: int = 16_000_000
@@ -63,6 +66,9 @@ class DataConfig:
     # corpus is the first 4 MB of the stdlib). prepare reports the cap and whether it was reached.
     max_bytes: Optional[int] = None
     cache_dir: str = "~/.cache/ascend_llm/data"
+    # data.format=sft (data/sft.py): a conversation longer than seq_len + 1 tokens is cut to its first
+    # seq_len + 1 tokens (truncate; dropped if no assistant token is left) or dropped; counts in the report.
+    sft_overlong: str = "truncate"
 
     def validate(self, prefix: str = "data") -> None:
         one_of(f"{prefix}.format", self.format, FORMATS)
@@ -75,3 +81,12 @@ class DataConfig:
         in_range(f"{prefix}.val_fraction", self.val_fraction, 0.0, 0.5)
         if self.sources:
             parse_sources(self.sources, f"{prefix}.sources")
+        one_of(f"{prefix}.sft_overlong", self.sft_overlong, SFT_OVERLONG)
+        if self.format == "sft":
+            if self.sources:
+                raise ConfigError(f"{prefix}.sources", list(self.sources), "not supported with data.format=sft "
+                                  "(give one file or folder in data.path)")
+            if not self.document_mask:
+                raise ConfigError(f"{prefix}.document_mask", self.document_mask, "must be true with "
+                                  "data.format=sft (conversations are packed with document masks)")
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ascend_llm.config.checks import one_of, positive
 from ascend_llm.errors import ConfigError
@@ -40,6 +41,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # A Hugging Face model directory: architecture, weights and tokenizer come from it (config/pretrained.py).
+    pretrained: Optional[str] = None
 
     @property
     def head_dim(self) -> int:

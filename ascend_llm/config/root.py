@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.data import DataConfig
+from ascend_llm.config.lora import LoraConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.config.parallel import (
@@ -37,10 +38,12 @@ class RecipeConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> RecipeConfig:
         resolve_data_parallel(self.parallel, self.cluster)
-        for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster"):
+        for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster",
+                     "lora"):
             getattr(self, name).validate(name)
         self._validate_cross_group()
         return self

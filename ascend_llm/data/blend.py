@@ -117,7 +117,11 @@ def build_dataset(cfg: DataConfig, prepared: Sequence[PreparedData]) -> PackedDa
     """The trainer's dataset: one PackedDataset for data.path, a BlendedDataset over data.sources.
 
     prepared: prepare_sources(cfg) (same order as data.sources). Source k's own shuffling seed is
-    cfg.seed + 7919 * k (so a single source keeps cfg.seed)."""
+    cfg.seed + 7919 * k (so a single source keeps cfg.seed). data.format=sft: an SFTDataset (data/sft.py)."""
+    if cfg.format == "sft":
+        from ascend_llm.data.sft import SFTDataset
+
+        return SFTDataset(prepared[0], cfg.seq_len, cfg.val_fraction, cfg.seed)
     datasets = [PackedDataset(p.tokens(), cfg.seq_len, cfg.val_fraction, cfg.seed + 7919 * k, p.doc_ends())
                 for k, p in enumerate(prepared)]
     if not cfg.sources or len(datasets) == 1:

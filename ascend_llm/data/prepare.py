@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -28,29 +27,11 @@ import numpy as np
 
 from ascend_llm.config.data import DataConfig, parse_sources
 from ascend_llm.data.corpus import CorpusFiles, corpus_files, iter_documents
+from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.tokenizer import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
 from ascend_llm.errors import DataError
 
 ENCODE_BATCH_BYTES = 4 << 20
-FORMAT_VERSION = "v2"
-
-
-@dataclass
-class PreparedData:
-    path: Path
-    meta: dict
-
-    def tokens(self) -> np.memmap:
-        return np.memmap(self.path / "tokens.bin", dtype=self.meta["dtype"], mode="r",
-                         shape=(self.meta["num_tokens"],))
-
-    def doc_ends(self) -> np.ndarray:
-        """(num_docs,) int64 positions of each document's EOS in tokens()."""
-        file = self.path / "doc_ends.bin"
-        return np.fromfile(file, dtype=np.int64) if file.is_file() else np.empty(0, np.int64)
-
-    def tokenizer(self):
-        return load_tokenizer(str(self.path / "tokenizer.json"))
 
 
 def _hash_file(path: str) -> str:
@@ -68,6 +49,12 @@ def cache_key(cfg: DataConfig, path: Optional[str] = None, tokenizer: Optional[s
     tokenizer_hash = _hash_file(tokenizer) if tokenizer else f"trained|{cfg.tokenizer_sample_bytes}|{cfg.seed}"
     digest.update(f"{cfg.text_field}|{cfg.on_bad_record}|{cfg.max_bytes}|{cfg.vocab_size}|{tokenizer_hash}|"
                   f"{FORMAT_VERSION}".encode())
+    if cfg.eos_token:
+        digest.update(f"|eos={cfg.eos_token}".encode())
+    if cfg.format == "sft":  # rendering (chat template beside the tokenizer) and truncation at seq_len + 1
+        beside = [Path(tokenizer).expanduser().parent / n for n in ("tokenizer_config.json", "chat_template.jinja")]
+        digest.update(f"|sft|{cfg.sft_overlong}|{cfg.seq_len}|{[_hash_file(str(f)) for f in beside if f.is_file()]}"
+                      .encode())
     return digest.hexdigest()[:16]
 
 
@@ -102,7 +89,7 @@ def tokenizer_sample(corpora: list[CorpusFiles], cfg: DataConfig) -> list[str]:
 def build_tokenizer(cfg: DataConfig, corpora: list[CorpusFiles]):
     """The given tokenizer.json, or a byte-level BPE trained on a seeded sample of the corpora."""
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
+        return load_tokenizer(cfg.tokenizer, cfg.eos_token)
     sample = tokenizer_sample(corpora, cfg)
     if not sample:
         raise DataError("data.path", cfg.path if cfg.path is not None else "<stdlib>", "corpus holds no non-empty text")
@@ -122,7 +109,7 @@ def _progress(total_bytes: int, enabled: bool):
 
 def encode_corpus(corpus: CorpusFiles, cfg: DataConfig, tokenizer, tmp: Path, dtype, progress: bool) -> dict:
     """Stream the corpus into tmp/tokens.bin and tmp/doc_ends.bin; returns the per-source report."""
-    eos_id, specials = tokenizer.token_to_id(EOS), special_strings(tokenizer)
+    eos_id, specials = tokenizer.token_to_id(cfg.eos_token or EOS), special_strings(tokenizer)
     stats: list = []
     start, position, num_docs, num_bytes = time.perf_counter(), 0, 0, 0
     bar = _progress(sum(p.stat().st_size for p, _ in corpus.files), progress)
@@ -190,7 +177,8 @@ def write_prepared(cfg: DataConfig, corpus: CorpusFiles, tokenizer, out_dir: Pat
                             f"(skipped: {report['skipped'] or 'nothing'})")
         tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"num_tokens": report["tokens"], "dtype": np.dtype(dtype).name, "vocab_size": int(vocab_size),
-                "eos_id": int(tokenizer.token_to_id(EOS)), "num_docs": report["documents"],
+                "eos_id": int(tokenizer.token_to_id(cfg.eos_token or EOS)), "eos_token": cfg.eos_token or EOS,
+                "num_docs": report["documents"],
                 "source": corpus.source, "tokenizer": cfg.tokenizer or "trained byte-level BPE", "key": key,
                 "format_version": FORMAT_VERSION, "report": report}
         with open(tmp / "meta.json", "w") as handle:
@@ -232,6 +220,10 @@ def prepare(cfg: DataConfig, out_dir: Optional[str] = None, progress: bool = Fal
     found = _cached(target, key, bool(out_dir))
     if found is not None:
         return found
+    if cfg.format == "sft":
+        from ascend_llm.data.sft import prepare_sft
+
+        return prepare_sft(cfg, target, key, progress)
     corpus = corpus_files(cfg.path, cfg.format)
     return write_prepared(cfg, corpus, build_tokenizer(cfg, [corpus]), target, key, progress)
 
@@ -254,7 +246,7 @@ def prepare_sources(cfg: DataConfig, out_dir: Optional[str] = None, progress: bo
             tmp = tokenizer_file + f".tmp-{os.getpid()}"
             build_tokenizer(cfg, corpora).save(tmp)
             os.replace(tmp, tokenizer_file)
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer = load_tokenizer(tokenizer_file, cfg.eos_token)
     prepared = []
     for i, (path, corpus) in enumerate(zip(paths, corpora)):
         key = cache_key(cfg, path, tokenizer_file)

@@ -33,7 +33,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, length: int | None = 
     return tokenizer
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, eos: str | None = None) -> Tokenizer:
+    """A tokenizer.json that defines the end-of-text token `eos` (default `<|endoftext|>`); DataError if not."""
+    eos = eos or EOS
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError("data.tokenizer", path, "must be an existing tokenizer.json file")
@@ -41,8 +43,8 @@ def load_tokenizer(path: str) -> Tokenizer:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
         raise DataError("data.tokenizer", path, f"not a valid tokenizer.json ({str(exc).splitlines()[0]})") from None
-    if tokenizer.token_to_id(EOS) is None:
-        raise DataError("data.tokenizer", path, f"must define the end-of-text token {EOS!r}")
+    if tokenizer.token_to_id(eos) is None:
+        raise DataError("data.tokenizer", path, f"must define the end-of-text token {eos!r} (data.eos_token)")
     return tokenizer
 
 

@@ -120,7 +120,7 @@ def apply_rope(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + d/2]) by position angles; x is BNSD, cos/sin are (S, D) from
     `rope_tables`. fp32 math, result in x's dtype."""
     half = sin.shape[-1] // 2
-    sin_signed = ops.concat((-sin[:, :half], sin[:, half:]), -1)
+    sin_signed = ops.concat((-sin[..., :half], sin[..., half:]), -1)  # (S, D) in training, (B, 1, S, D) in the engine
     return _rope_kernel(x, cos, sin_signed)
 
 

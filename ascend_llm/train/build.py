@@ -15,6 +15,7 @@ from mindspore import nn
 from ascend_llm.attention.apply import apply_attention
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
+from ascend_llm.models.lora import apply_lora
 from ascend_llm.precision import apply_fp8, apply_precision
 from ascend_llm.train.recompute import apply_recompute
 
@@ -74,6 +75,11 @@ class ModelConverters:
             c.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+def _apply_lora(model: nn.Cell, cfg) -> None:
+    if cfg.enabled:
+        apply_lora(model, cfg)
+
+
 class TensorParallelConverter:
     """`parallel.tp.apply_tensor_parallel` over `groups.tp`; records `full_shapes` ({name: shape} of every
     trainable parameter just before sharding) for layout-free checkpoints. `seq_len` is data.seq_len (with
@@ -107,11 +113,12 @@ class ContextParallelConverter:
 
 
 def build_converters(recipe: RecipeConfig, groups: Any = None) -> ModelConverters:
-    """The fixed order: attention, precision, FP8, then (given this rank's `parallel.dims.ParallelGroups`)
-    tensor parallel and context parallel (each the identity when its degree is 1), then recompute."""
+    """The fixed order: attention, precision, FP8, LoRA (lora.enabled), then (given this rank's
+    `parallel.dims.ParallelGroups`) tensor and context parallel (each the identity at degree 1), recompute."""
     converters: list[ModelConverter] = [ApplyConverter("attention", apply_attention, recipe.attention),
                                         ApplyConverter("precision", apply_precision, recipe.precision),
-                                        ApplyConverter("fp8", apply_fp8, recipe.precision)]
+                                        ApplyConverter("fp8", apply_fp8, recipe.precision),
+                                        ApplyConverter("lora", _apply_lora, recipe.lora)]
     if groups is not None:
         seq_len = recipe.data.seq_len
         converters += [TensorParallelConverter(recipe.parallel, groups, seq_len),

@@ -134,7 +134,12 @@ def build_session(recipe: RecipeConfig) -> Session:
     converters = build_converters(recipe, layout.groups)
     from ascend_llm.models import build_model
 
-    model = converters.convert(build_model(recipe.model, seed=cfg.seed))
+    model = build_model(recipe.model, seed=cfg.seed)
+    if recipe.model.pretrained:  # every rank reads the weights, before any converter
+        from ascend_llm.interop.pretrained import load_pretrained_weights
+
+        load_pretrained_weights(model, recipe.model)
+    model = converters.convert(model)
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe)
     precision = build_precision_runtime(model, recipe.precision)

@@ -1,0 +1,312 @@
+"""Supervised fine-tuning data (`data.format=sft`): chat records -> token ids with assistant-only labels,
+packed into windows with document masks.
+
+Records (.jsonl, one JSON object per line; .gz read through gzip), in one of three styles:
+- `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}` (OpenAI / HF chat);
+- `{"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"model"|"system", "value": str}, ...]}`
+  (ShareGPT);
+- `{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}` (Alpaca): the user
+  turn is the instruction, followed by a blank line and the input when the input is non-empty.
+
+Rendering follows `transformers.apply_chat_template`: the model's own chat template (interop HFTokenizer,
+jinja2) renders the whole conversation (add_generation_prompt=False) and the text is tokenized without added
+special tokens. Assistant spans in characters: for assistant message i, from the end of the rendering of
+messages[:i] with the generation prompt to the end of the rendering of messages[:i+1] (so the assistant's text
+and its end-of-turn token are learned, the prompt and the role header are not). A token carries a label when
+its first character lies in an assistant span; every other label is IGNORE_INDEX (-100).
+
+Too-long conversations (more than seq_len + 1 tokens): `data.sft_overlong=truncate` keeps the first
+seq_len + 1 tokens (dropped when no assistant token is left), `drop` drops them; both counted in the report.
+Bad records (undecodable line, invalid JSON, wrong shape, no assistant message, a template that does not render
+a conversation as growing prefixes) follow data.on_bad_record: `error` raises DataError naming file:line,
+`skip` counts them per file and reason.
+
+Prepared layout (atomic, like data/prepare.py): tokens.bin, doc_ends.bin (index of each conversation's last
+token), labels.bin (uint8, 1 where the token is an assistant token), tokenizer.json, meta.json.
+Packing (`SFTDataset`): conversations are placed whole, in order, into windows of seq_len + 1 tokens (next-fit);
+the rest of a window is padding (EOS id, its own segment, no labels). Each conversation is one segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from ascend_llm.data.corpus import corpus_files
+from ascend_llm.data.dataset import IGNORE_INDEX
+from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
+from ascend_llm.data.readers import BOM, open_binary
+from ascend_llm.errors import DataError, UserInputError
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool"}
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used: `reason` (the skip counter's key) and a message."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _turns(items, role_key: str, text_key: str, roles: dict) -> list[dict]:
+    if not isinstance(items, list) or not items:
+        raise BadRecord("bad_messages", "must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(items):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        text = turn.get(text_key) if isinstance(turn, dict) else None
+        if role not in roles or not isinstance(text, str):
+            raise BadRecord("bad_messages", f"turn {i} must be an object with {role_key!r} in {sorted(roles)} "
+                            f"and a string {text_key!r}")
+        out.append({"role": roles[role], "content": text})
+    return out
+
+
+def record_messages(record) -> list[dict]:
+    """[{"role", "content"}] of one record in any of the three styles; BadRecord if it fits none."""
+    if not isinstance(record, dict):
+        raise BadRecord("not_object", "a record must be a JSON object")
+    if "messages" in record:
+        messages = _turns(record["messages"], "role", "content", {r: r for r in ROLES})
+    elif "conversations" in record:
+        messages = _turns(record["conversations"], "from", "value", SHAREGPT_ROLES)
+    elif "instruction" in record and "output" in record:
+        parts = [record.get(k) for k in ("instruction", "input", "output", "system")]
+        if not all(isinstance(p, str) for p in parts[:3:2]) or not all(p is None or isinstance(p, str)
+                                                                       for p in parts[1::2]):
+            raise BadRecord("bad_messages", "instruction and output must be strings (input, system: optional)")
+        instruction, given, output, system = parts
+        user = instruction + (f"\n\n{given}" if given else "")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    else:
+        raise BadRecord("no_conversation", "a record needs `messages`, `conversations` or `instruction`+`output`")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no_assistant", "the conversation has no assistant turn to learn")
+    return messages
+
+
+def render_with_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """(token ids, is-assistant flag per token) of a conversation rendered with the chat template (module doc).
+
+    tokenizer: interop HFTokenizer. BadRecord("template") when a prefix rendering is not a prefix of the whole."""
+    full = tokenizer.render_chat(messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
+        end = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
+        if not (full.startswith(start) and full.startswith(end) and len(end) > len(start)):
+            raise BadRecord("template", f"the chat template does not render turn {i} as a growing prefix of the "
+                            "conversation, so assistant tokens cannot be located")
+        spans.append((len(start), len(end)))
+    encoding = tokenizer.tokenizer.encode(full, add_special_tokens=False)
+    flags = [any(a <= s < b for a, b in spans) for s, _ in encoding.offsets]
+    return list(encoding.ids), flags
+
+
+def _records(path: Path):
+    """(line number, raw bytes) of each non-blank line of a .jsonl(.gz) file."""
+    with open_binary(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if raw.strip():
+                yield number, raw
+
+
+def _parse(raw: bytes):
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord("undecodable", f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise BadRecord("invalid_json", f"invalid JSON ({exc})") from None
+
+
+def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[bool]], dict]:
+    """Every usable conversation of data.path as (ids, flags), cut or dropped per data.sft_overlong; the report."""
+    limit = cfg.seq_len + 1
+    corpus = corpus_files(cfg.path, "jsonl")
+    ids_all, flags_all, counts, per_file = [], [], Counter(), {}
+    for path, _ in corpus.files:
+        skipped = Counter()
+        for number, raw in _records(path):
+            counts["records"] += 1
+            try:
+                ids, flags = render_with_labels(tokenizer, record_messages(_parse(raw)))
+            except BadRecord as exc:
+                if cfg.on_bad_record == "error":
+                    raise DataError(f"{path}:{number}", exc.reason, f"{exc} (or set data.on_bad_record=skip)") from None
+                skipped[exc.reason] += 1
+                continue
+            if len(ids) > limit:
+                if cfg.sft_overlong == "drop" or not any(flags[1:limit]):
+                    counts["dropped_overlong"] += 1
+                    continue
+                counts["truncated"] += 1
+                ids, flags = ids[:limit], flags[:limit]
+            ids_all.append(ids)
+            flags_all.append(flags)
+        if skipped:
+            per_file[str(path)] = dict(skipped)
+        counts.update({f"skipped_{k}": v for k, v in skipped.items()})
+    report = {"source": corpus.source, "files": len(corpus.files), **dict(sorted(counts.items())),
+              "conversations": len(ids_all), "tokens": sum(map(len, ids_all)),
+              "assistant_tokens": int(sum(sum(f[1:]) for f in flags_all)), "overlong_rule": cfg.sft_overlong,
+              "max_tokens": limit, "per_file_skips": per_file}
+    return ids_all, flags_all, report
+
+
+def prepare_sft(cfg, target: Path, key: str, progress: bool = False) -> PreparedData:
+    """Render, tokenize and label data.path into `target` (atomic: complete or absent)."""
+    from ascend_llm.interop.tokenizer import HFTokenizer
+
+    if not cfg.tokenizer:
+        raise DataError("data.tokenizer", cfg.tokenizer, "data.format=sft needs a Hugging Face tokenizer with a "
+                        "chat template: set model.pretrained=DIR (or data.tokenizer=DIR/tokenizer.json)")
+    try:
+        tokenizer = HFTokenizer(Path(cfg.tokenizer).expanduser().parent)
+        if not tokenizer.chat_template:
+            raise DataError("data.tokenizer", cfg.tokenizer, "data.format=sft needs a chat template beside it "
+                            "(chat_template.jinja or tokenizer_config.json:chat_template)")
+    except UserInputError as exc:
+        raise DataError("data.tokenizer", cfg.tokenizer, exc.one_line()) from None
+    ids_all, flags_all, report = encode_conversations(cfg, tokenizer)
+    if not ids_all:
+        raise DataError("data.path", cfg.path, f"holds no usable conversation ({json.dumps(report)})")
+    eos_token = cfg.eos_token or tokenizer.eos_token
+    eos_id = tokenizer.tokenizer.token_to_id(eos_token) if eos_token else None
+    if eos_id is None:
+        raise DataError("data.eos_token", eos_token, "must be a token of the tokenizer (padding uses it)")
+    vocab = tokenizer.tokenizer.get_vocab_size()
+    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        ends = np.cumsum([len(ids) for ids in ids_all]) - 1
+        arrays = {"tokens.bin": np.concatenate([np.asarray(i, dtype) for i in ids_all]),
+                  "doc_ends.bin": ends.astype(np.int64),
+                  "labels.bin": np.concatenate([np.asarray(f, np.uint8) for f in flags_all])}
+        meta = {"num_tokens": int(ends[-1] + 1), "dtype": np.dtype(dtype).name, "vocab_size": int(vocab),
+                "eos_id": int(eos_id), "eos_token": eos_token, "num_docs": len(ids_all), "source": report["source"],
+                "tokenizer": cfg.tokenizer, "format": "sft", "key": key, "format_version": FORMAT_VERSION,
+                "report": report}
+        files = {**arrays, "meta.json": json.dumps(meta, indent=2, ensure_ascii=False).encode()}
+        for name, value in files.items():
+            with open(tmp / name, "wb") as handle:
+                handle.write(value if isinstance(value, bytes) else value.tobytes())
+                handle.flush()
+                os.fsync(handle.fileno())
+        tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
+        if target.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return PreparedData(target, json.loads((target / "meta.json").read_text()))
+
+
+def _pack(lengths: np.ndarray, order: np.ndarray, capacity: int) -> list[list[int]]:
+    """Next-fit packing of conversations `order` (each at most `capacity` tokens) into rows of `capacity`."""
+    rows, row, used = [], [], 0
+    for k in order:
+        size = int(lengths[k])
+        if row and used + size > capacity:
+            rows.append(row)
+            row, used = [], 0
+        row.append(int(k))
+        used += size
+    if row:
+        rows.append(row)
+    return rows
+
+
+class SFTDataset:
+    """Packed SFT windows (the PackedDataset interface the trainer uses): row ids [0, num_train) train,
+    [num_train, num_train + num_val) validation. Held-out conversations: a seeded random set holding about
+    val_fraction of the tokens (at least one conversation when val_fraction > 0 and there are two or more).
+    Raises DataError when no training row is left."""
+
+    def __init__(self, prepared: PreparedData, seq_len: int, val_fraction: float, seed: int):
+        self.tokens = np.asarray(prepared.tokens())
+        self.flags = np.fromfile(prepared.path / "labels.bin", dtype=np.uint8).astype(bool)
+        ends = prepared.doc_ends()
+        self.starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+        self.lengths = ends + 1 - self.starts
+        self.seq_len, self.seed, self.pad_id = seq_len, seed, int(prepared.meta["eos_id"])
+        order = np.random.default_rng([seed, 0x5F7]).permutation(len(self.starts))
+        is_val = np.zeros(len(order), bool)
+        if val_fraction > 0 and len(order) > 1:
+            taken = np.cumsum(self.lengths[order])
+            count = min(int(np.searchsorted(taken, val_fraction * taken[-1])) + 1, len(order) - 1)
+            is_val[order[:count]] = True
+        index = np.arange(len(order))
+        train, val = _pack(self.lengths, index[~is_val], seq_len + 1), _pack(self.lengths, index[is_val], seq_len + 1)
+        self.rows, self.num_train, self.num_val = train + val, len(train), len(val)
+        if self.num_train < 1:
+            raise DataError("data.path", prepared.meta.get("source"), "no conversation left for training")
+        self._epoch, self._order = -1, np.empty(0, np.int64)
+
+    def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, segment ids, assistant flags), each (seq_len + 1,), of packed row `index`; padding is
+        pad_id in its own last segment with no flags."""
+        size = self.seq_len + 1
+        ids = np.full(size, self.pad_id, np.int32)
+        segs, flags = np.full(size, len(self.rows[index]), np.int32), np.zeros(size, bool)
+        position = 0
+        for segment, k in enumerate(self.rows[index]):
+            a, n = int(self.starts[k]), int(self.lengths[k])
+            ids[position:position + n] = self.tokens[a:a + n]
+            flags[position:position + n] = self.flags[a:a + n]
+            segs[position:position + n] = segment
+            position += n
+        return ids, segs, flags
+
+    def batch(self, indices: np.ndarray, with_segments: bool = False):
+        """(x, y[, segment_ids]) int32 (B, seq_len): y is the next token where it is an assistant token of the
+        same conversation, else IGNORE_INDEX."""
+        parts = [self.row(int(i)) for i in indices]
+        ids, segs, flags = (np.stack([p[j] for p in parts]) for j in range(3))
+        labels = ids[:, 1:].copy()
+        labels[~flags[:, 1:] | (segs[:, 1:] != segs[:, :-1])] = IGNORE_INDEX
+        if not with_segments:
+            return ids[:, :-1], labels
+        return ids[:, :-1], labels, segs[:, :-1].copy()
+
+    def train_indices(self, position: int, count: int) -> np.ndarray:
+        """Row ids (count,) int64 for global positions [position, position + count): a seeded permutation
+        per epoch (a pure function of (seed, position))."""
+        out = np.empty(count, np.int64)
+        for i in range(count):
+            epoch, offset = divmod(position + i, self.num_train)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+            out[i] = self._order[offset]
+        return out
+
+    def val_indices(self, count: int) -> np.ndarray:
+        return self.num_train + np.arange(min(count, self.num_val), dtype=np.int64)
+
+    def describe_mix(self, position: int) -> dict:
+        return {"data": {"weight": 1.0, "sequences": int(position), "share": 1.0}}
+
+    def describe_split(self) -> dict:
+        used = sum(int(self.lengths[k]) for row in self.rows for k in row)
+        return {"train_windows": self.num_train, "val_windows": self.num_val, "conversations": len(self.starts),
+                "packing_efficiency": round(used / max(len(self.rows) * (self.seq_len + 1), 1), 4)}
