@@ -47,19 +47,26 @@ def checkpoint_model_tensors(step_dir: Path) -> dict[str, np.ndarray]:
 
 
 def read_toolkit_checkpoint(step_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Path | None]:
-    """(ModelConfig from state.json's resolved recipe, model tensors, the checkpoint's tokenizer.json or None)."""
+    """(ModelConfig from state.json's resolved recipe, full model tensors, the checkpoint's tokenizer.json or
+    None). For a `model.pretrained` run the base comes from that directory and LoRA adapters are merged."""
     step_dir = Path(step_dir)
     state_file = step_dir / "state.json"
     try:
         state = json.loads(state_file.read_text())
-        model_dict = checkpoint_config(state)["model"]
+        run_config = checkpoint_config(state)
+        model_dict = run_config["model"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InteropError(str(state_file), "unreadable", f"must be JSON with config.model ({exc})") from None
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in model_dict.items() if k in known})
     cfg.validate()
+    tensors = checkpoint_model_tensors(step_dir)
+    if cfg.pretrained:  # a fine-tune: the base weights live in the pretrained directory; LoRA adapters merge
+        from ascend_llm.interop.pretrained import merge_lora_tensors
+
+        tensors = merge_lora_tensors(run_config, tensors)
     tokenizer = step_dir / "tokenizer.json"  # every checkpoint keeps a copy of its run's tokenizer
-    return cfg, checkpoint_model_tensors(step_dir), tokenizer if tokenizer.is_file() else None
+    return cfg, tensors, tokenizer if tokenizer.is_file() else None
 
 
 def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

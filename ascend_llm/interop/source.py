@@ -45,6 +45,9 @@ def open_source(path: str | Path) -> ModelSource:
         raise InteropError("model", str(path), "must be a Hugging Face directory (config.json), a toolkit "
                                                "checkpoint (state.json) or a run directory with checkpoints/")
     cfg, weights, tokenizer_file = read_toolkit_checkpoint(step)
+    if cfg.pretrained:  # a fine-tune of a Hugging Face model keeps that model's tokenizer, template and EOS
+        root = Path(cfg.pretrained)
+        return ModelSource("checkpoint", step, cfg, weights, HFTokenizer(root), read_generation_config(root))
     tokenizer, eos = None, []
     if tokenizer_file is not None:
         from ascend_llm.data.tokenizer import EOS
