@@ -17,6 +17,7 @@ from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
 from ascend_llm.models.lora import apply_lora
 from ascend_llm.precision import apply_fp8, apply_precision
+from ascend_llm.precision.param_dtype import apply_param_dtype
 from ascend_llm.train.recompute import apply_recompute
 
 
@@ -113,12 +114,13 @@ class ContextParallelConverter:
 
 
 def build_converters(recipe: RecipeConfig, groups: Any = None) -> ModelConverters:
-    """The fixed order: attention, precision, FP8, LoRA (lora.enabled), then (given this rank's
+    """The fixed order: attention, precision, FP8, LoRA (lora.enabled), parameter dtype, then (given this rank's
     `parallel.dims.ParallelGroups`) tensor and context parallel (each the identity at degree 1), recompute."""
     converters: list[ModelConverter] = [ApplyConverter("attention", apply_attention, recipe.attention),
                                         ApplyConverter("precision", apply_precision, recipe.precision),
                                         ApplyConverter("fp8", apply_fp8, recipe.precision),
-                                        ApplyConverter("lora", _apply_lora, recipe.lora)]
+                                        ApplyConverter("lora", _apply_lora, recipe.lora),
+                                        ApplyConverter("param_dtype", apply_param_dtype, recipe.precision.param_dtype)]
     if groups is not None:
         seq_len = recipe.data.seq_len
         converters += [TensorParallelConverter(recipe.parallel, groups, seq_len),

@@ -104,6 +104,19 @@ def _build_data(recipe: RecipeConfig, main_rank: bool):
     return prepared_all, build_dataset(recipe.data, prepared_all)
 
 
+def check_param_dtype(recipe: RecipeConfig, device: str) -> None:
+    """bf16 parameters need fp32 master weights (the ZeRO optimizer keeps them) and bf16 kernels (Ascend)."""
+    dtype, par = recipe.precision.param_dtype, recipe.parallel
+    if dtype == "float32":
+        return
+    if device != "Ascend":
+        raise ConfigError("precision.param_dtype", dtype, "runs on Ascend only (the CPU backend has no bf16 "
+                          "Assign/StridedSlice kernels); use float32 on CPU")
+    if par.zero_stage == 0 or par.tensor_parallel_degree > 1 or par.context_parallel_degree > 1:
+        raise ConfigError("precision.param_dtype", dtype, "needs the fp32 master weights of parallel.zero_stage "
+                          ">= 1 over pure data parallel; use float32 otherwise")
+
+
 def build_optimizer(params, recipe: RecipeConfig):
     """AdamW, or with parallel.zero_stage 1/2 the ZeRO-sharded AdamW over the data-parallel group (the world
     when data parallel is the only layout). Stage 2 clips inside the optimizer (no rank holds full gradients)."""
@@ -125,6 +138,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     preflight(recipe)
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
+    check_param_dtype(recipe, device)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
     layout = TrainLayout(recipe.parallel, build_groups(recipe.parallel))  # every rank, before the model
     prepared_all, dataset = _build_data(recipe, rank == 0)

@@ -90,3 +90,15 @@ def test_no_validation_windows_means_no_validation_and_no_nan():
     s = session(dataset=dataset)
     assert validate(s, StepOutcome(10, 2.0, 0.5, 1e-3, True), {}) == {}
     assert s.val_losses == []
+
+
+def test_bf16_parameters_are_refused_where_they_cannot_run():
+    from ascend_llm.errors import ConfigError
+    from ascend_llm.train.session import check_param_dtype
+
+    recipe = compose_recipe(["model=debug", "precision.param_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="Ascend only"):
+        check_param_dtype(recipe, "CPU")
+    with pytest.raises(ConfigError, match="zero_stage"):
+        check_param_dtype(recipe, "Ascend")  # no ZeRO: no fp32 master weights
+    check_param_dtype(compose_recipe(["experiment=llama3_8b_910b"]), "Ascend")  # dp8 ZeRO-2: fine
