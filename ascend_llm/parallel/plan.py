@@ -56,7 +56,8 @@ def layout_of(recipe: Any) -> Layout:
         compute_bytes=DTYPE_BYTES[recipe.precision.compute_dtype], recompute=tr.recompute,
         attention_backend=_backend(recipe.attention.backend, device), device=device,
         hccl_buffsize_mb=recipe.cluster.hccl.buffsize_mb, world_size=recipe.parallel.world_size,
-        num_nodes=recipe.cluster.num_nodes)
+        num_nodes=recipe.cluster.num_nodes, lora_rank=recipe.lora.rank if recipe.lora.enabled else 0,
+        lora_targets=tuple(recipe.lora.targets) if recipe.lora.enabled else ())
 
 
 def _backend(name: str, device: str) -> str:

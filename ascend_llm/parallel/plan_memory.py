@@ -74,6 +74,8 @@ class Layout:
     hccl_buffsize_mb: int = 200
     world_size: int = 1
     num_nodes: int = 1
+    lora_rank: int = 0  # > 0: LoRA (Hu et al. 2021): only the adapters train, the base is frozen
+    lora_targets: tuple = ()
 
 
 @dataclass
@@ -151,8 +153,36 @@ def sharded_elements(model: Any, tp: int, dp: int, active: bool) -> int:
     return sum(-(-n // dp) for n in sizes) if active else sum(sizes)
 
 
+def lora_sizes(model: Any, rank: int, targets: tuple) -> list[int]:
+    """Element counts of the LoRA adapters (A: r x in, B: out x r per adapted projection and layer)."""
+    hd, h, ffn = model.head_dim, model.dim, model.ffn_hidden_dim
+    q_out, kv_out = model.num_heads * hd, model.num_kv_heads * hd
+    shapes = {"wq": (h, q_out), "wk": (h, kv_out), "wv": (h, kv_out), "wo": (q_out, h), "w1": (h, ffn),
+              "w2": (ffn, h), "w3": (h, ffn)}
+    per_layer = [n for target in targets for n in (rank * shapes[target][0], shapes[target][1] * rank)]
+    return per_layer * model.num_layers
+
+
+def lora_state_terms(lay: Layout) -> list[Term]:
+    """LoRA: frozen base weights in the parameter dtype, plus fp32 adapters with their gradients and AdamW
+    moments (Hu et al. 2021; the optimizer sees only the adapters)."""
+    base = parameters_per_device(lay.model, lay.tensor_parallel_degree)
+    a = sum(lora_sizes(lay.model, lay.lora_rank, lay.lora_targets))
+    pb = lay.param_bytes
+    terms = [Term("parameters (frozen base)", base * pb, f"P * {pb} B", "ZeRO sec. 3.1"),
+             Term("LoRA adapters", a * 4, "A * 4 B, A = sum r * (in + out) over adapted projections", "Hu et al. 2021"),
+             Term("gradients", a * 4, "A * 4 B (adapters only)", "Hu et al. 2021")]
+    if lay.grad_accum_steps > 1:
+        terms.append(Term("grad accumulation buffer", a * 4, "A * 4 B", "trainer: acc + grads coexist"))
+    terms.append(Term("optimizer state (AdamW m, v)", a * 8 + 4, "A * 8 B + 4 B step", "ZeRO sec. 3.1"))
+    return terms
+
+
 def model_state_terms(lay: Layout) -> list[Term]:
-    """Parameters, gradients, accumulation buffer, master weights, AdamW moments (ZeRO paper, sec. 3.1, 5)."""
+    """Parameters, gradients, accumulation buffer, master weights, AdamW moments (ZeRO paper, sec. 3.1, 5);
+    with LoRA, `lora_state_terms`."""
+    if lay.lora_rank > 0:
+        return lora_state_terms(lay)
     t, d, z = lay.tensor_parallel_degree, lay.data_parallel_degree, lay.zero_stage
     p = parameters_per_device(lay.model, t)
     pb = lay.param_bytes

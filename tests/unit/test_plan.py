@@ -210,3 +210,25 @@ def test_info_prints_the_per_device_footprint_against_the_budget(capsys):
     assert f"{total:.4g}" in out and "NO (see ascend-llm plan)" in out
     assert main(["experiment=llama3_8b_910b"]) == 0
     assert "fits_on_device               yes" in capsys.readouterr().out
+
+
+def test_lora_terms_count_the_trainers_adapters_and_a_7b_lora_fits_one_910b():
+    from ascend_llm.models import build_model
+    from ascend_llm.models.lora import apply_lora
+    from ascend_llm.parallel.plan import layout_of, plan_recipe
+    from ascend_llm.parallel.plan_memory import lora_sizes
+
+    recipe = compose_recipe(["model=debug", "lora.enabled=true", "lora.rank=4", "lora.targets=[wq,wv,w2]"])
+    model = build_model(recipe.model)
+    apply_lora(model, recipe.lora)
+    trainable = sum(int(np.prod(p.shape)) for p in model.trainable_params())
+    lay = layout_of(recipe)
+    assert sum(lora_sizes(lay.model, lay.lora_rank, lay.lora_targets)) == trainable
+    seven_b = compose_recipe(["model=llama2_7b", "cluster=910b_1x8", "cluster.num_workers_per_node=1",
+                              "lora.enabled=true", "runtime=ascend", "attention=fused", "train.recompute=full",
+                              "train.global_batch_size=1", "data.seq_len=2048", "precision=bf16"])
+    assert plan_recipe(seven_b).memory.fits is True
+    full = compose_recipe(["model=llama2_7b", "cluster=910b_1x8", "cluster.num_workers_per_node=1",
+                           "runtime=ascend", "attention=fused", "train.recompute=full", "train.global_batch_size=1",
+                           "data.seq_len=2048", "precision=bf16"])
+    assert plan_recipe(full).memory.fits is False  # the same model fully fine-tuned does not
