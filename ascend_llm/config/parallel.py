@@ -26,7 +26,7 @@ ZERO_STAGES = (0, 1, 2)
 class ParallelConfig:
     """Degrees, declared outermost first: rank = (dp_index * cp + cp_index) * tp + tp_index (tp innermost)."""
 
-    data_parallel_degree: int = 0  # 0: fill the world, cluster world size / (cp * tp) (resolved on validate)
+    data_parallel_degree: int = 1  # 0: fill the world, cluster world size / (cp * tp) (recipes default to 0)
     context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
     tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
     sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
