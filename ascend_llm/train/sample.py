@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mindspore import nn
+import numpy as np
+from mindspore import Tensor, nn
 
 from ascend_llm.inference import Engine, SamplingParams
 
@@ -18,6 +19,8 @@ def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: i
     """
     encoded = tokenizer.encode(prompt, add_special_tokens=False)
     ids = list(getattr(encoded, "ids", encoded)) or [pad_id]
+    if not hasattr(model, "cfg"):  # a full-logits forward over a tensor/context-parallel model (train/layout.py)
+        return tokenizer.decode(_generate_full_windows(model, ids, num_tokens, seq_len, top_k, seed, pad_id))
     window = min(seq_len, model.cfg.max_seq_len)
     if num_tokens < 1 or window < 2:
         return tokenizer.decode(ids)
@@ -28,3 +31,24 @@ def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: i
                             top_k=0 if top_k <= 1 else top_k, seed=seed)
     result = engine.generate([ids], params)[0]
     return tokenizer.decode(ids + result.token_ids)
+
+
+def _generate_full_windows(forward, ids: list, num_tokens: int, seq_len: int, top_k: int, seed: int,
+                           pad_id: int) -> list:
+    """Without a KV cache: every new token re-runs `forward` on one right-padded (1, seq_len) window (one
+    compiled shape; causal attention makes the padding inert). For sharded models, whose forward holds
+    collectives and must run on every rank with the same shapes."""
+    rng = np.random.default_rng(seed)
+    ids = list(ids)
+    for _ in range(num_tokens):
+        window = ids[-seq_len:]
+        tokens = np.full((1, seq_len), pad_id, np.int32)
+        tokens[0, :len(window)] = window
+        logits = forward(Tensor(tokens)).asnumpy()[0, len(window) - 1].astype(np.float64)
+        if top_k <= 1:
+            ids.append(int(logits.argmax()))
+            continue
+        top = np.argpartition(-logits, top_k - 1)[:top_k]
+        probs = np.exp(logits[top] - logits[top].max())
+        ids.append(int(rng.choice(top, p=probs / probs.sum())))
+    return ids
