@@ -54,6 +54,6 @@ def main(argv: list[str]) -> int:
         return 0
     from ascend_llm.cluster.supervise import run_plan
 
-    result = run_plan(plan)
+    result = run_plan(plan, out=sys.stdout)  # the CLI's pipe-safe stdout: a closed pipe never stops the job
     print(result.report(), file=sys.stderr if result.returncode else sys.stdout, flush=True)
     return result.returncode

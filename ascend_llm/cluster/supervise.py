@@ -158,7 +158,7 @@ def run_plan(plan: LaunchPlan, out: TextIO = sys.stdout, poll_s: float = 0.5) ->
         check_port_free(*plan.master)
     plan.log_dir.mkdir(parents=True, exist_ok=True)
     if plan.mode == "single":
-        return run_single(plan, poll_s)
+        return run_single(plan, poll_s, out)
     if plan.mode == "rank_table":
         return _run_direct(plan, out, poll_s)
     return _run_msrun(plan, out, poll_s)
@@ -278,11 +278,19 @@ def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
             handle.close()
 
 
-def run_single(plan: LaunchPlan, poll_s: float = 0.5) -> LaunchResult:
-    """World size 1: run the one process in the foreground (its output goes to the console)."""
+def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = None) -> LaunchResult:
+    """World size 1: run the one process. On a terminal its output goes straight to it (progress bars); into
+    a pipe or file the launcher relays it, so a reader that goes away early (`| head`) never stops the job:
+    the launcher keeps draining the process's output to the end."""
     spec = plan.processes[0]
     start = time.monotonic()
-    proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), start_new_session=True)
+    relay = out is not None and not out.isatty()
+    proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), start_new_session=True,
+                            stdout=subprocess.PIPE if relay else None, stderr=subprocess.STDOUT if relay else None,
+                            text=True, errors="replace", bufsize=1)
+    pump = threading.Thread(target=_relay, args=(proc.stdout, out), daemon=True) if relay else None
+    if pump is not None:
+        pump.start()
     tree = ProcessTree()
     try:
         while proc.poll() is None:
@@ -296,6 +304,20 @@ def run_single(plan: LaunchPlan, poll_s: float = 0.5) -> LaunchResult:
     except KeyboardInterrupt:
         tree.kill_all([proc])
         return LaunchResult(130, time.monotonic() - start, reason="interrupted")
+    if pump is not None:
+        pump.join(timeout=10)
     rc = proc.returncode
     return LaunchResult(0 if rc == 0 else (rc if rc > 0 else 1), time.monotonic() - start,
                         None if rc == 0 else 0, reason="" if rc == 0 else f"the process exited with code {rc}")
+
+
+def _relay(stream, out: TextIO) -> None:
+    for line in stream:
+        try:
+            out.write(line)
+        except BrokenPipeError:  # a plain stream whose reader left: keep draining, drop the output
+            pass
+    try:
+        out.flush()
+    except BrokenPipeError:
+        pass
