@@ -10,17 +10,16 @@ session refuses it with one line. It has not yet run on Ascend hardware.
 
 from __future__ import annotations
 
-import mindspore as ms
 from mindspore import nn
 
-DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16}
+from ascend_llm.precision.policy import MS_DTYPES
 
 
 def apply_param_dtype(model: nn.Cell, param_dtype: str) -> nn.Cell:
     """Cast every trainable weight whose name does not contain "norm" to `param_dtype`; returns the model."""
     if param_dtype == "float32":
         return model
-    dtype = DTYPES[param_dtype]
+    dtype = MS_DTYPES[param_dtype]
     for param in model.trainable_params():
         if "norm" not in param.name:
             param.set_dtype(dtype)

@@ -90,8 +90,7 @@ def read_batch(session: Session, rows) -> tuple:
     """(x, y) or, with data.document_mask, (x, y, segment_ids) as Tensors, this rank's part of the sequence
     under context parallel: labels crossing a document boundary are -100 (ignored by the loss) and attention
     stays inside each document."""
-    arrays = session.dataset.batch(rows, with_segments=True) if session.recipe.data.document_mask else \
-        session.dataset.batch(rows)
+    arrays = session.dataset.batch(rows, with_segments=session.recipe.data.document_mask)
     return tuple(Tensor(a) for a in session.layout.local_batch(*arrays))
 
 

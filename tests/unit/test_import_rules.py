@@ -24,12 +24,19 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-def test_model_sources_do_not_import_precision_or_parallel():
-    files = sorted((PACKAGE / "models").glob("*.py"))
+def checked_files(folder: str, forbidden: tuple, allowed: tuple = ()) -> list[Path]:
+    """The folder's sources (at least one), asserting none imports a module under `forbidden` (except under
+    `allowed`); returns them for further checks."""
+    files = sorted((PACKAGE / folder).glob("*.py"))
     assert files
     for file in files:
-        bad = [m for m in imported_modules(file) if m.startswith(FORBIDDEN)]
-        assert not bad, f"{file.name} imports {bad}"
+        bad = [m for m in imported_modules(file) if m.startswith(forbidden) and not (allowed and m.startswith(allowed))]
+        assert not bad, f"{folder}/{file.name} imports {bad}"
+    return files
+
+
+def test_model_sources_do_not_import_precision_or_parallel():
+    for file in checked_files("models", FORBIDDEN):
         assert "set_auto_parallel_context" not in file.read_text()
 
 
@@ -48,22 +55,15 @@ FILE_OPENERS = ("open(", ".read_text(", ".read_bytes(", "json.load(", "yaml.safe
 
 def test_config_is_the_ground_floor():
     """config/ imports nothing above it and opens no files (file checks live in cluster/preflight.py)."""
-    files = sorted((PACKAGE / "config").glob("*.py"))
-    assert files
-    for file in files:
-        bad = [m for m in imported_modules(file) if m.startswith(CONFIG_FORBIDDEN)]
-        assert not bad, f"config/{file.name} imports {bad}"
+    for file in checked_files("config", CONFIG_FORBIDDEN):
         text = file.read_text()
         assert not [call for call in FILE_OPENERS if call in text], f"config/{file.name} opens files"
 
 
 def test_cluster_code_is_outside_the_step():
     """cluster/ (launcher, rank tables, supervisor) never imports the in-step parallel code or MindSpore."""
-    for file in sorted((PACKAGE / "cluster").glob("*.py")):
-        above = ("ascend_llm.parallel", "mindspore", "ascend_llm.train")
-        planner = ("ascend_llm.parallel.plan",)  # pure arithmetic, used by the preflight
-        bad = [m for m in imported_modules(file) if m.startswith(above) and not m.startswith(planner)]
-        assert not bad, f"cluster/{file.name} imports {bad}"
+    # the planner (parallel/plan*) is pure arithmetic, used by the preflight
+    checked_files("cluster", ("ascend_llm.parallel", "mindspore", "ascend_llm.train"), ("ascend_llm.parallel.plan",))
 
 
 def module_graph() -> dict[str, set[str]]:
