@@ -134,7 +134,9 @@ def step_record(session: Session, outcome: StepOutcome, events: list[dict]) -> d
     if events:
         record = dict(record or {"step": outcome.step, "loss": outcome.loss}, precision_events=events)
     if session.progress is not None:
-        postfix = {"loss": f"{outcome.loss:.3f}", "tok_s": f"{session.throughput.last_tokens_per_s:.0f}"}
+        postfix = {"loss": f"{outcome.loss:.3f}"}
+        if session.throughput.last_tokens_per_s:  # known from the first logged window on
+            postfix["tok_s"] = f"{session.throughput.last_tokens_per_s:.0f}"
         if session.run.num_skipped_steps:
             postfix["skipped"] = session.run.num_skipped_steps
         session.progress.set_postfix(postfix, refresh=False)

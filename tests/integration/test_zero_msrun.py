@@ -23,16 +23,18 @@ sys.path.insert(0, str(WORKER.parent))
 from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, batch, lr_at  # noqa: E402
 
 
-def run_job(tmp_path: Path, stage: int) -> tuple[list[dict], Path]:
-    out = tmp_path / f"zero{stage}"
-    out.mkdir()
-    overrides = ["model=debug", "cluster=cpu_2proc", f"parallel=dp2_zero{stage}", f"train.output_dir={out}",
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """One 2-worker msrun launch runs both stages in turn (one start-up for both)."""
+    out = tmp_path_factory.mktemp("zero")
+    overrides = ["model=debug", "cluster=cpu_2proc", "parallel=dp2_zero1", f"train.output_dir={out}",
                  f"cluster.master_port={find_free_port()}", "cluster.cluster_timeout_s=120",
                  "cluster.job_timeout_s=500", "cluster.tail_worker_log=none"]
     done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides, "--script",
-                           str(WORKER), "--", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                           str(WORKER), "--", "--out", str(out), "--stages", "1", "2"],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)], out
+    return out
 
 
 def planned_state_bytes(stage: int) -> float:
@@ -82,8 +84,8 @@ def resume_in_one_process(state_file: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_matches_unsharded_adamw_under_msrun(tmp_path, stage):
-    reports, out = run_job(tmp_path, stage)
+def test_zero_matches_unsharded_adamw_under_msrun(job, stage):
+    reports = [json.loads((job / f"stage{stage}_rank{r}.json").read_text()) for r in (0, 1)]
     for rep in reports:
         assert rep["world"] == 2 and rep["stage"] == stage
         # the global loss (mean over both ranks' halves) equals the one-process loss on the whole batch
@@ -100,5 +102,5 @@ def test_zero_matches_unsharded_adamw_under_msrun(tmp_path, stage):
         print(f"stage {stage} rank {rep['rank']}: optimizer state {rep['zero_state_bytes']:,} bytes vs "
               f"{rep['unsharded_state_bytes']:,} unsharded")
     assert reports[0]["zero_losses"] == reports[1]["zero_losses"]
-    resumed = resume_in_one_process(out / "state.npz")
+    resumed = resume_in_one_process(job / f"stage{stage}_state.npz")
     np.testing.assert_allclose(resumed, reports[0]["ref_resumed_losses"], rtol=0, atol=1e-5)

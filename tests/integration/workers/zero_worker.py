@@ -1,12 +1,13 @@
 """msrun worker for tests/integration/test_zero_msrun.py: ZeRO-1/2 AdamW vs the unsharded AdamW.
 
-Usage (through `ascend-llm launch ... --script`): zero_worker.py <recipe overrides> --out DIR
-Each rank trains two copies of the same seeded model on the same global batches: one with ZeroAdamW over the
-world group (each rank computes gradients of its half of the batch), one with the unsharded AdamW on the whole
-batch (no communication: the one-process reference). Writes DIR/rank<r>.json with both loss curves, the
-largest parameter difference, optimizer-state bytes and the checks of the layout-free state; rank 0 also
-writes DIR/state.npz (full parameters and full optimizer state after the sharded run) and the reference's
-losses for RESUME_STEPS more steps, for the one-process resume check.
+Usage (through `ascend-llm launch ... --script`): zero_worker.py <recipe overrides> --out DIR [--stages 1 2]
+For each ZeRO stage in turn (one launch serves both), each rank trains two copies of the same seeded model on
+the same global batches: one with ZeroAdamW over the world group (each rank computes gradients of its half of
+the batch), one with the unsharded AdamW on the whole batch (no communication: the one-process reference).
+Writes DIR/stage<s>_rank<r>.json with both loss curves, the largest parameter difference, optimizer-state
+bytes and the checks of the layout-free state; rank 0 also writes DIR/stage<s>_state.npz (full parameters and
+full optimizer state after the sharded run) and the reference's losses for RESUME_STEPS more steps, for the
+one-process resume check.
 """
 
 from __future__ import annotations
@@ -97,19 +98,10 @@ def state_checks(recipe, stage: int, zero_opt, ref_opt, zero_params) -> tuple[di
         "param_sizes": [int(p.size) for p in zero_params]}
 
 
-def main(argv: list[str]) -> None:
-    out = Path(argv[argv.index("--out") + 1])
-    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+def run_stage(recipe, rank: int, world: int, stage: int, out: Path) -> None:
+    """Both runs of one ZeRO stage; writes this rank's report (and rank 0 the full state for the resume check)."""
     from mindspore import Tensor
 
-    from ascend_llm.config import compose_recipe
-    from ascend_llm.parallel.dp import init_distributed
-    from ascend_llm.train.runtime import setup_runtime
-
-    recipe = compose_recipe(overrides)
-    setup_runtime(recipe.runtime)
-    rank, world = init_distributed(recipe.parallel, recipe.cluster)
-    stage = recipe.parallel.zero_stage
     zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params = build_steps(recipe, world, stage)
     half = ROWS // world
     zero_losses, ref_losses = [], []
@@ -123,15 +115,30 @@ def main(argv: list[str]) -> None:
     report = {"rank": rank, "world": world, "stage": stage, "zero_losses": zero_losses, "ref_losses": ref_losses,
               "max_param_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
                                     for a, b in zip(zero_params, ref_params)), **checks}
-    print(f"[zero_worker] rank {rank}: optimizer state {checks['zero_state_bytes']:,} bytes (unsharded "
-          f"{checks['unsharded_state_bytes']:,})", flush=True)
+    print(f"[zero_worker] stage {stage} rank {rank}: optimizer state {checks['zero_state_bytes']:,} bytes "
+          f"(unsharded {checks['unsharded_state_bytes']:,})", flush=True)
     if rank == 0:
-        np.savez(out / "state.npz", **{"param." + p.name: p.asnumpy() for p in zero_params},
+        np.savez(out / f"stage{stage}_state.npz", **{"param." + p.name: p.asnumpy() for p in zero_params},
                  **{"opt." + k: v for k, v in full.items()})
         report["ref_resumed_losses"] = [
             float(ref_step(Tensor(x), Tensor(y), Tensor(lr_at(i))).asnumpy())
             for i in range(NUM_STEPS, NUM_STEPS + RESUME_STEPS) for x, y in [batch(i, recipe.model.vocab_size)]]
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    (out / f"stage{stage}_rank{rank}.json").write_text(json.dumps(report))
+
+
+def main(argv: list[str]) -> None:
+    out = Path(argv[argv.index("--out") + 1])
+    stages = [int(a) for a in argv[argv.index("--stages") + 1:]] if "--stages" in argv else None
+    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.parallel.dp import init_distributed
+    from ascend_llm.train.runtime import setup_runtime
+
+    recipe = compose_recipe(overrides)
+    setup_runtime(recipe.runtime)
+    rank, world = init_distributed(recipe.parallel, recipe.cluster)
+    for stage in stages or [recipe.parallel.zero_stage]:
+        run_stage(recipe, rank, world, stage, out)
 
 
 if __name__ == "__main__":
