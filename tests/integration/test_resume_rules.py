@@ -91,9 +91,10 @@ def test_a_fresh_run_in_a_used_output_directory_is_refused_and_writes_nothing(re
 @pytest.mark.parametrize("precision", ["fp16", "fp8_dynamic"])
 def test_precision_state_resumes_bit_for_bit(tmp_path, data_cache, precision):
     full = run(tmp_path / "full", data_cache, "train.num_steps=6", f"precision={precision}")
-    part = tmp_path / "part"
-    run(part, data_cache, "train.num_steps=4", f"precision={precision}")
-    shutil.rmtree(part / "checkpoints" / "step_00000004")  # as if killed after the step-2 checkpoint
+    part = tmp_path / "part"  # the same run as if killed after its step-2 checkpoint
+    shutil.copytree(tmp_path / "full", part)
+    for step in (4, 6):
+        shutil.rmtree(part / "checkpoints" / f"step_{step:08d}")
     resumed = run(part, data_cache, "train.num_steps=6", f"precision={precision}", "train.resume=auto")
     assert resumed["start_step"] == 2
     assert resumed["losses"] == full["losses"][2:]
