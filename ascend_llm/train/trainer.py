@@ -145,16 +145,18 @@ def step_record(session: Session, outcome: StepOutcome, events: list[dict]) -> d
 
 
 def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
-    """Mean loss over train.val_batches held-out micro-batches (on every rank); adds val_loss and val_ppl to
-    the record. With no validation windows (data.val_fraction=0) it does nothing."""
-    rows, num_batches = session.micro_rows, session.recipe.train.val_batches
+    """Mean loss over train.val_batches held-out global micro-batches (every rank evaluates its data-parallel
+    share of each, and the loss is reduced like the training loss, so the value does not depend on the
+    layout); adds val_loss and val_ppl to the record. With no validation windows (data.val_fraction=0) it
+    does nothing."""
+    rows, num_batches = session.micro_rows * session.layout.dp, session.recipe.train.val_batches
     indices = session.dataset.val_indices(rows * num_batches)
     if len(indices) < rows:
         return record
     with session.throughput.pause():
         losses = []
         for start in range(0, len(indices) - rows + 1, rows):
-            batch = read_batch(session, indices[start:start + rows])
+            batch = read_batch(session, session.layout.local_rows(indices[start:start + rows]))
             losses.append(float(session.steps.eval_loss(*batch).asnumpy()))
     val = float(np.mean(losses))
     session.val_losses.append((outcome.step, val))

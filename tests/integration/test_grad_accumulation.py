@@ -11,22 +11,30 @@ from ascend_llm.train.trainer import train
 pytestmark = pytest.mark.integration
 
 
-def test_accumulation_matches_full_batch(tmp_path, data_cache):
-    common = ["debug=smoke", "train.num_steps=6", "train.global_batch_size=8", "train.progress=false",
-              "train.sample_tokens=0", "train.log_every=1", f"data.cache_dir={data_cache}"]
-    full = train(compose_recipe([*common, "train.grad_accum_steps=1", f"train.output_dir={tmp_path / 'a'}"]))
-    accum = train(compose_recipe([*common, "train.grad_accum_steps=4", f"train.output_dir={tmp_path / 'b'}"]))
-    np.testing.assert_allclose(accum["losses"], full["losses"], rtol=0, atol=2e-5)
-    assert full["losses"][0] != full["losses"][-1]
+COMMON = ["debug=smoke", "train.num_steps=6", "train.global_batch_size=8", "train.progress=false",
+          "train.sample_tokens=0", "train.log_every=1"]
+
+
+def run(out, data_cache, *overrides) -> dict:
+    return train(compose_recipe([*COMMON, f"data.cache_dir={data_cache}", f"train.output_dir={out}", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def full_batch(tmp_path_factory, data_cache) -> dict:
+    """The reference: 6 steps, one micro-batch per step, no recompute."""
+    return run(tmp_path_factory.mktemp("full") / "run", data_cache, "train.grad_accum_steps=1")
+
+
+def test_accumulation_matches_full_batch(tmp_path, data_cache, full_batch):
+    accum = run(tmp_path / "b", data_cache, "train.grad_accum_steps=4")
+    np.testing.assert_allclose(accum["losses"], full_batch["losses"], rtol=0, atol=2e-5)
+    assert full_batch["losses"][0] != full_batch["losses"][-1]
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_recompute_changes_no_number(tmp_path, data_cache, mode):
-    common = ["debug=smoke", "train.num_steps=3", "train.progress=false", "train.sample_tokens=0",
-              "train.log_every=1", f"data.cache_dir={data_cache}"]
-    plain = train(compose_recipe([*common, f"train.output_dir={tmp_path / 'a'}"]))
-    recomputed = train(compose_recipe([*common, f"train.recompute={mode}", f"train.output_dir={tmp_path / 'b'}"]))
-    np.testing.assert_allclose(recomputed["losses"], plain["losses"], rtol=0, atol=1e-6)
+def test_recompute_changes_no_number(tmp_path, data_cache, full_batch, mode):
+    recomputed = run(tmp_path / "b", data_cache, f"train.recompute={mode}")
+    np.testing.assert_allclose(recomputed["losses"], full_batch["losses"], rtol=0, atol=1e-6)
 
 
 def test_blended_document_masked_training_reports_its_mix(tmp_path, data_cache):

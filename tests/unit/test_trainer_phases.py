@@ -7,10 +7,13 @@ import types
 
 import numpy as np
 import pytest
+from mindspore import Tensor
 
 from ascend_llm.config import compose_recipe
+from ascend_llm.config.parallel import ParallelConfig
 from ascend_llm.data.dataset import PackedDataset
 from ascend_llm.errors import TrainingDiverged
+from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import Throughput
 from ascend_llm.train.state import RunState
 from ascend_llm.train.trainer import StepOutcome, check_finite, step_record, validate
@@ -38,12 +41,18 @@ class FakeBar:
         pass
 
 
-def session(*overrides, calibrating=False, dataset=None):
+def layout(dp=1, dp_rank=0):
+    return TrainLayout(ParallelConfig(data_parallel_degree=dp), types.SimpleNamespace(dp_rank=dp_rank, cp_rank=0,
+                                                                                     tp_rank=0))
+
+
+def session(*overrides, calibrating=False, dataset=None, dp=1, dp_rank=0, steps=None):
     recipe = compose_recipe(["model=debug", *overrides])
     return types.SimpleNamespace(recipe=recipe, run=RunState({}, seed=0), precision=FakePrecision(calibrating),
                                  converters=types.SimpleNamespace(metrics=dict), nonfinite_streak=0,
                                  throughput=Throughput(100, 1.0, 1.0), progress=FakeBar(), start_step=0,
-                                 dataset=dataset, micro_rows=2, val_losses=[], steps=None)
+                                 dataset=dataset, micro_rows=4 // dp, val_losses=[], steps=steps,
+                                 layout=layout(dp, dp_rank))
 
 
 def outcome(step, finite, loss=float("nan")):
@@ -90,6 +99,22 @@ def test_no_validation_windows_means_no_validation_and_no_nan():
     s = session(dataset=dataset)
     assert validate(s, StepOutcome(10, 2.0, 0.5, 1e-3, True), {}) == {}
     assert s.val_losses == []
+
+
+def test_validation_under_data_parallel_reads_the_windows_of_one_process():
+    """Each of 2 data-parallel ranks evaluates its half of every held-out batch one process evaluates (the
+    compiled eval_loss then averages the two halves), so val_loss does not depend on the layout."""
+    dataset = PackedDataset(np.arange(4000) % 97, seq_len=16, val_fraction=0.2, seed=0)
+    seen = {}
+    for dp, rank in ((1, 0), (2, 0), (2, 1)):
+        batches = seen.setdefault((dp, rank), [])
+        steps = types.SimpleNamespace(eval_loss=lambda x, y, b=batches: b.append(x.asnumpy()) or Tensor(np.float32(0)))
+        validate(session("train.val_batches=3", dataset=dataset, dp=dp, dp_rank=rank, steps=steps),
+                 StepOutcome(10, 2.0, 0.5, 1e-3, True), {})
+    one = seen[(1, 0)]
+    assert len(one) == 3 and all(b.shape == (4, 16) for b in one)
+    for k in range(3):
+        np.testing.assert_array_equal(np.concatenate([seen[(2, 0)][k], seen[(2, 1)][k]]), one[k])
 
 
 def test_bf16_parameters_are_refused_where_they_cannot_run():
