@@ -43,7 +43,7 @@ def format_table(rows: list[dict]) -> str:
         lin = (f"{r['linear_bytes']:,} ({r['linear_fp32_bytes']:,} / {r['linear_fp32_bytes'] / r['linear_bytes']:.2f}x)"
                if r["linear_bytes"] else "-")
         lines.append(f"| {r['model']} | {r['kind']} | {r['bytes_on_disk']:,} | {r['weight_bytes']:,} | {lin} | "
-                     f"{r['perplexity']:.4f} | {r['ppl_change_pct']:+.2f}% |")
+                     f"{r['perplexity']:.4f} | {r['ppl_change_pct']:+.3f}% |")
     return "\n".join(lines)
 
 
