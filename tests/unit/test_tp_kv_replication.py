@@ -193,3 +193,15 @@ def test_planner_counts_one_replicated_kv_head_per_rank_and_shards_zero_over_dp_
                  tensor_parallel_degree=2, context_parallel_degree=2, zero_stage=1, world_size=8)
     state = next(t for t in model_state_terms(lay) if t.name.startswith("optimizer state"))
     assert state.bytes == 8 * sum(-(-n // 4) for n in held) + 4  # m and v of ceil(n / (dp*cp)) per tensor
+
+
+def test_bf16_parameters_with_tensor_parallel_need_zero_for_master_weights():
+    from ascend_llm.config import compose_recipe
+    from ascend_llm.train.session import check_param_dtype
+
+    base = ["model=debug", "cluster=cpu_4proc", "parallel=tp2_dp2", "precision.param_dtype=bfloat16"]
+    check_param_dtype(compose_recipe([*base, "parallel.zero_stage=1"]), "Ascend")  # ZeRO keeps fp32 masters
+    with pytest.raises(ConfigError, match="^precision.param_dtype.*zero_stage"):
+        check_param_dtype(compose_recipe([*base, "parallel.zero_stage=0"]), "Ascend")
+    with pytest.raises(ConfigError, match="Ascend only"):
+        check_param_dtype(compose_recipe([*base, "parallel.zero_stage=1"]), "CPU")
