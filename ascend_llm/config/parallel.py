@@ -30,7 +30,8 @@ class ParallelConfig:
     context_parallel_degree: int = 1  # zigzag sequence split over 2*cp chunks, all-gathered keys/values
     tensor_parallel_degree: int = 1  # Megatron column/row-parallel projections, vocab-parallel head and loss
     sequence_parallel: bool = False  # norm regions sharded along the sequence over the TP group
-    # ZeRO stage over the data-parallel group (Rajbhandari et al. 2020): 0 replicated optimizer state,
+    # ZeRO stage (Rajbhandari et al. 2020) over the ranks holding identical parameters, data x context parallel
+    # for one tensor-parallel rank (Megatron's distributed optimizer): 0 replicated optimizer state,
     # 1 optimizer state (and fp32 master weights) sharded, 2 also the gradient-accumulation buffer sharded.
     zero_stage: int = 0
 
@@ -52,10 +53,12 @@ class ParallelConfig:
                 positive(f"{prefix}.{name}", degree)
         one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
         one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
-        if self.zero_stage > 0 and self.data_parallel_degree < 2:
+        replicas = self.data_parallel_degree * self.context_parallel_degree
+        if self.zero_stage > 0 and replicas < 2:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
-                              f"shards over the data-parallel group, which needs {prefix}.data_parallel_degree >= 2 "
-                              f"(it is {self.data_parallel_degree}); use zero_stage=0 for one data-parallel rank")
+                              f"shards over the ranks holding identical parameters (data x context parallel), which "
+                              f"needs {prefix}.data_parallel_degree * context_parallel_degree >= 2 (it is "
+                              f"{replicas}); use zero_stage=0")
 
 
 def resolve_data_parallel(parallel: ParallelConfig, cluster: ClusterConfig) -> None:
@@ -78,17 +81,19 @@ def resolve_data_parallel(parallel: ParallelConfig, cluster: ClusterConfig) -> N
 def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: str = "parallel") -> None:
     """Divisibility of the model and sequence by the TP/CP degrees; ConfigError naming the field.
 
-    TP splits query heads, KV heads and the FFN hidden size (the vocabulary is padded, so any size works);
+    TP splits query heads, KV heads and the FFN hidden size (the vocabulary is padded, so any size works); when
+    tp is a multiple of num_kv_heads instead, each KV head is replicated on tp/num_kv_heads consecutive TP ranks
+    (Megatron / vLLM convention), so num_kv_heads % tp == 0 or tp % num_kv_heads == 0 is required;
     sequence parallel splits the sequence over TP; CP splits the sequence into 2*cp zigzag chunks.
     """
     tp, cp = int(parallel.tensor_parallel_degree), int(parallel.context_parallel_degree)
     if model.num_heads % tp:
         raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
                           f"must divide model.num_heads={model.num_heads}")
-    if model.num_kv_heads % tp:
+    if model.num_kv_heads % tp and tp % model.num_kv_heads:
         raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
-                          f"must divide model.num_kv_heads={model.num_kv_heads} (KV-head replication is not "
-                          "implemented)")
+                          f"must divide model.num_kv_heads={model.num_kv_heads} or be a multiple of it (then each "
+                          "KV head is replicated on tensor_parallel_degree/num_kv_heads ranks)")
     if model.ffn_hidden_dim % tp:
         raise ConfigError(f"{prefix}.tensor_parallel_degree", tp,
                           f"must divide model.ffn_hidden_dim={model.ffn_hidden_dim}")

@@ -4,7 +4,8 @@ Every term is a byte count for ONE device. Symbols: P = parameters held by the d
 splitting), d/t/c = data/tensor/context-parallel degrees, b = micro-batch rows per data-parallel rank,
 s = sequence length, h = model dim, a = attention heads, h_kv = key/value width (num_kv_heads * head_dim),
 F = SwiGLU hidden width, V = vocabulary, L = layers, e = bytes of the compute dtype; a sharded per-parameter
-state keeps sum over parameter tensors of ceil(n/d) elements (each tensor padded to a multiple of d).
+state keeps sum over parameter tensors of ceil(n/d) elements (each tensor padded to a multiple of d; under
+context parallel a ZeRO stage shards over the d*c ranks holding identical parameters, so d reads d*c there).
 
 Sources:
 - Model states and sharding: Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
@@ -130,7 +131,8 @@ def kv_heads_per_device(model: Any, tp: int) -> int:
 
 def parameter_sizes(model: Any, tp: int = 1) -> list[int]:
     """Element count of every parameter tensor one device holds, in the model's order. Column/row-parallel
-    projections, the vocab-parallel embedding and output head are divided by tp; norm weights are replicated."""
+    projections, the vocab-parallel embedding and output head are divided by tp; norm weights are replicated;
+    wk/wv hold `kv_heads_per_device` heads (one replicated head when tp > num_kv_heads)."""
     hd, h = model.head_dim, model.dim
     q_out, kv_out, ffn = model.num_heads * hd // tp, kv_heads_per_device(model, tp) * hd, model.ffn_hidden_dim // tp
     vocab_part = model.vocab_size * h // tp
@@ -144,6 +146,12 @@ def parameter_sizes(model: Any, tp: int = 1) -> list[int]:
 def parameters_per_device(model: Any, tp: int = 1) -> int:
     """Parameters one device holds (sum of `parameter_sizes`); equals models.llama.count_params at tp=1."""
     return sum(parameter_sizes(model, tp))
+
+
+def zero_degree(lay: Layout) -> int:
+    """Ranks a ZeRO stage shards over: data x context parallel (the ranks holding one TP rank's identical
+    parameters; Megatron's distributed optimizer, parallel/zero.py)."""
+    return lay.data_parallel_degree * lay.context_parallel_degree
 
 
 def sharded_elements(model: Any, tp: int, dp: int, active: bool) -> int:
@@ -183,7 +191,7 @@ def model_state_terms(lay: Layout) -> list[Term]:
     with LoRA, `lora_state_terms`."""
     if lay.lora_rank > 0:
         return lora_state_terms(lay)
-    t, d, z = lay.tensor_parallel_degree, lay.data_parallel_degree, lay.zero_stage
+    t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
     p = parameters_per_device(lay.model, t)
     pb = lay.param_bytes
     opt_n = sharded_elements(lay.model, t, d, z >= 1)
@@ -216,7 +224,7 @@ def optimizer_transient_term(lay: Layout, activation_bytes: float) -> Term:
     The step runs after the backward has freed the activations, so only the part above them adds to the peak:
     max(0, T - activations)."""
     sizes = parameter_sizes(lay.model, lay.tensor_parallel_degree)
-    n_max, d, z = max(sizes), lay.data_parallel_degree, lay.zero_stage
+    n_max, d, z = max(sizes), zero_degree(lay), lay.zero_stage
     name = "optimizer step transients above activations"
     if not z:
         return Term(name, max(0.0, 16 * n_max - activation_bytes), "max(0, 16 B * n_max - activations)",

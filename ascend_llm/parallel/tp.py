@@ -9,6 +9,13 @@ this rank's coordinate on `groups.tp` (size T, rank t):
 - wq, wk, wv, w1, w3 and the output head: column parallel (`shard_column`, in place, the cell is kept):
   rows [t*n/T, (t+1)*n/T) of the full (n_out, n_in) weight (whole heads for wq/wk/wv:
   `attention.num_heads`/`num_kv_heads` become H/T, KV/T);
+- KV-head replication when T is a multiple of KV (GQA with fewer KV heads than ranks; Megatron / vLLM
+  convention): rank t keeps the wk/wv rows of KV head t // R, R = T/KV (the one its H/T query heads use), so
+  each KV head is replicated on R consecutive TP ranks (`kv_replica_ranks`). The replicas' weight gradients
+  differ (their query heads differ) and must be summed: `ReplicatedKV` wraps wk/wv, summing the output
+  gradient over the R replicas (so dW = x^T sum(dY), identical on each) and scaling the input gradient by 1/R
+  (the R replicas' equal input gradients are then counted once by f's all-reduce over TP). The parameter
+  carries `tp_replicas = R`; checkpoints keep the unreplicated names and shapes (one replica is taken);
 - wo, w2 -> `RowParallel(cell)`: columns [t*n/T, (t+1)*n/T) sliced in place, output through g (all-reduce
   forward, identity backward);
 - tok_embeddings -> `VocabParallelEmbedding`: rows [t*Vp/T, (t+1)*Vp/T) of the embedding padded to Vp
@@ -18,8 +25,10 @@ this rank's coordinate on `groups.tp` (size T, rank t):
 
 Weights are sliced from the full seeded initialisation, so a TP run starts from the same model as one
 process. Parameter names stay those of the unsharded model. `tp_shard_axes(model)` says which axis of each
-parameter is sharded; `gather_full(tensors, ...)` and `shard_full(arrays, ...)` convert between shards and
-full (unsharded, unpadded) arrays for layout-free checkpoints.
+parameter is sharded, `tp_replicas(model)` which are replicated KV shards; `gather_full(tensors, ...)` and
+`shard_full(arrays, ...)` convert between shards and full (unsharded, unpadded, unreplicated) arrays for
+layout-free checkpoints. Each sharded parameter also carries `tp_full_shape` (its unsharded shape), so an
+optimizer holding only the parameters (parallel/zero.py) can gather layout-free state.
 
 Sequence parallel (`parallel.sequence_parallel`, Korthikanti et al. 2022): the residual stream between the
 TP regions is sharded along the sequence (B, S/T, dim); f becomes an all-gather along the sequence (backward
@@ -90,6 +99,53 @@ class GradSumTP(nn.Cell):
         return (self.reduce(dout),)
 
 
+class ScaleGrad(nn.Cell):
+    """Identity forward; backward multiplies the gradient by `scale`. The forward is an Identity op, not `return
+    x`: measured on MindSpore 2.10 graph mode, two custom-bprop cells that return their (shared) input unchanged
+    (wk's and wv's ScaleGrad on the same x) had their backward applied to each other's gradient as well."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+        self.identity = ops.Identity()
+
+    def construct(self, x):
+        return self.identity(x)
+
+    def bprop(self, x, out, dout):
+        return (dout * self.scale,)
+
+
+def kv_replicas(num_kv_heads: int, tp: int) -> int:
+    """R = TP ranks holding each KV head: tp / num_kv_heads when tp is a larger multiple of it, else 1."""
+    return tp // num_kv_heads if tp > num_kv_heads and tp % num_kv_heads == 0 else 1
+
+
+def kv_replica_ranks(tp_ranks: tuple[int, ...], tp_rank: int, replicas: int) -> tuple[int, ...]:
+    """World ranks holding the same KV head as TP rank `tp_rank`: the R consecutive TP ranks of its block."""
+    start = (tp_rank // replicas) * replicas
+    return tuple(tp_ranks[start:start + replicas])
+
+
+class ReplicatedKV(nn.Cell):
+    """wk or wv whose KV head is replicated on the R ranks of `group` (module doc). Forward: the wrapped
+    column-parallel cell's output y (B, S, head_dim) unchanged. Backward: dy summed over `group` before the
+    weight gradient (identical gradients on every replica), input gradient scaled by 1/R. Exposes `weight`
+    (and `bias`) so parameter names stay `<path>.weight`."""
+
+    def __init__(self, cell: nn.Cell, group: Group):
+        super().__init__()
+        self.weight = cell.weight
+        if cell.has_bias:
+            self.bias = cell.bias
+        self.inner = cell
+        self.scale_input = ScaleGrad(1.0 / group.size)
+        self.sum_output = CopyToTP(group)
+
+    def construct(self, x):
+        return self.sum_output(self.inner(self.scale_input(x)))
+
+
 def enter_op(group: Group, sequence_parallel: bool) -> nn.Cell:
     """Into the TP region: f, or with SP the all-gather along the sequence (axis 1; backward reduce-scatter)."""
     return AllGather(group, 1) if sequence_parallel else CopyToTP(group)
@@ -143,6 +199,20 @@ def shard_column(cell: nn.Cell, group: Group, rows: int | None = None) -> nn.Cel
         bias = _pad_rows(cell.bias.asnumpy(), full.shape[0])
         _reshard(cell.bias, _slice(bias, 0, group.rank, group.size), 0)
     cell.out_channels = full.shape[0] // group.size
+    return cell
+
+
+def shard_replicated_kv(cell: nn.Cell, group: Group, num_kv_heads: int) -> nn.Cell:
+    """KV-head replication, in place: keep the rows of KV head t // R (R = T / num_kv_heads) of wk or wv (and
+    bias); the weight gets `tp_axis = 0` and `tp_replicas = R`. Returns `cell`."""
+    replicas = group.size // num_kv_heads
+    head = group.rank // replicas
+    _reshard(cell.weight, _slice(cell.weight.asnumpy(), 0, head, num_kv_heads), 0)
+    cell.weight.tp_replicas = replicas
+    if cell.has_bias:
+        _reshard(cell.bias, _slice(cell.bias.asnumpy(), 0, head, num_kv_heads), 0)
+        cell.bias.tp_replicas = replicas
+    cell.out_channels = cell.weight.shape[0]
     return cell
 
 
@@ -264,15 +334,23 @@ def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | N
     cfg = model.cfg
     check_parallel_model(parallel_cfg, cfg, seq_len or cfg.max_seq_len)
     tp = group.size
+    full_shapes = {id(p): tuple(p.shape) for p in model.get_parameters()}
+    replicas = kv_replicas(cfg.num_kv_heads, tp)
+    kv_group = _kv_group(group, replicas) if replicas > 1 else None
     for i, layer in enumerate(model.layers):
         attn, ffn = layer.attention, layer.feed_forward
         prefix = f"layers.{i}"
         layer.attention_norm = TPNorm(layer.attention_norm, group, sp)
         layer.ffn_norm = TPNorm(layer.ffn_norm, group, sp)
-        for name in ("wq", "wk", "wv"):
-            shard_column(_linear(getattr(attn, name), f"{prefix}.attention.{name}"), group)
+        shard_column(_linear(attn.wq, f"{prefix}.attention.wq"), group)
+        for name in ("wk", "wv"):
+            cell = _linear(getattr(attn, name), f"{prefix}.attention.{name}")
+            if kv_group is None:
+                shard_column(cell, group)
+            else:
+                setattr(attn, name, ReplicatedKV(shard_replicated_kv(cell, group, cfg.num_kv_heads), kv_group))
         attn.wo = RowParallel(_linear(attn.wo, f"{prefix}.attention.wo"), group, sp, f"{prefix}.attention.wo")
-        attn.num_heads, attn.num_kv_heads = attn.num_heads // tp, attn.num_kv_heads // tp
+        attn.num_heads, attn.num_kv_heads = attn.num_heads // tp, max(attn.num_kv_heads // tp, 1)
         for name in ("w1", "w3"):
             shard_column(_linear(getattr(ffn, name), f"{prefix}.feed_forward.{name}"), group)
         ffn.w2 = RowParallel(_linear(ffn.w2, f"{prefix}.feed_forward.w2"), group, sp, f"{prefix}.feed_forward.w2")
@@ -284,7 +362,20 @@ def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | N
     for name, param in model.parameters_and_names():
         if param.name != name:
             param.name = name
+        if getattr(param, "tp_axis", None) is not None:
+            param.tp_full_shape = full_shapes[id(param)]
     return model
+
+
+def _kv_group(group: Group, replicas: int) -> Group:
+    """The group of TP ranks sharing this rank's KV head: the TP group itself when every rank shares one head
+    (num_kv_heads = 1), else a new group (every TP rank creates its own block's group, in the same order)."""
+    ranks = kv_replica_ranks(group.ranks, group.rank, replicas)
+    if ranks == group.ranks:
+        return group
+    from ascend_llm.parallel.comm import new_group
+
+    return new_group("tp_kv_" + "_".join(map(str, ranks)), ranks)
 
 
 def tp_shard_axes(model: nn.Cell) -> dict[str, int | None]:
@@ -292,27 +383,52 @@ def tp_shard_axes(model: nn.Cell) -> dict[str, int | None]:
     return {p.name: getattr(p, "tp_axis", None) for p in model.get_parameters()}
 
 
-def gather_full(tensors: dict, axes: dict[str, int | None], group: Group, full_shapes: dict[str, tuple]) -> dict:
-    """Full (unsharded, unpadded) NumPy arrays from this rank's shards: all-gather along each sharded axis
-    over `group`, then drop vocabulary padding rows to `full_shapes[name]`. Eager; every TP rank must call it
-    with the same names in the same order. tensors: {name: Tensor or ndarray}."""
+def tp_replicas(model: nn.Cell) -> dict[str, int]:
+    """{parameter name: R} for the KV-replicated shards (R TP ranks hold each); other parameters are absent."""
+    return {p.name: p.tp_replicas for p in model.get_parameters() if getattr(p, "tp_replicas", 1) > 1}
+
+
+def _one_replica(gathered: np.ndarray, axis: int, replicas: int, size: int) -> np.ndarray:
+    """From the TP all-gather of a KV-replicated shard (size blocks along `axis`, R consecutive equal ones per
+    KV head), the first block of each head: the unreplicated array."""
+    per = gathered.shape[axis] // size
+    keep = np.concatenate([np.arange(b * per, (b + 1) * per) for b in range(0, size, replicas)])
+    return np.take(gathered, keep, axis=axis)
+
+
+def gather_full(tensors: dict, axes: dict[str, int | None], group: Group, full_shapes: dict[str, tuple],
+                replicas: dict[str, int] | None = None) -> dict:
+    """Full (unsharded, unpadded, unreplicated) NumPy arrays from this rank's shards: all-gather along each
+    sharded axis over `group`, keep one block per KV head for the names in `replicas` ({name: R}), then drop
+    vocabulary padding rows to `full_shapes[name]`. Eager; every TP rank must call it with the same names in
+    the same order. tensors: {name: Tensor or ndarray}."""
+    replicas = replicas or {}
     out = {}
     for name, value in tensors.items():
         value = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
         axis = axes.get(name)
         full = value.asnumpy() if axis is None or group.size == 1 else AllGather(group, axis)(value).asnumpy()
+        if axis is not None and replicas.get(name, 1) > 1:
+            full = _one_replica(full, axis, replicas[name], group.size)
         out[name] = full[tuple(slice(0, n) for n in full_shapes[name])]
     return out
 
 
-def shard_full(arrays: dict[str, np.ndarray], axes: dict[str, int | None], rank: int, size: int) -> dict:
+def shard_full(arrays: dict[str, np.ndarray], axes: dict[str, int | None], rank: int, size: int,
+               replicas: dict[str, int] | None = None) -> dict:
     """This rank's shards of full arrays (the inverse of gather_full): vocabulary rows are zero-padded to a
-    multiple of `size` before slicing. arrays: {name: ndarray} with the unsharded model's names and shapes."""
+    multiple of `size` before slicing; a name in `replicas` ({name: R}) gets KV head rank // R of size / R.
+    arrays: {name: ndarray} with the unsharded model's names and shapes."""
+    replicas = replicas or {}
     out = {}
     for name, full in arrays.items():
         axis = axes.get(name)
         if axis is None or size == 1:
             out[name] = full
+            continue
+        r = replicas.get(name, 1)
+        if r > 1:
+            out[name] = _slice(full, axis, rank // r, size // r)
             continue
         if axis == 0 and full.shape[0] % size:
             full = _pad_rows(full, padded_vocab(full.shape[0], size))
@@ -320,24 +436,35 @@ def shard_full(arrays: dict[str, np.ndarray], axes: dict[str, int | None], rank:
     return out
 
 
+def sharded_norm_weights(params) -> tuple[float, ...]:
+    """Per parameter, the weight of its local |g|^2 in the TP-summed part of the global norm: 1 for a TP shard,
+    1/R for a KV shard replicated on R ranks (the R equal copies then count once), 0 for a parameter replicated
+    on every TP rank (counted once, outside the TP sum)."""
+    return tuple(0.0 if getattr(p, "tp_axis", None) is None else 1.0 / getattr(p, "tp_replicas", 1)
+                 for p in params)
+
+
 class TPGradNorm(nn.Cell):
     """Global L2 norm of gradients sharded over TP (what `train.optim.clip_by_global_norm` must use with TP):
-    sqrt(sum over replicated params of |g|^2 + all-reduce over TP of the sum over sharded params of |g|^2).
-    Replicated gradients are equal on every TP rank, so they are counted once. Vocabulary padding rows have
-    zero gradient and add nothing. construct(grads: tuple, same order as `params`) -> float32 scalar."""
+    sqrt(sum over replicated params of |g|^2 + all-reduce over TP of the sum over sharded params of
+    w * |g|^2), w from `sharded_norm_weights` (1/R for replicated KV shards). Replicated gradients are equal on
+    every TP rank, so they are counted once. Vocabulary padding rows have zero gradient and add nothing.
+    construct(grads: tuple, same order as `params`) -> float32 scalar."""
 
     def __init__(self, params, group: Group):
         super().__init__()
-        self.sharded = tuple(getattr(p, "tp_axis", None) is not None for p in params)
+        self.weights = sharded_norm_weights(params)
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, grads):
         sharded = ops.zeros((), mstype.float32)
         replicated = ops.zeros((), mstype.float32)
-        for g, is_sharded in zip(grads, self.sharded):
+        for g, weight in zip(grads, self.weights):
             sq = (g.astype(mstype.float32) ** 2).sum()
-            if is_sharded:
+            if weight == 0.0:
+                replicated = replicated + sq
+            elif weight == 1.0:
                 sharded = sharded + sq
             else:
-                replicated = replicated + sq
+                sharded = sharded + sq * weight
         return ops.sqrt(replicated + self.reduce(sharded))

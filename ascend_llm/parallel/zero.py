@@ -1,7 +1,16 @@
 """Sharded AdamW over the data-parallel group: ZeRO stage 1 and 2 (Rajbhandari et al. 2020, sec. 5).
 
-`ZeroAdamW(params, cfg, stage, group)` has the call signature of `ascend_llm.train.optim.AdamW`:
-`optimizer(grads, lr) -> step` inside the compiled step, and `state_parameters()` (this rank's shards).
+`ZeroAdamW(params, cfg, stage, group, grad_clip, tp_group, grad_scale)` has the call signature of
+`ascend_llm.train.optim.AdamW`: `optimizer(grads, lr) -> step` inside the compiled step, and
+`state_parameters()` (this rank's shards).
+
+With tensor/context parallel (Megatron's distributed optimizer) `group` is the ranks holding identical
+parameters, data x context parallel for one TP rank (`parallel.dims` groups.dp_cp); `params` are this TP rank's
+shards (parallel/tp.py), sharded again over `group`. Gradients are summed over dp x cp and scaled by
+`grad_scale` = 1/dp (the trainer's reducer, train/layout.py); the clipping norm adds the TP reduction
+(`tp.sharded_norm_weights`, as `tp.TPGradNorm`); `shards_finite` agrees on finiteness over `group` and
+`tp_group`; layout-free state is gathered over `group`, then over `tp_group` (`tp.gather_full`, from the
+parameters' `tp_axis`, `tp_replicas`, `tp_full_shape`).
 
 Layout. Each parameter of n elements is flattened and zero-padded to d * ceil(n/d) (d = group size); rank r
 owns elements [r*c, (r+1)*c) with c = ceil(n/d). Per parameter the rank keeps the AdamW moments m and v of its
@@ -14,7 +23,8 @@ the largest parameter.
 One optimizer call:
 1. gradients to this rank's shards (`reduce_gradients`):
    stage 1: `grads` are already averaged over the group (the trainer's all-reduce): take this rank's slices;
-   stage 2: `grads` are this rank's local gradients: each is reduce-scattered (sum) and divided by d, so only
+   stage 2: `grads` are this rank's local gradients: each is reduce-scattered (sum) and multiplied by
+   `grad_scale` (default 1/d; 1/dp under context parallel, whose ranks hold shares of one loss), so only
    the shard of the average is kept (the trainer can accumulate micro-batches in these shards: 1/d memory);
    with `grad_clip` > 0 the shards are clipped by the global norm (sum of squares all-reduced over the group),
    since no rank holds the full gradient.
@@ -38,12 +48,13 @@ from typing import Any, Optional
 
 import mindspore as ms
 import numpy as np
-from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, amp, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.parallel import comm
+from ascend_llm.parallel.tp import sharded_norm_weights
 from ascend_llm.train.optim import decays
 
 
@@ -62,18 +73,24 @@ def owned_range(numel: int, size: int, rank: int) -> tuple[int, int]:
 class ZeroAdamW(nn.Cell):
     """AdamW whose state is sharded over `group` (default: the world). See the module doc.
 
-    params: the full, replicated trainable parameters (any float dtype); cfg: OptimConfig; stage: 1 or 2;
-    grad_clip: global-norm clip applied inside at stage 2 (at stage 1 the trainer clips the reduced
-    gradients as today). Raises ConfigError for another stage.
+    params: the trainable parameters replicated over `group` (any float dtype; TP shards under tensor
+    parallel); cfg: OptimConfig; stage: 1 or 2; grad_clip: global-norm clip applied inside at stage 2 (at
+    stage 1 the trainer clips the reduced gradients as today); tp_group: the TP group (comm.Group) when the
+    parameters are TP shards, else None; grad_scale: stage 2's factor on the group-summed gradients (default
+    1/group size). Raises ConfigError for another stage.
     """
 
     def __init__(self, params: list[Parameter], cfg: OptimConfig, stage: int, group: Optional[Any] = None,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, tp_group: Optional[Any] = None, grad_scale: Optional[float] = None):
         super().__init__(auto_prefix=False)
         if stage not in (1, 2):
             raise ConfigError("parallel.zero_stage", stage, "ZeroAdamW implements stages 1 and 2")
         self.group = group if group is not None else comm.world_group()
         self.stage, self.size, self.rank = stage, self.group.size, self.group.rank
+        self.grad_scale = 1.0 / self.size if grad_scale is None else float(grad_scale)
+        self.tp_group = tp_group if tp_group is not None and tp_group.size > 1 else None
+        self.tp_weights = sharded_norm_weights(params) if self.tp_group is not None else (0.0,) * len(params)
+        self.tp_sum = comm.AllReduce(self.tp_group, "sum") if self.tp_group is not None else None
         self.params = tuple(params)
         self.sizes = tuple(int(np.prod(p.shape)) for p in params)
         self.chunks = tuple(shard_numel(n, self.size) for n in self.sizes)
@@ -132,15 +149,37 @@ class ZeroAdamW(nn.Cell):
             if previous is not None:
                 flat = ops.depend(flat, previous)  # same collective order on every rank
             previous = self.scatter(flat)
-            shards = shards + (previous.astype(mstype.float32) * (1.0 / self.size),)
+            shards = shards + (previous.astype(mstype.float32) * self.grad_scale,)
         return shards
+
+    def shards_finite(self, shards):
+        """Whether every gradient shard on every rank of `group` and `tp_group` is finite: a bool scalar, the same
+        on every rank (a rank that skipped the update alone would leave its replicas behind)."""
+        local = ops.depend(amp.all_finite(shards).astype(mstype.float32), shards[-1]).reshape(1)
+        count = self.sum(local)
+        if self.tp_sum is not None:
+            count = self.tp_sum(count)
+        expected = self.size * (self.tp_group.size if self.tp_group is not None else 1)
+        return count[0] > expected - 0.5
+
+    def global_norm(self, shards):
+        """L2 norm of the whole gradient from this rank's shards: sum of squares over `group`, and with TP the
+        TP-sharded part summed over `tp_group` too (each weighted as in `tp.sharded_norm_weights`)."""
+        replicated, sharded = ops.zeros((), mstype.float32), ops.zeros((), mstype.float32)
+        for s, weight in zip(shards, self.tp_weights):
+            sq = (s * s).sum()
+            if weight == 0.0:
+                replicated = replicated + sq
+            else:
+                sharded = sharded + sq * weight
+        totals = self.sum(ops.stack((replicated, sharded)))
+        if self.tp_sum is None:
+            return ops.sqrt(totals[0] + totals[1])
+        return ops.sqrt(totals[0] + self.tp_sum(totals[1:])[0])
 
     def clip_shards(self, shards):
         """Global-norm clipping of gradient shards (stage 2); returns (clipped shards, global norm)."""
-        total = 0.0
-        for s in shards:
-            total = total + (s * s).sum()
-        norm = ops.sqrt(self.sum(total.reshape(1)))[0]
+        norm = self.global_norm(shards)
         if self.grad_clip <= 0:
             return shards, norm
         factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
@@ -191,15 +230,38 @@ class ZeroAdamW(nn.Cell):
         full = self.gather(shard.value()).asnumpy()  # eager collective, one at a time (same order everywhere)
         return full[:self.sizes[i]].reshape(self.params[i].shape)
 
+    def _tp_layout(self, prefix: str) -> tuple[dict, dict, dict]:
+        """({name: TP axis}, {name: unsharded shape}, {name: KV replicas}) of `prefix + param name`."""
+        axes, shapes, replicas = {}, {}, {}
+        for p in self.params:
+            name, axis = prefix + p.name, getattr(p, "tp_axis", None)
+            axes[name] = axis
+            shapes[name] = tuple(getattr(p, "tp_full_shape", p.shape)) if axis is not None else tuple(p.shape)
+            replicas[name] = getattr(p, "tp_replicas", 1)
+        return axes, shapes, replicas
+
+    def full_shape(self, i: int) -> tuple:
+        """Parameter i's layout-free shape: unsharded over TP."""
+        p = self.params[i]
+        if self.tp_group is None or getattr(p, "tp_axis", None) is None:
+            return tuple(p.shape)
+        return tuple(p.tp_full_shape)
+
     def full_state_dict(self) -> dict[str, np.ndarray]:
-        """The unsharded AdamW's state names and shapes (float32); collective: call on every rank."""
+        """The unsharded AdamW's state names and shapes (float32): gathered over `group`, then over `tp_group`;
+        collective: call on every rank."""
         out = {"adam_step": self.step.asnumpy()}
         groups = [("adam_m.", self.exp_avg), ("adam_v.", self.exp_avg_sq)]
         if self.has_master:
             groups.append(("master.", self.master))
         for prefix, shards in groups:
-            for i, p in enumerate(self.params):
-                out[prefix + p.name] = self._gather_full(shards[i], i)
+            gathered = {prefix + p.name: self._gather_full(shards[i], i) for i, p in enumerate(self.params)}
+            if self.tp_group is not None:
+                from ascend_llm.parallel.tp import gather_full
+
+                axes, shapes, replicas = self._tp_layout(prefix)
+                gathered = gather_full(gathered, axes, self.tp_group, shapes, replicas)
+            out.update(gathered)
         return out
 
     def load_full_state_dict(self, state: dict[str, np.ndarray], source: str = "optimizer state") -> None:
@@ -207,11 +269,12 @@ class ZeroAdamW(nn.Cell):
         names a missing or misshaped entry. Master weights absent from `state` come from the parameters."""
         if "adam_step" not in state:
             raise CheckpointError(source, "adam_step", "missing from the optimizer state")
-        moments = {prefix: self._entries(state, prefix, source) for prefix in ("adam_m.", "adam_v.")}
+        moments = {prefix: self._tp_local(self._entries(state, prefix, source), prefix)
+                   for prefix in ("adam_m.", "adam_v.")}
         masters = None
         if self.has_master:
             if all("master." + p.name in state for p in self.params):
-                masters = self._entries(state, "master.", source)
+                masters = self._tp_local(self._entries(state, "master.", source), "master.")
             else:
                 masters = [p.asnumpy() for p in self.params]
         self.step.set_data(Tensor(np.asarray(state["adam_step"], np.int32).reshape(()), mstype.int32))
@@ -221,14 +284,24 @@ class ZeroAdamW(nn.Cell):
             if masters is not None:
                 self.master[i].set_data(Tensor(self._local(masters[i], i)))
 
+    def _tp_local(self, arrays: list[np.ndarray], prefix: str) -> list[np.ndarray]:
+        """This TP rank's shards of full (layout-free) arrays, in parameter order; identity without TP."""
+        if self.tp_group is None:
+            return arrays
+        from ascend_llm.parallel.tp import shard_full
+
+        axes, _, replicas = self._tp_layout(prefix)
+        named = {prefix + p.name: a for p, a in zip(self.params, arrays)}
+        local = shard_full(named, axes, self.tp_group.rank, self.tp_group.size, replicas)
+        return [local[prefix + p.name] for p in self.params]
+
     def _entries(self, state: dict, prefix: str, source: str) -> list[np.ndarray]:
         arrays = []
-        for p in self.params:
-            name = prefix + p.name
+        for i, p in enumerate(self.params):
+            name, shape = prefix + p.name, self.full_shape(i)
             if name not in state:
                 raise CheckpointError(source, name, "missing from the optimizer state (different model?)")
-            if tuple(np.shape(state[name])) != tuple(p.shape):
-                raise CheckpointError(f"{source}:{name}", tuple(np.shape(state[name])),
-                                      f"shape must be {tuple(p.shape)}")
-            arrays.append(state[name])
+            if tuple(np.shape(state[name])) != shape:
+                raise CheckpointError(f"{source}:{name}", tuple(np.shape(state[name])), f"shape must be {shape}")
+            arrays.append(np.asarray(state[name]))
         return arrays

@@ -21,7 +21,7 @@ checkpoint gather).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -35,11 +35,13 @@ from ascend_llm.parallel.dims import ParallelGroups
 @dataclass(frozen=True)
 class TPSharding:
     """How a list of parameters is sharded over TP: `axes` {name: sharded axis or None}, `full_shapes`
-    {name: unsharded, unpadded shape}. Optimizer moments `adam_m.<p>` / `adam_v.<p>` follow their parameter."""
+    {name: unsharded, unpadded shape}, `replicas` {name: R} for KV-head shards replicated on R TP ranks.
+    Optimizer moments `adam_m.<p>` / `adam_v.<p>` follow their parameter."""
 
     group: Any  # comm.Group (the TP group)
     axes: dict[str, int | None]
     full_shapes: dict[str, tuple]
+    replicas: dict[str, int] = field(default_factory=dict)  # {name: R} of KV shards replicated on R TP ranks
 
     @staticmethod
     def base_name(name: str) -> str:
@@ -50,6 +52,10 @@ class TPSharding:
 
     def axis(self, name: str) -> int | None:
         return self.axes.get(self.base_name(name))
+
+    def num_replicas(self, name: str) -> int:
+        """R when `name` (or the parameter of a moment) is a KV shard replicated on R TP ranks, else 1."""
+        return self.replicas.get(self.base_name(name), 1)
 
     def full_shape(self, name: str, current: tuple) -> tuple:
         """The unsharded shape of `name`; `current` (its shard's shape) when it is not TP-sharded."""
@@ -154,9 +160,9 @@ class TrainLayout:
         """The TP sharding of `model`'s parameters (None when tp = 1) for ParameterState."""
         if self.tp == 1:
             return None
-        from ascend_llm.parallel.tp import tp_shard_axes
+        from ascend_llm.parallel.tp import tp_replicas, tp_shard_axes
 
-        return TPSharding(self.groups.tp, tp_shard_axes(model), dict(full_shapes))
+        return TPSharding(self.groups.tp, tp_shard_axes(model), dict(full_shapes), tp_replicas(model))
 
     def full_logits(self, model: nn.Cell, vocab_size: int) -> Callable:
         """`model` itself when tp = cp = 1; else a callable with the full model's input and output (module doc)."""

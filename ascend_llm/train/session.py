@@ -105,31 +105,37 @@ def _build_data(recipe: RecipeConfig, main_rank: bool):
 
 
 def check_param_dtype(recipe: RecipeConfig, device: str) -> None:
-    """bf16 parameters need fp32 master weights (the ZeRO optimizer keeps them) and bf16 kernels (Ascend)."""
+    """bf16 parameters need fp32 master weights (the ZeRO optimizer keeps them, also under tensor/context
+    parallel: the same sharding code as float32, see parallel/zero.py) and bf16 kernels (Ascend only)."""
     dtype, par = recipe.precision.param_dtype, recipe.parallel
     if dtype == "float32":
         return
     if device != "Ascend":
         raise ConfigError("precision.param_dtype", dtype, "runs on Ascend only (the CPU backend has no bf16 "
                           "Assign/StridedSlice kernels); use float32 on CPU")
-    if par.zero_stage == 0 or par.tensor_parallel_degree > 1 or par.context_parallel_degree > 1:
+    if par.zero_stage == 0:
         raise ConfigError("precision.param_dtype", dtype, "needs the fp32 master weights of parallel.zero_stage "
-                          ">= 1 over pure data parallel; use float32 otherwise")
+                          ">= 1; use float32 otherwise")
 
 
-def build_optimizer(params, recipe: RecipeConfig):
-    """AdamW, or with parallel.zero_stage 1/2 the ZeRO-sharded AdamW over the data-parallel group (the world
-    when data parallel is the only layout). Stage 2 clips inside the optimizer (no rank holds full gradients)."""
+def build_optimizer(params, recipe: RecipeConfig, groups=None):
+    """AdamW, or with parallel.zero_stage 1/2 the ZeRO-sharded AdamW. Pure data parallel: over the world.
+    With tensor/context parallel (`groups`: this rank's parallel.dims.ParallelGroups, required then): over
+    groups.dp_cp (the ranks holding this TP rank's identical shards), gradients scaled 1/dp like the trainer's
+    reducer, the clipping norm and the layout-free state also reduced/gathered over groups.tp. Stage 2 clips
+    inside the optimizer (no rank holds full gradients)."""
     stage, par = recipe.parallel.zero_stage, recipe.parallel
     if stage == 0:
         return AdamW(params, recipe.optim)
-    if par.tensor_parallel_degree > 1 or par.context_parallel_degree > 1:
-        raise ConfigError("parallel.zero_stage", stage, "the trainer shards the optimizer over pure data parallel "
-                          "only (tensor/context parallel > 1 is planned by `ascend-llm plan` but not trained yet); "
-                          "use parallel.zero_stage=0 with tensor or context parallel")
     from ascend_llm.parallel.zero import ZeroAdamW
 
-    return ZeroAdamW(params, recipe.optim, stage, grad_clip=recipe.optim.grad_clip if stage == 2 else 0.0)
+    clip = recipe.optim.grad_clip if stage == 2 else 0.0
+    if par.tensor_parallel_degree == 1 and par.context_parallel_degree == 1:
+        return ZeroAdamW(params, recipe.optim, stage, grad_clip=clip)
+    if groups is None:
+        raise ValueError("build_optimizer: tensor/context parallel ZeRO needs this rank's ParallelGroups")
+    return ZeroAdamW(params, recipe.optim, stage, group=groups.dp_cp, grad_clip=clip, tp_group=groups.tp,
+                     grad_scale=1.0 / par.data_parallel_degree)
 
 
 def build_session(recipe: RecipeConfig) -> Session:
@@ -155,7 +161,7 @@ def build_session(recipe: RecipeConfig) -> Session:
         load_pretrained_weights(model, recipe.model)
     model = converters.convert(model)
     params = model.trainable_params()
-    optimizer = build_optimizer(params, recipe)
+    optimizer = build_optimizer(params, recipe, layout.groups)
     precision = build_precision_runtime(model, recipe.precision)
     plain_loss = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),

@@ -53,7 +53,8 @@ class ParameterState:
         sh = self.sharding
         axes = {p.name: sh.axis(p.name) for p in self.params}
         shapes = {p.name: sh.full_shape(p.name, p.shape) for p in self.params}
-        full = gather_full({p.name: p for p in self.params}, axes, sh.group, shapes)
+        full = gather_full({p.name: p for p in self.params}, axes, sh.group, shapes,
+                           {p.name: sh.num_replicas(p.name) for p in self.params})
         self._collected = {name: np.asarray(value) for name, value in full.items()}  # 0-d stays an ndarray
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -80,7 +81,8 @@ class ParameterState:
             from ascend_llm.parallel.tp import shard_full
 
             sh = self.sharding
-            values = shard_full(values, {n: sh.axis(n) for n in values}, sh.group.rank, sh.group.size)
+            values = shard_full(values, {n: sh.axis(n) for n in values}, sh.group.rank, sh.group.size,
+                                {n: sh.num_replicas(n) for n in values})
         for p in self.params:
             ops.assign(p, Tensor(values[p.name], p.dtype))
 

@@ -91,15 +91,14 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         return loss, norm, finite
 
     def apply_sharded(grads_, loss, lr, grad_scale):
-        """ZeRO-2 (pure data parallel): reduce-scatter the local gradients to this rank's shards, agree on
+        """ZeRO-2: reduce-scatter the local gradients to this rank's shards, agree on
         finiteness over the group (a rank that skips alone would hang the others), clip by the global norm of
         the shards, update."""
         loss = reduce((loss * grad_scale,))[0]
         grads_ = scaler.unscale(ops.depend(tuple(g * grad_scale for g in grads_), loss))
         shards = optimizer.reduce_gradients(grads_)
-        local_ok = ops.depend(amp.all_finite(shards).astype(ms.float32), shards[-1])
-        all_ok = reduce((local_ok.reshape(1),))[0][0]
-        finite = scaler.adjust(all_ok > 0.999)
+        all_ok = optimizer.shards_finite(shards)  # agreed over the ZeRO group and TP (parallel/zero.py)
+        finite = scaler.adjust(all_ok)
         shards, norm = optimizer.clip_shards((ops.depend(shards[0], all_ok),) + tuple(shards[1:]))
         if finite:
             optimizer.apply_shards(shards, lr)

@@ -61,7 +61,8 @@ DEBUG = ModelConfig(vocab_size=511, dim=64, num_layers=2, num_heads=4, num_kv_he
 
 @pytest.mark.parametrize("overrides,model,seq_len,field", [
     (dict(tensor_parallel_degree=3), DEBUG, 16, "parallel.tensor_parallel_degree"),  # heads 4
-    (dict(tensor_parallel_degree=4), DEBUG, 16, "parallel.tensor_parallel_degree"),  # kv heads 2
+    (dict(tensor_parallel_degree=2), ModelConfig(dim=96, num_heads=6, num_kv_heads=3, ffn_hidden_dim=176), 16,
+     "parallel.tensor_parallel_degree"),  # kv heads 3: neither divides the other
     (dict(tensor_parallel_degree=2), ModelConfig(dim=64, num_heads=4, num_kv_heads=2, ffn_hidden_dim=175), 16,
      "parallel.tensor_parallel_degree"),
     (dict(context_parallel_degree=2), DEBUG, 18, "data.seq_len"),  # 18 % 4

@@ -69,4 +69,5 @@ def test_recipe_checks_context_parallel_sequence_length_and_tp_heads():
     with pytest.raises(ConfigError, match=r"data.seq_len.*2\*parallel.context_parallel_degree=4"):
         compose_recipe(["debug=smoke", "cluster=cpu_2proc", "parallel=cp2", "data.seq_len=66"])
     with pytest.raises(ConfigError, match="parallel.tensor_parallel_degree"):
-        compose_recipe(["debug=smoke", "cluster=cpu_2proc", "parallel=tp2", "model.num_kv_heads=1"])
+        compose_recipe(["debug=smoke", "cluster=cpu_2proc", "parallel=tp2", "model.dim=96", "model.num_heads=6",
+                        "model.num_kv_heads=3"])
