@@ -237,14 +237,13 @@ class RowParallel(nn.Cell):
 
 
 class TPNorm(nn.Cell):
-    """RMSNorm (same weight Parameter, same fp32 math as models.llama.RMSNorm), then f. With sequence parallel:
-    x is this rank's sequence shard (B, S/T, dim), the weight's gradient is summed over TP, and the output is
-    all-gathered along the sequence (B, S, dim)."""
+    """The model's RMSNorm (same weight Parameter, same fp32 kernel as models.llama.RMSNorm), then f. With
+    sequence parallel: x is this rank's sequence shard (B, S/T, dim), the weight's gradient is summed over TP,
+    and the output is all-gathered along the sequence (B, S, dim)."""
 
     def __init__(self, norm: nn.Cell, group: Group, sequence_parallel: bool = False):
         super().__init__()
-        self.eps = norm.eps
-        self.weight = norm.weight
+        self.weight, self.kernel = norm.weight, norm.kernel
         self.enter = enter_op(group, sequence_parallel)
         self.sequence_parallel = sequence_parallel
         if sequence_parallel:
@@ -252,9 +251,20 @@ class TPNorm(nn.Cell):
 
     def construct(self, x):
         weight = self.grad_sum(self.weight) if self.sequence_parallel else self.weight
-        x32 = x.astype(mstype.float32)
-        inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
-        return self.enter((x32 * inv * weight).astype(x.dtype))
+        return self.enter(self.kernel(x, weight))
+
+
+class HeadNormTP(nn.Cell):
+    """A per-head RMSNorm (`model.qk_norm`, weight (head_dim,), Qwen3) on this rank's heads (B, H/T, S, D): the
+    weight is replicated, each rank's heads give part of its gradient, so the gradient is summed over TP."""
+
+    def __init__(self, norm: nn.Cell, group: Group):
+        super().__init__()
+        self.weight, self.kernel = norm.weight, norm.kernel
+        self.grad_sum = GradSumTP(group)
+
+    def construct(self, x):
+        return self.kernel(x, self.grad_sum(self.weight))
 
 
 class VocabParallelEmbedding(nn.Cell):
@@ -349,6 +359,8 @@ def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | N
                 shard_column(cell, group)
             else:
                 setattr(attn, name, ReplicatedKV(shard_replicated_kv(cell, group, cfg.num_kv_heads), kv_group))
+        if getattr(attn, "qk_norm", False):
+            attn.q_norm, attn.k_norm = HeadNormTP(attn.q_norm, group), HeadNormTP(attn.k_norm, group)
         attn.wo = RowParallel(_linear(attn.wo, f"{prefix}.attention.wo"), group, sp, f"{prefix}.attention.wo")
         attn.num_heads, attn.num_kv_heads = attn.num_heads // tp, max(attn.num_kv_heads // tp, 1)
         for name in ("w1", "w3"):

@@ -1,17 +1,17 @@
 """KV-head replication and ZeRO with tensor/context parallel, under real msrun on CPU (MCCL), fp32.
 
-1. tp2 with one KV head (replicated on both TP ranks; workers/tpz_worker.py), with and without sequence
-   parallel: one forward + backward of the debug-size model (vocabulary 511) equals one process of the same
-   seeded model: loss and logits within 1e-5, every gradient (gathered to the unsharded names and shapes)
-   within rtol 1e-4, the global gradient norm within rtol 1e-5; both replicas of wk/wv get the same gradient;
-   gathering the shards gives the full seeded init and sharding it gives the shards.
-2. Through the trainer (`debug=smoke model.num_kv_heads=1`), 4 workers, `parallel=tp2_dp2
-   parallel.zero_stage=2`: resumed from the one-process run's step-2 checkpoint (one process -> ZeRO-2 x TP x
-   DP), steps 3..4 give the one-process losses and gradient norms within 1e-5; its step-4 checkpoint has the
-   one-process names and shapes (model and AdamW moments: layout-free) and values close to it; resumed in one
-   process (ZeRO-2 x TP x DP -> one process), steps 5..6 give the one-process losses within 1e-5.
-3. 2 workers, `parallel=cp2 parallel.zero_stage=2` (ZeRO over the CP group, dp=1): steps 1..4 as one process.
-"""
+1. tp2 with one KV head (replicated on both TP ranks; workers/tpz_worker.py) and per-head q/k norms (their
+   replicated weights' gradients are summed over TP), with and without sequence parallel: one forward + backward of
+   the debug-size model (vocabulary 511) equals one process of the same seeded model: loss and logits within 1e-5,
+   every gradient (gathered to the unsharded names and shapes) within rtol 1e-4, the global gradient norm within
+   rtol 1e-5; both replicas of wk/wv get the same gradient; gathering the shards gives the full seeded init and
+   sharding it gives the shards.
+2. Through the trainer (`debug=smoke model.num_kv_heads=1`), 4 workers, `parallel=tp2_dp2 parallel.zero_stage=2`:
+   resumed from the one-process run's step-2 checkpoint (one process -> ZeRO-2 x TP x DP), steps 3..4 give the one-
+   process losses and gradient norms within 1e-5; its step-4 checkpoint has the one-process names and shapes (model
+   and AdamW moments: layout-free) and values close to it; resumed in one process (ZeRO-2 x TP x DP -> one process),
+   steps 5..6 give the one-process losses within 1e-5.
+3. 2 workers, `parallel=cp2 parallel.zero_stage=2` (ZeRO over the CP group, dp=1): steps 1..4 as one process."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """msrun worker for test_tpz_msrun: tensor parallel 2 with one KV head (replicated on both TP ranks).
 
-The debug-size model with num_kv_heads=1 and a vocabulary of 511 (padded by TP), one forward + backward under
-`tp` (tensor parallel 2) and `tp_sp` (with sequence parallel). Rank 0 writes <out>/kv1.npz with, per variant:
-the loss, the logits (B, S, V) gathered over TP, the gradients under the unsharded names and shapes (one replica
-of wk/wv), the global gradient norm (tp.TPGradNorm), and `replica_err`: the largest difference between the two
-TP ranks' wk/wv gradients (the replicas must get the same summed gradient). `state/*_err`: the layout-free
-state checks (gather of the shards vs the full seeded init; shard of the full init vs the shards)."""
+The debug-size model with num_kv_heads=1, Qwen3's per-head q/k norms (qk_norm) and a vocabulary of 511 (padded by
+TP), one forward + backward under `tp` (tensor parallel 2) and `tp_sp` (with sequence parallel). Rank 0 writes
+<out>/kv1.npz with, per variant: the loss, the logits (B, S, V) gathered over TP, the gradients under the unsharded
+names and shapes (one replica of wk/wv), the global gradient norm (tp.TPGradNorm), and `replica_err`: the largest
+difference between the two TP ranks' wk/wv gradients (the replicas must get the same summed gradient).
+`state/*_err`: the layout-free state checks (gather of the shards vs the full seeded init; shard of the full init vs
+the shards)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def model_config():
     from ascend_llm.config.model import ModelConfig
 
     return ModelConfig(name="debug", vocab_size=VOCAB, dim=64, num_layers=2, num_heads=4, num_kv_heads=1,
-                       ffn_hidden_dim=176, max_seq_len=64)
+                       ffn_hidden_dim=176, max_seq_len=64, qk_norm=True)
 
 
 def batch() -> tuple[np.ndarray, np.ndarray]:
