@@ -128,7 +128,8 @@ def _try(recipe: Any, changes: dict[str, Any]) -> Optional[Plan]:
     trial = copy.deepcopy(recipe)
     for key, value in changes.items():
         _set(trial, key, value)
-    if trial.parallel.zero_stage and trial.parallel.data_parallel_degree < 2:
+    par = trial.parallel
+    if par.zero_stage and par.data_parallel_degree * par.context_parallel_degree < 2:  # ZeRO shards over dp x cp
         trial.parallel.zero_stage = 0
         changes["parallel.zero_stage"] = 0
     try:

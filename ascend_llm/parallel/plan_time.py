@@ -97,8 +97,10 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     # ZeRO 0: one all-reduce (2 passes); 1: all-reduce + parameter all-gather (3); 2: a reduce-scatter per
     # micro-batch (the shard accumulates) + the parameter all-gather (micro_steps + 1).
     passes = {0: 2.0, 1: 3.0, 2: micro_steps + 1.0}[lay.zero_stage]
+    # the gradient (and ZeRO's shard) collectives run over data x context parallel: CP ranks hold the same
+    # parameters and sum their sequence shares' gradients (train/layout.py, parallel/zero.py)
     comm = {"data parallel (gradients" + (", parameters)" if lay.zero_stage else ")"):
-            ring_seconds(p_bytes, d, dp_bw, passes)}
+            ring_seconds(p_bytes, d * c, dp_bw, passes)}
     if t > 1:
         act = lay.micro_batch * lay.seq_len / c * m.dim * lay.compute_bytes
         per_layer = 4 + (2 if lay.recompute == "full" else 0)

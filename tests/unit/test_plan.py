@@ -186,6 +186,18 @@ def test_time_estimate_by_hand():
     assert sum(planned.time.comm_s.values()) == pytest.approx(9 * 7 / 8 * params * 2 / 100e9)
 
 
+def test_context_parallel_gradients_are_reduced_over_data_times_context_ranks():
+    """cp4 x dp2 on 8 NPUs: the gradient all-reduce spans the 8 ranks holding the same parameters (2 passes of
+    7/8 of the bf16 bytes), and the K/V all-gather 3/4 of a layer's K and V per pass, twice per layer."""
+    recipe = compose_recipe(["experiment=llama3_8b_910b", "cluster.intra_node_gb_per_s=100", "parallel.zero_stage=0",
+                             "parallel.context_parallel_degree=4", "parallel.data_parallel_degree=2",
+                             "train.grad_accum_steps=1", "train.global_batch_size=2", "data.seq_len=8192"])
+    comm = plan_recipe(recipe).time.comm_s
+    assert comm["data parallel (gradients)"] == pytest.approx(2 * 7 / 8 * 8_030_261_248 * 2 / 100e9)
+    kv_bytes = 2 * 8 * 128 * 1 * 8192 * 2  # k and v, 8 KV heads x 128, one sequence, bf16
+    assert comm["context parallel (k, v)"] == pytest.approx(32 * 2 * 3 / 4 * kv_bytes / 100e9)
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["parallel=dp2"], "parallel.data_parallel_degree"),  # 2 does not match the 1-process cluster
     (["parallel.zero_stage=1"], "parallel.zero_stage"),  # no data parallelism to shard over
