@@ -7,7 +7,8 @@ dw = (q(g*sg)^T @ q(x*sx)) / (sg*sx). The FP8 values are exact in bf16 and fp32,
 on Ascend and fp32 on CPU with no further rounding of its operands (with fp32 GEMMs the inverse scales are
 folded into the smaller weight operand). Ascend 910B has no FP8 arithmetic: this is numerics emulation
 there, never a speed-up. The cast is `fp8.round_to_grid` (MindSpore ops, any device) or, on CPU, the fused
-C++ kernel of `cpu_kernel.py` (same bits, one memory pass, statistics included).
+C++ kernel of `cpu_kernel.py` (same bits, one memory pass, statistics included); there the delayed-scaling
+update of each cast is one kernel call too (`cpu_kernel.DelayedScalingUpdate`).
 
 State, as non-trainable Parameters (so graph-mode steps update them with ops.assign, Python reads them
 after the step, and checkpoints can save them), per role r in {x, w, g}:
