@@ -7,7 +7,8 @@ dw = (q(g*sg)^T @ q(x*sx)) / (sg*sx). The FP8 values are exact in bf16 and fp32,
 on Ascend and fp32 on CPU with no further rounding of its operands (with fp32 GEMMs the inverse scales are
 folded into the smaller weight operand). Ascend 910B has no FP8 arithmetic: this is numerics emulation
 there, never a speed-up. The cast is `fp8.round_to_grid` (MindSpore ops, any device) or, on CPU, the fused
-C++ kernel of `cpu_kernel.py` (same bits, one memory pass, statistics included).
+C++ kernel of `cpu_kernel.py` (same bits, one memory pass, statistics included); there the delayed-scaling
+update of each cast is one kernel call too (`cpu_kernel.DelayedScalingUpdate`).
 
 State, as non-trainable Parameters (so graph-mode steps update them with ops.assign, Python reads them
 after the step, and checkpoints can save them), per role r in {x, w, g}:
@@ -33,7 +34,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.precision.cells import replace_cell, sync_parameter_names, world_size
-from ascend_llm.precision.cpu_kernel import build_cast_op, build_leveled_cast_op, fused_available
+from ascend_llm.precision.cpu_kernel import DelayedScalingUpdate, build_cast_op, build_leveled_cast_op, fused_available
 from ascend_llm.precision.fp8 import FORMATS, Fp8Format, bf16_round, round_to_grid
 from ascend_llm.precision.policy import is_dense
 from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
@@ -94,12 +95,13 @@ class AmaxAllReduce(nn.Cell):
 
 
 def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe: Fp8Recipe, reduce_max, cast_op,
-             level=None):
+             level=None, update=None):
     """Cast `t` (no gradient) to FP8 values in the scaled domain, with the fused CPU kernel when `cast_op`.
 
     Returns (q, inverse scale, stats (3,), new history, new scale). stats = [amax of t (NaN ignored; all-reduced
     with MAX across ranks when configured), fraction of |t*scale| > fp8 max (saturated), fraction of t != 0
-    with |t*scale| <= min subnormal / 2 (flushed to zero)].
+    with |t*scale| <= min subnormal / 2 (flushed to zero)]. `update` (fused CPU path, delayed scaling) is a
+    `cpu_kernel.DelayedScalingUpdate`: the history/scale update in one kernel instead of ~30 scalar ops.
     """
     if not recipe.delayed:
         amax = ops.abs(t).max()
@@ -108,7 +110,9 @@ def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe:
         scale = current_scale(amax, spec.max_value, recipe.margin)
     if cast_op is not None:
         q, stats = cast_op(t, scale) if level is None else cast_op(t, scale, level)
-        amax, overflow, underflow = stats[0], stats[1], stats[2]
+        if recipe.reduce_amax:  # the kernel's stats are already [amax, overflow, underflow]
+            stats = ops.concat((reduce_max(stats[0]).reshape(1), stats[1:]))
+        amax = stats[0]
     else:
         amax = ops.abs(t).max()
         xs = t * scale
@@ -116,15 +120,24 @@ def quantize(t: Tensor, scale: Tensor, history: Tensor, spec: Fp8Format, recipe:
         q = round_to_grid(xs, a < spec.min_normal, spec, True, t)
         overflow = (a > spec.max_value).astype(ms.float32).mean()
         underflow = ops.logical_and(t != 0.0, a <= spec.min_subnormal * 0.5).astype(ms.float32).mean()
-    if recipe.reduce_amax:
-        amax = reduce_max(amax)
-    stats = ops.stack((amax, overflow, underflow))
-    if recipe.delayed:
+        if recipe.reduce_amax:
+            amax = reduce_max(amax)
+        stats = ops.stack((amax, overflow, underflow))
+    if recipe.delayed and update is not None:
+        history, new_scale = update(history, scale, stats)
+    elif recipe.delayed:
         history, new_scale = delayed_scaling_update(history, scale, amax, spec.max_value, recipe.margin,
                                                     recipe.amax_algo)
     else:
         history, new_scale = amax.reshape(1), scale
     return q, 1.0 / scale, stats, history, new_scale
+
+
+def build_update(recipe: Fp8Recipe, spec: Fp8Format) -> DelayedScalingUpdate | None:
+    """The fused delayed-scaling update for casts to `spec`, or None (MindSpore ops) off the fused CPU path."""
+    if not (recipe.fused and recipe.delayed):
+        return None
+    return DelayedScalingUpdate(spec.max_value, recipe.margin, recipe.amax_algo)
 
 
 def select_level(level: Tensor, q: Tensor, inv: Tensor, t: Tensor):
@@ -151,6 +164,7 @@ class Fp8Gemm(nn.Cell):
         self.cast_op = build_cast_op(recipe.backward) if recipe.fused else None
         if recipe.fused and recipe.dynamic:
             self.cast_op = build_leveled_cast_op(recipe.backward)
+        self.update = build_update(recipe, recipe.backward)
 
     def matmul(self, a: Tensor, b: Tensor, transpose_a: bool, transpose_b: bool) -> Tensor:
         """MatMul primitives with transpose flags: no explicit transpose copies of activations/gradients."""
@@ -173,7 +187,7 @@ class Fp8Gemm(nn.Cell):
         spec = self.recipe.backward
         leveled = self.recipe.fused and self.recipe.dynamic
         qg, inv_g, stats, history, scale = quantize(g, g_scale, g_history, spec, self.recipe, self.reduce_max,
-                                                    self.cast_op, level if leveled else None)
+                                                    self.cast_op, level if leveled else None, self.update)
         ops.assign(g_stats, stats)
         ops.assign(g_history, history)
         ops.assign(g_scale, scale)
@@ -213,6 +227,7 @@ class Fp8Dense(nn.Cell):
         self.cast_op = build_cast_op(recipe.forward) if recipe.fused else None
         if recipe.fused and recipe.dynamic:
             self.cast_op = build_leveled_cast_op(recipe.forward)
+        self.update = build_update(recipe, recipe.forward)
 
     @classmethod
     def from_dense(cls, dense: nn.Cell, recipe: Fp8Recipe) -> Fp8Dense:
@@ -222,7 +237,8 @@ class Fp8Dense(nn.Cell):
         spec = self.recipe.forward
         leveled = self.recipe.fused and self.recipe.dynamic
         q, inv, new_stats, new_history, new_scale = quantize(t, scale, history, spec, self.recipe, self.reduce_max,
-                                                             self.cast_op, self.fp8_level if leveled else None)
+                                                             self.cast_op, self.fp8_level if leveled else None,
+                                                             self.update)
         ops.assign(stats, new_stats)
         ops.assign(history, new_history)
         ops.assign(scale, new_scale)

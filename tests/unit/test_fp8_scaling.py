@@ -12,8 +12,9 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
+from ascend_llm.precision.cpu_kernel import DelayedScalingUpdate, fused_available
 from ascend_llm.precision.scaling import current_scale, delayed_scaling_update
 
 F32_MAX = np.finfo(np.float32).max
@@ -49,11 +50,15 @@ def amax_sequence(n: int) -> np.ndarray:
     return seq
 
 
-def run_both(length: int, margin: int, algo: str, fp8_max: float, steps: int):
+def run_both(length: int, margin: int, algo: str, fp8_max: float, steps: int, fused: bool = False):
+    """(ours, reference) per step; ours is the MindSpore-ops update, or with `fused` the C++ CPU kernel."""
     seq = amax_sequence(steps)
+    kernel = DelayedScalingUpdate(fp8_max, margin, algo) if fused else None
 
     @ms.jit
     def update(history, scale, amax):
+        if kernel is not None:  # the kernel reads this step's amax from stats[0]
+            return kernel(history, scale, ops.concat((amax.reshape(1), ops.zeros(2, ms.float32))))
         return delayed_scaling_update(history, scale, amax, fp8_max, margin, algo)
 
     ours_h, ours_s = Tensor(np.zeros(length, np.float32)), Tensor(np.float32(1.0))
@@ -79,6 +84,17 @@ def test_delayed_scaling_matches_te_formula_exactly(length, margin, algo):
         assert same(h, ref_h), f"history differs at step {step}"
         assert same(s, ref_s), f"scale differs at step {step}: {s} vs {ref_s}"
         assert np.isfinite(s) and s > 0
+
+
+@pytest.mark.parametrize("length, margin, algo", [
+    (1, 0, "max"), (2, 0, "max"), (31, 2, "max"), (1024, 0, "max"), (31, 2, "most_recent"),
+])
+def test_fused_cpu_delayed_scaling_matches_te_formula_exactly(length, margin, algo):
+    if not fused_available("CPU"):
+        pytest.skip("no C++ compiler: the fused CPU kernels are not built")
+    for step, (h, s, ref_h, ref_s) in enumerate(run_both(length, margin, algo, 57344.0, steps=40, fused=True)):
+        assert same(h, ref_h), f"history differs at step {step}"
+        assert same(s, ref_s), f"scale differs at step {step}: {s} vs {ref_s}"
 
 
 def test_delayed_scaling_special_amax_values():
