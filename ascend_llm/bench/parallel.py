@@ -191,15 +191,16 @@ def longest_fitting(fits: Callable[[int], bool], unit: int, max_len: int) -> tup
         trials.append((length, ok))
         return ok
 
+    top = max_len // unit * unit  # the largest candidate
     good, bad, length = 0, None, unit
-    while length <= max_len:
+    while length <= top:
         if not trial(length):
             bad = length
             break
         good = length
-        if length == max_len:
+        if length == top:
             return good, trials
-        length = min(2 * length, max_len // unit * unit)
+        length = min(2 * length, top)
     if bad is None:
         return good, trials
     low, high = good // unit, bad // unit  # fits at low*unit (or low == 0), fails at high*unit
