@@ -185,7 +185,7 @@ class _MaxPrim(_Prim):
             return x
         if self.native:
             return self.op(x)
-        return self.gather(x.expand_dims(0)).max(0)
+        return self.gather(x.expand_dims(0)).max(axis=0)
 
 
 class _ScatterPrim(_Prim):

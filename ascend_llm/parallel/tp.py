@@ -316,7 +316,7 @@ class VocabParallelCrossEntropy(nn.Cell):
     def construct(self, logits, labels):
         logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
         labels = labels.reshape(-1)
-        top = ops.stop_gradient(self.max(logits.max(-1)))
+        top = ops.stop_gradient(self.max(logits.max(axis=-1)))
         shifted = logits - top.expand_dims(-1)
         z = self.sum_z(ops.exp(shifted).sum(-1))
         local = labels - self.start

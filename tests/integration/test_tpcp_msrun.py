@@ -3,7 +3,8 @@ so TP pads it): the loss, the logits (in global order) and the gradients of ever
 forward/backward equal a single-process run of the same seeded model (which test_model_reference checks
 against float64 NumPy). TP gradients are all-gathered to the unsharded names and shapes; CP gradients are
 reduced by dp.build_grad_reducer over groups.dp_cp (sum over CP, mean over DP). tp_dp and cp_dp are the 2x2
-layouts on 4 workers (each data-parallel replica takes one row of the batch). TP also runs with every
+layouts on 4 workers (each data-parallel replica takes one row of the batch); one msrun job per world size runs
+all of its layouts. TP also runs with every
 target in rank 0's vocabulary shard (rank 1's holds none); CP runs causal and with packed-document segment
 ids; tp_sp is TP with sequence parallel."""
 
@@ -48,17 +49,22 @@ def reference():
     return out
 
 
+# one msrun job per world size runs every layout of that size (start-up dominates a job on CPU)
+JOBS = {2: ("tp", "cp", "tp_sp"), 4: ("tp_dp", "cp_dp")}
+
+
 class Layouts:
-    """Runs each layout's msrun job once, on first use."""
+    """Runs each world size's msrun job once, on first use of any of its layouts."""
 
     def __init__(self, out: Path):
         self.out, self.results = out, {}
 
     def __getitem__(self, mode: str) -> dict:
         if mode not in self.results:
-            workers = 4 if mode.endswith("_dp") else 2
-            run_msrun(WORKERS / "tpcp_worker.py", self.out / mode, mode, workers=workers)
-            self.results[mode] = dict(np.load(self.out / mode / f"{mode}.npz"))
+            workers = next(size for size, modes in JOBS.items() if mode in modes)
+            run_msrun(WORKERS / "tpcp_worker.py", self.out / str(workers), ",".join(JOBS[workers]), workers=workers)
+            for name in JOBS[workers]:
+                self.results[name] = dict(np.load(self.out / str(workers) / f"{name}.npz"))
         return self.results[mode]
 
 

@@ -1,8 +1,11 @@
-"""msrun worker for test_tpcp_msrun: the debug-size model under one layout, one forward + backward.
+"""msrun worker for test_tpcp_msrun: the debug-size model under one or more layouts, one forward + backward each.
 
-Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and packed-document segment
-ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4 ranks. Gradients are
-reduced by dp.build_grad_reducer over groups.dp_cp and all-gathered over TP. Rank 0 writes <out>/<mode>.npz
+`tpcp_worker.py OUT_DIR MODE[,MODE...]` runs the layouts one after the other in the same job (one msrun
+start-up for all of them). Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and
+packed-document segment ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4
+ranks. A group with the same name and ranks in two layouts is created once and reused (the same communicator).
+Gradients are reduced by dp.build_grad_reducer over groups.dp_cp and all-gathered over TP. Rank 0 writes
+<out>/<mode>.npz
 with the loss, the logits in global order, the full gradients under the unsharded parameter names, and the
 layout-free state checks (gather of the shards vs the full init, shard of the full init vs the shards)."""
 
@@ -89,16 +92,28 @@ def full_logits(logits, parallel, groups, vocab: int) -> np.ndarray:
     return comm.AllReduce(groups.dp_cp, "sum")(Tensor(full)).asnumpy()
 
 
+def reuse_groups() -> None:
+    """Make comm.new_group return the group already created under the same name and ranks (create_group
+    refuses a name twice)."""
+    from ascend_llm.parallel import comm
+
+    created, create = {}, comm.new_group
+
+    def new_group(name, ranks):
+        key = (name, tuple(ranks))
+        if key not in created:
+            created[key] = create(name, ranks)
+        return created[key]
+
+    comm.new_group = new_group
+
+
 def run(mode: str, out_dir: str) -> None:
     import mindspore as ms
     from mindspore import Tensor
-    from mindspore.communication import init
 
     from ascend_llm.parallel.tp import TPGradNorm, gather_full, shard_full, tp_shard_axes
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    init()
     parallel, groups, model, loss_fn, reduce, init_full = build(mode)
     full_shapes = {name: value.shape for name, value in init_full.items()}
     tokens, labels, segments = local_batch(parallel, groups)
@@ -135,5 +150,17 @@ def run(mode: str, out_dir: str) -> None:
     print(f"rank {groups.rank}: {mode} done", flush=True)
 
 
+def main(out_dir: str, modes: str) -> None:
+    import mindspore as ms
+    from mindspore.communication import init
+
+    ms.set_device("CPU")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    init()
+    reuse_groups()
+    for mode in modes.split(","):
+        run(mode, out_dir)
+
+
 if __name__ == "__main__":
-    run(sys.argv[2], sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
