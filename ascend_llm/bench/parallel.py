@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ascend_llm.errors import ConfigError
+from ascend_llm.fileio import write_text_atomic
 
 WORKER_FLAG = "--bench-worker"  # --bench-worker=<task>:<out path prefix>
 TASKS = ("step", "trial")
@@ -73,12 +73,7 @@ def _vmhwm_mib() -> float:
 
 
 def _write_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data))
 
 
 def _eager_steps(session):

@@ -8,6 +8,8 @@ import platform
 import time
 from pathlib import Path
 
+from ascend_llm.fileio import write_text_atomic
+
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
@@ -20,7 +22,7 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_json(path: str | os.PathLike, name: str, rows: list[dict], **extra) -> Path:
-    """Write rows plus machine facts atomically (temp file, then rename)."""
+    """Write rows plus machine facts atomically (temp file, fsync, rename)."""
     import mindspore
 
     path = Path(path)
@@ -28,7 +30,4 @@ def write_json(path: str | os.PathLike, name: str, rows: list[dict], **extra) ->
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(),
                "machine": platform.machine(), "python": platform.python_version(),
                "mindspore": mindspore.__version__, **extra, "rows": rows}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ascend_llm.errors import RankTableError
+from ascend_llm.fileio import write_text_atomic
 
 VERSIONS = ("1.0", "1.2")
 MAX_DEVICE_ID = 15
@@ -294,16 +295,10 @@ def load_rank_table(path: str | os.PathLike) -> RankTable:
 
 
 def write_rank_table(table: RankTable, path: str | os.PathLike) -> Path:
-    """Validate, then write atomically (temp file + rename)."""
+    """Validate, then write atomically (temp file, fsync, rename)."""
     data = table.to_json()
     parse_rank_table(data)
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=4) + "\n")
 
 
 def build_single_server_table(server_id: str, device_ips: dict[int, str], device_ids: Sequence[int],

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from ascend_llm.config.model import ModelConfig
+from ascend_llm.fileio import write_text_atomic
 from ascend_llm.models.llama import count_params
 
 logger = logging.getLogger("ascend_llm.train")
@@ -50,9 +50,7 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:

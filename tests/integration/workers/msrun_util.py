@@ -19,7 +19,7 @@ def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2) -> None
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",
             f"--master_port={find_free_port()}", f"--log_dir={out_dir / 'log'}", "--join=True",
-            "--cluster_time_out=120", str(script), str(out_dir), *args]
+            "--cluster_time_out=300", str(script), str(out_dir), *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=out_dir)
     logs = "".join((out_dir / "log" / f"worker_{r}.log").read_text()[-3000:] for r in range(workers)
                    if (out_dir / "log" / f"worker_{r}.log").exists())
