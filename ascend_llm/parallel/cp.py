@@ -20,10 +20,10 @@ RoPE. The model slices its rotary tables by local length; `apply_context_paralle
 `model.rope_cos/rope_sin` with the rows of this rank's global positions, so positions are global. The
 sequence length is therefore fixed at conversion (`seq_len`, the training length).
 
-Loss. Each CP rank computes the loss of its own tokens divided by the token count of the whole sequence
-(`tp.VocabParallelCrossEntropy(..., count_group=groups.cp)`), so the CP ranks' losses add up to the
-replica's mean; gradients are then summed over CP (and averaged over DP): reduce over `groups.dp_cp`, scale
-1/dp.
+Loss. Each CP rank computes the loss of its own tokens divided by the token count of the whole global batch
+(`tp.VocabParallelCrossEntropy(..., count_group=groups.dp_cp, count_scale=dp)`, train/layout.py), so the
+ranks' losses add up to the global token mean; gradients are then summed over CP (and averaged over DP):
+reduce over `groups.dp_cp`, scale 1/dp.
 """
 
 from __future__ import annotations

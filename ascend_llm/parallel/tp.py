@@ -296,12 +296,14 @@ class VocabParallelCrossEntropy(nn.Cell):
     over TP with g, so each rank's logits get the exact gradient softmax - onehot (divided by the count).
 
     construct(logits (B, S, Vp/T) float, labels (B, S) int32) -> scalar float32; labels == -100 are ignored;
-    padded vocabulary columns (>= vocab_size) are excluded. `count_group` (context parallel) sums the token
-    count over the CP group, so each CP rank returns its share of the global mean and the CP ranks' losses
-    add up to it. Returns (sum of token losses) / (number of counted tokens).
+    padded vocabulary columns (>= vocab_size) are excluded. `count_group` (the trainer's data x context
+    parallel group) sums the token count over those ranks, so each returns its share of the global token mean;
+    `count_scale` (the data-parallel degree) undoes the trainer's 1/dp averaging of the shares, so the reduced
+    loss is sum(all token losses) / (all counted tokens) even when ranks count different numbers of tokens
+    (document masking). Returns count_scale * (sum of this rank's token losses) / (counted tokens over the group).
     """
 
-    def __init__(self, group: Group, vocab_size: int, count_group: Group | None = None):
+    def __init__(self, group: Group, vocab_size: int, count_group: Group | None = None, count_scale: float = 1.0):
         super().__init__()
         padded = padded_vocab(vocab_size, group.size)
         self.per = padded // group.size
@@ -312,6 +314,7 @@ class VocabParallelCrossEntropy(nn.Cell):
         self.sum_z = ReduceFromTP(group)
         self.sum_target = ReduceFromTP(group)
         self.count = AllReduce(count_group, "sum") if count_group is not None and count_group.size > 1 else None
+        self.count_scale = float(count_scale)
 
     def construct(self, logits, labels):
         logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
@@ -329,7 +332,7 @@ class VocabParallelCrossEntropy(nn.Cell):
         count = valid.sum()
         if self.count is not None:
             count = self.count(ops.stop_gradient(count))
-        return losses.sum() / ops.maximum(count, 1.0)
+        return losses.sum() * self.count_scale / ops.maximum(count, 1.0)
 
 
 def apply_tensor_parallel(model: nn.Cell, parallel_cfg, groups, seq_len: int | None = None) -> nn.Cell:

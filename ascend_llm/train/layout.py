@@ -8,8 +8,9 @@ every group then has size 1) answers, for this rank:
   this CP rank's zigzag slice of the sequence (`cp.shard_sequence`; identity at cp=1);
 - `grad_reducer()`: gradients and the logged loss summed over the CP ranks (each holds its share of the loss)
   and averaged over the dp replicas, over `groups.dp_cp`; TP shards are not reduced (parallel/cp.py's doc);
-- `loss_fn(vocab_size)`: the plain `cross_entropy_loss` when tp = cp = 1, else `VocabParallelCrossEntropy`
-  (vocab-sharded logits, token count summed over CP);
+- `loss_fn(vocab_size, plain, masked)`: the plain loss when tp = cp = 1 (and no document mask under DP),
+  else `VocabParallelCrossEntropy` (vocab-sharded logits, token count summed over dp x cp: the token mean of
+  the global batch);
 - `grad_norm(params)`: `TPGradNorm` over `groups.tp` when tp > 1 (the global norm for clipping), else None;
 - `sharding(model, full_shapes)`: how `ParameterState` gathers full tensors on save and shards them on load;
 - `full_logits(model)`: a forward for sampling that takes the full (1, S) tokens on every rank and returns
@@ -139,14 +140,18 @@ class TrainLayout:
             return build_grad_reducer(None, 1)
         return build_grad_reducer(None, world_size, group=self.groups.dp_cp, scale=1.0 / self.dp)
 
-    def loss_fn(self, vocab_size: int, plain: Callable) -> Callable:
-        """`plain` (the single-process loss, logits (B, S, V), labels (B, S)) when tp = cp = 1; else the
-        vocab-parallel cross-entropy over groups.tp with the token count summed over groups.cp."""
-        if self.tp == 1 and self.cp == 1:
+    def loss_fn(self, vocab_size: int, plain: Callable, masked: bool = False) -> Callable:
+        """`plain` (the single-process loss, logits (B, S, V), labels (B, S)) when tp = cp = 1 and every
+        replica counts the same tokens (no document mask, or dp = 1); else the vocab-parallel cross-entropy
+        over groups.tp (size 1 without TP) with the token count summed over groups.dp_cp and scaled by dp, so
+        the reduced loss is the token mean over the whole global batch, as in one process (Megatron's
+        per-token loss), also when document masking leaves replicas with different token counts."""
+        if self.tp == 1 and self.cp == 1 and (self.dp == 1 or not masked):
             return plain
         from ascend_llm.parallel.tp import VocabParallelCrossEntropy
 
-        return VocabParallelCrossEntropy(self.groups.tp, vocab_size, count_group=self.groups.cp)
+        return VocabParallelCrossEntropy(self.groups.tp, vocab_size, count_group=self.groups.dp_cp,
+                                         count_scale=self.dp)
 
     def grad_norm(self, params) -> nn.Cell | None:
         """TPGradNorm(params, groups.tp) when tp > 1 (the clipping norm over all shards), else None."""

@@ -166,7 +166,8 @@ def build_session(recipe: RecipeConfig) -> Session:
     plain_loss = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),
                                  precision.scaler, recipe.runtime.mode == "graph",
-                                 loss_fn=layout.loss_fn(recipe.model.vocab_size, plain_loss),
+                                 loss_fn=layout.loss_fn(recipe.model.vocab_size, plain_loss,
+                                                         masked=recipe.data.document_mask),
                                  grad_norm=layout.grad_norm(params))
     sharding = layout.sharding(model, converters.get("tensor_parallel").full_shapes)
     data = DataState(data_identity(recipe, prepared_all))

@@ -2,11 +2,10 @@
 
 `ascend-llm launch cluster=cpu_2proc parallel=tp2` (and `cp2`; `cluster=cpu_4proc` with `tp2_dp2` and
 `cp2_dp2`) trains the debug model for 20 steps on the same global batch as one process. The corpus is written by
-this test: thousands of short documents, so every packed window holds several of them; the 2-worker
-context-parallel runs train with `data.document_mask=true` (attention and labels stay inside each document,
-across CP shards). The 4-worker runs train without it: with data parallel, each replica's loss is the mean over
-its own unmasked tokens and the replicas' means are averaged, which differs from one process's mean over all
-tokens when masking leaves the replicas different token counts (measured 2.5e-4 at step 1 under cp2_dp2).
+this test: thousands of short documents, so every packed window holds several of them; the context-parallel
+runs train with `data.document_mask=true` (attention and labels stay inside each document, across CP shards,
+and under cp2_dp2 the loss is the token mean of the whole global batch though the replicas count different
+numbers of tokens: averaging the replicas' own means was 2.5e-4 off one process at step 1).
 The reference is the one-process run of the same recipe, computed by the trainer itself in this test's process
 (a different code path: no groups, plain cross-entropy, plain clipping), once per configuration (module
 fixtures shared by every test):
@@ -177,8 +176,8 @@ def test_tp2_dp2_trains_like_one_process(tmp_path, plain):
     assert digests[0][0] == digests[2][0] != digests[1][0] == digests[3][0]  # DP replicas of each TP shard
 
 
-def test_cp2_dp2_trains_like_one_process(tmp_path, plain):
-    launch(tmp_path / "cp2_dp2", plain[2], "cp2_dp2", 4)
-    digests = check_against_reference(tmp_path / "cp2_dp2", plain, 4)
+def test_cp2_dp2_with_document_mask_trains_like_one_process(tmp_path, masked):
+    launch(tmp_path / "cp2_dp2", masked[2], "cp2_dp2", 4)
+    digests = check_against_reference(tmp_path / "cp2_dp2", masked, 4)
     assert [digests[r][1] for r in range(4)] == [f"dp={r // 2} cp={r % 2} tp=0" for r in range(4)]
     assert len({digests[r][0] for r in range(4)}) == 1  # every rank holds the full replica
