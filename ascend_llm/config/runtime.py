@@ -19,9 +19,6 @@ class RuntimeConfig:
     num_threads: CPU kernel threads (0: all cores). deterministic: MindSpore deterministic kernels.
     max_device_memory, jit_level, memory_optimize_level, precision_mode: Ascend context settings (applied only on
         Ascend, validated everywhere).
-    compile_cache: keep MindSpore's compiled graphs on disk (MS_COMPILER_CACHE_*) under compile_cache_dir, in
-        one directory per recipe, toolkit source and MindSpore version (train/runtime.py:compile_cache_key), so
-        a rerun of the same recipe skips graph compilation. Off by default (each recipe's cache takes ~25 MB).
     """
 
     device_target: str = "auto"  # auto | cpu | ascend
@@ -37,8 +34,6 @@ class RuntimeConfig:
     jit_level: str = "O1"
     memory_optimize_level: str = "O0"
     precision_mode: str = "must_keep_origin_dtype"
-    compile_cache: bool = False
-    compile_cache_dir: str = "~/.cache/ascend_llm/compile"
 
     def validate(self, prefix: str = "runtime") -> None:
         one_of(f"{prefix}.device_target", self.device_target, ("auto", "cpu", "ascend"))

@@ -31,7 +31,7 @@ from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha2
 from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
 from ascend_llm.train.optim import AdamW
-from ascend_llm.train.runtime import enable_compile_cache, peak_tflops, setup_runtime
+from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
 from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss, masked_cross_entropy_loss
 
@@ -144,7 +144,6 @@ def build_session(recipe: RecipeConfig) -> Session:
     preflight(recipe)
     cfg = recipe.train
     device = setup_runtime(recipe.runtime)
-    enable_compile_cache(recipe.runtime, OmegaConf.to_container(OmegaConf.structured(recipe)))
     check_param_dtype(recipe, device)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
     layout = TrainLayout(recipe.parallel, build_groups(recipe.parallel))  # every rank, before the model
