@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
             tok = Path(args.tokenizer) if args.tokenizer else source.tokenizer_file
             tokenizer = source.tokenizer or load_any_tokenizer(tok, "--tokenizer")
             ids, num_docs = token_stream(args.corpus, tokenizer, docs, args.text_field)
-            print(f"corpus {args.corpus} docs {args.docs}: {num_docs} documents, {len(ids):,} tokens")
+            print(f"corpus {args.corpus}, documents [{args.docs}]: {num_docs} documents, {len(ids):,} tokens")
         result = perplexity(source.model, ids, args.window, args.stride, source.model_cfg.max_seq_len,
                             args.batch_size)
         baseline = baseline or result.perplexity
