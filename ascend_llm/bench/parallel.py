@@ -256,8 +256,9 @@ PARTS = ("layouts", "search", "planner")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ascend-llm bench parallel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="debug", help="model recipe (default debug)")
+    parser = argparse.ArgumentParser(prog="ascend-llm bench parallel", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="debug", help="model recipe")
     parser.add_argument("--layouts", default=",".join(TWO_WORKER_LAYOUTS),
                         help=f"comma list of {', '.join(LAYOUTS)} (default the 1- and 2-worker ones)")
     parser.add_argument("--four-workers", action="store_true",
@@ -266,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per layout")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     parser.add_argument("--repeats", type=int, default=10, help="replays of the recorded collectives")
-    parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--global-batch", type=int, default=8, help="sequences per step (train.global_batch_size)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the layout runs")
     parser.add_argument("--memory-cap-gib", type=float, default=1.5, help="per-rank peak RSS cap for the search")
     parser.add_argument("--seq-unit", type=int, default=1024, help="the search's length step (a multiple of 4)")
     parser.add_argument("--max-seq-len", type=int, default=32768, help="the search's longest length")
