@@ -56,6 +56,7 @@ from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.parallel import comm
 from ascend_llm.parallel.tp import sharded_norm_weights
 from ascend_llm.train.optim import decays
+from ascend_llm.train.step import clip_to_norm
 
 
 def shard_numel(numel: int, size: int) -> int:
@@ -180,10 +181,7 @@ class ZeroAdamW(nn.Cell):
     def clip_shards(self, shards):
         """Global-norm clipping of gradient shards (stage 2); returns (clipped shards, global norm)."""
         norm = self.global_norm(shards)
-        if self.grad_clip <= 0:
-            return shards, norm
-        factor = ops.minimum(self.grad_clip / (norm + 1e-6), 1.0)
-        return tuple(s * factor for s in shards), norm
+        return clip_to_norm(shards, norm, self.grad_clip), norm
 
     def apply_shards(self, shards, lr):
         """AdamW on this rank's shards, then all-gather and assign the full parameters. Returns the step."""
