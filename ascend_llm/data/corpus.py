@@ -7,6 +7,7 @@ A relative data.path is looked up in the working directory first, then beside th
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,8 +25,12 @@ def stdlib_files() -> list[Path]:
     """The standard library's .py files in a stable order, without tests and site-packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "dist-packages"}
-    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    found = []  # (relative posix path, path); skipped folders are not walked (their files were most of the time)
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        rel = Path(folder).relative_to(root)
+        found += [((rel / n).as_posix(), Path(folder) / n) for n in names if n.endswith(".py")]
+    return [path for _, path in sorted(found)]
 
 
 def resolve_path(path: str, field_name: str = "data.path") -> Path:

@@ -111,9 +111,10 @@ def build_grad_reducer(params: Sequence[Any] | None, world_size: int, group: Any
     if group.size == 1 and (scale is None or scale == 1.0):
         return identity
     scale = 1.0 / world_size if scale is None else float(scale)
-    from mindspore import nn
+    from mindspore import nn, ops
 
     from ascend_llm.parallel.comm import AllReduce
+    from ascend_llm.train.each import each
 
     class ScaledAllReduce(nn.Cell):
         """AllReduce(sum) over the group, then multiply by `scale`; works inside ms.jit."""
@@ -124,12 +125,13 @@ def build_grad_reducer(params: Sequence[Any] | None, world_size: int, group: Any
             self.scale = scale
 
         def construct(self, tensors):
-            out = ()
-            for t in tensors:
-                out = out + (self.all_reduce(t) * self.scale,)
-            return out
+            return each(ops.partial(_reduce_scaled, self.all_reduce, self.scale), tensors)
 
     return ScaledAllReduce()
+
+
+def _reduce_scaled(all_reduce, scale, t):
+    return all_reduce(t) * scale
 
 
 def get_rank_or_zero() -> int:

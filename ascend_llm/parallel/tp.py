@@ -51,6 +51,7 @@ from mindspore import dtype as mstype
 from ascend_llm.config.parallel import check_parallel_model
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter
+from ascend_llm.train.each import square_sum
 
 IGNORE_INDEX = -100
 
@@ -459,6 +460,12 @@ def sharded_norm_weights(params) -> tuple[float, ...]:
                  for p in params)
 
 
+def replicated_norm_weights(sharded_weights: tuple[float, ...]) -> tuple[float, ...]:
+    """The complement of `sharded_norm_weights`: 1 for a parameter replicated on every TP rank (its |g|^2
+    counted once, outside the TP sum), 0 for a shard."""
+    return tuple(1.0 if w == 0.0 else 0.0 for w in sharded_weights)
+
+
 class TPGradNorm(nn.Cell):
     """Global L2 norm of gradients sharded over TP (what `train.optim.clip_by_global_norm` must use with TP):
     sqrt(sum over replicated params of |g|^2 + all-reduce over TP of the sum over sharded params of
@@ -469,17 +476,9 @@ class TPGradNorm(nn.Cell):
     def __init__(self, params, group: Group):
         super().__init__()
         self.weights = sharded_norm_weights(params)
+        self.replicated = replicated_norm_weights(self.weights)
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, grads):
-        sharded = ops.zeros((), mstype.float32)
-        replicated = ops.zeros((), mstype.float32)
-        for g, weight in zip(grads, self.weights):
-            sq = (g.astype(mstype.float32) ** 2).sum()
-            if weight == 0.0:
-                replicated = replicated + sq
-            elif weight == 1.0:
-                sharded = sharded + sq
-            else:
-                sharded = sharded + sq * weight
+        replicated, sharded = square_sum(grads, self.replicated), square_sum(grads, self.weights)
         return ops.sqrt(replicated + self.reduce(sharded))

@@ -54,9 +54,9 @@ from mindspore import dtype as mstype
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.parallel import comm
-from ascend_llm.parallel.tp import sharded_norm_weights
-from ascend_llm.train.optim import decays
-from ascend_llm.train.step import clip_to_norm
+from ascend_llm.parallel.tp import replicated_norm_weights, sharded_norm_weights
+from ascend_llm.train.each import square_sum
+from ascend_llm.train.optim import clip_to_norm, decays
 
 
 def shard_numel(numel: int, size: int) -> int:
@@ -91,6 +91,7 @@ class ZeroAdamW(nn.Cell):
         self.grad_scale = 1.0 / self.size if grad_scale is None else float(grad_scale)
         self.tp_group = tp_group if tp_group is not None and tp_group.size > 1 else None
         self.tp_weights = sharded_norm_weights(params) if self.tp_group is not None else (0.0,) * len(params)
+        self.replicated_weights = replicated_norm_weights(self.tp_weights)
         self.tp_sum = comm.AllReduce(self.tp_group, "sum") if self.tp_group is not None else None
         self.params = tuple(params)
         self.sizes = tuple(int(np.prod(p.shape)) for p in params)
@@ -166,13 +167,7 @@ class ZeroAdamW(nn.Cell):
     def global_norm(self, shards):
         """L2 norm of the whole gradient from this rank's shards: sum of squares over `group`, and with TP the
         TP-sharded part summed over `tp_group` too (each weighted as in `tp.sharded_norm_weights`)."""
-        replicated, sharded = ops.zeros((), mstype.float32), ops.zeros((), mstype.float32)
-        for s, weight in zip(shards, self.tp_weights):
-            sq = (s * s).sum()
-            if weight == 0.0:
-                replicated = replicated + sq
-            else:
-                sharded = sharded + sq * weight
+        replicated, sharded = square_sum(shards, self.replicated_weights), square_sum(shards, self.tp_weights)
         totals = self.sum(ops.stack((replicated, sharded)))
         if self.tp_sum is None:
             return ops.sqrt(totals[0] + totals[1])

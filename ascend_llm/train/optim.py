@@ -14,6 +14,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.config.optim import OptimConfig
+from ascend_llm.train.each import each, scale_each, square_sum
 
 
 def decays(name: str) -> bool:
@@ -58,38 +59,44 @@ class AdamW(nn.Cell):
         t = step.astype(mstype.float32)
         bias1 = 1.0 - ops.pow(self.beta1, t)
         bias2 = 1.0 - ops.pow(self.beta2, t)
-        beta1 = ops.scalar_to_tensor(self.beta1, mstype.float32)
-        beta2 = ops.scalar_to_tensor(self.beta2, mstype.float32)
-        done = ()
-        for i in range(len(self.params)):
-            param, grad = self.params[i], grads[i].astype(mstype.float32)
-            if self.fused[i]:
-                lr_t, eps_t, decay_t = fused_scalars(lr, bias1, bias2, self.eps, self.weight_decay[i])
-                done = done + (self.adam(param, self.exp_avg[i], self.exp_avg_sq[i], lr_t, beta1, beta2, eps_t,
-                                         decay_t, grad),)
-                continue
-            m = self.exp_avg[i] * self.beta1 + grad * (1.0 - self.beta1)
-            v = self.exp_avg_sq[i] * self.beta2 + grad * grad * (1.0 - self.beta2)
-            ops.assign(self.exp_avg[i], m)
-            ops.assign(self.exp_avg_sq[i], v)
-            update = (m / bias1) / (ops.sqrt(v / bias2) + self.eps)
-            new = param * (1.0 - lr * self.weight_decay[i]) - lr * update
-            ops.assign(param, new.astype(param.dtype))
+        # the fused kernel's scalars, computed once; each parameter's decay' is its weight decay times decay_ratio
+        lr_t, eps_t, decay_ratio = fused_scalars(lr, bias1, bias2, self.eps, 1.0)
+        fused = (lr_t, eps_t, decay_ratio, ops.scalar_to_tensor(self.beta1, mstype.float32),
+                 ops.scalar_to_tensor(self.beta2, mstype.float32))
+        done = each(ops.partial(_adamw_one, self.adam, fused, (self.beta1, self.beta2, self.eps), lr, bias1, bias2),
+                    self.fused, self.weight_decay, self.params, self.exp_avg, self.exp_avg_sq, grads)
         return ops.depend(step, done)
 
 
+def _adamw_one(adam, fused_scalars_, betas, lr, bias1, bias2, fused, weight_decay, param, m, v, grad):
+    """One parameter's AdamW update (mapped over the parameters by AdamW.construct)."""
+    grad = grad.astype(mstype.float32)
+    if fused:
+        lr_t, eps_t, decay_ratio, beta1, beta2 = fused_scalars_
+        return adam(param, m, v, lr_t, beta1, beta2, eps_t, decay_ratio * weight_decay, grad)
+    beta1, beta2, eps = betas
+    m_new = m * beta1 + grad * (1.0 - beta1)
+    v_new = v * beta2 + grad * grad * (1.0 - beta2)
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    update = (m_new / bias1) / (ops.sqrt(v_new / bias2) + eps)
+    return ops.assign(param, (param * (1.0 - lr * weight_decay) - lr * update).astype(param.dtype))
+
+
 def global_norm(grads):
-    total = 0.0
-    for g in grads:
-        g32 = g.astype(mstype.float32)
-        total = total + (g32 * g32).sum()
-    return ops.sqrt(total)
+    """L2 norm of all of `grads` together, float32 scalar."""
+    return ops.sqrt(square_sum(grads))
+
+
+def clip_to_norm(grads, norm, max_norm: float):
+    """grads scaled by min(max_norm / (norm + 1e-6), 1), the global norm `norm` given (e.g. computed over TP or
+    ZeRO shards); max_norm <= 0 disables clipping. The form of torch.nn.utils.clip_grad_norm_."""
+    if max_norm <= 0:
+        return grads
+    return scale_each(grads, ops.minimum(max_norm / (norm + 1e-6), 1.0))
 
 
 def clip_by_global_norm(grads, max_norm: float):
     """Scale grads so their global L2 norm is at most max_norm (0 disables). Returns (grads, norm before)."""
     norm = global_norm(grads)
-    if max_norm <= 0:
-        return grads, norm
-    factor = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tuple(g * factor.astype(g.dtype) for g in grads), norm
+    return clip_to_norm(grads, norm, max_norm), norm

@@ -15,8 +15,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, amp, nn, ops
 
+from ascend_llm.train.each import add_each, scale_each
 from ascend_llm.train.loss import token_cross_entropy
-from ascend_llm.train.optim import AdamW, clip_by_global_norm
+from ascend_llm.train.optim import AdamW, clip_by_global_norm, clip_to_norm
 
 
 def cross_entropy_loss(logits, labels):
@@ -30,15 +31,6 @@ def masked_cross_entropy_loss(logits, labels):
     document boundary, Megatron's eod_mask_loss); logits (B, S, V), labels (B, S) int32."""
     vocab = logits.shape[-1]
     return ops.cross_entropy(logits.reshape(-1, vocab).astype(ms.float32), labels.reshape(-1), ignore_index=-100)
-
-
-def clip_to_norm(grads, norm, max_norm: float):
-    """grads scaled by min(max_norm / (norm + 1e-6), 1) (`train.optim.clip_by_global_norm` with the norm
-    given: computed over TP shards); max_norm <= 0 disables clipping."""
-    if max_norm <= 0:
-        return grads
-    factor = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tuple(g * factor.astype(g.dtype) for g in grads)
 
 
 EVAL_ROWS_CPU = 1  # rows per compiled evaluation call on CPU (see row_chunked)
@@ -101,11 +93,11 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         return scaler.unscale(loss), grads_
 
     def accumulate(acc, new):
-        return tuple(a + b for a, b in zip(acc, new))
+        return add_each(acc, new)
 
     def apply(grads_, loss, lr, grad_scale):
         loss = reduce((loss * grad_scale,))[0]  # collectives chained by data: the same order on every rank
-        grads_ = reduce(ops.depend(tuple(g * grad_scale for g in grads_), loss))
+        grads_ = reduce(ops.depend(scale_each(grads_, grad_scale), loss))
         grads_ = scaler.unscale(grads_)
         if grad_norm is None:
             finite = scaler.adjust(amp.all_finite(grads_))
@@ -123,7 +115,7 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
         finiteness over the group (a rank that skips alone would hang the others), clip by the global norm of
         the shards, update."""
         loss = reduce((loss * grad_scale,))[0]
-        grads_ = scaler.unscale(ops.depend(tuple(g * grad_scale for g in grads_), loss))
+        grads_ = scaler.unscale(ops.depend(scale_each(grads_, grad_scale), loss))
         shards = optimizer.reduce_gradients(grads_)
         all_ok = optimizer.shards_finite(shards)  # agreed over the ZeRO group and TP (parallel/zero.py)
         finite = scaler.adjust(all_ok)

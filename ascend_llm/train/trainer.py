@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 from mindspore import Tensor, mutable
 
 from ascend_llm.config.root import RecipeConfig
@@ -193,7 +191,7 @@ def finish(session: Session) -> dict:
     logger.info("rank %d: final parameters sha256=%s (%s)", session.rank, digest, session.layout.coordinates())
     summary = {"param_sha256": digest, "losses": session.losses, "val_losses": session.val_losses,
                "run_dir": str(session.run_dir), "first_step_s": session.throughput.first_step_s,
-               "launch_to_first_step_s": _since_launch(session), "start_step": session.start_step,
+               "launch_to_first_step_s": session.throughput.launch_to_first_step_s, "start_step": session.start_step,
                "rank": session.rank, "world_size": session.world_size, "skipped_steps": session.run.num_skipped_steps,
                "tokens_per_step": session.throughput.tokens_per_step,
                "flops_per_token": session.throughput.flops_per_token, "peak_flops": session.throughput.peak_flops}
@@ -205,13 +203,6 @@ def finish(session: Session) -> dict:
     if session.main_rank:
         _write_outputs(session, summary)
     return summary
-
-
-def _since_launch(session: Session) -> float | None:
-    if session.throughput.first_step_s is None:
-        return None
-    return time.time() - psutil.Process().create_time() - (time.perf_counter() - session.throughput.started
-                                                            - session.throughput.first_step_s)
 
 
 def _write_outputs(session: Session, summary: dict) -> None:

@@ -71,3 +71,18 @@ def test_pipe_safe_stream_drops_output_after_the_reader_is_gone():
     assert safe.write("more\n" * 1000) == 5000 and safe.broken
     safe.write("and more")
     safe.flush()
+
+
+def test_process_age_matches_the_launching_parents_clock():
+    """A child that sleeps 1 s and reports its age: at least 1 s, and no more than the parent measured from
+    before the launch (psutil's create_time, off by up to 1 s from the whole-second boot time, fails this)."""
+    import subprocess
+    import sys
+    import time
+
+    code = "import time; time.sleep(1.0); from ascend_llm.train.metrics import process_age_s; print(process_age_s())"
+    before = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    elapsed = time.monotonic() - before
+    age = float(out.stdout.strip().splitlines()[-1])
+    assert 1.0 <= age <= elapsed + 0.02
