@@ -84,12 +84,6 @@ class SegmentedAttention(nn.Cell):
         self.visible = Tensor(plan.visible.astype(np.int32))
         self.any_plain = not has_segments and bool((plan.k_mid > plan.k_lo).any())
         self.any_masked = has_segments or bool(plan.masked.any())
-        # Loops that run exactly once for every block (one query or key block; the causal diagonal's single masked
-        # pair when bq == bk) call their body directly: a WhileLoop costs compile time and a control-flow actor
-        # per call. Segment ranges are known only at run time, so with segments every inner loop stays a loop.
-        self.fwd_outer_once, self.bwd_outer_once = self.nq == 1, self.nk == 1
-        self.fwd_masked_once = not has_segments and bool(np.all(plan.k_hi - plan.k_mid == 1))
-        self.bwd_masked_once = not has_segments and bool(np.all(plan.q_mid - plan.q_lo == 1))
         self.pair_bias = self._constant_bias(plan)
         # Constants instead of ops.arange/ops.full: MindSpore functions with keyword-only arguments break
         # ("func graph is empty") when both construct and bprop use them.
@@ -218,10 +212,6 @@ class SegmentedAttention(nn.Cell):
             bias = ops.tile(bias, (1, self.group, 1, 1)).reshape(batch, 1, self.rows, bk)
         return ops.tile(bias, (self.batch // batch, self.num_kv_heads, 1, 1))
 
-    def _loop(self, cond, body, state, once: bool):
-        """`while cond(state): state = body(state)`; a direct call when the caller knows it runs once."""
-        return body(state) if once else self.while_loop(cond, body, state)
-
     # ----- forward -----
     # _same_shape_note: MindSpore's CPU elementwise kernels are several times slower when an operand is
     # broadcast (s - m with m of shape (..., rows, 1): 2-5x the time of a same-shape subtract, measured at
@@ -268,7 +258,7 @@ class SegmentedAttention(nn.Cell):
             state = self.while_loop(self._fwd_cond, self._fwd_plain, state)
         if self.any_masked:
             state = (mid, ops.gather(k_hi, i, 0)) + state[2:]
-            state = self._loop(self._fwd_cond, self._fwd_masked, state, self.fwd_masked_once)
+            state = self.while_loop(self._fwd_cond, self._fwd_masked, state)
         m, acc = state[8], state[9]
         lsum = acc[..., self.head_dim:]
         seen = lsum > 0
@@ -285,7 +275,7 @@ class SegmentedAttention(nn.Cell):
         (k_lo, k_mid, k_hi), _ = self._ranges(q_segs, k_segs)
         out = self._q_view(self._with_column(q, 0.0) * 0.0)  # see _fresh_buffers_note
         state = (ops.zeros((), mstype.int32), q6, k5, v5, q_segs, k_segs, k_lo, k_mid, k_hi, out)
-        state = self._loop(self._fwd_outer_cond, self._fwd_outer_body, state, self.fwd_outer_once)
+        state = self.while_loop(self._fwd_outer_cond, self._fwd_outer_body, state)
         out = state[9].reshape(self.batch, self.num_heads, self.nq * self.block_q, self.head_dim + 1)
         return out[:, :, : self.seq_q] if self.nq * self.block_q != self.seq_q else out
 
@@ -326,7 +316,7 @@ class SegmentedAttention(nn.Cell):
         state = (ops.gather(q_lo, j, 0), mid, j, k_block, v_block, ops.gather(k_segs, j, 1), q, do, q_segs, dq,
                  zeros, zeros)
         if self.any_masked:
-            state = self._loop(self._bwd_cond, self._bwd_masked, state, self.bwd_masked_once)
+            state = self.while_loop(self._bwd_cond, self._bwd_masked, state)
         if self.any_plain:
             state = (mid, ops.gather(q_hi, j, 0)) + state[2:]
             state = self.while_loop(self._bwd_cond, self._bwd_plain, state)
@@ -349,7 +339,7 @@ class SegmentedAttention(nn.Cell):
         dq = do6 * 0.0  # see _fresh_buffers_note
         dkv = ops.concat((k5, v5), -1) * 0.0
         state = (ops.zeros((), mstype.int32), q6, k5, v5, do6, q_segs, k_segs, q_lo, q_mid, q_hi, dq, dkv)
-        state = self._loop(self._bwd_outer_cond, self._bwd_outer_body, state, self.bwd_outer_once)
+        state = self.while_loop(self._bwd_outer_cond, self._bwd_outer_body, state)
         dq = state[10].reshape(self.batch, self.num_heads, self.nq * self.block_q, d + 1)[:, :, : self.seq_q, :d]
         dkv = state[11].reshape(self.batch, self.num_kv_heads, self.nk * self.block_k, 2 * d)[:, :, : self.seq_k]
         return dq.astype(q.dtype), dkv[..., :d].astype(k.dtype), dkv[..., d:].astype(v.dtype), q_seg * 0, k_seg * 0
