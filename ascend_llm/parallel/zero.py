@@ -55,8 +55,29 @@ from ascend_llm.config.optim import OptimConfig
 from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.parallel import comm
 from ascend_llm.parallel.tp import replicated_norm_weights, sharded_norm_weights
-from ascend_llm.train.each import square_sum
-from ascend_llm.train.optim import clip_to_norm, decays
+from ascend_llm.train.each import each, square_sum
+from ascend_llm.train.optim import adamw_update, clip_to_norm, decays
+
+
+def _own_slice(start: int, stop: int, chunk: int, tensor):
+    """tensor flattened, as float32, [start, stop) zero-padded to `chunk` elements (cast first: CPU slices have no
+    bf16 kernel)."""
+    if stop == start:
+        return ops.zeros((chunk,), mstype.float32)
+    flat = tensor.reshape(-1).astype(mstype.float32)[start:stop]
+    if chunk > stop - start:
+        return ops.concat((flat, ops.zeros((chunk - (stop - start),), mstype.float32)), 0)
+    return flat
+
+
+def _padded_flat(pad: int, tensor):
+    """tensor flattened with `pad` zeros appended (to chunk * group size elements, for the reduce-scatter)."""
+    flat = tensor.reshape(-1)
+    return ops.concat((flat, ops.zeros((pad,), flat.dtype)), 0) if pad else flat
+
+
+def _scaled_f32(scale: float, shard):
+    return shard.astype(mstype.float32) * scale
 
 
 def shard_numel(numel: int, size: int) -> int:
@@ -97,6 +118,8 @@ class ZeroAdamW(nn.Cell):
         self.sizes = tuple(int(np.prod(p.shape)) for p in params)
         self.chunks = tuple(shard_numel(n, self.size) for n in self.sizes)
         self.ranges = tuple(owned_range(n, self.size, self.rank) for n in self.sizes)
+        self.starts, self.stops = tuple(r[0] for r in self.ranges), tuple(r[1] for r in self.ranges)
+        self.pads = tuple(c * self.size - n for c, n in zip(self.chunks, self.sizes))
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.weight_decay = tuple(cfg.weight_decay if decays(p.name) else 0.0 for p in params)
         self.grad_clip = float(grad_clip) if stage == 2 else 0.0
@@ -127,32 +150,24 @@ class ZeroAdamW(nn.Cell):
         return sum(int(np.prod(p.shape)) * p.itemsize for p in self.state_parameters())
 
     # -- compiled pieces ---------------------------------------------------------------------------------
-    def _slice(self, tensor, i):
-        """This rank's float32 slice of parameter-shaped `tensor` i, zero-padded to its chunk."""
-        start, stop = self.ranges[i]
-        flat = tensor.reshape(-1).astype(mstype.float32)  # cast first: CPU slices have no bf16 kernel
-        pad = self.chunks[i] - (stop - start)
-        if stop == start:
-            return ops.zeros((self.chunks[i],), mstype.float32)
-        if pad:
-            return ops.concat((flat[start:stop], ops.zeros((pad,), mstype.float32)), 0)
-        return flat[start:stop]
+    # Per-parameter arithmetic is mapped with `each` (HyperMap: compiles in a fraction of the time of an
+    # unrolled loop, see train/each.py); only the collectives run in a loop, chained by `ops.depend` so every
+    # rank issues them in the same order.
+    def _slices(self, tensors):
+        """(this rank's float32 slice of each parameter-shaped tensor,)"""
+        return each(_own_slice, self.starts, self.stops, self.chunks, tensors)
 
     def reduce_gradients(self, grads):
         """(full gradients,) -> tuple of this rank's float32 shards of the group-average gradient."""
         if self.stage == 1:
-            return tuple(self._slice(grads[i], i) for i in range(len(self.params)))
+            return self._slices(grads)
+        flats = each(_padded_flat, self.pads, grads)
         shards, previous = (), None
         for i in range(len(self.params)):
-            flat = grads[i].reshape(-1)
-            pad = self.chunks[i] * self.size - self.sizes[i]
-            if pad:
-                flat = ops.concat((flat, ops.zeros((pad,), flat.dtype)), 0)
-            if previous is not None:
-                flat = ops.depend(flat, previous)  # same collective order on every rank
+            flat = flats[i] if previous is None else ops.depend(flats[i], previous)
             previous = self.scatter(flat)
-            shards = shards + (previous.astype(mstype.float32) * self.grad_scale,)
-        return shards
+            shards = shards + (previous,)
+        return each(ops.partial(_scaled_f32, self.grad_scale), shards)
 
     def shards_finite(self, shards):
         """Whether every gradient shard on every rank of `group` and `tp_group` is finite: a bool scalar, the same
@@ -185,25 +200,20 @@ class ZeroAdamW(nn.Cell):
         t = step.astype(mstype.float32)
         bias1 = 1.0 - ops.pow(self.beta1, t)
         bias2 = 1.0 - ops.pow(self.beta2, t)
+        current = self.master if self.has_master else self._slices(self.params)
+        update = ops.partial(adamw_update, (self.beta1, self.beta2, self.eps), lr, bias1, bias2)
+        news = each(update, self.weight_decay, current, self.exp_avg, self.exp_avg_sq, shards)
+        if self.has_master:
+            news = each(ops.assign, self.master, news)
         previous = None
         for i in range(len(self.params)):
-            param, g = self.params[i], shards[i]
-            m = self.exp_avg[i] * self.beta1 + g * (1.0 - self.beta1)
-            v = self.exp_avg_sq[i] * self.beta2 + g * g * (1.0 - self.beta2)
-            ops.assign(self.exp_avg[i], m)
-            ops.assign(self.exp_avg_sq[i], v)
-            update = (m / bias1) / (ops.sqrt(v / bias2) + self.eps)
-            current = self.master[i] if self.has_master else self._slice(param, i)
-            new = current * (1.0 - lr * self.weight_decay[i]) - lr * update
-            if self.has_master:
-                ops.assign(self.master[i], new)
+            param, new = self.params[i], news[i]
             if self.native:
                 new = new.astype(param.dtype)
             if previous is not None:
                 new = ops.depend(new, previous)  # same collective order on every rank
             previous = self.gather(new)
-            full = previous[:self.sizes[i]].reshape(param.shape)
-            ops.assign(param, full.astype(param.dtype))
+            ops.assign(param, previous[:self.sizes[i]].reshape(param.shape).astype(param.dtype))
         return step
 
     def construct(self, grads, lr):

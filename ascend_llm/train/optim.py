@@ -74,13 +74,20 @@ def _adamw_one(adam, fused_scalars_, betas, lr, bias1, bias2, fused, weight_deca
     if fused:
         lr_t, eps_t, decay_ratio, beta1, beta2 = fused_scalars_
         return adam(param, m, v, lr_t, beta1, beta2, eps_t, decay_ratio * weight_decay, grad)
+    return ops.assign(param, adamw_update(betas, lr, bias1, bias2, weight_decay, param, m, v, grad).astype(param.dtype))
+
+
+def adamw_update(betas, lr, bias1, bias2, weight_decay, current, m, v, grad):
+    """AdamW written with plain ops (the formula in `fused_scalars`' doc): assigns the moments m and v (float32
+    Parameters) and returns current * (1 - lr * wd) - lr * (m / bias1) / (sqrt(v / bias2) + eps), the new value of
+    the parameter (or of its ZeRO shard). betas = (beta1, beta2, eps); grad float32, shaped like m."""
     beta1, beta2, eps = betas
     m_new = m * beta1 + grad * (1.0 - beta1)
     v_new = v * beta2 + grad * grad * (1.0 - beta2)
     ops.assign(m, m_new)
     ops.assign(v, v_new)
     update = (m_new / bias1) / (ops.sqrt(v_new / bias2) + eps)
-    return ops.assign(param, (param * (1.0 - lr * weight_decay) - lr * update).astype(param.dtype))
+    return current * (1.0 - lr * weight_decay) - lr * update
 
 
 def global_norm(grads):
