@@ -9,6 +9,8 @@ per-request sampling and stop conditions.
 Prompts are written at positions 0..len-1 of their slot and padded on the right up to a bucket (a multiple of
 `prefill_bucket`), so graph mode compiles one prefill graph per bucket and one decode graph; each row keeps its
 own position counter, which is equivalent to transformers' left padding with position ids and needs no mask.
+With `prefill_by_decode=True` prompts go through the decode graph one position per call instead: no prefill
+graph to compile (about as long as the decode graph's), for prompts of a few tokens (the trainer's sample).
 """
 
 from __future__ import annotations
@@ -38,15 +40,18 @@ class Engine:
     """KV-cache generation for a Llama-family `Transformer` (anything with `cfg`, `tok_embeddings`, `layers`,
     `project_logits`). max_len: cache positions per slot (prompt + new tokens), at most model.cfg.max_seq_len
     for models whose RoPE was trained that far; num_slots: concurrent sequences; prefill_bucket: prompt lengths
-    are padded up to a multiple of it (one compiled prefill graph per bucket)."""
+    are padded up to a multiple of it (one compiled prefill graph per bucket); prefill_by_decode: feed prompts
+    through the decode graph instead (see the module doc)."""
 
-    def __init__(self, model: nn.Cell, max_len: int, num_slots: int = 1, prefill_bucket: int = 64):
+    def __init__(self, model: nn.Cell, max_len: int, num_slots: int = 1, prefill_bucket: int = 64,
+                 prefill_by_decode: bool = False):
         if max_len < 2:
             raise ConfigError("max_len", max_len, "must be >= 2 (prompt + at least one new token)")
         if num_slots < 1:
             raise ConfigError("num_slots", num_slots, "must be >= 1")
         self.model, self.max_len, self.num_slots = model, max_len, num_slots
         self.prefill_bucket = max(1, prefill_bucket)
+        self.prefill_by_decode = prefill_by_decode
         self.forward = CachedForward(model, max_len)
         self.keys, self.values = empty_cache(model.cfg, num_slots, max_len)
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -75,10 +80,25 @@ class Engine:
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = prompt
         began = time.perf_counter()
-        logits = self._run(tokens, slots, np.zeros(len(slots), np.int32), (lengths - 1)[:, None])
+        if self.prefill_by_decode:
+            logits = self._prefill_by_decode(tokens, slots, lengths)
+        else:
+            logits = self._run(tokens, slots, np.zeros(len(slots), np.int32), (lengths - 1)[:, None])[:, 0]
         self.stats["prefill_s"] += time.perf_counter() - began
         self.stats["prefill_tokens"] += int(lengths.sum())
-        return logits[:, 0]
+        return logits
+
+    def _prefill_by_decode(self, tokens: np.ndarray, slots, lengths: np.ndarray) -> np.ndarray:
+        """Positions 0..max(lengths)-1 through the decode graph; each row's logits at its last prompt position.
+        Rows past their prompt write padding, which the next decode step overwrites before any query sees it."""
+        rows, out = np.arange(len(slots)), None
+        for position in range(int(lengths.max())):
+            step = self._run(tokens[:, position:position + 1], slots, np.full(len(slots), position, np.int32),
+                             np.zeros((len(slots), 1), np.int32))[:, 0]
+            out = np.empty_like(step) if out is None else out
+            last = rows[lengths - 1 == position]
+            out[last] = step[last]
+        return out
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
         """Append tokens[i] at positions[i] of slots[i]; returns next-token logits (len(slots), V) float32.

@@ -26,7 +26,8 @@ def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: i
         return tokenizer.decode(ids)
     ids = ids[-max(1, window - num_tokens):]
     new_tokens = min(num_tokens, window - len(ids))
-    engine = Engine(model, max_len=len(ids) + new_tokens, num_slots=1, prefill_bucket=len(ids))
+    # prompts are a few tokens: the decode graph alone serves them (one graph to compile, not two)
+    engine = Engine(model, max_len=len(ids) + new_tokens, num_slots=1, prefill_by_decode=True)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if top_k <= 1 else 1.0,
                             top_k=0 if top_k <= 1 else top_k, seed=seed)
     result = engine.generate([ids], params)[0]

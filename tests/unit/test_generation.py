@@ -83,6 +83,22 @@ def test_logits_with_cache_equal_logits_without():
     assert not keys[0].asnumpy()[1].any() and keys[0].asnumpy()[0, :, :length].any()
 
 
+def test_prefill_by_decode_matches_transformers_with_one_graph():
+    """Prompts of different lengths fed through the decode graph (no prefill graph): each row's first logits equal
+    the no-cache forward at its last prompt position, and the greedy continuation is transformers' golden one."""
+    model, _, tokenizer, meta = loaded("llama_gqa")
+    prompt, golden = meta["text_input_ids"], meta["greedy_continuation_ids"]
+    engine = Engine(model, max_len=64, num_slots=2, prefill_by_decode=True)
+    short = prompt[:5]
+    logits = engine.prefill([1, 0], [short, prompt])
+    window = np.zeros((2, len(prompt)), np.int32)
+    window[0, :len(short)], window[1] = short, prompt
+    full = model(Tensor(window)).asnumpy()
+    np.testing.assert_allclose(logits, full[[0, 1], [len(short) - 1, len(prompt) - 1]], rtol=0, atol=CACHE_TOL)
+    result = engine.generate([prompt], SamplingParams(max_new_tokens=len(golden)), tokenizer)[0]
+    assert result.token_ids == golden
+
+
 def test_sampling_filters_follow_their_definitions():
     logits = np.array([2.0, -1.0, 0.5, 3.0, 0.0, -2.0])
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
