@@ -91,17 +91,20 @@ def run_peer(path: str, python: str, dims: dict, steps: int, sdpa: bool) -> dict
             "peak_rss_mib": None if proc.peak_rss_mib is None else round(proc.peak_rss_mib)}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module doc as written, and every option's default."""
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="bench train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--modes", default="graph,pynative")
-    parser.add_argument("--out", default="bench_results/train.json")
+    parser = argparse.ArgumentParser(prog="bench train", description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--model", default="tiny", help="model flavor (recipes/model)")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps per mode")
+    parser.add_argument("--modes", default="graph,pynative", help="MindSpore execution modes, comma-separated")
+    parser.add_argument("--out", default="bench_results/train.json", help="JSON results (relative: to the cwd)")
     parser.add_argument("--peer", default=None, help="a peer script (e.g. ../shared/peers/torch_llama.py)")
     parser.add_argument("--peer-python", default=os.environ.get("ASCEND_LLM_PEER_PYTHON", "python3"),
-                        help="a Python with torch for the peer (default $ASCEND_LLM_PEER_PYTHON or python3)")
-    parser.add_argument("--peer-steps", type=int, default=10)
+                        help="a Python with torch for the peer ($ASCEND_LLM_PEER_PYTHON when set)")
+    parser.add_argument("--peer-steps", type=int, default=None, help="the peer's timed steps; None: as many as --steps")
     parser.add_argument("--peer-sdpa", action="store_true", help="also run the peer with --sdpa")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run")
     args = parser.parse_args(argv)
@@ -131,9 +134,10 @@ def main(argv: list[str]) -> int:
 
 def peer_rows(args, dims: dict) -> list[dict]:
     """Peer rows, and on every toolkit row its tokens/s and peak RSS as ratios to the (naive) peer's."""
-    peers = [run_peer(args.peer, args.peer_python, dims, args.peer_steps, sdpa=False)]
+    peer_steps = args.peer_steps if args.peer_steps is not None else args.steps
+    peers = [run_peer(args.peer, args.peer_python, dims, peer_steps, sdpa=False)]
     if args.peer_sdpa:
-        peers.append(run_peer(args.peer, args.peer_python, dims, args.peer_steps, sdpa=True))
+        peers.append(run_peer(args.peer, args.peer_python, dims, peer_steps, sdpa=True))
     return peers
 
 

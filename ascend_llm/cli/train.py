@@ -23,7 +23,8 @@ def _print_summary(summary: dict) -> None:
     losses = summary["losses"]
     if losses:
         print(f"trained steps {summary['start_step'] + 1}..{summary['start_step'] + len(losses)}: "
-              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; time to first step {summary['first_step_s']:.1f} s")
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; first step {summary['first_step_s']:.1f} s "
+              f"({summary['launch_to_first_step_s']:.1f} s from launch)")
     for step, val in summary["val_losses"][-1:]:
         print(f"validation loss at step {step}: {val:.4f}")
     if "sample" in summary:

@@ -39,6 +39,10 @@ def to_recipe(cfg: DictConfig, overrides: Sequence[str] = ()) -> RecipeConfig:
     return apply_pretrained(recipe.validate(), overrides)
 
 
+# Hydra's words for a value that needed quotes (a space or newline: the lexer; a comma: a sweep in a plain run)
+_UNQUOTED = ("Lexer", "Ambiguous value", "mismatched input", "extraneous input", "no viable alternative")
+
+
 def compose_recipe(overrides: Sequence[str] = (), config_name: str = "train") -> RecipeConfig:
     """Compose `recipes/<config_name>.yaml` with command-line style overrides; raise ConfigError on bad input."""
     from hydra import compose, initialize_config_dir
@@ -55,6 +59,8 @@ def compose_recipe(overrides: Sequence[str] = (), config_name: str = "train") ->
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if exc.__cause__ is not None:
             reason += ": " + str(exc.__cause__).splitlines()[0]
+        if any(word in reason for word in _UNQUOTED) or type(exc).__name__ == "OverrideParseException":
+            reason += " (quote a value that holds spaces, commas, quotes or newlines: key='a, b')"
         raise ConfigError("overrides", " ".join(overrides), reason) from None
     try:
         return to_recipe(cfg, overrides)

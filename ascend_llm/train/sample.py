@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from mindspore import Tensor, nn
 
 from ascend_llm.inference import Engine, SamplingParams
+
+logger = logging.getLogger("ascend_llm.train")
 
 
 def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: int, top_k: int = 1,
@@ -24,8 +28,12 @@ def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: i
     window = min(seq_len, model.cfg.max_seq_len)
     if num_tokens < 1 or window < 2:
         return tokenizer.decode(ids)
-    ids = ids[-max(1, window - num_tokens):]
-    new_tokens = min(num_tokens, window - len(ids))
+    kept = ids[-max(1, window - num_tokens):]
+    new_tokens = min(num_tokens, window - len(kept))
+    if len(kept) < len(ids) or new_tokens < num_tokens:
+        logger.info("closing sample: the %d-position window (data.seq_len) keeps the prompt's last %d of %d tokens "
+                    "and generates %d of train.sample_tokens=%d", window, len(kept), len(ids), new_tokens, num_tokens)
+    ids = kept
     # prompts are a few tokens: the decode graph alone serves them (one graph to compile, not two)
     engine = Engine(model, max_len=len(ids) + new_tokens, num_slots=1, prefill_by_decode=True)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if top_k <= 1 else 1.0,

@@ -99,6 +99,21 @@ def test_prefill_by_decode_matches_transformers_with_one_graph():
     assert result.token_ids == golden
 
 
+def test_closing_sample_says_when_the_window_cuts_the_prompt(caplog):
+    from ascend_llm.train.sample import generate
+
+    model, _, tokenizer, meta = loaded("llama_gqa")
+    text = tokenizer.decode(meta["text_input_ids"])
+    with caplog.at_level("INFO", logger="ascend_llm.train"):
+        out = generate(model, tokenizer, text, num_tokens=4, seq_len=10)
+    assert "keeps the prompt's last 6 of" in caplog.text and "generates 4 of train.sample_tokens=4" in caplog.text
+    assert out.startswith(tokenizer.decode(meta["text_input_ids"][-6:]))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ascend_llm.train"):
+        generate(model, tokenizer, text, num_tokens=4, seq_len=64)
+    assert "closing sample" not in caplog.text
+
+
 def test_sampling_filters_follow_their_definitions():
     logits = np.array([2.0, -1.0, 0.5, 3.0, 0.0, -2.0])
     probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()

@@ -33,3 +33,15 @@ def test_sweep_expands_every_combination_with_non_ascii_values():
     prompts = {compose_recipe(c).train.sample_prompt for c in combos}
     assert prompts == {"经济", "中国"}
     assert {compose_recipe(c).optim.lr for c in combos} == {1e-3, 3e-3}
+
+
+def test_unquoted_comma_or_space_says_to_quote_and_the_quoted_value_works():
+    with pytest.raises(ConfigError, match=r"quote a value that holds spaces, commas") as err:
+        compose_recipe(["train.sample_prompt=import os, sys"])
+    assert "\n" not in err.value.one_line()
+    assert compose_recipe(["train.sample_prompt='import os, sys'"]).train.sample_prompt == "import os, sys"
+
+
+def test_unquoted_newline_says_to_quote():
+    with pytest.raises(ConfigError, match=r"quote a value that holds spaces, commas"):
+        compose_recipe(["train.sample_prompt=import os\ndef main(): return 0"])
