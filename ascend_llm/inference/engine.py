@@ -93,12 +93,15 @@ class Engine:
         Rows past their prompt write padding, which the next decode step overwrites before any query sees it."""
         rows, out = np.arange(len(slots)), None
         for position in range(int(lengths.max())):
-            step = self._run(tokens[:, position:position + 1], slots, np.full(len(slots), position, np.int32),
-                             np.zeros((len(slots), 1), np.int32))[:, 0]
+            step = self._decode_step(slots, tokens[:, position], np.full(len(slots), position, np.int32))
             out = np.empty_like(step) if out is None else out
             last = rows[lengths - 1 == position]
             out[last] = step[last]
         return out
+
+    def _decode_step(self, slots, tokens, positions: np.ndarray) -> np.ndarray:
+        """One token per slot at its position through the decode graph: next-token logits (len(slots), V)."""
+        return self._run(np.asarray(tokens, np.int32)[:, None], slots, positions, np.zeros((len(slots), 1)))[:, 0]
 
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
         """Append tokens[i] at positions[i] of slots[i]; returns next-token logits (len(slots), V) float32.
@@ -108,10 +111,10 @@ class Engine:
         if positions.max() >= self.max_len:
             raise ConfigError("position", int(positions.max()), f"must be < cache max_len={self.max_len}")
         began = time.perf_counter()
-        logits = self._run(np.asarray(tokens, np.int32)[:, None], slots, positions, np.zeros((len(slots), 1)))
+        logits = self._decode_step(slots, tokens, positions)
         self.stats["decode_s"] += time.perf_counter() - began
         self.stats["decode_tokens"] += len(slots)
-        return logits[:, 0]
+        return logits
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  tokenizer=None) -> list[GenerationResult]:
