@@ -14,46 +14,32 @@ back). A checkpoint holding a non-finite parameter or moment is never written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from ascend_llm.errors import CheckpointError, ConfigError
+from ascend_llm.store.checkpoints import (  # noqa: F401  (the format, re-exported for the trainer)
+    FORMAT,
+    STATE_FILE,
+    checkpoint_config,
+    checkpoint_dir,
+    latest_valid_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    sha256_file,
+)
 from ascend_llm.train.state import Stateful
 
 logger = logging.getLogger("ascend_llm.train")
-FORMAT = 2
-STATE_FILE = "state.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories, newest step first (temporary and set-aside directories are ignored)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def fsync_path(path: Path) -> None:
@@ -92,43 +78,6 @@ def _first_nonfinite(arrays: Mapping[str, np.ndarray]) -> str | None:
     for name, value in arrays.items():
         if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             return name
-    return None
-
-
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-    """Verify and read one checkpoint: (state.json, {part: arrays}). CheckpointError names the file and what is
-    wrong (unreadable, missing, checksum mismatch, older format)."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / STATE_FILE).read_text())
-        expected = meta["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        if (path / STATE_FILE).is_file() and "sha256" in (path / STATE_FILE).read_text():
-            raise CheckpointError(str(path), "format 1", "written by an older ascend_llm; this version reads "
-                                  "format 2 (start a fresh run or use the release that wrote it)") from None
-        raise CheckpointError(str(path / STATE_FILE), "unreadable", f"must be valid JSON with files ({exc})") from None
-    for name, digest in expected.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(str(file), "missing", "listed in state.json but absent")
-        if sha256_file(file) != digest:
-            raise CheckpointError(str(file), "sha256 mismatch", f"must match state.json ({digest[:12]}): corrupted")
-    tensors = {}
-    for part in meta.get("tensor_parts", []):
-        try:
-            tensors[part] = load_file(str(path / f"{part}.safetensors"))
-        except Exception as exc:  # safetensors raises its own error types on malformed files
-            raise CheckpointError(str(path / f"{part}.safetensors"), "unreadable", f"safetensors: {exc}") from None
-    return meta, tensors
-
-
-def latest_valid_checkpoint(run_dir: Path, report: Callable[[str], None] = logger.warning):
-    """(path, (meta, tensors)) of the newest checkpoint that verifies, reporting each one skipped; or None."""
-    for path in list_checkpoints(run_dir):
-        try:
-            return path, read_checkpoint(path)
-        except CheckpointError as exc:
-            report(f"{exc.one_line()}; skipping to the previous checkpoint")
     return None
 
 
@@ -315,11 +264,6 @@ def _run_id(path: Path) -> str | None:
         return json.loads((path / STATE_FILE).read_text()).get("run_id")
     except (OSError, ValueError):
         return None
-
-
-def checkpoint_config(meta: Mapping[str, Any]) -> dict:
-    """The resolved recipe (a plain dict) a checkpoint's state.json records. KeyError when absent."""
-    return meta["parts"]["run"]["config"]
 
 
 class _Arrays:

@@ -1,0 +1,1 @@
+"""What lies on disk: crash-safe writes and the checkpoint format (the ground floor: imports no other folder)."""
