@@ -195,7 +195,7 @@ extern "C" int bf16_round(int nparam, void **params, int *ndims, int64_t **shape
 }
 """
 
-FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-fast-math"]
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-fast-math")
 
 
 def cache_dir() -> Path:
@@ -205,23 +205,30 @@ def cache_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def library_path() -> str | None:
     """Path of the compiled kernel library, building it on first use; None when no compiler works."""
+    return compile_library("fp8_cast", SOURCE, FLAGS)
+
+
+@functools.cache
+def compile_library(stem: str, source: str, flags: tuple[str, ...]) -> str | None:
+    """Build C++ `source` with g++ (or $CXX) and `flags` into cache_dir()/<stem>_<hash of source+flags>.so once
+    (atomic rename: concurrent builders agree); returns its path, or None when no compiler works (logged)."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return None
-    digest = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"fp8_cast_{digest}.so"
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{stem}_{digest}.so"
     if target.is_file():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "fp8_cast.cc"
-        src.write_text(SOURCE)
+        src = Path(tmp) / f"{stem}.cc"
+        src.write_text(source)
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, "-o", str(out), str(src)], capture_output=True, text=True)
         if proc.returncode != 0:
-            logger.info("fused FP8 CPU kernel not built (%s); using MindSpore ops", proc.stderr.strip()[:200])
+            logger.info("C++ CPU kernel %s not built (%s); using MindSpore ops", stem, proc.stderr.strip()[:200])
             return None
-        os.replace(out, target)  # atomic: concurrent builders agree on the result
+        os.replace(out, target)
     return str(target)
 
 
