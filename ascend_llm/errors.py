@@ -45,6 +45,13 @@ class InteropError(UserInputError):
     area = "model import"
 
 
+class OutputError(UserInputError):
+    """An output path that cannot be written (read-only, full disk, a file where a directory belongs) or that
+    the toolkit refuses to replace (not empty, not written by it, the working directory, the source model)."""
+
+    area = "output"
+
+
 class TrainingDiverged(RuntimeError):
     """Raised by the trainer after `train.max_nonfinite_steps` non-finite steps in a row (exit status 3)."""
 

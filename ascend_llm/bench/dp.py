@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ascend_llm.fileio import write_text_atomic
+from ascend_llm.store.files import write_file_atomic
 
 WORKER_FLAG = "--worker-out"
 
@@ -66,7 +66,7 @@ def worker_main(argv: list[str]) -> int:
         rates = [r["tokens_per_s"] for r in records if r["step"] > summary["start_step"] + 1]
         result = {"world_size": world, "tokens_per_s": statistics.median(rates), "allreduce_ms": allreduce_ms,
                   "num_params": int(sum(p.size for p in params)), "first_step_s": summary["first_step_s"]}
-        write_text_atomic(out_path, json.dumps(result))
+        write_file_atomic(out_path, json.dumps(result))
     return 0
 
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ascend_llm.errors import ConfigError
-from ascend_llm.fileio import write_text_atomic
+from ascend_llm.store.files import write_file_atomic
 
 WORKER_FLAG = "--bench-worker"  # --bench-worker=<task>:<out path prefix>
 TASKS = ("step", "trial")
@@ -73,7 +73,7 @@ def _vmhwm_mib() -> float:
 
 
 def _write_atomic(path: str, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data))
+    write_file_atomic(path, json.dumps(data))
 
 
 def _eager_steps(session):

@@ -8,7 +8,7 @@ import platform
 import time
 from pathlib import Path
 
-from ascend_llm.fileio import write_text_atomic
+from ascend_llm.store.files import write_file_atomic
 
 
 def print_table(rows: list[dict], columns: list[str]) -> str:
@@ -30,4 +30,4 @@ def write_json(path: str | os.PathLike, name: str, rows: list[dict], **extra) ->
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(),
                "machine": platform.machine(), "python": platform.python_version(),
                "mindspore": mindspore.__version__, **extra, "rows": rows}
-    return write_text_atomic(path, json.dumps(payload, indent=2))
+    return write_file_atomic(path, json.dumps(payload, indent=2))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ascend_llm.errors import RankTableError
-from ascend_llm.fileio import write_text_atomic
+from ascend_llm.store.files import write_file_atomic
 
 VERSIONS = ("1.0", "1.2")
 MAX_DEVICE_ID = 15
@@ -298,7 +298,7 @@ def write_rank_table(table: RankTable, path: str | os.PathLike) -> Path:
     """Validate, then write atomically (temp file, fsync, rename)."""
     data = table.to_json()
     parse_rank_table(data)
-    return write_text_atomic(path, json.dumps(data, indent=4) + "\n")
+    return write_file_atomic(path, json.dumps(data, indent=4) + "\n")
 
 
 def build_single_server_table(server_id: str, device_ips: dict[int, str], device_ids: Sequence[int],

@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.fileio import write_text_atomic
 from ascend_llm.models.llama import count_params
+from ascend_llm.store.files import write_file_atomic
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -51,7 +51,7 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_records(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_file_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
