@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chat-template", help="a jinja2 chat template file to ship with the tokenizer")
     args = parser.parse_args(argv)
     from ascend_llm.interop.export import export_hf
-    from ascend_llm.interop.source import open_source
+    from ascend_llm.interop.source import open_model
 
     if args.max_shard_gb <= 0:
         raise InteropError("--max-shard-gb", args.max_shard_gb, "must be > 0")
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         if not file.is_file():
             raise InteropError("--chat-template", str(file), "must be a readable jinja2 file")
         template = file.read_text(encoding="utf-8")
-    source = open_source(args.source)
+    source = open_model(args.source, build=False)
     out = export_hf(args.output, source.config, source.weights, dtype=args.dtype, tokenizer=source.tokenizer,
                     chat_template=template, generation_config=source.generation,
                     max_shard_bytes=int(args.max_shard_gb * 2**30))

@@ -54,20 +54,20 @@ def main(argv: list[str]) -> int:
     import mindspore as ms
 
     from ascend_llm.eval.perplexity import perplexity
-    from ascend_llm.eval.source import load_source
-    from ascend_llm.eval.text import load_any_tokenizer, parse_slice, token_stream
+    from ascend_llm.eval.text import parse_slice, token_stream
+    from ascend_llm.interop.source import apply_tokenizer_override, open_model
 
     ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
     docs = parse_slice(args.docs, "--docs")
     rows, ids, baseline = [], None, None
     for path in args.models:
-        source = load_source(path)
+        source = open_model(path)
         if ids is None:
-            tok = Path(args.tokenizer) if args.tokenizer else source.tokenizer_file
-            tokenizer = source.tokenizer or load_any_tokenizer(tok, "--tokenizer")
-            ids, num_docs = token_stream(args.corpus, tokenizer, docs, args.text_field)
+            apply_tokenizer_override(source, args.tokenizer)
+            eos = source.eos_token_ids[0] if source.eos_token_ids else None
+            ids, num_docs = token_stream(args.corpus, source.tokenizer, eos, docs, args.text_field)
             print(f"corpus {args.corpus}, documents [{args.docs}]: {num_docs} documents, {len(ids):,} tokens")
-        result = perplexity(source.model, ids, args.window, args.stride, source.model_cfg.max_seq_len,
+        result = perplexity(source.model, ids, args.window, args.stride, source.config.max_seq_len,
                             args.batch_size)
         baseline = baseline or result.perplexity
         rows.append(_row(path, source, result, baseline))

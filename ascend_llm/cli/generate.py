@@ -39,10 +39,10 @@ def main(argv: list[str]) -> int:
     import mindspore as ms
 
     from ascend_llm.inference import Engine, SamplingParams
-    from ascend_llm.interop.source import build_source_model, open_source
+    from ascend_llm.interop.source import open_model
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    source = open_source(args.model)
+    source = open_model(args.model)
     tokenizer = source.tokenizer
     if tokenizer is None:
         raise ConfigError("model", str(args.model), "has no tokenizer (tokenizer.json) to encode --prompt")
@@ -53,13 +53,13 @@ def main(argv: list[str]) -> int:
         prompts = [tokenizer.encode(p) for p in args.prompt]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            stop_token_ids=source.generation["eos_token_ids"], stop_strings=args.stop, seed=args.seed)
+                            stop_token_ids=source.eos_token_ids, stop_strings=args.stop, seed=args.seed)
     params.validate()
     longest = max(len(p) for p in prompts)
     max_len = args.max_len or longest + args.max_new_tokens
     if max_len <= longest:
         raise ConfigError("--max-len", max_len, f"must exceed the longest prompt ({longest} tokens)")
-    engine = Engine(build_source_model(source), max_len=max_len, num_slots=len(prompts))
+    engine = Engine(source.model, max_len=max_len, num_slots=len(prompts))
     results = engine.generate(prompts, [SamplingParams(**{**vars(params), "seed": args.seed + i})
                                         for i in range(len(prompts))], tokenizer)
     speed = engine.tokens_per_second()

@@ -47,31 +47,32 @@ def main(argv: list[str]) -> int:
     import mindspore as ms
 
     from ascend_llm.errors import ConfigError
-    from ascend_llm.eval.source import load_source
-    from ascend_llm.eval.text import calibration_windows, load_any_tokenizer, parse_slice, token_stream
+    from ascend_llm.eval.text import calibration_windows, parse_slice, token_stream
+    from ascend_llm.interop.source import apply_tokenizer_override, open_model
     from ascend_llm.quant.apply import apply_quantization, weight_bytes
     from ascend_llm.quant.io import export_hf_gptq, save_quantized
 
     ms.set_context(mode=ms.GRAPH_MODE)
-    source = load_source(args.model)
+    source = open_model(args.model)
     if source.kind == "quantized":
         raise ConfigError("model", args.model, "is already quantized: quantize the original model")
-    tokenizer_file = Path(args.tokenizer) if args.tokenizer else source.tokenizer_file
+    if args.tokenizer or cfg.method == "gptq":
+        apply_tokenizer_override(source, args.tokenizer)
     calibration = None
     if cfg.method == "gptq":
         if not args.calib_corpus:
             raise ConfigError("--calib-corpus", None, "GPTQ needs a calibration corpus")
-        tokenizer = load_any_tokenizer(tokenizer_file, "--tokenizer")
-        ids, _ = token_stream(args.calib_corpus, tokenizer, parse_slice(args.calib_docs, "--calib-docs"))
+        eos = source.eos_token_ids[0] if source.eos_token_ids else None
+        ids, _ = token_stream(args.calib_corpus, source.tokenizer, eos, parse_slice(args.calib_docs, "--calib-docs"))
         calibration = calibration_windows(ids, cfg.num_calib_samples, cfg.calib_seq_len, cfg.calib_seed)
     done = apply_quantization(source.model, cfg, calibration)
-    out = save_quantized(source.model, source.model_cfg, cfg, list(done), Path(args.out), tokenizer_file)
+    out = save_quantized(source.model, source.config, cfg, list(done), Path(args.out), source.text_files)
     sizes = weight_bytes(source.model)
     print(f"quantized {len(done)} layers ({cfg.method}, int{cfg.bits}, "
           f"{'per-channel' if cfg.group_size == -1 else f'group {cfg.group_size}'}, "
           f"{'sym' if cfg.sym else 'asym'}): {sizes['quantized_fp32']:,} fp32 bytes -> {sizes['quantized']:,} "
           f"bytes ({sizes['quantized_fp32'] / max(sizes['quantized'], 1):.2f}x); wrote {out}")
     if args.hf_gptq:
-        hf_out = export_hf_gptq(source.model, source.model_cfg, cfg, done, Path(args.hf_gptq), tokenizer_file)
+        hf_out = export_hf_gptq(source.model, source.config, cfg, done, Path(args.hf_gptq), source.text_files)
         print(f"wrote Hugging Face GPTQ layout to {hf_out}")
     return 0

@@ -3,8 +3,6 @@ joined with the end-of-text token (the layout `ascend-llm prepare` writes)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from ascend_llm.errors import ConfigError, DataError
@@ -21,28 +19,21 @@ def parse_slice(text: str, field: str) -> slice:
         raise ConfigError(field, text, "must be START:END document indices, e.g. -300: for the last 300") from None
 
 
-def load_any_tokenizer(path: Path | None, field: str = "tokenizer"):
-    from ascend_llm.data.tokenizer import load_tokenizer
-
-    if path is None:
-        raise DataError(field, None, "no tokenizer.json beside the model: pass --tokenizer FILE")
-    return load_tokenizer(str(path))
-
-
-def token_stream(corpus: str, tokenizer, docs: slice, text_field: str = "text") -> tuple[np.ndarray, int]:
-    """(ids (N,) int64, number of documents) for corpus documents `docs`, each followed by the EOS id."""
+def token_stream(corpus: str, tokenizer, eos_id: int | None, docs: slice,
+                 text_field: str = "text") -> tuple[np.ndarray, int]:
+    """(ids (N,) int64, number of documents) for corpus documents `docs`: each encoded as a prompt would be
+    (`tokenizer.encode`, an HFTokenizer: special tokens per its post-processor, e.g. Llama's BOS) and followed by
+    `eos_id` (the model's first EOS id; None = no separator). DataError for an empty selection."""
     from ascend_llm.data.corpus import read_documents
-    from ascend_llm.data.tokenizer import EOS
 
     selected = read_documents(corpus, "auto", text_field, max_bytes=1 << 62)[docs]
     if not selected:
         raise DataError("corpus", corpus, f"no documents in the selection {docs.start}:{docs.stop}")
-    eos = tokenizer.token_to_id(EOS)
     ids: list[int] = []
     for doc in selected:
-        ids.extend(tokenizer.encode(doc).ids)
-        if eos is not None:
-            ids.append(eos)
+        ids.extend(tokenizer.encode(doc))
+        if eos_id is not None:
+            ids.append(int(eos_id))
     return np.asarray(ids, np.int64), len(selected)
 
 

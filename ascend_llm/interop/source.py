@@ -1,72 +1,251 @@
-"""Open whatever the user points a verb at: a Hugging Face model directory, a toolkit checkpoint directory
-(`.../checkpoints/step_N` with model.safetensors + state.json) or a toolkit run directory (its newest step)."""
+"""The one model opener: whatever a verb or the trainer is pointed at, read the same way.
+
+`open_model(path)` accepts
+- a Hugging Face model directory (`config.json` with `architectures`/`model_type`, safetensors, tokenizer files);
+- a quantized model directory written by `ascend-llm quantize` (`config.json` with `model` and `quantization`);
+- a toolkit checkpoint (`.../checkpoints/step_N` with `state.json`): every file's SHA-256 is verified, the model is
+  rebuilt from the recorded recipe, LoRA adapters of a `model.pretrained` run are merged into the base weights;
+- a toolkit run directory (its newest checkpoint that verifies; corrupted ones are reported and skipped).
+
+It returns a `ModelSource`: the model, its config and everything the directory says about text: the tokenizer (one
+type, `HFTokenizer`), the chat template, the EOS ids (`generation_config.json`, which may list several, e.g. Llama 3's
+`<|end_of_text|>` and `<|eot_id|>`), the generation defaults, and `text_files`, the bytes every writer copies along
+(checkpoints, exports, quantized copies) so that a derived directory says the same about text as its source.
+
+BOS policy: `tokenizer.encode(text)` adds special tokens as tokenizer.json's post-processor says (a completion
+prompt); `tokenizer.apply_chat_template(messages)` never adds any (the template writes BOS itself).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.errors import InteropError
-from ascend_llm.interop.export import read_toolkit_checkpoint
-from ascend_llm.interop.hf import load_pretrained, read_generation_config
-from ascend_llm.interop.tokenizer import HFTokenizer
+from ascend_llm.errors import CheckpointError, InteropError
+from ascend_llm.interop.tokenizer import TEXT_FILES, HFTokenizer
+from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
+
+TOOLKIT_EOS = "<|endoftext|>"  # the end-of-document token of tokenizers the toolkit trains (data/tokenizer.py)
 
 
 @dataclass
 class ModelSource:
-    """kind: "hf" or "checkpoint"; tokenizer: HFTokenizer or None; generation: generation_config dict with
-    `eos_token_ids` (a list, possibly empty)."""
+    """An opened model directory.
+
+    kind: "hf", "checkpoint" or "quantized"; path: the directory read (the step directory for a run);
+    config: the architecture; model: a float32 `Transformer` in inference mode (QuantLinear layers when quantized),
+    None when opened with build=False; weights: {toolkit parameter name: float32 array} (None when quantized);
+    tokenizer: HFTokenizer or None (no tokenizer.json); eos_token_ids: generation stops at any of them;
+    generation: generation_config.json as read (sampling defaults); text_files: {file name: bytes} of TEXT_FILES;
+    quantization: the quantized layout's section or None; weight_files: the files holding the weights.
+    """
 
     kind: str
     path: Path
     config: ModelConfig
-    weights: dict[str, np.ndarray]
-    tokenizer: HFTokenizer | None
-    generation: dict
+    model: object = None
+    weights: dict | None = None
+    tokenizer: HFTokenizer | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    generation: dict = field(default_factory=dict)
+    text_files: dict[str, bytes] = field(default_factory=dict)
+    quantization: dict | None = None
+    weight_files: list[Path] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """A display name: the directory's name (the run's name for a checkpoint of a run)."""
+        return self.path.parent.parent.name if self.kind == "checkpoint" else self.path.name
+
+    def bytes_on_disk(self) -> int:
+        """Total size of `weight_files` in bytes."""
+        return sum(Path(f).stat().st_size for f in self.weight_files)
 
 
-def newest_step(run_dir: Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    steps = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return max(steps, key=lambda p: int(p.name[5:])) if steps else None
+def _read_text_files(root: Path) -> dict[str, bytes]:
+    return {name: (root / name).read_bytes() for name in TEXT_FILES if (root / name).is_file()}
 
 
-def open_source(path: str | Path) -> ModelSource:
-    """Read config, weights and tokenizer from an HF directory or a toolkit checkpoint/run directory."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        cfg, weights, root = load_pretrained(path)
-        return ModelSource("hf", path, cfg, weights, HFTokenizer(root), read_generation_config(root))
-    step = path if (path / "state.json").is_file() else newest_step(path)
-    if step is None:
-        raise InteropError("model", str(path), "must be a Hugging Face directory (config.json), a toolkit "
-                                               "checkpoint (state.json) or a run directory with checkpoints/")
-    cfg, weights, tokenizer_file = read_toolkit_checkpoint(step)
-    if cfg.pretrained:  # a fine-tune of a Hugging Face model keeps that model's tokenizer, template and EOS
-        root = Path(cfg.pretrained)
-        return ModelSource("checkpoint", step, cfg, weights, HFTokenizer(root), read_generation_config(root))
-    tokenizer, eos = None, []
-    if tokenizer_file is not None:
-        from ascend_llm.data.tokenizer import EOS
-
-        tokenizer = HFTokenizer.from_toolkit(tokenizer_file.parent, EOS)
-        from tokenizers import Tokenizer
-
-        eos_id = Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOS)
-        eos = [int(eos_id)] if eos_id is not None else []
-    return ModelSource("checkpoint", step, cfg, weights, tokenizer, {"eos_token_ids": eos})
+def _json_object(files: dict[str, bytes], name: str, root: Path) -> dict:
+    if name not in files:
+        return {}
+    try:
+        value = json.loads(files[name].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InteropError(str(root / name), "unreadable", f"must be valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InteropError(str(root / name), type(value).__name__, "must be a JSON object")
+    return value
 
 
-def build_source_model(source: ModelSource):
-    """A float32 `Transformer` holding the source's weights, in inference mode."""
-    from ascend_llm.interop.hf import assign_weights
-    from ascend_llm.models.llama import build_model
+def eos_ids(generation: dict, model_config: dict, tokenizer: HFTokenizer | None, where: str) -> list[int]:
+    """EOS ids: generation_config.json's eos_token_id (an int or a list), else config.json's, else the tokenizer's
+    eos_token. InteropError names the file when a value is not an id of the tokenizer's vocabulary."""
+    raw = generation.get("eos_token_id", model_config.get("eos_token_id"))
+    values = raw if isinstance(raw, list) else ([] if raw is None else [raw])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise InteropError(f"{where}:eos_token_id", raw, "must be a token id or a list of token ids")
+    ids = [int(v) for v in values]
+    if not ids and tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids = [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.vocab_size if tokenizer is not None else None
+    if vocab is not None and any(i >= vocab for i in ids):
+        raise InteropError(f"{where}:eos_token_id", raw, f"must be ids below the tokenizer's {vocab} tokens")
+    return ids
 
-    model = build_model(source.config)
-    known = {p.name for p in model.get_parameters()}
-    assign_weights(model, {k: v for k, v in source.weights.items() if k in known}, source=str(source.path))
-    model.set_train(False)
-    return model
+
+def toolkit_text_files(tokenizer_json: bytes) -> dict[str, bytes]:
+    """Text files that describe a toolkit-trained tokenizer the way a Hugging Face directory would: its EOS
+    (`<|endoftext|>`, also the padding token), no BOS, and a generation config naming the EOS id."""
+    files = {"tokenizer.json": tokenizer_json}
+    tokenizer = HFTokenizer.from_files(files, Path("."))
+    eos = tokenizer.tokenizer.token_to_id(TOOLKIT_EOS)
+    if eos is None:
+        return files
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": TOOLKIT_EOS, "pad_token": TOOLKIT_EOS,
+              "bos_token": None}
+    files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    files["generation_config.json"] = (json.dumps({"eos_token_id": int(eos)}, indent=2) + "\n").encode()
+    return files
+
+
+def apply_tokenizer_override(source: ModelSource, path: str | None, field: str = "--tokenizer") -> ModelSource:
+    """Replace the source's tokenizer by the tokenizer.json at `path` (a toolkit-trained one gets its EOS) when
+    given; InteropError naming `field` when the file is missing, or when neither exists."""
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise InteropError(field, str(file), "must be a tokenizer.json file (Hugging Face tokenizers format)")
+        source.text_files = {k: v for k, v in source.text_files.items() if k not in ("tokenizer.json",
+                                                                                   "tokenizer_config.json")}
+        source.text_files.update(toolkit_text_files(file.read_bytes()))
+        _text(source)
+    if source.tokenizer is None:
+        raise InteropError(field, None, f"{source.path} has no tokenizer.json: pass {field} FILE")
+    return source
+
+
+def _text(source: ModelSource, model_config: dict | None = None) -> ModelSource:
+    """Fill tokenizer, generation and eos_token_ids of `source` from its text_files."""
+    files, root = source.text_files, source.path
+    if source.kind != "hf" and "tokenizer.json" in files and "tokenizer_config.json" not in files:
+        files.update({k: v for k, v in toolkit_text_files(files["tokenizer.json"]).items() if k not in files})
+    source.tokenizer = HFTokenizer.from_files(files, root) if "tokenizer.json" in files else None
+    source.generation = _json_object(files, "generation_config.json", root)
+    source.eos_token_ids = eos_ids(source.generation, model_config or {}, source.tokenizer,
+                                   str(root / "generation_config.json"))
+    return source
+
+
+def _from_hf(root: Path, build: bool) -> ModelSource:
+    from ascend_llm.interop.hf import read_config, read_hf_weights, weight_files
+    from ascend_llm.interop.hf_config import model_config_from_hf
+
+    raw = read_config(root)
+    cfg = model_config_from_hf(raw, name=root.name)
+    source = ModelSource("hf", root, cfg, weights=read_hf_weights(root, cfg), text_files=_read_text_files(root),
+                         weight_files=weight_files(root))
+    return _build(_text(source, raw), build)
+
+
+def _from_quantized(root: Path, build: bool) -> ModelSource:
+    from ascend_llm.quant.io import load_quantized
+
+    model, cfg, section = load_quantized(root)
+    source = ModelSource("quantized", root, cfg, model=model, text_files=_read_text_files(root),
+                         quantization=section, weight_files=[root / "model.safetensors"])
+    return _text(source)
+
+
+def _checkpoint_weights(step: Path, meta: dict, tensors: dict) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(ModelConfig, full float32 weights) of a verified checkpoint; LoRA adapters merged into a pretrained base."""
+    from ascend_llm.interop.pretrained import merge_lora_tensors
+
+    where = str(step / STATE_FILE)
+    try:
+        run_config = checkpoint_config(meta)
+        saved = dict(run_config["model"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(where, "parts.run.config.model", f"must record the model config ({exc})") from None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+    except TypeError as exc:
+        raise CheckpointError(where, "model config", f"unreadable ({exc})") from None
+    cfg.validate()
+    arrays = tensors.get("model", {})
+    if cfg.pretrained:  # a fine-tune: base weights from the pretrained directory, adapters merged
+        if not Path(cfg.pretrained).is_dir():
+            raise CheckpointError(where, f"model.pretrained={cfg.pretrained}",
+                                  "the base model directory of this fine-tune must exist to rebuild its weights")
+        return cfg, merge_lora_tensors(run_config, arrays)
+    if any(name.endswith(".lora_a") for name in arrays):
+        raise CheckpointError(where, "lora adapters without model.pretrained",
+                              "only a fine-tune of a pretrained directory can be rebuilt from its adapters")
+    return cfg, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
+def _checkpoint_text(step: Path, cfg: ModelConfig) -> dict[str, bytes]:
+    """The checkpoint's own text files; a fine-tune also takes those of its base directory that it lacks."""
+    files = _read_text_files(step)
+    if cfg.pretrained and Path(cfg.pretrained).is_dir():
+        files = {**_read_text_files(Path(cfg.pretrained)), **files}
+    return files
+
+
+def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool) -> ModelSource:
+    cfg, weights = _checkpoint_weights(step, meta, tensors)
+    source = ModelSource("checkpoint", step, cfg, weights=weights, text_files=_checkpoint_text(step, cfg),
+                         weight_files=sorted(step.glob("*.safetensors")))
+    return _build(_text(source), build)
+
+
+def _build(source: ModelSource, build: bool) -> ModelSource:
+    if build:
+        from ascend_llm.interop.hf import assign_weights
+        from ascend_llm.models.llama import build_model
+
+        model = build_model(source.config)
+        assign_weights(model, source.weights, source=str(source.path))
+        model.set_train(False)
+        source.model = model
+    return source
+
+
+def _is_quantized(config_file: Path) -> bool:
+    try:
+        saved = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InteropError(str(config_file), "unreadable", f"must be valid JSON ({exc})") from None
+    if not isinstance(saved, dict):
+        raise InteropError(str(config_file), type(saved).__name__, "must be a JSON object")
+    return "quantization" in saved and "model" in saved
+
+
+def open_model(path: str | Path, *, build: bool = True) -> ModelSource:
+    """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring).
+
+    build=False skips building the model (export needs only weights). Raises InteropError or CheckpointError
+    (one line naming the file and the field) for a directory that is none of the kinds or cannot be read.
+    """
+    root = Path(path).expanduser()
+    if (root / "config.json").is_file():
+        return _from_quantized(root, build) if _is_quantized(root / "config.json") else _from_hf(root, build)
+    if (root / STATE_FILE).is_file():
+        meta, tensors = read_checkpoint(root)
+        return _from_checkpoint(root, meta, tensors, build)
+    if (root / "checkpoints").is_dir():
+        found = latest_valid_checkpoint(root)
+        if found is None:
+            raise CheckpointError(str(root / "checkpoints"), "no valid checkpoint",
+                                  "every step directory failed verification (see the warnings above)")
+        step, (meta, tensors) = found
+        return _from_checkpoint(step, meta, tensors, build)
+    raise InteropError("model", str(path), "must be a Hugging Face directory (config.json), a quantized directory "
+                                           "(ascend-llm quantize), a checkpoint (state.json) or a run directory "
+                                           "with checkpoints/")

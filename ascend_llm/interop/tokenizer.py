@@ -19,6 +19,9 @@ from tokenizers import Tokenizer
 from ascend_llm.errors import InteropError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# The text files of a model directory: what a tokenizer is built from and what every writer copies along.
+TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+              "special_tokens_map.json")
 
 
 def _token_text(value) -> str | None:
@@ -28,22 +31,26 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _read_json(path: Path) -> dict:
+def _parse_json(files: dict[str, bytes], name: str, root: Path) -> dict:
+    """The JSON object in files[name] ({} when absent); InteropError naming the file when it is not one."""
+    if name not in files:
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InteropError(str(path), "unreadable", f"must be valid JSON ({exc})") from None
+        value = json.loads(files[name].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InteropError(str(Path(root) / name), "unreadable", f"must be valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InteropError(str(Path(root) / name), type(value).__name__, "must be a JSON object")
+    return value
 
 
-def _chat_template(root: Path, config: dict) -> str | None:
-    file = root / "chat_template.jinja"
-    if file.is_file():
-        return file.read_text(encoding="utf-8")
+def _chat_template(config: dict) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {name, template} (the `default` one)."""
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {entry.get("name"): entry.get("template") for entry in template}
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
         return named.get("default")
-    return template
+    return template if isinstance(template, str) else None
 
 
 def _compile(template: str):
@@ -80,13 +87,31 @@ class HFTokenizer:
         file = root / "tokenizer.json"
         if not file.is_file():
             raise InteropError(str(file), "missing", "a model directory needs tokenizer.json (HF tokenizers format)")
-        self.root = root
-        self.tokenizer = Tokenizer.from_file(str(file))
-        config_file = root / "tokenizer_config.json"
-        self.config = _read_json(config_file) if config_file.is_file() else {}
+        files = {name: (root / name).read_bytes() for name in TEXT_FILES if (root / name).is_file()}
+        self._setup(files, root)
+
+    def _setup(self, files: dict[str, bytes], root: Path) -> None:
+        self.root = Path(root)
+        try:
+            self.tokenizer = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        except Exception as exc:  # tokenizers raises its own exception type for malformed files
+            raise InteropError(str(self.root / "tokenizer.json"), "unreadable",
+                               f"must be a Hugging Face tokenizers file ({' '.join(str(exc).split())[:200]})") from None
+        self.config = _parse_json(files, "tokenizer_config.json", self.root)
         self.special = {key: _token_text(self.config.get(key)) for key in SPECIAL_KEYS}
-        self.chat_template = _chat_template(root, self.config)
+        template = files.get("chat_template.jinja")
+        self.chat_template = template.decode("utf-8") if template is not None else _chat_template(self.config)
         self._compiled = None
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], root: Path) -> HFTokenizer:
+        """From the bytes of a model directory's text files (TEXT_FILES names; tokenizer.json required);
+        `root` only names the files in errors."""
+        if "tokenizer.json" not in files:
+            raise InteropError(str(Path(root) / "tokenizer.json"), "missing", "a tokenizer needs tokenizer.json")
+        tokenizer = cls.__new__(cls)
+        tokenizer._setup(files, root)
+        return tokenizer
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name == "special":  # not yet set (copy/pickle): no recursion
@@ -130,14 +155,18 @@ class HFTokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
 
-    def save(self, out: Path) -> list[str]:
-        """Write tokenizer.json, tokenizer_config.json and chat_template.jinja into `out`; returns the names."""
-        out = Path(out)
-        self.tokenizer.save(str(out / "tokenizer.json"))
+    def text_files(self) -> dict[str, bytes]:
+        """tokenizer.json, tokenizer_config.json and (when there is one) chat_template.jinja, as bytes."""
         config = {k: v for k, v in self.config.items() if k != "chat_template"}
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        names = ["tokenizer.json", "tokenizer_config.json"]
+        files = {"tokenizer.json": self.tokenizer.to_str().encode("utf-8"),
+                 "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
         if self.chat_template:
-            (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
-            names.append("chat_template.jinja")
-        return names
+            files["chat_template.jinja"] = self.chat_template.encode("utf-8")
+        return files
+
+    def save(self, out: Path) -> list[str]:
+        """Write `text_files()` into the directory `out`; returns the names written."""
+        files = self.text_files()
+        for name, data in files.items():
+            (Path(out) / name).write_bytes(data)
+        return list(files)

@@ -3,23 +3,27 @@
 Ours (`save_quantized`): model.safetensors with every parameter under its full name (`<layer>.qweight` uint8,
 int4 packed two per byte; `<layer>.scales` float16 (out, G); `<layer>.zeros` uint8 when asymmetric;
 `<layer>.g_idx` int32 with act-order; other tensors float32), config.json {"model": ModelConfig fields,
-"quantization": {method, bits, group_size, sym, act_order, damp_percent, layers}}, tokenizer.json when given.
-Written into a temporary directory and renamed into place.
+"quantization": {method, bits, group_size, sym, act_order, damp_percent, layers}}, and the source's text files
+(tokenizer, chat template, generation config with the EOS ids; interop/export.py `hf_text_files`).
 
 Hugging Face GPTQ (`export_hf_gptq`, AutoGPTQ/optimum `QuantLinear` buffers, weights transposed to (in, out)):
   qweight (in * bits / 32, out) int32 packed along in; qzeros (G, out * bits / 32) int32 packed along out;
-  scales (G, out) float16; g_idx (in,) int32; config.json `quantization_config` {quant_method: "gptq", bits,
-  group_size, desc_act, sym, damp_percent, checkpoint_format}. checkpoint_format "gptq" stores zero - 1 (the
-  AutoGPTQ v1 convention, used for symmetric grids); asymmetric grids (zero can be 0) use "gptq_v2", zero as is.
+  scales (G, out) float16; g_idx (in,) int32; config.json of the source's family (interop/hf_config.py
+  `hf_config_from_model`, the same builder as `convert --to hf`) with `quantization_config` {quant_method: "gptq",
+  bits, group_size, desc_act, sym, damp_percent, checkpoint_format}; tensor names from interop/names.py.
+  checkpoint_format "gptq" stores zero - 1 (the AutoGPTQ v1 convention, used for symmetric grids); asymmetric
+  grids (zero can be 0) use "gptq_v2", zero as is.
+
+Both are written by store/files.py `write_dir_atomic` (complete or absent; an existing non-empty output is refused
+unless overwrite). `hf_gptq_layout` builds the GPTQ directory in memory and raises before anything is written, so
+a caller writing both layouts validates the GPTQ export first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,40 +31,23 @@ from safetensors.numpy import load_file, save_file
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.quant import QuantConfig
-from ascend_llm.errors import CheckpointError
+from ascend_llm.errors import CheckpointError, InteropError
+from ascend_llm.interop.export import hf_directory_files, hf_text_files
+from ascend_llm.interop.names import to_hf, to_hf_module
 from ascend_llm.quant.pack import pack_int32, unpack_int4
 from ascend_llm.quant.rtn import QuantizedWeight
+from ascend_llm.store.files import write_dir_atomic
 
-HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-            "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-            "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-            "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-            "ffn_norm": "post_attention_layernorm"}
+def _write(out_dir: Path, tensors: dict[str, np.ndarray], files: dict[str, bytes], overwrite: bool,
+           field: str) -> Path:
+    """model.safetensors (tensors) and files, through write_dir_atomic."""
 
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
-def _write_dir(out_dir: Path, files: dict) -> Path:
-    """files: {name: bytes | dict of arrays (safetensors)}; written to a temp dir, fsynced, renamed."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared
-    try:
-        for name, content in files.items():
-            path = tmp / name
-            if isinstance(content, dict):
-                save_file(content, str(path))
-            else:
-                path.write_bytes(content)
-            os.chmod(path, 0o644)
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_dir_atomic(Path(out_dir), fill, overwrite=overwrite, field=field)
 
 
 def _json(obj) -> bytes:
@@ -73,14 +60,16 @@ def quant_section(cfg: QuantConfig, layers: list[str]) -> dict:
 
 
 def save_quantized(model, model_cfg: ModelConfig, cfg: QuantConfig, layers: list[str], out_dir: Path,
-                   tokenizer_file: Path | None = None) -> Path:
-    """Write a quantized model (after apply_quantization) in our layout; returns the directory."""
+                   text_files: dict[str, bytes] | None = None, *, eos_token_ids: list[int] | None = None,
+                   overwrite: bool = False, field: str = "--out") -> Path:
+    """Write a quantized model (after apply_quantization) in our layout; returns the directory. text_files: the
+    source's tokenizer files, chat template and generation config (`ModelSource.text_files`), copied as they are;
+    eos_token_ids (`ModelSource.eos_token_ids`) name the EOS in a generation_config.json when the source has
+    none. OutputError (naming `field`) for an existing non-empty out_dir without overwrite; nothing half-written."""
     tensors = {name: np.ascontiguousarray(p.asnumpy()) for name, p in model.parameters_and_names()}
     config = {"model": dataclasses.asdict(model_cfg), "quantization": quant_section(cfg, layers)}
-    files = {"model.safetensors": tensors, "config.json": _json(config)}
-    if tokenizer_file is not None:
-        files["tokenizer.json"] = Path(tokenizer_file).read_bytes()
-    return _write_dir(out_dir, files)
+    files = {"config.json": _json(config), **hf_text_files(text_files, eos_token_ids)}
+    return _write(out_dir, tensors, files, overwrite, field)
 
 
 def read_quantized_weight(tensors: dict, path: str, section: dict, out_f: int, in_f: int) -> QuantizedWeight:
@@ -132,18 +121,6 @@ def load_quantized(directory: Path):
     return model, model_cfg, section
 
 
-def hf_name(path: str) -> str:
-    """Our cell path -> the Llama-family Hugging Face module name."""
-    if path == "output":
-        return "lm_head"
-    if path == "tok_embeddings":
-        return "model.embed_tokens"
-    if path == "norm":
-        return "model.norm"
-    parts = path.split(".")
-    return f"model.layers.{parts[1]}." + HF_NAMES[".".join(parts[2:])]
-
-
 def hf_gptq_tensors(qw: QuantizedWeight, checkpoint_format: str) -> dict[str, np.ndarray]:
     """qweight, qzeros, scales, g_idx of one layer in the AutoGPTQ layout (see the module docstring)."""
     zeros = qw.zeros.T.astype(np.int64)  # (G, out)
@@ -154,32 +131,68 @@ def hf_gptq_tensors(qw: QuantizedWeight, checkpoint_format: str) -> dict[str, np
             "g_idx": qw.group_of_column().astype(np.int32)}
 
 
-def export_hf_gptq(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: dict[str, QuantizedWeight],
-                   out_dir: Path, tokenizer_file: Path | None = None) -> Path:
-    """Write a Hugging Face GPTQ directory (model.safetensors, config.json with quantization_config,
-    quantize_config.json, tokenizer.json). Unquantized tensors are written in float16."""
-    fmt = "gptq" if cfg.sym else "gptq_v2"
+@dataclass
+class HFGPTQLayout:
+    """A Hugging Face GPTQ directory held in memory: tensors by HF name (model.safetensors) and the other files
+    (config.json, quantize_config.json, the text files) by file name."""
+
+    tensors: dict[str, np.ndarray]
+    files: dict[str, bytes]
+
+
+def _check_packable(path: str, qw: QuantizedWeight) -> None:
+    per = 32 // qw.bits
+    out_f, in_f = qw.shape
+    for axis, size in (("in_features", in_f), ("out_features", out_f)):
+        if size % per:
+            raise InteropError(f"--hf-gptq:{path}.{axis}", size,
+                               f"the GPTQ layout packs {per} int{qw.bits} codes per int32: must be a multiple of {per}")
+
+
+def _gptq_tensors(model, qweights: dict[str, QuantizedWeight], fmt: str) -> dict[str, np.ndarray]:
+    """HF-named tensors: the packed quantized layers (and their biases) and every other parameter in float16."""
     tensors = {}
     for name, param in model.parameters_and_names():
         cell, leaf = name.rsplit(".", 1)
-        if cell in qweights:
-            continue
-        tensors[f"{hf_name(cell)}.{leaf}"] = param.asnumpy().astype(np.float16)
+        if cell in qweights and leaf != "bias":
+            continue  # written from the QuantizedWeight below
+        hf = to_hf(name) if cell not in qweights else f"{to_hf_module(cell)}.bias"
+        if hf is None or hf.startswith("None"):
+            raise InteropError(f"--hf-gptq:{name}", list(param.shape), "has no tensor in the Hugging Face layout")
+        tensors[hf] = param.asnumpy().astype(np.float16)
     for path, qw in qweights.items():
-        for key, value in hf_gptq_tensors(qw, fmt).items():
-            tensors[f"{hf_name(path)}.{key}"] = value
-    group = -1 if cfg.group_size == -1 else cfg.group_size
-    qconfig = {"quant_method": "gptq", "bits": cfg.bits, "group_size": group, "desc_act": cfg.act_order,
+        module = to_hf_module(path)
+        if module is None:
+            raise InteropError(f"--hf-gptq:{path}", list(qw.shape), "has no module in the Hugging Face layout")
+        _check_packable(path, qw)
+        tensors.update({f"{module}.{key}": value for key, value in hf_gptq_tensors(qw, fmt).items()})
+    return tensors
+
+
+def hf_gptq_layout(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: dict[str, QuantizedWeight],
+                   text_files: dict[str, bytes] | None = None, *,
+                   eos_token_ids: list[int] | None = None) -> HFGPTQLayout:
+    """The Hugging Face GPTQ directory of a quantized model (after apply_quantization; qweights: its
+    {cell path: QuantizedWeight}), in memory. Unquantized tensors in float16. InteropError (naming the layer or
+    config field) when the model has no HF family or a layer cannot be packed; nothing is written."""
+    fmt = "gptq" if cfg.sym else "gptq_v2"
+    qconfig = {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.act_order,
                "sym": cfg.sym, "damp_percent": cfg.damp_percent, "true_sequential": False,
                "static_groups": False, "checkpoint_format": fmt}
-    m = model_cfg
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
-              "hidden_size": m.dim, "intermediate_size": m.ffn_hidden_dim, "num_hidden_layers": m.num_layers,
-              "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads, "head_dim": m.head_dim,
-              "max_position_embeddings": m.max_seq_len, "rope_theta": m.rope_theta, "rms_norm_eps": m.norm_eps,
-              "attention_bias": m.qkv_bias, "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu",
-              "torch_dtype": "float16", "quantization_config": qconfig}
-    files = {"model.safetensors": tensors, "config.json": _json(config), "quantize_config.json": _json(qconfig)}
-    if tokenizer_file is not None:
-        files["tokenizer.json"] = Path(tokenizer_file).read_bytes()
-    return _write_dir(out_dir, files)
+    files = hf_directory_files(model_cfg, "fp16", text_files, eos_token_ids, quantization=qconfig)
+    files["quantize_config.json"] = _json(qconfig)
+    return HFGPTQLayout(_gptq_tensors(model, qweights, fmt), files)
+
+
+def write_hf_gptq(layout: HFGPTQLayout, out_dir: Path, *, overwrite: bool = False, field: str = "--hf-gptq") -> Path:
+    """Write `layout` to out_dir through write_dir_atomic; OutputError (naming `field`) as there."""
+    return _write(out_dir, layout.tensors, layout.files, overwrite, field)
+
+
+def export_hf_gptq(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: dict[str, QuantizedWeight],
+                   out_dir: Path, text_files: dict[str, bytes] | None = None, *,
+                   eos_token_ids: list[int] | None = None, overwrite: bool = False, field: str = "--hf-gptq") -> Path:
+    """Write a Hugging Face GPTQ directory (model.safetensors, config.json of the source's family with
+    quantization_config, quantize_config.json, the source's text files); `hf_gptq_layout` then `write_hf_gptq`."""
+    layout = hf_gptq_layout(model, model_cfg, cfg, qweights, text_files, eos_token_ids=eos_token_ids)
+    return write_hf_gptq(layout, out_dir, overwrite=overwrite, field=field)

@@ -68,14 +68,14 @@ def test_quantize_eval_and_export(setup, capsys):
 
 def test_saved_quantized_model_reloads_identically(setup):
     from ascend_llm.config.quant import QuantConfig
-    from ascend_llm.eval.source import load_source
+    from ascend_llm.interop.source import open_model
     from ascend_llm.quant.apply import apply_quantization
     from ascend_llm.quant.io import load_quantized, save_quantized
 
     root, _, run = setup
-    source = load_source(str(run))
+    source = open_model(run)
     apply_quantization(source.model, QuantConfig(bits=4, group_size=16, sym=False))
-    save_quantized(source.model, source.model_cfg, QuantConfig(bits=4, group_size=16, sym=False),
+    save_quantized(source.model, source.config, QuantConfig(bits=4, group_size=16, sym=False),
                    [p for p, _ in source.model.cells_and_names() if p.endswith(("wq", "wk", "wv", "wo", "w1",
                                                                                  "w2", "w3"))], root / "q_asym")
     model, _, _ = load_quantized(root / "q_asym")
