@@ -8,7 +8,6 @@ the run's text files (tokenizer.json, ...). File names in `state.json` must stay
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -19,18 +18,11 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from ascend_llm.errors import CheckpointError
+from ascend_llm.store.files import sha256_file
 
 logger = logging.getLogger("ascend_llm.train")
 FORMAT = 2
 STATE_FILE = "state.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

@@ -6,8 +6,8 @@ Layout of `checkpoints/step_NNNNNNNN/` (format 2):
 - copies of `files` handed to the manager (the tokenizer: `tokenizer.json`).
 Tensor names are full parameter names and shapes are unsharded, whatever layout wrote them.
 
-Writes are crash-safe: everything goes into a temporary directory; each file and the directory are
-fsync'ed; then the directory is renamed into place. Replacing a checkpoint of the same step first renames
+Writes are crash-safe (`store/files.py`): everything goes into a temporary directory; each file and the directory
+are fsync'ed; then the directory is renamed into place. Replacing a checkpoint of the same step first renames
 the old one aside, so a crash between the two renames leaves it recoverable (`recover_stale` renames it
 back). A checkpoint holding a non-finite parameter or moment is never written.
 """
@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,18 +36,10 @@ from ascend_llm.store.checkpoints import (  # noqa: F401  (the format, re-export
     read_checkpoint,
     sha256_file,
 )
+from ascend_llm.store.files import finish_tree, install_dir, make_temp_dir, output_errors
 from ascend_llm.train.state import Stateful
 
 logger = logging.getLogger("ascend_llm.train")
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (its entries) so a rename after it is durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def recover_stale(run_dir: Path) -> None:
@@ -157,7 +148,8 @@ class CheckpointManager:
 
     def save(self, step: int) -> Path | None:
         """Write checkpoint `step`. Call on every rank. Returns its path (writer), or None (other ranks, or a
-        state that is not finite)."""
+        state that is not finite). OutputError naming train.output_dir when the disk is full or read-only
+        (nothing half-written)."""
         states = {name: part.state_dict() for name, part in self.parts.items()}
         if not self.writer:
             return None
@@ -168,14 +160,14 @@ class CheckpointManager:
                 logger.warning("step %d: not checkpointing: %s %s holds non-finite values", step, name, bad)
                 return None
         root = checkpoint_dir(self.run_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}.tmp-", dir=root))
-        try:
-            self._write(tmp, step, states, tensor_parts)
-            final = self._replace(root, tmp, step)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with output_errors("train.output_dir", self.run_dir):
+            tmp = make_temp_dir(root, f"step_{step:08d}")
+            try:
+                self._write(tmp, step, states, tensor_parts)
+                final = install_dir(tmp, root / f"step_{step:08d}", replace=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         self._retain(final)
         return final
 
@@ -187,27 +179,11 @@ class CheckpointManager:
         for name, source in self.files.items():
             shutil.copyfile(source, tmp / name)
             names.append(name)
-        for name in names:
-            fsync_path(tmp / name)
         meta = {"format": FORMAT, "step": step, "run_id": self.parts["run"].run_id, "tensor_parts": tensor_parts,
                 "parts": {k: v for k, v in states.items() if k not in tensor_parts and not _is_empty_tensor(v)},
                 "files": {name: sha256_file(tmp / name) for name in names}}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        fsync_path(tmp / STATE_FILE)
-        fsync_path(tmp)
-
-    @staticmethod
-    def _replace(root: Path, tmp: Path, step: int) -> Path:
-        final = root / f"step_{step:08d}"
-        aside = None
-        if final.exists():
-            aside = root / f".{final.name}.old-{os.getpid()}"
-            os.rename(final, aside)
-        os.rename(tmp, final)
-        fsync_path(root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        return final
+        finish_tree(tmp)  # 0644/0755, every file and the directory fsync'ed before the rename
 
     def _retain(self, just_written: Path) -> None:
         ours = [p for p in list_checkpoints(self.run_dir) if _run_id(p) == self.parts["run"].run_id]
