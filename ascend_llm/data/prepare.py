@@ -16,9 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,7 +27,8 @@ from ascend_llm.config.data import DataConfig, parse_sources
 from ascend_llm.data.corpus import CorpusFiles, corpus_files, iter_documents
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.tokenizer import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
-from ascend_llm.errors import DataError
+from ascend_llm.errors import DataError, OutputError
+from ascend_llm.store.files import write_dir_atomic, write_file_atomic
 
 ENCODE_BATCH_BYTES = 4 << 20
 
@@ -140,10 +139,7 @@ def encode_corpus(corpus: CorpusFiles, cfg: DataConfig, tokenizer, tmp: Path, dt
             if batch_bytes >= ENCODE_BATCH_BYTES:
                 flush()
                 batch_bytes = 0
-        flush()
-        for handle in (tokens, ends_file):
-            handle.flush()
-            os.fsync(handle.fileno())
+        flush()  # the files are fsync'ed by write_dir_atomic before the rename
     if bar is not None:
         bar.close()
     seconds, cap = time.perf_counter() - start, corpus.max_bytes(cfg.max_bytes)
@@ -164,13 +160,14 @@ def _sum_skips(stats: list) -> dict:
 
 
 def write_prepared(cfg: DataConfig, corpus: CorpusFiles, tokenizer, out_dir: Path, key: str,
-                   progress: bool = False) -> PreparedData:
-    """Tokenize one corpus with `tokenizer` into out_dir (which must not exist yet); atomic."""
+                   progress: bool = False, field: str = "data.cache_dir") -> PreparedData:
+    """Tokenize one corpus with `tokenizer` into out_dir (absent or empty; when another process prepares the
+    same corpus at the same time, the first complete copy is kept). Atomic (store/files.write_dir_atomic):
+    OutputError naming `field` when out_dir cannot be written, nothing left behind."""
     vocab_size = tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         report = encode_corpus(corpus, cfg, tokenizer, tmp, dtype, progress)
         if report["documents"] == 0:
             raise DataError("data.path", corpus.source, "corpus holds no non-empty text "
@@ -181,21 +178,16 @@ def write_prepared(cfg: DataConfig, corpus: CorpusFiles, tokenizer, out_dir: Pat
                 "num_docs": report["documents"],
                 "source": corpus.source, "tokenizer": cfg.tokenizer or "trained byte-level BPE", "key": key,
                 "format_version": FORMAT_VERSION, "report": report}
-        with open(tmp / "meta.json", "w") as handle:
-            handle.write(json.dumps(meta, indent=2, ensure_ascii=False))
-            handle.flush()
-            os.fsync(handle.fileno())
-        if out_dir.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+
+    write_dir_atomic(out_dir, fill, field=field, keep_existing=True)
     return PreparedData(out_dir, json.loads((out_dir / "meta.json").read_text()))
 
 
 def _cached(target: Path, key: str, explicit: bool) -> Optional[PreparedData]:
+    if os.path.lexists(target) and not target.is_dir():
+        raise OutputError("--output" if explicit else "data.cache_dir", str(target), "is a file, not a directory; "
+                          "choose another path")
     meta_file = target / "meta.json"
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
@@ -205,8 +197,6 @@ def _cached(target: Path, key: str, explicit: bool) -> Optional[PreparedData]:
         return PreparedData(target, meta)
     if target.exists() and any(target.iterdir()):
         raise DataError("output", str(target), "exists and is not a prepared corpus; choose an empty path")
-    if target.exists():
-        target.rmdir()
     return None
 
 
@@ -223,9 +213,10 @@ def prepare(cfg: DataConfig, out_dir: Optional[str] = None, progress: bool = Fal
     if cfg.format == "sft":
         from ascend_llm.data.sft import prepare_sft
 
-        return prepare_sft(cfg, target, key, progress)
+        return prepare_sft(cfg, target, key, progress, field="--output" if out_dir else "data.cache_dir")
     corpus = corpus_files(cfg.path, cfg.format)
-    return write_prepared(cfg, corpus, build_tokenizer(cfg, [corpus]), target, key, progress)
+    return write_prepared(cfg, corpus, build_tokenizer(cfg, [corpus]), target, key, progress,
+                          field="--output" if out_dir else "data.cache_dir")
 
 
 def prepare_sources(cfg: DataConfig, out_dir: Optional[str] = None, progress: bool = False) -> list[PreparedData]:
@@ -242,15 +233,14 @@ def prepare_sources(cfg: DataConfig, out_dir: Optional[str] = None, progress: bo
         joint = hashlib.sha256("|".join(cache_key(cfg, p) for p in paths).encode()).hexdigest()[:16]
         tokenizer_file = str(Path(cfg.cache_dir).expanduser() / "tokenizers" / f"{joint}.json")
         if not Path(tokenizer_file).is_file():
-            Path(tokenizer_file).parent.mkdir(parents=True, exist_ok=True)
-            tmp = tokenizer_file + f".tmp-{os.getpid()}"
-            build_tokenizer(cfg, corpora).save(tmp)
-            os.replace(tmp, tokenizer_file)
+            write_file_atomic(tokenizer_file, build_tokenizer(cfg, corpora).to_str(pretty=True),
+                              field="data.cache_dir")
     tokenizer = load_tokenizer(tokenizer_file, cfg.eos_token)
     prepared = []
     for i, (path, corpus) in enumerate(zip(paths, corpora)):
         key = cache_key(cfg, path, tokenizer_file)
         target = Path(out_dir).expanduser() / str(i) if out_dir else Path(cfg.cache_dir).expanduser() / key
         found = _cached(target, key, bool(out_dir))
-        prepared.append(found or write_prepared(cfg, corpus, tokenizer, target, key, progress))
+        prepared.append(found or write_prepared(cfg, corpus, tokenizer, target, key, progress,
+                                                field="--output" if out_dir else "data.cache_dir"))
     return prepared

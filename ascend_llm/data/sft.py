@@ -30,9 +30,6 @@ the rest of a window is padding (EOS id, its own segment, no labels). Each conve
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from ascend_llm.data.dataset import IGNORE_INDEX
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.readers import BOM, open_binary
 from ascend_llm.errors import DataError, UserInputError
+from ascend_llm.store.files import write_dir_atomic
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -170,8 +168,9 @@ def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[boo
     return ids_all, flags_all, report
 
 
-def prepare_sft(cfg, target: Path, key: str, progress: bool = False) -> PreparedData:
-    """Render, tokenize and label data.path into `target` (atomic: complete or absent)."""
+def prepare_sft(cfg, target: Path, key: str, progress: bool = False, field: str = "data.cache_dir") -> PreparedData:
+    """Render, tokenize and label data.path into `target` (atomic: complete or absent; store/files.write_dir_atomic,
+    OutputError naming `field` when it cannot be written)."""
     from ascend_llm.interop.tokenizer import HFTokenizer
 
     if not cfg.tokenizer:
@@ -193,9 +192,8 @@ def prepare_sft(cfg, target: Path, key: str, progress: bool = False) -> Prepared
         raise DataError("data.eos_token", eos_token, "must be a token of the tokenizer (padding uses it)")
     vocab = tokenizer.tokenizer.get_vocab_size()
     dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         ends = np.cumsum([len(ids) for ids in ids_all]) - 1
         arrays = {"tokens.bin": np.concatenate([np.asarray(i, dtype) for i in ids_all]),
                   "doc_ends.bin": ends.astype(np.int64),
@@ -206,18 +204,10 @@ def prepare_sft(cfg, target: Path, key: str, progress: bool = False) -> Prepared
                 "report": report}
         files = {**arrays, "meta.json": json.dumps(meta, indent=2, ensure_ascii=False).encode()}
         for name, value in files.items():
-            with open(tmp / name, "wb") as handle:
-                handle.write(value if isinstance(value, bytes) else value.tobytes())
-                handle.flush()
-                os.fsync(handle.fileno())
+            (tmp / name).write_bytes(value if isinstance(value, bytes) else value.tobytes())
         tokenizer.tokenizer.save(str(tmp / "tokenizer.json"))
-        if target.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_dir_atomic(target, fill, field=field, keep_existing=True)
     return PreparedData(target, json.loads((target / "meta.json").read_text()))
 
 
