@@ -101,6 +101,41 @@ def check_model_compatible(saved: Mapping[str, Any], current: Mapping[str, Any],
                                   f"the checkpoint was trained with it; the recipe has {value}")
 
 
+# What the saved adapters mean (models/lora.py: y = W x + (alpha / r) B A x on the `targets` sub-cells). Not here:
+# lora.dropout (only masks the adapter's input while training) and lora.seed (only draws A before a resume loads it).
+LORA_MEANING = {"enabled": "whether the checkpoint holds adapters or the whole model",
+                "targets": "which sub-cells carry the saved adapters",
+                "rank": "the shapes of A and B",
+                "alpha": "the scaling alpha / r of every saved update"}
+
+
+def check_lora_compatible(saved: Mapping[str, Any], current: Mapping[str, Any], source: str) -> None:
+    """The saved LoRA adapters must mean the same in this run: lora.enabled, lora.targets (as a set), lora.rank,
+    lora.alpha equal, and, without model.pretrained, train.seed (it draws the frozen base the adapters were trained
+    on; model.pretrained itself is a model field, see check_model_compatible).
+
+    saved/current: resolved recipes (plain dicts) of the checkpoint and of this run; a recipe without a `lora` group
+    (written before LoRA existed) counts as lora.enabled=false. Raises CheckpointError naming the field with the
+    checkpoint's value and this run's value."""
+    old, new = dict(saved.get("lora") or {"enabled": False}), dict(current.get("lora") or {"enabled": False})
+    if not old.get("enabled") and not new.get("enabled"):
+        return
+    for key, meaning in LORA_MEANING.items():
+        was, now = old.get(key), new.get(key)
+        if key == "targets" and was is not None and now is not None:
+            was, now = sorted(set(was)), sorted(set(now))
+        if was != now:
+            raise CheckpointError(f"{source}: lora.{key}", was, f"the checkpoint's adapters were trained with it "
+                                  f"({meaning}); this run has {now}: resume with the checkpoint's value, or start a "
+                                  "fresh run in another train.output_dir")
+    if not (current.get("model") or {}).get("pretrained"):
+        was, now = (saved.get("train") or {}).get("seed"), (current.get("train") or {}).get("seed")
+        if was != now:
+            raise CheckpointError(f"{source}: train.seed", was, f"draws the frozen base weights the checkpoint's "
+                                  f"adapters were trained on (no model.pretrained); this run has {now}: resume "
+                                  "with the checkpoint's seed")
+
+
 DATA_FIELDS = {"seq_len": "data.seq_len", "data_seed": "data.seed", "corpus": "data.path"}
 
 
@@ -218,6 +253,7 @@ class CheckpointManager:
         saved = meta["parts"]
         check_model_compatible(saved["run"]["config"].get("model", {}), self.parts["run"].config.get("model", {}),
                                str(path))
+        check_lora_compatible(saved["run"]["config"], self.parts["run"].config, str(path))
         keep_position = check_data_compatible(saved["data"], self.parts["data"].identity, str(path),
                                               allow_data_change)
         for name, part in self.parts.items():
