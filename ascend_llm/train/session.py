@@ -80,6 +80,19 @@ class Session:
         return cfg.global_batch_size // self.layout.dp // cfg.grad_accum_steps
 
 
+def checkpoint_text_files(recipe, tokenizer_file: Path) -> dict[str, Path]:
+    """Files every checkpoint copies: the run's tokenizer.json and, for a fine-tune of a model directory
+    (model.pretrained), that directory's other text files (tokenizer config, chat template, generation config with
+    its EOS list), so the checkpoint says what its base said about text even if the base moves."""
+    from ascend_llm.interop.tokenizer import TEXT_FILES
+
+    files = {"tokenizer.json": tokenizer_file}
+    if recipe.model.pretrained:
+        root = Path(recipe.model.pretrained)
+        files.update({name: root / name for name in TEXT_FILES if name != "tokenizer.json" and (root / name).is_file()})
+    return files
+
+
 def data_identity(recipe: RecipeConfig, prepared_all: list) -> dict:
     """What a checkpoint's data position means: tokenizer hash, seq_len, data seed, corpus (every source and
     its weight, for a blend)."""
@@ -175,7 +188,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     parts = {"model": ParameterState(params, "model", sharding), "optimizer": OptimizerState(optimizer, sharding),
              "precision": precision, "converters": converters, "data": data, "run": run}
     checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last, writer=rank == 0,
-                                    files={"tokenizer.json": prepared.path / "tokenizer.json"})
+                                    files=checkpoint_text_files(recipe, prepared.path / "tokenizer.json"))
     start_step = checkpoints.restore(cfg.resume, cfg.allow_data_change)
     tokens_per_step = cfg.global_batch_size * recipe.data.seq_len
     throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
