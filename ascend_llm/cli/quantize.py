@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--tokenizer", help="tokenizer.json when none sits beside the model")
     p.add_argument("--hf-gptq", help="also export the Hugging Face GPTQ layout to this directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out/--hf-gptq that ascend_llm wrote (never other files, the working "
+                        "directory, the source model or a training run)")
     return p
 
 
@@ -50,12 +53,18 @@ def main(argv: list[str]) -> int:
     from ascend_llm.eval.text import calibration_windows, parse_slice, token_stream
     from ascend_llm.interop.source import apply_tokenizer_override, open_model
     from ascend_llm.quant.apply import apply_quantization, weight_bytes
-    from ascend_llm.quant.io import export_hf_gptq, save_quantized
+    from ascend_llm.quant.io import hf_gptq_layout, save_quantized, write_hf_gptq
+    from ascend_llm.store.files import OutputError, check_output_dir
 
     ms.set_context(mode=ms.GRAPH_MODE)
     source = open_model(args.model)
     if source.kind == "quantized":
         raise ConfigError("model", args.model, "is already quantized: quantize the original model")
+    if args.hf_gptq and Path(args.hf_gptq).absolute() == Path(args.out).absolute():
+        raise OutputError("--hf-gptq", args.hf_gptq, "must differ from --out")
+    for path, field in ((args.out, "--out"), (args.hf_gptq, "--hf-gptq")):  # refused before any work
+        if path:
+            check_output_dir(path, field=field, overwrite=args.overwrite, protect=[source.path])
     if args.tokenizer or cfg.method == "gptq":
         apply_tokenizer_override(source, args.tokenizer)
     calibration = None
@@ -66,13 +75,18 @@ def main(argv: list[str]) -> int:
         ids, _ = token_stream(args.calib_corpus, source.tokenizer, eos, parse_slice(args.calib_docs, "--calib-docs"))
         calibration = calibration_windows(ids, cfg.num_calib_samples, cfg.calib_seq_len, cfg.calib_seed)
     done = apply_quantization(source.model, cfg, calibration)
-    out = save_quantized(source.model, source.config, cfg, list(done), Path(args.out), source.text_files)
+    layout = None  # the HF GPTQ layout is built (and refused) before anything is written
+    if args.hf_gptq:
+        layout = hf_gptq_layout(source.model, source.config, cfg, done, source.text_files,
+                                eos_token_ids=source.eos_token_ids)
+    out = save_quantized(source.model, source.config, cfg, list(done), Path(args.out), source.text_files,
+                         eos_token_ids=source.eos_token_ids, overwrite=args.overwrite, protect=[source.path])
     sizes = weight_bytes(source.model)
     print(f"quantized {len(done)} layers ({cfg.method}, int{cfg.bits}, "
           f"{'per-channel' if cfg.group_size == -1 else f'group {cfg.group_size}'}, "
           f"{'sym' if cfg.sym else 'asym'}): {sizes['quantized_fp32']:,} fp32 bytes -> {sizes['quantized']:,} "
           f"bytes ({sizes['quantized_fp32'] / max(sizes['quantized'], 1):.2f}x); wrote {out}")
-    if args.hf_gptq:
-        hf_out = export_hf_gptq(source.model, source.config, cfg, done, Path(args.hf_gptq), source.text_files)
+    if layout is not None:
+        hf_out = write_hf_gptq(layout, Path(args.hf_gptq), overwrite=args.overwrite, protect=[source.path])
         print(f"wrote Hugging Face GPTQ layout to {hf_out}")
     return 0

@@ -1,17 +1,17 @@
 """Export to a Hugging Face model directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-Writes config.json (family from the architecture: qwen3 with q/k norm, qwen2 with q/k/v bias, else llama),
-generation_config.json, safetensors sharded by size (`model-0000i-of-0000n.safetensors` + index, or one
-`model.safetensors`), tokenizer files and the chat template. Tied models get no `lm_head.weight`, as in the
-Hugging Face layout. The directory is written under a temporary name and renamed: complete or absent.
+Writes config.json (family from the architecture: qwen3 with q/k norm, qwen2 with q/k/v bias, else llama;
+Llama 3.1 RoPE scaling kept), safetensors sharded by size (`model-0000i-of-0000n.safetensors` + index, or one
+`model.safetensors`) and the source's text files as they are (tokenizer.json, tokenizer_config.json,
+chat_template.jinja, generation_config.json, special_tokens_map.json; `hf_text_files`). Tied models get no
+`lm_head.weight`, as in the Hugging Face layout. The directory is written by store/files.py `write_dir_atomic`:
+complete or absent, an existing non-empty output refused unless overwrite.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import hf_config_from_model
 from ascend_llm.interop.names import to_hf
 from ascend_llm.interop.safetensors_io import EXPORT_DTYPES, read_tensors, write_tensors
-from ascend_llm.interop.tokenizer import HFTokenizer
+from ascend_llm.store.files import write_dir_atomic
 from ascend_llm.train.checkpoint import checkpoint_config
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -121,46 +121,97 @@ def _write_weights(out: Path, tensors: dict[str, np.ndarray], dtype: str, max_sh
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _tokenizer_files(out: Path, tokenizer: HFTokenizer | None, chat_template: str | None) -> dict:
-    """Write tokenizer files; returns the special token ids for config.json / generation_config.json."""
-    if tokenizer is None:
+_OWN_FILES = ("config.json", "model.safetensors.index.json", "quantize_config.json")
+
+
+def _json_bytes(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _json_file(text_files: dict[str, bytes], name: str) -> dict:
+    if name not in text_files:
         return {}
-    tokenizer.save(out)
-    if chat_template:
-        (out / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id}
+    try:
+        value = json.loads(text_files[name].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InteropError(name, "unreadable", f"must be valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InteropError(name, type(value).__name__, "must be a JSON object")
+    return value
 
 
-def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str = "bf16",
-              tokenizer: HFTokenizer | None = None, chat_template: str | None = None,
-              generation_config: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a Hugging Face directory at out_dir (must not exist or be empty). weights: toolkit names ->
-    float arrays; dtype: bf16 (round to nearest even), fp16 or fp32; tokenizer: an HFTokenizer or None.
-    Returns out_dir. InteropError for bad arguments; nothing half-written."""
+def special_token_ids(text_files: dict[str, bytes], eos_token_ids: list[int] | None = None) -> dict:
+    """bos/eos/pad ids for config.json: eos from `eos_token_ids` (an int when there is one, else the list), else
+    generation_config.json; bos and pad from generation_config.json; bos and eos, failing that, from
+    tokenizer_config.json's tokens looked up in tokenizer.json. Ids that are unknown are left out."""
+    gen = _json_file(text_files, "generation_config.json")
+    ids = {key: gen.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if eos_token_ids:
+        ids["eos_token_id"] = int(eos_token_ids[0]) if len(eos_token_ids) == 1 else [int(i) for i in eos_token_ids]
+    tok_config = _json_file(text_files, "tokenizer_config.json")
+    missing = [k for k in ("bos_token_id", "eos_token_id")
+               if ids[k] is None and isinstance(tok_config.get(k[:-3]), (str, dict))]
+    if missing and "tokenizer.json" in text_files:
+        from tokenizers import Tokenizer
+
+        vocab = Tokenizer.from_str(text_files["tokenizer.json"].decode("utf-8"))
+        for key in missing:
+            token = tok_config[key[:-3]]
+            ids[key] = vocab.token_to_id(token.get("content") if isinstance(token, dict) else token)
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def hf_text_files(text_files: dict[str, bytes] | None, eos_token_ids: list[int] | None = None,
+                  chat_template: str | None = None) -> dict[str, bytes]:
+    """The text files an exported directory carries: the source's (`ModelSource.text_files`: tokenizer.json,
+    tokenizer_config.json, chat_template.jinja, generation_config.json, special_tokens_map.json) byte for byte;
+    `chat_template` (text) replaces chat_template.jinja; a generation_config.json naming the bos/eos ids is
+    written when the source has none. InteropError for a name that is not a plain file name or that the export
+    writes itself (config.json, weights)."""
+    files = dict(text_files or {})
+    for name in files:
+        if "/" in name or "\\" in name or name in ("", ".", "..") or name in _OWN_FILES \
+                or name.endswith(".safetensors"):
+            raise InteropError("text_files", name, "must be tokenizer/chat-template/generation file names")
+    if chat_template is not None:
+        files["chat_template.jinja"] = chat_template.encode("utf-8")
+    if "generation_config.json" not in files:
+        special = special_token_ids(files, eos_token_ids)
+        gen = {k: special[k] for k in ("bos_token_id", "eos_token_id") if k in special}
+        if gen:
+            files["generation_config.json"] = _json_bytes(gen)
+    return files
+
+
+def hf_directory_files(cfg: ModelConfig, dtype: str, text_files: dict[str, bytes] | None,
+                       eos_token_ids: list[int] | None = None, chat_template: str | None = None,
+                       quantization: dict | None = None) -> dict[str, bytes]:
+    """Every non-weight file of an exported Hugging Face directory: config.json (`hf_config_from_model`, with the
+    bos/eos/pad ids of the text files and `quantization_config` when given) and `hf_text_files`. Computed in
+    memory, so that an export that cannot be made fails before anything is written."""
+    files = hf_text_files(text_files, eos_token_ids, chat_template)
+    special = special_token_ids(files, eos_token_ids)
+    return {"config.json": _json_bytes(hf_config_from_model(cfg, dtype, special, quantization)), **files}
+
+
+def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str = "bf16", *,
+              text_files: dict[str, bytes] | None = None, eos_token_ids: list[int] | None = None,
+              chat_template: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              overwrite: bool = False, field: str = "--output", protect: Iterable[Path] = ()) -> Path:
+    """Write a Hugging Face directory at out_dir. weights: toolkit names -> float arrays; dtype: bf16 (round to
+    nearest even), fp16 or fp32; text_files: `ModelSource.text_files` (copied as they are); eos_token_ids:
+    `ModelSource.eos_token_ids` (config.json's eos_token_id); chat_template: replaces the source's; overwrite,
+    field, protect (the source model's path): store/files.py `write_dir_atomic`'s output rule.
+    Returns out_dir. InteropError for bad arguments or a missing tensor, OutputError (naming `field`) for an
+    existing non-empty out_dir without overwrite or an unwritable one; nothing half-written."""
     if dtype not in EXPORT_DTYPES:
         raise InteropError("--dtype", dtype, "allowed: " + ", ".join(EXPORT_DTYPES))
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InteropError("--output", str(out), "must not exist or be an empty directory")
     tensors = hf_tensors(cfg, weights)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    files = hf_directory_files(cfg, dtype, text_files, eos_token_ids, chat_template)
+
+    def fill(tmp: Path) -> None:
         _write_weights(tmp, tensors, dtype, max_shard_bytes)
-        special = {k: v for k, v in _tokenizer_files(tmp, tokenizer, chat_template).items() if v is not None}
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(cfg, dtype, special), indent=2) + "\n")
-        gen = dict(generation_config or {})
-        gen.pop("eos_token_ids", None)
-        gen.setdefault("eos_token_id", special.get("eos_token_id"))
-        if special.get("bos_token_id") is not None:
-            gen.setdefault("bos_token_id", special["bos_token_id"])
-        (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None},
-                                                               indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+
+    return write_dir_atomic(Path(out_dir), fill, overwrite=overwrite, field=field, protect=protect)

@@ -106,21 +106,27 @@ def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
 
 
 def family_for(cfg: ModelConfig) -> str:
-    """The HF family whose layout computes this ModelConfig: qwen3 (qk_norm), qwen2 (qkv bias) or llama."""
+    """The HF family whose layout computes this ModelConfig: qwen3 (qk_norm), qwen2 (qkv bias) or llama.
+    InteropError when no family computes it (q/k norm together with q/k/v bias)."""
     if cfg.qk_norm and cfg.qkv_bias:
         raise InteropError("model.qkv_bias", True, "no Hugging Face family has both q/k norm and q/k/v bias")
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
-def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = None) -> dict:
-    """config.json dict (transformers >= 5 keys plus `rope_theta`/`torch_dtype` for older readers)."""
+def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = None,
+                         quantization: dict | None = None) -> dict:
+    """config.json dict of the family that computes `cfg` (see family_for), the one builder of both exports
+    (`convert --to hf` and the HF GPTQ layout). transformers >= 5 keys (`rope_parameters`, `dtype`) plus the keys
+    older readers use (`rope_theta`, `rope_scaling` for llama3 RoPE, `torch_dtype`); `special`: bos/eos/pad ids
+    (eos may be a list); `quantization`: written as `quantization_config`. dtype: bf16, fp16 or fp32."""
     family = family_for(cfg)
     arch = {v: k for k, v in FAMILIES.items()}[family]
-    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if cfg.rope_scaling_type == "llama3":
-        rope.update(rope_type="llama3", factor=cfg.rope_scaling_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                    high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    scaling = {}
+    if cfg.rope_scaling_type == "llama3":  # Llama 3.1 (transformers' _compute_llama3_parameters)
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                   "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **scaling}
     raw = {
         "architectures": [arch], "model_type": family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -128,11 +134,11 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = No
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings, "initializer_range": cfg.init_std, "rope_parameters": rope,
         "dtype": _HF_DTYPE[dtype], "use_cache": True, "attention_dropout": 0.0,
-        # transformers < 5 reads these two instead of rope_parameters / dtype
+        # transformers < 5 reads these instead of rope_parameters / dtype
         "rope_theta": cfg.rope_theta, "torch_dtype": _HF_DTYPE[dtype],
     }
-    if cfg.rope_scaling_type == "llama3":
-        raw["rope_scaling"] = dict(rope)
+    if scaling:
+        raw["rope_scaling"] = scaling
     if family != "qwen2":
         raw.update(attention_bias=False)
     if family == "llama":
@@ -141,4 +147,6 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = No
         raw.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers,
                    layer_types=["full_attention"] * cfg.num_layers)
     raw.update(special or {})
+    if quantization:
+        raw["quantization_config"] = dict(quantization)
     return raw

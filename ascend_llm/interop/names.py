@@ -51,3 +51,11 @@ def from_hf(name: str) -> str | None:
     if match and match.group(2) in _LAYER_REVERSE:
         return f"layers.{match.group(1)}.{_LAYER_REVERSE[match.group(2)]}"
     return None
+
+
+def to_hf_module(path: str) -> str | None:
+    """Toolkit cell path (`layers.0.attention.wq`, `output`) -> Hugging Face module path
+    (`model.layers.0.self_attn.q_proj`, `lm_head`), the prefix of its `.weight`/`.qweight`/... tensors; None
+    when the cell has no HF counterpart."""
+    name = to_hf(f"{path}.weight")
+    return None if name is None else name[: -len(".weight")]

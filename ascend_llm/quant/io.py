@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +39,17 @@ from ascend_llm.quant.pack import pack_int32, unpack_int4
 from ascend_llm.quant.rtn import QuantizedWeight
 from ascend_llm.store.files import write_dir_atomic
 
-def _write(out_dir: Path, tensors: dict[str, np.ndarray], files: dict[str, bytes], overwrite: bool,
-           field: str) -> Path:
-    """model.safetensors (tensors) and files, through write_dir_atomic."""
+
+def _write(out_dir: Path, tensors: dict[str, np.ndarray], files: dict[str, bytes], overwrite: bool, field: str,
+           protect: Iterable[Path]) -> Path:
+    """model.safetensors (tensors) and files, through write_dir_atomic (see there for overwrite/field/protect)."""
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"))
         for name, data in files.items():
             (tmp / name).write_bytes(data)
 
-    return write_dir_atomic(Path(out_dir), fill, overwrite=overwrite, field=field)
+    return write_dir_atomic(Path(out_dir), fill, overwrite=overwrite, field=field, protect=protect)
 
 
 def _json(obj) -> bytes:
@@ -61,15 +63,16 @@ def quant_section(cfg: QuantConfig, layers: list[str]) -> dict:
 
 def save_quantized(model, model_cfg: ModelConfig, cfg: QuantConfig, layers: list[str], out_dir: Path,
                    text_files: dict[str, bytes] | None = None, *, eos_token_ids: list[int] | None = None,
-                   overwrite: bool = False, field: str = "--out") -> Path:
+                   overwrite: bool = False, field: str = "--out", protect: Iterable[Path] = ()) -> Path:
     """Write a quantized model (after apply_quantization) in our layout; returns the directory. text_files: the
     source's tokenizer files, chat template and generation config (`ModelSource.text_files`), copied as they are;
     eos_token_ids (`ModelSource.eos_token_ids`) name the EOS in a generation_config.json when the source has
-    none. OutputError (naming `field`) for an existing non-empty out_dir without overwrite; nothing half-written."""
+    none. overwrite, field, protect (the source model's path): store/files.py `write_dir_atomic`'s output rule;
+    OutputError (naming `field`) for an existing non-empty out_dir without overwrite; nothing half-written."""
     tensors = {name: np.ascontiguousarray(p.asnumpy()) for name, p in model.parameters_and_names()}
     config = {"model": dataclasses.asdict(model_cfg), "quantization": quant_section(cfg, layers)}
     files = {"config.json": _json(config), **hf_text_files(text_files, eos_token_ids)}
-    return _write(out_dir, tensors, files, overwrite, field)
+    return _write(out_dir, tensors, files, overwrite, field, protect)
 
 
 def read_quantized_weight(tensors: dict, path: str, section: dict, out_f: int, in_f: int) -> QuantizedWeight:
@@ -156,8 +159,8 @@ def _gptq_tensors(model, qweights: dict[str, QuantizedWeight], fmt: str) -> dict
         cell, leaf = name.rsplit(".", 1)
         if cell in qweights and leaf != "bias":
             continue  # written from the QuantizedWeight below
-        hf = to_hf(name) if cell not in qweights else f"{to_hf_module(cell)}.bias"
-        if hf is None or hf.startswith("None"):
+        hf = to_hf(name)  # a quantized layer's bias keeps its Dense name (`...wq.bias`)
+        if hf is None:
             raise InteropError(f"--hf-gptq:{name}", list(param.shape), "has no tensor in the Hugging Face layout")
         tensors[hf] = param.asnumpy().astype(np.float16)
     for path, qw in qweights.items():
@@ -184,15 +187,17 @@ def hf_gptq_layout(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: di
     return HFGPTQLayout(_gptq_tensors(model, qweights, fmt), files)
 
 
-def write_hf_gptq(layout: HFGPTQLayout, out_dir: Path, *, overwrite: bool = False, field: str = "--hf-gptq") -> Path:
+def write_hf_gptq(layout: HFGPTQLayout, out_dir: Path, *, overwrite: bool = False, field: str = "--hf-gptq",
+                  protect: Iterable[Path] = ()) -> Path:
     """Write `layout` to out_dir through write_dir_atomic; OutputError (naming `field`) as there."""
-    return _write(out_dir, layout.tensors, layout.files, overwrite, field)
+    return _write(out_dir, layout.tensors, layout.files, overwrite, field, protect)
 
 
 def export_hf_gptq(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: dict[str, QuantizedWeight],
                    out_dir: Path, text_files: dict[str, bytes] | None = None, *,
-                   eos_token_ids: list[int] | None = None, overwrite: bool = False, field: str = "--hf-gptq") -> Path:
+                   eos_token_ids: list[int] | None = None, overwrite: bool = False, field: str = "--hf-gptq",
+                   protect: Iterable[Path] = ()) -> Path:
     """Write a Hugging Face GPTQ directory (model.safetensors, config.json of the source's family with
     quantization_config, quantize_config.json, the source's text files); `hf_gptq_layout` then `write_hf_gptq`."""
     layout = hf_gptq_layout(model, model_cfg, cfg, qweights, text_files, eos_token_ids=eos_token_ids)
-    return write_hf_gptq(layout, out_dir, overwrite=overwrite, field=field)
+    return write_hf_gptq(layout, out_dir, overwrite=overwrite, field=field, protect=protect)

@@ -1,6 +1,9 @@
 """Export to Hugging Face: every fixture re-exported is bit-identical with the Hugging Face layout (names,
-shapes, dtypes, tensor bytes); a toolkit checkpoint converts through the CLI and imports back exactly;
-bf16 rounding equals ml_dtypes'."""
+shapes, dtypes, tensor bytes) and carries the source's text files byte for byte (tokenizer, chat template,
+generation config with an EOS list, special tokens map); config.json says what the source's says for every
+family (Llama 3.1 RoPE scaling, Qwen2 bias, Qwen3 q/k norm and head_dim, tied embeddings); a toolkit checkpoint
+converts through the CLI and imports back exactly; bf16 rounding equals ml_dtypes'. transformers loading the
+exports: tests/integration/test_export_transformers.py."""
 
 from __future__ import annotations
 
@@ -21,19 +24,80 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.interop import hf
 from ascend_llm.interop.export import export_hf, model_weights
 from ascend_llm.interop.safetensors_io import bf16_bits
+from ascend_llm.interop.source import open_model
 from ascend_llm.interop.tokenizer import HFTokenizer
 from ascend_llm.models.llama import build_model
 from ascend_llm.train.checkpoint import save_model_checkpoint
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
-NAMES = ["llama_gqa", "qwen2_tied", "qwen3_qknorm", "llama_bf16"]
+NAMES = ["llama_gqa", "qwen2_tied", "qwen3_qknorm", "llama_bf16", "llama31"]
+TEXT = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
+        "special_tokens_map.json")
+# config.json keys that decide what a loader computes, compared with the source's (absent keys as their defaults)
+ARCH_KEYS = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "intermediate_size", "vocab_size", "tie_word_embeddings", "rms_norm_eps",
+             "max_position_embeddings", "bos_token_id", "eos_token_id")
 
 
 def fixture(name: str) -> Path:
     if FIXTURES is None:
         pytest.skip("shared fixtures absent: ../shared/fixtures/hf")
     return FIXTURES / name
+
+
+def make_llama31(dst: Path) -> Path:
+    """llama_gqa with Llama 3.1 RoPE scaling written the transformers-4.x way (rope_theta + rope_scaling), as
+    cases/04-hf-gptq-export-wrong-architecture/make_llama31.py does, plus a Llama 3 style EOS list and a
+    special_tokens_map.json."""
+    shutil.copytree(fixture("llama_gqa"), dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_theta"] = 10000.0
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64}
+    config["eos_token_id"] = [636, 639]  # Llama 3.1: <|end_of_text|> and <|eot_id|>
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    gen = json.loads((dst / "generation_config.json").read_text())
+    gen.update(eos_token_id=[636, 639], temperature=0.6, top_p=0.9)
+    (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    tok = json.loads((dst / "tokenizer_config.json").read_text())
+    special = {k: tok[k] for k in ("bos_token", "eos_token") if tok.get(k)}
+    (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return dst
+
+
+def source_dir(name: str, tmp_path: Path) -> Path:
+    return make_llama31(tmp_path / "llama31") if name == "llama31" else fixture(name)
+
+
+def assert_config_matches_source(out: Path, src: Path, quantized: bool = False) -> None:
+    """config.json of an export against the source's: the architecture keys, head_dim, q/k/v bias, RoPE (theta and
+    llama3 scaling, in either key style) and the dtype."""
+    written = json.loads((out / "config.json").read_text())
+    original = json.loads((src / "config.json").read_text())
+    for key in ARCH_KEYS:
+        assert written.get(key) == original.get(key), key
+    heads = original["num_attention_heads"]
+    assert written["head_dim"] == (original.get("head_dim") or original["hidden_size"] // heads)
+    family = original["model_type"]
+    assert written.get("attention_bias", family == "qwen2") == original.get("attention_bias", family == "qwen2")
+    rope = original.get("rope_parameters") or {"rope_theta": original.get("rope_theta", 10000.0),
+                                               **(original.get("rope_scaling") or {"rope_type": "default"})}
+    assert written["rope_parameters"] == rope and written["rope_theta"] == rope["rope_theta"]
+    if rope["rope_type"] == "llama3":  # what transformers 4.x reads
+        assert written["rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    else:
+        assert "rope_scaling" not in written
+    assert ("quantization_config" in written) == quantized
+
+
+def assert_text_files_copied(out: Path, src: Path) -> None:
+    """Every text file of the source, byte for byte (generation_config.json with its EOS list included)."""
+    for name in TEXT:
+        assert (out / name).is_file() == (src / name).is_file(), name
+        if (src / name).is_file():
+            assert (out / name).read_bytes() == (src / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,28 +123,40 @@ def raw_tensors(root: Path) -> dict[str, tuple[str, list, bytes]]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reexport_is_bit_identical_in_the_hf_layout(tmp_path, name):
-    src = fixture(name)
-    cfg, weights, _ = hf.load_pretrained(src)
+    src = source_dir(name, tmp_path)
+    opened = open_model(src, build=False)
     dtype = "bf16" if name == "llama_bf16" else "fp32"
-    out = export_hf(tmp_path / "out", cfg, weights, dtype=dtype, tokenizer=HFTokenizer(src),
-                    generation_config=hf.read_generation_config(src), max_shard_bytes=150_000)
+    out = export_hf(tmp_path / "out", opened.config, opened.weights, dtype=dtype, text_files=opened.text_files,
+                    eos_token_ids=opened.eos_token_ids, max_shard_bytes=150_000)
     assert raw_tensors(out) == raw_tensors(src)  # names, dtypes, shapes and every byte
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(raw_tensors(src))
     assert all((out / f).is_file() for f in index["weight_map"].values()) and len(set(index["weight_map"].values())) > 1
     assert index["metadata"]["total_size"] == sum(len(b) for _, _, b in raw_tensors(src).values())
     cfg2, weights2, _ = hf.load_pretrained(out)
-    assert dataclasses.replace(cfg2, name=cfg.name) == cfg
-    meta = json.loads(fixture(f"{name}.golden.json").read_text())
+    assert dataclasses.replace(cfg2, name=opened.config.name) == opened.config
+    meta = json.loads(fixture(f"{'llama_gqa' if name == 'llama31' else name}.golden.json").read_text())
     tokenizer = HFTokenizer(out)
     assert tokenizer.encode(meta["text"]) == meta["text_input_ids"]
     assert tokenizer.apply_chat_template(meta["chat_messages"]) == meta["chat_input_ids"]
-    assert hf.read_generation_config(out)["eos_token_ids"] == hf.read_generation_config(src)["eos_token_ids"]
-    written = json.loads((out / "config.json").read_text())
-    original = json.loads((src / "config.json").read_text())
-    for key in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "intermediate_size", "vocab_size", "tie_word_embeddings", "rms_norm_eps", "max_position_embeddings"):
-        assert written[key] == original[key], key
+    assert open_model(out, build=False).eos_token_ids == opened.eos_token_ids
+    assert_text_files_copied(out, src)
+    assert_config_matches_source(out, src)
+
+
+def test_convert_cli_keeps_text_files_eos_list_and_chat_template_override(tmp_path, capsys):
+    src = make_llama31(tmp_path / "llama31")
+    assert cli_main(["convert", str(src), "--to", "hf", "--output", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert_text_files_copied(tmp_path / "out", src)
+    assert_config_matches_source(tmp_path / "out", src)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert cli_main(["convert", str(src), "--to", "hf", "--output", str(tmp_path / "t"), "--dtype", "fp32",
+                     "--chat-template", str(template)]) == 0
+    assert (tmp_path / "t" / "chat_template.jinja").read_bytes() == template.read_bytes()
+    assert HFTokenizer(tmp_path / "t").render_chat([{"role": "user", "content": "x"}]) == "<user>x"
+    assert cli_main(["convert", str(src), "--to", "hf", "--output", str(tmp_path / "out"), "--dtype", "fp32"]) == 2
+    assert "--output=" in capsys.readouterr().err
 
 
 def test_bf16_rounding_matches_ml_dtypes():
