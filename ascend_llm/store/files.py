@@ -323,14 +323,20 @@ def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], None], *
     return out
 
 
-def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int = 0o644,
+def write_file_atomic(path: str | os.PathLike, data: bytes | str | Iterable[bytes], *, mode: int = 0o644,
                       field: str = "output") -> Path:
-    """Write `data` (str as UTF-8) to `path` so a crash leaves the old file or the new one, never a torn one: a
-    temporary file beside it, fsync, rename over `path`, fsync of the parent. Creates missing parents; removes
-    stale temporaries of dead processes beside it. Returns the path. Raises OutputError naming `field` and the
-    path when it cannot be written (nothing left behind); UnicodeEncodeError for text that is not encodable."""
+    """Write `data` (str as UTF-8; an iterable of byte chunks is written in order, never joined in memory) to
+    `path` so a crash leaves the old file or the new one, never a torn one: a temporary file beside it, fsync,
+    rename over `path`, fsync of the parent. Creates missing parents; removes stale temporaries of dead processes
+    beside it. Returns the path. Raises OutputError naming `field` and the path when it cannot be written (nothing
+    left behind); UnicodeEncodeError for text that is not encodable."""
     path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    if isinstance(data, str):
+        chunks: Iterable[bytes] = [data.encode("utf-8")]
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        chunks = [bytes(data)]
+    else:
+        chunks = data
     with output_errors(field, path):
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
@@ -340,9 +346,10 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, *, mode: int =
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
             try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    while view:
+                        view = view[os.write(fd, view):]
                 os.fchmod(fd, mode)
                 os.fsync(fd)
             finally:
