@@ -1,6 +1,8 @@
-"""Inference: KV-cache generation engine (`Engine`), per-request sampling (`SamplingParams`)."""
+"""Inference: the paged-KV-cache `Engine`, the one `Scheduler` (continuous batching), per-request `SamplingParams`."""
 
 from ascend_llm.inference.engine import Engine, GenerationResult
-from ascend_llm.inference.sampling import SamplingParams
+from ascend_llm.inference.sampling import RequestError, SamplingParams
+from ascend_llm.inference.scheduler import QueueFull, Request, Scheduler, TokenLogprob
 
-__all__ = ["Engine", "GenerationResult", "SamplingParams"]
+__all__ = ["Engine", "GenerationResult", "QueueFull", "Request", "RequestError", "SamplingParams", "Scheduler",
+           "TokenLogprob"]

@@ -1,16 +1,16 @@
-"""Generation with a KV cache: prefill the prompts, then one token per step, at static shapes.
+"""The paged-KV-cache model runner: one compiled step (embedding -> layers -> logits -> greedy argmax) over rows of
+new tokens, reading and writing the block cache of `kv_cache.py`.
 
-`Engine` owns a `CachedForward` and a cache of `num_slots` slots of `max_len` positions. Its two primitives are
-what a continuous-batching scheduler needs (issue 13): `prefill(slots, prompts)` writes whole prompts into the
-given slots and returns each prompt's last-position logits; `decode(slots, tokens, positions)` appends one token
-per slot and returns the next logits. `generate(prompts, params)` runs a batch of prompts to completion with
-per-request sampling and stop conditions.
+`PagedForward.construct(tokens (B, T), positions (B, T), slot_mapping (B*T,), block_tables (B, MB), logit_index
+(B,))` writes each new token's K/V at its slot in place, attends each query to the positions <= its own of its
+sequence's blocks only (gathered by block table: B * MB * block_size positions, never the whole cache), and
+returns (argmax ids (B,) int32, logits (B, vocab) float32 at logit_index). Decode is T = 1; prefill chunks use
+T = the chunk length. B, T and MB are bucketed to powers of two, so graph mode compiles a handful of shapes; the
+host copies the (B,) ids every step and the logits only for rows that sample, penalise or report logprobs.
 
-Prompts are written at positions 0..len-1 of their slot and padded on the right up to a bucket (a multiple of
-`prefill_bucket`), so graph mode compiles one prefill graph per bucket and one decode graph; each row keeps its
-own position counter, which is equivalent to transformers' left padding with position ids and needs no mask.
-With `prefill_by_decode=True` prompts go through the decode graph one position per call instead: no prefill
-graph to compile (about as long as the decode graph's), for prompts of a few tokens (the trainer's sample).
+`Engine` owns the cache, the block allocator and the compiled step; `Engine.generate` runs prompts through the one
+`Scheduler` (inference/scheduler.py). On Ascend the cache write and the attention go through MindSpore's fused
+ReshapeAndCache / PagedAttention (inference/ascend_ops.py) with the same layout and arguments.
 """
 
 from __future__ import annotations
@@ -18,152 +18,191 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import mindspore as ms
 import numpy as np
-from mindspore import Tensor, mutable, nn
+from mindspore import ParameterTuple, Tensor, nn, ops
+from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
-from ascend_llm.inference.kv_cache import CachedForward, empty_cache
-from ascend_llm.inference.sampling import SamplingParams, sample_next
+from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWriter, make_cache
+from ascend_llm.models.llama import rope_inv_freq, rope_tables
+
+DEFAULT_CACHE_TOKENS = 1 << 16  # KV positions reserved when neither num_blocks nor a smaller need is given
+
+
+def bucket(n: int, low: int = 1, high: int | None = None) -> int:
+    """Smallest power of two >= max(n, low), capped at high (shape buckets for graph mode)."""
+    size = low
+    while size < n:
+        size *= 2
+    return size if high is None else min(size, high)
+
+
+class PagedForward(nn.Cell):
+    """One model step over new tokens with the paged cache (see the module docstring for the arguments).
+
+    Reuses the model's own sub-cells (attention_norm, project_qkv, wo, ffn_norm, feed_forward, project_logits), so
+    converters that replace them (precision, FP8, LoRA, quantized linears) apply here too.
+    """
+
+    def __init__(self, model: nn.Cell, max_len: int, num_blocks: int, block_size: int):
+        super().__init__()
+        cfg = model.cfg
+        self.model = model
+        self.group = cfg.num_heads // cfg.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = cfg.head_dim ** -0.5
+        self.block_size = block_size
+        cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta, rope_inv_freq(cfg))
+        self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
+        keys, values = make_cache(cfg, num_blocks, block_size)
+        self.key_cache, self.value_cache = ParameterTuple(keys), ParameterTuple(values)
+        self.writer = CacheWriter()
+
+    def _attend(self, q, key_cache, value_cache, block_tables, visible):
+        """q (B, H, T, D); caches (NB, BS, H_kv, D); block_tables (B, MB); visible (B, 1, 1, T, L) -> (B, H, T, D)."""
+        batch, _, seq, head_dim = q.shape
+        length = block_tables.shape[1] * self.block_size
+        keys = ops.gather(key_cache, block_tables, 0).reshape(batch, length, self.num_kv_heads, head_dim)
+        values = ops.gather(value_cache, block_tables, 0).reshape(batch, length, self.num_kv_heads, head_dim)
+        q = q.astype(mstype.float32).reshape(batch, self.num_kv_heads, self.group * seq, head_dim)
+        scores = ops.matmul(q, keys.transpose(0, 2, 3, 1)) * self.scale  # (B, H_kv, G*T, L)
+        scores = scores.reshape(batch, self.num_kv_heads, self.group, seq, length)
+        probs = ops.softmax(ops.where(visible, scores, -1e30), -1)
+        probs = probs.reshape(batch, self.num_kv_heads, self.group * seq, length)
+        out = ops.matmul(probs, values.transpose(0, 2, 1, 3))  # (B, H_kv, G*T, D)
+        return out.reshape(batch, self.num_heads, seq, head_dim)
+
+    def construct(self, tokens, positions, slot_mapping, block_tables, logit_index):
+        batch, seq = tokens.shape
+        length = block_tables.shape[1] * self.block_size
+        cos = ops.gather(self.rope_cos, positions, 0).expand_dims(1)  # (B, 1, T, D)
+        sin = ops.gather(self.rope_sin, positions, 0).expand_dims(1)
+        key_positions = ops.arange(length, dtype=mstype.int32).reshape(1, 1, 1, 1, length)
+        visible = ops.less_equal(key_positions, positions.reshape(batch, 1, 1, seq, 1))
+        h = self.model.tok_embeddings(tokens)
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.attention
+            q, k, v = attn.project_qkv(layer.attention_norm(h), cos, sin)
+            k = k.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
+            v = v.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
+            wrote_k = self.writer(self.key_cache[i], k, slot_mapping)
+            wrote_v = self.writer(self.value_cache[i], v, slot_mapping)
+            key_cache = ops.depend(self.key_cache[i], wrote_k)
+            value_cache = ops.depend(self.value_cache[i], wrote_v)
+            out = self._attend(q, key_cache, value_cache, block_tables, visible).astype(h.dtype)
+            h = h + attn.wo(out.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
+        logits = self.model.project_logits(picked).reshape(batch, -1)
+        return ops.argmax(logits, -1).astype(mstype.int32), logits
 
 
 @dataclass
 class GenerationResult:
-    """token_ids: generated ids (stop token included, stop string's tokens included); text: decoded continuation
-    cut before a stop string (None without a tokenizer); finish_reason: "stop_token", "stop_string" or "length"."""
+    """token_ids: generated ids (stop token included); text: decoded continuation cut before a stop string, special
+    tokens skipped (None without a tokenizer); finish_reason: "stop", "length", "cancelled" or "error";
+    stop_reason: the stop token id or stop string matched."""
 
     token_ids: list[int]
     text: str | None
     finish_reason: str
+    stop_reason: int | str | None = None
+
+
+class StepOutput:
+    """Result of one `Engine.run`: ids (n,) int32 device argmax; logits(rows) copies (len(rows), V) on demand."""
+
+    def __init__(self, ids: np.ndarray, logits: Tensor):
+        self.ids, self._logits, self._host = ids, logits, None
+
+    def logits(self, row: int) -> np.ndarray:
+        if self._host is None:
+            self._host = self._logits.asnumpy()
+        return self._host[row]
 
 
 class Engine:
-    """KV-cache generation for a Llama-family `Transformer` (anything with `cfg`, `tok_embeddings`, `layers`,
-    `project_logits`). max_len: cache positions per slot (prompt + new tokens), at most model.cfg.max_seq_len
-    for models whose RoPE was trained that far; num_slots: concurrent sequences; prefill_bucket: prompt lengths
-    are padded up to a multiple of it (one compiled prefill graph per bucket); prefill_by_decode: feed prompts
-    through the decode graph instead (see the module doc)."""
+    """Paged-KV-cache generation for a Llama-family `Transformer` (anything with `cfg`, `tok_embeddings`, `layers`,
+    `project_logits`).
 
-    def __init__(self, model: nn.Cell, max_len: int, num_slots: int = 1, prefill_bucket: int = 64,
-                 prefill_by_decode: bool = False):
+    max_len: positions per sequence (prompt + new tokens; default model.cfg.max_seq_len); num_slots: sequences
+    decoded together at most (vLLM's max_num_seqs); block_size: positions per KV block; num_blocks: blocks in the
+    pool including the null block (default: enough for num_slots * max_len positions, at most 65,536 positions);
+    max_chunk: prompt tokens per sequence per step (chunked prefill). ConfigError for impossible sizes.
+    """
+
+    def __init__(self, model: nn.Cell, max_len: int | None = None, num_slots: int = 8, *, block_size: int = 16,
+                 num_blocks: int | None = None, max_chunk: int = 256, **_legacy):
+        max_len = int(max_len or model.cfg.max_seq_len)
         if max_len < 2:
             raise ConfigError("max_len", max_len, "must be >= 2 (prompt + at least one new token)")
         if num_slots < 1:
             raise ConfigError("num_slots", num_slots, "must be >= 1")
-        self.model, self.max_len, self.num_slots = model, max_len, num_slots
-        self.prefill_bucket = max(1, prefill_bucket)
-        self.prefill_by_decode = prefill_by_decode
-        self.forward = CachedForward(model, max_len)
-        self.keys, self.values = empty_cache(model.cfg, num_slots, max_len)
-        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ConfigError("block_size", block_size, "must be a power of two")
+        self.model, self.cfg, self.max_len, self.num_slots = model, model.cfg, max_len, num_slots
+        self.block_size, self.max_chunk = block_size, bucket(max(1, max_chunk))
+        tokens = min(num_slots * max_len, max(DEFAULT_CACHE_TOKENS, max_len))
+        self.num_blocks = int(num_blocks or -(-tokens // block_size) + 1)
+        self.max_blocks_per_seq = -(-max_len // block_size)
+        if self.num_blocks < 2:
+            raise ConfigError("num_blocks", self.num_blocks, "must be >= 2 (block 0 is the null block)")
+        self.allocator = BlockAllocator(self.num_blocks, block_size)
+        self.forward = PagedForward(model, max_len, self.num_blocks, block_size)
+        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 
-    def _run(self, tokens: np.ndarray, slots, start: np.ndarray, logit_index: np.ndarray) -> np.ndarray:
-        logits, keys, values = self.forward(
-            Tensor(tokens.astype(np.int32)), Tensor(np.asarray(slots, np.int32)), Tensor(start.astype(np.int32)),
-            Tensor(logit_index.astype(np.int32)), mutable(self.keys), mutable(self.values))
-        self.keys, self.values = tuple(keys), tuple(values)
-        return logits.asnumpy()
-
-    def _check_slots(self, slots) -> None:
-        for slot in slots:
-            if not 0 <= int(slot) < self.num_slots:
-                raise ConfigError("slot", slot, f"must be in [0, {self.num_slots})")
-
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> np.ndarray:
-        """Write each prompt into its slot from position 0; returns last-position logits (len(slots), V) float32."""
-        self._check_slots(slots)
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        if lengths.min() < 1 or lengths.max() >= self.max_len:
-            raise ConfigError("prompt length", int(lengths.max() if lengths.min() else 0),
-                              f"must be in [1, {self.max_len - 1}] (cache max_len={self.max_len})")
-        bucket = min(-(-int(lengths.max()) // self.prefill_bucket) * self.prefill_bucket, self.max_len)
-        tokens = np.zeros((len(prompts), bucket), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = prompt
+    def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
+        """One compiled step: row i appends tokens[i] at positions starts[i].. of sequence seq_ids[i] (its blocks
+        must already hold them); returns the next-token argmax and logits after each row's last token."""
+        rows, longest = len(tokens), max(len(t) for t in tokens)
+        batch = bucket(rows)
+        seq = 1 if longest == 1 else bucket(longest)
+        end = max(s + len(t) for s, t in zip(starts, tokens))
+        width = bucket(-(-end // self.block_size), high=bucket(self.max_blocks_per_seq))
+        ids = np.zeros((batch, seq), np.int32)
+        positions = np.zeros((batch, seq), np.int32)
+        slots = np.full((batch, seq), -1, np.int32)
+        tables = np.full((batch, width), NULL_BLOCK, np.int32)
+        last = np.zeros(batch, np.int32)
+        for row, (seq_id, new, start) in enumerate(zip(seq_ids, tokens, starts)):
+            n = len(new)
+            ids[row, :n] = new
+            positions[row, :n] = np.arange(start, start + n)
+            slots[row, :n] = self.allocator.slots(seq_id, start, n)
+            table = self.allocator.table(seq_id)
+            tables[row, :len(table)] = table
+            last[row] = n - 1
         began = time.perf_counter()
-        if self.prefill_by_decode:
-            logits = self._prefill_by_decode(tokens, slots, lengths)
-        else:
-            logits = self._run(tokens, slots, np.zeros(len(slots), np.int32), (lengths - 1)[:, None])[:, 0]
-        self.stats["prefill_s"] += time.perf_counter() - began
-        self.stats["prefill_tokens"] += int(lengths.sum())
-        return logits
+        out_ids, logits = self.forward(Tensor(ids), Tensor(positions), Tensor(slots.reshape(-1)), Tensor(tables),
+                                       Tensor(last))
+        host_ids = out_ids.asnumpy()[:rows]
+        kind = "decode" if longest == 1 else "prefill"
+        self.stats[f"{kind}_s"] += time.perf_counter() - began
+        self.stats[f"{kind}_tokens"] += sum(len(t) for t in tokens) if kind == "prefill" else rows
+        self.stats["steps"] += 1
+        return StepOutput(host_ids, logits)
 
-    def _prefill_by_decode(self, tokens: np.ndarray, slots, lengths: np.ndarray) -> np.ndarray:
-        """Positions 0..max(lengths)-1 through the decode graph; each row's logits at its last prompt position.
-        Rows past their prompt write padding, which the next decode step overwrites before any query sees it."""
-        rows, out = np.arange(len(slots)), None
-        for position in range(int(lengths.max())):
-            step = self._decode_step(slots, tokens[:, position], np.full(len(slots), position, np.int32))
-            out = np.empty_like(step) if out is None else out
-            last = rows[lengths - 1 == position]
-            out[last] = step[last]
-        return out
+    def generate(self, prompts: list[list[int]], params, tokenizer=None) -> list[GenerationResult]:
+        """Run prompts to completion through the scheduler (params: one SamplingParams or one per prompt)."""
+        from ascend_llm.inference.scheduler import Scheduler
 
-    def _decode_step(self, slots, tokens, positions: np.ndarray) -> np.ndarray:
-        """One token per slot at its position through the decode graph: next-token logits (len(slots), V)."""
-        return self._run(np.asarray(tokens, np.int32)[:, None], slots, positions, np.zeros((len(slots), 1)))[:, 0]
-
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
-        """Append tokens[i] at positions[i] of slots[i]; returns next-token logits (len(slots), V) float32.
-        Keep len(slots) fixed (e.g. all slots, idle ones at position 0) so one graph serves every step."""
-        self._check_slots(slots)
-        positions = np.asarray(positions, np.int32)
-        if positions.max() >= self.max_len:
-            raise ConfigError("position", int(positions.max()), f"must be < cache max_len={self.max_len}")
-        began = time.perf_counter()
-        logits = self._decode_step(slots, tokens, positions)
-        self.stats["decode_s"] += time.perf_counter() - began
-        self.stats["decode_tokens"] += len(slots)
-        return logits
-
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 tokenizer=None) -> list[GenerationResult]:
-        """Run up to num_slots prompts to completion. params: one for all or one per prompt (seeded streams)."""
-        if len(prompts) > self.num_slots:
-            raise ConfigError("prompts", len(prompts), f"at most num_slots={self.num_slots} per call")
-        params = params if isinstance(params, list) else [params] * len(prompts)
-        for p in params:
-            p.validate()
-        batch = len(prompts)
-        budget = [min(p.max_new_tokens, self.max_len - len(prompt)) for p, prompt in zip(params, prompts)]
-        rngs = [np.random.default_rng(p.seed) for p in params]
-        seen = [list(prompt) for prompt in prompts]
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done: list[str | None] = [None] * batch
-        logits = self.prefill(list(range(batch)), prompts)
-        while True:
-            for row in range(batch):
-                if done[row] is None:
-                    token = sample_next(logits[row], params[row], np.asarray(seen[row]), rngs[row])
-                    out[row].append(token)
-                    seen[row].append(token)
-                    done[row] = _finished(out[row], params[row], budget[row], tokenizer)
-            if all(reason is not None for reason in done):
-                break
-            positions = [len(s) - 1 for s in seen]
-            logits = self.decode(list(range(batch)), [s[-1] for s in seen], positions)
-        return [GenerationResult(ids, _text(ids, p, tokenizer), reason) for ids, p, reason in zip(out, params, done)]
+        requests = Scheduler(self, tokenizer, max_queue=max(64, len(prompts))).generate(prompts, params)
+        return [GenerationResult(list(r.out), r.text if tokenizer is not None else None, r.finish_reason,
+                                 r.stop_reason) for r in requests]
 
     def tokens_per_second(self) -> dict[str, float]:
-        """Throughput so far: prefill and decode tokens / s (decode counts one token per slot per step)."""
+        """Throughput so far: prefill and decode tokens / s (decode counts one token per running sequence)."""
         s = self.stats
         return {"prefill_tokens_per_s": s["prefill_tokens"] / s["prefill_s"] if s["prefill_s"] else 0.0,
                 "decode_tokens_per_s": s["decode_tokens"] / s["decode_s"] if s["decode_s"] else 0.0}
 
-
-def _finished(ids: list[int], params: SamplingParams, budget: int, tokenizer) -> str | None:
-    if ids[-1] in params.stop_token_ids:
-        return "stop_token"
-    if params.stop_strings and tokenizer is not None:
-        text = tokenizer.decode(ids)
-        if any(stop in text for stop in params.stop_strings):
-            return "stop_string"
-    return "length" if len(ids) >= budget else None
+    def cache_bytes(self, blocks: int | None = None) -> int:
+        """Bytes of K and V over all layers held by `blocks` blocks (default: the blocks in use)."""
+        blocks = self.allocator.num_used() if blocks is None else blocks
+        per_block = 2 * self.cfg.num_layers * self.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 4
+        return blocks * per_block
 
 
-def _text(ids: list[int], params: SamplingParams, tokenizer) -> str | None:
-    if tokenizer is None:
-        return None
-    text = tokenizer.decode(ids)
-    cuts = [text.index(stop) for stop in params.stop_strings if stop in text]
-    return text[:min(cuts)] if cuts else text
+def on_ascend() -> bool:
+    return ms.get_context("device_target") == "Ascend"
