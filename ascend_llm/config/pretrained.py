@@ -47,7 +47,7 @@ def apply_pretrained(recipe, overrides: Sequence[str] = ()):
 
     root = Path(recipe.model.pretrained).expanduser().resolve()
     try:
-        hf, eos = pretrained_architecture(root)
+        hf, eos, root = pretrained_architecture(root)
     except UserInputError as exc:
         raise ConfigError("model.pretrained", str(root), exc.one_line()) from None
     explicit = _explicit(overrides)

@@ -1,50 +1,49 @@
-"""What `model.pretrained=DIR` reads before a run is built (no MindSpore import): the architecture from
-config.json and the EOS token text (generation_config.json's first eos_token_id, else tokenizer_config.json's
-eos_token), and later, on every rank, the weights (`load_pretrained_weights`)."""
+"""What `model.pretrained=DIR` reads, through the one model opener (interop/source.py): before a run is built the
+architecture and the EOS token text, later, on every rank, the weights (`load_pretrained_weights`). DIR is a Hugging
+Face directory, a toolkit checkpoint or a run directory (continued training from the toolkit's own model)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
-from ascend_llm.interop.hf_config import model_config_from_hf
-from ascend_llm.interop.tokenizer import HFTokenizer
 
 
-def _json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InteropError(str(file), "unreadable", f"must be valid JSON ({exc})") from None
+def pretrained_architecture(root: Path) -> tuple[ModelConfig, str, Path]:
+    """(architecture, EOS token text, the directory to read from) of what `model.pretrained` names: a Hugging Face
+    directory, a toolkit checkpoint or a run directory (its newest verified checkpoint), opened by the one model
+    opener. The EOS is the first of the directory's EOS ids (generation_config.json), else the tokenizer's
+    eos_token. InteropError / CheckpointError name the missing or unsupported key."""
+    from ascend_llm.interop.source import open_model
+
+    source = open_model(root, weights=False)
+    if source.kind == "quantized":
+        raise InteropError("model.pretrained", str(root), "is a quantized directory: train from the original model")
+    if source.tokenizer is None:
+        raise InteropError(str(source.path / "tokenizer.json"), "missing", "a pretrained model needs its tokenizer")
+    tokenizer = source.tokenizer.tokenizer
+    text = tokenizer.id_to_token(source.eos_token_ids[0]) if source.eos_token_ids else source.tokenizer.eos_token
+    if not text or tokenizer.token_to_id(text) is None:
+        raise InteropError(str(source.path), "no EOS", "needs generation_config.json eos_token_id or "
+                           "tokenizer_config.json eos_token naming a token of tokenizer.json")
+    return source.config, text, source.path
 
 
-def pretrained_architecture(root: Path) -> tuple[ModelConfig, str]:
-    """(ModelConfig of DIR/config.json, EOS token text). InteropError names the missing or unsupported key."""
-    root = Path(root)
-    if not (root / "config.json").is_file():
-        raise InteropError(str(root / "config.json"), "missing", "a Hugging Face model directory holds config.json")
-    raw = _json(root / "config.json")
-    cfg = model_config_from_hf(raw, name=root.name)
-    tokenizer = HFTokenizer(root)
-    gen_file = root / "generation_config.json"
-    eos = (_json(gen_file) if gen_file.is_file() else {}).get("eos_token_id", raw.get("eos_token_id"))
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    text = tokenizer.tokenizer.id_to_token(int(eos)) if isinstance(eos, int) else tokenizer.eos_token
-    if not text or tokenizer.tokenizer.token_to_id(text) is None:
-        raise InteropError(str(root), "no EOS", "needs generation_config.json eos_token_id or tokenizer_config.json "
-                           "eos_token naming a token of tokenizer.json")
-    return cfg, text
+def pretrained_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """Full float32 weights of a `model.pretrained` directory (HF, checkpoint or run; LoRA merged)."""
+    from ascend_llm.interop.source import open_model
+
+    return open_model(path, build=False).weights
 
 
 def load_pretrained_weights(model, cfg: ModelConfig) -> None:
-    """Copy DIR's weights (cfg.pretrained) into a freshly built model; every parameter given, exact shapes."""
-    from ascend_llm.interop.hf import assign_weights, read_hf_weights
+    """Copy the weights of cfg.pretrained into a freshly built model; every parameter given, exact shapes."""
+    from ascend_llm.interop.hf import assign_weights
 
-    assign_weights(model, read_hf_weights(Path(cfg.pretrained), cfg), source=str(cfg.pretrained))
+    assign_weights(model, pretrained_weights(cfg.pretrained), source=str(cfg.pretrained))
 
 
 def merge_lora_tensors(run_config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -55,10 +54,7 @@ def merge_lora_tensors(run_config: dict, tensors: dict[str, np.ndarray]) -> dict
     (out, r); without LoRA every parameter. The base comes from DIR's safetensors; each adapted weight becomes
     W + (alpha / r) B A computed in float64 (Hu et al. 2021, eq. 3), every other checkpoint tensor replaces the
     base's. InteropError names an adapter without its pair or a weight the base lacks."""
-    from ascend_llm.interop.hf import read_hf_weights
-
-    model = ModelConfig(**{k: v for k, v in run_config["model"].items() if k in ModelConfig.__dataclass_fields__})
-    weights = read_hf_weights(Path(model.pretrained), model)
+    weights = dict(pretrained_weights(run_config["model"]["pretrained"]))
     lora = run_config.get("lora") or {}
     scaling = float(lora.get("alpha", 0.0)) / max(int(lora.get("rank", 1)), 1)
     for name, value in tensors.items():

@@ -142,14 +142,14 @@ def _text(source: ModelSource, model_config: dict | None = None) -> ModelSource:
     return source
 
 
-def _from_hf(root: Path, build: bool) -> ModelSource:
+def _from_hf(root: Path, build: bool, weights: bool) -> ModelSource:
     from ascend_llm.interop.hf import read_config, read_hf_weights, weight_files
     from ascend_llm.interop.hf_config import model_config_from_hf
 
     raw = read_config(root)
     cfg = model_config_from_hf(raw, name=root.name)
-    source = ModelSource("hf", root, cfg, weights=read_hf_weights(root, cfg), text_files=_read_text_files(root),
-                         weight_files=weight_files(root))
+    source = ModelSource("hf", root, cfg, weights=read_hf_weights(root, cfg) if weights else None,
+                         text_files=_read_text_files(root), weight_files=weight_files(root))
     return _build(_text(source, raw), build)
 
 
@@ -162,8 +162,10 @@ def _from_quantized(root: Path, build: bool) -> ModelSource:
     return _text(source)
 
 
-def _checkpoint_weights(step: Path, meta: dict, tensors: dict) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """(ModelConfig, full float32 weights) of a verified checkpoint; LoRA adapters merged into a pretrained base."""
+def _checkpoint_weights(step: Path, meta: dict, tensors: dict,
+                        weights: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray] | None]:
+    """(ModelConfig, full float32 weights or None when not `weights`) of a verified checkpoint; LoRA adapters
+    merged into a pretrained base."""
     from ascend_llm.interop.pretrained import merge_lora_tensors
 
     where = str(step / STATE_FILE)
@@ -179,6 +181,8 @@ def _checkpoint_weights(step: Path, meta: dict, tensors: dict) -> tuple[ModelCon
         raise CheckpointError(where, "model config", f"unreadable ({exc})") from None
     cfg.validate()
     arrays = tensors.get("model", {})
+    if not weights:
+        return cfg, None
     if cfg.pretrained:  # a fine-tune: base weights from the pretrained directory, adapters merged
         if not Path(cfg.pretrained).is_dir():
             raise CheckpointError(where, f"model.pretrained={cfg.pretrained}",
@@ -198,8 +202,8 @@ def _checkpoint_text(step: Path, cfg: ModelConfig) -> dict[str, bytes]:
     return files
 
 
-def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool) -> ModelSource:
-    cfg, weights = _checkpoint_weights(step, meta, tensors)
+def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights: bool) -> ModelSource:
+    cfg, weights = _checkpoint_weights(step, meta, tensors, weights)
     source = ModelSource("checkpoint", step, cfg, weights=weights, text_files=_checkpoint_text(step, cfg),
                          weight_files=sorted(step.glob("*.safetensors")))
     return _build(_text(source), build)
@@ -227,25 +231,30 @@ def _is_quantized(config_file: Path) -> bool:
     return "quantization" in saved and "model" in saved
 
 
-def open_model(path: str | Path, *, build: bool = True) -> ModelSource:
+def open_model(path: str | Path, *, build: bool = True, weights: bool = True) -> ModelSource:
     """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring).
 
-    build=False skips building the model (export needs only weights). Raises InteropError or CheckpointError
-    (one line naming the file and the field) for a directory that is none of the kinds or cannot be read.
+    build=False skips building the model (export needs only weights); weights=False (implies build=False) reads
+    only the architecture and the text files (a checkpoint is still verified). Raises InteropError or
+    CheckpointError (one line naming the file and the field) for a directory that is none of the kinds or cannot
+    be read.
     """
     root = Path(path).expanduser()
+    build = build and weights
     if (root / "config.json").is_file():
-        return _from_quantized(root, build) if _is_quantized(root / "config.json") else _from_hf(root, build)
+        if _is_quantized(root / "config.json"):
+            return _from_quantized(root, build)
+        return _from_hf(root, build, weights)
     if (root / STATE_FILE).is_file():
         meta, tensors = read_checkpoint(root)
-        return _from_checkpoint(root, meta, tensors, build)
+        return _from_checkpoint(root, meta, tensors, build, weights)
     if (root / "checkpoints").is_dir():
         found = latest_valid_checkpoint(root)
         if found is None:
             raise CheckpointError(str(root / "checkpoints"), "no valid checkpoint",
                                   "every step directory failed verification (see the warnings above)")
         step, (meta, tensors) = found
-        return _from_checkpoint(step, meta, tensors, build)
+        return _from_checkpoint(step, meta, tensors, build, weights)
     raise InteropError("model", str(path), "must be a Hugging Face directory (config.json), a quantized directory "
                                            "(ascend-llm quantize), a checkpoint (state.json) or a run directory "
                                            "with checkpoints/")

@@ -212,3 +212,30 @@ def test_adapters_without_a_pretrained_base_are_refused(tmp_path):
                                  {"model": dataclasses.asdict(cfg)})
     with pytest.raises(CheckpointError, match="pretrained"):
         open_model(step)
+
+
+def test_model_pretrained_may_name_a_toolkit_run_to_continue_from(tmp_path):
+    """Continued training starts from the toolkit's own model: architecture, EOS and weights of the newest
+    verified checkpoint, through the same opener."""
+    from ascend_llm.interop.pretrained import pretrained_architecture, pretrained_weights
+
+    run, weights = _toolkit_run(tmp_path)
+    cfg, eos, root = pretrained_architecture(run)
+    assert (cfg.dim, cfg.num_layers, cfg.vocab_size) == (32, 1, 300)
+    assert eos == "<|endoftext|>" and root == run / "checkpoints" / "step_00000010"
+    np.testing.assert_array_equal(pretrained_weights(run)["layers.0.attention.wq.weight"],
+                                  weights["layers.0.attention.wq.weight"] + 10)
+
+
+def test_a_quantized_directory_cannot_be_trained_from(tmp_path):
+    from ascend_llm.config.quant import QuantConfig
+    from ascend_llm.interop.pretrained import pretrained_architecture
+    from ascend_llm.quant.apply import apply_quantization
+    from ascend_llm.quant.io import save_quantized
+
+    opened = open_model(fixture("qwen2_tied"))
+    done = apply_quantization(opened.model, QuantConfig(bits=8, group_size=-1))
+    save_quantized(opened.model, opened.config, QuantConfig(bits=8, group_size=-1), list(done), tmp_path / "q",
+                   opened.text_files)
+    with pytest.raises(InteropError, match="quantized"):
+        pretrained_architecture(tmp_path / "q")
