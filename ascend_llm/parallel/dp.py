@@ -113,8 +113,8 @@ def build_grad_reducer(params: Sequence[Any] | None, world_size: int, group: Any
     scale = 1.0 / world_size if scale is None else float(scale)
     from mindspore import nn, ops
 
+    from ascend_llm.optim.each import each
     from ascend_llm.parallel.comm import AllReduce
-    from ascend_llm.train.each import each
 
     class ScaledAllReduce(nn.Cell):
         """AllReduce(sum) over the group, then multiply by `scale`; works inside ms.jit."""

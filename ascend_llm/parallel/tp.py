@@ -50,8 +50,8 @@ from mindspore import dtype as mstype
 
 from ascend_llm.config.parallel import check_parallel_model
 from ascend_llm.errors import ConfigError
+from ascend_llm.optim.each import square_sum
 from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter
-from ascend_llm.train.each import square_sum
 
 IGNORE_INDEX = -100
 

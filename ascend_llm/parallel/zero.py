@@ -1,7 +1,7 @@
 """Sharded AdamW over the data-parallel group: ZeRO stage 1 and 2 (Rajbhandari et al. 2020, sec. 5).
 
 `ZeroAdamW(params, cfg, stage, group, grad_clip, tp_group, grad_scale)` has the call signature of
-`ascend_llm.train.optim.AdamW`: `optimizer(grads, lr) -> step` inside the compiled step, and
+`ascend_llm.optim.adamw.AdamW`: `optimizer(grads, lr) -> step` inside the compiled step, and
 `state_parameters()` (this rank's shards).
 
 With tensor/context parallel (Megatron's distributed optimizer) `group` is the ranks holding identical
@@ -53,10 +53,10 @@ from mindspore import dtype as mstype
 
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.errors import CheckpointError, ConfigError
+from ascend_llm.optim.adamw import adamw_update, clip_to_norm, decays
+from ascend_llm.optim.each import each, square_sum
 from ascend_llm.parallel import comm
 from ascend_llm.parallel.tp import replicated_norm_weights, sharded_norm_weights
-from ascend_llm.train.each import each, square_sum
-from ascend_llm.train.optim import adamw_update, clip_to_norm, decays
 
 
 def _own_slice(start: int, stop: int, chunk: int, tensor):

@@ -22,6 +22,7 @@ from ascend_llm.cluster.preflight import preflight
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import build_dataset, prepare_sources
 from ascend_llm.errors import ConfigError
+from ascend_llm.optim.adamw import AdamW
 from ascend_llm.parallel.dims import build_groups
 from ascend_llm.parallel.dp import init_distributed
 from ascend_llm.precision import describe_precision
@@ -30,7 +31,6 @@ from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
 from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
-from ascend_llm.train.optim import AdamW
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
 from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss, masked_cross_entropy_loss

@@ -15,9 +15,9 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, amp, nn, ops
 
-from ascend_llm.train.each import add_each, scale_each
+from ascend_llm.optim.adamw import AdamW, clip_by_global_norm, clip_to_norm
+from ascend_llm.optim.each import add_each, scale_each
 from ascend_llm.train.loss import token_cross_entropy
-from ascend_llm.train.optim import AdamW, clip_by_global_norm, clip_to_norm
 
 
 def cross_entropy_loss(logits, labels):

@@ -51,7 +51,7 @@ def resume_in_one_process(state_file: Path) -> list[float]:
 
     from ascend_llm.config import compose_recipe
     from ascend_llm.models import build_model
-    from ascend_llm.train.optim import AdamW, clip_by_global_norm
+    from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
     from ascend_llm.train.step import cross_entropy_loss
 
     recipe = compose_recipe(["model=debug"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from ascend_llm.train.each import add_each, scale_each, square_sum
+from ascend_llm.optim.each import add_each, scale_each, square_sum
 
 
 def tensors(seed: int):

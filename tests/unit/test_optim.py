@@ -9,7 +9,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 
 from ascend_llm.config.optim import OptimConfig
-from ascend_llm.train.optim import AdamW, clip_by_global_norm
+from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
 from ascend_llm.train.schedule import lr_at
 
 

@@ -65,8 +65,8 @@ def test_hccl_buffers_on_ascend():
 @pytest.mark.parametrize("model", ["debug", "tiny"])
 def test_state_terms_equal_the_trainers_parameters(model):
     ms = pytest.importorskip("mindspore")
+    from ascend_llm.optim.adamw import AdamW
     from ascend_llm.train.build import build_training_model
-    from ascend_llm.train.optim import AdamW
 
     recipe = compose_recipe([f"model={model}", "train.grad_accum_steps=2"])
     net = build_training_model(recipe)

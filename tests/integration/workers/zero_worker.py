@@ -37,9 +37,9 @@ def build_steps(recipe, world: int, stage: int):
     from mindspore import ops
 
     from ascend_llm.models import build_model
+    from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
     from ascend_llm.parallel.dp import build_grad_reducer
     from ascend_llm.parallel.zero import ZeroAdamW
-    from ascend_llm.train.optim import AdamW, clip_by_global_norm
     from ascend_llm.train.step import cross_entropy_loss
 
     zero_model, ref_model = build_model(recipe.model, seed=7), build_model(recipe.model, seed=7)

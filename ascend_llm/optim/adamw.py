@@ -14,7 +14,7 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.config.optim import OptimConfig
-from ascend_llm.train.each import each, scale_each, square_sum
+from ascend_llm.optim.each import each, scale_each, square_sum
 
 
 def decays(name: str) -> bool:
