@@ -26,9 +26,9 @@ import numpy as np
 from ascend_llm.config.data import DataConfig, parse_sources
 from ascend_llm.data.corpus import CorpusFiles, corpus_files, iter_documents
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
-from ascend_llm.data.tokenizer import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
 from ascend_llm.errors import DataError, OutputError
 from ascend_llm.store.files import write_dir_atomic, write_file_atomic
+from ascend_llm.tokenizer.bpe import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
 
 ENCODE_BATCH_BYTES = 4 << 20
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ascend_llm.data.tokenizer import load_tokenizer
+from ascend_llm.tokenizer.bpe import load_tokenizer
 
 FORMAT_VERSION = "v2"
 

@@ -171,7 +171,7 @@ def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[boo
 def prepare_sft(cfg, target: Path, key: str, progress: bool = False, field: str = "data.cache_dir") -> PreparedData:
     """Render, tokenize and label data.path into `target` (atomic: complete or absent; store/files.write_dir_atomic,
     OutputError naming `field` when it cannot be written)."""
-    from ascend_llm.interop.tokenizer import HFTokenizer
+    from ascend_llm.tokenizer.hf import HFTokenizer
 
     if not cfg.tokenizer:
         raise DataError("data.tokenizer", cfg.tokenizer, "data.format=sft needs a Hugging Face tokenizer with a "

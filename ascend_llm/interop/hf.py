@@ -19,7 +19,7 @@ from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import model_config_from_hf
 from ascend_llm.interop.names import from_hf
 from ascend_llm.interop.safetensors_io import read_tensors
-from ascend_llm.interop.tokenizer import HFTokenizer
+from ascend_llm.tokenizer.hf import HFTokenizer
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

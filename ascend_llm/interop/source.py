@@ -27,8 +27,8 @@ import numpy as np
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import CheckpointError, InteropError
-from ascend_llm.interop.tokenizer import TEXT_FILES, HFTokenizer
 from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
+from ascend_llm.tokenizer.hf import TEXT_FILES, HFTokenizer
 
 TOOLKIT_EOS = "<|endoftext|>"  # the end-of-document token of tokenizers the toolkit trains (data/tokenizer.py)
 

@@ -5,11 +5,21 @@ Parameters (non-trainable, saved in checkpoints under the Dense's name):
   scales  (out, G) float16;  zeros (out, G) uint8 (asymmetric only; symmetric uses the constant 2**(bits-1))
   g_idx   (in,) int32 (act-order only; otherwise the group of column c is c // group_size)
   bias    (out,) float32 when the Dense had one
+w = scale * (code - zero) for the group of each column; y = x @ w^T (+ bias).
 
-CPU (and any device without the kernel): dequantize on the fly, w = scale * (code - zero) in float32, then
-y = x @ w^T (+ bias). Ascend: the weight-quantized batch matmul kernel (aclnnWeightQuantBatchMatmulV2, A16W8 /
-A16W4, computes x @ ((w_signed + offset) * scale) in float16) with signed codes w_signed = code - 2**(bits-1)
-and offset = 2**(bits-1) - zero; the kernel operands are prepared once in `_ascend_operands`.
+What each device does:
+- CPU: the fused C++ kernel of quant/cpu_kernel.py (`ops.Custom` "aot", graph and PyNative mode): it reads the
+  stored codes directly and dequantizes 4 output rows at a time into an L1-sized float32 scratch, so a call reads
+  1/4 (int8) or 1/8 (int4) of the float32 weight bytes and no float32 copy of the weight is ever held; float32
+  accumulation. Used for every row count (decode M = 1..64 and prefill alike), every group size, act-order and
+  asymmetric grids. Needs a C++ compiler once (g++ or $CXX, cached in ~/.cache/ascend_llm/kernels).
+- CPU without a compiler, or `kernel="ops"`: dequantize the whole weight in float32 with MindSpore ops on every
+  call, then MatMul (correct, slower than float32: a memory saving only).
+- Ascend: the weight-quantized batch matmul kernel (aclnnWeightQuantBatchMatmulV2, A16W8 / A16W4, computes
+  x @ ((w_signed + offset) * scale) in float16) with signed codes w_signed = code - 2**(bits-1) and
+  offset = 2**(bits-1) - zero; the kernel operands are prepared once in `_ascend_operands` (a second, signed and
+  transposed copy of the codes; the stored Parameters stay for checkpoints). Act-order g_idx and group sizes that
+  do not divide `in` fall back to dequantize + MatMul. This path has not run on hardware here.
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ascend_llm.quant.rtn import QuantizedWeight, num_groups
+from ascend_llm.quant.cpu_kernel import build_quant_matmul_op, kernel_available
+from ascend_llm.quant.rtn import QuantizedWeight, effective_group_size, num_groups
+
+KERNELS = ("auto", "ops")
 
 
 def _frozen(name: str, value: np.ndarray) -> Parameter:
@@ -26,10 +39,17 @@ def _frozen(name: str, value: np.ndarray) -> Parameter:
 
 
 class QuantLinear(nn.Cell):
-    """y = x @ dequant(W)^T + b for x (..., in) float -> (..., out) in x's dtype."""
+    """y = x @ dequant(W)^T + b for x (..., in) float -> (..., out) in x's dtype.
 
-    def __init__(self, qw: QuantizedWeight, bias: np.ndarray | None = None, device: str | None = None):
+    qw: the quantized weight (quant/rtn.py); bias: (out,) or None; device: "CPU" / "Ascend" / ... (default: the
+    context's device_target); kernel: "auto" (the device's kernel when it has one) or "ops" (dequantize with
+    MindSpore ops, the reference path). ValueError for another kernel name."""
+
+    def __init__(self, qw: QuantizedWeight, bias: np.ndarray | None = None, device: str | None = None,
+                 kernel: str = "auto"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"QuantLinear: kernel={kernel!r}: allowed: {', '.join(KERNELS)}")
         self.out_channels, self.in_channels = qw.shape
         self.bits, self.group_size, self.sym = qw.bits, qw.group_size, qw.sym
         self.qweight = _frozen("qweight", qw.packed_codes())
@@ -40,9 +60,24 @@ class QuantLinear(nn.Cell):
         self.has_bias = bias is not None
         self.bias = _frozen("bias", np.asarray(bias, np.float32)) if self.has_bias else None
         device = device or ms.get_context("device_target")
-        self.use_kernel = device == "Ascend" and _kernel_supported(qw)
+        self.use_kernel = kernel == "auto" and device == "Ascend" and _kernel_supported(qw)
+        self.use_cpu_kernel = kernel == "auto" and device == "CPU" and kernel_available(device)
         if self.use_kernel:
             self._ascend_operands(qw)
+        if self.use_cpu_kernel:
+            self._cpu_operands()
+
+    def _cpu_operands(self) -> None:
+        """The fused CPU kernel reads the stored Parameters; absent ones are passed as 1-element placeholders."""
+        placeholder = {np.uint8: Tensor(np.zeros(1, np.uint8)), np.int32: Tensor(np.zeros(1, np.int32)),
+                       np.float32: Tensor(np.zeros(1, np.float32))}
+        self.cpu_zeros = self.zeros if self.zeros is not None else placeholder[np.uint8]
+        self.cpu_g_idx = self.g_idx if self.g_idx is not None else placeholder[np.int32]
+        self.cpu_bias = self.bias if self.has_bias else placeholder[np.float32]
+        group = effective_group_size(self.group_size, self.in_channels)
+        meta = [self.bits, self.zeros is not None, self.g_idx is not None, self.has_bias, group]
+        self.cpu_meta = Tensor(np.array(meta, np.int32))
+        self.cpu_kernel = build_quant_matmul_op()
 
     def _ascend_operands(self, qw: QuantizedWeight) -> None:
         from mindspore.ops.auto_generate import WeightQuantBatchMatmul
@@ -78,6 +113,12 @@ class QuantLinear(nn.Cell):
     def construct(self, x):
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels)
+        if self.use_cpu_kernel:
+            xf = x2 if x2.dtype == ms.float32 else x2.astype(ms.float32)
+            y = self.cpu_kernel(xf, self.qweight, self.scales, self.cpu_zeros, self.cpu_g_idx, self.cpu_bias,
+                                self.cpu_meta)
+            y = y if x.dtype == ms.float32 else y.astype(x.dtype)
+            return y.reshape(shape[:-1] + (self.out_channels,))
         if self.use_kernel:
             y = self.kernel(x2.astype(ms.float16), self.kernel_weight, self.kernel_scale, self.kernel_offset,
                             None, None, None).astype(x.dtype)
@@ -94,7 +135,8 @@ class QuantLinear(nn.Cell):
 
     def extend_repr(self) -> str:
         group = "per-channel" if self.group_size == -1 else f"group {self.group_size}"
-        kind = "WeightQuantBatchMatmul" if self.use_kernel else "dequantize on the fly"
+        kind = ("WeightQuantBatchMatmul" if self.use_kernel else
+                "fused CPU kernel" if self.use_cpu_kernel else "dequantize on the fly")
         return (f"in={self.in_channels}, out={self.out_channels}, int{self.bits} {group}, "
                 f"{'sym' if self.sym else 'asym'}, {kind}")
 

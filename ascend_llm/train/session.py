@@ -84,7 +84,7 @@ def checkpoint_text_files(recipe, tokenizer_file: Path) -> dict[str, Path]:
     """Files every checkpoint copies: the run's tokenizer.json and, for a fine-tune of a model directory
     (model.pretrained), that directory's other text files (tokenizer config, chat template, generation config with
     its EOS list), so the checkpoint says what its base said about text even if the base moves."""
-    from ascend_llm.interop.tokenizer import TEXT_FILES
+    from ascend_llm.tokenizer.hf import TEXT_FILES
 
     files = {"tokenizer.json": tokenizer_file}
     if recipe.model.pretrained:

@@ -14,8 +14,8 @@ from safetensors.numpy import load_file
 
 from ascend_llm.cli.main import main
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.data.tokenizer import train_tokenizer
 from ascend_llm.models.llama import build_model
+from ascend_llm.tokenizer.bpe import train_tokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
 
 pytestmark = pytest.mark.integration

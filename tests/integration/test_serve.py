@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.data.tokenizer import train_tokenizer
 from ascend_llm.models.llama import build_model
+from ascend_llm.tokenizer.bpe import train_tokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
 
 pytestmark = pytest.mark.integration

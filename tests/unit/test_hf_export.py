@@ -25,8 +25,8 @@ from ascend_llm.interop import hf
 from ascend_llm.interop.export import export_hf, model_weights
 from ascend_llm.interop.safetensors_io import bf16_bits
 from ascend_llm.interop.source import open_model
-from ascend_llm.interop.tokenizer import HFTokenizer
 from ascend_llm.models.llama import build_model
+from ascend_llm.tokenizer.hf import HFTokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents

@@ -1,15 +1,17 @@
-"""QuantLinear (dequantize on the fly) and apply_quantization on the debug model, against NumPy float64."""
+"""QuantLinear (fused CPU kernel and the dequantize-with-ops path) and apply_quantization, against NumPy float64."""
 
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.quant import QuantConfig
 from ascend_llm.models.llama import build_model
 from ascend_llm.quant.apply import apply_quantization, quantized_layers, weight_bytes
+from ascend_llm.quant.cpu_kernel import kernel_available
 from ascend_llm.quant.linear import QuantLinear
 from ascend_llm.quant.rtn import quantize_rtn
 
@@ -23,31 +25,131 @@ def numpy_dequant(qw):
     return qw.scales.astype(np.float64)[:, g] * (qw.codes.astype(np.float64) - qw.zeros.astype(np.float64)[:, g])
 
 
-@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (4, 32, True), (4, 16, False), (4, 48, True)])
-def test_quant_linear_matches_numpy(bits, group, sym):
-    rng = np.random.default_rng(bits + group)
-    w = rng.normal(0, 0.1, size=(40, 96)).astype(np.float32)
-    bias = rng.normal(size=40).astype(np.float32)
+def reference(x, qw, bias=None):
+    """float64 NumPy dequantize-then-matmul, and the float32 rounding bound sum |x| |w| of each output."""
+    w = numpy_dequant(qw)
+    x = np.asarray(x, np.float64)
+    y = x @ w.T + (0.0 if bias is None else bias)
+    return y, np.abs(x) @ np.abs(w).T + (0.0 if bias is None else np.abs(bias))
+
+
+def check(y, ref, bound):
+    """float32 accumulation of a length-`in` dot product: within 1e-5 of sum |x||w| (K * 2**-24 < 1e-5)."""
+    assert y.shape == ref.shape
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= 1e-5 * bound + 1e-7).all(), float((err / (bound + 1e-30)).max())
+
+
+@pytest.fixture
+def graph_mode():
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=mode)
+
+
+class Wrapper(nn.Cell):
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x):
+        return self.cell(x) * 1.0
+
+
+needs_kernel = pytest.mark.skipif(not kernel_available("CPU"), reason="no C++ compiler for the fused CPU kernel")
+
+CASES = [  # bits, group_size, sym, (out, in); ragged: 100 = 40 + 40 + 20; odd int4 groups take the per-column path
+    (8, -1, True, (37, 99)), (8, -1, False, (40, 96)), (8, 32, True, (33, 100)), (8, 40, False, (40, 100)),
+    (4, -1, True, (40, 96)), (4, 32, True, (37, 96)), (4, 40, False, (36, 100)), (4, 16, False, (40, 96)),
+    (4, 25, True, (9, 100)), (4, 128, False, (24, 512)),
+]
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group,sym,shape", CASES)
+@pytest.mark.parametrize("lead", [(1,), (2, 4), (64,), (3,)])
+def test_cpu_kernel_matches_float64(bits, group, sym, shape, lead):
+    rng = np.random.default_rng(bits * 1000 + group + 7 * len(lead))
+    w = rng.normal(0, 0.1, size=shape).astype(np.float32)
+    bias = rng.normal(size=shape[0]).astype(np.float32) if lead != (3,) else None
     qw = quantize_rtn(w, QuantConfig(bits=bits, group_size=group, sym=sym))
     cell = QuantLinear(qw, bias)
-    x = rng.normal(size=(2, 3, 96)).astype(np.float32)
-    y = cell(Tensor(x)).asnumpy()
-    ref = x.astype(np.float64) @ numpy_dequant(qw).T + bias
-    assert y.shape == (2, 3, 40)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert cell.use_cpu_kernel and "fused CPU kernel" in repr(cell)
+    x = rng.normal(size=lead + (shape[1],)).astype(np.float32)
+    ref, bound = reference(x, qw, bias)
+    check(cell(Tensor(x)).asnumpy(), ref, bound)
+    ops_path = QuantLinear(qw, bias, kernel="ops")(Tensor(x)).asnumpy()
+    check(ops_path, ref, bound)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,sym", [(8, True), (4, False), (4, True)])
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_cpu_kernel_in_graph_mode(graph_mode, bits, sym, rows):
+    rng = np.random.default_rng(rows + bits)
+    w = rng.normal(0, 0.1, size=(72, 128)).astype(np.float32)
+    bias = rng.normal(size=72).astype(np.float32)
+    qw = quantize_rtn(w, QuantConfig(bits=bits, group_size=32, sym=sym))
+    x = rng.normal(size=(rows, 1, 128)).astype(np.float32)
+    ref, bound = reference(x, qw, bias)
+    check(Wrapper(QuantLinear(qw, bias))(Tensor(x)).asnumpy(), ref, bound)
+
+
+def act_order_weight(bits: int, sym: bool, seed: int):
+    from ascend_llm.quant.gptq import gptq_quantize
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 40)) * np.linspace(0.1, 3, 40)
+    w = rng.normal(size=(10, 40))
+    qw = gptq_quantize(w, 2 / 200 * x.T @ x, QuantConfig(bits=bits, group_size=8, sym=sym, act_order=True))
+    assert qw.g_idx is not None and sorted(np.bincount(qw.g_idx)) == [8] * 5
+    assert (np.diff(qw.g_idx) < 0).any()  # really out of order
+    return qw, x[:8]
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, False)])
+def test_act_order_g_idx(bits, sym):
+    qw, x = act_order_weight(bits, sym, seed=bits + sym)
+    ref, bound = reference(x, qw)
+    for kernel in ("auto", "ops"):
+        check(QuantLinear(qw, kernel=kernel)(Tensor(x.astype(np.float32))).asnumpy(), ref, bound)
+
+
+@needs_kernel
+def test_arbitrary_g_idx_and_float16_input():
+    """Any g_idx (as a Hugging Face GPTQ checkpoint may carry), and float16 activations (float16 output)."""
+    rng = np.random.default_rng(3)
+    qw = quantize_rtn(rng.normal(size=(12, 64)), QuantConfig(bits=4, group_size=16, sym=False))
+    qw.g_idx = rng.integers(0, 4, size=64).astype(np.int32)
+    x = rng.normal(size=(5, 64)).astype(np.float16)
+    ref, bound = reference(x, qw)
+    y = QuantLinear(qw)(Tensor(x)).asnumpy()
+    assert y.dtype == np.float16
+    np.testing.assert_allclose(y, ref, rtol=2e-3, atol=2e-3 * np.abs(ref).max())
+
+
+@needs_kernel
+def test_cpu_kernel_reads_the_parameters():
+    """The kernel reads the stored Parameters (as load_quantized sets them), not a copy made at construction."""
+    rng = np.random.default_rng(4)
+    qw = quantize_rtn(rng.normal(size=(16, 256)), QuantConfig(bits=4, group_size=128))
+    other = quantize_rtn(rng.normal(size=(16, 256)), QuantConfig(bits=4, group_size=128))
+    cell = QuantLinear(qw)
+    cell.qweight.set_data(Tensor(other.packed_codes()))
+    cell.scales.set_data(Tensor(other.scales.astype(np.float16)))
+    x = rng.normal(size=(2, 256))
+    ref, bound = reference(x, other)
+    check(cell(Tensor(x.astype(np.float32))).asnumpy(), ref, bound)
+    held = [p.asnumpy().nbytes for p in cell.get_parameters()]
+    assert sum(held) == cell.weight_bytes() < 4 * 16 * 256 / 7.5  # no float32 copy held
     assert not any(p.requires_grad for p in cell.get_parameters())
 
 
-def test_act_order_g_idx_dequant():
-    from ascend_llm.quant.gptq import gptq_quantize
-
-    rng = np.random.default_rng(5)
-    x = rng.normal(size=(200, 32)) * np.linspace(0.1, 3, 32)
-    w = rng.normal(size=(8, 32))
-    qw = gptq_quantize(w, 2 / 200 * x.T @ x, QuantConfig(bits=4, group_size=8, act_order=True))
-    assert qw.g_idx is not None and sorted(np.bincount(qw.g_idx)) == [8, 8, 8, 8]
-    y = QuantLinear(qw)(Tensor(x[:4].astype(np.float32))).asnumpy()
-    np.testing.assert_allclose(y, x[:4] @ numpy_dequant(qw).T, rtol=1e-5, atol=1e-5)
+def test_unknown_kernel_name():
+    qw = quantize_rtn(np.ones((4, 8)), QuantConfig(bits=8, group_size=-1))
+    with pytest.raises(ValueError, match="kernel='fast'"):
+        QuantLinear(qw, kernel="fast")
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

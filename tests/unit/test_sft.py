@@ -47,7 +47,7 @@ def _write(path: Path, records: list) -> Path:
 def test_only_assistant_tokens_carry_labels(tmp_path, record, turns):
     from ascend_llm.data.prepare import prepare
     from ascend_llm.data.sft import SFTDataset
-    from ascend_llm.interop.tokenizer import HFTokenizer
+    from ascend_llm.tokenizer.hf import HFTokenizer
 
     recipe = compose_recipe(_sft_overrides(tmp_path, _write(tmp_path / "d.jsonl", [record] * 3), "data.val_fraction=0",
                                             "data.seq_len=128"))
