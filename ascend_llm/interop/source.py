@@ -28,9 +28,8 @@ import numpy as np
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import CheckpointError, InteropError
 from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
+from ascend_llm.tokenizer.bpe import EOS
 from ascend_llm.tokenizer.hf import TEXT_FILES, HFTokenizer
-
-TOOLKIT_EOS = "<|endoftext|>"  # the end-of-document token of tokenizers the toolkit trains (data/tokenizer.py)
 
 
 @dataclass
@@ -104,10 +103,10 @@ def toolkit_text_files(tokenizer_json: bytes) -> dict[str, bytes]:
     (`<|endoftext|>`, also the padding token), no BOS, and a generation config naming the EOS id."""
     files = {"tokenizer.json": tokenizer_json}
     tokenizer = HFTokenizer.from_files(files, Path("."))
-    eos = tokenizer.tokenizer.token_to_id(TOOLKIT_EOS)
+    eos = tokenizer.tokenizer.token_to_id(EOS)
     if eos is None:
         return files
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": TOOLKIT_EOS, "pad_token": TOOLKIT_EOS,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": EOS,
               "bos_token": None}
     files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
     files["generation_config.json"] = (json.dumps({"eos_token_id": int(eos)}, indent=2) + "\n").encode()
@@ -143,11 +142,13 @@ def _text(source: ModelSource, model_config: dict | None = None) -> ModelSource:
 
 
 def _from_hf(root: Path, build: bool, weights: bool) -> ModelSource:
-    from ascend_llm.interop.hf import read_config, read_hf_weights, weight_files
+    from ascend_llm.interop.hf import check_config_fits, read_config, read_hf_weights, weight_files
     from ascend_llm.interop.hf_config import model_config_from_hf
 
     raw = read_config(root)
     cfg = model_config_from_hf(raw, name=root.name)
+    if not weights:
+        check_config_fits(cfg, root)  # sizes against the weights' headers before any model is built
     source = ModelSource("hf", root, cfg, weights=read_hf_weights(root, cfg) if weights else None,
                          text_files=_read_text_files(root), weight_files=weight_files(root))
     return _build(_text(source, raw), build)

@@ -123,15 +123,6 @@ class HFTokenizer:
             return None if text is None else self.tokenizer.token_to_id(text)
         raise AttributeError(name)
 
-    @classmethod
-    def from_toolkit(cls, root: Path, eos_token: str) -> HFTokenizer:
-        """A toolkit-trained tokenizer (prepared data directory: tokenizer.json, EOS token, no BOS)."""
-        tokenizer = cls(root)
-        tokenizer.config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token,
-                            "pad_token": eos_token, "bos_token": None}
-        tokenizer.special = {key: _token_text(tokenizer.config.get(key)) for key in SPECIAL_KEYS}
-        return tokenizer
-
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
