@@ -52,7 +52,7 @@ def worker_main(argv: list[str]) -> int:
     out_path = next(a.split("=", 1)[1] for a in argv if a.startswith(WORKER_FLAG + "="))
     overrides = [a for a in argv if not a.startswith(WORKER_FLAG + "=")]
     import ascend_llm.train.trainer as trainer
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.dp import is_main_rank
     from ascend_llm.train.build import build_training_model
 
@@ -73,7 +73,7 @@ def worker_main(argv: list[str]) -> int:
 def _run(label: str, overrides: list[str], work: Path) -> dict:
     from ascend_llm.cluster.launch import build_launch_plan, describe_plan
     from ascend_llm.cluster.supervise import run_plan
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     out = work / f"{label}.json"
     plan = build_launch_plan(compose_recipe(overrides), overrides, script=__file__,

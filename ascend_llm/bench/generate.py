@@ -49,7 +49,7 @@ def _timed(fn) -> tuple[float, np.ndarray]:
 def run(model_name: str, prompt_tokens: int, new_tokens: int, batch: int) -> dict:
     import mindspore as ms
 
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.inference import Engine
     from ascend_llm.models.llama import build_model
 

@@ -95,7 +95,7 @@ def step_worker(overrides: list[str], out_prefix: str, steps: int, warmup: int, 
     """Every rank: time `steps` trainer steps after `warmup`, read VmHWM, record one eager step's collectives and
     time their replay; writes <out_prefix>.rank<r>.json."""
     from ascend_llm.bench.collectives import record_collectives, summarize, time_replay
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.session import build_session
     from ascend_llm.train.trainer import run_step
 
@@ -117,7 +117,7 @@ def step_worker(overrides: list[str], out_prefix: str, steps: int, warmup: int, 
 
 def trial_worker(overrides: list[str], out_prefix: str) -> None:
     """Every rank: one training step at the recipe's sequence length; writes <out_prefix>.rank<r>.json."""
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.session import build_session
     from ascend_llm.train.trainer import run_step
 
@@ -145,7 +145,7 @@ def run_job(overrides: list[str], work: Path, label: str, task: str, numbers: di
     """Launch this file under the launcher (msrun for > 1 worker) and return every rank's JSON, rank order."""
     from ascend_llm.cluster.launch import build_launch_plan, find_free_port
     from ascend_llm.cluster.supervise import run_plan
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     run_dir = work / label
     overrides = [*overrides, f"train.output_dir={run_dir}", f"cluster.master_port={find_free_port()}",
@@ -234,7 +234,7 @@ def context_search(args, work: Path) -> list[dict]:
 
 def planner_rows() -> list[dict]:
     """Planner estimates (not measurements) for Llama 3 8B on one 910B node at the recipe layouts."""
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.plan import plan_recipe
 
     rows = []

@@ -67,7 +67,7 @@ PEER_TPS = re.compile(r"tokens/s\s+([0-9.]+)")
 
 def peer_dims(model: str, overrides: list[str]) -> dict:
     """The peer's command-line dims from the composed recipe (same architecture, sequence length, batch)."""
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     recipe = compose_recipe([f"model={model}", *overrides])
     m = recipe.model

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.models.llama import count_params
 
 

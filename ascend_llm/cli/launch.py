@@ -15,7 +15,7 @@ import sys
 
 from ascend_llm.cluster.launch import build_launch_plan, describe_plan
 from ascend_llm.cluster.preflight import preflight
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 
 EXAMPLES = """examples:
   ascend-llm launch cluster=cpu_2proc parallel=dp2 model=debug train.num_steps=20

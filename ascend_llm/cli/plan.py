@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 
 EXAMPLES = """examples:
   ascend-llm plan experiment=llama3_8b_910b

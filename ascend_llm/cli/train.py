@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 
 from ascend_llm.cluster.preflight import preflight
-from ascend_llm.config import compose_recipe, recipes_dir, register_schema, to_recipe
-from ascend_llm.config.overrides import check_group_options, expand_sweep, quote_overrides
+from ascend_llm.compose import compose_recipe, recipes_dir, register_schema, to_recipe
+from ascend_llm.compose.overrides import check_group_options, expand_sweep, quote_overrides
 from ascend_llm.errors import TrainingDiverged, UserInputError
 
 MULTIRUN_FLAGS = ("--multirun", "-m")

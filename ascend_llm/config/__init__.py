@@ -1,7 +1,7 @@
-"""Typed recipe schemas (one per recipe group) and Hydra composition."""
+"""Typed recipe schemas (one per recipe group): plain dataclasses, no Hydra, no files read. Composition with Hydra
+lives in `ascend_llm.compose`."""
 
 from ascend_llm.config.attention import AttentionConfig
-from ascend_llm.config.compose import compose_recipe, recipes_dir, register_schema, to_recipe
 from ascend_llm.config.data import DataConfig
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.optim import OptimConfig
@@ -13,6 +13,5 @@ from ascend_llm.config.train import TrainConfig
 
 __all__ = [
     "AttentionConfig", "ClusterConfig", "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
-    "PrecisionConfig", "RecipeConfig", "RuntimeConfig", "TrainConfig", "compose_recipe", "recipes_dir",
-    "register_schema", "to_recipe",
+    "PrecisionConfig", "RecipeConfig", "RuntimeConfig", "TrainConfig",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.train.trainer import train
 
 pytestmark = pytest.mark.integration

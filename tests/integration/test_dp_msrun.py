@@ -41,7 +41,7 @@ def checkpoint(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_two_msrun_workers_match_one_process(tmp_path):
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     cache = f"data.cache_dir={tmp_path / 'cache'}"
@@ -89,7 +89,7 @@ def test_fp8_data_parallel_with_a_closing_sample_ends_cleanly_on_both_ranks(tmp_
     """Every forward that may hold collectives (FP8 amax reduction) runs on all ranks, the closing sample
     included: the job exits 0 (it crashed at the sample before), both ranks end in sync, and the losses match
     one FP8 process to FP8 rounding."""
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     steps = 4

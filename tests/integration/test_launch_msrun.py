@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 WORKER = """
 import sys
 import numpy as np
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 
 recipe = compose_recipe(sys.argv[1:])
 import mindspore as ms

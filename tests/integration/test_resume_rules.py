@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.data.dataset import PackedDataset
 from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.train.trainer import train

@@ -67,7 +67,7 @@ def data(tmp_path_factory) -> list[str]:
 
 
 def one_process(root: Path, overrides: list[str]) -> tuple[dict, Path]:
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     summary = train(compose_recipe([*COMMON, *overrides, f"train.output_dir={root}"]))

@@ -86,7 +86,7 @@ def checkpoint(run_dir: Path, step: int) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[Path, str]:
     """The one-process run (6 steps, checkpoints every 2): its directory and the shared data-cache override."""
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     root = tmp_path_factory.mktemp("tpz_train")
@@ -126,7 +126,7 @@ def check_run(got: dict[int, dict], run_dir: Path, one: Path, steps: list[int]) 
 
 
 def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(tmp_path, reference):
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     one, cache = reference

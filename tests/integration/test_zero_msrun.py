@@ -38,7 +38,7 @@ def job(tmp_path_factory) -> Path:
 
 
 def planned_state_bytes(stage: int) -> float:
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.plan import plan_recipe
 
     recipe = compose_recipe(["model=debug", "cluster=cpu_2proc", f"parallel=dp2_zero{stage}"])
@@ -49,7 +49,7 @@ def resume_in_one_process(state_file: Path) -> list[float]:
     import mindspore as ms
     from mindspore import Tensor
 
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.models import build_model
     from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
     from ascend_llm.train.step import cross_entropy_loss

@@ -25,7 +25,7 @@ def losses(run_dir):
 
 
 def test_zero2_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_path):
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
     cache = f"data.cache_dir={tmp_path / 'cache'}"

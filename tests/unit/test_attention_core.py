@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ascend_llm.attention import resolve_backend
 from ascend_llm.attention.core import CoreAttention
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.models import build_model
 from ascend_llm.train.build import build_training_model

@@ -91,7 +91,7 @@ def test_layout_row_takes_rank0_times_and_every_rank_peak():
 
 
 def test_planner_rows_are_labelled_estimates_and_match_the_planner():
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.plan import plan_recipe
 
     rows = bench.planner_rows()

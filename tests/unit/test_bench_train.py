@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from ascend_llm.bench.train import add_ratios, peer_dims, run_peer
-from ascend_llm.config import recipes_dir
+from ascend_llm.compose import recipes_dir
 
 FAKE_PEER = """import json, sys, time
 time.sleep(0.3)

@@ -150,7 +150,7 @@ def test_bad_sources_name_the_entry(items, field):
 
 
 def test_sources_compose_from_the_command_line_convention():
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     recipe = compose_recipe(["data.sources=[0.7,a.jsonl,0.3,b_folder]", "data.on_bad_record=skip"])
     assert parse_sources(recipe.data.sources) == [(0.7, "a.jsonl"), (pytest.approx(0.3), "b_folder")]

@@ -181,7 +181,7 @@ def test_max_bytes_cap_is_explicit_and_reported(tmp_path):
 
 
 def test_no_hidden_cap_on_a_given_corpus_and_the_embedded_one_is_reported():
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.data.corpus import EMBEDDED_MAX_BYTES
 
     assert compose_recipe(["data.path=x.jsonl"]).data.max_bytes is None  # the default recipe caps nothing
@@ -200,7 +200,7 @@ def test_relative_path_resolves_beside_the_repository(tmp_path, monkeypatch):
 
 
 def test_tiny_tang_recipe_path_found_from_another_directory(tmp_path):
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     recipe = compose_recipe(["experiment=tiny_tang"])
     try:

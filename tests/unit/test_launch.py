@@ -16,7 +16,7 @@ from ascend_llm.cli.main import main as cli
 from ascend_llm.cluster.launch import LaunchPlan, ProcessSpec, build_launch_plan, check_port_free, describe_plan
 from ascend_llm.cluster.preflight import preflight
 from ascend_llm.cluster.supervise import TIMEOUT_EXIT, run_plan
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.errors import ConfigError, LaunchError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -100,7 +100,7 @@ def test_causality_future_tokens_do_not_change_past_logits():
 @pytest.mark.parametrize("flavor, published", [("llama_1b", 1.24e9), ("llama2_7b", 6.74e9),
                                                ("llama3_8b", 8.03e9), ("qwen2_7b", 7.62e9)])
 def test_large_flavors_compose_with_published_parameter_counts(flavor, published):
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     recipe = compose_recipe([f"model={flavor}"])
     assert recipe.model.name == flavor
@@ -108,7 +108,7 @@ def test_large_flavors_compose_with_published_parameter_counts(flavor, published
 
 
 def test_count_params_matches_built_model():
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
 
     for flavor in ("debug", "tiny"):
         cfg = compose_recipe([f"model={flavor}"]).model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ascend_llm.config import compose_recipe
-from ascend_llm.config.overrides import expand_sweep, quote_overrides
+from ascend_llm.compose import compose_recipe
+from ascend_llm.compose.overrides import expand_sweep, quote_overrides
 from ascend_llm.errors import ConfigError
 
 

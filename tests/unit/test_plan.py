@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.plan import check_fits, plan_recipe, suggest
 

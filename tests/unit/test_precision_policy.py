@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.precision import PrecisionConfig
 from ascend_llm.errors import ConfigError

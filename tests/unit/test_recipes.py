@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ascend_llm.config import compose_recipe, recipes_dir
+from ascend_llm.compose import compose_recipe, recipes_dir
 from ascend_llm.errors import ConfigError
 
 EXPERIMENTS = sorted(p.stem for p in (recipes_dir() / "experiment").glob("*.yaml"))

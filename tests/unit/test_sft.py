@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.data.dataset import IGNORE_INDEX
 from ascend_llm.errors import ConfigError, DataError
 

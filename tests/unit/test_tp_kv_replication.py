@@ -162,7 +162,7 @@ def test_norm_weights_count_each_kv_replica_once():
 def test_zero_under_cp_shards_over_the_dp_cp_group_with_the_trainers_scale():
     from mindspore import Parameter, Tensor
 
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.session import build_optimizer
 
     recipe = compose_recipe(["model=debug", "cluster=cpu_4proc", "parallel=cp2_dp2", "parallel.zero_stage=2"])
@@ -196,7 +196,7 @@ def test_planner_counts_one_replicated_kv_head_per_rank_and_shards_zero_over_dp_
 
 
 def test_bf16_parameters_with_tensor_parallel_need_zero_for_master_weights():
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.train.session import check_param_dtype
 
     base = ["model=debug", "cluster=cpu_4proc", "parallel=tp2_dp2", "precision.param_dtype=bfloat16"]

@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.config.parallel import ParallelConfig
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.dims import build_groups

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from ascend_llm.config import compose_recipe
+from ascend_llm.compose import compose_recipe
 from ascend_llm.config.parallel import ParallelConfig
 from ascend_llm.data.dataset import PackedDataset
 from ascend_llm.errors import TrainingDiverged

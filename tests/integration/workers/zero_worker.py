@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
     out = Path(argv[argv.index("--out") + 1])
     stages = [int(a) for a in argv[argv.index("--stages") + 1:]] if "--stages" in argv else None
     overrides = [a for a in argv if "=" in a and not a.startswith("--")]
-    from ascend_llm.config import compose_recipe
+    from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.dp import init_distributed
     from ascend_llm.train.runtime import setup_runtime
 

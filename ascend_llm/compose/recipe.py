@@ -8,8 +8,8 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from ascend_llm.config.overrides import check_group_options, quote_overrides
-from ascend_llm.config.pretrained import apply_pretrained
+from ascend_llm.compose.overrides import check_group_options, quote_overrides
+from ascend_llm.compose.pretrained import apply_pretrained
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.errors import ConfigError
 
