@@ -9,6 +9,7 @@ the shards listed in `model.safetensors.index.json`; bf16/fp16 tensors are upcas
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,33 +18,59 @@ from mindspore import Tensor, nn
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import model_config_from_hf
-from ascend_llm.interop.names import from_hf
-from ascend_llm.interop.safetensors_io import read_tensors
+from ascend_llm.interop.names import from_hf, to_hf
+from ascend_llm.interop.safetensors_io import read_header, read_tensors
 from ascend_llm.tokenizer.hf import HFTokenizer
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+MAX_JSON_BYTES = 64 << 20  # config.json, generation_config.json, the index: a few KB in real models
+
+
+def _read_json_object(file: Path) -> dict:
+    """A JSON object from `file` (at most MAX_JSON_BYTES); InteropError naming the file otherwise."""
+    try:
+        if file.stat().st_size > MAX_JSON_BYTES:
+            raise InteropError(str(file), f"{file.stat().st_size} bytes", f"must be at most {MAX_JSON_BYTES} bytes")
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InteropError(str(file), "unreadable", exc.strerror or str(exc)) from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise InteropError(str(file), "unreadable", f"must be valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InteropError(str(file), type(value).__name__, "must be a JSON object")
+    return value
+
+
 def read_config(root: Path) -> dict:
+    """config.json of a model directory as a dict; InteropError when missing, not JSON or not an object."""
     file = Path(root) / "config.json"
     if not file.is_file():
         raise InteropError(str(file), "missing", "a Hugging Face model directory holds config.json")
-    try:
-        return json.loads(file.read_text())
-    except ValueError as exc:
-        raise InteropError(str(file), "unreadable", f"must be valid JSON ({exc})") from None
+    return _read_json_object(file)
+
+
+def inside(root: Path, name: object, field: str) -> Path:
+    """root/name for a file name read from a file in root (an index, state.json): a plain relative path that
+    stays inside root. InteropError naming `field` for `../x`, absolute paths, empty or non-string names."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise InteropError(field, name, "must name a file inside the model directory (no '..', not absolute)")
+    return Path(root) / name
 
 
 def weight_files(root: Path) -> list[Path]:
-    """The safetensors files of a model directory: the shards named by the index, or model.safetensors."""
+    """The safetensors files of a model directory: the shards named by the index, or model.safetensors.
+    InteropError for an index that is not JSON, has no weight_map object, or names a file outside the directory."""
     root = Path(root)
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise InteropError(str(index), "unreadable", f"must be JSON with a weight_map ({exc})") from None
-        files = [root / name for name in names]
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InteropError(f"{index}:weight_map", type(weight_map).__name__, "must be an object "
+                               "{tensor name: file name}")
+        files = [inside(root, name, f"{index}:weight_map[{key!r}]") for key, name in weight_map.items()]
+        files = sorted(set(files))
     else:
         files = [root / "model.safetensors"]
     for file in files:
@@ -54,8 +81,52 @@ def weight_files(root: Path) -> list[Path]:
     return files
 
 
+def _layer_count(names: list[str]) -> int:
+    layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.") and n.split(".")[1].isdigit()]
+    return max(layers) + 1 if layers else 0
+
+
+def check_config_fits(cfg: ModelConfig, root: Path) -> None:
+    """Compare the sizes config.json declares with the tensors the weight files hold, reading only their
+    headers, so that a config asking for more than the files hold (10^7 layers, a vocabulary of 10^12) is refused
+    before any model is built. InteropError names config.json and the field (vocab_size, hidden_size,
+    num_hidden_layers, intermediate_size, num_attention_heads/head_dim, num_key_value_heads)."""
+    from ascend_llm.models.llama import count_params
+
+    shapes: dict[str, list[int]] = {}
+    held = 0
+    for file in weight_files(root):
+        for hf_name, spec in read_header(file).items():
+            held += math.prod(spec["shape"])
+            name = from_hf(hf_name)
+            if name is not None:
+                shapes[name] = spec["shape"]
+    config = Path(root) / "config.json"
+    layer0 = "layers.0."
+    checks = [("vocab_size", cfg.vocab_size, "tok_embeddings.weight", 0),
+              ("hidden_size", cfg.dim, "tok_embeddings.weight", 1),
+              ("intermediate_size", cfg.ffn_hidden_dim, layer0 + "feed_forward.w1.weight", 0),
+              ("num_attention_heads", cfg.num_heads * cfg.head_dim, layer0 + "attention.wq.weight", 0),
+              ("num_key_value_heads", cfg.num_kv_heads * cfg.head_dim, layer0 + "attention.wk.weight", 0)]
+    for key, want, tensor, axis in checks:
+        shape = shapes.get(tensor)
+        if shape is not None and (len(shape) <= axis or shape[axis] != want):
+            raise InteropError(f"{config}:{key}", want if key in ("vocab_size", "hidden_size", "intermediate_size")
+                               else f"{want} rows ({key} x head_dim {cfg.head_dim})",
+                               f"the weights hold {to_hf(tensor) or tensor} of shape {shape}")
+    num_layers = _layer_count(list(shapes))
+    if shapes and cfg.num_layers != num_layers:
+        raise InteropError(f"{config}:num_hidden_layers", cfg.num_layers, f"the weights hold {num_layers} layers")
+    need = count_params(cfg)
+    if need > held:
+        raise InteropError(str(config), f"{need:,} parameters", f"the weight files hold {held:,} values: the "
+                           "sizes in config.json do not match the weights")
+
+
 def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Toolkit-named float32 weights from the directory; InteropError names an unknown or missing tensor."""
+    """Toolkit-named float32 weights from the directory; InteropError names an unknown or missing tensor, a size
+    in config.json the weights do not hold (check_config_fits, before any tensor is read), or a malformed file."""
+    check_config_fits(cfg, root)
     weights = {}
     for file in weight_files(root):
         for hf_name, array in read_tensors(file).items():
@@ -74,9 +145,12 @@ def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
 def read_generation_config(root: Path) -> dict:
     """generation_config.json (or {}), with `eos_token_ids` normalised to a list of ints."""
     file = Path(root) / "generation_config.json"
-    gen = json.loads(file.read_text()) if file.is_file() else {}
+    gen = _read_json_object(file) if file.is_file() else {}
     eos = gen.get("eos_token_id", read_config(root).get("eos_token_id"))
-    gen["eos_token_ids"] = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(type(e) is int and e >= 0 for e in eos):
+        raise InteropError(f"{file}:eos_token_id", eos, "must be a token id or a list of token ids")
+    gen["eos_token_ids"] = list(eos)
     return gen
 
 

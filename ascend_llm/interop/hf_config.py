@@ -8,7 +8,7 @@ o_proj/MLP, other activations or RoPE types, quantized weights) is refused with 
 from __future__ import annotations
 
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.errors import InteropError
+from ascend_llm.errors import InteropError, UserInputError
 
 FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -79,27 +79,47 @@ def dtype_of(raw: dict) -> str:
     return DTYPES[value]
 
 
+MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 in the model and the engine
+MAX_POSITIONS = 1 << 21  # RoPE tables are (max_seq_len, head_dim) arrays: 2M positions covers Qwen2.5-1M
+
+
+def _size(raw: dict, key: str, default: int | None = None, limit: int = MAX_TOKEN_ID) -> int:
+    """A positive integer field of config.json, at most `limit`; InteropError naming the key otherwise."""
+    if key not in raw or raw[key] is None:
+        if default is None:
+            raise InteropError(f"config.json:{key}", "missing", "required for a Llama/Qwen config")
+        return default
+    value = raw[key]
+    if type(value) is not int or not 0 < value <= limit:
+        raise InteropError(f"config.json:{key}", value, f"must be an integer from 1 to {limit}")
+    return value
+
+
 def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
-    """ModelConfig for a Hugging Face config dict; InteropError names the first unsupported or missing key."""
-    family = family_of(raw)
-    _refuse_unsupported(raw, family)
-    dtype_of(raw)
-    rope = _rope(raw)
-    try:
-        heads = int(raw["num_attention_heads"])
-        dim = int(raw["hidden_size"])
-        head_dim = int(raw.get("head_dim") or dim // heads)
+    """ModelConfig for a Hugging Face config dict; InteropError names the first unsupported, missing or malformed
+    key (a size that is not a positive integer, or beyond what the model can index). Sizes are not yet compared
+    with the weights: interop/hf.check_config_fits does that before a model is built."""
+    if not isinstance(raw, dict):
+        raise InteropError("config.json", type(raw).__name__, "must be a JSON object")
+    heads, dim = _size(raw, "num_attention_heads"), _size(raw, "hidden_size")
+    head_dim = _size(raw, "head_dim", default=max(dim // heads, 1))
+    try:  # a value of the wrong JSON type anywhere (a list for a number, a string for an object)
+        family = family_of(raw)
+        _refuse_unsupported(raw, family)
+        dtype_of(raw)
+        rope = _rope(raw)
         cfg = ModelConfig(
-            name=name, vocab_size=int(raw["vocab_size"]), dim=dim, num_layers=int(raw["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-            ffn_hidden_dim=int(raw["intermediate_size"]), max_seq_len=int(raw.get("max_position_embeddings", 2048)),
+            name=name, vocab_size=_size(raw, "vocab_size"), dim=dim, num_layers=_size(raw, "num_hidden_layers"),
+            num_heads=heads, num_kv_heads=_size(raw, "num_key_value_heads", default=heads),
+            ffn_hidden_dim=_size(raw, "intermediate_size"),
+            max_seq_len=_size(raw, "max_position_embeddings", default=2048, limit=MAX_POSITIONS),
             norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             init_std=float(raw.get("initializer_range", 0.02)),
             head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family == "qwen3", **rope)
-    except KeyError as exc:
-        raise InteropError(f"config.json:{exc.args[0]}", "missing", "required for a Llama/Qwen config") from None
-    except (TypeError, ValueError) as exc:
+    except UserInputError:
+        raise
+    except (TypeError, ValueError, AttributeError) as exc:
         raise InteropError("config.json", "malformed", str(exc)) from None
     cfg.validate(prefix="config.json")
     return cfg
