@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,8 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import hf_config_from_model
 from ascend_llm.interop.names import to_hf
-from ascend_llm.interop.safetensors_io import EXPORT_DTYPES, read_tensors, write_tensors
+from ascend_llm.interop.safetensors_io import EXPORT_DTYPES, write_tensors
 from ascend_llm.store.files import write_dir_atomic
-from ascend_llm.train.checkpoint import checkpoint_config
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -35,38 +33,6 @@ def model_weights(model: nn.Cell) -> dict[str, np.ndarray]:
     """Toolkit-named float32 arrays of a model's parameters (any parameter dtype)."""
     return {p.name: p.astype(mstype.float32).asnumpy() if p.dtype != mstype.float32 else p.asnumpy()
             for p in model.get_parameters()}
-
-
-def checkpoint_model_tensors(step_dir: Path) -> dict[str, np.ndarray]:
-    """The model tensors of one toolkit checkpoint directory, by parameter name (the only place that knows
-    where a checkpoint keeps them: today `model.safetensors`)."""
-    file = Path(step_dir) / "model.safetensors"
-    if not file.is_file():
-        raise InteropError(str(file), "missing", "a toolkit checkpoint directory holds model.safetensors")
-    return read_tensors(file)
-
-
-def read_toolkit_checkpoint(step_dir: Path) -> tuple[ModelConfig, dict[str, np.ndarray], Path | None]:
-    """(ModelConfig from state.json's resolved recipe, full model tensors, the checkpoint's tokenizer.json or
-    None). For a `model.pretrained` run the base comes from that directory and LoRA adapters are merged."""
-    step_dir = Path(step_dir)
-    state_file = step_dir / "state.json"
-    try:
-        state = json.loads(state_file.read_text())
-        run_config = checkpoint_config(state)
-        model_dict = run_config["model"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InteropError(str(state_file), "unreadable", f"must be JSON with config.model ({exc})") from None
-    known = {f.name for f in fields(ModelConfig)}
-    cfg = ModelConfig(**{k: v for k, v in model_dict.items() if k in known})
-    cfg.validate()
-    tensors = checkpoint_model_tensors(step_dir)
-    if cfg.pretrained:  # a fine-tune: the base weights live in the pretrained directory; LoRA adapters merge
-        from ascend_llm.interop.pretrained import merge_lora_tensors
-
-        tensors = merge_lora_tensors(run_config, tensors)
-    tokenizer = step_dir / "tokenizer.json"  # every checkpoint keeps a copy of its run's tokenizer
-    return cfg, tensors, tokenizer if tokenizer.is_file() else None
 
 
 def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

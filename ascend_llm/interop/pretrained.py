@@ -29,7 +29,7 @@ def pretrained_architecture(root: Path) -> tuple[ModelConfig, str, Path]:
     if not text or tokenizer.token_to_id(text) is None:
         raise InteropError(str(source.path), "no EOS", "needs generation_config.json eos_token_id or "
                            "tokenizer_config.json eos_token naming a token of tokenizer.json")
-    return source.config, text, source.path
+    return source.config, text, source.path.resolve()
 
 
 def pretrained_weights(path: str | Path) -> dict[str, np.ndarray]:
@@ -44,28 +44,3 @@ def load_pretrained_weights(model, cfg: ModelConfig) -> None:
     from ascend_llm.interop.hf import assign_weights
 
     assign_weights(model, pretrained_weights(cfg.pretrained), source=str(cfg.pretrained))
-
-
-def merge_lora_tensors(run_config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Full float32 model weights of a checkpoint of a `model.pretrained` run (for export).
-
-    run_config: the run's resolved recipe as a dict (model.pretrained, lora.rank, lora.alpha). tensors: the
-    checkpoint's model part, by parameter name: with LoRA only `<cell>.lora_a` (r, in) and `<cell>.lora_b`
-    (out, r); without LoRA every parameter. The base comes from DIR's safetensors; each adapted weight becomes
-    W + (alpha / r) B A computed in float64 (Hu et al. 2021, eq. 3), every other checkpoint tensor replaces the
-    base's. InteropError names an adapter without its pair or a weight the base lacks."""
-    weights = dict(pretrained_weights(run_config["model"]["pretrained"]))
-    lora = run_config.get("lora") or {}
-    scaling = float(lora.get("alpha", 0.0)) / max(int(lora.get("rank", 1)), 1)
-    for name, value in tensors.items():
-        if name.endswith(".lora_b"):
-            continue
-        if not name.endswith(".lora_a"):
-            weights[name] = np.asarray(value, np.float32)
-            continue
-        cell = name[:-len(".lora_a")]
-        if f"{cell}.lora_b" not in tensors or f"{cell}.weight" not in weights:
-            raise InteropError(name, "unpaired", f"needs {cell}.lora_b and a base weight {cell}.weight")
-        delta = np.asarray(tensors[f"{cell}.lora_b"], np.float64) @ np.asarray(value, np.float64)
-        weights[f"{cell}.weight"] = (weights[f"{cell}.weight"].astype(np.float64) + scaling * delta).astype(np.float32)
-    return weights

@@ -167,8 +167,6 @@ def _checkpoint_weights(step: Path, meta: dict, tensors: dict,
                         weights: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray] | None]:
     """(ModelConfig, full float32 weights or None when not `weights`) of a verified checkpoint; LoRA adapters
     merged into a pretrained base."""
-    from ascend_llm.interop.pretrained import merge_lora_tensors
-
     where = str(step / STATE_FILE)
     try:
         run_config = checkpoint_config(meta)
@@ -193,6 +191,31 @@ def _checkpoint_weights(step: Path, meta: dict, tensors: dict,
         raise CheckpointError(where, "lora adapters without model.pretrained",
                               "only a fine-tune of a pretrained directory can be rebuilt from its adapters")
     return cfg, {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+
+
+def merge_lora_tensors(run_config: dict, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Full float32 model weights of a checkpoint of a `model.pretrained` run (for export).
+
+    run_config: the run's resolved recipe as a dict (model.pretrained, lora.rank, lora.alpha). tensors: the
+    checkpoint's model part, by parameter name: with LoRA only `<cell>.lora_a` (r, in) and `<cell>.lora_b`
+    (out, r); without LoRA every parameter. The base comes from DIR's safetensors; each adapted weight becomes
+    W + (alpha / r) B A computed in float64 (Hu et al. 2021, eq. 3), every other checkpoint tensor replaces the
+    base's. InteropError names an adapter without its pair or a weight the base lacks."""
+    weights = dict(open_model(run_config["model"]["pretrained"], build=False).weights)
+    lora = run_config.get("lora") or {}
+    scaling = float(lora.get("alpha", 0.0)) / max(int(lora.get("rank", 1)), 1)
+    for name, value in tensors.items():
+        if name.endswith(".lora_b"):
+            continue
+        if not name.endswith(".lora_a"):
+            weights[name] = np.asarray(value, np.float32)
+            continue
+        cell = name[:-len(".lora_a")]
+        if f"{cell}.lora_b" not in tensors or f"{cell}.weight" not in weights:
+            raise InteropError(name, "unpaired", f"needs {cell}.lora_b and a base weight {cell}.weight")
+        delta = np.asarray(tensors[f"{cell}.lora_b"], np.float64) @ np.asarray(value, np.float64)
+        weights[f"{cell}.weight"] = (weights[f"{cell}.weight"].astype(np.float64) + scaling * delta).astype(np.float32)
+    return weights
 
 
 def _checkpoint_text(step: Path, cfg: ModelConfig) -> dict[str, bytes]:

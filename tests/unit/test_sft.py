@@ -114,8 +114,8 @@ def test_lora_trainable_count_exact():
 
 
 def test_lora_checkpoint_merges_into_pretrained_base():
-    from ascend_llm.interop.pretrained import merge_lora_tensors
     from ascend_llm.interop.safetensors_io import read_tensors
+    from ascend_llm.interop.source import merge_lora_tensors
 
     rng = np.random.default_rng(0)
     hf = read_tensors(QWEN2 / "model.safetensors")
