@@ -3,6 +3,11 @@
 The recipe is composed and validated first (for a sweep: every combination), so bad overrides fail in one
 line with exit 2 before Hydra starts or anything is written; then Hydra runs the job(s) (run directory =
 train.output_dir, sweeps under train.output_dir/multirun).
+
+SIGINT (Ctrl-C) or SIGTERM while training: the current step finishes (also the first one, while it compiles),
+is checkpointed, one line says where, and the exit status is 130 (SIGINT) or 143 (SIGTERM); a second signal aborts
+at once. Resume with train.resume=auto. A Ctrl-C before training starts (data preparation, model loading) stops
+at once with status 130; nothing is half-written.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from ascend_llm.cluster.preflight import preflight
 from ascend_llm.compose import compose_recipe, recipes_dir, register_schema, to_recipe
 from ascend_llm.compose.overrides import check_group_options, expand_sweep, quote_overrides
 from ascend_llm.errors import TrainingDiverged, UserInputError
+from ascend_llm.train.stop import TrainingStopped
 
 MULTIRUN_FLAGS = ("--multirun", "-m")
 
@@ -32,6 +38,13 @@ def _print_summary(summary: dict) -> None:
     print(f"run directory: {summary['run_dir']}")
 
 
+def _stopped(exc: TrainingStopped) -> int:
+    """One line (rank 0) for a run a signal stopped; returns its exit status (128 + signal number)."""
+    if exc.rank == 0:
+        print(exc.one_line(), file=sys.stderr, flush=True)
+    return exc.exit_status
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\nExample: ascend-llm train model=debug optim.lr=1e-3 train.num_steps=50\n"
@@ -40,7 +53,13 @@ def main(argv: list[str]) -> int:
     if not any(flag in argv for flag in MULTIRUN_FLAGS):
         from ascend_llm.train.trainer import train
 
-        _print_summary(train(compose_recipe(argv)))
+        try:
+            _print_summary(train(compose_recipe(argv)))
+        except TrainingStopped as exc:
+            return _stopped(exc)
+        except KeyboardInterrupt:  # before the step loop: nothing to checkpoint
+            print("interrupted before training started (SIGINT); nothing was written half-way", file=sys.stderr)
+            return 130
         return 0
     import hydra
 
@@ -66,6 +85,8 @@ def main(argv: list[str]) -> int:
         except TrainingDiverged as exc:
             print(exc.one_line(), file=sys.stderr)
             sys.exit(3)
+        except TrainingStopped as exc:
+            sys.exit(_stopped(exc))
 
     saved = sys.argv
     sys.argv = ["ascend-llm train", "--multirun", *overrides]

@@ -62,6 +62,7 @@ class Session:
     metrics: MetricsLog | None = None
     progress: Any = None
     nonfinite_streak: int = 0
+    checkpointed_step: int | None = None  # the last step save_checkpoint was called for
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 

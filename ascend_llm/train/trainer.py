@@ -4,6 +4,10 @@
 Every phase is a function of the session, testable on its own. Anything that may run collectives (the step,
 validation, the closing sample, the precision runtime's after-step hook) runs on every rank; only files are
 written by the main rank.
+
+SIGINT/SIGTERM during the step loop (`train/stop.py`): the current step finishes, every rank agrees on the stop
+after it, that step is checkpointed through the normal path and `TrainingStopped` is raised (the CLI exits 130 or
+143); a second signal aborts at once.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from mindspore import Tensor, mutable
 
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.errors import TrainingDiverged
+from ascend_llm.train.checkpoint import list_checkpoints
 from ascend_llm.train.metrics import plot_loss
 from ascend_llm.train.sample import generate
 from ascend_llm.train.schedule import lr_at
 from ascend_llm.train.session import Session, build_session, open_outputs, params_sha256
 from ascend_llm.train.state import ParameterState
+from ascend_llm.train.stop import StopAgreement, StopSignals, TrainingStopped
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -39,26 +45,32 @@ class StepOutcome:
 def train(recipe: RecipeConfig) -> dict:
     """Train per the recipe; returns {"losses", "val_losses", "run_dir", "sample", "first_step_s", ...}.
 
-    Raises ConfigError / DataError / CheckpointError / LaunchError for bad input (before writing anything) and
-    TrainingDiverged after train.max_nonfinite_steps non-finite steps in a row."""
+    Raises ConfigError / DataError / CheckpointError / LaunchError for bad input (before writing anything),
+    TrainingDiverged after train.max_nonfinite_steps non-finite steps in a row, and TrainingStopped after a
+    SIGINT/SIGTERM stopped the run (its step checkpointed)."""
     session = build_session(recipe)
     open_outputs(session)
-    cfg = recipe.train
-    for step in range(session.start_step, cfg.num_steps):
-        # step: one optimizer update over train.grad_accum_steps micro-batches of this rank's rows
-        outcome = run_step(session, step)
-        # post-step hooks (all ranks): precision runtime and converters, then the non-finite accounting
-        events = session.precision.after_step(outcome.step) + session.converters.after_step(outcome.step)
-        check_finite(session, outcome)
-        # log: a metrics record every train.log_every steps (and on events), the progress bar every step
-        record = step_record(session, outcome, events)
-        # validate when due (all ranks: the forward may hold collectives)
-        if outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps:
-            record = validate(session, outcome, record)
-        write_record(session, record, outcome)
-        # checkpoint when due (all ranks gather, the main rank writes; never a non-finite state)
-        if outcome.step % cfg.ckpt_every == 0 or outcome.step == cfg.num_steps:
-            save_checkpoint(session, outcome)
+    cfg, agreement = recipe.train, StopAgreement(session.world_size)
+    with StopSignals() as signals:  # the first SIGINT/SIGTERM is recorded; the step finishes
+        for step in range(session.start_step, cfg.num_steps):
+            # step: one optimizer update over train.grad_accum_steps micro-batches of this rank's rows
+            outcome = run_step(session, step)
+            # post-step hooks (all ranks): precision runtime and converters, then the non-finite accounting
+            events = session.precision.after_step(outcome.step) + session.converters.after_step(outcome.step)
+            check_finite(session, outcome)
+            # log: a metrics record every train.log_every steps (and on events), the progress bar every step
+            record = step_record(session, outcome, events)
+            # validate when due (all ranks: the forward may hold collectives)
+            if outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps:
+                record = validate(session, outcome, record)
+            write_record(session, record, outcome)
+            # checkpoint when due (all ranks gather, the main rank writes; never a non-finite state)
+            if outcome.step % cfg.ckpt_every == 0 or outcome.step == cfg.num_steps:
+                save_checkpoint(session, outcome)
+            # stop when any rank received a signal (an all-reduce: every rank, every step)
+            signum = agreement.agree(signals.received)
+            if signum is not None:
+                stop_after(session, outcome, signum, agreement)
     return finish(session)
 
 
@@ -168,7 +180,9 @@ def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:
 
 def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
     """Checkpoint this step (every rank gathers sharded state, ZeRO shards and TP shards alike; the main rank
-    writes), unless the step was skipped as non-finite (its state is the last finite one, already saved)."""
+    writes), unless the step was skipped as non-finite (its state is the last finite one, already saved).
+    Records the step in session.checkpointed_step."""
+    session.checkpointed_step = outcome.step
     if not outcome.finite:
         if session.main_rank:
             logger.warning("step %d: not checkpointing a non-finite step", outcome.step)
@@ -179,6 +193,19 @@ def save_checkpoint(session: Session, outcome: StepOutcome) -> None:
             if isinstance(part, ParameterState):
                 part.collect()  # TP gather (a collective, every rank)
         session.checkpoints.save(outcome.step)  # ZeRO gathers inside state_dict (every rank); the main rank writes
+
+
+def stop_after(session: Session, outcome: StepOutcome, signum: int, agreement: StopAgreement) -> None:
+    """A signal stops the run after `outcome`'s step (every rank): checkpoint the step unless that is done, wait
+    until the main rank has written it (a barrier), close the progress bar, raise TrainingStopped naming the
+    newest checkpoint (the one of this step; the last finite one after a non-finite step)."""
+    if session.checkpointed_step != outcome.step:
+        save_checkpoint(session, outcome)
+    agreement.barrier()
+    if session.progress is not None:
+        session.progress.close()
+    found = list_checkpoints(session.run_dir)
+    raise TrainingStopped(signum, outcome.step, found[0] if found else None, session.rank)
 
 
 def finish(session: Session) -> dict:
