@@ -51,9 +51,9 @@ def main(argv: list[str]) -> int:
 
     from ascend_llm.errors import ConfigError
     from ascend_llm.eval.text import calibration_windows, parse_slice, token_stream
+    from ascend_llm.interop.quantized import hf_gptq_layout, save_quantized, write_hf_gptq
     from ascend_llm.interop.source import apply_tokenizer_override, open_model
     from ascend_llm.quant.apply import apply_quantization, weight_bytes
-    from ascend_llm.quant.io import hf_gptq_layout, save_quantized, write_hf_gptq
     from ascend_llm.store.files import OutputError, check_output_dir
 
     ms.set_context(mode=ms.GRAPH_MODE)

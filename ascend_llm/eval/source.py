@@ -68,7 +68,7 @@ def _from_hf(directory: Path) -> ModelSource:
 
 def load_source(path: str) -> ModelSource:
     """Dispatch on what the directory holds; CheckpointError (one line) when it is none of the known kinds."""
-    from ascend_llm.quant.io import load_quantized
+    from ascend_llm.interop.quantized import load_quantized
     from ascend_llm.train.checkpoint import latest_valid_checkpoint
 
     directory = Path(path).expanduser()

@@ -1,4 +1,5 @@
-"""Quantized model directories: our own layout (save/load) and the Hugging Face GPTQ layout (export).
+"""Quantized model directories, the disk side of quant/: our own layout (save/load) and the Hugging Face GPTQ
+layout (export).
 
 Ours (`save_quantized`): model.safetensors with every parameter under its full name (`<layer>.qweight` uint8,
 int4 packed two per byte; `<layer>.scales` float16 (out, G); `<layer>.zeros` uint8 when asymmetric;

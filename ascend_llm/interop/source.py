@@ -155,7 +155,7 @@ def _from_hf(root: Path, build: bool, weights: bool) -> ModelSource:
 
 
 def _from_quantized(root: Path, build: bool) -> ModelSource:
-    from ascend_llm.quant.io import load_quantized
+    from ascend_llm.interop.quantized import load_quantized
 
     model, cfg, section = load_quantized(root)
     source = ModelSource("quantized", root, cfg, model=model, text_files=_read_text_files(root),

@@ -21,9 +21,9 @@ from mindspore import Tensor
 
 from ascend_llm.cli.main import main as cli_main
 from ascend_llm.config.quant import QuantConfig
+from ascend_llm.interop.quantized import export_hf_gptq
 from ascend_llm.interop.source import open_model
 from ascend_llm.quant.apply import apply_quantization
-from ascend_llm.quant.io import export_hf_gptq
 from tests.unit.test_hf_export import FIXTURES, source_dir
 
 pytestmark = pytest.mark.integration

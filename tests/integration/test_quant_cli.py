@@ -68,9 +68,9 @@ def test_quantize_eval_and_export(setup, capsys):
 
 def test_saved_quantized_model_reloads_identically(setup):
     from ascend_llm.config.quant import QuantConfig
+    from ascend_llm.interop.quantized import load_quantized, save_quantized
     from ascend_llm.interop.source import open_model
     from ascend_llm.quant.apply import apply_quantization
-    from ascend_llm.quant.io import load_quantized, save_quantized
 
     root, _, run = setup
     source = open_model(run)
@@ -96,7 +96,7 @@ def hf_gptq_dequant(t, bits, v1):
 
 
 def test_hf_gptq_layout_decodes_to_our_weights(setup):
-    from ascend_llm.quant.io import load_quantized
+    from ascend_llm.interop.quantized import load_quantized
     from ascend_llm.quant.rtn import dequantize
 
     root, _, _ = setup
@@ -111,7 +111,7 @@ def test_hf_gptq_layout_decodes_to_our_weights(setup):
     assert layer["qweight"].shape == (96 // 8, 64) and layer["qweight"].dtype == np.int32
     assert layer["qzeros"].shape == (3, 64 // 8) and layer["scales"].shape == (3, 64)
     ours = json.loads((root / "q_gptq" / "config.json").read_text())["quantization"]
-    from ascend_llm.quant.io import read_quantized_weight
+    from ascend_llm.interop.quantized import read_quantized_weight
 
     saved = load_file(str(root / "q_gptq" / "model.safetensors"))
     qw = read_quantized_weight(saved, "layers.1.feed_forward.w2", ours, 64, 96)

@@ -20,10 +20,10 @@ from safetensors.numpy import load_file
 from ascend_llm.cli.main import main as cli_main
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.config.quant import QuantConfig
+from ascend_llm.interop.quantized import export_hf_gptq
 from ascend_llm.interop.source import open_model
 from ascend_llm.models.llama import build_model
 from ascend_llm.quant.apply import apply_quantization
-from ascend_llm.quant.io import export_hf_gptq
 from ascend_llm.quant.rtn import dequantize
 from ascend_llm.train.checkpoint import save_model_checkpoint
 from tests.unit.test_hf_export import (

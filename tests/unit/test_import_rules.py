@@ -49,12 +49,14 @@ def test_importing_models_loads_no_precision_or_parallel_module():
 
 
 CONFIG_FORBIDDEN = ("ascend_llm.parallel", "ascend_llm.cluster", "ascend_llm.train", "ascend_llm.data",
-                    "ascend_llm.precision", "ascend_llm.models", "mindspore")
+                    "ascend_llm.precision", "ascend_llm.models", "ascend_llm.interop", "ascend_llm.compose",
+                    "ascend_llm.store", "mindspore", "hydra", "omegaconf")
 FILE_OPENERS = ("open(", ".read_text(", ".read_bytes(", "json.load(", "yaml.safe_load(")
 
 
 def test_config_is_the_ground_floor():
-    """config/ imports nothing above it and opens no files (file checks live in cluster/preflight.py)."""
+    """config/ imports nothing above it (no Hydra: composition lives in compose/) and opens no files (file checks
+    live in cluster/preflight.py)."""
     for file in checked_files("config", CONFIG_FORBIDDEN):
         text = file.read_text()
         assert not [call for call in FILE_OPENERS if call in text], f"config/{file.name} opens files"
@@ -93,3 +95,38 @@ def test_no_import_cycles_inside_a_folder():
     for module in graph:
         if module.count(".") >= 2:
             visit(module, [module])
+
+
+def folder_graph() -> dict[str, set[str]]:
+    """{top-level folder or module of ascend_llm: the others it imports, lazy imports included}."""
+    graph: dict[str, set[str]] = {}
+    for name, deps in module_graph().items():
+        parts = name.split(".")
+        if len(parts) < 2:
+            continue
+        graph.setdefault(parts[1], set()).update(d.split(".")[1] for d in deps if d.count(".") >= 1)
+    return {folder: deps - {folder} for folder, deps in graph.items()}
+
+
+def test_no_folder_imports_back_up():
+    """Every pair of folders: imports point one way only. The folders form floors (a topological order of this
+    graph); an arrow back up would close a cycle, and the assertion names one."""
+    graph = folder_graph()
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(node, ())):
+            assert dep not in path, f"folders import each other: {' -> '.join(path + [dep])}"
+            if dep not in done:
+                visit(dep, path + [dep])
+        done.add(node)
+
+    for folder in sorted(graph):
+        visit(folder, [folder])
+
+
+def test_importing_a_schema_loads_no_hydra():
+    code = ("import sys, ascend_llm.config.model; "
+            "print(sorted(m for m in sys.modules if m.startswith(('hydra', 'omegaconf'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -156,8 +156,8 @@ def test_lora_checkpoint_of_a_pretrained_run_opens_merged(tmp_path):
 
 def test_quantized_copy_of_an_hf_model_keeps_template_and_eos_list(tmp_path):
     from ascend_llm.config.quant import QuantConfig
+    from ascend_llm.interop.quantized import save_quantized
     from ascend_llm.quant.apply import apply_quantization
-    from ascend_llm.quant.io import save_quantized
 
     src = tmp_path / "qwen3"
     shutil.copytree(fixture("qwen3_qknorm"), src)
@@ -230,8 +230,8 @@ def test_model_pretrained_may_name_a_toolkit_run_to_continue_from(tmp_path):
 def test_a_quantized_directory_cannot_be_trained_from(tmp_path):
     from ascend_llm.config.quant import QuantConfig
     from ascend_llm.interop.pretrained import pretrained_architecture
+    from ascend_llm.interop.quantized import save_quantized
     from ascend_llm.quant.apply import apply_quantization
-    from ascend_llm.quant.io import save_quantized
 
     opened = open_model(fixture("qwen2_tied"))
     done = apply_quantization(opened.model, QuantConfig(bits=8, group_size=-1))
