@@ -172,6 +172,9 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarr
     existing non-empty out_dir without overwrite or an unwritable one; nothing half-written."""
     if dtype not in EXPORT_DTYPES:
         raise InteropError("--dtype", dtype, "allowed: " + ", ".join(EXPORT_DTYPES))
+    if weights is None:  # ModelSource.weights of a quantized directory
+        raise InteropError("model", "quantized", "float weights are needed: export the original model, or use "
+                                                 "`quantize --hf-gptq` for the quantized Hugging Face layout")
     tensors = hf_tensors(cfg, weights)
     files = hf_directory_files(cfg, dtype, text_files, eos_token_ids, chat_template)
 

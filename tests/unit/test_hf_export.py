@@ -209,3 +209,11 @@ def test_toolkit_checkpoint_converts_through_the_cli_and_imports_back(tmp_path, 
     assert cli_main(["convert", str(run), "--to", "hf", "--output", str(tmp_path / "fp32")]) == 2
     assert "--output=" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16", "fp32", "prepared", "run"]  # no temp left
+
+
+def test_convert_of_a_quantized_directory_is_one_line_exit_2(tmp_path, capsys):
+    assert cli_main(["quantize", str(fixture("qwen2_tied")), "--out", str(tmp_path / "q"), "--bits", "8"]) == 0
+    capsys.readouterr()
+    assert cli_main(["convert", str(tmp_path / "q"), "--to", "hf", "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--hf-gptq" in err and not (tmp_path / "hf").exists()
