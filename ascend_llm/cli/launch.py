@@ -4,7 +4,8 @@ The recipe's `cluster/` group says how: msrun's dynamic cluster (default), msrun
 (`cluster.rank_table_file`), or rank-table mode without msrun (`cluster.launcher=rank_table`). The command
 is printed with the layout (which rank holds which dp/cp/tp coordinates), then run; `--dry-run` only prints
 them. Every worker runs `ascend-llm train <overrides>` (or
-`python <script> <overrides> [script args]` with --script). If a worker fails, the failed rank and the tail
+`python <script> <overrides> [script args]` with --script); a fresh run into a train.output_dir that holds another
+run is refused before anything starts, as `train` refuses it. If a worker fails, the failed rank and the tail
 of its log are printed and the exit status is non-zero; `cluster.job_timeout_s` bounds the whole job.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ascend_llm.cluster.launch import build_launch_plan, describe_plan
 from ascend_llm.cluster.preflight import preflight
@@ -35,6 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output_dir(recipe) -> None:
+    """The trainer's own check of train.output_dir (`guard_fresh_run`), before msrun starts: a fresh run into a
+    folder holding another run is one ConfigError (exit 2). With train.overwrite=true nothing is checked or removed
+    here: rank 0 of the job clears the folder."""
+    cfg = recipe.train
+    if cfg.resume == "none" and not cfg.overwrite:
+        from ascend_llm.train.checkpoint import guard_fresh_run
+
+        guard_fresh_run(Path(cfg.output_dir), overwrite=False)
+
+
 def main(argv: list[str]) -> int:
     argv = list(argv)
     script_args: list[str] = []
@@ -43,6 +56,8 @@ def main(argv: list[str]) -> int:
         argv, script_args = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
     recipe = preflight(compose_recipe(args.overrides))
+    if args.script is None:
+        check_output_dir(recipe)
     plan = build_launch_plan(recipe, args.overrides, script=args.script, script_args=script_args)
     print(describe_plan(plan), flush=True)
     if recipe.parallel.world_size > 1:

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -37,7 +37,9 @@ from ascend_llm.store.checkpoints import (  # noqa: F401  (the format, re-export
     sha256_file,
 )
 from ascend_llm.store.files import finish_tree, install_dir, make_temp_dir, output_errors
-from ascend_llm.train.state import Stateful
+
+if TYPE_CHECKING:  # a type only: `ascend-llm launch` checks train.output_dir without importing MindSpore
+    from ascend_llm.train.state import Stateful
 
 logger = logging.getLogger("ascend_llm.train")
 

@@ -178,6 +178,21 @@ def test_launch_cli_bad_recipe_is_one_line_exit_2(capsys):
     assert err.count("\n") == 1 and "parallel.data_parallel_degree=2" in err
 
 
+def test_launch_into_a_used_output_folder_is_refused_like_train_before_msrun_starts(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000003").mkdir(parents=True)
+    job = ["launch", "cluster=cpu_2proc", "parallel=dp2", f"train.output_dir={run_dir}"]
+    assert cli([*job, "--dry-run"]) == 2  # refused even before the plan is printed
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"config error: train.output_dir={str(run_dir)!r}: holds another run (newest: checkpoint "
+                          "step_00000003); continue it with train.resume=auto"), err
+    assert not (run_dir / "msrun_log").exists()
+    for allowed in ("train.resume=auto", "train.overwrite=true"):  # as train allows them; nothing removed here
+        assert cli([*job, allowed, "--dry-run"]) == 0
+    assert (run_dir / "checkpoints" / "step_00000003").is_dir()
+
+
 def test_find_free_port_is_below_the_ephemeral_range():
     from ascend_llm.cluster.launch import find_free_port
 
