@@ -16,7 +16,7 @@ from ascend_llm.models.llama import count_params
 
 def describe(overrides: list[str]) -> dict:
     from ascend_llm.parallel.plan import plan_recipe
-    from ascend_llm.train.metrics import flops_per_token
+    from ascend_llm.parallel.plan_time import flops_per_token
 
     recipe = compose_recipe(overrides)
     memory = plan_recipe(recipe).memory

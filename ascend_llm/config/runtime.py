@@ -7,6 +7,8 @@ from typing import Optional
 
 from ascend_llm.config.checks import non_negative, one_of, positive
 
+ASCEND_910B_PEAK_TFLOPS = 354.0  # bf16 dense TFLOP/s per 910B device: the figure verl and MindSpeed use (declared)
+
 
 @dataclass
 class RuntimeConfig:

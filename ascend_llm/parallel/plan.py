@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ascend_llm.config.parallel import check_parallel_model
+from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.plan_memory import (
     DTYPE_BYTES,
@@ -25,7 +26,6 @@ from ascend_llm.parallel.plan_memory import (
 )
 from ascend_llm.parallel.plan_time import TimePlan, plan_time
 
-DEFAULT_ASCEND_PEAK_TFLOPS = 354.0  # verl/MindSpeed's figure for 910B (ascend-reference.md); declared, not measured
 MAX_CHANGES = 4
 
 
@@ -69,7 +69,7 @@ def _backend(name: str, device: str) -> str:
 def peak_of(recipe: Any, device: str) -> float:
     if recipe.runtime.peak_tflops is not None:
         return float(recipe.runtime.peak_tflops)
-    return DEFAULT_ASCEND_PEAK_TFLOPS if device == "ascend" else float(recipe.runtime.cpu_peak_tflops)
+    return ASCEND_910B_PEAK_TFLOPS if device == "ascend" else float(recipe.runtime.cpu_peak_tflops)
 
 
 def plan_recipe(recipe: Any, with_suggestions: bool = False) -> Plan:

@@ -9,18 +9,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ascend_llm.config.model import ModelConfig
-from ascend_llm.models.llama import count_params
 from ascend_llm.store.files import write_file_atomic
 
 logger = logging.getLogger("ascend_llm.train")
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, 6N + 12*L*h*s (PaLM appendix B): N counts the matmul weights, input
-    embedding lookups excluded, output head included (also when tied); the second term is attention."""
-    num_matmul = count_params(cfg, include_embedding=False) + (cfg.vocab_size * cfg.dim if cfg.tie_embeddings else 0)
-    return 6.0 * num_matmul + 12.0 * cfg.num_layers * cfg.dim * seq_len
 
 
 def read_records(path: Path) -> list[dict]:

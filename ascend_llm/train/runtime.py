@@ -6,10 +6,8 @@ import os
 
 import mindspore as ms
 
-from ascend_llm.config.runtime import RuntimeConfig
+from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS, RuntimeConfig
 from ascend_llm.errors import ConfigError
-
-ASCEND_910B_PEAK_TFLOPS = 354.0  # bf16 dense; the figure verl and MindSpeed hard-code for 910B
 
 
 def resolve_device(cfg: RuntimeConfig) -> str:

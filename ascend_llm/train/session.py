@@ -25,12 +25,13 @@ from ascend_llm.errors import ConfigError
 from ascend_llm.optim.adamw import AdamW
 from ascend_llm.parallel.dims import build_groups
 from ascend_llm.parallel.dp import init_distributed
+from ascend_llm.parallel.plan_time import flops_per_token
 from ascend_llm.precision import describe_precision
 from ascend_llm.precision.runtime import PrecisionRuntime, build_precision_runtime
 from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
 from ascend_llm.train.layout import TrainLayout
-from ascend_llm.train.metrics import MetricsLog, Throughput, flops_per_token
+from ascend_llm.train.metrics import MetricsLog, Throughput
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
 from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss, masked_cross_entropy_loss
