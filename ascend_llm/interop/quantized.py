@@ -182,7 +182,8 @@ def hf_gptq_layout(model, model_cfg: ModelConfig, cfg: QuantConfig, qweights: di
     fmt = "gptq" if cfg.sym else "gptq_v2"
     qconfig = {"quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.act_order,
                "sym": cfg.sym, "damp_percent": cfg.damp_percent, "true_sequential": False,
-               "static_groups": False, "checkpoint_format": fmt}
+               "static_groups": False, "checkpoint_format": fmt,
+               "lm_head": "output" in qweights}  # GPTQModel's flag for a quantized lm_head
     files = hf_directory_files(model_cfg, "fp16", text_files, eos_token_ids, quantization=qconfig)
     files["quantize_config.json"] = _json(qconfig)
     return HFGPTQLayout(_gptq_tensors(model, qweights, fmt), files)

@@ -76,7 +76,8 @@ def check_gptq_export(out: Path, src: Path, qweights: dict, qcfg: QuantConfig) -
     fmt = "gptq" if qcfg.sym else "gptq_v2"
     tensors = load_file(str(out / "model.safetensors"))
     original = source_tensors(src)
-    quantized = {k[: -len(".weight")] for k in original if k.endswith(tuple(f"{n}.weight" for n in LINEARS))}
+    heads = ("lm_head.weight",) if qcfg.include_output else ()
+    quantized = {k[: -len(".weight")] for k in original if k.endswith(tuple(f"{n}.weight" for n in LINEARS) + heads)}
     expected = {k for k in original if k[: -len(".weight")] not in quantized}
     expected |= {f"{p}.{s}" for p in quantized for s in ("qweight", "qzeros", "scales", "g_idx")}
     assert set(tensors) == expected  # q/k/v bias (Qwen2) and q_norm/k_norm (Qwen3) included; no lm_head if tied
@@ -86,9 +87,9 @@ def check_gptq_export(out: Path, src: Path, qweights: dict, qcfg: QuantConfig) -
     assert len(qweights) == len(quantized)
     for path, qw in qweights.items():
         prefix = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
-                  "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w3": "mlp.up_proj",
-                  "w2": "mlp.down_proj"}[path.rsplit(".", 1)[1]]
-        prefix = f"model.layers.{path.split('.')[1]}.{prefix}"
+                  "wo": "self_attn.o_proj", "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj",
+                  "output": "lm_head"}[path.rsplit(".", 1)[-1]]
+        prefix = prefix if path == "output" else f"model.layers.{path.split('.')[1]}.{prefix}"
         assert tensors[f"{prefix}.qweight"].dtype == np.int32 and tensors[f"{prefix}.scales"].dtype == np.float16
         np.testing.assert_array_equal(autogptq_dequant(tensors, prefix, qcfg.bits, fmt),
                                       dequantize(qw).astype(np.float64))
@@ -96,18 +97,20 @@ def check_gptq_export(out: Path, src: Path, qweights: dict, qcfg: QuantConfig) -
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc == json.loads((out / "quantize_config.json").read_text())
-    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
+    keys = ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "lm_head")
+    assert {k: qc[k] for k in keys} == {
         "quant_method": "gptq", "bits": qcfg.bits, "group_size": qcfg.group_size, "sym": qcfg.sym,
-        "desc_act": qcfg.act_order, "checkpoint_format": fmt}
+        "desc_act": qcfg.act_order, "checkpoint_format": fmt, "lm_head": "lm_head" in quantized}
     assert config["dtype"] == config["torch_dtype"] == "float16"
     assert_text_files_copied(out, src)
 
 
 GRIDS = {"int4-g16-sym": QuantConfig(bits=4, group_size=16, sym=True),
          "int4-g32-asym": QuantConfig(bits=4, group_size=32, sym=False),
-         "int8-channel-sym": QuantConfig(bits=8, group_size=-1, sym=True)}
-CASES = [(f, "int4-g16-sym") for f in FAMILIES] + [("qwen3_qknorm", "int4-g32-asym"),
-                                                   ("qwen2_tied", "int8-channel-sym")]
+         "int8-channel-sym": QuantConfig(bits=8, group_size=-1, sym=True),
+         "int4-g32-sym-head": QuantConfig(bits=4, group_size=32, sym=True, include_output=True)}
+CASES = [(f, "int4-g16-sym") for f in FAMILIES] + [
+    ("qwen3_qknorm", "int4-g32-asym"), ("qwen2_tied", "int8-channel-sym"), ("llama_gqa", "int4-g32-sym-head")]
 
 
 @pytest.mark.parametrize(("name", "grid"), CASES)
