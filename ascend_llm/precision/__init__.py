@@ -4,27 +4,33 @@ Ascend 910B (A2) and 910C (A3) have no FP8 arithmetic (only Ascend 950 does). On
 an exact numerics emulation — operands rounded to the FP8 grid, GEMMs in bf16 (Ascend) or fp32 (CPU) — and
 never a speed-up. bf16 GEMMs are native on Ascend and emulated on CPU (bf16-rounded operands, fp32 GEMM).
 
-Trainer contract (all builders take only the `precision` sub-config, a PrecisionConfig):
+Trainer contract (every builder takes only the `precision` sub-config, a PrecisionConfig; the trainer's code is
+train/build.py, train/session.py, train/step.py and train/trainer.py):
 
-    model = build_model(...); apply_attention(model, ...)
-    apply_precision(model, cfg)           # once, after build and before compile: swaps Dense/Embedding
-    apply_fp8(model, cfg)                 # then FP8 (no-op unless cfg.fp8.enabled); keeps Parameter names
-    scaler = build_loss_scaler(cfg)       # LossScaler (fp16) or NoLossScaler; same interface
-    controller = build_controller(model, cfg)   # always an object; does nothing without FP8 layers
+    model = build_model(...)    # then the converters of train/build.py, in this fixed order, before compiling:
+    apply_attention(model, attention_cfg)
+    apply_precision(model, cfg)       # swaps Dense/Embedding for PrecisionDense/PrecisionEmbedding (same Parameters)
+    apply_fp8(model, cfg)             # then FP8 (no-op unless cfg.fp8.enabled); keeps Parameter names
+    LoRA; apply_param_dtype(model, cfg.param_dtype); tensor and context parallel; recompute
+    precision = build_precision_runtime(model, cfg)   # precision/runtime.py: .scaler (LossScaler when
+                                      # cfg.loss_scale != "none", else NoLossScaler; same interface) and
+                                      # .controller (always an object; does nothing without FP8 layers)
 
     optimizer over model.trainable_params()     # FP8 state Parameters are non-trainable, so excluded
 
     inside the compiled micro-batch step:       loss, grads = value_and_grad(scaler.scale(loss_fn(...)))
-                                                return scaler.unscale(loss), grads
-    inside the compiled update step:            grads = scaler.unscale(grads)
+                                                return scaler.unscale(loss), grads      # grads still scaled
+    inside the compiled update step:            grads = scaler.unscale(reduced, accumulated grads)
                                                 finite = scaler.adjust(mindspore.amp.all_finite(grads))
-                                                if finite: optimizer(grads)   # overflow: nothing changes
-    after each optimizer step (Python):         events = scaler.step(step)         # None or an overflow event
-                                                decisions = controller.step(step)  # list of dicts, log them
-    when logging:                               {**scaler.metrics(), **controller.metrics()}
-    checkpoint save:                            {**scaler.state_dict(), **controller.state_dict()}
-                                                (str -> np.ndarray; e.g. a precision.safetensors file)
-    checkpoint load (after the model params):   scaler.load_state_dict(d); controller.load_state_dict(d)
+                                                (with tensor parallel: adjust(isfinite(global grad norm));
+                                                 ZeRO-2: finiteness agreed over the group, parallel/zero.py)
+                                                if finite: optimizer(grads, lr)   # overflow: nothing changes
+    after each optimizer step (Python):         events = precision.after_step(step)  # overflow event and rung
+                                                                                     # changes, a list of dicts
+    when logging:                               precision.metrics()
+    checkpoint save:                            precision.state_dict()  (str -> np.ndarray: the checkpoint's
+                                                "precision" part, precision.safetensors)
+    checkpoint load (after the model params):   precision.load_state_dict(d)  (CheckpointError on a missing key)
 
 Notes for the trainer:
 - With grad accumulation, call scaler.unscale/adjust once per optimizer step on the accumulated grads.
@@ -34,11 +40,12 @@ Notes for the trainer:
 - Write Parameters in place (`ops.assign(param, value)`) once a step function has been compiled:
   `Parameter.set_data` swaps the buffer and an already compiled `ms.jit` function keeps reading the old one.
   The load_state_dict methods here do that, so they may be called before or after compiling.
-- Data parallel: with `precision.fp8.reduce_amax` (default) and mindspore.communication initialised with more
-  than one rank, every amax is reduced with MAX across ranks inside the graph (AllGather + max: MCCL's
+- Several ranks: with `precision.fp8.reduce_amax` (default) and mindspore.communication initialised with more
+  than one rank, every amax is reduced with MAX over the world group inside the graph (AllGather + max: MCCL's
   AllReduce is SUM-only on CPU), so all ranks use the same scales. Checked under msrun with 2 CPU workers.
-- `precision.cpu_kernels=auto` builds a small C++ library once (g++, ~/.cache/ascend_llm/kernels) for the
-  FP8 casts and bf16 rounding on CPU; without a compiler the MindSpore-ops path (same bits) is used.
+- `precision.cpu_kernels=auto` builds a small C++ library once (g++, ~/.cache/ascend_llm/kernels;
+  $ASCEND_LLM_CACHE moves the root) for the FP8 casts and bf16 rounding on CPU; without a compiler the
+  MindSpore-ops path (same bits) is used.
 """
 
 from __future__ import annotations

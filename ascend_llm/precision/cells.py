@@ -8,6 +8,8 @@ from mindspore import nn
 
 
 def replace_cell(model: nn.Cell, path: str, new: nn.Cell) -> None:
+    """Set the sub-cell at dotted `path` (integer parts index CellList/SequentialCell) to `new`. Parameter names
+    are not fixed here: call `sync_parameter_names` after the last replacement."""
     parent = model
     *parents, leaf = path.split(".")
     for name in parents:
@@ -27,7 +29,8 @@ def sync_parameter_names(model: nn.Cell) -> None:
 
 
 def world_size() -> int:
-    """Data-parallel world size if `mindspore.communication` is initialised, else 1."""
+    """Size of the world group (every rank, whatever the parallel layout) if `mindspore.communication` is
+    initialised, else 1."""
     try:
         from mindspore.communication import get_group_size
 

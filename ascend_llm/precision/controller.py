@@ -37,6 +37,9 @@ def write(param: Parameter, value: np.ndarray) -> None:
 
 
 class PrecisionController:
+    """Per-layer dynamic precision over `layers` ({cell path: Fp8Dense}): rung 0 = fp8, 1 = bf16, 2 = fp32, up to
+    `cfg.max_level`; the policy is described in the module docstring."""
+
     def __init__(self, layers: dict[str, Fp8Dense], cfg: DynamicConfig):
         self.layers = layers
         self.cfg = cfg
@@ -49,6 +52,7 @@ class PrecisionController:
 
     @property
     def enabled(self) -> bool:
+        """True when the model has FP8 layers and `precision.dynamic.enabled` is set."""
         return bool(self.layers) and self.cfg.enabled
 
     def read_stats(self) -> dict[str, np.ndarray]:
@@ -140,6 +144,10 @@ class PrecisionController:
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Write the FP8 buffers and per-layer counters of `state` in place (safe after compiling). Raises
+        CheckpointError when an FP8 buffer is missing (trained without FP8 or with other FP8 layers) or has
+        another shape (e.g. amax_history_len changed); missing counters (older checkpoints) keep the rung stored
+        in fp8_level."""
         for name, cell in self.layers.items():
             for _, param in cell.parameters_and_names():
                 if param.requires_grad:

@@ -199,6 +199,7 @@ FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-fast-ma
 
 
 def cache_dir() -> Path:
+    """Directory of the compiled kernels: $ASCEND_LLM_CACHE (default ~/.cache/ascend_llm) / kernels."""
     return Path(os.environ.get("ASCEND_LLM_CACHE", "~/.cache/ascend_llm")).expanduser() / "kernels"
 
 
@@ -233,6 +234,8 @@ def compile_library(stem: str, source: str, flags: tuple[str, ...]) -> str | Non
 
 
 def fused_available(device: str | None = None) -> bool:
+    """True when `device` (default: the context's device_target) is CPU and the kernel library builds (the first
+    call compiles it, a few seconds)."""
     return (device or ms.get_context("device_target")) == "CPU" and library_path() is not None
 
 
@@ -261,6 +264,7 @@ class DelayedScalingUpdate(nn.Cell):
                              out_dtype=lambda h, s, st, c: (h, s), func_type="aot")
 
     def construct(self, history, scale, stats):
+        """(history (L,), scale (), stats (3,)) float32 -> (new history (L,), new scale ())."""
         return self.op(history, scale, stats, self.consts)
 
 

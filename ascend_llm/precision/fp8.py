@@ -32,6 +32,9 @@ from mindspore import Tensor, ops
 
 @dataclass(frozen=True)
 class Fp8Format:
+    """Constants of one FP8 format (OCP 8-bit floating point spec, v1.0): mantissa bits, exponent range of the
+    normal numbers, largest finite value and what a non-saturating overflow gives."""
+
     name: str
     mantissa_bits: int
     min_exp: int  # exponent of the smallest normal number
@@ -41,14 +44,18 @@ class Fp8Format:
 
     @property
     def min_normal(self) -> float:
+        """Smallest positive normal value, 2**min_exp (E4M3: 2**-6, E5M2: 2**-14)."""
         return 2.0 ** self.min_exp
 
     @property
     def min_subnormal(self) -> float:
+        """Smallest positive subnormal value, 2**(min_exp - mantissa_bits) (E4M3: 2**-9, E5M2: 2**-16)."""
         return 2.0 ** (self.min_exp - self.mantissa_bits)
 
     @property
     def split_constant(self) -> float:
+        """Veltkamp's splitting constant 2**(23 - mantissa_bits) + 1: `c = x * K; c - (c - x)` rounds a float32 to
+        mantissa_bits + 1 significant bits, round-to-nearest-even."""
         return float(2 ** (23 - self.mantissa_bits) + 1)
 
 

@@ -64,6 +64,10 @@ class Fp8Recipe:
 
 
 def build_fp8_recipe(cfg: PrecisionConfig, device: str | None = None, world_size: int = 1) -> Fp8Recipe:
+    """Resolve `cfg.fp8` for `device` (default: the context's device_target) and `world_size` ranks: forward format
+    E4M3 unless fp8.format is e5m2, backward E5M2 unless it is e4m3 (hybrid: E4M3 forward, E5M2 backward, as TE);
+    bf16 GEMMs only on Ascend and never with dynamic precision (its fp32 rung must be fp32); amax reduced over
+    ranks only when world_size > 1; the fused C++ cast when cpu_kernels=auto on CPU with a compiler."""
     fp8 = cfg.fp8
     device = device or ms.get_context("device_target")
     forward = FORMATS["e5m2" if fp8.format == "e5m2" else "e4m3"]
@@ -91,6 +95,7 @@ class AmaxAllReduce(nn.Cell):
         self.gather = ops.AllGather()
 
     def construct(self, amax):
+        """Scalar float32 amax of this rank -> its maximum over the world group (scalar float32)."""
         return self.gather(amax.reshape(1)).max()
 
 
@@ -177,12 +182,16 @@ class Fp8Gemm(nn.Cell):
         return self.matmul_nn(a, b).astype(ms.float32)
 
     def construct(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level):
+        """x (N, in) and w (out, in) float32 carry the gradient; ox (N, in) and ow (out, in) are their FP8-valued
+        operands, inv_x and inv_w () the inverse scales. Returns (N, out) float32, (ox @ ow^T) * inv_x * inv_w."""
         if self.recipe.gemm_bf16:  # the FP8 values are exact in bf16; the scales are applied after the GEMM
             return self.matmul(ox, ow, False, True) * (inv_x * inv_w)
         # fp32 GEMM: fold both inverse scales into the (smaller) weight operand instead of the output
         return self.matmul(ox, ow * (inv_x * inv_w), False, True)
 
     def bprop(self, x, w, ox, ow, inv_x, inv_w, g_history, g_scale, g_stats, level, out, dout):
+        """dx (N, in) = (q(g*sg) @ ow) * inv_g * inv_w and dw (out, in) = (q(g*sg)^T @ ox) * inv_g * inv_x; updates the
+        g-cast state (history, scale, stats) with ops.assign; zero gradients for every other input."""
         g = ops.stop_gradient(dout.astype(ms.float32))
         spec = self.recipe.backward
         leveled = self.recipe.fused and self.recipe.dynamic
@@ -231,6 +240,7 @@ class Fp8Dense(nn.Cell):
 
     @classmethod
     def from_dense(cls, dense: nn.Cell, recipe: Fp8Recipe) -> Fp8Dense:
+        """An Fp8Dense sharing `dense`'s weight (out, in) and bias (out,) Parameters."""
         return cls(dense.weight, dense.bias if getattr(dense, "has_bias", False) else None, recipe)
 
     def _cast(self, t, history, scale, stats):
@@ -249,6 +259,8 @@ class Fp8Dense(nn.Cell):
         return q, inv
 
     def construct(self, x):
+        """x (..., in_channels), any float dtype -> (..., out_channels) float32; updates the x/w cast state
+        Parameters (history, scale, stats) as a side effect."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels).astype(ms.float32)
         ox, inv_x = self._cast(ops.stop_gradient(x2), self.fp8_x_history, self.fp8_x_scale, self.fp8_x_stats)
@@ -261,6 +273,7 @@ class Fp8Dense(nn.Cell):
         return y.reshape(shape[:-1] + (self.out_channels,))
 
     def extend_repr(self) -> str:
+        """Shape, formats, scaling recipe and dynamic flag for `repr(cell)`."""
         r = self.recipe
         return (f"in={self.in_channels}, out={self.out_channels}, fwd={r.forward.name}, bwd={r.backward.name}, "
                 f"{'delayed' if r.delayed else 'current'} scaling, dynamic={r.dynamic}")
@@ -272,6 +285,7 @@ def fp8_layers(model: nn.Cell) -> dict[str, Fp8Dense]:
 
 
 def is_skipped(path: str, patterns) -> bool:
+    """True when the leaf name or the full cell path matches one of the fnmatch `patterns` (precision.fp8.skip)."""
     leaf = path.rsplit(".", 1)[-1]
     return any(fnmatch.fnmatchcase(leaf, p) or fnmatch.fnmatchcase(path, p) for p in patterns)
 

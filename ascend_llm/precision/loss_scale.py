@@ -34,24 +34,31 @@ class NoLossScaler:
     enabled = False
 
     def scale(self, loss):
+        """Returns `loss` unchanged."""
         return loss
 
     def unscale(self, grads):
+        """Returns `grads` (a Tensor or tuple of Tensors) unchanged."""
         return grads
 
     def adjust(self, grads_finite):
+        """Returns `grads_finite` (scalar bool Tensor) unchanged: nothing to grow or shrink."""
         return grads_finite
 
     def step(self, step: int) -> dict | None:
+        """Always None: without a loss scale no step is skipped by the scaler."""
         return None
 
     def metrics(self) -> dict:
+        """Always {}."""
         return {}
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """Always {}: nothing to checkpoint."""
         return {}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Ignores `state`: nothing to restore."""
         return None
 
 
@@ -73,9 +80,11 @@ class LossScaler:
         self._seen_skipped = 0
 
     def scale(self, loss):
+        """`loss * scale` (float32 Tensor in, same shape out); usable inside the compiled step."""
         return self.inner.scale(loss)
 
     def unscale(self, grads):
+        """`grads / scale` for a Tensor or a tuple of Tensors (also used on the scaled loss)."""
         return self.inner.unscale(grads)
 
     def adjust(self, grads_finite):
@@ -87,6 +96,7 @@ class LossScaler:
 
     @property
     def value(self) -> float:
+        """The current loss scale (a float, e.g. 65536.0)."""
         return float(self.inner.scale_value.asnumpy())
 
     def step(self, step: int) -> dict | None:
@@ -102,9 +112,12 @@ class LossScaler:
         return event
 
     def metrics(self) -> dict:
+        """{"loss_scale": current scale (float), "loss_scale_skipped_steps": overflow steps so far (int)}."""
         return {"loss_scale": self.value, "loss_scale_skipped_steps": int(self.skipped_steps.asnumpy())}
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """{"loss_scale.value": float32 (), "loss_scale.skipped_steps": int32 (), and for dynamic scaling
+        "loss_scale.counter": int32 () (finite steps since the last change)}, copies of the Parameters."""
         out = {"loss_scale.value": self.inner.scale_value.asnumpy().copy(),
                "loss_scale.skipped_steps": self.skipped_steps.asnumpy().copy()}
         if self.dynamic:
@@ -112,6 +125,8 @@ class LossScaler:
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Write the saved scale, skipped-step count and (dynamic) counter in place (safe after compiling).
+        Raises CheckpointError when a key is missing (e.g. the checkpoint was not trained with fp16 loss scaling)."""
         targets = {"loss_scale.value": (self.inner.scale_value, mstype.float32),
                    "loss_scale.skipped_steps": (self.skipped_steps, mstype.int32)}
         if self.dynamic:

@@ -2,8 +2,9 @@
 compute in it (`apply_precision`).
 
 A layer's dtype is the precision of its GEMM operands. Weights stay float32 Parameters (master weights, so
-the optimizer state is float32 too) and every converted layer returns float32, so norms, softmax, RoPE, the
-residual stream and the loss stay float32.
+the optimizer state is float32 too; `precision.param_dtype`, applied later by `param_dtype.py`, is the one
+exception) and every converted layer returns float32, so norms, softmax, RoPE, the residual stream and the loss
+stay float32.
 
 - float16: native cast + fp16 MatMul (works on CPU and Ascend); needs loss scaling.
 - bfloat16: native bf16 MatMul on Ascend. On CPU, where bf16 MatMul has no kernel, it is *emulated*: every
@@ -33,6 +34,7 @@ MS_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float
 
 
 def is_dense(cell: nn.Cell) -> bool:
+    """True for nn.Dense and PrecisionDense (the cells precision converters treat as linear layers)."""
     return isinstance(cell, (nn.Dense, PrecisionDense))
 
 
@@ -93,12 +95,16 @@ class Bf16Gemm(nn.Cell):
         self.round_op = round_op
 
     def round(self, t):
+        """float32 `t` rounded to bfloat16 values (RNE), still float32; fused C++ kernel when given."""
         return self.round_op(t) if self.round_op is not None else bf16_round(t)
 
     def construct(self, x, w, xb, wb):
+        """xb (N, in) @ wb (out, in)^T -> (N, out) float32; x and w are the unrounded operands the gradient flows to."""
         return self.matmul(xb, wb)
 
     def bprop(self, x, w, xb, wb, out, dout):
+        """With gb = bf16(dout): dx = gb @ wb (N, in) and dw = gb^T @ xb (out, in) in fp32, cast to x's and w's dtypes;
+        zero gradients for xb and wb."""
         gb = self.round(dout.astype(ms.float32))
         dx = self.matmul_nn(gb, wb)
         dw = self.matmul_tn(gb, xb)
@@ -123,6 +129,7 @@ class PrecisionDense(nn.Cell):
         self.bf16_gemm = Bf16Gemm(build_bf16_op() if self.emulate and bf16_kernel else None)
 
     def construct(self, x):
+        """x (..., in_channels) -> (..., out_channels) float32 (bias added in float32)."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels)
         if self.emulate:
@@ -138,6 +145,7 @@ class PrecisionDense(nn.Cell):
         return y.reshape(shape[:-1] + (self.out_channels,))
 
     def extend_repr(self) -> str:
+        """Shape, dtype and whether bf16 is emulated, for `repr(cell)`."""
         mode = " (emulated: bf16-rounded operands, fp32 GEMM)" if self.emulate else ""
         return f"in={self.in_channels}, out={self.out_channels}, dtype={self.dtype_name}{mode}"
 
@@ -152,10 +160,12 @@ class PrecisionEmbedding(nn.Cell):
         self.compute_dtype = MS_DTYPES[dtype]
 
     def construct(self, tokens):
+        """tokens (...) int32/int64 -> (..., dim) float32 whose values are rounded to `dtype` (float16 or bfloat16)."""
         return ops.gather(self.weight, tokens, 0).astype(self.compute_dtype).astype(ms.float32)
 
 
 def bf16_is_emulated(device: str | None = None) -> bool:
+    """True unless `device` (default: the context's device_target) is Ascend, the one with bf16 MatMul."""
     return (device or ms.get_context("device_target")) != "Ascend"
 
 

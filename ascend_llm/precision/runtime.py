@@ -39,6 +39,8 @@ class PrecisionRuntime:
         return {**self.scaler.metrics(), **self.controller.metrics()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        """{**scaler.state_dict(), **controller.state_dict()}: name -> np.ndarray (`loss_scale.*`, FP8 Parameter names,
+        `precision.controller.<layer>`); empty for fp32/bf16 runs without FP8."""
         return {**self.scaler.state_dict(), **self.controller.state_dict()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:

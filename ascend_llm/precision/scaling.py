@@ -46,6 +46,8 @@ def record_amax(history: Tensor, amax: Tensor) -> Tensor:
 
 
 def history_amax(history: Tensor, algo: str) -> Tensor:
+    """The amax used for the next scale from a (L,) float32 history: max over it ("max"; NaN when any slot is NaN)
+    or slot 0 ("most_recent", or L == 1). TE `_default_get_amax_and_update_history`. Returns a () Tensor."""
     if algo == "most_recent" or history.shape[0] == 1:
         return history[0]
     return ops.where(ops.isnan(history).any(), history[0] * float("nan"), history.max())
