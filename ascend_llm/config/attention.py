@@ -23,6 +23,7 @@ class AttentionConfig:
     block_k: Optional[int] = None
 
     def validate(self, prefix: str = "attention") -> None:
+        """Raises ConfigError when backend is not one of BACKENDS or a block size is given and not > 0."""
         one_of(f"{prefix}.backend", self.backend, BACKENDS)
         for name in ("block_q", "block_k"):
             if getattr(self, name) is not None:

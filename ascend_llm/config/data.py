@@ -37,6 +37,9 @@ def parse_sources(items: list, field_name: str = "data.sources") -> list[tuple[f
 
 @dataclass
 class DataConfig:
+    """Corpus, tokenizer, blending, validation split and packing of a run (recipe group `data/`); each field's
+    meaning and unit is in the comment above it."""
+
     # None: the embedded default corpus (this interpreter's standard-library sources). A file or a folder
     # (.txt .md .py .rst .jsonl .json, each optionally .gz; the reader is chosen per file by suffix).
     path: Optional[str] = None
@@ -71,6 +74,8 @@ class DataConfig:
     sft_overlong: str = "truncate"
 
     def validate(self, prefix: str = "data") -> None:
+        """Raises ConfigError naming the field: format, on_bad_record or sft_overlong outside the allowed sets, a size
+        <= 0, val_fraction outside [0, 0.5], malformed sources, or format=sft with sources or without document_mask."""
         one_of(f"{prefix}.format", self.format, FORMATS)
         one_of(f"{prefix}.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
         positive(f"{prefix}.vocab_size", self.vocab_size)

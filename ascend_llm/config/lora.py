@@ -23,6 +23,8 @@ class LoraConfig:
     seed: int = 0
 
     def validate(self, prefix: str = "lora") -> None:
+        """Raises ConfigError naming the field: rank < 1, alpha <= 0, dropout outside [0, 1), or targets empty or naming
+        a sub-cell other than wq wk wv wo w1 w2 w3."""
         if self.rank < 1:
             raise ConfigError(f"{prefix}.rank", self.rank, "must be >= 1")
         if self.alpha <= 0:

@@ -41,14 +41,19 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
-    # A Hugging Face model directory: architecture, weights and tokenizer come from it (config/pretrained.py).
+    # A Hugging Face model directory: architecture, weights and tokenizer come from it (compose/pretrained.py,
+    # interop/pretrained.py).
     pretrained: Optional[str] = None
 
     @property
     def head_dim(self) -> int:
+        """Per-head width: head_dim_override, or dim // num_heads when it is 0."""
         return self.head_dim_override or self.dim // self.num_heads
 
     def validate(self, prefix: str = "model") -> None:
+        """Raises ConfigError naming the field: a size <= 0, dim not divisible by num_heads (without an override), an
+        odd head_dim (RoPE rotates pairs), num_kv_heads not dividing num_heads, an unknown rope_scaling_type, or
+        llama3 rope scaling with a factor <= 0 or high_freq_factor <= low_freq_factor."""
         for name in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_dim",
                      "max_seq_len", "rope_theta", "norm_eps", "init_std"):
             positive(f"{prefix}.{name}", getattr(self, name))

@@ -29,6 +29,8 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def validate(self, prefix: str = "optim") -> None:
+        """Raises ConfigError naming the field: lr or eps <= 0, min_lr_ratio outside [0, 1], beta1/beta2 outside
+        [0, 0.999999], or a negative warmup_steps, weight_decay or grad_clip."""
         positive(f"{prefix}.lr", self.lr)
         in_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         non_negative(f"{prefix}.warmup_steps", self.warmup_steps)

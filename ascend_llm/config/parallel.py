@@ -36,16 +36,20 @@ class ParallelConfig:
     zero_stage: int = 0
 
     def degrees(self) -> dict[str, int]:
+        """{field name: degree} for every `*_degree` field, in declaration order (outermost first)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
 
     @property
     def world_size(self) -> int:
+        """Product of all degrees (0 while data_parallel_degree is still unresolved)."""
         size = 1
         for degree in self.degrees().values():
             size *= degree
         return size
 
     def validate(self, prefix: str = "parallel") -> None:
+        """Raises ConfigError naming the field: a degree < 1 (data_parallel_degree may be 0: fill the world), an unknown
+        zero_stage, or zero_stage > 0 with fewer than 2 data x context parallel ranks to shard over."""
         for name, degree in self.degrees().items():
             if name == "data_parallel_degree":
                 non_negative(f"{prefix}.{name}", degree)  # 0: fill the world (resolved by RecipeConfig)
@@ -118,6 +122,7 @@ class HcclConfig:
     deterministic: str = "false"  # HCCL_DETERMINISTIC: false | true | strict
 
     def env(self) -> dict[str, str]:
+        """The HCCL_* environment variables for every worker, values as strings (NIC pins only when set)."""
         out = {"HCCL_CONNECT_TIMEOUT": str(self.connect_timeout_s), "HCCL_EXEC_TIMEOUT": str(self.exec_timeout_s),
                "HCCL_BUFFSIZE": str(self.buffsize_mb), "HCCL_DETERMINISTIC": self.deterministic}
         if self.if_ip:
@@ -127,6 +132,8 @@ class HcclConfig:
         return out
 
     def validate(self, prefix: str = "cluster.hccl") -> None:
+        """Raises ConfigError naming the field: connect_timeout_s outside [120, 7200] s, exec_timeout_s < 0,
+        buffsize_mb <= 0, an unknown deterministic mode, or if_ip that is not an IPv4 address."""
         in_range(f"{prefix}.connect_timeout_s", self.connect_timeout_s, 120, 7200)
         non_negative(f"{prefix}.exec_timeout_s", self.exec_timeout_s)
         positive(f"{prefix}.buffsize_mb", self.buffsize_mb)
@@ -137,6 +144,9 @@ class HcclConfig:
 
 @dataclass
 class ClusterConfig:
+    """Hardware and launch of a job (recipe group `cluster/`): nodes x workers per node, launcher (msrun or an HCCL
+    rank table), rendezvous address, timeouts (seconds), worker environment and the planner's declared hardware."""
+
     name: str = "cpu_1proc"
     num_nodes: int = 1
     num_workers_per_node: int = 1
@@ -164,9 +174,14 @@ class ClusterConfig:
 
     @property
     def world_size(self) -> int:
+        """Number of processes: num_nodes * num_workers_per_node."""
         return self.num_nodes * self.num_workers_per_node
 
     def validate(self, prefix: str = "cluster") -> None:
+        """Raises ConfigError naming the field: counts <= 0, node_rank outside 0..num_nodes-1, master_port outside
+        [1024, 65535], an empty master_addr or log_dir, malformed visible_devices, tail_worker_log or env keys,
+        timeouts or declared hardware figures <= 0 (failure_grace_s < 0), bad HCCL settings, or
+        launcher=rank_table without rank_table_file."""
         positive(f"{prefix}.num_nodes", self.num_nodes)
         positive(f"{prefix}.num_workers_per_node", self.num_workers_per_node)
         one_of(f"{prefix}.launcher", self.launcher, LAUNCHERS)

@@ -1,8 +1,9 @@
 """Precision schema (recipe group `precision/`): compute dtypes per layer, loss scaling, FP8, dynamic control.
 
 A layer's dtype is the precision its GEMM operands are rounded to; weights and optimizer state stay float32
-(master weights) and every layer returns float32, so norms, softmax, RoPE, the residual stream and the loss
-stay float32. See `ascend_llm.precision` for the converters that apply this schema.
+(master weights; `param_dtype=bfloat16` stores the weights in bf16 with float32 master copies in the ZeRO
+optimizer) and every layer returns float32, so norms, softmax, RoPE, the residual stream and the loss stay
+float32. See `ascend_llm.precision` for the converters that apply this schema.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ class Fp8Config:
     margin: int = 0  # scale = (fp8_max / amax) / 2**margin
     skip: list[str] = field(default_factory=lambda: ["output", "tok_embeddings"])  # names/patterns kept out
     dim_multiple: int = 16  # layers whose in/out dims are not multiples of this stay out of FP8
-    reduce_amax: bool = True  # all-reduce amax with MAX across data-parallel ranks when distributed
+    reduce_amax: bool = True  # MAX-reduce amax over all ranks (world group) when distributed
     gemm_dtype: str = "auto"  # auto: bfloat16 on Ascend, float32 on CPU (the FP8 values are exact in both)
 
     def validate(self, prefix: str = "precision.fp8") -> None:
+        """Raises ConfigError naming the field: format, recipe, amax_compute_algo or gemm_dtype outside the allowed
+        sets, amax_history_len or dim_multiple <= 0, margin < 0, or an empty skip pattern."""
         one_of(f"{prefix}.enabled", self.enabled, (True, False))
         one_of(f"{prefix}.format", self.format, FP8_FORMATS)
         one_of(f"{prefix}.recipe", self.recipe, FP8_RECIPES)
@@ -68,6 +71,8 @@ class DynamicConfig:
     max_level: str = "fp32"  # highest rung a layer may be promoted to
 
     def validate(self, prefix: str = "precision.dynamic") -> None:
+        """Raises ConfigError naming the field: thresholds outside [0, 1], patience or clean_steps <= 0, or max_level
+        other than bf16/fp32."""
         one_of(f"{prefix}.enabled", self.enabled, (True, False))
         in_range(f"{prefix}.overflow_threshold", self.overflow_threshold, 0.0, 1.0)
         in_range(f"{prefix}.underflow_threshold", self.underflow_threshold, 0.0, 1.0)
@@ -104,6 +109,9 @@ class PrecisionConfig:
     dynamic: DynamicConfig = field(default_factory=DynamicConfig)
 
     def validate(self, prefix: str = "precision") -> None:
+        """Raises ConfigError naming the field: unknown dtypes, a low-precision norm, loss_scale_factor not an integer
+        >= 2, loss_scale_value < 1, dynamic without fp8, float16 layers without loss scaling, or a bad fp8/dynamic
+        sub-field."""
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"{prefix}.name", self.name, "must be a non-empty label")
         one_of(f"{prefix}.compute_dtype", self.compute_dtype, DTYPES)
@@ -129,4 +137,5 @@ class PrecisionConfig:
                               "float16 layers need loss scaling: use dynamic or static")
 
     def dtypes_used(self) -> set[str]:
+        """Every GEMM dtype the recipe names: compute_dtype and the layer_dtypes values."""
         return {self.compute_dtype, *self.layer_dtypes.values()}

@@ -39,6 +39,8 @@ class QuantConfig:
     calib_seed: int = 0
 
     def validate(self, prefix: str = "quant") -> None:
+        """Raises ConfigError naming the field: bits not 4/8, method not rtn/gptq, group_size not -1 or an integer >= 2,
+        damp_percent outside [0, 1], block_size or calibration sizes <= 0, or nothing to quantize."""
         one_of(f"{prefix}.bits", self.bits, (4, 8))
         one_of(f"{prefix}.method", self.method, ("rtn", "gptq"))
         one_of(f"{prefix}.sym", self.sym, (True, False))

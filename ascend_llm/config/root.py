@@ -41,6 +41,8 @@ class RecipeConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> RecipeConfig:
+        """Resolve data_parallel_degree=0, validate every group and the cross-group rules; returns self. Raises
+        ConfigError naming the first bad field."""
         resolve_data_parallel(self.parallel, self.cluster)
         for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster",
                      "lora"):

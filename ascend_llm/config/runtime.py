@@ -38,6 +38,8 @@ class RuntimeConfig:
     precision_mode: str = "must_keep_origin_dtype"
 
     def validate(self, prefix: str = "runtime") -> None:
+        """Raises ConfigError naming the field: unknown device_target, mode, jit_level or memory_optimize_level, a peak
+        (TFLOP/s) <= 0, or num_threads < 0."""
         one_of(f"{prefix}.device_target", self.device_target, ("auto", "cpu", "ascend"))
         one_of(f"{prefix}.mode", self.mode, ("graph", "pynative"))
         if self.peak_tflops is not None:
