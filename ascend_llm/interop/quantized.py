@@ -58,6 +58,7 @@ def _json(obj) -> bytes:
 
 
 def quant_section(cfg: QuantConfig, layers: list[str]) -> dict:
+    """config.json's "quantization" section of our layout: the grid of `cfg` and the quantized cell paths."""
     return {"method": cfg.method, "bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
             "act_order": cfg.act_order, "damp_percent": cfg.damp_percent, "layers": sorted(layers)}
 
