@@ -32,9 +32,11 @@ class RMSNormKernel(nn.Cell):
         return x32 * ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
 
     def construct(self, x, weight):
+        """x (..., D) float, weight (D,) float32 -> (..., D) in x.dtype (normalised in fp32)."""
         return (self._normalize(x.astype(mstype.float32)) * weight).astype(x.dtype)
 
     def bprop(self, x, weight, out, dout):
+        """The closed-form gradients of the class docstring: dx (..., D) in x.dtype and dweight (D,) in weight.dtype."""
         x32 = x.astype(mstype.float32)
         inv = ops.rsqrt((x32 * x32).mean(-1, keep_dims=True) + self.eps)
         xhat = x32 * inv
@@ -55,6 +57,7 @@ class RMSNorm(nn.Cell):
         self.kernel = RMSNormKernel(eps)
 
     def construct(self, x):
+        """x (..., dim) -> (..., dim), same dtype as x."""
         return self.kernel(x, self.weight)
 
 
@@ -99,16 +102,19 @@ class RopeKernel(nn.Cell):
     """
 
     def construct(self, x, cos, sin_signed):
+        """x (B, H, S, D); cos and sin_signed (S, D) or (B, 1, S, D) float32 -> (B, H, S, D) in x.dtype."""
         x32 = x.astype(mstype.float32)
         return (x32 * cos + swap_halves(x32) * sin_signed).astype(x.dtype)
 
     def bprop(self, x, cos, sin_signed, out, dout):
+        """dx = dy * cos + swap(dy * sin_signed) in x.dtype; zero gradients for the tables."""
         dy = dout.astype(mstype.float32)
         dx = dy * cos + swap_halves(dy * sin_signed)
         return dx.astype(x.dtype), ops.zeros_like(cos), ops.zeros_like(sin_signed)
 
 
 def swap_halves(x):
+    """concat(x[..., D/2:], x[..., :D/2]) along the last axis (D even); same shape and dtype."""
     half = x.shape[-1] // 2
     return ops.concat((x[..., half:], x[..., :half]), -1)
 
@@ -154,6 +160,8 @@ class Attention(nn.Cell):
         return q, k, v
 
     def construct(self, x, cos, sin, segment_ids=None):
+        """x (B, S, dim), cos/sin (S, head_dim) or (B, 1, S, head_dim), segment_ids (B, S) int32 or None
+        -> (B, S, dim): causal (block-diagonal per document with segment_ids) attention, then `wo`."""
         batch, seq, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         out = self.core_attention(q, k, v, segment_ids)
@@ -171,10 +179,13 @@ class FeedForward(nn.Cell):
         self.w3 = nn.Dense(dim, hidden_dim, has_bias=False)
 
     def construct(self, x):
+        """x (..., dim) -> (..., dim): w2(silu(w1 x) * w3 x)."""
         return self.w2(ops.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Cell):
+    """Pre-norm decoder layer: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -183,6 +194,7 @@ class TransformerBlock(nn.Cell):
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
 
     def construct(self, x, cos, sin, segment_ids=None):
+        """x (B, S, dim), cos/sin RoPE tables, segment_ids (B, S) int32 or None -> (B, S, dim), x's dtype."""
         h = x + self.attention(self.attention_norm(x), cos, sin, segment_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -195,6 +207,7 @@ class Embedding(nn.Cell):
         self.weight = Parameter(Tensor(np.zeros((vocab_size, dim), np.float32)), name="weight")
 
     def construct(self, tokens):
+        """tokens (...) int32 -> (..., dim) rows of `weight`, in its dtype (float32 unless precision.param_dtype)."""
         return ops.gather(self.weight, tokens, 0)
 
 
@@ -269,5 +282,7 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A Transformer for `cfg` with weights from `init_weights(seed)`. Raises ConfigError naming the `model.*`
+    field when cfg.validate() fails."""
     cfg.validate()
     return Transformer(cfg, seed)

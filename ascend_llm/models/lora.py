@@ -1,6 +1,6 @@
 """LoRA (Hu et al. 2021, arXiv:2106.09685) as a converter: `apply_lora(model, cfg)` wraps the Dense sub-cells
 named in `cfg.targets` (stable names: wq, wk, wv, wo, w1, w2, w3) so that y = base(x) + (alpha / r) B A dropout(x),
-with A (r, in) ~ Normal(0, 1/r) and B (out, r) = 0 (the update starts at zero). The base weights are frozen:
+with A (r, in) ~ Normal(mean 0, std 1/r) and B (out, r) = 0 (the update starts at zero). The base weights are frozen:
 only A and B are trainable, so the optimizer and the trainer's checkpoint (trainable parameters) hold only the
 adapter. `merged_weights(model)` folds W + (alpha / r) B A back into plain Dense names for export.
 """
@@ -31,6 +31,8 @@ class LoraDense(nn.Cell):
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
 
     def construct(self, x):
+        """x (..., in) -> (..., out): base(x) plus the adapter term (computed in float32, cast to base's output
+        dtype)."""
         y = self.base(x)
         h = self.dropout(x) if self.dropout is not None else x
         h = ops.matmul(h.astype(mstype.float32), self.lora_a.T)
@@ -39,7 +41,8 @@ class LoraDense(nn.Cell):
 
 def apply_lora(model: nn.Cell, cfg: LoraConfig) -> int:
     """Freeze every parameter of `model` and wrap each target Dense in a LoraDense (mutates the model).
-    Returns the number of trainable parameters, exactly sum over wrapped cells of rank * (in + out)."""
+    Returns the number of trainable parameters, exactly sum over wrapped cells of rank * (in + out).
+    Raises ConfigError naming `lora.<field>` for an invalid cfg, or lora.targets when no sub-cell matches."""
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
     for param in model.get_parameters():
