@@ -30,10 +30,13 @@ _BACKENDS: dict[str, Callable] = {"naive": naive_attention, "segmented": segment
 
 
 def register_backend(name: str, fn: Callable) -> None:
+    """Make `fn(q, k, v, *, causal, scale, return_lse, **options)` available as `attention(..., backend=name)`;
+    replaces a backend of the same name."""
     _BACKENDS[name] = fn
 
 
 def available_backends() -> list[str]:
+    """Names of the registered backends, sorted (`auto` is not one: it resolves to one of them)."""
     return sorted(_BACKENDS)
 
 
@@ -52,7 +55,11 @@ def resolve_backend(backend: str) -> str:
 
 def attention(q, k, v, *, causal: bool = False, backend: str = "auto", scale: float = None,
               return_lse: bool = False, **options):
-    """Scaled dot-product attention. `options` go to the backend (block sizes, masks, segment ids)."""
+    """Scaled dot-product attention (shapes and options in the module docstring): the output has q's shape and
+    dtype; with return_lse also the float32 log-sum-exp (B, H, Sq). `options` go to the backend (block sizes,
+    masks, segment ids). Raises ValueError for an unknown backend or kv_segment_ids without segment_ids (and,
+    in segmented/fused, head counts that do not divide or block sizes < 1), FusedAttentionUnavailable for
+    `fused` off Ascend."""
     fn = _BACKENDS[resolve_backend(backend)]
     return fn(q, k, v, causal=causal, scale=scale, return_lse=return_lse, **options)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 
 def num_blocks(seq: int, block: int) -> int:
+    """ceil(seq / block): blocks covering `seq` positions, the last one possibly padded."""
     return -(-seq // block)
 
 
@@ -82,14 +83,18 @@ class BlockPlan:
 
     @property
     def num_pairs(self) -> int:
+        """Number of (query block, key block) pairs the forward visits."""
         return int((self.k_hi - self.k_lo).sum())
 
     @property
     def num_masked_pairs(self) -> int:
+        """Number of visited pairs that need a mask (causal diagonal or padded last key block)."""
         return int((self.k_hi - self.k_mid).sum())
 
 
 def block_plan(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool) -> BlockPlan:
+    """The loop plan of segmented attention for these static sizes: visible and masked pairs, and per-row and
+    per-column ranges (see BlockPlan). Raises AssertionError if a row's masked blocks are not contiguous (a bug)."""
     visible = visible_blocks(seq_q, seq_k, block_q, block_k, causal)
     masked = masked_blocks(seq_q, seq_k, block_q, block_k, causal) & visible
     k_lo, k_mid, k_hi = _split_ranges(visible, masked, masked_first=False)
@@ -99,8 +104,9 @@ def block_plan(seq_q: int, seq_k: int, block_q: int, block_k: int, causal: bool)
 
 def attention_flops(batch: int, num_heads: int, seq_q: int, seq_k: int, head_dim: int, causal: bool,
                     backward: bool = True) -> float:
-    """FlashAttention's count: 4*B*H*Sq*Sk*D for the forward (two matmuls), halved when causal (Sq == Sk);
-    the backward counts 2.5x the forward."""
+    """FLOPs of attention by FlashAttention's count: 4*B*H*Sq*Sk*D for the forward (two matmuls), halved when
+    causal (Sq == Sk). With `backward` the total of forward and backward, 3.5x the forward (the backward counts
+    2.5x: 5 matmuls to the forward's 2, FlashAttention-2's benchmark convention)."""
     flops = 4.0 * batch * num_heads * seq_q * seq_k * head_dim
     if causal:
         flops /= 2

@@ -30,6 +30,7 @@ class CoreAttention(nn.Cell):
         self.causal = causal
 
     def construct(self, q, k, v, segment_ids=None):
+        """q (B, H, S, D), k/v (B, H_kv, S, D), segment_ids (B, S) int32 or None -> (B, H, S, D) in q's dtype."""
         if segment_ids is None:
             return attention(q, k, v, causal=self.causal, backend=self.backend,
                              block_q=self.block_q, block_k=self.block_k)
@@ -37,4 +38,5 @@ class CoreAttention(nn.Cell):
                          block_k=self.block_k, segment_ids=segment_ids, kv_segment_ids=segment_ids)
 
     def extend_repr(self) -> str:
+        """Backend, block sizes and causality for `repr(cell)`."""
         return f"backend={self.backend}, block_q={self.block_q}, block_k={self.block_k}, causal={self.causal}"

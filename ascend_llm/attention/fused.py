@@ -106,6 +106,8 @@ def kernel_dtype(dtype) -> mstype.Type:
 
 
 def require_ascend() -> None:
+    """Raises FusedAttentionUnavailable (a RuntimeError, not a UserInputError) unless device_target is Ascend:
+    ops.flash_attention_score exists only there."""
     target = ms.get_context("device_target")
     if target != "Ascend":
         raise FusedAttentionUnavailable(

@@ -268,6 +268,8 @@ class SegmentedAttention(nn.Cell):
         return i + 1, q, k, v, q_segs, k_segs, k_lo, k_mid, k_hi, out
 
     def construct(self, q, k, v, q_seg, k_seg):
+        """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), q_seg (B, Sq) / k_seg (B, Sk) int32 codes (placeholders without
+        segments) -> float32 (B, H, Sq, D + 1): output rows and, in the last column, the log-sum-exp (-inf: no key)."""
         q6 = self._q_view(q)
         k5 = self._kv_view(k)
         v5 = self._kv_view(self._with_column(v, 1.0))
@@ -326,6 +328,9 @@ class SegmentedAttention(nn.Cell):
         return j + 1, q, k, v, do, q_segs, k_segs, q_lo, q_mid, q_hi, state[9], dkv
 
     def bprop(self, q, k, v, q_seg, k_seg, out, dout):
+        """FlashAttention-2 backward (Dao 2023, arXiv:2307.08691, Algorithm 2): dq, dk, dv in q's, k's and v's dtypes,
+        recomputed blockwise from the saved output and log-sum-exp; a gradient on the lse column enters as
+        dS += P * dLSE. Zero gradients for the segment codes."""
         d = self.head_dim
         d_out = dout[..., :d].astype(mstype.float32)
         lse = out[..., d]
