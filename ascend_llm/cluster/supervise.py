@@ -6,6 +6,10 @@ follows msrun's output; once a worker has failed it allows `cluster.failure_grac
 then kills the whole process tree (msrun, scheduler, workers, `tail -f`). `cluster.job_timeout_s` bounds
 the whole job. In rank-table mode this module starts the workers itself and stops the rest as soon as one
 fails.
+
+SIGINT (Ctrl-C) or SIGTERM to the launcher is passed on to every worker (`StopForwarder`): each finishes its step,
+the ranks checkpoint it together and exit 128 + signal (train/stop.py); the launcher waits for them, says so and
+exits with the same status. A second signal kills every process at once.
 """
 
 from __future__ import annotations
@@ -41,10 +45,14 @@ class LaunchResult:
     failed_log: Optional[Path] = None
     reason: str = ""
     log_tail: list[str] = field(default_factory=list)
+    stopped_by: Optional[int] = None  # the signal that stopped the job (passed on to the workers)
 
     def report(self) -> str:
         if self.returncode == 0:
             return f"launch finished in {self.elapsed_s:.1f} s"
+        if self.stopped_by is not None:
+            return (f"launch stopped by {signal.Signals(self.stopped_by).name} after {self.elapsed_s:.1f} s "
+                    f"(exit {self.returncode}): {self.reason}")
         who = f"rank {self.failed_rank}" if self.failed_rank is not None else "a worker"
         lines = [f"launch failed after {self.elapsed_s:.1f} s (exit {self.returncode}): {who}: {self.reason}"]
         if self.failed_log is not None:
@@ -133,6 +141,64 @@ class ProcessTree:
         return len(alive)
 
 
+    def workers(self) -> list[psutil.Process]:
+        """The msrun workers seen so far (processes with MS_ROLE=MS_WORKER), running or not."""
+        return [self.known[pid] for pid in self.rank_of_pid]
+
+
+class StopForwarder:
+    """Context manager over a job: the first SIGINT/SIGTERM to the launcher is recorded (`received`) and `forward`
+    sends it on to the workers; a second one raises KeyboardInterrupt (the callers then kill every process).
+    Outside the main thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self.signalled: set[int] = set()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopForwarder:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @property
+    def status(self) -> int:
+        """The exit status of a job this signal stopped: 128 + signal number (130 before any signal)."""
+        return 128 + (self.received or signal.SIGINT)
+
+    def forward(self, procs) -> None:
+        """Send the received signal, once, to each of `procs` (psutil.Process or Popen) still running."""
+        if self.received is None:
+            return
+        for proc in procs:
+            if proc.pid in self.signalled:
+                continue
+            self.signalled.add(proc.pid)
+            try:
+                proc.send_signal(self.received)
+            except (psutil.Error, OSError):
+                pass
+
+    def result(self, elapsed_s: float, codes: dict[str, int]) -> LaunchResult:
+        """The job's result (exit 128 + signal) after the workers stopped: `codes` {"rank N": exit status} of those
+        that reported one; the reason says whether every one exited as a stopped trainer does."""
+        expected = 128 + int(self.received)
+        listed = ", ".join(f"{who} exited {code}" for who, code in sorted(codes.items())) or "the workers exited"
+        clean = bool(codes) and all(code == expected for code in codes.values())
+        reason = (f"{listed}; {'each rank' if clean else 'not every rank'} finished its step and checkpointed it"
+                  + (" (see the workers' `stopped by` lines); resume with train.resume=auto" if clean else ""))
+        return LaunchResult(expected, elapsed_s, reason=reason, stopped_by=self.received)
+
+
 def _environment(plan: LaunchPlan, spec: ProcessSpec) -> dict[str, str]:
     env = dict(os.environ)
     env.update(spec.env)
@@ -145,6 +211,7 @@ def _environment(plan: LaunchPlan, spec: ProcessSpec) -> dict[str, str]:
 # MindSpore's C++ cluster layer logs `[INFO] DISTRIBUTED(pid,...)` lines in every worker whatever GLOG_v says;
 # msrun relays them with the workers' output. They stay in the log files and are hidden from the console
 # unless $ASCEND_LLM_LOG_LEVEL is DEBUG.
+MSRUN_STOPPED = re.compile(r"^RuntimeError: Distributed job exited with exception")  # msrun's last words
 MINDSPORE_INFO = re.compile(r"^\[(INFO|DEBUG)\] [A-Z_]+\(\d+,")
 
 
@@ -157,15 +224,16 @@ def run_plan(plan: LaunchPlan, out: TextIO = sys.stdout, poll_s: float = 0.5) ->
     if plan.master is not None:
         check_port_free(*plan.master)
     plan.log_dir.mkdir(parents=True, exist_ok=True)
-    if plan.mode == "single":
-        return run_single(plan, poll_s, out)
-    if plan.mode == "rank_table":
-        return _run_direct(plan, out, poll_s)
-    return _run_msrun(plan, out, poll_s)
+    with StopForwarder() as stop:
+        if plan.mode == "single":
+            return run_single(plan, poll_s, out, stop)
+        if plan.mode == "rank_table":
+            return _run_direct(plan, out, poll_s, stop)
+        return _run_msrun(plan, out, poll_s, stop)
 
 
-def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
-    spec = plan.processes[0]
+def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[StopForwarder] = None) -> LaunchResult:
+    spec, stop = plan.processes[0], stop or StopForwarder()
     start = time.monotonic()
     try:
         proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), stdout=subprocess.PIPE,
@@ -176,47 +244,22 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
                           "mindspore: install it in this environment or put msrun on PATH") from None
     failures: list[tuple[int, int, float]] = []  # (pid, code, when)
     logs: dict[int, Path] = {}
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        quiet = mindspore_info_hidden()
-        for line in proc.stdout:
-            if not (quiet and MINDSPORE_INFO.match(line)):
-                out.write(line)
-            match = WORKER_FAILED.search(line)
-            if match:
-                failures.append((int(match.group(1)), int(match.group(2)), time.monotonic()))
-            match = WORKER_STARTED.search(line)
-            if match and match.group(1).isdigit():
-                logs[int(match.group(1))] = Path(match.group(2))
-        out.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
+    reader = threading.Thread(target=_pump_msrun, args=(proc, out, failures, logs, stop), daemon=True)
     reader.start()
     tree = ProcessTree()
-    reason, code = "", None
     try:
-        while proc.poll() is None:
-            tree.refresh([proc])
-            now = time.monotonic()
-            if plan.job_timeout_s is not None and now - start > plan.job_timeout_s:
-                killed = tree.kill_all([proc])
-                reason, code = (f"job timed out after cluster.job_timeout_s={plan.job_timeout_s} s; killed "
-                                f"{killed} process(es)"), TIMEOUT_EXIT
-                break
-            if failures and now - failures[0][2] > plan.failure_grace_s:
-                killed = tree.kill_all([proc])
-                reason = (f"msrun did not stop within cluster.failure_grace_s={plan.failure_grace_s} s after the "
-                          f"failure; killed {killed} process(es)")
-                break
-            time.sleep(poll_s)
+        code, reason = _watch_msrun(plan, proc, tree, failures, stop, start, poll_s)
     except KeyboardInterrupt:
         tree.kill_all([proc])
         reader.join(timeout=5)
-        return LaunchResult(130, time.monotonic() - start, reason="interrupted; all processes killed")
+        return LaunchResult(stop.status, time.monotonic() - start, reason="interrupted; all processes killed")
     reader.join(timeout=5)
     returncode = proc.wait()
     elapsed = time.monotonic() - start
+    if stop.received is not None and code is None:
+        labels = {pid: f"rank {tree.rank_of_pid[pid]}" if pid in tree.rank_of_pid else f"pid {pid}"
+                  for pid, _, _ in failures}
+        return stop.result(elapsed, {labels[pid]: exit_code for pid, exit_code, _ in failures})
     if code is None and returncode == 0 and not failures:
         return LaunchResult(0, elapsed)
     if code is None:
@@ -238,9 +281,70 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
     return LaunchResult(code, elapsed, rank, log, reason, log_tail(log) if log is not None else [])
 
 
-def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
+def _pump_msrun(proc: subprocess.Popen, out: TextIO, failures: list, logs: dict[int, Path],
+                stop: StopForwarder) -> None:
+    """Relay msrun's output (without MindSpore's INFO chatter); note failed workers and worker log files. In a
+    job a signal stopped, msrun's own closing traceback (the workers' exit status 143 is an "exception" to it) is
+    left out; any other traceback is shown."""
+    assert proc.stdout is not None
+    quiet = mindspore_info_hidden()
+    held: list[str] = []  # a traceback being read while stopping
+    for line in proc.stdout:
+        if stop.received is not None and (held or line.startswith("Traceback (most recent call last)")):
+            held.append(line)
+            if MSRUN_STOPPED.match(line):
+                held = []
+            elif not line.startswith((" ", "Traceback")):
+                out.writelines(held)
+                held = []
+        elif not (quiet and MINDSPORE_INFO.match(line)):
+            out.write(line)
+        match = WORKER_FAILED.search(line)
+        if match:
+            failures.append((int(match.group(1)), int(match.group(2)), time.monotonic()))
+        match = WORKER_STARTED.search(line)
+        if match and match.group(1).isdigit():
+            logs[int(match.group(1))] = Path(match.group(2))
+    out.flush()
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _watch_msrun(plan: LaunchPlan, proc: subprocess.Popen, tree: ProcessTree, failures: list,
+                 stop: StopForwarder, start: float, poll_s: float) -> tuple[Optional[int], str]:
+    """Poll until msrun exits; (exit code to report or None, reason). Kills the tree on the job timeout, when
+    msrun lingers cluster.failure_grace_s after a failed worker, or after every worker of a stopped job ended."""
+    workers_done_at = None
+    while proc.poll() is None:
+        tree.refresh([proc])
+        stop.forward(tree.workers())
+        now = time.monotonic()
+        if plan.job_timeout_s is not None and now - start > plan.job_timeout_s:
+            killed = tree.kill_all([proc])
+            return TIMEOUT_EXIT, f"job timed out after cluster.job_timeout_s={plan.job_timeout_s} s; killed " \
+                                 f"{killed} process(es)"
+        if stop.received is not None:  # stopping: the workers checkpoint and exit; then msrun may linger
+            if workers_done_at is None and tree.workers() and not any(map(_alive, tree.workers())):
+                workers_done_at = now
+            if workers_done_at is not None and now - workers_done_at > plan.failure_grace_s:
+                tree.kill_all([proc])
+                return None, ""
+        elif failures and now - failures[0][2] > plan.failure_grace_s:
+            killed = tree.kill_all([proc])
+            return None, (f"msrun did not stop within cluster.failure_grace_s={plan.failure_grace_s} s after the "
+                          f"failure; killed {killed} process(es)")
+        time.sleep(poll_s)
+    return None, ""
+
+
+def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[StopForwarder] = None) -> LaunchResult:
     """Rank-table mode: one process per local device, each writing its own log."""
-    start = time.monotonic()
+    start, stop = time.monotonic(), stop or StopForwarder()
     procs: list[tuple[ProcessSpec, subprocess.Popen]] = []
     handles = []
     tree = ProcessTree()
@@ -256,6 +360,12 @@ def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
         roots = [p for _, p in procs]
         while True:
             tree.refresh(roots)
+            stop.forward(roots)
+            if stop.received is not None:  # stopping: wait for every worker to checkpoint and exit
+                if all(p.poll() is not None for p in roots):
+                    return stop.result(time.monotonic() - start, {f"rank {s.rank}": p.returncode for s, p in procs})
+                time.sleep(poll_s)
+                continue
             failed = [(s, p.returncode) for s, p in procs if p.poll() not in (None, 0)]
             if failed:
                 spec, rc = failed[0]
@@ -272,17 +382,18 @@ def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float) -> LaunchResult:
             time.sleep(poll_s)
     except KeyboardInterrupt:
         tree.kill_all([p for _, p in procs])
-        return LaunchResult(130, time.monotonic() - start, reason="interrupted; all processes killed")
+        return LaunchResult(stop.status, time.monotonic() - start, reason="interrupted; all processes killed")
     finally:
         for handle in handles:
             handle.close()
 
 
-def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = None) -> LaunchResult:
+def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = None,
+               stop: Optional[StopForwarder] = None) -> LaunchResult:
     """World size 1: run the one process. On a terminal its output goes straight to it (progress bars); into
     a pipe or file the launcher relays it, so a reader that goes away early (`| head`) never stops the job:
-    the launcher keeps draining the process's output to the end."""
-    spec = plan.processes[0]
+    the launcher keeps draining the process's output to the end. A signal `stop` received is passed on."""
+    spec, stop = plan.processes[0], stop or StopForwarder()
     start = time.monotonic()
     relay = out is not None and not out.isatty()
     proc = subprocess.Popen(spec.argv, env=_environment(plan, spec), start_new_session=True,
@@ -295,6 +406,7 @@ def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = No
     try:
         while proc.poll() is None:
             tree.refresh([proc])
+            stop.forward([proc])
             if plan.job_timeout_s is not None and time.monotonic() - start > plan.job_timeout_s:
                 killed = tree.kill_all([proc])
                 return LaunchResult(TIMEOUT_EXIT, time.monotonic() - start, 0,
@@ -303,10 +415,12 @@ def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = No
             time.sleep(poll_s)
     except KeyboardInterrupt:
         tree.kill_all([proc])
-        return LaunchResult(130, time.monotonic() - start, reason="interrupted")
+        return LaunchResult(stop.status, time.monotonic() - start, reason="interrupted")
     if pump is not None:
         pump.join(timeout=10)
     rc = proc.returncode
+    if stop.received is not None:
+        return stop.result(time.monotonic() - start, {"rank 0": rc})
     return LaunchResult(0 if rc == 0 else (rc if rc > 0 else 1), time.monotonic() - start,
                         None if rc == 0 else 0, reason="" if rc == 0 else f"the process exited with code {rc}")
 

@@ -133,3 +133,37 @@ def test_a_second_signal_aborts_at_once_and_leaves_no_checkpoint_behind(tmp_path
     assert time.monotonic() - start < 120
     checkpoints = run_dir / "checkpoints"
     assert not checkpoints.exists() or not any(checkpoints.iterdir())
+
+
+def test_sigterm_to_launch_stops_every_rank_after_the_same_step_with_one_checkpoint(tmp_path, data_cache):
+    """msrun, 2 workers (data parallel): the launcher passes SIGTERM on; the ranks agree on the stop step (an
+    all-reduce of their stop flags), rank 0 writes that step's checkpoint after the collective gather, and no
+    rank exits before it is on disk."""
+    from ascend_llm.cluster.launch import find_free_port
+
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "ascend_llm.cli.main", "launch", "cluster=cpu_2proc", "parallel=dp2", *COMMON,
+            "train.num_steps=200", f"data.cache_dir={data_cache}", f"train.output_dir={run_dir}",
+            f"cluster.master_port={find_free_port()}", "cluster.failure_grace_s=3", "cluster.tail_worker_log=0"]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        try:
+            wait_for(past_step(run_dir, 0), proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = (tmp_path / "out.txt").read_text(), (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("launch stopped by SIGTERM after"), stderr[-3000:]
+    assert "Traceback" not in stdout + stderr
+    step = curve(run_dir)[-1][0]
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    assert list_checkpoints(run_dir) == [checkpoint]
+    assert read_checkpoint(checkpoint)[0]["step"] == step
+    logs = [(run_dir / "msrun_log" / f"worker_{rank}.log").read_text() for rank in (0, 1)]
+    assert all("SIGTERM received: stopping after the current step" in log for log in logs)  # every rank got it
+    assert f"stopped by SIGTERM at step {step}; checkpoint {checkpoint}; resume with train.resume=auto" in logs[0]
+    leftovers = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.strip()
+    assert not leftovers, leftovers
