@@ -16,26 +16,37 @@ class UserInputError(ValueError):
         super().__init__(f"{field}={value!r}: {allowed}")
 
     def one_line(self) -> str:
+        """`<area> error: <field>=<value>: <allowed>` with all whitespace collapsed: what the CLI prints."""
         return f"{self.area} error: " + " ".join(str(self).split())
 
 
 class ConfigError(UserInputError):
+    """A recipe field or command-line override (names the dotted field, e.g. `optim.lr`)."""
+
     area = "config"
 
 
 class DataError(UserInputError):
+    """A corpus, tokenizer or prepared-data problem (names the file, line or `data.*` field)."""
+
     area = "data"
 
 
 class CheckpointError(UserInputError):
+    """A checkpoint that is missing, corrupt or does not match the recipe (names the file or key)."""
+
     area = "checkpoint"
 
 
 class RankTableError(UserInputError):
+    """An HCCL rank table that cannot be read or disagrees with the cluster (names the JSON path)."""
+
     area = "rank table"
 
 
 class LaunchError(UserInputError):
+    """A launch that cannot start or whose environment disagrees with the recipe (names the setting or variable)."""
+
     area = "launch"
 
 
@@ -62,4 +73,5 @@ class TrainingDiverged(RuntimeError):
                          "finite weights (resume from it with the field changed, or train.max_nonfinite_steps)")
 
     def one_line(self) -> str:
+        """`error: training diverged at step ...` in one line, for the CLI."""
         return "error: " + " ".join(str(self).split())

@@ -1,8 +1,11 @@
-"""`model.pretrained=DIR`: the architecture and tokenizer of a run come from a Hugging Face model directory.
+"""`model.pretrained=DIR`: the architecture and tokenizer of a run come from a model directory: a Hugging Face
+directory, a toolkit checkpoint or a run directory (its newest verified checkpoint), opened by interop/source.py's
+`open_model`; a quantized directory is refused.
 
-`apply_pretrained(recipe, overrides)` replaces the model group's numbers with the directory's config.json
-(read by interop/pretrained.py: config/ itself opens no files), points data.tokenizer at DIR/tokenizer.json
-and data.eos_token at the model's EOS (generation_config.json's first eos_token_id, else
+`apply_pretrained(recipe, overrides)` replaces the model group's numbers with the directory's architecture
+(config.json, or a checkpoint's recorded model group; read by interop/pretrained.py: config/ itself opens no
+files), points data.tokenizer at the opened directory's tokenizer.json (a run's: its checkpoint's) and
+data.eos_token at the model's EOS (generation_config.json's first eos_token_id, else
 tokenizer_config.json's eos_token). A command-line override of an architecture field (or of data.tokenizer /
 data.eos_token) that disagrees with the directory is a ConfigError naming it; the model group's own numbers
 are simply replaced. The weights are read later, on every rank, by interop/pretrained.py's

@@ -26,6 +26,7 @@ def recipes_dir() -> Path:
 
 
 def register_schema() -> None:
+    """Store RecipeConfig in Hydra's ConfigStore as `recipe_schema` (the recipes' defaults list names it)."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RecipeConfig)
 
 

@@ -41,8 +41,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
-    # A Hugging Face model directory: architecture, weights and tokenizer come from it (compose/pretrained.py,
-    # interop/pretrained.py).
+    # A model directory (Hugging Face, toolkit checkpoint or run): architecture, weights and tokenizer come from it
+    # (compose/pretrained.py, interop/pretrained.py).
     pretrained: Optional[str] = None
 
     @property

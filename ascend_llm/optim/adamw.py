@@ -18,6 +18,7 @@ from ascend_llm.optim.each import each, scale_each, square_sum
 
 
 def decays(name: str) -> bool:
+    """True unless `name` is a norm weight (`...norm.weight`) or a bias: those get no weight decay."""
     return not (name.endswith("norm.weight") or name.endswith(".bias"))
 
 
@@ -35,6 +36,10 @@ def fused_scalars(lr, bias1, bias2, eps: float, weight_decay: float):
 
 
 class AdamW(nn.Cell):
+    """AdamW over `params` with `cfg`'s betas, eps and weight decay (Loshchilov & Hutter 2019; the update of
+    torch.optim.AdamW). Moments are float32 Parameters `adam_m.<name>` / `adam_v.<name>`, the step an int32
+    `adam_step`; call `optimizer(grads, lr)` inside the compiled step."""
+
     def __init__(self, params: list[Parameter], cfg: OptimConfig):
         super().__init__(auto_prefix=False)
         self.params = tuple(params)
@@ -51,9 +56,12 @@ class AdamW(nn.Cell):
         self.adam = ops.AdamWeightDecay()
 
     def state_parameters(self) -> list[Parameter]:
+        """[adam_step, every adam_m.*, every adam_v.*]: the optimizer state a checkpoint saves."""
         return [self.step, *self.exp_avg, *self.exp_avg_sq]
 
     def construct(self, grads, lr):
+        """grads: tuple of tensors shaped like `params` (any float dtype); lr: float32 scalar Tensor. Updates params
+        and moments in place and returns the new step count (int32 scalar)."""
         step = self.step + 1
         ops.assign(self.step, step)
         t = step.astype(mstype.float32)

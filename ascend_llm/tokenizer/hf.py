@@ -80,6 +80,8 @@ class HFTokenizer:
     encode(text, add_special_tokens=True) -> list[int] (BOS/EOS per the tokenizer's post-processor);
     decode(ids, skip_special_tokens=False) -> str; apply_chat_template(messages, add_generation_prompt=True)
     -> list[int]; special tokens as attributes (`bos_token`, `eos_token`, ... text or None; `*_id` ints).
+    Raises InteropError naming the file when tokenizer.json is missing or unreadable, or tokenizer_config.json
+    is not a JSON object.
     """
 
     def __init__(self, root: Path):
@@ -125,12 +127,15 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids, added tokens included (`Tokenizer.get_vocab_size()`)."""
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens applies the tokenizer's post-processor (BOS/EOS)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """The text of `ids`; skip_special_tokens drops special tokens."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
@@ -144,6 +149,8 @@ class HFTokenizer:
                                      **self.special, **extra)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
+        """Token ids of `render_chat(messages, ...)`, encoded without adding special tokens (as transformers does).
+        Raises InteropError when there is no chat template or it does not compile."""
         return self.encode(self.render_chat(messages, add_generation_prompt, **extra), add_special_tokens=False)
 
     def text_files(self) -> dict[str, bytes]:
