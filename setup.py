@@ -29,9 +29,10 @@ setup(
         "psutil>=5.9",
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        "prometheus-client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27"],
+        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
 )

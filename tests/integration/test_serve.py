@@ -1,38 +1,37 @@
-"""`ascend-llm serve` as a real process on localhost, driven by a real HTTP client (httpx): health, models,
-completions, chat, streaming (server-sent events), concurrent requests, malformed requests, overload (503) and
-shutdown on SIGTERM with a request in flight."""
+"""`ascend-llm serve` of a toolkit run as a real process on localhost, driven by real clients (httpx, raw sockets,
+the openai SDK): API key, health and Prometheus metrics, limits, a poisonous request beside good ones, client
+disconnects freeing KV blocks, overload, and SIGTERM with streams and waiting clients open (one server, in order).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
+import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from ascend_llm.cli.serve import parser
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.models.llama import build_model
 from ascend_llm.tokenizer.bpe import train_tokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
+from tests.integration.openai_server import start_server
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "秋", "雨", "人", "歸", "酒", "明"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+KEY = "test-key-7"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GRACE_S = 2.0
+LONG = 200  # max_tokens of the requests a client abandons
+CONTEXT = 4096  # long enough that the requests open at SIGTERM cannot finish within --grace
 
 
 @pytest.fixture(scope="module")
@@ -43,109 +42,176 @@ def server(tmp_path_factory):
     (root / "prepared").mkdir()
     train_tokenizer(docs, 300).save(str(root / "prepared" / "tokenizer.json"))
     cfg = ModelConfig(vocab_size=320, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=64,
-                      max_seq_len=64)
+                      max_seq_len=CONTEXT)
     model = build_model(cfg, seed=2)
     save_model_checkpoint(root / "run", 1, {n: p.asnumpy() for n, p in model.parameters_and_names()},
                           {"model": dataclasses.asdict(cfg)}, tokenizer=root / "prepared" / "tokenizer.json")
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "ascend_llm.cli.main", "serve", str(root / "run"), "--port",
-                             str(port), "--num-slots", "2", "--max-len", "48", "--prefill-bucket", "16",
-                             "--max-queue", "3", "--model-name", "tiny", "--grace", "20"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("server did not come up")
-    yield base, proc
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    server = start_server(root / "run", "--max-num-seqs", "2", "--max-queue", "3", "--model-name", "tiny",
+                          "--grace", str(GRACE_S), "--max-body-bytes", "4000000", "--max-stop", "4", "--max-n", "2",
+                          "--max-prompt-tokens", "128",
+                          log_dir=root, env={"ASCEND_LLM_API_KEY": KEY})
+    yield server
+    server.stop(signal.SIGKILL)
 
 
-def complete(base, prompt, **extra):
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
-    return httpx.post(f"{base}/v1/completions", json=body, timeout=300)
+def post(server, body, path="/v1/completions", **kw):
+    return httpx.post(server.base + path, json={"model": "tiny", "temperature": 0, **body}, headers=AUTH,
+                      timeout=300, **kw)
 
 
-def test_health_models_completion_chat_stream(server):
-    base, _ = server
-    assert httpx.get(f"{base}/health").json()["status"] == "ok"
-    assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "tiny"
-    first = complete(base, "春風")
-    assert first.status_code == 200, first.text
-    body = first.json()
-    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
-    assert body["usage"]["completion_tokens"] <= 8 and body["usage"]["prompt_tokens"] >= 1
-    assert complete(base, "春風").json()["choices"][0]["text"] == body["choices"][0]["text"]  # greedy
-    chat = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
-        "messages": [{"role": "user", "content": "山水"}], "max_tokens": 6, "temperature": 0})
-    assert chat.status_code == 200, chat.text
-    assert chat.json()["choices"][0]["message"]["role"] == "assistant"
-    pieces, finish = [], None
-    with httpx.stream("POST", f"{base}/v1/completions", timeout=300,
-                      json={"prompt": "春風", "max_tokens": 8, "temperature": 0, "stream": True}) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        lines = [line for line in response.iter_lines() if line]
-    assert lines[-1] == "data: [DONE]"
-    for line in lines[:-1]:
-        choice = json.loads(line[len("data: "):])["choices"][0]
-        pieces.append(choice["text"])
-        finish = choice["finish_reason"] or finish
-    assert "".join(pieces) == body["choices"][0]["text"] and finish == body["choices"][0]["finish_reason"]
+def text_of(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    return answer.json()["choices"][0]["text"]
 
 
-def test_concurrent_requests_match_sequential(server):
-    base, _ = server
+def metrics(server) -> dict:
+    text = httpx.get(server.base + "/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_api_key_health_and_metrics(server):
+    assert parser().parse_args(["m"]).host == "127.0.0.1"
+    health = httpx.get(server.base + "/health", timeout=30).json()
+    assert health["status"] == "ok" and health["kv_blocks_used"] == 0 and health["kv_blocks_free"] > 0
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        denied = httpx.get(server.base + "/v1/models", headers=headers, timeout=30)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    client = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0)
+    out = client.completions.create(model="tiny", prompt="春風", max_tokens=6, temperature=0)
+    assert out.usage.completion_tokens >= 1
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url, api_key="nope", max_retries=0).models.list()
+    seen = metrics(server)
+    for name in ("num_requests_running", "num_requests_waiting", "num_kv_blocks_used", "num_kv_blocks_free",
+                 "kv_cache_usage_perc", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+                 "e2e_request_latency_seconds_count"):
+        assert f"ascend_llm:{name}" in seen, name
+    assert seen["ascend_llm:generation_tokens_total"] >= out.usage.completion_tokens
+    assert seen["ascend_llm:time_to_first_token_seconds_count"] >= 1
+
+
+def test_chat_without_a_template_is_refused(server):
+    answer = post(server, {"messages": [{"role": "user", "content": "春"}]}, "/v1/chat/completions")
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages"
+
+
+def test_limits(server):
+    too_big = httpx.post(server.base + "/v1/completions", content=b"{" + b" " * 4_000_001 + b"}", headers=AUTH,
+                         timeout=60)
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "body"
+    cases = [({"prompt": "春" * 300}, "prompt"), ({"prompt": "春", "stop": ["a"] * 5}, "stop"),
+             ({"prompt": "春", "stop": "x" * 300}, "stop"), ({"prompt": "春", "n": 3}, "n"),
+             ({"prompt": ["春"] * 2, "n": 2}, "n"), ({"prompt": "春", "max_tokens": CONTEXT}, "max_tokens"),
+             ({"prompt": [1, 2, 999]}, "prompt")]
+    for body, param in cases:
+        answer = post(server, body)
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == param, (body, answer.text)
+    bad_json = httpx.post(server.base + "/v1/completions", content=b"{not json", headers=AUTH, timeout=60)
+    assert bad_json.status_code == 400 and set(bad_json.json()["error"]) == {"message", "type", "param", "code"}
+    unknown = httpx.get(server.base + "/v1/nothing", headers=AUTH, timeout=60)
+    assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_big_prompt_tokenizes_off_the_event_loop(server):
+    """A prompt near the body limit is tokenized on the pool: /health answers before that request does."""
+    order = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        big = pool.submit(lambda: (post(server, {"prompt": "春風花月" * 300_000}), order.append("big"))[0])
+        time.sleep(0.05)
+        assert httpx.get(server.base + "/health", timeout=60).status_code == 200
+        order.append("health")
+        answer = big.result()
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "prompt"
+    assert order == ["health", "big"]
+
+
+POISON = [({"seed": -1}, "seed"), ({"temperature": 1e-310}, "temperature"),
+          ({"repetition_penalty": 1e-320}, "repetition_penalty"), ({"top_p": 0}, "top_p"),
+          ({"logprobs": 99}, "logprobs"), ({"stop": ["x"] * 10}, "stop")]
+
+
+def test_poisonous_requests_never_fail_their_neighbours(server):
     prompts = ["春", "山水雲", "夜江柳秋雨", "人歸"]
-    sequential = [complete(base, p, max_tokens=10).json()["choices"][0]["text"] for p in prompts]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda p: complete(base, p, max_tokens=10), prompts))
-    assert [a.status_code for a in answers] == [200] * 4
-    assert [a.json()["choices"][0]["text"] for a in answers] == sequential
-
-
-@pytest.mark.parametrize("body,param", [({"max_tokens": 4}, "prompt"), ({"prompt": "春", "max_tokens": 0},
-                                        "max_tokens"), ({"prompt": "春", "temperature": -1}, "temperature"),
-                                        ({"prompt": "春" * 60}, "prompt"), ({"prompt": "春", "n": 2}, "n")])
-def test_malformed_requests_get_400_naming_the_field(server, body, param):
-    base, _ = server
-    response = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == param
-    bad_json = httpx.post(f"{base}/v1/completions", content=b"{not json", timeout=60,
-                          headers={"content-type": "application/json"})
-    assert bad_json.status_code == 400 and "error" in bad_json.json()
-
-
-def test_overload_gets_503(server):
-    base, _ = server
+    alone = [text_of(post(server, {"prompt": p, "max_tokens": 10})) for p in prompts]
+    nan = json.dumps({"model": "tiny", "prompt": "春", "temperature": float("nan")}).encode()
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda i: complete(base, "春" * (i + 1), max_tokens=30), range(12)))
+        good = [pool.submit(post, server, {"prompt": p, "max_tokens": 10}) for p in prompts]
+        bad = [pool.submit(post, server, {"prompt": "春風", "max_tokens": 10, **body}) for body, _ in POISON]
+        raw_nan = pool.submit(httpx.post, server.base + "/v1/completions", content=nan, timeout=300,
+                              headers={**AUTH, "content-type": "application/json"})
+        answers = [g.result() for g in good]
+    assert [text_of(a) for a in answers] == alone
+    for future, (_, param) in zip(bad, POISON):
+        assert future.result().status_code == 400 and future.result().json()["error"]["param"] == param
+    assert raw_nan.result().status_code == 400 and raw_nan.result().json()["error"]["param"] == "temperature"
+
+
+def _raw_request(server, body: dict) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", int(server.base.rsplit(":", 1)[1])))
+    data = json.dumps({"model": "tiny", "temperature": 0, **body}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: "
+                 + AUTH["Authorization"].encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def _wait_idle(server, timeout: float = 60) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        health = httpx.get(server.base + "/health", timeout=30).json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            return health
+        time.sleep(0.02)
+    raise AssertionError(f"requests still running: {health}")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_cancels_and_frees_blocks(server, stream):
+    full = post(server, {"prompt": "春風", "max_tokens": LONG}).json()  # the same request, not abandoned
+    assert full["usage"]["completion_tokens"] == LONG, "the fixture should generate without an early EOS"
+    before = metrics(server)["ascend_llm:generation_tokens_total"]
+    sock = _raw_request(server, {"prompt": "春風", "max_tokens": LONG, "stream": stream})
+    if stream:
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += sock.recv(4096)
+    else:
+        while httpx.get(server.base + "/health", timeout=30).json()["kv_blocks_used"] == 0:
+            time.sleep(0.01)
+    sock.close()
+    health = _wait_idle(server)
+    generated = metrics(server)["ascend_llm:generation_tokens_total"] - before
+    assert health["kv_blocks_used"] == 0 and generated < LONG / 2, generated
+
+
+def test_overload_gets_503_in_openai_shape(server):
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda i: post(server, {"prompt": "春" * (i + 1), "max_tokens": 30}), range(10)))
     codes = [a.status_code for a in answers]
     assert 503 in codes and set(codes) <= {200, 503}
-    assert all(a.json()["error"]["type"] == "overloaded" for a in answers if a.status_code == 503)
+    assert all(a.json()["error"]["code"] == "overloaded" for a in answers if a.status_code == 503)
 
 
-def test_sigterm_finishes_in_flight_request_and_exits(server):
-    base, proc = server
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(complete, base, "春風", max_tokens=30)
-        deadline = time.time() + 60
-        while httpx.get(f"{base}/health").json()["running"] == 0 and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        answer = pending.result(timeout=120)
-    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
-    assert proc.wait(timeout=60) == 0
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{base}/health", timeout=2)
+def test_sigterm_ends_streams_with_error_and_done_then_exits(server):
+    """Last: past --grace, an open stream gets an error chunk and [DONE], a waiting client a 503 JSON error;
+    the process exits 0 within --grace plus a few seconds."""
+    def stream():
+        with httpx.stream("POST", server.base + "/v1/completions", headers=AUTH, timeout=300, json={
+                "model": "tiny", "prompt": "春風", "max_tokens": CONTEXT - 8, "stream": True}) as response:
+            return [line for line in response.iter_lines() if line]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streamed = pool.submit(stream)
+        waiting = pool.submit(post, server, {"prompt": "山水", "max_tokens": CONTEXT - 8})
+        while httpx.get(server.base + "/health", timeout=30).json()["running"] < 2:
+            time.sleep(0.01)
+        sent = time.time()
+        server.proc.send_signal(signal.SIGTERM)
+        answer, events = waiting.result(timeout=120), streamed.result(timeout=120)
+    assert events[-1] == "data: [DONE]", events[-3:]
+    assert json.loads(events[-2][6:])["error"]["code"] == "shutting_down", events[-3:]
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+    assert server.proc.wait(timeout=GRACE_S + 30) == 0
+    exit_s = time.time() - sent
+    print(f"exit {exit_s:.1f} s after SIGTERM (grace {GRACE_S} s)")
+    assert "春風" not in server.output() and "山水" not in server.output()  # no prompt logging
