@@ -9,7 +9,8 @@ API (stable; other branches merge it):
 - `new_group(name, ranks) -> Group`: the group `ranks` (world ranks, group order), which must contain this
   process's rank: the world group when `ranks` is every rank in order, else
   `mindspore.communication.create_group(name, ranks)` when size > 1 (every member must call it, in the same
-  order, and non-members must not).
+  order, and non-members must not). A name this process has already created is reused (same communicator;
+  ConfigError if the ranks differ), so a second run in the same process may ask for its groups again.
 - Cells, usable inside `ms.jit` and in pynative mode; each has a custom backward (`bprop`) following the
   "total loss = sum of the per-rank losses" convention, i.e. the backward is the adjoint collective:
 
@@ -55,6 +56,7 @@ from mindspore import nn, ops
 from ascend_llm.errors import ConfigError
 
 OPS = ("sum", "max")
+_created: dict[str, tuple[int, ...]] = {}  # group name -> ranks, for the groups create_group made in this process
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def world_group() -> Group:
 
 
 def new_group(name: str, ranks: Sequence[int]) -> Group:
-    """Create (size > 1) or describe (size 1) the group `ranks`; this process must be one of them."""
+    """Create (size > 1) or describe (size 1) the group `ranks`; this process must be one of them. A `name`
+    already created in this process is reused; ConfigError if it was created with other ranks."""
     rank, size = _world()
     ranks = tuple(int(r) for r in ranks)
     if rank not in ranks:
@@ -103,10 +106,14 @@ def new_group(name: str, ranks: Sequence[int]) -> Group:
         raise ConfigError("group ranks", list(ranks), f"must be distinct ranks in 0..{size - 1}")
     if len(ranks) == size > 1 and ranks == tuple(range(size)):
         return world_group()
-    if len(ranks) > 1:
+    if len(ranks) > 1 and name in _created:
+        if _created[name] != ranks:
+            raise ConfigError("group ranks", list(ranks), f"group {name!r} already holds ranks {list(_created[name])}")
+    elif len(ranks) > 1:
         from mindspore.communication import create_group
 
         create_group(name, list(ranks))
+        _created[name] = ranks
     return Group(name, ranks, ranks.index(rank))
 
 

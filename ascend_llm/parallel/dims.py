@@ -9,7 +9,8 @@ axis is every rank that shares its other coordinates, ordered by the index along
   "dp_cp" (dp and cp together: the gradient-reduce group of a context-parallel run).
 - `describe_layout(parallel)`: one line per rank, "rank R: dp=i cp=j tp=k", for `launch` to print.
 - `build_groups(parallel) -> ParallelGroups`: this rank's `comm.Group`s (created with create_group where
-  needed); call once, after `init_distributed`, on every rank, before building the model.
+  needed); call after `init_distributed`, on every rank, before building the model. Calling it again (a later
+  run in the same process) reuses the groups already created under the same names.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ Contract used by the trainer (`ascend_llm.train.trainer`):
   `(0, 1)` is returned. When it is > 1 the process must have been started by msrun (`MS_ROLE`,
   `MS_WORKER_NUM` set, and MS_WORKER_NUM == world_size) or in rank-table mode (`RANK_TABLE_FILE` +
   `RANK_ID`); otherwise LaunchError says how to launch (`ascend-llm launch ...`). Then it calls
-  `mindspore.communication.init()` (HCCL on Ascend, MCCL on CPU), checks that the communicator's size equals
+  `mindspore.communication.init()` (HCCL on Ascend, MCCL on CPU) unless this process has already initialised
+  communication (a second run in the same process, e.g. several recipes in one msrun job, reuses it), checks
+  that the communicator's size equals
   world_size, and sets `ms.set_auto_parallel_context(parallel_mode=DATA_PARALLEL, gradients_mean=True,
   device_num=world_size)`. Call it right after the device/mode are set and before any data preparation or
   parameter creation: under msrun the same program also runs as the *scheduler* process, and for that
@@ -77,10 +79,11 @@ def init_distributed(parallel_cfg: Any, cluster_cfg: Any) -> tuple[int, int]:
         return 0, 1
     _check_launch_env(world_size)
     import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
+    from mindspore.communication import GlobalComm, get_group_size, get_rank, init
     from mindspore.context import ParallelMode
 
-    init()  # the msrun scheduler process serves the cluster inside this call and then exits
+    if not GlobalComm.INITED:  # re-entrant: a later run in this process keeps the communicator
+        init()  # the msrun scheduler process serves the cluster inside this call and then exits
     rank, size = get_rank(), get_group_size()
     if size != world_size:
         raise LaunchError("communicator size", size, f"must equal the recipe's world size {world_size}")

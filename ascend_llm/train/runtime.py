@@ -31,10 +31,20 @@ def set_cpu_threads(num_threads: int) -> None:
         _threads_set.append(num_threads)
 
 
+_device_set: list[str] = []
+
+
 def setup_runtime(cfg: RuntimeConfig) -> str:
-    """Set device, mode and threads; returns 'CPU' or 'Ascend'."""
+    """Set device, mode and threads; returns 'CPU' or 'Ascend'. The device is set once per process (after
+    communication init MindSpore refuses to set it again): a later run in the same process keeps it, and
+    ConfigError names runtime.device_target if it asks for another one."""
     device = resolve_device(cfg)
-    ms.set_device(device)
+    if not _device_set:
+        ms.set_device(device)
+        _device_set.append(device)
+    elif _device_set[0] != device:
+        raise ConfigError("runtime.device_target", cfg.device_target,
+                          f"this process already runs on {_device_set[0]} (the device is set once per process)")
     ms.set_context(mode=ms.GRAPH_MODE if cfg.mode == "graph" else ms.PYNATIVE_MODE)
     if cfg.deterministic:
         ms.set_deterministic(True)
