@@ -30,6 +30,8 @@ from ascend_llm.precision.cpu_kernel import compile_library
 SOURCE = r"""
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -120,63 +122,89 @@ static INLINE void dequant_rows(const Layer &L, int64_t n, int rows, float *w, f
 }
 
 // y[m .. m + MB, n .. n + rows) = x rows m .. m + MB (kernel order) . 4 dequantized weight rows w (+ bias).
+// MB x 4 accumulators: each x load feeds 4 FMAs and each w load MB FMAs.
+#define ROW(i) const float *x##i = x + (m + (i < MB ? i : 0)) * K;
+#define ACC(i) float a##i##0 = 0.f, a##i##1 = 0.f, a##i##2 = 0.f, a##i##3 = 0.f;
+#define FMA(i) if (i < MB) { const float u = x##i[k]; a##i##0 += u * c0; a##i##1 += u * c1; \
+                             a##i##2 += u * c2; a##i##3 += u * c3; }
 template <int MB>
 static INLINE void dot_rows(const Layer &L, const float *x, const float *w, int64_t m, int64_t n, int rows) {
   const int64_t K = L.K;
   const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-  const float *xa = x + m * K, *xb = x + (m + MB - 1) * K;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f, b0 = 0.f, b1 = 0.f, b2 = 0.f, b3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+  ROW(0) ROW(1) ROW(2) ROW(3)
+  ACC(0) ACC(1) ACC(2) ACC(3)
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33)
   for (int64_t k = 0; k < K; ++k) {
-    const float u = xa[k], v = xb[k], c0 = w0[k], c1 = w1[k], c2 = w2[k], c3 = w3[k];
-    a0 += u * c0;
-    a1 += u * c1;
-    a2 += u * c2;
-    a3 += u * c3;
-    if (MB == 2) {
-      b0 += v * c0;
-      b1 += v * c1;
-      b2 += v * c2;
-      b3 += v * c3;
-    }
+    const float c0 = w0[k], c1 = w1[k], c2 = w2[k], c3 = w3[k];
+    FMA(0) FMA(1) FMA(2) FMA(3)
   }
-  const float acc[2][4] = {{a0, a1, a2, a3}, {b0, b1, b2, b3}};
+  const float acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}, {a20, a21, a22, a23}, {a30, a31, a32, a33}};
   for (int i = 0; i < MB; ++i) {
     float *ym = L.y + (m + i) * L.N + n;
     for (int r = 0; r < rows; ++r) ym[r] = acc[i][r] + (L.bias ? L.bias[n + r] : 0.f);
   }
 }
+#undef ROW
+#undef ACC
+#undef FMA
 
-CLONES static void quant_matmul_impl(const Layer &L) {
+// Output rows [n0, n1) for all M rows of x. x is taken in chunks of ROWS_PER_CHUNK rows that stay in L2 while
+// every 4-row weight block passes by (the block is dequantized again for each chunk: cheap next to the dots).
+static const int64_t ROWS_PER_CHUNK = 64;
+
+CLONES static void quant_matmul_range(const Layer &L, const float *x, const int32_t *cg, int64_t n0, int64_t n1) {
+  const int64_t K = L.K, M = L.M;
+  thread_local std::vector<float> scratch;
+  const int64_t need = 4 * K + 2 * L.G;
+  if ((int64_t)scratch.size() < need) scratch.resize(need);
+  float *w = scratch.data(), *s = w + 4 * K, *z = s + L.G;
+  for (int64_t m0 = 0; m0 < M; m0 += ROWS_PER_CHUNK) {
+    const int64_t m1 = m0 + ROWS_PER_CHUNK < M ? m0 + ROWS_PER_CHUNK : M;
+    for (int64_t n = n0; n < n1; n += 4) {
+      const int rows = n1 - n < 4 ? (int)(n1 - n) : 4;
+      dequant_rows(L, n, rows, w, s, z, cg);
+      if (rows < 4) std::memset(w + rows * K, 0, (4 - rows) * K * sizeof(float));
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) dot_rows<4>(L, x, w, m, n, rows);
+      if (m + 2 <= m1) {
+        dot_rows<2>(L, x, w, m, n, rows);
+        m += 2;
+      }
+      if (m < m1) dot_rows<1>(L, x, w, m, n, rows);
+    }
+  }
+}
+
+// Calls of at least this many multiply-adds split the output rows over two threads (std::thread, started per call:
+// ~50 us, negligible at this size; no OpenMP team, see precision/cpu_kernel.py). Decode-sized calls stay on one.
+static const int64_t TWO_THREADS_MACS = int64_t(1) << 25;
+
+static void quant_matmul_impl(const Layer &L) {
   const int64_t K = L.K, M = L.M;
   const bool permute = L.bits == 4, gather = L.g_idx != nullptr || (L.bits == 4 && L.group % 2 != 0);
-  thread_local std::vector<float> scratch;
-  thread_local std::vector<int32_t> groups;
-  const int64_t need = 4 * K + 2 * L.G + (permute ? M * K : 0);
-  if ((int64_t)scratch.size() < need) scratch.resize(need);
-  float *w = scratch.data(), *s = w + 4 * K, *z = s + L.G, *xp = z + L.G;
+  std::vector<float> xp(permute ? M * K : 0);
   const float *x = L.x;
   if (permute) {
     for (int64_t m = 0; m < M; ++m)
       for (int64_t i = 0; i < K; ++i) xp[m * K + i] = L.x[m * K + column_of(i, K, L.bits)];
-    x = xp;
+    x = xp.data();
   }
+  std::vector<int32_t> groups(gather ? K : 0);
   const int32_t *cg = nullptr;
   if (gather) {
-    groups.resize(K);
     for (int64_t i = 0; i < K; ++i) {
       const int64_t c = column_of(i, K, L.bits);
       groups[i] = L.g_idx ? L.g_idx[c] : (int32_t)(c / L.group);
     }
     cg = groups.data();
   }
-  for (int64_t n = 0; n < L.N; n += 4) {
-    const int rows = L.N - n < 4 ? (int)(L.N - n) : 4;
-    dequant_rows(L, n, rows, w, s, z, cg);
-    if (rows < 4) std::memset(w + rows * K, 0, (4 - rows) * K * sizeof(float));
-    int64_t m = 0;
-    for (; m + 2 <= M; m += 2) dot_rows<2>(L, x, w, m, n, rows);
-    if (m < M) dot_rows<1>(L, x, w, m, n, rows);
+  if (M * K * L.N >= TWO_THREADS_MACS && L.N >= 8 && std::thread::hardware_concurrency() > 1) {
+    const int64_t mid = (L.N / 8) * 4;
+    std::thread other(quant_matmul_range, std::cref(L), x, cg, mid, L.N);
+    quant_matmul_range(L, x, cg, 0, mid);
+    other.join();
+  } else {
+    quant_matmul_range(L, x, cg, 0, L.N);
   }
 }
 
@@ -205,7 +233,8 @@ extern "C" int quant_matmul(int nparam, void **params, int *ndims, int64_t **sha
 }
 """
 
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp-simd", "-fno-fast-math", "-ffp-contract=fast")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-fast-math",
+         "-ffp-contract=fast")
 
 
 def library_path() -> str | None:

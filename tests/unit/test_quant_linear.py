@@ -96,6 +96,18 @@ def test_cpu_kernel_in_graph_mode(graph_mode, bits, sym, rows):
     check(Wrapper(QuantLinear(qw, bias))(Tensor(x)).asnumpy(), ref, bound)
 
 
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpu_kernel_large_call_on_two_threads(bits):
+    """64 x 512 x 1030 multiply-adds >= 2**25: the output rows are split over two threads (and 1030 % 8 != 0)."""
+    rng = np.random.default_rng(bits)
+    qw = quantize_rtn(rng.normal(0, 0.1, size=(1030, 512)), QuantConfig(bits=bits, group_size=128, sym=False))
+    bias = rng.normal(size=1030).astype(np.float32)
+    x = rng.normal(size=(64, 512)).astype(np.float32)
+    ref, bound = reference(x, qw, bias)
+    check(QuantLinear(qw, bias)(Tensor(x)).asnumpy(), ref, bound)
+
+
 def act_order_weight(bits: int, sym: bool, seed: int):
     from ascend_llm.quant.gptq import gptq_quantize
 
