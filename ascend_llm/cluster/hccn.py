@@ -26,7 +26,8 @@ TOOL_TIMEOUT_S = 15
 
 
 def parse_device_list(text: str, field: str = "--devices") -> list[int]:
-    """`0-7`, `0,1,2,3` or `0-3,6` -> sorted unique device ids in 0..15."""
+    """`0-7`, `0,1,2,3` or `0-3,6` -> sorted unique device ids in 0..15. Raises RankTableError naming `field` for
+    bad syntax, a decreasing or out-of-range range, or a repeated device."""
     ids: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
@@ -51,7 +52,8 @@ def _check_ip(value: str, field: str) -> str:
 
 
 def parse_device_ips(text: str, device_ids: Sequence[int], field: str = "--device-ips") -> dict[int, str]:
-    """`ip0,ip1,...` (one per device, in --devices order) or `0=ip0,1=ip1,...` -> {device_id: ip}."""
+    """`ip0,ip1,...` (one per device, in --devices order) or `0=ip0,1=ip1,...` -> {device_id: ip}. Raises
+    RankTableError naming `field` for a bad entry or IPv4 address, a wrong count or a device without an IP."""
     parts = [p for p in str(text).replace(" ", "").split(",") if p]
     if parts and all("=" in p for p in parts):
         out = {}
@@ -71,7 +73,8 @@ def parse_device_ips(text: str, device_ids: Sequence[int], field: str = "--devic
 
 
 def read_hccn_conf(path: str | os.PathLike) -> dict[int, str]:
-    """`address_N=IP` lines of an hccn.conf file -> {N: IP}; other lines are ignored."""
+    """`address_N=IP` lines of an hccn.conf file -> {N: IP}; other lines are ignored. Raises RankTableError when
+    the file cannot be read or an address is not IPv4 (naming file:line)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -86,7 +89,8 @@ def read_hccn_conf(path: str | os.PathLike) -> dict[int, str]:
 
 
 def read_hccn_tool_ip(device_id: int, tool: str = HCCN_TOOL) -> str:
-    """The IP `hccn_tool -i <device_id> -ip -g` reports (its `ipaddr:<IP>` line)."""
+    """The IP `hccn_tool -i <device_id> -ip -g` reports (its `ipaddr:<IP>` line; 15 s timeout). Raises
+    RankTableError naming the command when it cannot run, fails or prints no IPv4 address."""
     command = [tool, "-i", str(device_id), "-ip", "-g"]
     where = " ".join(command)
     try:
@@ -103,7 +107,8 @@ def read_hccn_tool_ip(device_id: int, tool: str = HCCN_TOOL) -> str:
 
 def discover_device_ips(device_ids: Sequence[int], explicit: Optional[str] = None, tool: str = HCCN_TOOL,
                         hccn_conf: str | os.PathLike = DEFAULT_HCCN_CONF) -> tuple[dict[int, str], str]:
-    """({device_id: ip}, source description) from --device-ips, hccn_tool or hccn.conf, in that order."""
+    """({device_id: ip}, source description) from --device-ips, hccn_tool or hccn.conf, in that order. Raises
+    RankTableError listing what was tried when no source covers every device."""
     if explicit:
         return parse_device_ips(explicit, device_ids), "--device-ips"
     tried = []
@@ -130,7 +135,8 @@ def discover_device_ips(device_ids: Sequence[int], explicit: Optional[str] = Non
 
 
 def resolve_server_id(explicit: Optional[str] = None) -> str:
-    """The server id (this node's host IP): explicit, else the address the host name resolves to."""
+    """The server id (this node's host IP): explicit, else the address the host name resolves to. Raises
+    RankTableError for an empty/spaced value, a host name that does not resolve or resolves to loopback."""
     if explicit:
         value = explicit.strip()
         if not value or any(c.isspace() for c in value):

@@ -33,6 +33,9 @@ MAX_PORT = 65535
 
 @dataclass(frozen=True)
 class Device:
+    """One device entry: device_id 0..15 on its server, global rank_id, device_ip (IPv4; required with more than
+    one server), super_device_id (version 1.2 only) and device_port (1..65535), all optional fields None."""
+
     device_id: int
     rank_id: int
     device_ip: Optional[str] = None
@@ -42,6 +45,8 @@ class Device:
 
 @dataclass(frozen=True)
 class Server:
+    """One server_list entry: server_id (usually the host IP), its devices and optional host_ip."""
+
     server_id: str
     devices: tuple[Device, ...]
     host_ip: Optional[str] = None
@@ -49,22 +54,28 @@ class Server:
 
 @dataclass(frozen=True)
 class SuperPod:
+    """One super_pod_list entry (version 1.2): super_pod_id and the server_ids it holds."""
+
     super_pod_id: str
     server_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class RankTable:
+    """A validated rank table (see `parse_rank_table`); `to_json()` gives the file form back."""
+
     version: str
     servers: tuple[Server, ...]
     super_pods: tuple[SuperPod, ...] = ()
 
     @property
     def num_servers(self) -> int:
+        """Number of servers (server_count)."""
         return len(self.servers)
 
     @property
     def world_size(self) -> int:
+        """Number of devices over all servers: one rank each."""
         return sum(len(s.devices) for s in self.servers)
 
     def to_json(self) -> dict:
@@ -268,7 +279,8 @@ def _parse_super_pods(top: dict, version: str, servers: list[Server]) -> tuple[S
 
 
 def resolve_rank_table_path(path: str | os.PathLike, field: str = "rank table") -> Path:
-    """The table's absolute path: as given (relative to the working directory), else relative to the repository."""
+    """The table's absolute path: as given (relative to the working directory), else relative to the repository.
+    Raises RankTableError naming `field` when neither is a file."""
     given = Path(path).expanduser()
     candidates = [given] if given.is_absolute() else [Path.cwd() / given, Path(__file__).resolve().parents[2] / given]
     for candidate in candidates:
@@ -278,7 +290,8 @@ def resolve_rank_table_path(path: str | os.PathLike, field: str = "rank table") 
 
 
 def load_rank_table(path: str | os.PathLike) -> RankTable:
-    """Read and validate a rank table file; errors name the file and the JSON path."""
+    """Read and validate a rank table file. Raises RankTableError naming the file (unreadable, or not JSON: with
+    line:column) or the JSON path and the file (a rule broken)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -295,7 +308,8 @@ def load_rank_table(path: str | os.PathLike) -> RankTable:
 
 
 def write_rank_table(table: RankTable, path: str | os.PathLike) -> Path:
-    """Validate, then write atomically (temp file, fsync, rename)."""
+    """Validate, then write atomically (temp file, fsync, rename); returns the path. Raises RankTableError for an
+    invalid table, OutputError when the path cannot be written."""
     data = table.to_json()
     parse_rank_table(data)
     return write_file_atomic(path, json.dumps(data, indent=4) + "\n")
@@ -304,7 +318,8 @@ def write_rank_table(table: RankTable, path: str | os.PathLike) -> Path:
 def build_single_server_table(server_id: str, device_ips: dict[int, str], device_ids: Sequence[int],
                               host_ip: Optional[str] = None, version: str = "1.0",
                               super_device_ids: Optional[dict[int, int]] = None) -> RankTable:
-    """A one-server table with ranks 0..n-1 in the order of `device_ids`; validated."""
+    """A one-server table with ranks 0..n-1 in the order of `device_ids`; validated. Raises RankTableError when a
+    device has no IP in `device_ips` or the table breaks a rule."""
     devices = []
     for rank, device_id in enumerate(device_ids):
         if device_id not in device_ips:

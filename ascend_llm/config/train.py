@@ -54,7 +54,8 @@ class TrainConfig:
     progress: bool = True
     # Activation recompute per decoder layer: none | selective (the attention core) | full (whole layer).
     recompute: str = "none"
-    # Refuse to start on Ascend when the memory planner (`ascend-llm plan`) says the recipe cannot fit.
+    # Refuse to start when the memory planner (`ascend-llm plan`) says the recipe cannot fit its declared budget
+    # (cluster.device_memory_gib when set; on Ascend also the pool cap runtime.max_device_memory).
     memory_check: bool = True
 
     def validate(self, prefix: str = "train") -> None:
