@@ -89,6 +89,8 @@ class ContextParallelAttention(nn.Cell):
                          block_k=self.block_k, segment_ids=q_ids, kv_segment_ids=kv_ids)
 
     def construct(self, q, k, v, segment_ids=None):
+        """q (B, H, 2L, D), k/v (B, H_kv, 2L, D) of this rank's two zigzag chunks, segment_ids (B, 2L) int32 or None
+        -> (B, H, 2L, D) in q's dtype. Collective: all-gathers K and V (and the segment ids) over the CP group."""
         size = self.chunk
         k_all = ops.gather(self.gather_seq(k), self.order, 2)
         v_all = ops.gather(self.gather_seq(v), self.order, 2)

@@ -31,6 +31,9 @@ MAX_CHANGES = 4
 
 @dataclass
 class Plan:
+    """One planned recipe: per-device memory terms and budget, the step-time estimate, the planner's inputs, and
+    (when asked and it does not fit) the smallest override sets that fit, each as a list of `key=value`."""
+
     memory: MemoryPlan
     time: Optional[TimePlan]
     layout: Layout
@@ -67,6 +70,8 @@ def _backend(name: str, device: str) -> str:
 
 
 def peak_of(recipe: Any, device: str) -> float:
+    """Declared peak TFLOP/s per device: runtime.peak_tflops, else 354 on Ascend (910B bf16 dense, the figure verl
+    and MindSpeed use), else runtime.cpu_peak_tflops."""
     if recipe.runtime.peak_tflops is not None:
         return float(recipe.runtime.peak_tflops)
     return ASCEND_910B_PEAK_TFLOPS if device == "ascend" else float(recipe.runtime.cpu_peak_tflops)
@@ -176,6 +181,7 @@ def check_fits(recipe: Any) -> None:
 
 
 def budget_text(mem: MemoryPlan) -> str:
+    """The declared budget in words (device memory and/or MindSpore pool, in GiB), for messages."""
     parts = []
     if mem.device_bytes is not None:
         parts.append(f"cluster.device_memory_gib={mem.device_bytes / GIB:g}")

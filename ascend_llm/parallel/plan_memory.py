@@ -51,6 +51,7 @@ class Term:
 
     @property
     def gib(self) -> float:
+        """The term in GiB (bytes / 2**30)."""
         return self.bytes / GIB
 
 
@@ -91,13 +92,16 @@ class MemoryPlan:
 
     @property
     def in_pool_bytes(self) -> float:
+        """Bytes inside MindSpore's pool: every term but the HCCL communication buffers."""
         return sum(t.bytes for t in self.terms if t.name != "communication buffers")
 
     @property
     def total_bytes(self) -> float:
+        """Bytes of all terms per device, communication buffers included."""
         return sum(t.bytes for t in self.terms)
 
     def term(self, name: str) -> Term:
+        """The term called `name`; StopIteration when there is none."""
         return next(t for t in self.terms if t.name == name)
 
     @property
@@ -112,6 +116,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> Optional[bool]:
+        """True/False against the declared budget (shortfall <= 0); None when no budget is declared."""
         gap = self.shortfall_bytes
         return None if gap is None else gap <= 0
 
@@ -217,7 +222,7 @@ def model_state_terms(lay: Layout) -> list[Term]:
 
 
 def optimizer_transient_term(lay: Layout, activation_bytes: float) -> Term:
-    """Temporaries of the optimizer step, which works one parameter tensor at a time (train/optim.py,
+    """Temporaries of the optimizer step, which works one parameter tensor at a time (optim/adamw.py,
     parallel/zero.py), so they are bounded by the largest tensor (n_max elements, usually the embedding):
     float32 m, v, update and new value of it (16 B per element, of its shard under ZeRO), plus under ZeRO the
     all-gathered parameter (parameter dtype on Ascend, float32 on CPU) and at stage 2 its padded gradient.

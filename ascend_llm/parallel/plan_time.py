@@ -63,10 +63,12 @@ class TimePlan:
 
     @property
     def step_s(self) -> float:
+        """Seconds per optimizer step: compute plus every communication term (no overlap assumed)."""
         return self.compute_s + sum(self.comm_s.values())
 
     @property
     def tokens_per_s_per_device(self) -> float:
+        """tokens_per_step / step_s / world_size (an upper bound: 100% MFU compute)."""
         return self.tokens_per_step / self.step_s / self.world_size
 
     def published_mfu(self, model: Any, seq_len: int, tokens_per_s: float) -> float:

@@ -64,9 +64,11 @@ class CopyToTP(nn.Cell):
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, x):
+        """x unchanged (any shape and dtype)."""
         return x
 
     def bprop(self, x, out, dout):
+        """(dout all-reduced (sum) over the TP group,): same shape and dtype."""
         return (self.reduce(dout),)
 
 
@@ -78,9 +80,11 @@ class ReduceFromTP(nn.Cell):
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, x):
+        """x all-reduced (sum) over the TP group: same shape and dtype."""
         return self.reduce(x)
 
     def bprop(self, x, out, dout):
+        """(dout,) unchanged."""
         return (dout,)
 
 
@@ -94,9 +98,11 @@ class GradSumTP(nn.Cell):
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, w):
+        """w unchanged."""
         return w
 
     def bprop(self, w, out, dout):
+        """(dout all-reduced (sum) over the TP group,)."""
         return (self.reduce(dout),)
 
 
@@ -111,9 +117,11 @@ class ScaleGrad(nn.Cell):
         self.identity = ops.Identity()
 
     def construct(self, x):
+        """x unchanged (through ops.Identity, see the class doc)."""
         return self.identity(x)
 
     def bprop(self, x, out, dout):
+        """(dout * scale,)."""
         return (dout * self.scale,)
 
 
@@ -144,6 +152,7 @@ class ReplicatedKV(nn.Cell):
         self.sum_output = CopyToTP(group)
 
     def construct(self, x):
+        """x (B, S, dim) -> the wrapped cell's output (B, S, head_dim) (one KV head per rank)."""
         return self.sum_output(self.inner(self.scale_input(x)))
 
 
@@ -234,6 +243,7 @@ class RowParallel(nn.Cell):
         self.reduce = exit_op(group, sequence_parallel)
 
     def construct(self, x):
+        """x (B, S, n_in/T) -> (B, S, n_out) summed over TP; with sequence parallel (B, S/T, n_out)."""
         return self.reduce(self.inner(x))
 
 
@@ -251,12 +261,14 @@ class TPNorm(nn.Cell):
             self.grad_sum = GradSumTP(group)
 
     def construct(self, x):
+        """x (B, S, dim), with sequence parallel (B, S/T, dim) -> normalised (B, S, dim) in x's dtype, replicated
+        on every TP rank."""
         weight = self.grad_sum(self.weight) if self.sequence_parallel else self.weight
         return self.enter(self.kernel(x, weight))
 
 
 class HeadNormTP(nn.Cell):
-    """A per-head RMSNorm (`model.qk_norm`, weight (head_dim,), Qwen3) on this rank's heads (B, H/T, S, D): the
+    """A per-head RMSNorm (`model.qk_norm`, weight (head_dim,), Qwen3) on this rank's heads (B, S, H/T, D): the
     weight is replicated, each rank's heads give part of its gradient, so the gradient is summed over TP."""
 
     def __init__(self, norm: nn.Cell, group: Group):
@@ -265,6 +277,7 @@ class HeadNormTP(nn.Cell):
         self.grad_sum = GradSumTP(group)
 
     def construct(self, x):
+        """x (B, S, H/T, head_dim) or (B, S, KV/T, head_dim) -> same shape, normalised over head_dim."""
         return self.kernel(x, self.grad_sum(self.weight))
 
 
@@ -283,6 +296,7 @@ class VocabParallelEmbedding(nn.Cell):
         self.reduce = exit_op(group, sequence_parallel)
 
     def construct(self, tokens):
+        """tokens (B, S) int32 -> (B, S, dim) in the table's dtype (with sequence parallel (B, S/T, dim))."""
         local = tokens - self.start
         inside = ops.logical_and(local >= 0, local < self.per)
         rows = ops.gather(self.weight, ops.where(inside, local, 0), 0)
@@ -318,6 +332,7 @@ class VocabParallelCrossEntropy(nn.Cell):
         self.count_scale = float(count_scale)
 
     def construct(self, logits, labels):
+        """logits (B, S, Vp/T) float, labels (B, S) int32 (-100 ignored) -> float32 scalar (see the class doc)."""
         logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
         labels = labels.reshape(-1)
         top = ops.stop_gradient(self.max(logits.max(axis=-1)))
@@ -467,7 +482,8 @@ def replicated_norm_weights(sharded_weights: tuple[float, ...]) -> tuple[float, 
 
 
 class TPGradNorm(nn.Cell):
-    """Global L2 norm of gradients sharded over TP (what `train.optim.clip_by_global_norm` must use with TP):
+    """Global L2 norm of gradients sharded over TP (the norm clipping must use with TP: train/step.py passes it
+    to `optim.adamw.clip_to_norm`):
     sqrt(sum over replicated params of |g|^2 + all-reduce over TP of the sum over sharded params of
     w * |g|^2), w from `sharded_norm_weights` (1/R for replicated KV shards). Replicated gradients are equal on
     every TP rank, so they are counted once. Vocabulary padding rows have zero gradient and add nothing.
@@ -480,5 +496,6 @@ class TPGradNorm(nn.Cell):
         self.reduce = AllReduce(group, "sum")
 
     def construct(self, grads):
+        """grads: tuple in the order of `params` -> float32 scalar, the global L2 norm."""
         replicated, sharded = square_sum(grads, self.replicated), square_sum(grads, self.weights)
         return ops.sqrt(replicated + self.reduce(sharded))

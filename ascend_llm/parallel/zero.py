@@ -28,7 +28,7 @@ One optimizer call:
    the shard of the average is kept (the trainer can accumulate micro-batches in these shards: 1/d memory);
    with `grad_clip` > 0 the shards are clipped by the global norm (sum of squares all-reduced over the group),
    since no rank holds the full gradient.
-2. AdamW on the shards, exactly the unsharded formula of train/optim.py: m, v, bias correction, decoupled
+2. AdamW on the shards, exactly the unsharded formula of optim/adamw.py: m, v, bias correction, decoupled
    weight decay (norm weights and biases not decayed).
 3. all-gather of the updated shards and assignment of every full parameter.
 Collectives go through `ascend_llm.parallel.comm` (native HCCL ops on Ascend; exact AllReduce-based
@@ -147,11 +147,12 @@ class ZeroAdamW(nn.Cell):
         return [self.step, *self.exp_avg, *self.exp_avg_sq, *(self.master if self.has_master else ())]
 
     def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state (`state_parameters()`): 8 * sum(ceil(n/d)) + 4 (+ master)."""
         return sum(int(np.prod(p.shape)) * p.itemsize for p in self.state_parameters())
 
     # -- compiled pieces ---------------------------------------------------------------------------------
     # Per-parameter arithmetic is mapped with `each` (HyperMap: compiles in a fraction of the time of an
-    # unrolled loop, see train/each.py); only the collectives run in a loop, chained by `ops.depend` so every
+    # unrolled loop, see optim/each.py); only the collectives run in a loop, chained by `ops.depend` so every
     # rank issues them in the same order.
     def _slices(self, tensors):
         """(this rank's float32 slice of each parameter-shaped tensor,)"""
@@ -217,6 +218,9 @@ class ZeroAdamW(nn.Cell):
         return step
 
     def construct(self, grads, lr):
+        """grads: tuple shaped like `params` (stage 1: already averaged over `group`; stage 2: this rank's local ones);
+        lr: float32 scalar Tensor. Reduces to shards, clips (stage 2), updates, all-gathers the parameters in place
+        and returns the new step (int32 scalar). Collective: every rank of the group calls it."""
         shards = self.reduce_gradients(grads)
         if self.stage == 2:
             shards, _ = self.clip_shards(shards)
