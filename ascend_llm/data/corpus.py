@@ -55,6 +55,7 @@ class CorpusFiles:
     default_max_bytes: Optional[int] = None  # the cap when data.max_bytes is None
 
     def max_bytes(self, requested: Optional[int]) -> Optional[int]:
+        """The byte cap to read: `requested` (data.max_bytes) when given, else this corpus's default (None: all)."""
         return requested if requested is not None else self.default_max_bytes
 
 

@@ -44,6 +44,7 @@ class FileStats:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
+        """JSON-ready form for the prepare report (skip reasons sorted)."""
         return {"path": self.path, "kind": self.kind, "documents": self.documents, "bytes": self.bytes,
                 "skipped": dict(sorted(self.skipped.items()))}
 
@@ -59,6 +60,7 @@ def file_kind(path: Path, fmt: str = "auto") -> str | None:
 
 
 def open_binary(path: Path) -> BinaryIO:
+    """`path` opened for reading bytes, through gzip when its suffix is .gz."""
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
@@ -78,6 +80,8 @@ class _Reader:
         self.stats.skipped[reason] += 1
 
     def decode(self, raw: bytes, line: int) -> str | None:
+        """`raw` as UTF-8 text, or None after reporting undecodable bytes: DataError naming file:line (counted from
+        `line`) in error mode, a skip counted as `undecodable` in skip mode."""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -88,7 +92,12 @@ class _Reader:
 
 
 class TextReader(_Reader):
+    """A text file (.txt .md .py .rst): the whole file is one document, streamed in pieces of ~1 MiB."""
+
     def pieces(self) -> Iterator[tuple[str, bool]]:
+        """(text, ends_document) pieces of the file, ends_document True on the last one; leading whitespace is joined to
+        the first text; an all-whitespace file yields nothing and counts as `empty`. DataError on undecodable bytes
+        (error mode)."""
         line, lead, pending = 1, "", None
         for raw in self._raw_pieces():
             text = self._decode_lines(raw, line)
@@ -144,11 +153,15 @@ class TextReader(_Reader):
 
 
 class JsonlReader(_Reader):
+    """A .jsonl file: one JSON object per line, its text in `text_field`; blank lines are skipped."""
+
     def __init__(self, path: Path, on_bad_record: str, stats: FileStats, text_field: str):
         super().__init__(path, on_bad_record, stats)
         self.text_field = text_field
 
     def pieces(self) -> Iterator[tuple[str, bool]]:
+        """(text, True) per record (one document each). Bad records raise DataError naming file:line (error mode) or are
+        counted by reason (skip mode)."""
         with open_binary(self.path) as handle:
             for number, raw in enumerate(handle, 1):
                 if number == 1 and raw.startswith(BOM):
@@ -167,7 +180,11 @@ class JsonlReader(_Reader):
 
 
 class JsonArrayReader(JsonlReader):
+    """A .json file holding one JSON array of objects (text in `text_field`) or of strings; read whole."""
+
     def pieces(self) -> Iterator[tuple[str, bool]]:
+        """(text, True) per array element. A file that is not a JSON array, or a bad element, raises DataError naming
+        the file (and `[index]`) in error mode, or is counted by reason in skip mode."""
         with open_binary(self.path) as handle:
             raw = handle.read()
         if raw.startswith(BOM):

@@ -21,6 +21,9 @@ from ascend_llm.errors import ConfigError
 
 @dataclass
 class PerplexityResult:
+    """perplexity = exp(nll_sum / num_tokens); nll_sum in nats over num_tokens scored tokens (every token but the
+    first), from num_windows windows of `window` tokens every `stride` tokens (the stride actually used)."""
+
     perplexity: float
     nll_sum: float
     num_tokens: int
@@ -30,11 +33,13 @@ class PerplexityResult:
 
     @property
     def mean_nll(self) -> float:
+        """Mean negative log-likelihood per scored token, in nats (log of the perplexity)."""
         return self.nll_sum / self.num_tokens
 
 
 def window_plan(num_ids: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """[(begin, end, first scored position)]: window ids[begin:end] scores targets ids[first:end]."""
+    """[(begin, end, first scored position)]: window ids[begin:end] scores targets ids[first:end]. Raises
+    ConfigError for fewer than 2 tokens, window < 2, or stride outside [1, window]."""
     if num_ids < 2:
         raise ConfigError("eval.corpus", f"{num_ids} tokens", "needs at least 2 tokens")
     if window < 2:
@@ -60,8 +65,9 @@ def _token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def perplexity(model, ids: np.ndarray, window: int, stride: int, max_seq_len: int,
                batch_size: int = 4) -> PerplexityResult:
-    """Perplexity of `model` (tokens (B, T) int32 -> logits (B, T, V)) over ids (N,) int.
-    ConfigError when window exceeds the model's max_seq_len or stride is outside [1, window]."""
+    """Perplexity of `model` (tokens (B, T) int32 -> logits (B, T, V)) over ids (N,) int, `batch_size` windows
+    of equal length per forward. ConfigError when window exceeds the model's max_seq_len or is < 2, stride is
+    outside [1, window], or ids has fewer than 2 tokens."""
     if window > max_seq_len:
         raise ConfigError("eval.window", window, f"must be <= the model's max_seq_len={max_seq_len}")
     ids = np.asarray(ids, np.int64)
