@@ -34,7 +34,7 @@ SOURCE = r"""
 #include <thread>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
@@ -211,6 +211,9 @@ static void quant_matmul_impl(const Layer &L) {
 extern "C" int quant_matmul(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                             void *stream, void *extra) {
   if (nparam != 8 || ndims[0] != 2 || ndims[1] != 2 || ndims[2] != 2) return 1;
+  static const char *expected[8] = {"float32", "uint8", "float16", "uint8", "int32", "float32", "int32", "float32"};
+  for (int i = 0; i < 8; ++i)
+    if (dtypes && dtypes[i] && std::strcmp(dtypes[i], expected[i]) != 0) return 3;
   const int32_t *meta = static_cast<const int32_t *>(params[6]);
   Layer L;
   L.bits = meta[0];

@@ -115,8 +115,8 @@ class QuantLinear(nn.Cell):
         x2 = x.reshape(-1, self.in_channels)
         if self.use_cpu_kernel:
             xf = x2 if x2.dtype == ms.float32 else x2.astype(ms.float32)
-            y = self.cpu_kernel(xf, self.qweight, self.scales, self.cpu_zeros, self.cpu_g_idx, self.cpu_bias,
-                                self.cpu_meta)
+            scales = self.scales if self.scales.dtype == ms.float16 else self.scales.astype(ms.float16)
+            y = self.cpu_kernel(xf, self.qweight, scales, self.cpu_zeros, self.cpu_g_idx, self.cpu_bias, self.cpu_meta)
             y = y if x.dtype == ms.float32 else y.astype(x.dtype)
             return y.reshape(shape[:-1] + (self.out_channels,))
         if self.use_kernel:
