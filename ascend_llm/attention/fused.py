@@ -6,7 +6,7 @@ Conventions of the kernel, all handled here:
   2048 x 2048 upper-triangular mask, never an S x S one; our causal convention is bottom-right, so
   seq_q == seq_k uses mode 2 (the two coincide) and seq_q != seq_k uses mode 3;
 - padding and packed-document masks need the full (batch, 1, seq_q, seq_k) discard mask (sparse_mode 0);
-- the softmax scale is passed explicitly (`scalar_value`), the kernel does not default to 1/sqrt(head_dim);
+- the softmax scale is passed explicitly (`scale_value`): the kernel defaults to 1.0, not 1/sqrt(head_dim);
 - inputs must be float16 or bfloat16 and head_dim a multiple of 16 (<= 512); float32 inputs run in bfloat16
   and the output is cast back;
 - layout BNSD (ours) is passed through; BSH / BSND are available by transposing;
