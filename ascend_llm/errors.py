@@ -39,7 +39,8 @@ class CheckpointError(UserInputError):
 
 
 class RankTableError(UserInputError):
-    """An HCCL rank table that cannot be read or disagrees with the cluster (names the JSON path)."""
+    """An HCCL rank table, or the devices and IPs one is generated from, that cannot be read or breaks a rule
+    (names the JSON path, the file or the option)."""
 
     area = "rank table"
 

@@ -235,7 +235,7 @@ def compile_library(stem: str, source: str, flags: tuple[str, ...]) -> str | Non
 
 def fused_available(device: str | None = None) -> bool:
     """True when `device` (default: the context's device_target) is CPU and the kernel library builds (the first
-    call compiles it, a few seconds)."""
+    call compiles it with g++ unless it is cached)."""
     return (device or ms.get_context("device_target")) == "CPU" and library_path() is not None
 
 
