@@ -188,15 +188,17 @@ class StopForwarder:
             except (psutil.Error, OSError):
                 pass
 
-    def result(self, elapsed_s: float, codes: dict[str, int]) -> LaunchResult:
-        """The job's result (exit 128 + signal) after the workers stopped: `codes` {"rank N": exit status} of those
-        that reported one; the reason says whether every one exited as a stopped trainer does."""
-        expected = 128 + int(self.received)
-        listed = ", ".join(f"{who} exited {code}" for who, code in sorted(codes.items())) or "the workers exited"
-        clean = bool(codes) and all(code == expected for code in codes.values())
-        reason = (f"{listed}; {'each rank' if clean else 'not every rank'} finished its step and checkpointed it"
-                  + (" (see the workers' `stopped by` lines); resume with train.resume=auto" if clean else ""))
-        return LaunchResult(expected, elapsed_s, reason=reason, stopped_by=self.received)
+
+
+def stopped_result(signum: int, elapsed_s: float, codes: dict[str, int]) -> LaunchResult:
+    """The result (exit 128 + signum) of a job a signal stopped: `codes` {"rank N": exit status} of the workers
+    that reported one; the reason says whether each exited as a stopped trainer does (after the checkpoint)."""
+    expected = 128 + int(signum)
+    listed = ", ".join(f"{who} exited {code}" for who, code in sorted(codes.items())) or "the workers exited"
+    clean = bool(codes) and all(code == expected for code in codes.values())
+    reason = (f"{listed}; {'the ranks' if clean else 'not every rank'} finished the same step and checkpointed it"
+              + (" (see rank 0's `stopped by` line); resume with train.resume=auto" if clean else ""))
+    return LaunchResult(expected, elapsed_s, reason=reason, stopped_by=int(signum))
 
 
 def _environment(plan: LaunchPlan, spec: ProcessSpec) -> dict[str, str]:
@@ -256,10 +258,13 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[Stop
     reader.join(timeout=5)
     returncode = proc.wait()
     elapsed = time.monotonic() - start
-    if stop.received is not None and code is None:
+    stopped_by = stop.received
+    if stopped_by is None and failures and all(c in (130, 143) for _, c, _ in failures):
+        stopped_by = failures[0][1] - 128  # a worker got the signal itself (a scheduler's SIGTERM to one rank)
+    if stopped_by is not None and code is None:
         labels = {pid: f"rank {tree.rank_of_pid[pid]}" if pid in tree.rank_of_pid else f"pid {pid}"
                   for pid, _, _ in failures}
-        return stop.result(elapsed, {labels[pid]: exit_code for pid, exit_code, _ in failures})
+        return stopped_result(stopped_by, elapsed, {labels[pid]: exit_code for pid, exit_code, _ in failures})
     if code is None and returncode == 0 and not failures:
         return LaunchResult(0, elapsed)
     if code is None:
@@ -284,13 +289,17 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[Stop
 def _pump_msrun(proc: subprocess.Popen, out: TextIO, failures: list, logs: dict[int, Path],
                 stop: StopForwarder) -> None:
     """Relay msrun's output (without MindSpore's INFO chatter); note failed workers and worker log files. In a
-    job a signal stopped, msrun's own closing traceback (the workers' exit status 143 is an "exception" to it) is
-    left out; any other traceback is shown."""
+    job a signal stopped (the launcher's, or a worker's own: exit status 130/143), msrun's own closing traceback
+    (such an exit is an "exception" to it) is left out; any other traceback is shown."""
     assert proc.stdout is not None
     quiet = mindspore_info_hidden()
     held: list[str] = []  # a traceback being read while stopping
+
+    def stopping() -> bool:
+        return stop.received is not None or (bool(failures) and all(c in (130, 143) for _, c, _ in failures))
+
     for line in proc.stdout:
-        if stop.received is not None and (held or line.startswith("Traceback (most recent call last)")):
+        if held or (line.startswith("Traceback (most recent call last)") and stopping()):
             held.append(line)
             if MSRUN_STOPPED.match(line):
                 held = []
@@ -363,7 +372,8 @@ def _run_direct(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[Sto
             stop.forward(roots)
             if stop.received is not None:  # stopping: wait for every worker to checkpoint and exit
                 if all(p.poll() is not None for p in roots):
-                    return stop.result(time.monotonic() - start, {f"rank {s.rank}": p.returncode for s, p in procs})
+                    return stopped_result(stop.received, time.monotonic() - start,
+                                          {f"rank {s.rank}": p.returncode for s, p in procs})
                 time.sleep(poll_s)
                 continue
             failed = [(s, p.returncode) for s, p in procs if p.poll() not in (None, 0)]
@@ -420,7 +430,7 @@ def run_single(plan: LaunchPlan, poll_s: float = 0.5, out: Optional[TextIO] = No
         pump.join(timeout=10)
     rc = proc.returncode
     if stop.received is not None:
-        return stop.result(time.monotonic() - start, {"rank 0": rc})
+        return stopped_result(stop.received, time.monotonic() - start, {"rank 0": rc})
     return LaunchResult(0 if rc == 0 else (rc if rc > 0 else 1), time.monotonic() - start,
                         None if rc == 0 else 0, reason="" if rc == 0 else f"the process exited with code {rc}")
 

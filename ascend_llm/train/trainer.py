@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,6 +205,8 @@ def stop_after(session: Session, outcome: StepOutcome, signum: int, agreement: S
     agreement.barrier()
     if session.progress is not None:
         session.progress.close()
+    if not session.main_rank:  # let the main rank print its line and exit first: msrun kills the others then
+        time.sleep(1.0)
     found = list_checkpoints(session.run_dir)
     raise TrainingStopped(signum, outcome.step, found[0] if found else None, session.rank)
 

@@ -3,6 +3,7 @@ and the supervisor's failure detection and timeouts with fast fake workers (no M
 
 from __future__ import annotations
 
+import signal
 import socket
 import stat
 import subprocess
@@ -272,6 +273,82 @@ def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, 
     assert "did not stop within cluster.failure_grace_s=1" in result.reason
     leftovers = subprocess.run(["pgrep", "-f", "time.sleep\\(300\\)"], capture_output=True, text=True).stdout
     assert not leftovers.strip(), "the fake scheduler was left running"
+
+
+# A worker that stops like the trainer on SIGINT/SIGTERM (exit 128 + signal); rank 1 presses Ctrl-C at the
+# launcher ($LAUNCHER_PID, else its parent) once both ranks are up, `presses` times.
+STOPPING_WORKER = """
+import os, signal, sys, time
+rank = int(os.environ["RANK_ID"])
+def stop(signum, frame):
+    print(f"rank {{rank}} checkpointed", flush=True)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop if {stops} else signal.SIG_IGN)
+signal.signal(signal.SIGTERM, stop if {stops} else signal.SIG_DFL)
+if rank == 1:
+    time.sleep(2)
+    for _ in range({presses}):
+        os.kill(int(os.environ.get("LAUNCHER_PID", os.getppid())), signal.SIGINT)
+        time.sleep(0.5)
+time.sleep(60)
+"""
+
+
+def test_direct_mode_passes_ctrl_c_on_to_every_worker_and_exits_130(tmp_path):
+    worker = STOPPING_WORKER.format(stops=True, presses=1)
+    start = time.monotonic()
+    result = run_plan(direct_plan(tmp_path, [worker] * 2, job_timeout_s=40), poll_s=0.1)
+    assert time.monotonic() - start < 30
+    assert (result.returncode, result.stopped_by) == (130, signal.SIGINT), result.report()
+    assert result.reason.startswith("rank 0 exited 130, rank 1 exited 130; the ranks finished the same step")
+    assert result.report().startswith("launch stopped by SIGINT after")
+    for rank in (0, 1):
+        assert f"rank {rank} checkpointed" in (tmp_path / f"worker_{rank}.log").read_text()
+
+
+def test_a_second_ctrl_c_kills_every_worker_at_once(tmp_path):
+    worker = STOPPING_WORKER.format(stops=False, presses=2)  # workers that ignore SIGINT
+    start = time.monotonic()
+    result = run_plan(direct_plan(tmp_path, [worker] * 2, job_timeout_s=40), poll_s=0.1)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 130 and result.reason == "interrupted; all processes killed", result.report()
+
+
+FAKE_MSRUN_STOPPING = """#!{python}
+# Starts two workers as msrun does (MS_ROLE, RANK_ID) and reports each non-zero exit in msrun's words.
+import os, subprocess, sys
+log_dir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--log_dir=")][0]
+workers = []
+for rank in (0, 1):
+    env = dict(os.environ, MS_ROLE="MS_WORKER", RANK_ID=str(rank), LAUNCHER_PID=str(os.getppid()))
+    log = open(os.path.join(log_dir, f"worker_{{rank}}.log"), "w")
+    workers.append(subprocess.Popen([sys.executable, "-c", {worker!r}], env=env, stdout=log, stderr=log))
+for worker in workers:
+    worker.wait()
+    if worker.returncode:
+        print(f"[ERROR] Worker process {{worker.pid}} exit with exception. Error code: {{worker.returncode}}.",
+              flush=True)
+print("Traceback (most recent call last):")
+print('  File "msrun", line 8, in <module>')
+print("RuntimeError: Distributed job exited with exception. Please check logs in directory: " + log_dir)
+sys.exit(1)
+"""
+
+
+def test_msrun_mode_passes_ctrl_c_on_to_the_workers_and_reports_the_stop(tmp_path, capsys):
+    msrun = tmp_path / "msrun"
+    msrun.write_text(FAKE_MSRUN_STOPPING.format(python=sys.executable,
+                                                worker=STOPPING_WORKER.format(stops=True, presses=1)))
+    msrun.chmod(msrun.stat().st_mode | stat.S_IEXEC)
+    log_dir = tmp_path / "logs"
+    plan = LaunchPlan("msrun", [ProcessSpec([str(msrun), f"--log_dir={log_dir}"])], log_dir, 2, 2,
+                      cluster_timeout_s=300, job_timeout_s=40, failure_grace_s=1)
+    start = time.monotonic()
+    result = run_plan(plan, poll_s=0.1)
+    assert time.monotonic() - start < 30
+    assert (result.returncode, result.stopped_by) == (130, signal.SIGINT), result.report()
+    assert result.reason.startswith("rank 0 exited 130, rank 1 exited 130; the ranks finished the same step")
+    assert "Traceback" not in capsys.readouterr().out  # msrun's closing traceback of a stopped job is left out
 
 
 def test_missing_msrun_is_a_launch_error(tmp_path):
