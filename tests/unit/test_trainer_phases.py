@@ -127,3 +127,78 @@ def test_bf16_parameters_are_refused_where_they_cannot_run():
     with pytest.raises(ConfigError, match="zero_stage"):
         check_param_dtype(recipe, "Ascend")  # no ZeRO: no fp32 master weights
     check_param_dtype(compose_recipe(["experiment=llama3_8b_910b"]), "Ascend")  # dp8 ZeRO-2: fine
+
+
+# ---- stopping on a signal (train/stop.py): real handlers, a real CheckpointManager -------------------------------
+
+def test_the_first_signal_is_recorded_and_the_second_gets_the_default_action():
+    import os
+    import signal
+
+    from ascend_llm.train.stop import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread before the next line runs
+        assert signals.received == signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_one_process_agrees_with_itself():
+    import signal
+
+    from ascend_llm.train.stop import StopAgreement
+
+    agreement = StopAgreement(world_size=1)
+    assert agreement.agree(None) is None and agreement.agree(signal.SIGINT) == signal.SIGINT
+    agreement.barrier()  # no collective in one process
+
+
+def stop_session(run_dir):
+    from ascend_llm.train.checkpoint import CheckpointManager
+    from ascend_llm.train.state import DataState
+
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    part = types.SimpleNamespace(state_dict=lambda: dict(arrays), load_state_dict=arrays.update)
+    run = RunState({"model": {"dim": 8}}, seed=0)
+    manager = CheckpointManager(run_dir, {"model": part, "data": DataState({}), "run": run}, keep_last=3)
+    saved = []
+    save = manager.save
+    manager.save = lambda step: saved.append(step) or save(step)  # records each write, then writes
+    return types.SimpleNamespace(checkpoints=manager, run=run, throughput=Throughput(100, 1.0, 1.0), main_rank=True,
+                                 rank=0, progress=None, run_dir=run_dir, checkpointed_step=None), saved
+
+
+def test_a_signal_checkpoints_the_step_reached_once_and_names_it(tmp_path):
+    import signal
+
+    from ascend_llm.train.checkpoint import read_checkpoint
+    from ascend_llm.train.stop import StopAgreement, TrainingStopped
+    from ascend_llm.train.trainer import save_checkpoint, stop_after
+
+    s, saved = stop_session(tmp_path / "run")
+    with pytest.raises(TrainingStopped) as info:
+        stop_after(s, StepOutcome(7, 2.5, 1.0, 1e-3, True), signal.SIGTERM, StopAgreement(1))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000007"
+    assert str(info.value) == f"stopped by SIGTERM at step 7; checkpoint {checkpoint}; resume with train.resume=auto"
+    assert info.value.exit_status == 143 and saved == [7]
+    assert read_checkpoint(checkpoint)[0]["parts"]["run"]["step"] == 7
+    save_checkpoint(s, StepOutcome(8, 2.4, 1.0, 1e-3, True))  # due by train.ckpt_every: not written twice
+    with pytest.raises(TrainingStopped) as info:
+        stop_after(s, StepOutcome(8, 2.4, 1.0, 1e-3, True), signal.SIGINT, StopAgreement(1))
+    assert saved == [7, 8] and info.value.exit_status == 130 and info.value.checkpoint.name == "step_00000008"
+
+
+def test_a_signal_after_a_non_finite_step_names_the_last_finite_checkpoint(tmp_path):
+    import signal
+
+    from ascend_llm.train.stop import StopAgreement, TrainingStopped
+    from ascend_llm.train.trainer import save_checkpoint, stop_after
+
+    s, saved = stop_session(tmp_path / "run")
+    save_checkpoint(s, StepOutcome(5, 2.5, 1.0, 1e-3, True))
+    with pytest.raises(TrainingStopped) as info:
+        stop_after(s, StepOutcome(6, float("nan"), float("nan"), 1e-3, False), signal.SIGTERM, StopAgreement(1))
+    assert saved == [5] and info.value.step == 6 and info.value.checkpoint.name == "step_00000005"
