@@ -19,8 +19,10 @@ class RuntimeConfig:
     peak_tflops: declared peak TFLOP/s per device for MFU; None: 354 on Ascend 910B (bf16 dense, the figure
         verl and MindSpeed use) and cpu_peak_tflops on CPU (a nominal figure: set it for your machine).
     num_threads: CPU kernel threads (0: all cores). deterministic: MindSpore deterministic kernels.
-    max_device_memory, jit_level, memory_optimize_level, precision_mode: Ascend context settings (applied only on
-        Ascend, validated everywhere).
+    max_device_memory, jit_level, memory_optimize_level, precision_mode: Ascend context settings, applied only on
+        Ascend. validate() checks jit_level and memory_optimize_level everywhere; max_device_memory ("58GB",
+        "512MB") is parsed by the memory planner (`ascend-llm plan`, and the preflight with train.memory_check)
+        when device_target=ascend; precision_mode is passed to MindSpore as is.
     """
 
     device_target: str = "auto"  # auto | cpu | ascend
@@ -31,7 +33,7 @@ class RuntimeConfig:
     cpu_peak_tflops: float = 0.1
     num_threads: int = 0  # 0: all cores
     deterministic: bool = False
-    # Applied only when the device is Ascend (validated everywhere).
+    # Applied only when the device is Ascend (see the class docstring for which are checked where).
     max_device_memory: str = "58GB"
     jit_level: str = "O1"
     memory_optimize_level: str = "O0"
