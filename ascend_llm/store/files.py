@@ -135,6 +135,10 @@ def output_errors(field: str, path: str | os.PathLike) -> Iterator[None]:
     `field`, the path and the cause. An OSError about another file (e.g. an input copied along) passes through."""
     try:
         yield
+    except OutputError as exc:  # from a nested writer (a file inside a directory being written): name ours
+        if exc.field != field and isinstance(exc.value, str) and _about(Path(path), Path(exc.value)):
+            raise OutputError(field, str(path), exc.allowed) from None
+        raise
     except UserInputError:
         raise
     except OSError as exc:
