@@ -28,6 +28,7 @@ from ascend_llm.parallel.dp import init_distributed
 from ascend_llm.parallel.plan_time import flops_per_token
 from ascend_llm.precision import describe_precision
 from ascend_llm.precision.runtime import PrecisionRuntime, build_precision_runtime
+from ascend_llm.store.files import output_errors, write_file_atomic
 from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
 from ascend_llm.train.layout import TrainLayout
@@ -205,9 +206,9 @@ def open_outputs(session: Session) -> None:
     if not session.main_rank:
         return
     recipe, run_dir = session.recipe, session.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(session.run.config)))
-    session.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=session.start_step)
+    with output_errors("train.output_dir", run_dir):  # read-only, full, a file: one line, exit 2
+        write_file_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(session.run.config)))
+        session.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=session.start_step)
     num_params = sum(p.size for p in session.model.trainable_params())
     logger.info("device=%s mode=%s world_size=%d model=%s params=%s corpus_tokens=%s train_windows=%s run_dir=%s",
                 session.device, recipe.runtime.mode, session.world_size, recipe.model.name, f"{num_params:,}",
