@@ -21,32 +21,37 @@ DEFAULTS = Limits()
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-llm serve", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = " (default %(default)s)"
     p.add_argument("model", help="Hugging Face, quantized, checkpoint or run directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (give an --api-key beyond localhost)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; give an --api-key beyond localhost" + d)
+    p.add_argument("--port", type=int, default=8000, help="port" + d)
     p.add_argument("--api-key", default=os.environ.get("ASCEND_LLM_API_KEY"),
                    help="required as 'Authorization: Bearer KEY' on /v1/* (default: $ASCEND_LLM_API_KEY)")
     p.add_argument("--model-name", default=None, help="id reported by /v1/models (default: directory name)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or its directory) when none sits beside")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", "--max-len", type=int, default=None, dest="max_model_len",
                    help="context length: prompt + generated tokens (default: the model's max_seq_len)")
-    p.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-num-seqs", "--num-slots", type=int, default=8, dest="max_num_seqs",
+                   help="sequences decoded together" + d)
     p.add_argument("--num-blocks", type=int, default=None,
                    help="KV-cache blocks incl. the null block (default: --max-num-seqs full contexts, at most "
                         "65,536 positions)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (a power of two)")
-    p.add_argument("--max-prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on shutdown")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="request body size")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block, a power of two" + d)
+    p.add_argument("--max-prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step" + d)
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503" + d)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on shutdown" + d)
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="request body bytes" + d)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="tokens of one prompt (default and upper bound: context length - 1)")
-    p.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop, help="strings in `stop`")
-    p.add_argument("--max-stop-chars", type=int, default=DEFAULTS.max_stop_chars, help="characters of one stop")
-    p.add_argument("--max-n", type=int, default=DEFAULTS.max_n, help="choices per request (n x prompts)")
-    p.add_argument("--tokenizer-workers", type=int, default=4, help="threads that parse and tokenize requests")
+    p.add_argument("--max-stop", type=int, default=DEFAULTS.max_stop, help="strings in `stop`" + d)
+    p.add_argument("--max-stop-chars", type=int, default=DEFAULTS.max_stop_chars,
+                   help="characters of one stop string" + d)
+    p.add_argument("--max-n", type=int, default=DEFAULTS.max_n, help="choices per request: n x prompts" + d)
+    p.add_argument("--tokenizer-workers", type=int, default=4, help="threads that parse and tokenize requests" + d)
     p.add_argument("--pynative", action="store_true", help="PyNative instead of graph mode")
+    for legacy in ("--prefill-bucket", "--token-budget"):  # the slot cache's knobs: the paged cache has none
+        p.add_argument(legacy, type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -104,6 +109,10 @@ def _engine(source, args, context: int):
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     _check(args)
+    for name in ("prefill_bucket", "token_budget"):
+        if getattr(args, name) is not None:
+            print(f"--{name.replace('_', '-')} no longer applies (paged KV cache: blocks are allocated as tokens "
+                  "arrive; see --num-blocks, --max-prefill-chunk); ignored", flush=True)
     import uvicorn
 
     from ascend_llm.inference.server import build_app

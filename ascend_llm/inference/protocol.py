@@ -5,7 +5,7 @@ Every field the OpenAI API defines is declared: the ones this server implements 
 (tools, response_format, logit_bias, presence/frequency_penalty, suffix, echo, audio, ...) are accepted only at
 their neutral value (null, 0, false, {"type": "text"}, ...) and otherwise refused with a 400 naming the field.
 Informational fields (user, metadata, safety_identifier, prompt_cache_key) are accepted and not used. An unknown
-field is a 400 naming it. Two vLLM extras are honoured: top_k and repetition_penalty.
+field is a 400 naming it. Three vLLM extras are honoured: top_k, repetition_penalty and ignore_eos (benchmarks).
 
 Errors: `ApiError(status, message, param, type, code).body()` is OpenAI's `{"error": {"message", "type", "param",
 "code"}}`; `InvalidRequest(field, value, allowed)` (a UserInputError) is a 400 whose param is the field.
@@ -92,6 +92,7 @@ class _Sampling(_Body):
     # vLLM extras
     top_k: Optional[int] = None
     repetition_penalty: Optional[float] = None
+    ignore_eos: Optional[bool] = None
     # defined by OpenAI, accepted at their neutral value only
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None

@@ -201,7 +201,8 @@ class OpenAIServing:
         return SamplingParams(max_new_tokens=self._max_tokens(body, prompt), temperature=pick("temperature", 1.0),
                               top_k=max(int(pick("top_k", 0)), 0), top_p=pick("top_p", 1.0),
                               repetition_penalty=pick("repetition_penalty", 1.0),
-                              stop_token_ids=list(self.model.eos_token_ids), stop_strings=stops,
+                              stop_token_ids=[] if body.ignore_eos else list(self.model.eos_token_ids),
+                              stop_strings=stops,
                               seed=(seed + choice) % (MAX_SEED + 1), logprobs=logprobs)
 
     # ---- endpoints -----------------------------------------------------------------------------------------
