@@ -266,3 +266,24 @@ def test_a_quantize_killed_mid_write_leaves_nothing_torn(tmp_path):
     done = quantize("q2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("process")
+def test_train_on_a_read_only_or_full_output_dir_is_one_line(tmp_path, mount_tmpfs):
+    """Case 14: `train` into a read-only train.output_dir, and into one that fills up at the second checkpoint
+    (a debug checkpoint is ~1.9 MB on a 3 MB tmpfs): one line naming train.output_dir, exit 2; the first
+    checkpoint stays whole and no temporary is left."""
+    ro, full = mount_tmpfs("ro", "1m", read_only=True), mount_tmpfs("full", "3m")
+    smoke = ["debug=smoke", "train.num_steps=10", "train.ckpt_every=5", "train.val_every=5", "train.progress=false",
+             f"data.cache_dir={tmp_path / 'cache'}"]
+    one_line(run("train", *smoke, f"train.output_dir={ro / 'run'}", cwd=tmp_path), "train.output_dir",
+             str(ro / "run"), "read-only file system")
+    done = run("train", *smoke, f"train.output_dir={full / 'run'}", cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("output error")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) == 1 and "train.output_dir" in lines[0] and "no space left on device" in lines[0]
+    assert entries(full / "run" / "checkpoints") == ["step_00000005"]
+    from ascend_llm.store.checkpoints import read_checkpoint
+
+    assert read_checkpoint(full / "run" / "checkpoints" / "step_00000005")[0]["step"] == 5
