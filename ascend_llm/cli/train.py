@@ -6,8 +6,8 @@ train.output_dir, sweeps under train.output_dir/multirun).
 
 SIGINT (Ctrl-C) or SIGTERM while training: the current step finishes (also the first one, while it compiles),
 is checkpointed, one line says where, and the exit status is 130 (SIGINT) or 143 (SIGTERM); a second signal aborts
-at once. Resume with train.resume=auto. A Ctrl-C before training starts (data preparation, model loading) stops
-at once with status 130; nothing is half-written.
+at once. Resume with train.resume=auto. A Ctrl-C outside the steps (data preparation, model loading, the closing
+sample) stops at once with status 130; checkpoints are never half-written.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def main(argv: list[str]) -> int:
             _print_summary(train(compose_recipe(argv)))
         except TrainingStopped as exc:
             return _stopped(exc)
-        except KeyboardInterrupt:  # before the step loop: nothing to checkpoint
-            print("interrupted before training started (SIGINT); nothing was written half-way", file=sys.stderr)
+        except KeyboardInterrupt:  # outside the step loop (preparing, or the closing sample): nothing to checkpoint
+            print("interrupted by SIGINT outside the training steps; the checkpoints written are complete (resume "
+                  "with train.resume=auto)", file=sys.stderr)
             return 130
         return 0
     import hydra
