@@ -50,22 +50,22 @@ def edit_weights(change):
     return apply
 
 
-def edit_config(change):
+def edit_json(name: str, change):
+    """A hostile JSON file: change(value) edits it in place (returns None), returns a new value, or text."""
     def apply(root: Path) -> None:
-        file = root / "config.json"
+        file = root / name
         raw = json.loads(file.read_text())
         value = change(raw)
         file.write_text(value if isinstance(value, str) else json.dumps(raw if value is None else value))
     return apply
+
+
+def edit_config(change):
+    return edit_json("config.json", change)
 
 
 def edit_index(change):
-    def apply(root: Path) -> None:
-        file = root / "model.safetensors.index.json"
-        raw = json.loads(file.read_text())
-        value = change(raw)
-        file.write_text(value if isinstance(value, str) else json.dumps(raw if value is None else value))
-    return apply
+    return edit_json("model.safetensors.index.json", change)
 
 
 def write(name: str, text: str):

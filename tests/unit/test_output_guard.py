@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit import test_store_files
+
+mount_tmpfs = test_store_files.mount_tmpfs  # the real tmpfs mounts (root only), shared with test_store_files
+
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hf"
 MODEL = FIXTURES / "llama_gqa"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"fixture absent: {MODEL}")
@@ -157,40 +161,22 @@ def prepare(out, cwd: Path) -> subprocess.CompletedProcess:
                "--output", out, "--no-progress", cwd=cwd)
 
 
+def write_to(verb: str, out, cwd: Path) -> subprocess.CompletedProcess:
+    """`quantize --out`, `convert --output` or `prepare --output` into `out`."""
+    if verb == "quantize":
+        return quantize(out, cwd=cwd)
+    if verb == "convert":
+        return run("convert", MODEL, "--to", "hf", "--output", out, cwd=cwd)
+    return prepare(out, cwd)
+
+
 @pytest.mark.parametrize("verb", ["quantize", "convert", "prepare"])
 def test_an_output_that_is_a_file_or_below_one_is_one_line(tmp_path, verb):
     (tmp_path / "file").write_text("keep")
     for out, cause in (("file", "is a file"), ("file/x", "is a file, not a directory")):
-        if verb == "quantize":
-            done = quantize(out, cwd=tmp_path)
-        elif verb == "convert":
-            done = run("convert", MODEL, "--to", "hf", "--output", out, cwd=tmp_path)
-        else:
-            done = prepare(out, tmp_path)
-        one_line(done, out, cause)
+        one_line(write_to(verb, out, tmp_path), out, cause)
     assert (tmp_path / "file").read_text() == "keep"
     assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs (read-only / full output folder)")
-    mounted = []
-
-    def mount(name: str, size: str, read_only: bool = False) -> Path:
-        path = tmp_path / name
-        path.mkdir()
-        opts = f"size={size}" + (",ro" if read_only else "")
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
-        if done.returncode:
-            pytest.skip(f"mount -t tmpfs failed: {done.stderr.decode().strip()}")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", str(path)], check=False)
 
 
 @pytest.mark.parametrize("verb", ["quantize", "convert", "prepare"])
@@ -210,13 +196,7 @@ def check_read_only_and_full(tmp_path, mount_tmpfs, verb):
     (full / "pad").write_bytes(b"\0" * (112 << 10)) if verb == "prepare" else None
     before = entries(full)
     for out, cause in ((ro / "o", "read-only file system"), (full / "o", "no space left on device")):
-        if verb == "quantize":
-            done = quantize(out, cwd=tmp_path)
-        elif verb == "convert":
-            done = run("convert", MODEL, "--to", "hf", "--output", out, cwd=tmp_path)
-        else:
-            done = prepare(out, tmp_path)
-        one_line(done, str(out), cause)
+        one_line(write_to(verb, out, tmp_path), str(out), cause)
     assert entries(full) == before and entries(ro) == []  # nothing half-written, no temporary left
 
 
