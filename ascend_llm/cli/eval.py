@@ -49,7 +49,6 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    from pathlib import Path
 
     import mindspore as ms
 
@@ -75,5 +74,7 @@ def main(argv: list[str]) -> int:
               f"({result.num_windows} windows, window {result.window}, stride {result.stride})")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from ascend_llm.store.files import write_file_atomic
+
+        write_file_atomic(args.json, json.dumps(rows, indent=2), field="--json")
     return 0
