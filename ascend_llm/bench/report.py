@@ -22,12 +22,11 @@ def print_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_json(path: str | os.PathLike, name: str, rows: list[dict], **extra) -> Path:
-    """Write rows plus machine facts atomically (temp file, fsync, rename)."""
+    """Write rows plus machine facts atomically (store/files.write_file_atomic: temp file, fsync, rename); returns
+    the path. OutputError (one line, exit 2) when the path cannot be written."""
     import mindspore
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cpu_count": os.cpu_count(),
                "machine": platform.machine(), "python": platform.python_version(),
                "mindspore": mindspore.__version__, **extra, "rows": rows}
-    return write_file_atomic(path, json.dumps(payload, indent=2))
+    return write_file_atomic(path, json.dumps(payload, indent=2), field="benchmark JSON")

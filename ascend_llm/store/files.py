@@ -344,6 +344,7 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str | Iterable[byte
     with output_errors(field, path):
         if os.path.isdir(path):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        _check_parents(path, field)
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale(path.parent)
         tmp = path.parent / temp_name(path.name)
