@@ -1,9 +1,10 @@
 """`ascend-llm generate MODEL --prompt TEXT [--prompt TEXT ...] [--chat]`: continue prompts with a KV cache.
 
 MODEL is a Hugging Face directory, a toolkit checkpoint or a run directory. Prompts run as one batch (each its
-own slot of the cache). --chat wraps each prompt as a user message (after --system, if given) and applies the
-model's chat template. Generation stops at the EOS ids of generation_config.json, at any --stop string, or
-after --max-new-tokens; tokens/s of prefill and decode are printed at the end.
+own sequence of the paged KV cache, through the one scheduler). --chat wraps each prompt as a user message (after
+--system, if given) and applies the model's chat template. Generation stops at the EOS ids of
+generation_config.json, at any --stop string, or after --max-new-tokens; tokens/s of prefill and decode are printed
+at the end.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     import mindspore as ms
 
-    from ascend_llm.inference import Engine, SamplingParams
+    from ascend_llm.inference import Engine, SamplingParams, Scheduler
     from ascend_llm.interop.source import open_model
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
@@ -60,15 +61,17 @@ def main(argv: list[str]) -> int:
     if max_len <= longest:
         raise ConfigError("--max-len", max_len, f"must exceed the longest prompt ({longest} tokens)")
     engine = Engine(source.model, max_len=max_len, num_slots=len(prompts))
-    results = engine.generate(prompts, [SamplingParams(**{**vars(params), "seed": args.seed + i})
-                                        for i in range(len(prompts))], tokenizer)
+    requests = Scheduler(engine, tokenizer).generate(
+        prompts, [SamplingParams(**{**vars(params), "seed": args.seed + i}) for i in range(len(prompts))])
     speed = engine.tokens_per_second()
+    results = [{"token_ids": r.out, "text": r.text, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
+               for r in requests]
     if args.json:
-        print(json.dumps({"results": [vars(r) for r in results], **speed}, ensure_ascii=False))
+        print(json.dumps({"results": results, **speed}, ensure_ascii=False))
         return 0
     for prompt, result in zip(args.prompt, results):
-        print(f"--- {prompt!r} ({len(result.token_ids)} tokens, {result.finish_reason})")
-        print(result.text)
+        print(f"--- {prompt!r} ({len(result['token_ids'])} tokens, {result['finish_reason']})")
+        print(result["text"])
     print(f"prefill {speed['prefill_tokens_per_s']:.1f} tokens/s, decode {speed['decode_tokens_per_s']:.1f} tokens/s"
           " (first calls include graph compilation)")
     return 0

@@ -41,10 +41,13 @@ class IncrementalDetokenizer:
         if self.stop is not None:
             return ""
         self.ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def _advance(self, final: bool) -> str:
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         current = self._decode(self.ids[self.prefix_offset:])
-        if current.endswith(REPLACEMENT) or len(current) <= len(prefix):
-            return self._release(False)  # an incomplete UTF-8 sequence (or nothing new): wait
+        if (current.endswith(REPLACEMENT) and not final) or len(current) <= len(prefix):
+            return self._release(final)  # an incomplete UTF-8 sequence (or nothing new): wait
         new = current[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         start = max(0, len(self.full) - self.longest_stop + 1)
@@ -57,11 +60,12 @@ class IncrementalDetokenizer:
                 at, stop = min(hits)
                 self.stop, self.full = stop, self.full[:start + at]
                 return self._release(True)
-        return self._release(False)
+        return self._release(final)
 
     def finish(self) -> str:
-        """The generation ended (stop token or length): release everything held back."""
-        return self._release(True)
+        """The generation ended (stop token or length): release everything held back, an incomplete UTF-8 tail
+        as U+FFFD (what a full decode of the ids shows)."""
+        return "" if self.stop is not None else self._advance(final=True)
 
     def _release(self, final: bool) -> str:
         end = len(self.full) if final else len(self.full) - self._held()

@@ -24,7 +24,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
-from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWriter, make_cache
+from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWriter, cpu_decode_attention, make_cache
 from ascend_llm.models.llama import rope_inv_freq, rope_tables
 
 DEFAULT_CACHE_TOKENS = 1 << 16  # KV positions reserved when neither num_blocks nor a smaller need is given
@@ -58,6 +58,10 @@ class PagedForward(nn.Cell):
         keys, values = make_cache(cfg, num_blocks, block_size)
         self.key_cache, self.value_cache = ParameterTuple(keys), ParameterTuple(values)
         self.writer = CacheWriter()
+        self.decode_kernel = cpu_decode_attention() if ms.get_context("device_target") == "CPU" else None
+        self.use_decode_kernel = self.decode_kernel is not None
+        self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
+        self.matmul_nt = ops.MatMul(transpose_b=True)
 
     def _attend(self, q, key_cache, value_cache, block_tables, visible):
         """q (B, H, T, D); caches (NB, BS, H_kv, D); block_tables (B, MB); visible (B, 1, 1, T, L) -> (B, H, T, D)."""
@@ -90,11 +94,21 @@ class PagedForward(nn.Cell):
             wrote_v = self.writer(self.value_cache[i], v, slot_mapping)
             key_cache = ops.depend(self.key_cache[i], wrote_k)
             value_cache = ops.depend(self.value_cache[i], wrote_v)
-            out = self._attend(q, key_cache, value_cache, block_tables, visible).astype(h.dtype)
+            if self.use_decode_kernel and seq == 1:  # decode: C++ attention over the held blocks only
+                out = self.decode_kernel(q.astype(mstype.float32).reshape(batch, self.num_heads, self.head_dim),
+                                         key_cache, value_cache, block_tables, positions.reshape(batch))
+                out = out.reshape(batch, self.num_heads, 1, self.head_dim).astype(h.dtype)
+            else:
+                out = self._attend(q, key_cache, value_cache, block_tables, visible).astype(h.dtype)
             h = h + attn.wo(out.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
             h = h + layer.feed_forward(layer.ffn_norm(h))
         picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
-        logits = self.model.project_logits(picked).reshape(batch, -1)
+        if self.tied_head:  # h @ E^T as one 2-D MatMul(transpose_b): no per-step transpose of the embeddings
+            normed = self.model.norm(picked).reshape(batch, -1)
+            logits = self.matmul_nt(normed, self.model.tok_embeddings.weight.astype(normed.dtype))
+            logits = logits.astype(mstype.float32)
+        else:
+            logits = self.model.project_logits(picked).reshape(batch, -1)
         return ops.argmax(logits, -1).astype(mstype.int32), logits
 
 
@@ -158,8 +172,8 @@ class Engine:
         rows, longest = len(tokens), max(len(t) for t in tokens)
         batch = bucket(rows)
         seq = 1 if longest == 1 else bucket(longest)
-        end = max(s + len(t) for s, t in zip(starts, tokens))
-        width = bucket(-(-end // self.block_size), high=bucket(self.max_blocks_per_seq))
+        held = max(len(self.allocator.table(s)) for s in seq_ids)
+        width = bucket(held, high=bucket(self.max_blocks_per_seq))
         ids = np.zeros((batch, seq), np.int32)
         positions = np.zeros((batch, seq), np.int32)
         slots = np.full((batch, seq), -1, np.int32)

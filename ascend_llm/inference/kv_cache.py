@@ -26,8 +26,10 @@ from ascend_llm.precision.cpu_kernel import compile_library
 NULL_BLOCK = 0
 
 SOURCE = r"""
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 // params: cache (NB, BS, H, D) f32 [written in place], new (N, H, D) f32, slots (N,) i32, out (1,) f32.
 // Rows whose slot is outside [0, NB * BS) are skipped (vLLM's -1 padding slot).
 extern "C" int ReshapeAndCache(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -49,18 +51,89 @@ extern "C" int ReshapeAndCache(int nparam, void **params, int *ndims, int64_t **
   static_cast<float *>(params[3])[0] = 0.0f;
   return 0;
 }
+
+// Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU).
+// params: q (B, H, D) f32, key_cache (NB, BS, Hkv, D), value_cache (same), block_tables (B, MB) i32,
+// positions (B,) i32 (the query's position: keys 0..position are visible), out (B, H, D) f32.
+extern "C" int PagedAttentionDecode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  if (nparam != 6) return 1;
+  const float *q = static_cast<const float *>(params[0]);
+  const float *kc = static_cast<const float *>(params[1]);
+  const float *vc = static_cast<const float *>(params[2]);
+  const int32_t *tables = static_cast<const int32_t *>(params[3]);
+  const int32_t *positions = static_cast<const int32_t *>(params[4]);
+  float *out = static_cast<float *>(params[5]);
+  const int64_t B = shapes[0][0], H = shapes[0][1], D = shapes[0][2];
+  const int64_t BS = shapes[1][1], Hkv = shapes[1][2], MB = shapes[3][1];
+  const int64_t G = H / Hkv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> scores(MB * BS);
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t ctx = static_cast<int64_t>(positions[b]) + 1;
+    if (ctx > MB * BS) ctx = MB * BS;
+    if (ctx < 1) ctx = 1;
+    const int32_t *table = tables + b * MB;
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t kvh = h / G;
+      const float *qh = q + (b * H + h) * D;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < ctx; ++j) {
+        const float *k = kc + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
+        scores[j] = dot * scale;
+        top = scores[j] > top ? scores[j] : top;
+      }
+      double total = 0.0;
+      for (int64_t j = 0; j < ctx; ++j) {
+        scores[j] = std::exp(scores[j] - top);
+        total += scores[j];
+      }
+      float *o = out + (b * H + h) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      const float inv = static_cast<float>(1.0 / total);
+      for (int64_t j = 0; j < ctx; ++j) {
+        const float *v = vc + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
+        const float p = scores[j] * inv;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+      }
+    }
+  }
+  return 0;
+}
 """
+
+
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-ffp-contract=fast")
+
+
+@functools.cache
+def _library() -> str | None:
+    return compile_library("paged_kv", SOURCE, FLAGS)
 
 
 @functools.cache
 def _cpu_writer() -> ops.Custom | None:
-    path = compile_library("reshape_and_cache", SOURCE, ("-O2", "-shared", "-fPIC"))
+    path = _library()
     if path is None:
         return None
     op = ops.Custom(f"{path}:ReshapeAndCache", out_shape=lambda c, n, s: (1,),
                     out_dtype=lambda c, n, s: mstype.float32, func_type="aot")
     op.add_prim_attr("side_effect_mem", True)
     return op
+
+
+def cpu_decode_attention() -> ops.Custom | None:
+    """(q (B, H, D), key_cache, value_cache, block_tables (B, MB) int32, positions (B,) int32) -> (B, H, D) fp32:
+    softmax(q k^T / sqrt(D)) v over keys 0..position of each row's blocks; None without a C++ compiler."""
+    path = _library()
+    if path is None:
+        return None
+    return ops.Custom(f"{path}:PagedAttentionDecode", out_shape=lambda q, k, v, t, p: q,
+                      out_dtype=lambda q, k, v, t, p: q, func_type="aot")
 
 
 class CacheWriter(nn.Cell):

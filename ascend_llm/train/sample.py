@@ -1,4 +1,4 @@
-"""The trainer's closing sample: greedy / top-k continuation through the KV-cache engine (ascend_llm.inference)."""
+"""The trainer's closing sample: greedy / top-k continuation through the one scheduler (ascend_llm.inference)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import numpy as np
 from mindspore import Tensor, nn
 
-from ascend_llm.inference import Engine, SamplingParams
+from ascend_llm.inference import Engine, SamplingParams, Scheduler
+from ascend_llm.inference.engine import bucket
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -34,12 +35,14 @@ def generate(model: nn.Cell, tokenizer, prompt: str, num_tokens: int, seq_len: i
         logger.info("closing sample: the %d-position window (data.seq_len) keeps the prompt's last %d of %d tokens "
                     "and generates %d of train.sample_tokens=%d", window, len(kept), len(ids), new_tokens, num_tokens)
     ids = kept
-    # prompts are a few tokens: the decode graph alone serves them (one graph to compile, not two)
-    engine = Engine(model, max_len=len(ids) + new_tokens, num_slots=1, prefill_by_decode=True)
+    # prompts are a few tokens: with one block holding the whole window and one-token prefill chunks, the decode
+    # graph alone serves prompt and continuation (one graph to compile, not one per prompt chunk / block count)
+    max_len = len(ids) + new_tokens
+    engine = Engine(model, max_len=max_len, num_slots=1, block_size=bucket(max_len), num_blocks=2, max_chunk=1)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0 if top_k <= 1 else 1.0,
                             top_k=0 if top_k <= 1 else top_k, seed=seed)
-    result = engine.generate([ids], params)[0]
-    return tokenizer.decode(ids + result.token_ids)
+    request = Scheduler(engine).generate([ids], params)[0]
+    return tokenizer.decode(ids + request.out)
 
 
 def _generate_full_windows(forward, ids: list, num_tokens: int, seq_len: int, top_k: int, seed: int,

@@ -1,6 +1,7 @@
-"""Continuous batching gives, per request, exactly the tokens of generating that request alone (greedy and
-seeded sampling), while requests join and leave the batch at every step; admission by slots and token budget;
-stop conditions; a full queue."""
+"""Continuous batching through the one Scheduler gives, per request, exactly the tokens of generating that request
+alone (greedy, repetition penalty and seeded sampling) while requests join and leave the batch at every step;
+admission by sequence slots and free KV blocks; preemption when blocks run out recomputes and yields the same tokens;
+stop tokens; a full queue; the background thread and stop()."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ import numpy as np
 import pytest
 
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.inference.batching import ContinuousBatcher, QueueFull, Request
-from ascend_llm.inference.engine import Engine
-from ascend_llm.inference.sampling import SamplingParams
+from ascend_llm.inference import Engine, QueueFull, Request, SamplingParams, Scheduler
 from ascend_llm.models.llama import build_model
 
 CFG = dict(vocab_size=96, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=64, max_seq_len=64)
@@ -24,7 +23,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def alone(model):
-    engine = Engine(model, MAX_LEN, num_slots=1, prefill_bucket=16)
+    engine = Engine(model, MAX_LEN, num_slots=1, block_size=8)
     return lambda prompt, params: engine.generate([prompt], params)[0].token_ids
 
 
@@ -38,65 +37,74 @@ def workload():
     return prompts, params
 
 
+class Watched(Scheduler):
+    """Records, after every step, the running count, blocks in use and whether a request joined a running batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.trace = []
+
+    def step(self):
+        before = {r.request_id for r in self.running}
+        super().step()
+        after = {r.request_id for r in self.running}
+        self.trace.append((len(self.running), self.allocator.num_used(), bool(before and after - before)))
+
+
 def test_same_tokens_as_alone_with_joins_and_leaves(model, alone):
     prompts, params = workload()
-    batcher = ContinuousBatcher(Engine(model, MAX_LEN, num_slots=3, prefill_bucket=16))
-    joined_while_running = []
-    original_admit = batcher._admit
-
-    def admit():
-        running = len(batcher.active)
-        got = original_admit()
-        if got and running:
-            joined_while_running.append(len(got))
-        return got
-
-    batcher._admit = admit
-    requests = batcher.generate(prompts, params)
+    scheduler = Watched(Engine(model, MAX_LEN, num_slots=3, block_size=8))
+    requests = scheduler.generate(prompts, params)
     for request, prompt, p in zip(requests, prompts, params):
         assert request.out == alone(prompt, p), request.request_id
         assert request.finish_reason == "length" and len(request.out) == p.max_new_tokens
-    assert joined_while_running  # requests joined a running batch
-    assert batcher.num_steps < sum(p.max_new_tokens for p in params) - len(params)  # decoded concurrently
+    assert any(joined for _, _, joined in scheduler.trace)  # requests joined a running batch
+    assert max(running for running, _, _ in scheduler.trace) == 3  # never more than the sequence slots
+    assert scheduler.num_steps < sum(p.max_new_tokens for p in params)  # decoded concurrently
+    assert scheduler.allocator.num_used() == 0 and scheduler.stats()["kv_blocks_used"] == 0
 
 
-def test_token_budget_limits_admission(model, alone):
+def test_blocks_run_out_preempt_the_newest_and_recompute_the_same_tokens(model, alone):
+    """A pool of 9 usable blocks of 4 positions for 3 sequences that each grow to 5 blocks: admission waits for
+    free blocks, running sequences preempt the newest when their next token needs a block, and every request still
+    gets exactly its tokens alone (greedy and seeded sampling); every block comes back."""
     prompts, params = workload()
-    budget = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params))
-    batcher = ContinuousBatcher(Engine(model, MAX_LEN, num_slots=3, prefill_bucket=16), token_budget=budget)
-    seen = []
-    original_step = batcher.step
-
-    def step():
-        original_step()
-        seen.append(sum(r.reserved_tokens() for r in batcher.active.values()))
-
-    batcher.step = step
-    requests = batcher.generate(prompts, params)
-    assert max(seen) <= budget
+    prompts, params = [prompts[0], prompts[2], prompts[4], prompts[6]], [params[0], params[2], params[4], params[6]]
+    params = [SamplingParams(**{**vars(q), "max_new_tokens": 20 - len(p)}) for p, q in zip(prompts, params)]
+    engine = Engine(model, MAX_LEN, num_slots=3, block_size=4, num_blocks=10)
+    scheduler = Watched(engine)
+    requests = scheduler.generate(prompts, params)
     assert [r.out for r in requests] == [alone(p, q) for p, q in zip(prompts, params)]
+    assert scheduler.num_preemptions > 0 and scheduler.stats()["num_preemptions"] == scheduler.num_preemptions
+    assert max(used for _, used, _ in scheduler.trace) <= 9
+    assert engine.allocator.num_used() == 0 and engine.allocator.num_free() == 9
 
 
 def test_stop_token_and_queue_full(model, alone):
     prompt = [5, 9, 13, 2]
     greedy = alone(prompt, SamplingParams(max_new_tokens=8))
-    batcher = ContinuousBatcher(Engine(model, MAX_LEN, num_slots=2, prefill_bucket=16), max_queue=2)
-    request = batcher.submit(Request(prompt, SamplingParams(max_new_tokens=8, stop_token_ids=[greedy[2]])))
-    streamed = []
-    other = batcher.submit(Request(prompt, SamplingParams(max_new_tokens=4), on_token=streamed.append))
+    scheduler = Scheduler(Engine(model, MAX_LEN, num_slots=2, block_size=8), max_queue=2)
+    request = scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=8, stop_token_ids=[greedy[2]])))
+    seen = []
+    other = Request(prompt, SamplingParams(max_new_tokens=4))
+    other.on_event = lambda: seen.append((len(other.out), other.finish_reason))
+    scheduler.submit(other)
     with pytest.raises(QueueFull):
-        batcher.submit(Request(prompt, SamplingParams(max_new_tokens=4)))
-    batcher.run_until_idle()
+        scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=4)))
+    scheduler.run_until_idle()
     stop_at = greedy.index(greedy[2]) + 1
-    assert request.out == greedy[:stop_at] and request.finish_reason == "stop_token"
-    assert other.out == streamed == greedy[:4] and other.done.is_set()
+    assert request.out == greedy[:stop_at] and request.finish_reason == "stop"
+    assert request.stop_reason == greedy[2]
+    assert other.out == greedy[:4] and other.done.is_set()
+    assert seen == [(1, None), (2, None), (3, None), (4, "length")]  # one event per change, the last one finishes
 
 
 def test_background_thread_and_stop(model):
-    batcher = ContinuousBatcher(Engine(model, MAX_LEN, num_slots=2, prefill_bucket=16))
-    batcher.serve_forever()
-    first = batcher.submit(Request([1, 2, 3], SamplingParams(max_new_tokens=5)))
+    scheduler = Scheduler(Engine(model, MAX_LEN, num_slots=2, block_size=8))
+    scheduler.serve_forever()
+    first = scheduler.submit(Request([1, 2, 3], SamplingParams(max_new_tokens=5)))
     assert first.done.wait(120) and len(first.out) == 5
-    batcher.stop(grace_s=10)
+    assert first.arrival_s <= first.first_token_s <= first.finish_s
+    scheduler.stop(grace_s=10)
     with pytest.raises(QueueFull):
-        batcher.submit(Request([1, 2], SamplingParams(max_new_tokens=2)))
+        scheduler.submit(Request([1, 2], SamplingParams(max_new_tokens=2)))

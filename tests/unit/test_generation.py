@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mindspore import Tensor, mutable
+from mindspore import Tensor
 
-from ascend_llm.errors import ConfigError
-from ascend_llm.inference import Engine, SamplingParams
-from ascend_llm.inference.kv_cache import CachedForward, empty_cache
+from ascend_llm.inference import Engine, RequestError, SamplingParams
 from ascend_llm.inference.sampling import apply_repetition_penalty, filter_top_k_top_p, sample_next
 from ascend_llm.interop import hf
 from ascend_llm.interop.safetensors_io import read_tensors
@@ -41,7 +39,7 @@ def loaded(name: str):
 def test_batch_greedy_matches_transformers_and_stops():
     model, _, tokenizer, meta = loaded("llama_gqa")
     prompt, golden = meta["text_input_ids"], meta["greedy_continuation_ids"]  # 38 'G', 6 "'", 411 '萬', 13 '.'
-    engine = Engine(model, max_len=64, num_slots=2, prefill_bucket=32)
+    engine = Engine(model, max_len=64, num_slots=2, block_size=16, max_chunk=32)
     short = prompt[:7]
     results = engine.generate([prompt, short], SamplingParams(max_new_tokens=len(golden)), tokenizer)
     assert results[0].token_ids == golden and results[0].finish_reason == "length"
@@ -55,48 +53,36 @@ def test_batch_greedy_matches_transformers_and_stops():
     by_token, by_string = engine.generate(  # same engine, same shapes: no new graph
         [prompt] * 2, [SamplingParams(max_new_tokens=12, stop_token_ids=[golden[2]]),
                        SamplingParams(max_new_tokens=12, stop_strings=[tokenizer.decode([golden[3]])])], tokenizer)
-    assert by_token.token_ids == golden[:3] and by_token.finish_reason == "stop_token"
-    assert by_string.token_ids == golden[:4] and by_string.finish_reason == "stop_string"
+    assert by_token.token_ids == golden[:3] and by_token.finish_reason == "stop" and by_token.stop_reason == golden[2]
+    assert by_string.token_ids == golden[:4] and by_string.finish_reason == "stop"
     assert by_string.text == tokenizer.decode(golden[:3])
-    with pytest.raises(ConfigError, match="prompt length"):
-        engine.prefill([0], [list(range(64))])
+    with pytest.raises(RequestError, match="prompt"):
+        engine.generate([list(range(64))], SamplingParams())
+    assert engine.allocator.num_used() == 0
 
 
 def test_logits_with_cache_equal_logits_without():
-    name = "qwen3_qknorm"  # q/k norm, head_dim != dim/heads, GQA: the most to get wrong
+    """Chunked prefill then one token per step through the paged cache, for a batch of two rows: every position's
+    logits equal the no-cache forward's (q/k norm, head_dim != dim/heads, GQA: the most to get wrong)."""
+    name = "qwen3_qknorm"
     model, cfg, _, _ = loaded(name)
     ids = read_tensors(fixture(f"{name}.golden.safetensors"))["batch_input_ids"].astype(np.int32)
     batch, length = ids.shape
-    forward = CachedForward(model, 32)
-    keys, values = empty_cache(cfg, batch + 1, 32)
-    rows = Tensor(np.array([2, 0], np.int32))  # slots in any order; slot 1 stays untouched
-    prefill = 9
-    logits, keys, values = forward(Tensor(ids[:, :prefill]), rows, Tensor(np.zeros(batch, np.int32)),
-                                   Tensor(np.tile(np.arange(prefill, dtype=np.int32), (batch, 1))),
-                                   mutable(keys), mutable(values))
-    steps = [logits.asnumpy()]
-    for pos in range(prefill, length):
-        logits, keys, values = forward(Tensor(ids[:, pos:pos + 1]), rows, Tensor(np.full(batch, pos, np.int32)),
-                                       Tensor(np.zeros((batch, 1), np.int32)), mutable(keys), mutable(values))
-        steps.append(logits.asnumpy())
-    np.testing.assert_allclose(np.concatenate(steps, 1), model(Tensor(ids)).asnumpy(), rtol=0, atol=CACHE_TOL)
-    assert not keys[0].asnumpy()[1].any() and keys[0].asnumpy()[0, :, :length].any()
-
-
-def test_prefill_by_decode_matches_transformers_with_one_graph():
-    """Prompts of different lengths fed through the decode graph (no prefill graph): each row's first logits equal
-    the no-cache forward at its last prompt position, and the greedy continuation is transformers' golden one."""
-    model, _, tokenizer, meta = loaded("llama_gqa")
-    prompt, golden = meta["text_input_ids"], meta["greedy_continuation_ids"]
-    engine = Engine(model, max_len=64, num_slots=2, prefill_by_decode=True)
-    short = prompt[:5]
-    logits = engine.prefill([1, 0], [short, prompt])
-    window = np.zeros((2, len(prompt)), np.int32)
-    window[0, :len(short)], window[1] = short, prompt
-    full = model(Tensor(window)).asnumpy()
-    np.testing.assert_allclose(logits, full[[0, 1], [len(short) - 1, len(prompt) - 1]], rtol=0, atol=CACHE_TOL)
-    result = engine.generate([prompt], SamplingParams(max_new_tokens=len(golden)), tokenizer)[0]
-    assert result.token_ids == golden
+    engine = Engine(model, max_len=32, num_slots=2, block_size=4, max_chunk=4)
+    rows = ["a", "b"]
+    steps = []
+    for start in range(0, length):
+        count = 4 if start < 8 and start % 4 == 0 else (0 if start < 8 else 1)  # two chunks of 4, then decode
+        if count == 0:
+            continue
+        for row in rows:
+            assert engine.allocator.ensure(row, start + count)
+        out = engine.run(rows, [list(ids[b, start:start + count]) for b in range(batch)], [start] * batch)
+        steps.append((start + count - 1, np.stack([out.logits(b) for b in range(batch)])))
+    full = model(Tensor(ids)).asnumpy()
+    for position, logits in steps:
+        np.testing.assert_allclose(logits, full[:, position], rtol=0, atol=CACHE_TOL)
+    assert len(steps) == 2 + length - 8
 
 
 def test_closing_sample_says_when_the_window_cuts_the_prompt(caplog):
@@ -133,5 +119,5 @@ def test_sampling_filters_follow_their_definitions():
     assert draws[[1, 4, 5]].sum() == 0
     np.testing.assert_allclose(draws[top] / 4000, expected, atol=0.03)
     assert sample_next(logits, SamplingParams(), np.array([3]), rng) == 3
-    with pytest.raises(ConfigError, match="top_p"):
+    with pytest.raises(RequestError, match="top_p"):
         SamplingParams(top_p=0.0).validate()
