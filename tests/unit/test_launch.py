@@ -306,6 +306,18 @@ def test_direct_mode_passes_ctrl_c_on_to_every_worker_and_exits_130(tmp_path):
         assert f"rank {rank} checkpointed" in (tmp_path / f"worker_{rank}.log").read_text()
 
 
+def test_single_mode_passes_ctrl_c_on_to_its_process_and_exits_130(tmp_path):
+    import io
+
+    worker = STOPPING_WORKER.format(stops=True, presses=1)
+    plan = LaunchPlan("single", [ProcessSpec([sys.executable, "-c", worker], {"RANK_ID": "1"})], tmp_path, 1, 1,
+                      60, 40, 1)
+    out = io.StringIO()
+    result = run_plan(plan, out=out, poll_s=0.1)
+    assert (result.returncode, result.stopped_by) == (130, signal.SIGINT), result.report()
+    assert "rank 1 checkpointed" in out.getvalue()
+
+
 def test_a_second_ctrl_c_kills_every_worker_at_once(tmp_path):
     worker = STOPPING_WORKER.format(stops=False, presses=2)  # workers that ignore SIGINT
     start = time.monotonic()
