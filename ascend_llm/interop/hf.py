@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -81,18 +82,53 @@ def weight_files(root: Path) -> list[Path]:
     return files
 
 
+# ModelConfig field -> the key that names it in a Hugging Face config.json
+HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "ffn_hidden_dim": "intermediate_size",
+             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+             "num_layers": "num_hidden_layers"}
+
+
 def _layer_count(names: list[str]) -> int:
     layers = [int(n.split(".")[1]) for n in names if n.startswith("layers.") and n.split(".")[1].isdigit()]
     return max(layers) + 1 if layers else 0
 
 
-def check_config_fits(cfg: ModelConfig, root: Path) -> None:
-    """Compare the sizes config.json declares with the tensors the weight files hold, reading only their
-    headers, so that a config asking for more than the files hold (10^7 layers, a vocabulary of 10^12) is refused
-    before any model is built. InteropError names config.json and the field (vocab_size, hidden_size,
-    num_hidden_layers, intermediate_size, num_attention_heads/head_dim, num_key_value_heads)."""
+def check_sizes(cfg: ModelConfig, shapes: Mapping[str, Sequence[int]], held: int, where: str,
+                fields: Mapping[str, str] = HF_FIELDS) -> None:
+    """Refuse a config whose sizes the weights do not hold, before any model is built (a config asking for 10^7
+    layers or a vocabulary of 10^12 would otherwise be allocated). shapes: {toolkit parameter name: shape} of
+    the tensors at hand; held: how many values they hold in all; where: the file the config came from; fields:
+    how `where` names each ModelConfig field. Compares vocab_size/dim with the embedding, ffn_hidden_dim with
+    layer 0's w1, num_heads/num_kv_heads (times head_dim) with layer 0's wq/wk, num_layers with the layers
+    present, and count_params(cfg) with `held`. InteropError naming `where` and the field."""
     from ascend_llm.models.llama import count_params
 
+    layer0 = "layers.0."
+    checks = [("vocab_size", cfg.vocab_size, "tok_embeddings.weight", 0),
+              ("dim", cfg.dim, "tok_embeddings.weight", 1),
+              ("ffn_hidden_dim", cfg.ffn_hidden_dim, layer0 + "feed_forward.w1.weight", 0),
+              ("num_heads", cfg.num_heads * cfg.head_dim, layer0 + "attention.wq.weight", 0),
+              ("num_kv_heads", cfg.num_kv_heads * cfg.head_dim, layer0 + "attention.wk.weight", 0)]
+    for field_name, want, tensor, axis in checks:
+        shape = shapes.get(tensor)
+        if shape is not None and (len(shape) <= axis or shape[axis] != want):
+            per_head = f" (x head_dim {cfg.head_dim} = {want})" if field_name.startswith("num_") else ""
+            raise InteropError(f"{where}:{fields[field_name]}", getattr(cfg, field_name),
+                               f"does not match the weights{per_head}: {to_hf(tensor) or tensor} has shape "
+                               f"{list(shape)}")
+    num_layers = _layer_count(list(shapes))
+    if shapes and cfg.num_layers != num_layers:
+        raise InteropError(f"{where}:{fields['num_layers']}", cfg.num_layers, f"the weights hold {num_layers} layers")
+    need = count_params(cfg)
+    if need > held:
+        raise InteropError(where, f"{need:,} parameters", f"the weights hold {held:,} values: the sizes it "
+                           "declares do not match the weights")
+
+
+def check_config_fits(cfg: ModelConfig, root: Path) -> None:
+    """check_sizes for a Hugging Face directory, reading only the weight files' headers. InteropError names
+    config.json and its key (vocab_size, hidden_size, num_hidden_layers, intermediate_size,
+    num_attention_heads, num_key_value_heads), or the weight file that is malformed."""
     shapes: dict[str, list[int]] = {}
     held = 0
     for file in weight_files(root):
@@ -101,26 +137,7 @@ def check_config_fits(cfg: ModelConfig, root: Path) -> None:
             name = from_hf(hf_name)
             if name is not None:
                 shapes[name] = spec["shape"]
-    config = Path(root) / "config.json"
-    layer0 = "layers.0."
-    checks = [("vocab_size", cfg.vocab_size, "tok_embeddings.weight", 0),
-              ("hidden_size", cfg.dim, "tok_embeddings.weight", 1),
-              ("intermediate_size", cfg.ffn_hidden_dim, layer0 + "feed_forward.w1.weight", 0),
-              ("num_attention_heads", cfg.num_heads * cfg.head_dim, layer0 + "attention.wq.weight", 0),
-              ("num_key_value_heads", cfg.num_kv_heads * cfg.head_dim, layer0 + "attention.wk.weight", 0)]
-    for key, want, tensor, axis in checks:
-        shape = shapes.get(tensor)
-        if shape is not None and (len(shape) <= axis or shape[axis] != want):
-            raise InteropError(f"{config}:{key}", want if key in ("vocab_size", "hidden_size", "intermediate_size")
-                               else f"{want} rows ({key} x head_dim {cfg.head_dim})",
-                               f"the weights hold {to_hf(tensor) or tensor} of shape {shape}")
-    num_layers = _layer_count(list(shapes))
-    if shapes and cfg.num_layers != num_layers:
-        raise InteropError(f"{config}:num_hidden_layers", cfg.num_layers, f"the weights hold {num_layers} layers")
-    need = count_params(cfg)
-    if need > held:
-        raise InteropError(str(config), f"{need:,} parameters", f"the weight files hold {held:,} values: the "
-                           "sizes in config.json do not match the weights")
+    check_sizes(cfg, shapes, held, str(Path(root) / "config.json"))
 
 
 def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:

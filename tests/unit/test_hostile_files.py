@@ -203,3 +203,22 @@ def test_cli_on_a_hostile_model_exits_2_with_one_line(tmp_path, verb, kind):
     assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-2000:]
     assert file in lines[0] and field in lines[0], lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "model"]  # nothing written
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**7), ("vocab_size", 10**9), ("dim", 4096)])
+def test_checkpoint_whose_state_json_declares_absurd_sizes_is_refused_before_building(tmp_path, field, value):
+    """state.json records the model config but is not itself under a checksum: its sizes are compared with the
+    checkpoint's tensors before any model is built (a 10^7-layer model would otherwise be allocated)."""
+    import dataclasses
+
+    from ascend_llm.interop.source import open_model
+    from ascend_llm.train.checkpoint import save_model_checkpoint
+
+    hf = open_model(SINGLE, build=False)
+    step = save_model_checkpoint(tmp_path / "run", 1, hf.weights, {"model": dataclasses.asdict(hf.config)})
+    meta = json.loads((step / "state.json").read_text())
+    meta["parts"]["run"]["config"]["model"][field] = value
+    (step / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(UserInputError) as info:
+        open_model(step)
+    assert "state.json" in info.value.one_line() and f"model.{field}" in info.value.one_line()
