@@ -18,7 +18,7 @@ from mindspore import Tensor, nn
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
-from ascend_llm.interop.hf_config import model_config_from_hf
+from ascend_llm.interop.hf_config import MAX_POSITIONS, model_config_from_hf
 from ascend_llm.interop.names import from_hf, to_hf
 from ascend_llm.interop.safetensors_io import read_header, read_tensors
 from ascend_llm.tokenizer.hf import HFTokenizer
@@ -85,7 +85,7 @@ def weight_files(root: Path) -> list[Path]:
 # ModelConfig field -> the key that names it in a Hugging Face config.json
 HF_FIELDS = {"vocab_size": "vocab_size", "dim": "hidden_size", "ffn_hidden_dim": "intermediate_size",
              "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
-             "num_layers": "num_hidden_layers"}
+             "num_layers": "num_hidden_layers", "max_seq_len": "max_position_embeddings"}
 
 
 def _layer_count(names: list[str]) -> int:
@@ -100,8 +100,12 @@ def check_sizes(cfg: ModelConfig, shapes: Mapping[str, Sequence[int]], held: int
     the tensors at hand; held: how many values they hold in all; where: the file the config came from; fields:
     how `where` names each ModelConfig field. Compares vocab_size/dim with the embedding, ffn_hidden_dim with
     layer 0's w1, num_heads/num_kv_heads (times head_dim) with layer 0's wq/wk, num_layers with the layers
-    present, and count_params(cfg) with `held`. InteropError naming `where` and the field."""
+    present, count_params(cfg) with `held`, and max_seq_len with MAX_POSITIONS (RoPE tables are (max_seq_len,
+    head_dim) arrays). InteropError naming `where` and the field."""
     from ascend_llm.models.llama import count_params
+
+    if cfg.max_seq_len > MAX_POSITIONS:
+        raise InteropError(f"{where}:{fields['max_seq_len']}", cfg.max_seq_len, f"must be at most {MAX_POSITIONS}")
 
     layer0 = "layers.0."
     checks = [("vocab_size", cfg.vocab_size, "tok_embeddings.weight", 0),

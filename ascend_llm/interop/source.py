@@ -181,11 +181,10 @@ def _checkpoint_weights(step: Path, meta: dict, tensors: dict,
     cfg.validate()
     arrays = tensors.get("model", {})
     if not any(name.endswith(".lora_a") for name in arrays):  # sizes against the tensors before any model is built
-        from ascend_llm.interop.hf import check_sizes
+        from ascend_llm.interop.hf import HF_FIELDS, check_sizes
 
         check_sizes(cfg, {k: v.shape for k, v in arrays.items()}, sum(v.size for v in arrays.values()), where,
-                    {k: f"parts.run.config.model.{k}" for k in ("vocab_size", "dim", "ffn_hidden_dim", "num_heads",
-                                                               "num_kv_heads", "num_layers")})
+                    {k: f"parts.run.config.model.{k}" for k in HF_FIELDS})
     if not weights:
         return cfg, None
     if cfg.pretrained:  # a fine-tune: base weights from the pretrained directory, adapters merged

@@ -205,7 +205,8 @@ def test_cli_on_a_hostile_model_exits_2_with_one_line(tmp_path, verb, kind):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "model"]  # nothing written
 
 
-@pytest.mark.parametrize("field,value", [("num_layers", 10**7), ("vocab_size", 10**9), ("dim", 4096)])
+@pytest.mark.parametrize("field,value", [("num_layers", 10**7), ("vocab_size", 10**9), ("dim", 4096),
+                                         ("max_seq_len", 10**12)])
 def test_checkpoint_whose_state_json_declares_absurd_sizes_is_refused_before_building(tmp_path, field, value):
     """state.json records the model config but is not itself under a checksum: its sizes are compared with the
     checkpoint's tensors before any model is built (a 10^7-layer model would otherwise be allocated)."""
