@@ -8,8 +8,6 @@ import pytest
 from ascend_llm.compose import compose_recipe
 from ascend_llm.train.trainer import train
 
-pytestmark = pytest.mark.integration
-
 
 def test_segmented_training_matches_naive(tmp_path, data_cache):
     common = ["debug=smoke", "train.num_steps=20", "train.progress=false", "train.sample_tokens=0",

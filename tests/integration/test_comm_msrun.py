@@ -6,22 +6,15 @@ sum over ranks: each op's input gradient is the adjoint collective applied to th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.integration
-WORKER = Path(__file__).parent / "workers" / "comm_worker.py"
-sys.path.insert(0, str(WORKER.parent))
-from msrun_util import run_msrun  # noqa: E402
+from comm_worker import inputs
 
 
 @pytest.fixture(scope="module")
-def comm_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("comm")
-    run_msrun(WORKER, out)
+def comm_results(layout_jobs):
+    """Each rank's results: workers/comm_worker.py, run in the 2-worker msrun job of the `layout_jobs` fixture."""
+    out = layout_jobs.dir("comm")
     return [dict(np.load(out / f"comm_rank{r}.npz")) for r in range(2)]
 
 
@@ -60,8 +53,6 @@ CASES = ["sum", "max", "gather0", "gather1", "scatter0", "scatter1", "bcast1"]
 @pytest.mark.parametrize("group", ["world", "sub"])
 @pytest.mark.parametrize("case", CASES)
 def test_collective_matches_numpy(comm_results, group, case):
-    from comm_worker import inputs
-
     xs, ws = zip(*(inputs(r) for r in range(2)))
     outs, dxs = reference(case, list(xs), list(ws))
     for r in range(2):

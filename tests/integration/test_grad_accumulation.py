@@ -4,37 +4,39 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from trainer_runs import SMOKE
 
 from ascend_llm.compose import compose_recipe
 from ascend_llm.train.trainer import train
 
-pytestmark = pytest.mark.integration
-
-
-COMMON = ["debug=smoke", "train.num_steps=6", "train.global_batch_size=8", "train.progress=false",
-          "train.sample_tokens=0", "train.log_every=1"]
+# steps 1-5 are warmup (debug=smoke: optim.warmup_steps=5), so 5 steps have the learning rates of the shared
+# 20-step reference's first 5 steps
+STEPS = 5
 
 
 def run(out, data_cache, *overrides) -> dict:
-    return train(compose_recipe([*COMMON, f"data.cache_dir={data_cache}", f"train.output_dir={out}", *overrides]))
+    return train(compose_recipe([*SMOKE, f"train.num_steps={STEPS}", f"data.cache_dir={data_cache}",
+                                 f"train.output_dir={out}", *overrides]))
 
 
 @pytest.fixture(scope="module")
-def full_batch(tmp_path_factory, data_cache) -> dict:
-    """The reference: 6 steps, one micro-batch per step, no recompute."""
-    return run(tmp_path_factory.mktemp("full") / "run", data_cache, "train.grad_accum_steps=1")
+def full_batch(trainer_jobs) -> list[float]:
+    """The reference losses: one micro-batch per step, no recompute (the one-process `debug=smoke` run at global
+    batch 8 that the msrun tests share, trainer_runs.py), its first STEPS steps."""
+    summary = trainer_jobs.reference("smoke")[0]
+    assert summary["losses"][0] != summary["losses"][STEPS - 1]
+    return summary["losses"][:STEPS]
 
 
 def test_accumulation_matches_full_batch(tmp_path, data_cache, full_batch):
     accum = run(tmp_path / "b", data_cache, "train.grad_accum_steps=4")
-    np.testing.assert_allclose(accum["losses"], full_batch["losses"], rtol=0, atol=2e-5)
-    assert full_batch["losses"][0] != full_batch["losses"][-1]
+    np.testing.assert_allclose(accum["losses"], full_batch, rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_recompute_changes_no_number(tmp_path, data_cache, full_batch, mode):
     recomputed = run(tmp_path / "b", data_cache, f"train.recompute={mode}")
-    np.testing.assert_allclose(recomputed["losses"], full_batch["losses"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(recomputed["losses"], full_batch, rtol=0, atol=1e-6)
 
 
 def test_blended_document_masked_training_reports_its_mix(tmp_path, data_cache):

@@ -7,11 +7,7 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from ascend_llm.cluster.launch import find_free_port
-
-pytestmark = pytest.mark.integration
 
 # Real communication: both ranks init (MCCL), all-reduce every step; rank 1 raises at step 2 while rank 0
 # is about to wait in the next all-reduce.

@@ -15,8 +15,6 @@ from ascend_llm.data.dataset import PackedDataset
 from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.train.trainer import train
 
-pytestmark = pytest.mark.integration
-
 COMMON = ["debug=smoke", "data.seq_len=32", "train.progress=false", "train.sample_tokens=0", "train.log_every=1",
           "train.val_every=1000", "train.ckpt_every=2"]
 

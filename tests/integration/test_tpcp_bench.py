@@ -13,17 +13,13 @@ import json
 import subprocess
 import sys
 
-import pytest
-
-pytestmark = pytest.mark.integration
-
 BATCH, SEQ, DIM, LAYERS = 2, 16, 64, 2  # recipes/model/debug.yaml: dim 64, 2 layers
 
 
 def test_bench_parallel_smallest_setting(tmp_path):
     out = tmp_path / "parallel.json"
-    argv = [sys.executable, "-m", "ascend_llm.cli.main", "bench", "parallel", "--layouts", "tp2", "--steps", "2",
-            "--warmup", "1", "--repeats", "2", "--global-batch", str(BATCH), "--seq-len", str(SEQ),
+    argv = [sys.executable, "-m", "ascend_llm.cli.main", "bench", "parallel", "--layouts", "tp2", "--steps", "1",
+            "--warmup", "1", "--repeats", "1", "--global-batch", str(BATCH), "--seq-len", str(SEQ),
             "--memory-cap-gib", "64", "--seq-unit", "16", "--max-seq-len", "16", "--json", str(out),
             "data.max_bytes=200000", f"data.cache_dir={tmp_path / 'cache'}", "cluster.cluster_timeout_s=300"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=1200)

@@ -4,23 +4,15 @@ forward/backward equal a single-process run of the same seeded model (which test
 against float64 NumPy). TP gradients are all-gathered to the unsharded names and shapes; CP gradients are
 reduced by dp.build_grad_reducer over groups.dp_cp (sum over CP, mean over DP). tp_dp and cp_dp are the 2x2
 layouts on 4 workers (each data-parallel replica takes one row of the batch); one msrun job per world size runs
-all of its layouts. TP also runs with every
+all of its layouts (the `layout_jobs` fixture, tests/integration/conftest.py). TP also runs with every
 target in rank 0's vocabulary shard (rank 1's holds none); CP runs causal and with packed-document segment
 ids; tp_sp is TP with sequence parallel."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.integration
-WORKERS = Path(__file__).parent / "workers"
-sys.path.insert(0, str(WORKERS))
-from msrun_util import run_msrun  # noqa: E402
-from tpcp_worker import batch, model_config  # noqa: E402
+from tpcp_worker import batch, model_config
 
 
 @pytest.fixture(scope="module")
@@ -49,35 +41,11 @@ def reference():
     return out
 
 
-# one msrun job per world size runs every layout of that size (start-up dominates a job on CPU)
-JOBS = {2: ("tp", "cp", "tp_sp"), 4: ("tp_dp", "cp_dp")}
-
-
-class Layouts:
-    """Runs each world size's msrun job once, on first use of any of its layouts."""
-
-    def __init__(self, out: Path):
-        self.out, self.results = out, {}
-
-    def __getitem__(self, mode: str) -> dict:
-        if mode not in self.results:
-            workers = next(size for size, modes in JOBS.items() if mode in modes)
-            run_msrun(WORKERS / "tpcp_worker.py", self.out / str(workers), ",".join(JOBS[workers]), workers=workers)
-            for name in JOBS[workers]:
-                self.results[name] = dict(np.load(self.out / str(workers) / f"{name}.npz"))
-        return self.results[mode]
-
-
-@pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    return Layouts(tmp_path_factory.mktemp("tpcp"))
-
-
 @pytest.mark.parametrize("mode,variant", [("tp", "causal"), ("tp", "lowlabels"), ("cp", "causal"),
                                           ("cp", "segments"), ("tp_sp", "segments"), ("tp_dp", "causal"),
                                           ("cp_dp", "segments")])
-def test_layout_matches_single_process(layouts, reference, mode, variant):
-    got = layouts[mode]
+def test_layout_matches_single_process(layout_jobs, reference, mode, variant):
+    got = layout_jobs[mode]
     # checkpoints stay layout-free: gathered shards equal the full seeded init, and sharding it gives them
     assert got["state/gather_err"] == 0 and got["state/shard_err"] == 0
     loss, logits, grads = reference[variant]

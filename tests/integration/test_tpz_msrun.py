@@ -1,12 +1,14 @@
 """KV-head replication and ZeRO with tensor/context parallel, under real msrun on CPU (MCCL), fp32.
 
-1. tp2 with one KV head (replicated on both TP ranks; workers/tpz_worker.py) and per-head q/k norms (their
+1. tp2 with one KV head (replicated on both TP ranks; workers/tpz_worker.py, run in the 2-worker msrun job of the
+   `layout_jobs` fixture) and per-head q/k norms (their
    replicated weights' gradients are summed over TP), with and without sequence parallel: one forward + backward of
    the debug-size model (vocabulary 511) equals one process of the same seeded model: loss and logits within 1e-5,
    every gradient (gathered to the unsharded names and shapes) within rtol 1e-4, the global gradient norm within
    rtol 1e-5; both replicas of wk/wv get the same gradient; gathering the shards gives the full seeded init and
    sharding it gives the shards.
-2. Through the trainer (`debug=smoke model.num_kv_heads=1`), 4 workers, `parallel=tp2_dp2 parallel.zero_stage=2`:
+2. Through the trainer (`debug=smoke model.num_kv_heads=1`, trainer_runs.TPZ; runs of the msrun trainer jobs of
+   trainer_runs.py), 4 workers, `parallel=tp2_dp2 parallel.zero_stage=2`:
    resumed from the one-process run's step-2 checkpoint (one process -> ZeRO-2 x TP x DP), steps 3..4 give the one-
    process losses and gradient norms within 1e-5; its step-4 checkpoint has the one-process names and shapes (model
    and AdamW moments: layout-free) and values close to it; resumed in one process (ZeRO-2 x TP x DP -> one process),
@@ -15,33 +17,24 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
+from tpz_worker import VARIANTS, VOCAB, batch, model_config
+from trainer_runs import TPZ_STEPS, checkpoint
 
-from ascend_llm.cluster.launch import find_free_port
-
-pytestmark = pytest.mark.integration
-WORKERS = Path(__file__).parent / "workers"
-sys.path.insert(0, str(WORKERS))
-from msrun_util import run_msrun  # noqa: E402
-from tpz_worker import VARIANTS, VOCAB, batch, model_config  # noqa: E402
+from tests.conftest import records_by_step
 
 ATOL = 1e-5
 
 
-def test_tp2_with_one_kv_head_matches_one_process(tmp_path):
+def test_tp2_with_one_kv_head_matches_one_process(layout_jobs):
     import mindspore as ms
     from mindspore import Tensor, ops
 
     from ascend_llm.models.llama import build_model
 
-    run_msrun(WORKERS / "tpz_worker.py", tmp_path, workers=2)
-    got = dict(np.load(tmp_path / "kv1.npz"))
+    got = layout_jobs["kv1"]
     model = build_model(model_config(), seed=0)
     params = model.trainable_params()
     tokens, labels = batch()
@@ -67,51 +60,16 @@ def test_tp2_with_one_kv_head_matches_one_process(tmp_path):
                                        err_msg=f"{variant} gradient of {name}")
 
 
-NUM_STEPS = 6
-COMMON = ["debug=smoke", "model.num_kv_heads=1", f"train.num_steps={NUM_STEPS}", "train.global_batch_size=8",
-          "train.log_every=1", "train.val_every=1000", "train.ckpt_every=2", "train.progress=false",
-          "train.sample_tokens=0", "train.keep_last=10"]
 # Parameters and AdamW moments after the steps, vs one process: measured worst 9.9e-7 (cp2) and 1.2e-7 (tp2_dp2).
 PARAM_ATOL = 1e-5
 
 
-def records(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
-def checkpoint(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, str]:
-    """The one-process run (6 steps, checkpoints every 2): its directory and the shared data-cache override."""
-    from ascend_llm.compose import compose_recipe
-    from ascend_llm.train.trainer import train
-
-    root = tmp_path_factory.mktemp("tpz_train")
-    cache = f"data.cache_dir={root / 'cache'}"
-    train(compose_recipe([*COMMON, cache, f"train.output_dir={root / 'one'}"]))
-    return root / "one", cache
-
-
-def launch(run_dir: Path, cache: str, *overrides: str) -> dict[int, dict]:
-    """`ascend-llm launch` of COMMON + overrides; asserts success; returns the run's metrics by step."""
-    argv = [*COMMON, cache, f"train.output_dir={run_dir}", *overrides, f"cluster.master_port={find_free_port()}",
-            "cluster.cluster_timeout_s=120", "cluster.job_timeout_s=500", "cluster.tail_worker_log=none"]
-    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *argv],
-                          capture_output=True, text=True, timeout=600)
-    logs = "".join(p.read_text()[-3000:] for p in sorted((run_dir / "msrun_log").glob("worker_*.log")))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:] + logs
-    return records(run_dir)
-
-
-def check_run(got: dict[int, dict], run_dir: Path, one: Path, steps: list[int]) -> None:
+def check_run(run_dir: Path, one: Path, steps: list[int]) -> None:
     """Losses and gradient norms of `steps` within 1e-5 of one process; the last step's checkpoint has its names,
     shapes and dtypes (model and optimizer: layout-free) and values within PARAM_ATOL."""
     from safetensors.numpy import load_file
 
-    want = records(one)
+    got, want = records_by_step(run_dir), records_by_step(one)
     assert sorted(got) == steps
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([got[s][key] for s in steps], [want[s][key] for s in steps], rtol=0,
@@ -125,25 +83,20 @@ def check_run(got: dict[int, dict], run_dir: Path, one: Path, steps: list[int]) 
             np.testing.assert_allclose(mine[name], ref[name], rtol=0, atol=PARAM_ATOL, err_msg=f"{part}:{name}")
 
 
-def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(tmp_path, reference):
-    from ascend_llm.compose import compose_recipe
-    from ascend_llm.train.trainer import train
-
-    one, cache = reference
-    # steps 1-5 are warmup (debug=smoke: optim.warmup_steps=5): their LR does not depend on train.num_steps
-    got = launch(tmp_path / "tpz", cache, "train.num_steps=4", f"train.resume={checkpoint(one, 2)}",
-                 "cluster=cpu_4proc", "parallel=tp2_dp2", "parallel.zero_stage=2")
-    check_run(got, tmp_path / "tpz", one, [3, 4])
-    resumed = train(compose_recipe([*COMMON, cache, f"train.output_dir={tmp_path / 'resumed'}",
-                                    f"train.resume={checkpoint(tmp_path / 'tpz', 4)}"]))
-    assert resumed["start_step"] == 4
-    np.testing.assert_allclose(resumed["losses"], [records(one)[s]["loss"] for s in (5, 6)], rtol=0, atol=ATOL)
+def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(trainer_jobs, one_process):
+    _, one, overrides = trainer_jobs.reference("tpz")
+    # resumed from the reference's step 2 under ZeRO-2 x TP x DP (4 workers), 4 steps; steps 1-5 are warmup
+    # (debug=smoke: optim.warmup_steps=5): their LR does not depend on train.num_steps
+    tpz = trainer_jobs.run_dir("tp2_dp2_zero2")
+    check_run(tpz, one, [3, 4])
+    resumed = one_process([*overrides, f"train.resume={checkpoint(tpz, 4)}"])[0]
+    assert resumed["start_step"] == 4 and len(resumed["losses"]) == TPZ_STEPS - 4
+    np.testing.assert_allclose(resumed["losses"], [records_by_step(one)[s]["loss"] for s in (5, 6)], rtol=0,
+                               atol=ATOL)
 
 
-def test_zero2_over_the_context_parallel_group_trains_like_one_process(tmp_path, reference):
+def test_zero2_over_the_context_parallel_group_trains_like_one_process(trainer_jobs):
     """cp2 with dp=1: ZeRO shards over the 2 CP ranks (each holds a share of one loss: gradients summed, scale
     1/dp = 1)."""
-    one, cache = reference
-    got = launch(tmp_path / "cp2", cache, "train.num_steps=4", "cluster=cpu_2proc", "parallel=cp2",
-                 "parallel.zero_stage=2")
-    check_run(got, tmp_path / "cp2", one, [1, 2, 3, 4])
+    _, one, _ = trainer_jobs.reference("tpz")
+    check_run(trainer_jobs.run_dir("cp2_zero2"), one, [1, 2, 3, 4])

@@ -7,10 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.integration
-
 
 def ascend_llm(*args: str) -> list[str]:
     return [sys.executable, "-m", "ascend_llm.cli.main", *args]

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 COMMON = ["debug=smoke", "train.log_every=1", "train.ckpt_every=10", "train.val_every=15",
           "train.progress=false", "train.sample_tokens=8"]
 

@@ -6,35 +6,18 @@ and continues like the reference."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from math import ceil
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from ascend_llm.cluster.launch import find_free_port
-
-pytestmark = pytest.mark.integration
-
-WORKER = Path(__file__).parent / "workers" / "zero_worker.py"
-sys.path.insert(0, str(WORKER.parent))
-from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, batch, lr_at  # noqa: E402
+from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, batch, lr_at
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    """One 2-worker msrun launch runs both stages in turn (one start-up for both)."""
-    out = tmp_path_factory.mktemp("zero")
-    overrides = ["model=debug", "cluster=cpu_2proc", "parallel=dp2_zero1", f"train.output_dir={out}",
-                 f"cluster.master_port={find_free_port()}", "cluster.cluster_timeout_s=120",
-                 "cluster.job_timeout_s=500", "cluster.tail_worker_log=none"]
-    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides, "--script",
-                           str(WORKER), "--", "--out", str(out), "--stages", "1", "2"],
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return out
+def job(layout_jobs) -> Path:
+    """workers/zero_worker.py's reports: both stages, run in turn in the 2-worker msrun job of `layout_jobs`."""
+    return layout_jobs.dir("zero")
 
 
 def planned_state_bytes(stage: int) -> float:

@@ -1,9 +1,8 @@
-"""msrun worker for test_tpcp_msrun: every comm.py op, forward and backward, over the world group and over a
-sub-group made by create_group (the CPU emulation path), in graph mode. Writes <out>/comm_rank<r>.npz."""
+"""For test_comm_msrun, run as tpcp_worker.py's "comm" mode: every comm.py op, forward and backward, over the
+world group and over a sub-group made by create_group (the CPU emulation path), in graph mode. Writes
+<out>/comm_rank<r>.npz."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 
@@ -14,17 +13,14 @@ def inputs(rank: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((8, 12)).astype(np.float32)
 
 
-def main(out_dir: str) -> None:
+def run_all(out_dir: str) -> None:
+    """Every case over both groups (communication already initialised: tpcp_worker.py runs this as its "comm"
+    mode)."""
     import mindspore as ms
     from mindspore import Tensor, nn
 
     from ascend_llm.parallel import comm
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    from mindspore.communication import init
-
-    init()
     world = comm.world_group()
     sub = comm.Group("test_sub", world.ranks, world.rank)  # same ranks, not the world group: the CPU sub-group path
     from mindspore.communication import create_group
@@ -62,6 +58,3 @@ def main(out_dir: str) -> None:
     np.savez(f"{out_dir}/comm_rank{world.rank}.npz", **results)
     print(f"rank {world.rank}: comm done", flush=True)
 
-
-if __name__ == "__main__":
-    main(sys.argv[1])

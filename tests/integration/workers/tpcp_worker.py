@@ -1,13 +1,15 @@
 """msrun worker for test_tpcp_msrun: the debug-size model under one or more layouts, one forward + backward each.
 
-`tpcp_worker.py OUT_DIR MODE[,MODE...]` runs the layouts one after the other in the same job (one msrun
-start-up for all of them). Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and
-packed-document segment ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4
-ranks. A group with the same name and ranks in two layouts is created once and reused (the same communicator).
+`tpcp_worker.py OUT_DIR MODE[,MODE...]` runs the modes one after the other in the same job (one msrun start-up for
+all of them). Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and packed-document
+segment ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4 ranks. More modes run
+other workers' checks in the same job, on 2 ranks: "comm" (comm_worker.py: every collective), "kv1"
+(tpz_worker.py: one replicated KV head under TP) and "zero" (zero_worker.py: ZeRO-1/2 against AdamW). A group
+with the same name in two modes is created once and reused (`comm.new_group`: the same communicator).
 Gradients are reduced by dp.build_grad_reducer over groups.dp_cp and all-gathered over TP. Rank 0 writes
-<out>/<mode>.npz
-with the loss, the logits in global order, the full gradients under the unsharded parameter names, and the
-layout-free state checks (gather of the shards vs the full init, shard of the full init vs the shards)."""
+<out>/<mode>.npz with the loss, the logits in global order, the full gradients under the unsharded parameter
+names, and the layout-free state checks (gather of the shards vs the full init, shard of the full init vs the
+shards)."""
 
 from __future__ import annotations
 
@@ -92,22 +94,6 @@ def full_logits(logits, parallel, groups, vocab: int) -> np.ndarray:
     return comm.AllReduce(groups.dp_cp, "sum")(Tensor(full)).asnumpy()
 
 
-def reuse_groups() -> None:
-    """Make comm.new_group return the group already created under the same name and ranks (create_group
-    refuses a name twice)."""
-    from ascend_llm.parallel import comm
-
-    created, create = {}, comm.new_group
-
-    def new_group(name, ranks):
-        key = (name, tuple(ranks))
-        if key not in created:
-            created[key] = create(name, ranks)
-        return created[key]
-
-    comm.new_group = new_group
-
-
 def run(mode: str, out_dir: str) -> None:
     import mindspore as ms
     from mindspore import Tensor
@@ -151,15 +137,28 @@ def run(mode: str, out_dir: str) -> None:
 
 
 def main(out_dir: str, modes: str) -> None:
-    import mindspore as ms
     from mindspore.communication import init
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
+    from ascend_llm.config.runtime import RuntimeConfig
+    from ascend_llm.train.runtime import setup_runtime
+
+    setup_runtime(RuntimeConfig(device_target="cpu"))  # graph mode, one kernel thread per core
     init()
-    reuse_groups()
     for mode in modes.split(","):
-        run(mode, out_dir)
+        if mode == "comm":  # every collective of comm.py (comm_worker.py)
+            from comm_worker import run_all as run_comm
+
+            run_comm(out_dir)
+        elif mode == "kv1":  # one replicated KV head under TP (tpz_worker.py)
+            from tpz_worker import run as run_kv1
+
+            run_kv1(out_dir)
+        elif mode == "zero":  # ZeRO-1/2 AdamW vs the unsharded AdamW (zero_worker.py)
+            from zero_worker import run as run_zero
+
+            run_zero(out_dir)
+        else:
+            run(mode, out_dir)
 
 
 if __name__ == "__main__":

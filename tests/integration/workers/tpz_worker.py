@@ -1,4 +1,5 @@
-"""msrun worker for test_tpz_msrun: tensor parallel 2 with one KV head (replicated on both TP ranks).
+"""For test_tpz_msrun, run as tpcp_worker.py's "kv1" mode: tensor parallel 2 with one KV head (replicated on
+both TP ranks).
 
 The debug-size model with num_kv_heads=1, Qwen3's per-head q/k norms (qk_norm) and a vocabulary of 511 (padded by
 TP), one forward + backward under `tp` (tensor parallel 2) and `tp_sp` (with sequence parallel). Rank 0 writes
@@ -9,8 +10,6 @@ difference between the two TP ranks' wk/wv gradients (the replicas must get the 
 the shards)."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 
@@ -92,15 +91,10 @@ def run_variant(variant: str, groups, results: dict) -> None:
 
 
 def run(out_dir: str) -> None:
-    import mindspore as ms
-    from mindspore.communication import init
-
+    """Both variants on 2 ranks (communication already initialised: tpcp_worker.py runs this as its "kv1" mode)."""
     from ascend_llm.config.parallel import ParallelConfig
     from ascend_llm.parallel.dims import build_groups
 
-    ms.set_device("CPU")
-    ms.set_context(mode=ms.GRAPH_MODE)
-    init()
     groups = build_groups(ParallelConfig(tensor_parallel_degree=2))
     results: dict = {}
     for variant in VARIANTS:
@@ -109,6 +103,3 @@ def run(out_dir: str) -> None:
         np.savez(f"{out_dir}/kv1.npz", **results)
     print(f"rank {groups.rank}: kv1 done", flush=True)
 
-
-if __name__ == "__main__":
-    run(sys.argv[1])

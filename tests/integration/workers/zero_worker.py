@@ -1,7 +1,7 @@
-"""msrun worker for tests/integration/test_zero_msrun.py: ZeRO-1/2 AdamW vs the unsharded AdamW.
+"""For tests/integration/test_zero_msrun.py, run as tpcp_worker.py's "zero" mode: ZeRO-1/2 AdamW vs the
+unsharded AdamW.
 
-Usage (through `ascend-llm launch ... --script`): zero_worker.py <recipe overrides> --out DIR [--stages 1 2]
-For each ZeRO stage in turn (one launch serves both), each rank trains two copies of the same seeded model on
+For each ZeRO stage in turn (one job serves both), each rank trains two copies of the same seeded model on
 the same global batches: one with ZeroAdamW over the world group (each rank computes gradients of its half of
 the batch), one with the unsharded AdamW on the whole batch (no communication: the one-process reference).
 Writes DIR/stage<s>_rank<r>.json with both loss curves, the largest parameter difference, optimizer-state
@@ -13,7 +13,6 @@ one-process resume check.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,20 +125,15 @@ def run_stage(recipe, rank: int, world: int, stage: int, out: Path) -> None:
     (out / f"stage{stage}_rank{rank}.json").write_text(json.dumps(report))
 
 
-def main(argv: list[str]) -> None:
-    out = Path(argv[argv.index("--out") + 1])
-    stages = [int(a) for a in argv[argv.index("--stages") + 1:]] if "--stages" in argv else None
-    overrides = [a for a in argv if "=" in a and not a.startswith("--")]
+def run(out_dir: str, stages: tuple[int, ...] = (1, 2)) -> None:
+    """Both stages on 2 ranks (tpcp_worker.py runs this as its "zero" mode, communication already initialised:
+    init_distributed keeps it)."""
     from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.dp import init_distributed
     from ascend_llm.train.runtime import setup_runtime
 
-    recipe = compose_recipe(overrides)
+    recipe = compose_recipe(["model=debug", "cluster=cpu_2proc", "parallel=dp2_zero1"])
     setup_runtime(recipe.runtime)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)
-    for stage in stages or [recipe.parallel.zero_stage]:
-        run_stage(recipe, rank, world, stage, out)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    for stage in stages:
+        run_stage(recipe, rank, world, stage, Path(out_dir))

@@ -1,0 +1,87 @@
+"""Integration tests (multi-process or end to end): every test in this folder is marked `integration` here, by
+folder, so `pytest -m "not integration"` runs the unit tests alone and `-m integration` these.
+
+Session fixtures shared by several files:
+- `layout_jobs` (`LayoutJobs`): workers/tpcp_worker.py under msrun, one job per world size running every mode of
+  that size (comm.py's collectives, each TP/CP layout's forward and backward, the replicated KV head, ZeRO-1/2
+  against AdamW), for test_comm_msrun, test_tpcp_msrun, test_tpz_msrun and test_zero_msrun;
+- `tpcp_data` (the corpus of short documents) and `trainer_jobs` (trainer_runs.TrainerJobs: the one-process
+  references and one msrun trainer job per world size), for test_dp_msrun, test_zero_train_msrun,
+  test_tpcp_train_msrun and test_tpz_msrun."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "workers"))
+sys.path.insert(0, str(HERE))
+from trainer_runs import TrainerJobs  # noqa: E402
+
+from tests.conftest import run_msrun  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+WORDS = ("spring river moon night wind flower mountain cloud rain snow autumn willow bird boat bridge lamp "
+         "window garden stone road field forest pine bamboo lake temple bell smoke dawn dusk frost valley").split()
+
+
+def write_corpus(path: Path, num_docs: int = 3000) -> None:
+    """Short documents (4..14 words, seeded): a 32-token window always spans several."""
+    rng = np.random.default_rng(0)
+    with open(path, "w") as out:
+        for _ in range(num_docs):
+            words = rng.choice(WORDS, size=int(rng.integers(4, 15)))
+            out.write(json.dumps({"text": " ".join(words) + "."}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tpcp_data(tmp_path_factory) -> list[str]:
+    """Overrides of the short-document corpus (data.path, data.cache_dir)."""
+    root = tmp_path_factory.mktemp("tpcp_data")
+    write_corpus(root / "docs.jsonl")
+    return [f"data.path={root / 'docs.jsonl'}", f"data.cache_dir={root / 'cache'}"]
+
+
+@pytest.fixture(scope="session")
+def trainer_jobs(tmp_path_factory, one_process, data_cache, tpcp_data) -> TrainerJobs:
+    return TrainerJobs(tmp_path_factory.mktemp("trainer_jobs"), one_process, f"data.cache_dir={data_cache}",
+                       tpcp_data)
+
+
+# one msrun job per world size runs every mode of that size (start-up dominates a job on CPU)
+LAYOUT_JOBS = {2: ("comm", "tp", "cp", "tp_sp", "kv1", "zero"), 4: ("tp_dp", "cp_dp")}
+
+
+class LayoutJobs:
+    """workers/tpcp_worker.py's results: `self.dir(mode)` is the directory its job wrote (comm_rank<r>.npz for
+    "comm"), `self[mode]` rank 0's <mode>.npz; each world size's job runs once, on first use of any of its modes."""
+
+    def __init__(self, out: Path):
+        self.out, self.done = out, set()
+
+    def dir(self, mode: str) -> Path:
+        workers = next(size for size, modes in LAYOUT_JOBS.items() if mode in modes)
+        if workers not in self.done:
+            run_msrun(HERE / "workers" / "tpcp_worker.py", self.out / str(workers), ",".join(LAYOUT_JOBS[workers]),
+                      workers=workers)
+            self.done.add(workers)
+        return self.out / str(workers)
+
+    def __getitem__(self, mode: str) -> dict:
+        return dict(np.load(self.dir(mode) / f"{mode}.npz"))
+
+
+@pytest.fixture(scope="session")
+def layout_jobs(tmp_path_factory) -> LayoutJobs:
+    return LayoutJobs(tmp_path_factory.mktemp("layouts"))
