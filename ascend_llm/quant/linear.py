@@ -24,6 +24,8 @@ What each device does:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
@@ -82,21 +84,12 @@ class QuantLinear(nn.Cell):
     def _ascend_operands(self, qw: QuantizedWeight) -> None:
         from mindspore.ops.auto_generate import WeightQuantBatchMatmul
 
-        half = 2 ** (self.bits - 1)
-        signed = (qw.codes.astype(np.int16) - half).T  # (in, out)
-        offset = (half - qw.zeros.astype(np.float32)).T.astype(np.float16)  # (G, out)
-        scale = qw.scales.T.astype(np.float16)
-        if scale.shape[0] == 1:
-            scale, offset = scale[0], offset[0]
-        if self.bits == 8:
-            weight = Tensor(signed.astype(np.int8))
-        else:  # two signed nibbles per byte along the output axis, low nibble first
-            nib = (signed & 0x0F).astype(np.uint8)
-            weight = Tensor((nib[:, 0::2] | (nib[:, 1::2] << 4)).view(np.int8)).view(ms.qint4x2)
-        self.kernel_weight = weight
-        self.kernel_scale, self.kernel_offset = Tensor(scale), Tensor(offset)
-        group = 0 if qw.scales.shape[1] == 1 else qw.group_size
-        self.kernel = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=False, antiquant_group_size=group)
+        operands = ascend_operands(qw)
+        dtype = ms.int8 if self.bits == 8 else ms.qint4x2
+        self.kernel_weight = Tensor(operands.weight, dtype=dtype)
+        self.kernel_scale, self.kernel_offset = Tensor(operands.scale), Tensor(operands.offset)
+        self.kernel = WeightQuantBatchMatmul(transpose_x=False, transpose_weight=False,
+                                             antiquant_group_size=operands.group_size)
 
     def dequantized_weight(self):
         """(out, in) float32 weight, dequantized from the stored codes."""
@@ -142,8 +135,40 @@ class QuantLinear(nn.Cell):
 
 
 def _kernel_supported(qw: QuantizedWeight) -> bool:
-    """The Ascend kernel's per-group mode needs whole groups (in % group_size == 0) in contiguous order."""
-    if qw.g_idx is not None:
+    """The Ascend kernel's per-group mode needs whole groups (in % group_size == 0) in contiguous order; int4
+    packs two output channels per byte (out even)."""
+    if qw.g_idx is not None or (qw.bits == 4 and qw.shape[0] % 2):
         return False
     groups = num_groups(qw.shape[1], qw.group_size)
     return groups == 1 or qw.shape[1] % qw.group_size == 0
+
+
+@dataclass(frozen=True)
+class AscendOperands:
+    """WeightQuantBatchMatmul operands (transpose_weight=False), computing x @ ((weight + offset) * scale):
+    weight (in, out) int8 signed codes code - 2**(bits-1), or for int4 (in, out // 2) int8 bytes of two signed
+    nibbles, output channel 2j in the low nibble (MindSpore qint4x2, as golden-stick packs it); scale and offset
+    (G, out) float16 per group of `group_size` input rows, or (out,) per channel (group_size 0);
+    offset = 2**(bits-1) - zero, so weight + offset = code - zero."""
+
+    weight: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    group_size: int
+
+
+def ascend_operands(qw: QuantizedWeight) -> AscendOperands:
+    """Operands of the Ascend weight-quantized matmul for `qw` (pure NumPy; call when _kernel_supported(qw))."""
+    half = 2 ** (qw.bits - 1)
+    signed = (qw.codes.astype(np.int16) - half).T  # (in, out)
+    offset = (half - qw.zeros.astype(np.float32)).T.astype(np.float16)  # (G, out)
+    scale = qw.scales.T.astype(np.float16)
+    group = 0 if scale.shape[0] == 1 else qw.group_size
+    if group == 0:
+        scale, offset = scale[0], offset[0]
+    if qw.bits == 8:
+        weight = signed.astype(np.int8)
+    else:
+        nib = (signed & 0x0F).astype(np.uint8)
+        weight = (nib[:, 0::2] | (nib[:, 1::2] << 4)).view(np.int8)
+    return AscendOperands(np.ascontiguousarray(weight), scale, offset, group)

@@ -158,6 +158,56 @@ def test_cpu_kernel_reads_the_parameters():
     assert not any(p.requires_grad for p in cell.get_parameters())
 
 
+def wqbmm_semantics(x, ops):
+    """WeightQuantBatchMatmul as golden-stick's reference computes it: weight (in, out) signed (int4: two nibbles
+    per byte along out, low first, sign-extended), w = (weight + offset[g]) * scale[g] for the input rows of group g
+    (or per output channel), y = x @ w. float64."""
+    weight = ops.weight.astype(np.int16)
+    if weight.shape[1] * 2 == ops.scale.shape[-1]:
+        nib = np.stack((weight & 0x0F, (weight >> 4) & 0x0F), -1).reshape(weight.shape[0], -1)
+        weight = np.where(nib >= 8, nib - 16, nib)
+    rows = np.arange(weight.shape[0]) // (ops.group_size or weight.shape[0])
+    scale = np.atleast_2d(ops.scale.astype(np.float64))[rows]
+    offset = np.atleast_2d(ops.offset.astype(np.float64))[rows]
+    return np.asarray(x, np.float64) @ ((weight + offset) * scale)
+
+
+@pytest.mark.parametrize("bits,group,sym", [(8, -1, True), (8, 32, False), (4, 32, True), (4, -1, False)])
+def test_ascend_operands_compute_the_dequantized_matmul(bits, group, sym):
+    from ascend_llm.quant.linear import ascend_operands
+
+    rng = np.random.default_rng(bits + group)
+    qw = quantize_rtn(rng.normal(0, 0.1, size=(24, 64)), QuantConfig(bits=bits, group_size=group, sym=sym))
+    ops = ascend_operands(qw)
+    assert ops.weight.dtype == np.int8 and ops.weight.shape == ((64, 24) if bits == 8 else (64, 12))
+    assert ops.scale.dtype == ops.offset.dtype == np.float16
+    assert ops.group_size == (0 if group == -1 else group)
+    x = rng.normal(size=(5, 64))
+    ref, bound = reference(x, qw)
+    np.testing.assert_allclose(wqbmm_semantics(x, ops), ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bits,group", [(8, -1), (8, 32), (4, 32), (4, -1)])
+def test_ascend_kernel_operands_pass_mindspore_inference(graph_mode, bits, group):
+    """Graph compilation on CPU runs MindSpore's own inference of WeightQuantBatchMatmul on the operands (it checks
+    the weight shape against x and reads qint4x2 as two values per byte) and stops only at kernel selection."""
+    rng = np.random.default_rng(0)
+    qw = quantize_rtn(rng.normal(size=(64, 128)), QuantConfig(bits=bits, group_size=group, sym=False))
+    cell = QuantLinear(qw, np.ones(64, np.float32), device="Ascend")
+    assert cell.use_kernel and "WeightQuantBatchMatmul" in repr(cell)
+    with pytest.raises(RuntimeError, match=r"Unsupported op \[WeightQuantBatchMatmul\] on CPU"):
+        Wrapper(cell)(Tensor(rng.normal(size=(3, 128)).astype(np.float32)))
+
+
+def test_ascend_kernel_inference_can_fail(graph_mode):
+    """Control for the test above: int4 bytes laid out along the wrong axis fail MindSpore's inference."""
+    qw = quantize_rtn(np.random.default_rng(1).normal(size=(64, 128)), QuantConfig(bits=4, group_size=32))
+    cell = QuantLinear(qw, device="Ascend")
+    cell.kernel_weight = Tensor(np.zeros((128, 64), np.int8), dtype=ms.qint4x2)
+    with pytest.raises(ValueError, match="Reshape"):
+        Wrapper(cell)(Tensor(np.zeros((3, 128), np.float32)))
+
+
 def test_unknown_kernel_name():
     qw = quantize_rtn(np.ones((4, 8)), QuantConfig(bits=8, group_size=-1))
     with pytest.raises(ValueError, match="kernel='fast'"):
