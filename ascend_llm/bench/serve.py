@@ -1,123 +1,197 @@
-"""`ascend-llm bench serve MODEL`: throughput and latency of sequential, static and continuous batching, for the
-model in float32 and with int8 / int4 weights (RTN, quantized in-process).
+"""`ascend-llm bench serve MODEL`: throughput and latency of `ascend-llm serve` as clients see it (vLLM's
+benchmark_serving): the same workload sent one request at a time (sequential) and with --concurrency requests in
+flight (continuous batching), through the OpenAI API over HTTP on 127.0.0.1.
 
-Workload: `--num-requests` requests (default 64), all arriving at t = 0, with prompt and output lengths drawn
-uniformly from [--min-len, --max-prompt] and [--min-len, --max-new] (seeded; random token ids, greedy, no stop
-token, so every request generates exactly its output length). Modes:
-  sequential  one request at a time (Engine with 1 slot)
-  static      batches of --num-slots requests in arrival order; a batch runs until its longest request ends
-  continuous  ContinuousBatcher with --num-slots slots: requests join and leave at every decode step
-Latency of a request = time from t = 0 to its last token. Throughput = generated tokens / wall time. Every
-compiled shape is warmed up before timing (compile time is excluded). Numbers on a shared CPU are noisy.
+Workload: --num-requests (64) requests with prompt lengths uniform in [--min-prompt, --max-prompt] random token ids
+and output lengths uniform in [--min-new, --max-new] (seeded), greedy, `ignore_eos` (vLLM's extra) so every request
+generates exactly its output length. Each request streams (`stream_options.include_usage`): time to first token
+(TTFT) = first chunk with text; per-token latency (TPOT) = (last chunk - first) / (tokens - 1). Throughput =
+generated tokens / wall time of the whole workload. The server is started here (`--max-num-seqs` = --concurrency)
+unless --url names a running one; before timing, every request runs once with at most 8 output tokens at each
+concurrency, so graph compilation of the step shapes is excluded. Numbers on a shared CPU are noisy: run it on a
+quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
 from ascend_llm.bench.report import print_table, write_json
 
-COLUMNS = ["weights", "mode", "requests", "tokens", "wall_s", "tokens_per_s", "p50_latency_s", "p95_latency_s",
-           "speedup_vs_sequential"]
+COLUMNS = ["mode", "concurrency", "requests", "tokens", "wall_s", "tokens_per_s", "speedup", "ttft_p50_s",
+           "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms"]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-llm bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="run/checkpoint or Hugging Face directory (float weights)")
-    p.add_argument("--num-requests", type=int, default=64)
-    p.add_argument("--num-slots", type=int, default=8)
-    p.add_argument("--min-len", type=int, default=8)
-    p.add_argument("--max-prompt", type=int, default=64)
-    p.add_argument("--max-new", type=int, default=64)
-    p.add_argument("--prefill-bucket", type=int, default=32)
-    p.add_argument("--weights", default="fp32,int8,int4", help="comma list of fp32, int8, int4")
-    p.add_argument("--modes", default="sequential,static,continuous")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_serve.json")
+    p.add_argument("model", help="model directory to serve (its vocabulary sizes the random prompts)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per mode (default 64)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight, continuous mode (default 16)")
+    p.add_argument("--min-prompt", type=int, default=16, help="shortest prompt in tokens (default 16)")
+    p.add_argument("--max-prompt", type=int, default=256, help="longest prompt in tokens (default 256)")
+    p.add_argument("--min-new", type=int, default=16, help="shortest output in tokens (default 16)")
+    p.add_argument("--max-new", type=int, default=128, help="longest output in tokens (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--url", help="benchmark this running server (http://HOST:PORT) instead of starting one")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `ascend-llm serve` "
+                                                                    "(repeatable, e.g. --serve-arg=--pynative)")
+    p.add_argument("--json", default="bench_serve.json", help="output JSON (default bench_serve.json)")
     return p
 
 
-def workload(args, vocab: int) -> list[tuple[list[int], int]]:
+def workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
     rng = np.random.default_rng(args.seed)
-    return [(list(rng.integers(1, vocab, size=int(rng.integers(args.min_len, args.max_prompt + 1)))),
-             int(rng.integers(args.min_len, args.max_new + 1))) for _ in range(args.num_requests)]
+    return [([int(t) for t in rng.integers(0, vocab_size, int(rng.integers(args.min_prompt, args.max_prompt + 1)))],
+             int(rng.integers(args.min_new, args.max_new + 1))) for _ in range(args.num_requests)]
 
 
-def _params(n: int):
-    from ascend_llm.inference.sampling import SamplingParams
-
-    return SamplingParams(max_new_tokens=n)
-
-
-def _execute(mode: str, engine, batcher, requests, slots: int) -> tuple[float, list[float], int]:
-    from ascend_llm.inference.batching import Request
-
-    latencies, tokens = [], 0
-    start = time.perf_counter()
-    if mode == "continuous":
-        done = [batcher.submit(Request(p, _params(n))) for p, n in requests]
-        batcher.run_until_idle()
-        latencies = [r.finish_s - start for r in done]
-        tokens = sum(len(r.out) for r in done)
-    else:
-        for i in range(0, len(requests), slots):
-            batch = requests[i:i + slots]
-            results = engine.generate([p for p, _ in batch], [_params(n) for _, n in batch])
-            latencies += [time.perf_counter() - start] * len(batch)
-            tokens += sum(len(r.token_ids) for r in results)
-    return time.perf_counter() - start, latencies, tokens
+async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed completion: {ttft_s, tpot_s, tokens}."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    start, first, last, tokens = time.perf_counter(), None, None, 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                now = time.perf_counter()
+                first, last = first or now, now
+    first, last = first or time.perf_counter(), last or time.perf_counter()
+    return {"ttft_s": first - start, "tpot_s": (last - first) / max(tokens - 1, 1), "tokens": tokens}
 
 
-def run_mode(mode: str, model, requests, args, max_len: int) -> tuple[float, list[float], int]:
-    """(wall seconds, per-request latencies, generated tokens). Warm-up: the same workload with outputs cut to
-    2 tokens, untimed, so every prefill/decode shape is compiled (and MindSpore's shape handling has settled)."""
-    from ascend_llm.inference.batching import ContinuousBatcher
-    from ascend_llm.inference.engine import Engine
+async def run(base: str, model: str, requests: list, concurrency: int) -> tuple[float, list[dict]]:
+    """Send every request with at most `concurrency` in flight; (wall seconds, per-request results)."""
+    import httpx
 
-    slots = 1 if mode == "sequential" else args.num_slots
-    engine = Engine(model, max_len, slots, args.prefill_bucket)
-    batcher = ContinuousBatcher(engine, max_queue=len(requests)) if mode == "continuous" else None
-    _execute(mode, engine, batcher, [(p, 2) for p, _ in requests], slots)
-    return _execute(mode, engine, batcher, requests, slots)
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base, timeout=3600, limits=limits) as client:
+        async def guarded(prompt, n):
+            async with gate:
+                return await one(client, model, prompt, n)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(guarded(p, n) for p, n in requests))
+        return time.perf_counter() - start, list(results)
+
+
+def summarize(mode: str, concurrency: int, wall: float, results: list[dict], base_rate: float | None) -> dict:
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft_s"] for r in results]
+    tpot = [r["tpot_s"] * 1e3 for r in results]
+    rate = tokens / wall
+
+    def pct(values: list[float], q: int, digits: int) -> float:
+        return round(float(np.percentile(values, q)), digits)
+
+    return {"mode": mode, "concurrency": concurrency, "requests": len(results), "tokens": tokens,
+            "wall_s": round(wall, 2), "tokens_per_s": round(rate, 1),
+            "speedup": round(rate / base_rate, 2) if base_rate else 1.0,
+            "ttft_p50_s": pct(ttft, 50, 3), "ttft_p95_s": pct(ttft, 95, 3),
+            "tpot_p50_ms": pct(tpot, 50, 1), "tpot_p95_ms": pct(tpot, 95, 1)}
+
+
+def _check(args, context: int) -> None:
+    from ascend_llm.errors import ConfigError
+
+    for name in ("num_requests", "concurrency", "min_prompt", "min_new"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}", getattr(args, name), "must be >= 1")
+    if args.max_prompt < args.min_prompt or args.max_new < args.min_new:
+        raise ConfigError("--max-prompt/--max-new", (args.max_prompt, args.max_new), "must be >= the minimum")
+    if args.max_prompt + args.max_new > context:
+        raise ConfigError("--max-prompt + --max-new", args.max_prompt + args.max_new,
+                          f"must fit the model's context of {context} tokens")
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    import mindspore as ms
+    from ascend_llm.interop.source import open_model
 
-    from ascend_llm.config.quant import QuantConfig
-    from ascend_llm.eval.source import load_source
-    from ascend_llm.quant.apply import apply_quantization
-
-    ms.set_context(mode=ms.GRAPH_MODE)
-    max_len = args.max_prompt + args.max_new
-    rows = []
-    for weights in args.weights.split(","):
-        source = load_source(args.model)
-        if max_len > source.model_cfg.max_seq_len:
-            from ascend_llm.errors import ConfigError
-
-            raise ConfigError("--max-prompt + --max-new", max_len,
-                              f"must be <= the model's max_seq_len={source.model_cfg.max_seq_len}")
-        if weights != "fp32":
-            bits = {"int8": 8, "int4": 4}[weights]
-            apply_quantization(source.model, QuantConfig(bits=bits, group_size=-1 if bits == 8 else 128))
-        requests = workload(args, source.model_cfg.vocab_size)
-        base = None
-        for mode in args.modes.split(","):
-            wall, lat, tokens = run_mode(mode, source.model, requests, args, max_len)
-            rate = tokens / wall
-            base = base or (rate if mode == "sequential" else None)
-            rows.append({"weights": weights, "mode": mode, "requests": len(requests), "tokens": tokens,
-                         "wall_s": round(wall, 2), "tokens_per_s": round(rate, 1),
-                         "p50_latency_s": round(float(np.percentile(lat, 50)), 2),
-                         "p95_latency_s": round(float(np.percentile(lat, 95)), 2),
-                         "speedup_vs_sequential": round(rate / base, 2) if base else ""})
-            print(f"{weights} {mode}: {rate:.1f} tokens/s", flush=True)
+    source = open_model(args.model, build=False)
+    _check(args, source.config.max_seq_len)
+    requests = workload(args, source.config.vocab_size)
+    server = None if args.url else _start_server(args)
+    base = args.url or server[1]
+    try:
+        model = _model_id(base)
+        warm = [(p, min(n, 8)) for p, n in requests]  # every prefill and decode shape of both modes, compiled
+        for concurrency in (args.concurrency, 1):
+            asyncio.run(run(base, model, warm, concurrency))
+        rows = []
+        for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
+            wall, results = asyncio.run(run(base, model, requests, concurrency))
+            rows.append(summarize(mode, concurrency, wall, results, rows[0]["tokens_per_s"] if rows else None))
+            print(f"{mode}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
+    finally:
+        if server is not None:
+            _stop_server(server[0])
     print_table(rows, COLUMNS)
-    write_json(args.json, "serve", rows, num_slots=args.num_slots, model=args.model)
+    write_json(args.json, "serve", rows, model=str(Path(args.model).resolve()), num_requests=args.num_requests,
+               concurrency=args.concurrency, prompt_len=[args.min_prompt, args.max_prompt],
+               new_tokens=[args.min_new, args.max_new], url=args.url)
     return 0
+
+
+def _model_id(base: str) -> str:
+    import httpx
+
+    return httpx.get(f"{base}/v1/models", timeout=60).json()["data"][0]["id"]
+
+
+def _start_server(args):
+    """`ascend-llm serve MODEL` on a free 127.0.0.1 port; (process, base url) once /health answers."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ascend_llm.cli.main", "serve", args.model, "--port", str(port), "--max-num-seqs",
+           str(args.concurrency), "--max-queue", str(args.num_requests + 8),
+           "--max-model-len", str(args.max_prompt + args.max_new), *args.serve_arg]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, GLOG_v="3"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ascend-llm serve exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    _stop_server(proc)
+    raise RuntimeError("ascend-llm serve did not come up within 600 s")
+
+
+def _stop_server(proc) -> None:
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

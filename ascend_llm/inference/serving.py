@@ -357,7 +357,9 @@ def _failure(job: _Job, aborted: bool) -> Optional[ApiError]:
                         "server_error", "shutting_down")
     for request in job.requests:
         if request.finish_reason == "error":
-            return ApiError(500, f"generation failed: {type(request.error).__name__}: {request.error}", None,
+            lines = [line for line in str(request.error).splitlines() if line.strip() and "----" not in line]
+            summary = lines[0][:200] if lines else ""
+            return ApiError(500, f"generation failed: {type(request.error).__name__}: {summary}", None,
                             "server_error", "generation_failed")
         if request.finish_reason == "cancelled":
             return ApiError(503, "the request was cancelled", None, "server_error", "cancelled")

@@ -42,8 +42,10 @@ def served(request, model_dirs, tmp_path_factory):
     name = request.param
     base = name.removesuffix("-int8")
     path = dirs[base] if name == base else quantize(dirs[base], root / name)
-    server = start_server(path, "--model-name", name, "--max-model-len", str(CONTEXT), "--max-num-seqs", "2",
-                          "--max-prefill-chunk", "16", "--max-n", "4", log_dir=tmp_path_factory.mktemp("logs"))
+    # one sequence at a time and 8-token prefill chunks: graph mode compiles 4 step shapes per server, not ~10
+    # (batching is exercised by test_serve.py and bench serve)
+    server = start_server(path, "--model-name", name, "--max-model-len", str(CONTEXT), "--max-num-seqs", "1",
+                          "--max-prefill-chunk", "8", "--max-n", "4", log_dir=tmp_path_factory.mktemp("logs"))
     client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
     yield name, base, client, HFTokenizer(dirs[base])
     assert server.stop() == 0, server.output()[-2000:]
