@@ -93,15 +93,15 @@ def _layer_count(names: list[str]) -> int:
     return max(layers) + 1 if layers else 0
 
 
-def check_sizes(cfg: ModelConfig, shapes: Mapping[str, Sequence[int]], held: int, where: str,
+def check_sizes(cfg: ModelConfig, shapes: Mapping[str, Sequence[int]], held: int | None, where: str,
                 fields: Mapping[str, str] = HF_FIELDS) -> None:
     """Refuse a config whose sizes the weights do not hold, before any model is built (a config asking for 10^7
     layers or a vocabulary of 10^12 would otherwise be allocated). shapes: {toolkit parameter name: shape} of
-    the tensors at hand; held: how many values they hold in all; where: the file the config came from; fields:
-    how `where` names each ModelConfig field. Compares vocab_size/dim with the embedding, ffn_hidden_dim with
-    layer 0's w1, num_heads/num_kv_heads (times head_dim) with layer 0's wq/wk, num_layers with the layers
-    present, count_params(cfg) with `held`, and max_seq_len with MAX_POSITIONS (RoPE tables are (max_seq_len,
-    head_dim) arrays). InteropError naming `where` and the field."""
+    the tensors at hand; held: how many values they hold in all (None: not compared, e.g. packed codes); where:
+    the file the config came from; fields: how `where` names each ModelConfig field. Compares vocab_size/dim
+    with the embedding, ffn_hidden_dim with layer 0's w1, num_heads/num_kv_heads (times head_dim) with layer 0's
+    wq/wk, num_layers with the layers present, count_params(cfg) with `held`, and max_seq_len with MAX_POSITIONS
+    (RoPE tables are (max_seq_len, head_dim) arrays). InteropError naming `where` and the field."""
     from ascend_llm.models.llama import count_params
 
     if cfg.max_seq_len > MAX_POSITIONS:
@@ -124,7 +124,7 @@ def check_sizes(cfg: ModelConfig, shapes: Mapping[str, Sequence[int]], held: int
     if shapes and cfg.num_layers != num_layers:
         raise InteropError(f"{where}:{fields['num_layers']}", cfg.num_layers, f"the weights hold {num_layers} layers")
     need = count_params(cfg)
-    if need > held:
+    if held is not None and need > held:
         raise InteropError(where, f"{need:,} parameters", f"the weights hold {held:,} values: the sizes it "
                            "declares do not match the weights")
 

@@ -223,3 +223,17 @@ def test_checkpoint_whose_state_json_declares_absurd_sizes_is_refused_before_bui
     with pytest.raises(UserInputError) as info:
         open_model(step)
     assert "state.json" in info.value.one_line() and f"model.{field}" in info.value.one_line()
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", 10**7), ("vocab_size", 10**9)])
+def test_quantized_layout_declaring_absurd_sizes_is_refused_before_building(tmp_path, field, value):
+    from ascend_llm.cli.main import main
+    from ascend_llm.interop.source import open_model
+
+    assert main(["quantize", str(SINGLE), "--out", str(tmp_path / "q"), "--bits", "8"]) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["model"][field] = value
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserInputError) as info:
+        open_model(tmp_path / "q", build=False)
+    assert "config.json" in info.value.one_line() and f"model.{field}" in info.value.one_line()
