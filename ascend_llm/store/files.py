@@ -76,9 +76,11 @@ def pid_alive(pid: int) -> bool:
     """Whether process `pid` of this host still runs (a zombie counts as dead; another user's process as alive)."""
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid
         return False
     except PermissionError:
         return True

@@ -231,8 +231,8 @@ def test_keep_existing_keeps_the_copy_another_process_finished(tmp_path):
 # --- stale temporaries -------------------------------------------------------------------------------------------
 
 def test_pid_alive():
-    assert pid_alive(os.getpid())
-    assert not pid_alive(dead_pid())
+    assert pid_alive(os.getpid()) and pid_alive(1)
+    assert not pid_alive(dead_pid()) and not pid_alive(0) and not pid_alive(10**30)
 
 
 def test_the_next_write_removes_temporaries_of_dead_processes_only(tmp_path):
