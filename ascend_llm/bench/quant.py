@@ -1,7 +1,7 @@
 """Weight-only quantized linears on CPU: per-layer matmul time and whole-model decode tokens/s, fp32 vs int8 vs int4.
 
   ascend-llm bench quant [--model DIR] [--rows 1 8] [--batch 1 8] [--prompt-tokens 39] [--new-tokens 64]
-                         [--rounds 3] [--layer-calls 100] [--out bench_results/quant.json]
+                         [--rounds 5] [--layer-calls 100] [--out bench_results/quant.json]
 
 The model is the ~24 M-parameter Qwen2 of ../shared/peers/hf_generate.py --make (hidden 512, 8 layers, 8/4 heads,
 ffn 1408, q/k/v bias, tied embeddings, vocab 600), random init, or the model directory given with --model (any
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="sequences decoded together")
     parser.add_argument("--prompt-tokens", type=int, default=39)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layer-calls", type=int, default=100)
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
