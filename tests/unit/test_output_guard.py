@@ -259,7 +259,7 @@ def test_train_on_a_read_only_or_full_output_dir_is_one_line(tmp_path, mount_tmp
     (a debug checkpoint is ~1.9 MB on a 3 MB tmpfs): one line naming train.output_dir, exit 2; the first
     checkpoint stays whole and no temporary is left."""
     ro, full = mount_tmpfs("ro", "1m", read_only=True), mount_tmpfs("full", "3m")
-    smoke = ["debug=smoke", "train.num_steps=10", "train.ckpt_every=5", "train.val_every=5", "train.progress=false",
+    smoke = ["debug=smoke", "train.num_steps=2", "train.ckpt_every=1", "train.val_every=2", "train.progress=false",
              f"data.cache_dir={tmp_path / 'cache'}"]
     one_line(run("train", *smoke, f"train.output_dir={ro / 'run'}", cwd=tmp_path), "train.output_dir",
              str(ro / "run"), "read-only file system")
@@ -267,7 +267,7 @@ def test_train_on_a_read_only_or_full_output_dir_is_one_line(tmp_path, mount_tmp
     lines = [line for line in done.stderr.splitlines() if line.startswith("output error")]
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert len(lines) == 1 and "train.output_dir" in lines[0] and "no space left on device" in lines[0]
-    assert entries(full / "run" / "checkpoints") == ["step_00000005"]
+    assert entries(full / "run" / "checkpoints") == ["step_00000001"]
     from ascend_llm.store.checkpoints import read_checkpoint
 
-    assert read_checkpoint(full / "run" / "checkpoints" / "step_00000005")[0]["step"] == 5
+    assert read_checkpoint(full / "run" / "checkpoints" / "step_00000001")[0]["step"] == 1
