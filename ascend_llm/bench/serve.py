@@ -7,9 +7,9 @@ and output lengths uniform in [--min-new, --max-new] (seeded), greedy, `ignore_e
 generates exactly its output length. Each request streams (`stream_options.include_usage`): time to first token
 (TTFT) = first chunk with text; per-token latency (TPOT) = (last chunk - first) / (tokens - 1). Throughput =
 generated tokens / wall time of the whole workload. The server is started here (`--max-num-seqs` = --concurrency)
-unless --url names a running one; before timing, every request runs once with at most 8 output tokens at each
-concurrency, so graph compilation of the step shapes is excluded. Numbers on a shared CPU are noisy: run it on a
-quiet machine.
+unless --url names a running one. Before timing, every prompt runs once alone (8 output tokens) and the whole
+workload once at --concurrency, so graph compilation of the step shapes is excluded. Numbers on a shared CPU are
+noisy: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -131,9 +131,10 @@ def main(argv: list[str]) -> int:
     base = args.url or server[1]
     try:
         model = _model_id(base)
-        warm = [(p, min(n, 8)) for p, n in requests]  # every prefill and decode shape of both modes, compiled
-        for concurrency in (args.concurrency, 1):
-            asyncio.run(run(base, model, warm, concurrency))
+        # warm-up, untimed: every step shape of both modes gets compiled (one sequence: each prompt with a few
+        # tokens; batched: the whole workload, whose (batch, chunk) groupings depend on arrival and finish order)
+        asyncio.run(run(base, model, [(p, min(n, 8)) for p, n in requests], 1))
+        asyncio.run(run(base, model, requests, args.concurrency))
         rows = []
         for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
             wall, results = asyncio.run(run(base, model, requests, concurrency))
