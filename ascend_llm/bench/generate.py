@@ -1,90 +1,159 @@
-"""Generation throughput: KV cache vs recomputing the full sequence, in graph mode, batch 1 and 8.
+"""Decode throughput of the paged-KV-cache engine and scheduler against transformers `generate`, same sitting.
 
-  ascend-llm bench generate [--model tiny] [--prompt-tokens 32] [--new-tokens 256] [--batch 1 8]
-                            [--out bench_results/generate.json]
+  ascend-llm bench generate MODEL_DIR [--new-tokens 128] [--batch 1 8] [--max-len 256 4096]
+                            [--modes graph pynative] [--repeats 3] [--peer ../shared/peers/hf_generate.py]
+                            [--peer-python PY] [--out bench_results/generate.json]
 
-Both paths run at static shapes so each compiles once (compilation is excluded: one warm-up run each): the
-cache path prefills the prompt then decodes one token per step; the recompute path runs the whole
-(batch, prompt + new) window every step and reads the logits at the last real position (what the closing
-sample did before the engine). Greedy decoding of a randomly initialised model; tokens/s = batch * new / s.
+MODEL_DIR is a Hugging Face directory (`hf_generate.py --make DIR` writes the issue's ~24 M Qwen2). Every row
+generates --new-tokens tokens greedily in fp32 for `batch` copies of the peer's prompt, with no stop token (as the
+peer does), through `Scheduler.generate` (prefill included, compilation excluded: one warm-up run per engine). Our
+runs and the peer's alternate --repeats times and each figure is the median, so a machine whose speed drifts moves
+both. tokens/s = batch * new / wall seconds of the whole generate call (the peer's definition); decode_tok_s
+counts only the engine's decode steps. kv_blocks_peak is the most KV blocks in use during the run (memory =
+blocks in use, kv_mib_peak), kv_mib_pool the pool the engine reserved. vs_peer = ours / transformers at the same
+batch; the closing lines give max_len ratios and graph / pynative.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import statistics
+import subprocess
+import sys
 import time
-
-import numpy as np
+from pathlib import Path
 
 from ascend_llm.bench.report import print_table, write_json
 
-
-def _recompute(model, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
-    from mindspore import Tensor
-
-    batch, prompt_len = prompts.shape
-    window = np.zeros((batch, prompt_len + new_tokens), np.int32)
-    window[:, :prompt_len] = prompts
-    for step in range(new_tokens):
-        last = prompt_len + step - 1
-        window[:, last + 1] = model(Tensor(window)).asnumpy()[:, last].argmax(-1)
-    return window[:, prompt_len:]
+PROMPT = "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。"  # the peer's default prompt
+DEFAULT_PEER = Path(__file__).resolve().parents[3] / "shared" / "peers" / "hf_generate.py"
 
 
-def _cached(engine, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
-    from ascend_llm.inference import SamplingParams
+def timed_run(engine, prompt: list[int], batch: int, new_tokens: int) -> dict:
+    """One generate call of `batch` copies through a fresh Scheduler: wall time, decode time, peak blocks."""
+    from ascend_llm.inference import Request, SamplingParams, Scheduler
 
-    results = engine.generate([list(p) for p in prompts], SamplingParams(max_new_tokens=new_tokens))
-    return np.array([r.token_ids for r in results])
-
-
-def _timed(fn) -> tuple[float, np.ndarray]:
+    scheduler = Scheduler(engine, max_queue=batch)
+    engine.stats.update(decode_s=0.0, decode_tokens=0)
     began = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - began, out
+    requests = [scheduler.submit(Request(list(prompt), SamplingParams(max_new_tokens=new_tokens)))
+                for _ in range(batch)]
+    peak = 0
+    while not scheduler.idle():
+        scheduler.step()
+        peak = max(peak, engine.allocator.num_used())
+    wall = time.perf_counter() - began
+    assert all(len(r.out) == new_tokens for r in requests), "every row generates exactly --new-tokens"
+    return {"wall_s": wall, "decode_tok_s": engine.tokens_per_second()["decode_tokens_per_s"], "peak": peak}
 
 
-def run(model_name: str, prompt_tokens: int, new_tokens: int, batch: int) -> dict:
+def run_peer(python: str, peer: str, model_dir: str, new_tokens: int, batches: list[int]) -> dict[int, float]:
+    """transformers tokens/s per batch from the peer's `transformers batch B: ... = T tok/s` lines."""
+    cmd = [python, peer, model_dir, "--new", str(new_tokens), "--batch", *map(str, batches), "--prompt", PROMPT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peer failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("transformers batch "):
+            found[int(line.split()[2].rstrip(":"))] = float(line.rsplit("=", 1)[1].split()[0])
+    return found
+
+
+def _engines(model, prompt, args) -> dict:
     import mindspore as ms
 
-    from ascend_llm.compose import compose_recipe
     from ascend_llm.inference import Engine
-    from ascend_llm.models.llama import build_model
 
-    ms.set_context(mode=ms.GRAPH_MODE)
-    cfg = compose_recipe([f"model={model_name}"]).model
-    model = build_model(cfg, seed=0)
-    model.set_train(False)
-    prompts = np.random.default_rng(batch).integers(0, cfg.vocab_size, size=(batch, prompt_tokens)).astype(np.int32)
-    engine = Engine(model, max_len=prompt_tokens + new_tokens, num_slots=batch, prefill_bucket=prompt_tokens)
-    _cached(engine, prompts, 2)  # compile prefill and decode graphs
-    cache_s, cache_ids = _timed(lambda: _cached(engine, prompts, new_tokens))
-    _recompute(model, prompts, 1)  # compile the full-window graph
-    full_s, full_ids = _timed(lambda: _recompute(model, prompts, new_tokens))
-    return {"model": model_name, "batch": batch, "prompt": prompt_tokens, "new_tokens": new_tokens,
-            "kv_cache_tok_s": round(batch * new_tokens / cache_s, 1),
-            "recompute_tok_s": round(batch * new_tokens / full_s, 1), "speedup": round(full_s / cache_s, 2),
-            "same_tokens": bool((cache_ids == full_ids).all())}
+    engines = {}
+    for mode in args.modes:
+        ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+        lengths = args.max_len if mode == "graph" else args.max_len[:1]
+        for max_len in lengths:
+            for batch in args.batch:
+                engine = Engine(model, max_len=max_len, num_slots=batch)
+                timed_run(engine, prompt, batch, args.new_tokens)  # warm-up: compiles every shape of the run
+                engines[(mode, max_len, batch)] = engine
+    return engines
+
+
+def measure(args) -> list[dict]:
+    import mindspore as ms
+
+    from ascend_llm.interop.source import open_model
+
+    source = open_model(args.model)
+    prompt = source.tokenizer.encode(PROMPT)
+    engines = _engines(source.model, prompt, args)
+    runs: dict = {key: [] for key in engines}
+    peer_runs: dict[int, list[float]] = {b: [] for b in args.batch}
+    for _ in range(args.repeats):
+        for (mode, max_len, batch), engine in engines.items():
+            ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+            runs[(mode, max_len, batch)].append(timed_run(engine, prompt, batch, args.new_tokens))
+        if args.peer:
+            for batch, tok_s in run_peer(args.peer_python, args.peer, args.model, args.new_tokens, args.batch).items():
+                peer_runs.setdefault(batch, []).append(tok_s)
+    rows = []
+    for (mode, max_len, batch), results in runs.items():
+        engine = engines[(mode, max_len, batch)]
+        tok_s = statistics.median(batch * args.new_tokens / r["wall_s"] for r in results)
+        peer = statistics.median(peer_runs[batch]) if peer_runs.get(batch) else None
+        peak = max(r["peak"] for r in results)
+        rows.append({"engine": f"ascend_llm {mode}", "batch": batch, "max_len": max_len, "prompt": len(prompt),
+                     "new_tokens": args.new_tokens, "tok_s": round(tok_s, 1),
+                     "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in results), 1),
+                     "vs_peer": round(tok_s / peer, 2) if peer else None, "kv_blocks_peak": peak,
+                     "kv_mib_peak": round(engine.cache_bytes(peak) / 2**20, 1),
+                     "kv_mib_pool": round(engine.cache_bytes(engine.num_blocks - 1) / 2**20, 1)})
+    for batch, values in peer_runs.items():
+        if values:
+            rows.append({"engine": "transformers eager", "batch": batch, "prompt": len(prompt),
+                         "new_tokens": args.new_tokens, "tok_s": round(statistics.median(values), 1)})
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Ratios the issue asks for: longest / shortest max_len and graph / pynative, per batch."""
+    ours = {(r["engine"], r["max_len"], r["batch"]): r["tok_s"] for r in rows if "max_len" in r}
+    lines = []
+    lengths = sorted({k[1] for k in ours})
+    for (engine, max_len, batch), tok_s in sorted(ours.items()):
+        if engine.endswith("graph") and max_len == lengths[-1] and len(lengths) > 1:
+            base = ours[(engine, lengths[0], batch)]
+            lines.append(f"batch {batch}: max_len {max_len} / {lengths[0]} = {tok_s / base:.2f}x tokens/s")
+        pynative = ours.get(("ascend_llm pynative", max_len, batch))
+        if engine.endswith("graph") and pynative:
+            lines.append(f"batch {batch}, max_len {max_len}: graph / pynative = {tok_s / pynative:.2f}x tokens/s")
+    return lines
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="ascend-llm bench generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("model", help="Hugging Face directory (e.g. written by hf_generate.py --make DIR)")
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-len", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--modes", nargs="+", choices=["graph", "pynative"], default=["graph", "pynative"])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of ours and the peer (median)")
+    parser.add_argument("--peer", default=str(DEFAULT_PEER) if DEFAULT_PEER.is_file() else None,
+                        help="transformers peer script (default ../shared/peers/hf_generate.py when present)")
+    parser.add_argument("--no-peer", action="store_true", help="skip the peer")
+    parser.add_argument("--peer-python", default=os.environ.get("ASCEND_LLM_PEER_PYTHON", sys.executable),
+                        help="a Python with torch and transformers ($ASCEND_LLM_PEER_PYTHON when set)")
     parser.add_argument("--out", default="bench_results/generate.json")
     args = parser.parse_args(argv)
+    if args.no_peer:
+        args.peer = None
     from ascend_llm.train.runtime import set_cpu_threads
 
     set_cpu_threads(os.cpu_count() or 1)
-    rows = []
-    for batch in args.batch:
-        rows.append(run(args.model, args.prompt_tokens, args.new_tokens, batch))
-        print(json.dumps(rows[-1]), flush=True)  # each row as soon as it is measured
-    print_table(rows, list(rows[0]))
-    print(f"wrote {write_json(args.out, 'generate', rows, mode='graph')}")
+    rows = measure(args)
+    print_table(rows, ["engine", "batch", "max_len", "prompt", "new_tokens", "tok_s", "decode_tok_s", "vs_peer",
+                       "kv_blocks_peak", "kv_mib_peak", "kv_mib_pool"])
+    notes = summary(rows)
+    print("\n".join(notes))
+    print(f"wrote {write_json(args.out, 'generate', rows, notes=notes, repeats=args.repeats)}")
     return 0

@@ -164,6 +164,7 @@ class Engine:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 2 (block 0 is the null block)")
         self.allocator = BlockAllocator(self.num_blocks, block_size)
         self.forward = PagedForward(model, max_len, self.num_blocks, block_size)
+        self._jit_step = None
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 
     def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
@@ -188,14 +189,30 @@ class Engine:
             tables[row, :len(table)] = table
             last[row] = n - 1
         began = time.perf_counter()
-        out_ids, logits = self.forward(Tensor(ids), Tensor(positions), Tensor(slots.reshape(-1)), Tensor(tables),
-                                       Tensor(last))
+        out_ids, logits = self._call(Tensor(ids), Tensor(positions), Tensor(slots.reshape(-1)), Tensor(tables),
+                                     Tensor(last))
         host_ids = out_ids.asnumpy()[:rows]
         kind = "decode" if longest == 1 else "prefill"
         self.stats[f"{kind}_s"] += time.perf_counter() - began
         self.stats[f"{kind}_tokens"] += sum(len(t) for t in tokens) if kind == "prefill" else rows
         self.stats["steps"] += 1
         return StepOutput(host_ids, logits)
+
+    def _call(self, *args):
+        """The compiled step. In graph mode through an `ms.jit` function that calls the cell: the generic
+        `Cell.__call__` re-walks every sub-cell to set its compile phase on every call (~2-3 ms a step here, measured
+        with cProfile); the jit function's call costs ~0.1 ms. In pynative mode the cell runs op by op."""
+        if ms.get_context("mode") != ms.GRAPH_MODE:
+            return self.forward(*args)
+        if self._jit_step is None:
+            forward = self.forward
+
+            @ms.jit
+            def step(tokens, positions, slot_mapping, block_tables, logit_index):
+                return forward(tokens, positions, slot_mapping, block_tables, logit_index)
+
+            self._jit_step = step
+        return self._jit_step(*args)
 
     def generate(self, prompts: list[list[int]], params, tokenizer=None) -> list[GenerationResult]:
         """Run prompts to completion through the scheduler (params: one SamplingParams or one per prompt)."""
