@@ -5,9 +5,9 @@ not write is ever deleted.
 - `write_dir_atomic`: `fill(tmp)` writes into a fresh temporary directory beside the target; every file and
   directory is chmod'ed (0644 / 0755) and fsync'ed, the directory is renamed into place and the parent fsync'ed.
   An existing non-empty target is refused unless `overwrite`; even then only a directory the toolkit wrote itself
-  is replaced (`written_by_toolkit`), never the working directory or an ancestor of it, the source model, or a
-  training run. A replaced directory is first renamed aside, so a crash between the two renames leaves it
-  recoverable.
+  is replaced, and only when it holds nothing else (`foreign_files`: MARKER lists the files written), never the
+  working directory or an ancestor of it, the source model, or a training run. A replaced directory is first
+  renamed aside, so a crash between the two renames leaves it recoverable.
 - Temporaries are named `.NAME.tmp-HOST-PID-RAND` (set-aside directories `.NAME.old-HOST-PID-RAND`), HOST being a
   hash of the host name: the next write into the same parent removes those of dead processes of this host
   (`clean_stale`) and renames back a set-aside directory whose target is missing.
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from ascend_llm.errors import OutputError, UserInputError
 
-__all__ = ["MARKER", "OutputError", "check_output_dir", "clean_stale", "finish_tree", "fsync_path", "install_dir",
-           "make_temp_dir", "output_errors", "pid_alive", "sha256_file", "temp_name", "write_dir_atomic",
-           "write_file_atomic", "written_by_toolkit"]
+__all__ = ["MARKER", "OutputError", "check_output_dir", "clean_stale", "finish_tree", "foreign_files", "fsync_path",
+           "install_dir", "make_temp_dir", "output_errors", "pid_alive", "sha256_file", "temp_name",
+           "write_dir_atomic", "write_file_atomic"]
 
 logger = logging.getLogger("ascend_llm.store")
 
@@ -210,16 +210,38 @@ def install_dir(tmp: Path, final: Path, *, replace: bool) -> Path:
     return final
 
 
-def written_by_toolkit(path: Path) -> bool:
-    """A directory the toolkit wrote: it holds MARKER, or it is the toolkit's own quantized layout (config.json
-    with "model" and "quantization", written before the marker existed)."""
-    if (path / MARKER).is_file():
-        return True
+# the toolkit's quantized layout as written before MARKER existed (config.json with "model" and "quantization")
+_LEGACY_QUANTIZED = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                     "chat_template.jinja", "generation_config.json", "special_tokens_map.json"}
+
+
+def _files_below(root: Path) -> list[str]:
+    """Relative POSIX paths of every file (and symbolic link) below `root`, MARKER left out."""
+    found = []
+    for current, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(current, d))]:
+            rel = Path(current, name).relative_to(root).as_posix()
+            if rel != MARKER:
+                found.append(rel)
+    return sorted(found)
+
+
+def foreign_files(path: Path) -> list[str] | None:
+    """The files in directory `path` that the toolkit did not write: [] when it wrote every one (MARKER lists
+    them), None when nothing says the toolkit wrote the directory (no MARKER, and not its quantized layout from
+    before MARKER existed)."""
+    present = _files_below(path)
     try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model" in config and "quantization" in config
+        listed = set(json.loads((path / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not (isinstance(config, dict) and "model" in config and "quantization" in config):
+            return None
+        listed = _LEGACY_QUANTIZED
+    return [name for name in present if name not in listed]
 
 
 def _refuse(field: str, path: Path, why: str) -> OutputError:
@@ -238,9 +260,13 @@ def _check_replaceable(out: Path, field: str, protect: Iterable[str | os.PathLik
     if (out / "checkpoints").is_dir() or (out / "metrics.jsonl").exists():
         raise _refuse(field, out, "is a training run (holds checkpoints/ or metrics.jsonl); never replaced, "
                                   "choose another path")
-    if not written_by_toolkit(out):
+    foreign = foreign_files(out)
+    if foreign is None:
         raise _refuse(field, out, f"holds files ascend_llm did not write (no {MARKER}); --overwrite replaces "
                                   "only a directory ascend_llm wrote: remove it yourself or choose another path")
+    if foreign:
+        raise _refuse(field, out, f"holds {foreign[0]} (and {len(foreign) - 1} more) that ascend_llm did not write; "
+                                  "--overwrite never deletes them: move them away or choose another path")
 
 
 def _check_parents(out: Path, field: str) -> None:
@@ -313,8 +339,9 @@ def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], None], *
         tmp = make_temp_dir(out.absolute().parent, out.name)
         try:
             fill(tmp)
-            if marker:
-                (tmp / MARKER).write_text(json.dumps({"written_by": "ascend_llm", "field": field}) + "\n")
+            if marker:  # what --overwrite may replace later: this directory, these files and nothing else
+                (tmp / MARKER).write_text(json.dumps({"written_by": "ascend_llm", "field": field,
+                                                      "files": _files_below(tmp)}, indent=1) + "\n")
             finish_tree(tmp)
             if out.is_dir() and any(out.iterdir()):  # appeared while we wrote
                 if keep_existing:

@@ -120,6 +120,9 @@ def test_quantize_overwrite_replaces_its_own_output(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["group_size"] == 32
     assert entries(tmp_path) == ["q"]
+    (tmp_path / "q" / "notes.txt").write_text("mine")  # a file the user added to the toolkit's output
+    one_line(quantize("q", "--overwrite", cwd=tmp_path), "--out", "notes.txt", "did not write")
+    assert (tmp_path / "q" / "notes.txt").read_text() == "mine"
 
 
 def test_quantize_overwrite_refuses_cwd_ancestor_source_and_run(tmp_path):

@@ -157,6 +157,15 @@ def test_overwrite_replaces_only_what_the_toolkit_wrote(tmp_path):
     assert listing(foreign) == ["config.json"]
 
 
+def test_overwrite_never_deletes_a_file_added_to_the_toolkits_output(tmp_path):
+    out = write_dir_atomic(tmp_path / "q", fill_one)
+    assert json.loads((out / MARKER).read_text())["files"] == ["model.bin", "sub/x.json"]
+    (out / "sub" / "my_notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="sub/my_notes.txt"):
+        write_dir_atomic(out, fill_one, overwrite=True)
+    assert (out / "sub" / "my_notes.txt").read_text() == "mine"
+
+
 def test_overwrite_accepts_the_toolkits_quantized_layout_written_before_the_marker(tmp_path):
     old = tmp_path / "q"
     old.mkdir()
@@ -166,8 +175,9 @@ def test_overwrite_accepts_the_toolkits_quantized_layout_written_before_the_mark
 
 
 def marked(path):
+    """A directory as write_dir_atomic leaves it: file x and MARKER listing it."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / MARKER).write_text("{}")
+    (path / MARKER).write_text(json.dumps({"files": ["x"]}))
     (path / "x").write_text("x")
     return path
 
