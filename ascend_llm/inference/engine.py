@@ -24,6 +24,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
+from ascend_llm.inference import ascend_ops
 from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWriter, cpu_decode_attention, make_cache
 from ascend_llm.models.llama import rope_inv_freq, rope_tables
 
@@ -55,9 +56,10 @@ class PagedForward(nn.Cell):
         self.block_size = block_size
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta, rope_inv_freq(cfg))
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
-        keys, values = make_cache(cfg, num_blocks, block_size)
+        self.on_ascend = ascend_ops.available()  # fused ReshapeAndCache / PagedAttention, float16 cache
+        keys, values = make_cache(cfg, num_blocks, block_size, mstype.float16 if self.on_ascend else mstype.float32)
         self.key_cache, self.value_cache = ParameterTuple(keys), ParameterTuple(values)
-        self.writer = CacheWriter()
+        self.writer = CacheWriter(in_place_kernel=not self.on_ascend)
         self.decode_kernel = cpu_decode_attention() if ms.get_context("device_target") == "CPU" else None
         self.use_decode_kernel = self.decode_kernel is not None
         self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
@@ -69,6 +71,7 @@ class PagedForward(nn.Cell):
         length = block_tables.shape[1] * self.block_size
         keys = ops.gather(key_cache, block_tables, 0).reshape(batch, length, self.num_kv_heads, head_dim)
         values = ops.gather(value_cache, block_tables, 0).reshape(batch, length, self.num_kv_heads, head_dim)
+        keys, values = keys.astype(mstype.float32), values.astype(mstype.float32)
         q = q.astype(mstype.float32).reshape(batch, self.num_kv_heads, self.group * seq, head_dim)
         scores = ops.matmul(q, keys.transpose(0, 2, 3, 1)) * self.scale  # (B, H_kv, G*T, L)
         scores = scores.reshape(batch, self.num_kv_heads, self.group, seq, length)
@@ -90,11 +93,18 @@ class PagedForward(nn.Cell):
             q, k, v = attn.project_qkv(layer.attention_norm(h), cos, sin)
             k = k.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
             v = v.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
-            wrote_k = self.writer(self.key_cache[i], k, slot_mapping)
-            wrote_v = self.writer(self.value_cache[i], v, slot_mapping)
+            if self.on_ascend:  # fused in-place write of both caches
+                wrote_k = wrote_v = ascend_ops.reshape_and_cache(k, v, self.key_cache[i], self.value_cache[i],
+                                                                 slot_mapping)
+            else:
+                wrote_k = self.writer(self.key_cache[i], k, slot_mapping)
+                wrote_v = self.writer(self.value_cache[i], v, slot_mapping)
             key_cache = ops.depend(self.key_cache[i], wrote_k)
             value_cache = ops.depend(self.value_cache[i], wrote_v)
-            if self.use_decode_kernel and seq == 1:  # decode: C++ attention over the held blocks only
+            if self.on_ascend and seq == 1:  # decode: MindSpore's fused PagedAttention, context = position + 1
+                out = ascend_ops.paged_attention(q, key_cache, value_cache, block_tables, positions.reshape(batch) + 1,
+                                                 self.scale, self.num_kv_heads).astype(h.dtype)
+            elif self.use_decode_kernel and seq == 1:  # decode: C++ attention over the held blocks only
                 out = self.decode_kernel(q.astype(mstype.float32).reshape(batch, self.num_heads, self.head_dim),
                                          key_cache, value_cache, block_tables, positions.reshape(batch))
                 out = out.reshape(batch, self.num_heads, 1, self.head_dim).astype(h.dtype)

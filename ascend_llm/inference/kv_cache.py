@@ -154,12 +154,13 @@ class CacheWriter(nn.Cell):
         return ops.scatter_nd_update(cache, index, new)
 
 
-def make_cache(cfg, num_blocks: int, block_size: int) -> tuple[list[Parameter], list[Parameter]]:
-    """Zeroed per-layer (key_cache, value_cache) Parameters (num_blocks, block_size, num_kv_heads, head_dim) fp32."""
+def make_cache(cfg, num_blocks: int, block_size: int, dtype=mstype.float32) -> tuple[list[Parameter], list[Parameter]]:
+    """Zeroed per-layer (key_cache, value_cache) Parameters (num_blocks, block_size, num_kv_heads, head_dim) of
+    `dtype` (float32 on CPU; float16 / bfloat16 for Ascend's fused operators)."""
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    keys = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"key_cache.{i}", requires_grad=False)
+    keys = [Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"key_cache.{i}", requires_grad=False)
             for i in range(cfg.num_layers)]
-    values = [Parameter(Tensor(np.zeros(shape, np.float32)), name=f"value_cache.{i}", requires_grad=False)
+    values = [Parameter(Tensor(np.zeros(shape, np.float32), dtype), name=f"value_cache.{i}", requires_grad=False)
               for i in range(cfg.num_layers)]
     return keys, values
 
