@@ -1,8 +1,9 @@
 """Decode throughput of the paged-KV-cache engine and scheduler against transformers `generate`, same sitting.
 
   ascend-llm bench generate MODEL_DIR [--new-tokens 128] [--batch 1 8] [--max-len 256 4096]
-                            [--modes graph pynative] [--repeats 3] [--peer ../shared/peers/hf_generate.py]
-                            [--peer-python PY] [--out bench_results/generate.json]
+                            [--modes graph pynative] [--pynative-new-tokens 16] [--repeats 3]
+                            [--peer ../shared/peers/hf_generate.py] [--peer-python PY]
+                            [--out bench_results/generate.json]
 
 MODEL_DIR is a Hugging Face directory (`hf_generate.py --make DIR` writes the issue's ~24 M Qwen2). Every row
 generates --new-tokens tokens greedily in fp32 for `batch` copies of the peer's prompt, with no stop token (as the
@@ -11,7 +12,8 @@ runs and the peer's alternate --repeats times and each figure is the median, so 
 both. tokens/s = batch * new / wall seconds of the whole generate call (the peer's definition); decode_tok_s
 counts only the engine's decode steps. kv_blocks_peak is the most KV blocks in use during the run (memory =
 blocks in use, kv_mib_peak), kv_mib_pool the pool the engine reserved. vs_peer = ours / transformers at the same
-batch; the closing lines give max_len ratios and graph / pynative.
+batch (graph rows); the closing lines give max_len ratios and graph / pynative decode tokens/s (pynative rows
+generate --pynative-new-tokens).
 """
 
 from __future__ import annotations
@@ -73,9 +75,13 @@ def _engines(model, prompt, args) -> dict:
         for max_len in lengths:
             for batch in args.batch:
                 engine = Engine(model, max_len=max_len, num_slots=batch)
-                timed_run(engine, prompt, batch, args.new_tokens)  # warm-up: compiles every shape of the run
+                timed_run(engine, prompt, batch, _new_tokens(args, mode))  # warm-up: compiles every shape of the run
                 engines[(mode, max_len, batch)] = engine
     return engines
+
+
+def _new_tokens(args, mode: str) -> int:
+    return args.new_tokens if mode == "graph" else min(args.new_tokens, args.pynative_new_tokens)
 
 
 def measure(args) -> list[dict]:
@@ -91,20 +97,21 @@ def measure(args) -> list[dict]:
     for _ in range(args.repeats):
         for (mode, max_len, batch), engine in engines.items():
             ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-            runs[(mode, max_len, batch)].append(timed_run(engine, prompt, batch, args.new_tokens))
+            runs[(mode, max_len, batch)].append(timed_run(engine, prompt, batch, _new_tokens(args, mode)))
         if args.peer:
             for batch, tok_s in run_peer(args.peer_python, args.peer, args.model, args.new_tokens, args.batch).items():
                 peer_runs.setdefault(batch, []).append(tok_s)
     rows = []
     for (mode, max_len, batch), results in runs.items():
         engine = engines[(mode, max_len, batch)]
-        tok_s = statistics.median(batch * args.new_tokens / r["wall_s"] for r in results)
+        new_tokens = _new_tokens(args, mode)
+        tok_s = statistics.median(batch * new_tokens / r["wall_s"] for r in results)
         peer = statistics.median(peer_runs[batch]) if peer_runs.get(batch) else None
         peak = max(r["peak"] for r in results)
         rows.append({"engine": f"ascend_llm {mode}", "batch": batch, "max_len": max_len, "prompt": len(prompt),
-                     "new_tokens": args.new_tokens, "tok_s": round(tok_s, 1),
+                     "new_tokens": new_tokens, "tok_s": round(tok_s, 1),
                      "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in results), 1),
-                     "vs_peer": round(tok_s / peer, 2) if peer else None, "kv_blocks_peak": peak,
+                     "vs_peer": round(tok_s / peer, 2) if peer and mode == "graph" else None, "kv_blocks_peak": peak,
                      "kv_mib_peak": round(engine.cache_bytes(peak) / 2**20, 1),
                      "kv_mib_pool": round(engine.cache_bytes(engine.num_blocks - 1) / 2**20, 1)})
     for batch, values in peer_runs.items():
@@ -117,15 +124,17 @@ def measure(args) -> list[dict]:
 def summary(rows: list[dict]) -> list[str]:
     """Ratios the issue asks for: longest / shortest max_len and graph / pynative, per batch."""
     ours = {(r["engine"], r["max_len"], r["batch"]): r["tok_s"] for r in rows if "max_len" in r}
+    decode = {(r["engine"], r["max_len"], r["batch"]): r["decode_tok_s"] for r in rows if "max_len" in r}
     lines = []
     lengths = sorted({k[1] for k in ours})
     for (engine, max_len, batch), tok_s in sorted(ours.items()):
         if engine.endswith("graph") and max_len == lengths[-1] and len(lengths) > 1:
             base = ours[(engine, lengths[0], batch)]
             lines.append(f"batch {batch}: max_len {max_len} / {lengths[0]} = {tok_s / base:.2f}x tokens/s")
-        pynative = ours.get(("ascend_llm pynative", max_len, batch))
+        pynative = decode.get(("ascend_llm pynative", max_len, batch))
         if engine.endswith("graph") and pynative:
-            lines.append(f"batch {batch}, max_len {max_len}: graph / pynative = {tok_s / pynative:.2f}x tokens/s")
+            ratio = decode[(engine, max_len, batch)] / pynative
+            lines.append(f"batch {batch}, max_len {max_len}: graph / pynative = {ratio:.2f}x decode tokens/s")
     return lines
 
 
@@ -137,6 +146,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-len", type=int, nargs="+", default=[256, 4096])
     parser.add_argument("--modes", nargs="+", choices=["graph", "pynative"], default=["graph", "pynative"])
+    parser.add_argument("--pynative-new-tokens", type=int, default=16,
+                        help="new tokens of the pynative rows (op-by-op decode is slow; compared on decode tokens/s)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of ours and the peer (median)")
     parser.add_argument("--peer", default=str(DEFAULT_PEER) if DEFAULT_PEER.is_file() else None,
                         help="transformers peer script (default ../shared/peers/hf_generate.py when present)")
