@@ -190,7 +190,13 @@ def _cached(target: Path, key: str, explicit: bool) -> Optional[PreparedData]:
                           "choose another path")
     meta_file = target / "meta.json"
     if meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except ValueError as exc:  # a prepared corpus is written whole (write_dir_atomic): edited or damaged since
+            raise DataError(str(meta_file), "unreadable", f"must be the JSON object prepare wrote ({exc}); delete "
+                            f"{target} to prepare it again") from None
         if explicit and meta.get("key") != key:  # in the cache the key is the directory name
             raise DataError("output", str(target), "holds a corpus prepared from other files or settings; "
                             "choose a new path or delete it")

@@ -254,3 +254,14 @@ def test_quantized_layout_declaring_absurd_sizes_is_refused_before_building(tmp_
     with pytest.raises(UserInputError) as info:
         open_model(tmp_path / "q", build=False)
     assert "config.json" in info.value.one_line() and f"model.{field}" in info.value.one_line()
+
+
+@pytest.mark.parametrize("text", ["{\"num_tokens\": ", "[1, 2]"])
+def test_a_damaged_prepared_corpus_is_one_line_naming_meta_json(tmp_path, text):
+    (tmp_path / "c.txt").write_text(CORPUS, encoding="utf-8")
+    argv = ["prepare", "data.path=c.txt", "data.vocab_size=300", f"data.cache_dir={tmp_path / 'cache'}", "--output",
+            "out", "--no-progress"]
+    assert run_cli(*argv, cwd=tmp_path, process=False)[0] == 0
+    (tmp_path / "out" / "meta.json").write_text(text)
+    code, stderr = run_cli(*argv, cwd=tmp_path, process=False)
+    assert code == 2 and "meta.json" in stderr and len(stderr.strip().splitlines()) == 1, stderr
