@@ -127,7 +127,20 @@ def main(argv: list[str]) -> int:
     server = _graceful_server_class()(config)
     server.on_exit_signal = lambda: serving.begin_shutdown(args.grace)
     server.run()
+    _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """Exit 0 at once: every request is answered and the scheduler stopped; MindSpore's own teardown at interpreter
+    exit takes seconds (measured 3.7 s) and holds nothing worth keeping."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _graceful_server_class():
