@@ -248,11 +248,13 @@ def _refuse(field: str, path: Path, why: str) -> OutputError:
     return OutputError(field, str(path), why)
 
 
+def _holds_cwd(out: Path) -> bool:
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    return real == cwd or real in cwd.parents
+
+
 def _check_replaceable(out: Path, field: str, protect: Iterable[str | os.PathLike]) -> None:
     real = out.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
-        raise _refuse(field, out, "is the working directory or holds it; never replaced, choose another path")
     for source in protect:
         src = Path(source).resolve()
         if real == src or real in src.parents:
@@ -299,22 +301,26 @@ def _read_only(path: Path) -> bool:
 def check_output_dir(out_dir: str | os.PathLike, *, field: str = "--out", overwrite: bool = False,
                      protect: Iterable[str | os.PathLike] = (), overwrite_flag: str = "--overwrite") -> Path:
     """Refuse, before any work, an output directory the toolkit must not or cannot write: a path that is a file
-    or a symbolic link, a parent that is a file, an unwritable place, or an existing non-empty directory without
-    `overwrite`; with `overwrite`, still the working directory or an ancestor of it, a `protect` path (the source
-    model) or a directory holding one, a training run, or a directory the toolkit did not write. Returns the path.
-    Raises OutputError naming `field` and the path."""
+    or a symbolic link, a parent that is a file, an unwritable place, the working directory or an ancestor of
+    it, or an existing non-empty directory without `overwrite`; with `overwrite`, still a `protect` path (the
+    source model) or a directory holding one, a training run, a directory the toolkit did not write, or one
+    holding files it did not write (`foreign_files`). Returns the path. Raises OutputError naming `field` and
+    the path."""
     out = Path(out_dir)
-    if out.is_symlink():
+    target = Path(os.path.abspath(out))  # what the rename will replace ("sub/.." is the working directory)
+    if target.is_symlink():
         raise _refuse(field, out, "is a symbolic link; name the directory itself")
-    if os.path.lexists(out) and not out.is_dir():
+    if os.path.lexists(target) and not target.is_dir():
         raise _refuse(field, out, "is a file, not a directory; choose another path")
-    _check_parents(out, field)
-    if out.is_dir() and any(out.iterdir()):
+    _check_parents(target, field)
+    if target.is_dir() and _holds_cwd(target):  # even empty: a rename over it leaves the shell in a deleted dir
+        raise _refuse(field, out, "is the working directory or holds it; choose a new directory")
+    if target.is_dir() and any(target.iterdir()):
         if not overwrite:
             raise _refuse(field, out, f"exists and is not empty; pass {overwrite_flag} to replace a directory "
                                       "ascend_llm wrote, or choose another path")
-        _check_replaceable(out, field, protect)
-    _probe(out, field)
+        _check_replaceable(target, field, protect)
+    _probe(target, field)
     return out
 
 
@@ -330,26 +336,27 @@ def write_dir_atomic(out_dir: str | os.PathLike, fill: Callable[[Path], None], *
     Returns the path. Raises OutputError naming `field` for output problems (nothing left behind); whatever
     `fill` raises otherwise passes through, the temporary removed."""
     out = Path(out_dir)
-    if keep_existing and out.is_dir() and any(out.iterdir()):
+    target = Path(os.path.abspath(out))  # "q/..", "." and trailing slashes name the directory itself
+    if keep_existing and target.is_dir() and any(target.iterdir()):
         return out
     protect = list(protect)
     check_output_dir(out, field=field, overwrite=overwrite, protect=protect, overwrite_flag=overwrite_flag)
     with output_errors(field, out):
-        clean_stale(out.absolute().parent)
-        tmp = make_temp_dir(out.absolute().parent, out.name)
+        clean_stale(target.parent)
+        tmp = make_temp_dir(target.parent, target.name)
         try:
             fill(tmp)
             if marker:  # what --overwrite may replace later: this directory, these files and nothing else
                 (tmp / MARKER).write_text(json.dumps({"written_by": "ascend_llm", "field": field,
                                                       "files": _files_below(tmp)}, indent=1) + "\n")
             finish_tree(tmp)
-            if out.is_dir() and any(out.iterdir()):  # appeared while we wrote
+            if target.is_dir() and any(target.iterdir()):  # appeared while we wrote
                 if keep_existing:
                     shutil.rmtree(tmp, ignore_errors=True)
                     return out
                 check_output_dir(out, field=field, overwrite=overwrite, protect=protect,
                                  overwrite_flag=overwrite_flag)
-            install_dir(tmp, out, replace=overwrite)
+            install_dir(tmp, target, replace=overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

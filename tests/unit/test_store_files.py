@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,6 +205,15 @@ def test_overwrite_never_replaces_the_cwd_the_source_or_a_run(tmp_path, monkeypa
         check_output_dir(".." if case == "ancestor_of_cwd" else "." if case == "cwd" else target, overwrite=True,
                          protect=[source])
     assert sorted(str(p) for p in target.rglob("*")) == before
+
+
+def test_an_empty_working_directory_is_never_the_output(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", str(tmp_path), "sub/.."):
+        with pytest.raises(OutputError, match="working directory"):
+            write_dir_atomic(out, fill_one)
+    assert listing(tmp_path) == []
+    assert write_dir_atomic("new/", fill_one) == Path("new/") and (tmp_path / "new" / "model.bin").is_file()
 
 
 def test_output_is_a_file_or_below_a_file_or_a_symlink(tmp_path):
