@@ -267,8 +267,9 @@ def _check_replaceable(out: Path, field: str, protect: Iterable[str | os.PathLik
         raise _refuse(field, out, f"holds files ascend_llm did not write (no {MARKER}); --overwrite replaces "
                                   "only a directory ascend_llm wrote: remove it yourself or choose another path")
     if foreign:
-        raise _refuse(field, out, f"holds {foreign[0]} (and {len(foreign) - 1} more) that ascend_llm did not write; "
-                                  "--overwrite never deletes them: move them away or choose another path")
+        more = f" and {len(foreign) - 1} more file(s)" if len(foreign) > 1 else ""
+        raise _refuse(field, out, f"holds {foreign[0]}{more} that ascend_llm did not write; --overwrite never "
+                                  "deletes them: move them away or choose another path")
 
 
 def _check_parents(out: Path, field: str) -> None:
