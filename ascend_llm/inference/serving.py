@@ -166,7 +166,8 @@ class OpenAIServing:
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as exc:  # the template's raise_exception (e.g. roles out of order) or a jinja error
-            raise InvalidRequest("messages", "chat template", f"the model's chat template refused them: {exc}")
+            raise InvalidRequest("messages", "chat template", f"the model's chat template refused them: {exc}") \
+                from None
         return self._check_length(ids, "messages")
 
     def _check_length(self, ids: list[int], where: str) -> list[int]:
