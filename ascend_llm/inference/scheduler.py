@@ -84,6 +84,16 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.out
 
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.out)
+
+    def token_slice(self, start: int, count: int) -> list[int]:
+        """tokens()[start:start + count] without building the whole list (decode reads one token per step)."""
+        cut = len(self.prompt)
+        if start >= cut:
+            return self.out[start - cut:start - cut + count]
+        return self.prompt[start:start + count] + self.out[:max(0, start + count - cut)]
+
 
 @dataclass
 class SchedulerOutput:
@@ -179,7 +189,7 @@ class Scheduler:
             self._finish(request, "cancelled")
         batch = SchedulerOutput()
         for request in list(self.running):
-            if request not in self.running or request.num_computed < len(request.tokens()) - 1:
+            if request not in self.running or request.num_computed < request.num_tokens() - 1:
                 continue  # preempted in this loop, or still prefilling
             while not self.allocator.ensure(request.request_id, request.num_computed + 1):
                 self._preempt(self.running[-1])
@@ -189,12 +199,12 @@ class Scheduler:
                 batch.decode.append(request)
         while self.waiting and len(self.running) < self.engine.num_slots:
             head = self.waiting[0]
-            if not self.allocator.ensure(head.request_id, len(head.tokens())):
+            if not self.allocator.ensure(head.request_id, head.num_tokens()):
                 break
             self.running.append(self.waiting.popleft())
         room = self.max_prefill_tokens
         for request in self.running:
-            pending = len(request.prompt) + len(request.out) - request.num_computed
+            pending = request.num_tokens() - request.num_computed
             if pending >= 1 and request not in batch.decode:
                 chunk = min(pending, self.engine.max_chunk, room)
                 if chunk < 1:
@@ -219,7 +229,7 @@ class Scheduler:
         for rows in groups:
             try:
                 output = self.engine.run([r.request_id for r, _, _ in rows],
-                                         [r.tokens()[s:s + n] for r, s, n in rows], [s for _, s, _ in rows])
+                                         [r.token_slice(s, n) for r, s, n in rows], [s for _, s, _ in rows])
             except Exception as exc:  # the engine step failed: its requests end, the others go on
                 logger.exception("engine step failed")
                 with self.lock:
@@ -238,7 +248,7 @@ class Scheduler:
             request.num_computed = start + count
             if not request.out:
                 self.prompt_tokens_total += count
-            if request.num_computed < len(request.prompt) + len(request.out):
+            if request.num_computed < request.num_tokens():
                 continue  # more prompt chunks to go
             try:
                 self._emit(request, index, output)
