@@ -8,9 +8,10 @@
 MODEL_DIR is a Hugging Face directory (`hf_generate.py --make DIR` writes the issue's ~24 M Qwen2). Every row
 generates --new-tokens tokens greedily in fp32 for `batch` copies of the peer's prompt, with no stop token (as the
 peer does), through `Scheduler.generate` (prefill included, compilation excluded: one warm-up run per engine). Our
-runs and the peer's alternate --repeats times and each figure is the median, so a machine whose speed drifts moves
-both. tokens/s = batch * new / wall seconds of the whole generate call (the peer's definition); decode_tok_s
-counts only the engine's decode steps. kv_blocks_peak is the most KV blocks in use during the run (memory =
+runs and the peer's alternate --repeats times (per batch: our engines back to back, then the peer); each figure is
+the median, and each ratio the median of per-repeat ratios, so a machine whose speed drifts moves both sides.
+tokens/s = batch * new / wall seconds of the whole generate call (the peer's definition); decode_tok_s counts only
+the engine's decode steps. kv_blocks_peak is the most KV blocks in use during the run (memory =
 blocks in use, kv_mib_peak), kv_mib_pool the pool the engine reserved. vs_peer = ours / transformers at the same
 batch (graph rows); the closing lines give max_len ratios and graph / pynative decode tokens/s (pynative rows
 generate --pynative-new-tokens).
@@ -84,7 +85,15 @@ def _new_tokens(args, mode: str) -> int:
     return args.new_tokens if mode == "graph" else min(args.new_tokens, args.pynative_new_tokens)
 
 
-def measure(args) -> list[dict]:
+def _paired(a: list[float], b: list[float]) -> float | None:
+    """Median of the per-repeat ratios a[i] / b[i] (pairing keeps a ratio meaningful when the machine drifts)."""
+    ratios = [x / y for x, y in zip(a, b) if y]
+    return round(statistics.median(ratios), 2) if ratios else None
+
+
+def measure(args) -> tuple[list[dict], list[str]]:
+    """Rows (medians over repeats) and the paired ratios: ours / peer, longest / shortest max_len, graph /
+    pynative. Each repeat runs, per batch, our engines back to back and then the peer, then the pynative rows."""
     import mindspore as ms
 
     from ascend_llm.interop.source import open_model
@@ -94,47 +103,45 @@ def measure(args) -> list[dict]:
     engines = _engines(source.model, prompt, args)
     runs: dict = {key: [] for key in engines}
     peer_runs: dict[int, list[float]] = {b: [] for b in args.batch}
+    order = sorted(engines, key=lambda k: (k[0] != "graph", k[2], k[1]))  # per batch: max_lens adjacent
     for _ in range(args.repeats):
-        for (mode, max_len, batch), engine in engines.items():
+        for position, (mode, max_len, batch) in enumerate(order):
             ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-            runs[(mode, max_len, batch)].append(timed_run(engine, prompt, batch, _new_tokens(args, mode)))
-        if args.peer:
-            for batch, tok_s in run_peer(args.peer_python, args.peer, args.model, args.new_tokens, args.batch).items():
-                peer_runs.setdefault(batch, []).append(tok_s)
+            runs[(mode, max_len, batch)].append(timed_run(engines[(mode, max_len, batch)], prompt, batch,
+                                                          _new_tokens(args, mode)))
+            last_of_batch = position + 1 == len(order) or order[position + 1][2] != batch
+            if args.peer and mode == "graph" and last_of_batch:
+                peer_runs[batch] += run_peer(args.peer_python, args.peer, args.model, args.new_tokens, [batch]).values()
+    tok = {k: [batch * _new_tokens(args, k[0]) / r["wall_s"] for r in v] for k, v in runs.items() for batch in [k[2]]}
+    decode = {k: [r["decode_tok_s"] for r in v] for k, v in runs.items()}
     rows = []
-    for (mode, max_len, batch), results in runs.items():
-        engine = engines[(mode, max_len, batch)]
-        new_tokens = _new_tokens(args, mode)
-        tok_s = statistics.median(batch * new_tokens / r["wall_s"] for r in results)
-        peer = statistics.median(peer_runs[batch]) if peer_runs.get(batch) else None
+    for (mode, max_len, batch) in order:
+        engine, results = engines[(mode, max_len, batch)], runs[(mode, max_len, batch)]
         peak = max(r["peak"] for r in results)
         rows.append({"engine": f"ascend_llm {mode}", "batch": batch, "max_len": max_len, "prompt": len(prompt),
-                     "new_tokens": new_tokens, "tok_s": round(tok_s, 1),
-                     "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in results), 1),
-                     "vs_peer": round(tok_s / peer, 2) if peer and mode == "graph" else None, "kv_blocks_peak": peak,
-                     "kv_mib_peak": round(engine.cache_bytes(peak) / 2**20, 1),
+                     "new_tokens": _new_tokens(args, mode),
+                     "tok_s": round(statistics.median(tok[(mode, max_len, batch)]), 1),
+                     "decode_tok_s": round(statistics.median(decode[(mode, max_len, batch)]), 1),
+                     "vs_peer": _paired(tok[(mode, max_len, batch)], peer_runs[batch]) if mode == "graph" else None,
+                     "kv_blocks_peak": peak, "kv_mib_peak": round(engine.cache_bytes(peak) / 2**20, 1),
                      "kv_mib_pool": round(engine.cache_bytes(engine.num_blocks - 1) / 2**20, 1)})
     for batch, values in peer_runs.items():
         if values:
             rows.append({"engine": "transformers eager", "batch": batch, "prompt": len(prompt),
                          "new_tokens": args.new_tokens, "tok_s": round(statistics.median(values), 1)})
-    return rows
+    return rows, _notes(tok, decode, args)
 
 
-def summary(rows: list[dict]) -> list[str]:
-    """Ratios the issue asks for: longest / shortest max_len and graph / pynative, per batch."""
-    ours = {(r["engine"], r["max_len"], r["batch"]): r["tok_s"] for r in rows if "max_len" in r}
-    decode = {(r["engine"], r["max_len"], r["batch"]): r["decode_tok_s"] for r in rows if "max_len" in r}
+def _notes(tok: dict, decode: dict, args) -> list[str]:
     lines = []
-    lengths = sorted({k[1] for k in ours})
-    for (engine, max_len, batch), tok_s in sorted(ours.items()):
-        if engine.endswith("graph") and max_len == lengths[-1] and len(lengths) > 1:
-            base = ours[(engine, lengths[0], batch)]
-            lines.append(f"batch {batch}: max_len {max_len} / {lengths[0]} = {tok_s / base:.2f}x tokens/s")
-        pynative = decode.get(("ascend_llm pynative", max_len, batch))
-        if engine.endswith("graph") and pynative:
-            ratio = decode[(engine, max_len, batch)] / pynative
-            lines.append(f"batch {batch}, max_len {max_len}: graph / pynative = {ratio:.2f}x decode tokens/s")
+    low, high = min(args.max_len), max(args.max_len)
+    for batch in args.batch:
+        if low != high and ("graph", high, batch) in tok:
+            ratio = _paired(tok[("graph", high, batch)], tok[("graph", low, batch)])
+            lines.append(f"batch {batch}: max_len {high} / {low} = {ratio}x tokens/s (paired per repeat)")
+        if ("pynative", low, batch) in decode:
+            ratio = _paired(decode[("graph", low, batch)], decode[("pynative", low, batch)])
+            lines.append(f"batch {batch}, max_len {low}: graph / pynative = {ratio}x decode tokens/s")
     return lines
 
 
@@ -161,10 +168,9 @@ def main(argv: list[str]) -> int:
     from ascend_llm.train.runtime import set_cpu_threads
 
     set_cpu_threads(os.cpu_count() or 1)
-    rows = measure(args)
+    rows, notes = measure(args)
     print_table(rows, ["engine", "batch", "max_len", "prompt", "new_tokens", "tok_s", "decode_tok_s", "vs_peer",
                        "kv_blocks_peak", "kv_mib_peak", "kv_mib_pool"])
-    notes = summary(rows)
     print("\n".join(notes))
     print(f"wrote {write_json(args.out, 'generate', rows, notes=notes, repeats=args.repeats)}")
     return 0
