@@ -68,14 +68,17 @@ class LayoutJobs:
     "comm"), `self[mode]` rank 0's <mode>.npz; each world size's job runs once, on first use of any of its modes."""
 
     def __init__(self, out: Path):
-        self.out, self.done = out, set()
+        self.out, self.done = out, {}
 
     def dir(self, mode: str) -> Path:
         workers = next(size for size, modes in LAYOUT_JOBS.items() if mode in modes)
         if workers not in self.done:
+            self.done[workers] = False  # a failed job is not launched again by the next test
             run_msrun(HERE / "workers" / "tpcp_worker.py", self.out / str(workers), ",".join(LAYOUT_JOBS[workers]),
                       workers=workers)
-            self.done.add(workers)
+            self.done[workers] = True
+        if not self.done[workers]:
+            raise AssertionError(f"the {workers}-worker layout job failed (see the first test that used it)")
         return self.out / str(workers)
 
     def __getitem__(self, mode: str) -> dict:

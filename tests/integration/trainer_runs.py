@@ -117,8 +117,11 @@ class TrainerJobs:
                 for name, overrides in runs.items()]}))
             layout = "parallel=dp2" if workers == 2 else "parallel=tp2_dp2"
             start = time.monotonic()
+            self.done[workers] = None  # a failed job is not launched again by the next test
             self.done[workers] = launch(job_dir, [layout], workers, WORKERS / "train_worker.py", [str(spec)])
             print(f"{workers}-worker msrun job, {len(runs)} runs: {time.monotonic() - start:.1f} s", file=sys.stderr)
+        if self.done[workers] is None:
+            raise AssertionError(f"the {workers}-worker trainer job failed (see the first test that used it)")
         return self.done[workers]
 
     def run_dir(self, name: str) -> Path:
