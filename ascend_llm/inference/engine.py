@@ -157,7 +157,7 @@ class Engine:
     """
 
     def __init__(self, model: nn.Cell, max_len: int | None = None, num_slots: int = 8, *, block_size: int = 16,
-                 num_blocks: int | None = None, max_chunk: int = 256, **_legacy):
+                 num_blocks: int | None = None, max_chunk: int = 256):
         max_len = int(max_len or model.cfg.max_seq_len)
         if max_len < 2:
             raise ConfigError("max_len", max_len, "must be >= 2 (prompt + at least one new token)")

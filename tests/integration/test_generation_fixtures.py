@@ -33,7 +33,7 @@ def loaded(name: str):
 def test_greedy_continuation_matches_transformers(name):
     model, _, tokenizer, meta = loaded(name)
     golden = meta["greedy_continuation_ids"]
-    engine = Engine(model, max_len=64, num_slots=1, prefill_bucket=32)
+    engine = Engine(model, max_len=64, num_slots=1, max_chunk=32)
     result = engine.generate([meta["text_input_ids"]], SamplingParams(max_new_tokens=len(golden)), tokenizer)[0]
     assert result.token_ids == golden and result.finish_reason == "length"
 
