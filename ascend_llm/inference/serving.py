@@ -299,7 +299,7 @@ class OpenAIServing:
                         continue
                     reason = request.finish_reason  # read before the text: once set, the text is final
                     text = request.text
-                    entries = _logprob_entries(request, reason is not None) if job.logprobs is not None else []
+                    entries = _logprob_entries(request) if job.logprobs is not None else []
                     delta, new = text[sent_text[i]:], entries[sent_lp[i]:]
                     sent_text[i], sent_lp[i], done[i] = len(text), len(entries), reason is not None
                     if delta or new or reason:
@@ -396,13 +396,11 @@ def _chunk(job: _Job, model: str, index: int, delta, finish: Optional[str], logp
     return {**head, "usage": None} if job.include_usage else head
 
 
-def _logprob_entries(request, finished: bool) -> list:
-    """The request's TokenLogprob entries that belong to its text: the stop token's own entry is left out (it is
-    not part of the text); while running, the newest entry is held back until it is known not to be one."""
-    entries, n = list(request.logprobs or []), len(request.out)
-    if finished:
-        return entries[:n - 1] if isinstance(request.stop_reason, int) and n else entries[:n]
-    return entries[:max(n - 1, 0)]
+def _logprob_entries(request) -> list:
+    """The request's TokenLogprob entries of generated tokens, less a stop token's (its text is not part of the
+    output; a stop token is always the last token, so what was sent is never retracted)."""
+    stops = set(request.params.stop_token_ids)
+    return [e for e in list(request.logprobs or [])[:len(request.out)] if e.token_id not in stops]
 
 
 def _lp(value: float) -> float:
@@ -435,7 +433,7 @@ def _logprobs_json(job: _Job, entries: list, offset: int = 0) -> dict:
 def _full_response(job: _Job, model: str) -> dict:
     choices = []
     for i, request in enumerate(job.requests):
-        logprobs = _logprobs_json(job, _logprob_entries(request, True)) if job.logprobs is not None else None
+        logprobs = _logprobs_json(job, _logprob_entries(request)) if job.logprobs is not None else None
         choice = {"index": i, "logprobs": logprobs, "finish_reason": _finish(request.finish_reason),
                   "stop_reason": request.stop_reason}
         if job.kind == "chat":
