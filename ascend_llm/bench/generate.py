@@ -2,7 +2,8 @@
 
   ascend-llm bench generate MODEL_DIR [--new-tokens 128] [--batch 1 8] [--max-len 256 4096]
                             [--modes graph pynative] [--pynative-new-tokens 16] [--repeats 3]
-                            [--peer ../shared/peers/hf_generate.py] [--peer-python PY]
+                            [--peer ../shared/peers/hf_generate.py] [--peer-python PY] [--threads N]
+                            [--peer-threads N]
                             [--out bench_results/generate.json]
 
 MODEL_DIR is a Hugging Face directory (`hf_generate.py --make DIR` writes the issue's ~24 M Qwen2). Every row
@@ -51,9 +52,10 @@ def timed_run(engine, prompt: list[int], batch: int, new_tokens: int) -> dict:
     return {"wall_s": wall, "decode_tok_s": engine.tokens_per_second()["decode_tokens_per_s"], "peak": peak}
 
 
-def run_peer(python: str, peer: str, model_dir: str, new_tokens: int, batches: list[int]) -> dict[int, float]:
+def run_peer(args, batches: list[int]) -> dict[int, float]:
     """transformers tokens/s per batch from the peer's `transformers batch B: ... = T tok/s` lines."""
-    cmd = [python, peer, model_dir, "--new", str(new_tokens), "--batch", *map(str, batches), "--prompt", PROMPT]
+    cmd = [args.peer_python, args.peer, args.model, "--new", str(args.new_tokens), "--batch", *map(str, batches),
+           "--prompt", PROMPT, "--threads", str(args.peer_threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"peer failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-2000:]}")
@@ -111,7 +113,7 @@ def measure(args) -> tuple[list[dict], list[str]]:
                                                           _new_tokens(args, mode)))
             last_of_batch = position + 1 == len(order) or order[position + 1][2] != batch
             if args.peer and mode == "graph" and last_of_batch:
-                peer_runs[batch] += run_peer(args.peer_python, args.peer, args.model, args.new_tokens, [batch]).values()
+                peer_runs[batch] += run_peer(args, [batch]).values()
     tok = {k: [batch * _new_tokens(args, k[0]) / r["wall_s"] for r in v] for k, v in runs.items() for batch in [k[2]]}
     decode = {k: [r["decode_tok_s"] for r in v] for k, v in runs.items()}
     rows = []
@@ -161,16 +163,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-peer", action="store_true", help="skip the peer")
     parser.add_argument("--peer-python", default=os.environ.get("ASCEND_LLM_PEER_PYTHON", sys.executable),
                         help="a Python with torch and transformers ($ASCEND_LLM_PEER_PYTHON when set)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="our CPU kernel threads")
+    parser.add_argument("--peer-threads", type=int, default=2,
+                        help="torch threads of the peer (its default 2; on a busy machine 1 is far faster for it)")
     parser.add_argument("--out", default="bench_results/generate.json")
     args = parser.parse_args(argv)
     if args.no_peer:
         args.peer = None
     from ascend_llm.train.runtime import set_cpu_threads
 
-    set_cpu_threads(os.cpu_count() or 1)
+    set_cpu_threads(args.threads)
     rows, notes = measure(args)
     print_table(rows, ["engine", "batch", "max_len", "prompt", "new_tokens", "tok_s", "decode_tok_s", "vs_peer",
                        "kv_blocks_peak", "kv_mib_peak", "kv_mib_pool"])
     print("\n".join(notes))
-    print(f"wrote {write_json(args.out, 'generate', rows, notes=notes, repeats=args.repeats)}")
+    path = write_json(args.out, "generate", rows, notes=notes, repeats=args.repeats, threads=args.threads,
+                      peer_threads=args.peer_threads)
+    print(f"wrote {path}")
     return 0
