@@ -7,6 +7,8 @@ sequence's blocks only (gathered by block table: B * MB * block_size positions, 
 returns (argmax ids (B,) int32, logits (B, vocab) float32 at logit_index). Decode is T = 1; prefill chunks use
 T = the chunk length. B, T and MB are bucketed to powers of two, so graph mode compiles a handful of shapes; the
 host copies the (B,) ids every step and the logits only for rows that sample, penalise or report logprobs.
+On CPU, decode attention is a C++ kernel (kv_cache.cpu_decode_attention) that reads positions 0..position of each
+row through its block table, nothing else; prefill chunks gather their blocks and attend with MindSpore matmuls.
 
 `Engine` owns the cache, the block allocator and the compiled step; `Engine.generate` runs prompts through the one
 `Scheduler` (inference/scheduler.py). On Ascend the cache write and the attention go through MindSpore's fused
@@ -25,7 +27,16 @@ from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
 from ascend_llm.inference import ascend_ops
-from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWriter, cpu_decode_attention, make_cache
+from ascend_llm.inference.kv_cache import (
+    NULL_BLOCK,
+    AscendCacheWrite,
+    AscendDecodeAttention,
+    BlockAllocator,
+    CpuDecodeAttention,
+    PortableCacheWrite,
+    cpu_decode_attention,
+    make_cache,
+)
 from ascend_llm.models.llama import rope_inv_freq, rope_tables
 
 DEFAULT_CACHE_TOKENS = 1 << 16  # KV positions reserved when neither num_blocks nor a smaller need is given
@@ -56,12 +67,16 @@ class PagedForward(nn.Cell):
         self.block_size = block_size
         cos, sin = rope_tables(cfg.head_dim, max_len, cfg.rope_theta, rope_inv_freq(cfg))
         self.rope_cos, self.rope_sin = Tensor(cos), Tensor(sin)
-        self.on_ascend = ascend_ops.available()  # fused ReshapeAndCache / PagedAttention, float16 cache
-        keys, values = make_cache(cfg, num_blocks, block_size, mstype.float16 if self.on_ascend else mstype.float32)
+        on_ascend = ascend_ops.available()  # fused ReshapeAndCache / PagedAttention on a float16 cache
+        keys, values = make_cache(cfg, num_blocks, block_size, mstype.float16 if on_ascend else mstype.float32)
         self.key_cache, self.value_cache = ParameterTuple(keys), ParameterTuple(values)
-        self.writer = CacheWriter(in_place_kernel=not self.on_ascend)
-        self.decode_kernel = cpu_decode_attention() if ms.get_context("device_target") == "CPU" else None
-        self.use_decode_kernel = self.decode_kernel is not None
+        self.cache_write = AscendCacheWrite() if on_ascend else PortableCacheWrite()
+        kernel = cpu_decode_attention() if ms.get_context("device_target") == "CPU" else None
+        self.has_decode_kernel = on_ascend or kernel is not None  # else decode takes the gather path too
+        if on_ascend:
+            self.decode_attention = AscendDecodeAttention(self.scale, self.num_kv_heads)
+        elif kernel is not None:
+            self.decode_attention = CpuDecodeAttention(kernel)
         self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
         self.matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -80,6 +95,13 @@ class PagedForward(nn.Cell):
         out = ops.matmul(probs, values.transpose(0, 2, 1, 3))  # (B, H_kv, G*T, D)
         return out.reshape(batch, self.num_heads, seq, head_dim)
 
+    def _token_rows(self, x):
+        """(B, H_kv, T, D) -> (B*T, H_kv, D), token-major like slot_mapping (a plain reshape when T == 1)."""
+        batch, heads, seq, dim = x.shape
+        if seq == 1:
+            return x.reshape(batch, heads, dim)
+        return x.transpose(0, 2, 1, 3).reshape(batch * seq, heads, dim)
+
     def construct(self, tokens, positions, slot_mapping, block_tables, logit_index):
         batch, seq = tokens.shape
         length = block_tables.shape[1] * self.block_size
@@ -91,26 +113,17 @@ class PagedForward(nn.Cell):
         for i, layer in enumerate(self.model.layers):
             attn = layer.attention
             q, k, v = attn.project_qkv(layer.attention_norm(h), cos, sin)
-            k = k.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
-            v = v.astype(mstype.float32).transpose(0, 2, 1, 3).reshape(batch * seq, self.num_kv_heads, self.head_dim)
-            if self.on_ascend:  # fused in-place write of both caches
-                wrote_k = wrote_v = ascend_ops.reshape_and_cache(k, v, self.key_cache[i], self.value_cache[i],
-                                                                 slot_mapping)
-            else:
-                wrote_k = self.writer(self.key_cache[i], k, slot_mapping)
-                wrote_v = self.writer(self.value_cache[i], v, slot_mapping)
+            k, v = self._token_rows(k.astype(mstype.float32)), self._token_rows(v.astype(mstype.float32))
+            wrote_k, wrote_v = self.cache_write(k, v, self.key_cache[i], self.value_cache[i], slot_mapping)
             key_cache = ops.depend(self.key_cache[i], wrote_k)
             value_cache = ops.depend(self.value_cache[i], wrote_v)
-            if self.on_ascend and seq == 1:  # decode: MindSpore's fused PagedAttention, context = position + 1
-                out = ascend_ops.paged_attention(q, key_cache, value_cache, block_tables, positions.reshape(batch) + 1,
-                                                 self.scale, self.num_kv_heads).astype(h.dtype)
-            elif self.use_decode_kernel and seq == 1:  # decode: C++ attention over the held blocks only
-                out = self.decode_kernel(q.astype(mstype.float32).reshape(batch, self.num_heads, self.head_dim),
-                                         key_cache, value_cache, block_tables, positions.reshape(batch))
-                out = out.reshape(batch, self.num_heads, 1, self.head_dim).astype(h.dtype)
+            if self.has_decode_kernel and seq == 1:  # decode over the held blocks only (C++ or Ascend kernel)
+                out = self.decode_attention(q, key_cache, value_cache, block_tables, positions.reshape(batch))
+                out = out.astype(h.dtype)
             else:
                 out = self._attend(q, key_cache, value_cache, block_tables, visible).astype(h.dtype)
-            h = h + attn.wo(out.transpose(0, 2, 1, 3).reshape(batch, seq, -1))
+            merged = out.reshape(batch, 1, -1) if seq == 1 else out.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+            h = h + attn.wo(merged)
             h = h + layer.feed_forward(layer.ffn_norm(h))
         picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
         if self.tied_head:  # h @ E^T as one 2-D MatMul(transpose_b): no per-step transpose of the embeddings
@@ -153,7 +166,8 @@ class Engine:
     max_len: positions per sequence (prompt + new tokens; default model.cfg.max_seq_len); num_slots: sequences
     decoded together at most (vLLM's max_num_seqs); block_size: positions per KV block; num_blocks: blocks in the
     pool including the null block (default: enough for num_slots * max_len positions, at most 65,536 positions);
-    max_chunk: prompt tokens per sequence per step (chunked prefill). ConfigError for impossible sizes.
+    max_chunk: prompt tokens per sequence per step (chunked prefill; rounded up to a power of two). ConfigError for
+    impossible sizes.
     """
 
     def __init__(self, model: nn.Cell, max_len: int | None = None, num_slots: int = 8, *, block_size: int = 16,
@@ -243,7 +257,3 @@ class Engine:
         blocks = self.allocator.num_used() if blocks is None else blocks
         per_block = 2 * self.cfg.num_layers * self.block_size * self.cfg.num_kv_heads * self.cfg.head_dim * 4
         return blocks * per_block
-
-
-def on_ascend() -> bool:
-    return ms.get_context("device_target") == "Ascend"

@@ -154,6 +154,57 @@ class CacheWriter(nn.Cell):
         return ops.scatter_nd_update(cache, index, new)
 
 
+class PortableCacheWrite(nn.Cell):
+    """(key, value (N, H_kv, D), key_cache, value_cache, slot_mapping (N,)) -> ordering tokens (for `ops.depend`):
+    both rows written in place at their slots (C++ kernel, or scatter_nd_update without a compiler)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writer = CacheWriter()
+
+    def construct(self, key, value, key_cache, value_cache, slot_mapping):
+        return self.writer(key_cache, key, slot_mapping), self.writer(value_cache, value, slot_mapping)
+
+
+class CpuDecodeAttention(nn.Cell):
+    """(q (B, H, 1, D), key_cache, value_cache, block_tables (B, MB), positions (B,)) -> (B, H, 1, D) float32 with the
+    C++ kernel `cpu_decode_attention` (keys 0..position of each row's blocks)."""
+
+    def __init__(self, kernel: ops.Custom):
+        super().__init__()
+        self.kernel = kernel
+
+    def construct(self, q, key_cache, value_cache, block_tables, positions):
+        batch, heads, _, dim = q.shape
+        out = self.kernel(q.astype(mstype.float32).reshape(batch, heads, dim), key_cache, value_cache, block_tables,
+                          positions)
+        return out.reshape(batch, heads, 1, dim)
+
+
+class AscendCacheWrite(nn.Cell):
+    """PortableCacheWrite's contract through MindSpore's fused ReshapeAndCache (inference/ascend_ops.py)."""
+
+    def construct(self, key, value, key_cache, value_cache, slot_mapping):
+        from ascend_llm.inference import ascend_ops
+
+        token = ascend_ops.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+        return token, token
+
+
+class AscendDecodeAttention(nn.Cell):
+    """CpuDecodeAttention's contract through MindSpore's fused PagedAttention (context length = position + 1)."""
+
+    def __init__(self, scale: float, num_kv_heads: int):
+        super().__init__()
+        self.scale, self.num_kv_heads = scale, num_kv_heads
+
+    def construct(self, q, key_cache, value_cache, block_tables, positions):
+        from ascend_llm.inference import ascend_ops
+
+        return ascend_ops.paged_attention(q, key_cache, value_cache, block_tables, positions + 1, self.scale,
+                                          self.num_kv_heads)
+
+
 def make_cache(cfg, num_blocks: int, block_size: int, dtype=mstype.float32) -> tuple[list[Parameter], list[Parameter]]:
     """Zeroed per-layer (key_cache, value_cache) Parameters (num_blocks, block_size, num_kv_heads, head_dim) of
     `dtype` (float32 on CPU; float16 / bfloat16 for Ascend's fused operators)."""
