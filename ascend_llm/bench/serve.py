@@ -4,9 +4,9 @@ flight (continuous batching), through the OpenAI API over HTTP on 127.0.0.1.
 
 Workload: --num-requests (64) requests with prompt lengths uniform in [--min-prompt, --max-prompt] random token ids
 and output lengths uniform in [--min-new, --max-new] (seeded), greedy, `ignore_eos` (vLLM's extra) so every request
-generates exactly its output length. Each request streams with `logprobs: 0`, so every token arrives in a chunk even
-while its text is held back (random prompts give byte tokens that complete a UTF-8 character only later): time to
-first token (TTFT) = first chunk; per-token latency (TPOT) = (last chunk - first) / (tokens - 1). Throughput =
+generates exactly its output length. Each request streams (the server sends a chunk for every new token, even while
+its text is held back, as vLLM does): time to first token (TTFT) = first chunk; per-token latency (TPOT) = (last
+chunk - first) / (tokens - 1). Throughput =
 generated tokens / wall time of the whole workload. The server is started here (`--max-num-seqs` = --concurrency)
 unless --url names a running one. Before timing, every prompt runs once alone (8 output tokens) and the whole
 workload once at --concurrency, so graph compilation of the step shapes is excluded. Numbers on a shared CPU are
@@ -56,7 +56,7 @@ def workload(args, vocab_size: int) -> list[tuple[list[int], int]]:
 async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
     """One streamed completion: {ttft_s, tpot_s, tokens}."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
     start, first, last, tokens = time.perf_counter(), None, None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
@@ -69,7 +69,7 @@ async def one(client, model: str, prompt: list[int], max_tokens: int) -> dict:
                 raise RuntimeError(f"stream error: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if any(c.get("text") or c.get("logprobs") for c in chunk.get("choices", [])):
+            if chunk.get("choices"):
                 now = time.perf_counter()
                 first, last = first or now, now
     first, last = first or time.perf_counter(), last or time.perf_counter()

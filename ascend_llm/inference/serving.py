@@ -279,11 +279,13 @@ class OpenAIServing:
             self._close(job)
 
     async def _stream(self, job: _Job):
-        """Server-sent events: text deltas per choice, a final chunk per choice with finish_reason, the usage chunk
+        """Server-sent events: a chunk per choice whenever it has new tokens (its text delta may be empty while
+        held back), a final chunk per choice with finish_reason, the usage chunk
         (stream_options.include_usage), then `data: [DONE]`. An abort or a failed request ends the stream with an
         error chunk and [DONE]."""
         sent_text = [0] * len(job.requests)
         sent_lp = [0] * len(job.requests)
+        sent_tokens = [0] * len(job.requests)
         done = [False] * len(job.requests)
         try:
             if job.kind == "chat":
@@ -298,11 +300,12 @@ class OpenAIServing:
                     if done[i]:
                         continue
                     reason = request.finish_reason  # read before the text: once set, the text is final
-                    text = request.text
+                    text, tokens = request.text, len(request.out)
                     entries = _logprob_entries(request) if job.logprobs is not None else []
-                    delta, new = text[sent_text[i]:], entries[sent_lp[i]:]
-                    sent_text[i], sent_lp[i], done[i] = len(text), len(entries), reason is not None
-                    if delta or new or reason:
+                    delta, new, grew = text[sent_text[i]:], entries[sent_lp[i]:], tokens > sent_tokens[i]
+                    sent_text[i], sent_lp[i], sent_tokens[i] = len(text), len(entries), tokens
+                    done[i] = reason is not None
+                    if delta or new or reason or grew:  # a chunk per new token, as vLLM (text may be held back)
                         content = {"content": delta} if job.kind == "chat" else delta
                         if job.kind == "chat" and not delta and reason:
                             content = {}
