@@ -121,6 +121,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.num_steps = self.num_preemptions = 0
         self.prompt_tokens_total = self.generation_tokens_total = 0
+        self._token_texts: dict[int, str] = {}
 
     # ---- requests in -----------------------------------------------------------------------------------------
     def _check(self, request: Request) -> None:
@@ -293,7 +294,12 @@ class Scheduler:
         return TokenLogprob(token, text(token), float(row[token]), [(i, text(i), lp) for i, lp in top_logprobs(row, k)])
 
     def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+        """One token's own text (logprob entries), decoded once per token id."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token]) if self.tokenizer is not None else ""
+            self._token_texts[token] = text
+        return text
 
     def _sync_text(self, request: Request) -> None:
         if request._detok is not None:
