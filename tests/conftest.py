@@ -125,3 +125,11 @@ class OneProcess:
 @pytest.fixture(scope="session")
 def one_process(tmp_path_factory) -> OneProcess:
     return OneProcess(tmp_path_factory.mktemp("one_process"))
+
+
+def open_fixture(path: Path) -> tuple:
+    """(model, ModelConfig, HFTokenizer) of a model directory, through the one model opener."""
+    from ascend_llm.interop.source import open_model
+
+    opened = open_model(path)
+    return opened.model, opened.config, opened.tokenizer

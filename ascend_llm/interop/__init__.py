@@ -1,1 +1,2 @@
-"""Hugging Face interop: import (`hf.load`, `hf.load_pretrained`) and export (`export.export_hf`)."""
+"""Model directories: the one opener (`source.open_model`), Hugging Face import (`hf`) and export (`export`),
+quantized layouts (`quantized`), tensor files (`safetensors_io`) and parameter names (`names`)."""

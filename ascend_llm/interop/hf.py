@@ -1,9 +1,7 @@
-"""Import a Hugging Face model directory (Llama, Qwen2, Qwen3) into the toolkit.
-
-`load(path) -> (model, model_config, tokenizer)`: calling `model` on int32 ids (B, T) returns float32 logits
-(B, T, vocab). `load_pretrained(path) -> (ModelConfig, weights, tokenizer_dir)` is what a trainer needs to start
-from pretrained weights: toolkit parameter names -> float32 arrays. Weights come from `model.safetensors` or
-the shards listed in `model.safetensors.index.json`; bf16/fp16 tensors are upcast to float32 exactly.
+"""Reading a Hugging Face model directory (Llama, Qwen2, Qwen3): config.json, the safetensors files (single or
+sharded by `model.safetensors.index.json`), size checks against the weights' headers, toolkit-named float32
+weights (bf16/fp16 upcast exactly) and their assignment into a model. The opener (interop/source.py `open_model`)
+is the one entry point; these are its pieces.
 """
 
 from __future__ import annotations
@@ -18,10 +16,9 @@ from mindspore import Tensor, nn
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
-from ascend_llm.interop.hf_config import MAX_POSITIONS, model_config_from_hf
+from ascend_llm.interop.hf_config import MAX_POSITIONS
 from ascend_llm.interop.names import from_hf, to_hf
 from ascend_llm.interop.safetensors_io import read_header, read_tensors
-from ascend_llm.tokenizer.hf import HFTokenizer
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -163,25 +160,6 @@ def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return weights
 
 
-def read_generation_config(root: Path) -> dict:
-    """generation_config.json (or {}), with `eos_token_ids` normalised to a list of ints."""
-    file = Path(root) / "generation_config.json"
-    gen = _read_json_object(file) if file.is_file() else {}
-    eos = gen.get("eos_token_id", read_config(root).get("eos_token_id"))
-    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(type(e) is int and e >= 0 for e in eos):
-        raise InteropError(f"{file}:eos_token_id", eos, "must be a token id or a list of token ids")
-    gen["eos_token_ids"] = list(eos)
-    return gen
-
-
-def load_pretrained(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Path]:
-    """(ModelConfig, {toolkit parameter name: float32 array}, tokenizer directory) of a HF model directory."""
-    root = Path(path)
-    if not root.is_dir():
-        raise InteropError("model", str(path), "must be a Hugging Face model directory (config.json, safetensors)")
-    cfg = model_config_from_hf(read_config(root), name=root.name)
-    return cfg, read_hf_weights(root, cfg), root
 
 
 def assign_weights(model: nn.Cell, weights: dict[str, np.ndarray], source: str = "weights") -> None:
@@ -198,18 +176,3 @@ def assign_weights(model: nn.Cell, weights: dict[str, np.ndarray], source: str =
         if tuple(value.shape) != tuple(param.shape):
             raise InteropError(f"{source}:{name}", list(value.shape), f"shape must be {list(param.shape)}")
         param.set_data(Tensor(value, param.dtype))
-
-
-def load(path: str | Path):
-    """(model, model_config, tokenizer) of a Hugging Face Llama/Qwen2/Qwen3 directory.
-
-    model: `ascend_llm.models.llama.Transformer`, float32 parameters; model(int32 (B, T)) -> float32 (B, T, V).
-    tokenizer: HFTokenizer (encode/decode/apply_chat_template). Raises InteropError (one line, key named).
-    """
-    from ascend_llm.models.llama import build_model
-
-    cfg, weights, root = load_pretrained(path)
-    model = build_model(cfg)
-    assign_weights(model, weights, source=str(root))
-    model.set_train(False)
-    return model, cfg, HFTokenizer(root)

@@ -10,8 +10,8 @@ import pytest
 
 from ascend_llm.cli.main import main as cli_main
 from ascend_llm.inference import Engine, SamplingParams
-from ascend_llm.interop import hf
 from ascend_llm.train.sample import generate as closing_sample
+from tests.conftest import open_fixture
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
@@ -26,7 +26,7 @@ def fixture(name: str) -> Path:
 
 
 def loaded(name: str):
-    return hf.load(fixture(name)) + (json.loads(fixture(f"{name}.golden.json").read_text()),)
+    return open_fixture(fixture(name)) + (json.loads(fixture(f"{name}.golden.json").read_text()),)
 
 
 @pytest.mark.parametrize("name", NAMES)

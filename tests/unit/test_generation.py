@@ -12,8 +12,8 @@ from mindspore import Tensor
 
 from ascend_llm.inference import Engine, RequestError, SamplingParams
 from ascend_llm.inference.sampling import apply_repetition_penalty, filter_top_k_top_p, sample_next
-from ascend_llm.interop import hf
 from ascend_llm.interop.safetensors_io import read_tensors
+from tests.conftest import open_fixture
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
@@ -32,7 +32,7 @@ _LOADED: dict = {}
 
 def loaded(name: str):
     if name not in _LOADED:
-        _LOADED[name] = hf.load(fixture(name)) + (json.loads(fixture(f"{name}.golden.json").read_text()),)
+        _LOADED[name] = open_fixture(fixture(name)) + (json.loads(fixture(f"{name}.golden.json").read_text()),)
     return _LOADED[name]
 
 

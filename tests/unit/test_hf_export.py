@@ -21,7 +21,6 @@ from mindspore import Tensor
 
 from ascend_llm.cli.main import main as cli_main
 from ascend_llm.config.model import ModelConfig
-from ascend_llm.interop import hf
 from ascend_llm.interop.export import export_hf, model_weights
 from ascend_llm.interop.safetensors_io import bf16_bits
 from ascend_llm.interop.source import open_model
@@ -133,7 +132,7 @@ def test_reexport_is_bit_identical_in_the_hf_layout(tmp_path, name):
     assert set(index["weight_map"]) == set(raw_tensors(src))
     assert all((out / f).is_file() for f in index["weight_map"].values()) and len(set(index["weight_map"].values())) > 1
     assert index["metadata"]["total_size"] == sum(len(b) for _, _, b in raw_tensors(src).values())
-    cfg2, weights2, _ = hf.load_pretrained(out)
+    cfg2 = open_model(out, weights=False).config
     assert dataclasses.replace(cfg2, name=opened.config.name) == opened.config
     meta = json.loads(fixture(f"{'llama_gqa' if name == 'llama31' else name}.golden.json").read_text())
     tokenizer = HFTokenizer(out)
@@ -195,14 +194,15 @@ def test_toolkit_checkpoint_converts_through_the_cli_and_imports_back(tmp_path, 
     files = raw_tensors(tmp_path / "fp32")
     assert "lm_head.weight" not in files and files["model.layers.1.self_attn.k_norm.weight"][:2] == ("F32", [24])
     assert files["model.layers.0.self_attn.q_proj.weight"][1] == [4 * 24, 64]
-    back, cfg_back, tokenizer = hf.load(tmp_path / "fp32")
+    fp32 = open_model(tmp_path / "fp32")
+    back, cfg_back, tokenizer = fp32.model, fp32.config, fp32.tokenizer
     assert dataclasses.replace(cfg_back, name=cfg.name) == cfg
     for name, value in model_weights(back).items():
         np.testing.assert_array_equal(value, weights[name])
     ids = Tensor(np.random.default_rng(2).integers(0, 559, size=(2, 16)).astype(np.int32))
     np.testing.assert_array_equal(back(ids).asnumpy(), model(ids).asnumpy())
-    assert tokenizer.eos_token_id == 557 and hf.read_generation_config(tmp_path / "fp32")["eos_token_ids"] == [557]
-    _, bf16_weights, _ = hf.load_pretrained(tmp_path / "bf16")
+    assert tokenizer.eos_token_id == 557 and fp32.eos_token_ids == [557]
+    bf16_weights = open_model(tmp_path / "bf16", build=False).weights
     for name, value in bf16_weights.items():
         np.testing.assert_array_equal(value, weights[name].astype(ml_dtypes.bfloat16).astype(np.float32))
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

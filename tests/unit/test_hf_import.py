@@ -17,9 +17,9 @@ from mindspore import Tensor
 from ascend_llm.cli.main import main as cli_main
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError
-from ascend_llm.interop import hf
 from ascend_llm.interop.hf_config import model_config_from_hf
 from ascend_llm.interop.safetensors_io import read_tensors
+from ascend_llm.interop.source import open_model
 from ascend_llm.models.llama import rope_inv_freq
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
@@ -44,7 +44,8 @@ def pynative():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_tokenizer_and_chat_template_match_transformers(name):
-    model, cfg, tokenizer = hf.load(fixture(name))
+    opened = open_model(fixture(name))
+    model, cfg, tokenizer = opened.model, opened.config, opened.tokenizer
     golden = read_tensors(fixture(f"{name}.golden.safetensors"))
     meta = json.loads(fixture(f"{name}.golden.json").read_text())
     for ids_key, logits_key in (("text_input_ids", "text_logits"), ("batch_input_ids", "batch_logits")):
@@ -65,7 +66,7 @@ def test_config_features_per_family():
     assert (qwen2.num_kv_heads, qwen2.tie_embeddings, qwen2.qkv_bias, qwen2.rope_theta, qwen2.norm_eps) == \
         (1, True, True, 1e6, 1e-6)  # old-style keys: rope_theta at top level, torch_dtype
     assert (qwen3.head_dim, qwen3.dim // qwen3.num_heads, qwen3.qk_norm, qwen3.tie_embeddings) == (32, 16, True, True)
-    assert hf.read_generation_config(fixture("qwen3_qknorm"))["eos_token_ids"] == [559]
+    assert open_model(fixture("qwen3_qknorm"), weights=False).eos_token_ids == [559]
 
 
 def _llama3(hd, original):

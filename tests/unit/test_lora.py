@@ -12,6 +12,7 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import ConfigError
 from ascend_llm.interop import hf
 from ascend_llm.interop.export import export_hf
+from ascend_llm.interop.source import open_model
 from ascend_llm.models.llama import build_model
 from ascend_llm.models.lora import LoraConfig, LoraDense, apply_lora, merged_weights
 
@@ -67,7 +68,7 @@ def test_only_the_adapter_trains_and_merge_reproduces_logits(tmp_path):
     hf.assign_weights(plain, merged)
     np.testing.assert_allclose(plain(ids).asnumpy(), unmerged, rtol=0, atol=1e-5)
     out = export_hf(tmp_path / "merged", cfg, merged, dtype="fp32")
-    _, exported, _ = hf.load_pretrained(out)
+    exported = open_model(out, build=False).weights
     reloaded = build_model(cfg)
     hf.assign_weights(reloaded, exported)
     np.testing.assert_allclose(reloaded(ids).asnumpy(), unmerged, rtol=0, atol=1e-5)

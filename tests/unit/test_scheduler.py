@@ -13,7 +13,7 @@ import pytest
 from mindspore import Tensor
 
 from ascend_llm.inference import Engine, Request, RequestError, SamplingParams, Scheduler
-from ascend_llm.interop import hf
+from tests.conftest import open_fixture
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
@@ -24,7 +24,7 @@ def loaded(name: str):
     if FIXTURES is None:
         pytest.skip("shared fixtures absent: ../shared/fixtures/hf")
     if name not in _LOADED:
-        _LOADED[name] = hf.load(FIXTURES / name) + (json.loads((FIXTURES / f"{name}.golden.json").read_text()),)
+        _LOADED[name] = open_fixture(FIXTURES / name) + (json.loads((FIXTURES / f"{name}.golden.json").read_text()),)
     return _LOADED[name]
 
 
