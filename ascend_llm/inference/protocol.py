@@ -68,7 +68,7 @@ class Limits:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "4" or true for an int is a 400, as OpenAI answers
 
 
 class StreamOptions(_Body):

@@ -33,6 +33,13 @@ def refused(kind, body: dict, limits: Limits = LIMITS) -> str:
     return info.value.field
 
 
+@pytest.mark.parametrize("field,value", [("max_tokens", "4"), ("max_tokens", True), ("n", 1.0), ("seed", "7"),
+                                         ("temperature", "0.5"), ("stream", "yes"), ("top_logprobs", 2.0)])
+def test_values_of_the_wrong_json_type_are_refused_not_coerced(field, value):
+    """OpenAI answers 400 for "4" or true where an integer belongs; pydantic's lax mode would read them as 4 and 1."""
+    assert refused(ChatCompletionRequest, {**CHAT, field: value}) == field
+
+
 @pytest.mark.parametrize("field,value", [
     ("seed", -1), ("seed", 2 ** 63), ("temperature", 1e-310), ("temperature", float("inf")),
     ("temperature", float("nan")), ("temperature", -0.5), ("temperature", 2.5), ("repetition_penalty", 1e-320),
