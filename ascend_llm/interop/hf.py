@@ -6,7 +6,6 @@ is the one entry point; these are its pieces.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import MAX_POSITIONS
 from ascend_llm.interop.names import from_hf, to_hf
 from ascend_llm.interop.safetensors_io import read_header, read_tensors
+from ascend_llm.tokenizer.hf import parse_json_object
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -31,14 +31,10 @@ def _read_json_object(file: Path) -> dict:
     try:
         if file.stat().st_size > MAX_JSON_BYTES:
             raise InteropError(str(file), f"{file.stat().st_size} bytes", f"must be at most {MAX_JSON_BYTES} bytes")
-        value = json.loads(file.read_text(encoding="utf-8"))
+        data = file.read_bytes()
     except OSError as exc:
         raise InteropError(str(file), "unreadable", exc.strerror or str(exc)) from None
-    except ValueError as exc:  # also UnicodeDecodeError
-        raise InteropError(str(file), "unreadable", f"must be valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise InteropError(str(file), type(value).__name__, "must be a JSON object")
-    return value
+    return parse_json_object(data, str(file))
 
 
 def read_config(root: Path) -> dict:

@@ -29,7 +29,7 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import CheckpointError, InteropError
 from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
 from ascend_llm.tokenizer.bpe import EOS
-from ascend_llm.tokenizer.hf import TEXT_FILES, HFTokenizer
+from ascend_llm.tokenizer.hf import TEXT_FILES, HFTokenizer, parse_json_object
 
 
 @dataclass
@@ -68,18 +68,6 @@ class ModelSource:
 
 def _read_text_files(root: Path) -> dict[str, bytes]:
     return {name: (root / name).read_bytes() for name in TEXT_FILES if (root / name).is_file()}
-
-
-def _json_object(files: dict[str, bytes], name: str, root: Path) -> dict:
-    if name not in files:
-        return {}
-    try:
-        value = json.loads(files[name].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InteropError(str(root / name), "unreadable", f"must be valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise InteropError(str(root / name), type(value).__name__, "must be a JSON object")
-    return value
 
 
 def eos_ids(generation: dict, model_config: dict, tokenizer: HFTokenizer | None, where: str) -> list[int]:
@@ -135,7 +123,8 @@ def _text(source: ModelSource, model_config: dict | None = None) -> ModelSource:
     if source.kind != "hf" and "tokenizer.json" in files and "tokenizer_config.json" not in files:
         files.update({k: v for k, v in toolkit_text_files(files["tokenizer.json"]).items() if k not in files})
     source.tokenizer = HFTokenizer.from_files(files, root) if "tokenizer.json" in files else None
-    source.generation = _json_object(files, "generation_config.json", root)
+    gen = "generation_config.json"
+    source.generation = parse_json_object(files[gen], str(root / gen)) if gen in files else {}
     source.eos_token_ids = eos_ids(source.generation, model_config or {}, source.tokenizer,
                                    str(root / "generation_config.json"))
     return source
@@ -251,12 +240,10 @@ def _build(source: ModelSource, build: bool) -> ModelSource:
 
 
 def _is_quantized(config_file: Path) -> bool:
-    try:
-        saved = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InteropError(str(config_file), "unreadable", f"must be valid JSON ({exc})") from None
-    if not isinstance(saved, dict):
-        raise InteropError(str(config_file), type(saved).__name__, "must be a JSON object")
+    """Whether config.json is the quantized layout's ({"model", "quantization"}) rather than a Hugging Face one."""
+    from ascend_llm.interop.hf import read_config
+
+    saved = read_config(config_file.parent)
     return "quantization" in saved and "model" in saved
 
 

@@ -31,17 +31,21 @@ def _token_text(value) -> str | None:
     return value
 
 
-def _parse_json(files: dict[str, bytes], name: str, root: Path) -> dict:
-    """The JSON object in files[name] ({} when absent); InteropError naming the file when it is not one."""
-    if name not in files:
-        return {}
+def parse_json_object(data: bytes, where: str) -> dict:
+    """The JSON object encoded (UTF-8) in `data`; InteropError naming `where` (a file) when it is not valid
+    JSON or not an object. The one JSON-object reader of model directories (tokenizer, opener, HF import)."""
     try:
-        value = json.loads(files[name].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InteropError(str(Path(root) / name), "unreadable", f"must be valid JSON ({exc})") from None
+        value = json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise InteropError(where, "unreadable", f"must be valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise InteropError(str(Path(root) / name), type(value).__name__, "must be a JSON object")
+        raise InteropError(where, type(value).__name__, "must be a JSON object")
     return value
+
+
+def _parse_json(files: dict[str, bytes], name: str, root: Path) -> dict:
+    """parse_json_object of files[name], {} when absent."""
+    return parse_json_object(files[name], str(Path(root) / name)) if name in files else {}
 
 
 def _chat_template(config: dict) -> str | None:
