@@ -98,7 +98,7 @@ def _size(raw: dict, key: str, default: int | None = None, limit: int = MAX_TOKE
 def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig for a Hugging Face config dict; InteropError names the first unsupported, missing or malformed
     key (a size that is not a positive integer, or beyond what the model can index). Sizes are not yet compared
-    with the weights: interop/hf.check_config_fits does that before a model is built."""
+    with the weights: interop/hf_files.check_config_fits does that before a model is built."""
     if not isinstance(raw, dict):
         raise InteropError("config.json", type(raw).__name__, "must be a JSON object")
     heads, dim = _size(raw, "num_attention_heads"), _size(raw, "hidden_size")

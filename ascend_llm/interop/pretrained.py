@@ -41,6 +41,6 @@ def pretrained_weights(path: str | Path) -> dict[str, np.ndarray]:
 
 def load_pretrained_weights(model, cfg: ModelConfig) -> None:
     """Copy the weights of cfg.pretrained into a freshly built model; every parameter given, exact shapes."""
-    from ascend_llm.interop.hf import assign_weights
+    from ascend_llm.interop.hf_files import assign_weights
 
     assign_weights(model, pretrained_weights(cfg.pretrained), source=str(cfg.pretrained))

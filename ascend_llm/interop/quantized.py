@@ -109,7 +109,7 @@ def load_quantized(directory: Path):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(str(directory), "unreadable", f"needs config.json (model, quantization) and "
                               f"model.safetensors ({exc})") from None
-    from ascend_llm.interop.hf import HF_FIELDS, check_sizes
+    from ascend_llm.interop.hf_files import HF_FIELDS, check_sizes
 
     check_sizes(model_cfg, {k: v.shape for k, v in tensors.items()}, None, str(directory / "config.json"),
                 {k: f"model.{k}" for k in HF_FIELDS})  # before any model is built

@@ -131,8 +131,8 @@ def _text(source: ModelSource, model_config: dict | None = None) -> ModelSource:
 
 
 def _from_hf(root: Path, build: bool, weights: bool) -> ModelSource:
-    from ascend_llm.interop.hf import check_config_fits, read_config, read_hf_weights, weight_files
     from ascend_llm.interop.hf_config import model_config_from_hf
+    from ascend_llm.interop.hf_files import check_config_fits, read_config, read_hf_weights, weight_files
 
     raw = read_config(root)
     cfg = model_config_from_hf(raw, name=root.name)
@@ -170,7 +170,7 @@ def _checkpoint_weights(step: Path, meta: dict, tensors: dict,
     cfg.validate()
     arrays = tensors.get("model", {})
     if not any(name.endswith(".lora_a") for name in arrays):  # sizes against the tensors before any model is built
-        from ascend_llm.interop.hf import HF_FIELDS, check_sizes
+        from ascend_llm.interop.hf_files import HF_FIELDS, check_sizes
 
         check_sizes(cfg, {k: v.shape for k, v in arrays.items()}, sum(v.size for v in arrays.values()), where,
                     {k: f"parts.run.config.model.{k}" for k in HF_FIELDS})
@@ -229,7 +229,7 @@ def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights
 
 def _build(source: ModelSource, build: bool) -> ModelSource:
     if build:
-        from ascend_llm.interop.hf import assign_weights
+        from ascend_llm.interop.hf_files import assign_weights
         from ascend_llm.models.llama import build_model
 
         model = build_model(source.config)
@@ -241,7 +241,7 @@ def _build(source: ModelSource, build: bool) -> ModelSource:
 
 def _is_quantized(config_file: Path) -> bool:
     """Whether config.json is the quantized layout's ({"model", "quantization"}) rather than a Hugging Face one."""
-    from ascend_llm.interop.hf import read_config
+    from ascend_llm.interop.hf_files import read_config
 
     saved = read_config(config_file.parent)
     return "quantization" in saved and "model" in saved

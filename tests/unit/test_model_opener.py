@@ -239,3 +239,15 @@ def test_a_quantized_directory_cannot_be_trained_from(tmp_path):
                    opened.text_files)
     with pytest.raises(InteropError, match="quantized"):
         pretrained_architecture(tmp_path / "q")
+
+
+def test_the_documented_import_paths_still_open_models_the_one_way():
+    """Scripts written against `hf.load` and `ascend_llm.interop.tokenizer` keep working, through the opener."""
+    from ascend_llm.interop import hf
+    from ascend_llm.interop.tokenizer import HFTokenizer as Legacy
+    from ascend_llm.tokenizer.hf import HFTokenizer
+
+    model, cfg, tokenizer = hf.load(fixture("qwen3_qknorm"))
+    opened = open_model(fixture("qwen3_qknorm"), build=False)
+    assert cfg == opened.config and Legacy is HFTokenizer and isinstance(tokenizer, HFTokenizer)
+    assert {p.name for p in model.get_parameters()} == set(opened.weights)
