@@ -18,6 +18,7 @@ from ascend_llm.errors import InteropError
 from ascend_llm.interop.hf_config import MAX_POSITIONS
 from ascend_llm.interop.names import from_hf, to_hf
 from ascend_llm.interop.safetensors_io import read_header, read_tensors
+from ascend_llm.store.files import is_plain_relative
 from ascend_llm.tokenizer.hf import parse_json_object
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -48,7 +49,7 @@ def read_config(root: Path) -> dict:
 def inside(root: Path, name: object, field: str) -> Path:
     """root/name for a file name read from a file in root (an index, state.json): a plain relative path that
     stays inside root. InteropError naming `field` for `../x`, absolute paths, empty or non-string names."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    if not is_plain_relative(name):
         raise InteropError(field, name, "must name a file inside the model directory (no '..', not absolute)")
     return Path(root) / name
 

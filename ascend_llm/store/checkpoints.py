@@ -18,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from ascend_llm.errors import CheckpointError
-from ascend_llm.store.files import sha256_file
+from ascend_llm.store.files import is_plain_relative, sha256_file
 
 logger = logging.getLogger("ascend_llm.train")
 FORMAT = 2
@@ -40,7 +40,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def _inside(root: Path, name: object) -> Path:
     """root/name, refusing a name that is not a plain relative path inside root (`../x`, `/abs`, `a/../../b`)."""
-    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+    if not is_plain_relative(name):
         raise CheckpointError(f"{root / STATE_FILE}:files", name, "must name a file inside the checkpoint directory")
     return root / name
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from ascend_llm.errors import OutputError, UserInputError
 
 __all__ = ["MARKER", "OutputError", "check_output_dir", "clean_stale", "finish_tree", "foreign_files", "fsync_path",
+           "is_plain_relative",
            "install_dir", "make_temp_dir", "output_errors", "pid_alive", "sha256_file", "temp_name",
            "write_dir_atomic", "write_file_atomic"]
 
@@ -56,6 +57,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def is_plain_relative(name: object) -> bool:
+    """Whether `name` (read from a file: an index, state.json) is a non-empty relative path without '..' parts,
+    i.e. it names a file inside the directory it is joined to."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def fsync_path(path: str | os.PathLike) -> None:
