@@ -80,15 +80,14 @@ def _eager_steps(session):
     """The session's step functions rebuilt for PyNative (so each collective is a Python call to record)."""
     import mindspore as ms
 
-    from ascend_llm.train.step import build_step_functions, cross_entropy_loss, masked_cross_entropy_loss
+    from ascend_llm.train.step import build_step_functions
 
     recipe = session.recipe
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    plain = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
     return build_step_functions(session.model, session.optimizer, recipe.optim.grad_clip,
                                 session.layout.grad_reducer(session.world_size), session.precision.scaler, False,
-                                loss_fn=session.layout.loss_fn(recipe.model.vocab_size, plain),
-                                grad_norm=session.layout.grad_norm(session.optimizer.params))
+                                grad_norm=session.layout.grad_norm(session.optimizer.params),
+                                objective=session.objective)
 
 
 def step_worker(overrides: list[str], out_prefix: str, steps: int, warmup: int, repeats: int) -> None:

@@ -8,6 +8,7 @@ from ascend_llm.config.attention import AttentionConfig
 from ascend_llm.config.data import DataConfig
 from ascend_llm.config.lora import LoraConfig
 from ascend_llm.config.model import ModelConfig
+from ascend_llm.config.objective import ObjectiveConfig
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.config.parallel import (
     ClusterConfig,
@@ -39,13 +40,14 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def validate(self) -> RecipeConfig:
         """Resolve data_parallel_degree=0, validate every group and the cross-group rules; returns self. Raises
         ConfigError naming the first bad field."""
         resolve_data_parallel(self.parallel, self.cluster)
         for name in ("model", "attention", "data", "optim", "train", "runtime", "precision", "parallel", "cluster",
-                     "lora"):
+                     "lora", "objective"):
             getattr(self, name).validate(name)
         self._validate_cross_group()
         return self

@@ -33,6 +33,7 @@ from ascend_llm.train.build import ModelConverters, build_converters
 from ascend_llm.train.checkpoint import CheckpointManager, guard_fresh_run, sha256_file
 from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import MetricsLog, Throughput
+from ascend_llm.train.objective import LanguageModeling, Objective, build_objective
 from ascend_llm.train.runtime import peak_tflops, setup_runtime
 from ascend_llm.train.state import DataState, OptimizerState, ParameterState, RunState
 from ascend_llm.train.step import StepFunctions, build_step_functions, cross_entropy_loss, masked_cross_entropy_loss
@@ -65,6 +66,7 @@ class Session:
     progress: Any = None
     nonfinite_streak: int = 0
     checkpointed_step: int | None = None  # the last step save_checkpoint was called for
+    objective: Objective = field(default_factory=lambda: LanguageModeling(cross_entropy_loss))
     losses: list[float] = field(default_factory=list)
     val_losses: list[tuple[int, float]] = field(default_factory=list)
 
@@ -110,9 +112,12 @@ def data_identity(recipe: RecipeConfig, prepared_all: list) -> dict:
             "global_batch_size": recipe.train.global_batch_size}
 
 
-def _build_data(recipe: RecipeConfig, main_rank: bool):
+def _build_data(recipe: RecipeConfig, main_rank: bool, objective: Objective):
     """Every source prepared (cached; atomic, so ranks racing on a first preparation keep one result) and the
-    dataset over them (PackedDataset, or BlendedDataset for data.sources)."""
+    dataset over them (PackedDataset, or BlendedDataset for data.sources), unless the objective reads its own."""
+    own = objective.build_data(recipe, main_rank)
+    if own is not None:
+        return own
     prepared_all = prepare_sources(recipe.data, progress=main_rank and recipe.train.progress)
     vocab = prepared_all[0].meta["vocab_size"]
     if vocab > recipe.model.vocab_size:
@@ -163,7 +168,13 @@ def build_session(recipe: RecipeConfig) -> Session:
     check_param_dtype(recipe, device)
     rank, world = init_distributed(recipe.parallel, recipe.cluster)  # before data: see parallel/dp.py
     layout = TrainLayout(recipe.parallel, build_groups(recipe.parallel))  # every rank, before the model
-    prepared_all, dataset = _build_data(recipe, rank == 0)
+    plain_loss = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
+    objective = build_objective(recipe, layout.loss_fn(recipe.model.vocab_size, plain_loss,
+                                                       masked=recipe.data.document_mask))
+    if layout.cp > 1 and not objective.splits_sequence:
+        raise ConfigError("parallel.context_parallel_degree", recipe.parallel.context_parallel_degree,
+                          f"must be 1 with objective.name={objective.name} (its batches are not token sequences)")
+    prepared_all, dataset = _build_data(recipe, rank == 0, objective)
     prepared = prepared_all[0]  # the tokenizer, vocabulary and EOS id are shared by every source
     if cfg.resume == "none" and (rank == 0 or not cfg.overwrite):  # with overwrite, rank 0 alone clears
         guard_fresh_run(Path(cfg.output_dir), cfg.overwrite)
@@ -175,16 +186,13 @@ def build_session(recipe: RecipeConfig) -> Session:
         from ascend_llm.interop.pretrained import load_pretrained_weights
 
         load_pretrained_weights(model, recipe.model)
-    model = converters.convert(model)
+    model = objective.wrap_model(converters.convert(model))
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe, layout.groups)
     precision = build_precision_runtime(model, recipe.precision)
-    plain_loss = masked_cross_entropy_loss if recipe.data.document_mask else cross_entropy_loss
     steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),
-                                 precision.scaler, recipe.runtime.mode == "graph",
-                                 loss_fn=layout.loss_fn(recipe.model.vocab_size, plain_loss,
-                                                         masked=recipe.data.document_mask),
-                                 grad_norm=layout.grad_norm(params))
+                                 precision.scaler, recipe.runtime.mode == "graph", grad_norm=layout.grad_norm(params),
+                                 objective=objective)
     sharding = layout.sharding(model, converters.get("tensor_parallel").full_shapes)
     data = DataState(data_identity(recipe, prepared_all))
     run = RunState(OmegaConf.to_container(OmegaConf.structured(recipe)), seed=cfg.seed)
@@ -197,7 +205,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
                             peak_tflops(recipe.runtime, device) * 1e12 * world)
     return Session(recipe, rank, world, device, prepared, dataset, model, converters, optimizer, precision, steps,
-                   data, run, checkpoints, throughput, layout, start_step=start_step)
+                   data, run, checkpoints, throughput, layout, start_step=start_step, objective=objective)
 
 
 def open_outputs(session: Session) -> None:

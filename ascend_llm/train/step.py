@@ -18,6 +18,7 @@ from mindspore import Tensor, amp, nn, ops
 from ascend_llm.optim.adamw import AdamW, clip_by_global_norm, clip_to_norm
 from ascend_llm.optim.each import add_each, scale_each
 from ascend_llm.train.loss import token_cross_entropy
+from ascend_llm.train.objective import LanguageModeling, Objective
 
 
 def cross_entropy_loss(logits, labels):
@@ -37,60 +38,70 @@ EVAL_ROWS_CPU = 1  # rows per compiled evaluation call on CPU (see row_chunked)
 
 
 def row_chunked(fn: Callable, rows: int) -> Callable:
-    """`fn(x, y, segment_ids=None) -> mean loss` evaluated `rows` batch rows at a time, combined as the
+    """`fn(*batch) -> (mean loss, *mean aux)` evaluated `rows` batch rows at a time, each value combined as the
     row-weighted mean of the chunk means (float64 on the host; equal to the whole-batch mean up to float32
     rounding, since every label counts when there are no segment ids).
 
     Why: graph mode on CPU keeps a buffer for every intermediate of a compiled graph for the life of the process
     (DESIGN.md), so a whole-batch evaluation graph adds a forward's worth of activations to the training
     graph's buffers (tiny, 8 x 256 tokens: ~400 MiB of peak RSS); one row at a time adds an eighth of that.
-    Document-masked batches (segment ids: loss over labels != -100 only) run whole, as do batches of at most
-    `rows` rows."""
+    Document-masked batches (a third (B, S) array, segment ids: loss over labels != -100 only) run whole, as do
+    batches of at most `rows` rows."""
 
-    def run(x, y, segment_ids=None):
-        total = x.shape[0]
-        if segment_ids is not None or total <= rows:
-            return fn(x, y, segment_ids)
-        value = 0.0
+    def run(*batch):
+        total = batch[0].shape[0]
+        if len(batch) > 2 or total <= rows:
+            return fn(*batch)
+        values = None
         for start in range(0, total, rows):
             stop = min(start + rows, total)
-            value += float(fn(x[start:stop], y[start:stop]).asnumpy()) * (stop - start) / total
-        return Tensor(np.float32(value))
+            chunk = [float(v.asnumpy()) * (stop - start) / total for v in fn(*(b[start:stop] for b in batch))]
+            values = chunk if values is None else [a + b for a, b in zip(values, chunk)]
+        return tuple(Tensor(np.float32(v)) for v in values)
 
     return run
 
 
 @dataclass
 class StepFunctions:
-    grads: Callable  # (x, y, segment_ids=None) -> (loss, grads); labels -100 are ignored
+    grads: Callable  # (*batch) -> (loss, aux, grads); aux: the objective's extra scalars (a tuple)
     accumulate: Callable  # (acc, grads) -> acc
     apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
-    eval_loss: Callable  # (x, y, segment_ids=None) -> loss (reduced like the training loss)
+    eval_loss: Callable  # (*batch) -> (loss, *aux), reduced like the training loss
+    reduce_aux: Callable  # (aux tuple) -> aux averaged over data-parallel ranks (every rank calls it)
 
 
 def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, reduce: Callable, scaler,
                          graph: bool, loss_fn: Callable = cross_entropy_loss,
-                         grad_norm: Callable | None = None) -> StepFunctions:
+                         grad_norm: Callable | None = None, objective: Objective | None = None) -> StepFunctions:
     """`reduce` averages a tuple of tensors over data-parallel ranks (identity on one process); with context
     parallel it also sums the CP ranks' shares (train/layout.py). `loss_fn(logits, labels)` is the loss
     (masked for document-masked batches, vocab-parallel with TP/CP). `grad_norm(grads)`, when given (TP:
     `parallel.tp.TPGradNorm`), is the global norm over all shards: clipping uses it, and a step is finite when
     it is (so every TP rank agrees). With a ZeRO-2 optimizer (`optimizer.stage == 2`) the update
     reduce-scatters gradients to shards instead of all-reducing them (parallel/zero.py); with ZeRO-1 the
-    optimizer slices the all-reduced gradients itself."""
+    optimizer slices the all-reduced gradients itself. `objective` (train/objective.py) says what is minimised:
+    `objective.loss(model, *batch) -> (loss, aux)`; default: next-token cross-entropy with `loss_fn`."""
     params = optimizer.params
+    objective = objective if objective is not None else LanguageModeling(loss_fn)
 
-    def forward(x, y, segment_ids=None):
-        return loss_fn(model(x, segment_ids), y)
+    def forward(*batch):
+        return objective.loss(model, *batch)
 
-    def scaled_forward(x, y, segment_ids=None):
-        return scaler.scale(forward(x, y, segment_ids))
+    def scaled_forward(*batch):
+        loss, aux = forward(*batch)
+        return (scaler.scale(loss),) + tuple(aux)  # aux scalars are outputs, not differentiated (has_aux)
 
-    grad_fn = ms.value_and_grad(scaled_forward, None, params)
+    def scaled_loss(*batch):
+        return scaled_forward(*batch)[0]
 
-    def grads(x, y, segment_ids=None):
-        loss, grads_ = grad_fn(x, y, segment_ids)
-        return scaler.unscale(loss), grads_
+    has_aux = bool(objective.aux_names)
+    grad_fn = ms.value_and_grad(scaled_forward if has_aux else scaled_loss, None, params, has_aux=has_aux)
+
+    def grads(*batch):
+        values, grads_ = grad_fn(*batch)
+        loss, aux = (values[0], tuple(values[1:])) if has_aux else (values, ())
+        return scaler.unscale(loss), aux, grads_
 
     def accumulate(acc, new):
         return add_each(acc, new)
@@ -124,12 +135,16 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
             optimizer.apply_shards(shards, lr)
         return loss, norm, finite
 
-    def eval_loss(x, y, segment_ids=None):
-        return reduce((forward(x, y, segment_ids),))[0]
+    def eval_loss(*batch):
+        loss, aux = forward(*batch)
+        return reduce((loss,) + tuple(aux))
+
+    def reduce_aux(aux):
+        return reduce(tuple(aux))
 
     wrap = ms.jit if graph else (lambda fn: fn)
     update = apply_sharded if getattr(optimizer, "stage", 0) == 2 else apply
     evaluate = wrap(eval_loss)
     if graph and ms.get_context("device_target") == "CPU":
         evaluate = row_chunked(evaluate, EVAL_ROWS_CPU)
-    return StepFunctions(wrap(grads), wrap(accumulate), wrap(update), evaluate)
+    return StepFunctions(wrap(grads), wrap(accumulate), wrap(update), evaluate, wrap(reduce_aux))

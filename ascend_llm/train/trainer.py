@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mindspore import Tensor, mutable
@@ -41,6 +41,7 @@ class StepOutcome:
     grad_norm: float
     lr: float
     finite: bool  # False: the update was skipped (non-finite loss or gradients)
+    aux: dict[str, float] = field(default_factory=dict)  # the objective's extra scalars (aux_names)
 
 
 def train(recipe: RecipeConfig) -> dict:
@@ -82,26 +83,38 @@ def run_step(session: Session, step: int) -> StepOutcome:
     rows = session.dataset.train_indices(session.data.position, cfg.global_batch_size)
     local, micro = session.layout.local_rows(rows), session.micro_rows
     acc = loss_sum = None
+    aux_sum = np.zeros(len(session.objective.aux_names))
     for index in range(cfg.grad_accum_steps):
         batch = read_batch(session, local[index * micro:(index + 1) * micro])
-        loss, grads = steps.grads(*batch)
+        loss, aux, grads = steps.grads(*batch)
         acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
         loss_sum = loss if loss_sum is None else loss_sum + loss
+        aux_sum += [float(a.asnumpy()) for a in aux]
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
     loss, norm, finite = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
+    aux = reduced_aux(session, aux_sum / cfg.grad_accum_steps)
     session.data.advance(cfg.global_batch_size)
     session.throughput.step_done()
     loss_value = float(loss.asnumpy())
     ok = bool(np.asarray(finite.asnumpy() if hasattr(finite, "asnumpy") else finite)) and math.isfinite(loss_value)
     session.losses.append(loss_value)
-    return StepOutcome(step + 1, loss_value, float(norm.asnumpy()), lr, ok)
+    return StepOutcome(step + 1, loss_value, float(norm.asnumpy()), lr, ok, aux)
+
+
+def reduced_aux(session: Session, means: np.ndarray) -> dict[str, float]:
+    """The objective's extra scalars of this step, averaged over data-parallel ranks (every rank calls this)."""
+    names = session.objective.aux_names
+    if not names:
+        return {}
+    values = session.steps.reduce_aux(tuple(Tensor(np.float32(v)) for v in means))
+    return {name: float(v.asnumpy()) for name, v in zip(names, values)}
 
 
 def read_batch(session: Session, rows) -> tuple:
-    """(x, y) or, with data.document_mask, (x, y, segment_ids) as Tensors, this rank's part of the sequence
-    under context parallel: labels crossing a document boundary are -100 (ignored by the loss) and attention
-    stays inside each document."""
-    arrays = session.dataset.batch(rows, with_segments=session.recipe.data.document_mask)
+    """The objective's micro-batch as Tensors (language modeling: (x, y) or, with data.document_mask,
+    (x, y, segment_ids)), this rank's part of the sequence under context parallel: labels crossing a document
+    boundary are -100 (ignored by the loss) and attention stays inside each document."""
+    arrays = session.objective.read(session.dataset, rows, session.recipe.data.document_mask)
     return tuple(Tensor(a) for a in session.layout.local_batch(*arrays))
 
 
@@ -137,9 +150,9 @@ def step_record(session: Session, outcome: StepOutcome, events: list[dict]) -> d
     cfg, record = session.recipe.train, {}
     due = outcome.step % cfg.log_every == 0 or outcome.step == cfg.num_steps or outcome.step == session.start_step + 1
     if due:
-        record = {"step": outcome.step, "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-                  "skipped_steps": session.run.num_skipped_steps, **session.precision.metrics(),
-                  **session.converters.metrics(), **session.throughput.take()}
+        record = {"step": outcome.step, "loss": outcome.loss, **outcome.aux, "lr": outcome.lr,
+                  "grad_norm": outcome.grad_norm, "skipped_steps": session.run.num_skipped_steps,
+                  **session.precision.metrics(), **session.converters.metrics(), **session.throughput.take()}
         if session.recipe.data.sources:  # the realised mix of a blend, by sequences drawn so far
             record["data_mix"] = session.dataset.describe_mix(session.data.position)
     if events:
@@ -165,13 +178,17 @@ def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
     if len(indices) < rows:
         return record
     with session.throughput.pause():
-        losses = []
+        values = []  # per held-out micro-batch: (loss, *aux)
         for start in range(0, len(indices) - rows + 1, rows):
             batch = read_batch(session, session.layout.local_rows(indices[start:start + rows]))
-            losses.append(float(session.steps.eval_loss(*batch).asnumpy()))
-    val = float(np.mean(losses))
+            values.append([float(v.asnumpy()) for v in session.steps.eval_loss(*batch)])
+    means = np.mean(np.asarray(values, dtype=np.float64), axis=0)
+    val = float(means[0])
     session.val_losses.append((outcome.step, val))
-    return dict(record or {"step": outcome.step, "loss": outcome.loss}, val_loss=val, val_ppl=float(np.exp(val)))
+    extra = {f"val_{name}": float(v) for name, v in zip(session.objective.aux_names, means[1:])}
+    if session.objective.name == "lm":  # perplexity is exp of a token cross-entropy only
+        extra["val_ppl"] = float(np.exp(val))
+    return dict(record or {"step": outcome.step, "loss": outcome.loss}, val_loss=val, **extra)
 
 
 def write_record(session: Session, record: dict, outcome: StepOutcome) -> None:

@@ -1,5 +1,6 @@
 """Row-chunked evaluation (train/step.py `row_chunked`): the weighted mean of chunk means equals the
-whole-batch mean token cross-entropy, computed here in float64 NumPy."""
+whole-batch mean token cross-entropy, computed here in float64 NumPy; an objective's extra scalars (the
+tuple after the loss) are combined the same way."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def loss_of_rows(calls: list):
 
     def fn(x, y, segment_ids=None):
         calls.append(x.shape[0])
-        return Tensor(np.float32(numpy_cross_entropy(x.asnumpy(), y.asnumpy())))
+        accuracy = float((x.asnumpy().argmax(-1) == y.asnumpy()).mean())  # an extra scalar beside the loss
+        return Tensor(np.float32(numpy_cross_entropy(x.asnumpy(), y.asnumpy()))), Tensor(np.float32(accuracy))
 
     return fn
 
@@ -39,8 +41,9 @@ def loss_of_rows(calls: list):
 def test_chunked_mean_equals_whole_batch_mean(rows, chunk):
     logits, labels = make_batch(rows)
     calls = []
-    got = float(row_chunked(loss_of_rows(calls), chunk)(Tensor(logits), Tensor(labels)).asnumpy())
-    assert got == pytest.approx(numpy_cross_entropy(logits, labels), rel=1e-6)
+    loss, accuracy = row_chunked(loss_of_rows(calls), chunk)(Tensor(logits), Tensor(labels))
+    assert float(loss.asnumpy()) == pytest.approx(numpy_cross_entropy(logits, labels), rel=1e-6)
+    assert float(accuracy.asnumpy()) == pytest.approx(float((logits.argmax(-1) == labels).mean()), rel=1e-6)
     expected_calls = [min(chunk, rows - s) for s in range(0, rows, chunk)]
     assert calls == expected_calls
 

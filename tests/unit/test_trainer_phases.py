@@ -15,7 +15,9 @@ from ascend_llm.data.dataset import PackedDataset
 from ascend_llm.errors import TrainingDiverged
 from ascend_llm.train.layout import TrainLayout
 from ascend_llm.train.metrics import Throughput
+from ascend_llm.train.objective import LanguageModeling
 from ascend_llm.train.state import RunState
+from ascend_llm.train.step import cross_entropy_loss
 from ascend_llm.train.trainer import StepOutcome, check_finite, step_record, validate
 
 
@@ -52,6 +54,7 @@ def session(*overrides, calibrating=False, dataset=None, dp=1, dp_rank=0, steps=
                                  converters=types.SimpleNamespace(metrics=dict), nonfinite_streak=0,
                                  throughput=Throughput(100, 1.0, 1.0), progress=FakeBar(), start_step=0,
                                  dataset=dataset, micro_rows=4 // dp, val_losses=[], steps=steps,
+                                 objective=LanguageModeling(cross_entropy_loss),
                                  layout=layout(dp, dp_rank))
 
 
@@ -108,7 +111,8 @@ def test_validation_under_data_parallel_reads_the_windows_of_one_process():
     seen = {}
     for dp, rank in ((1, 0), (2, 0), (2, 1)):
         batches = seen.setdefault((dp, rank), [])
-        steps = types.SimpleNamespace(eval_loss=lambda x, y, b=batches: b.append(x.asnumpy()) or Tensor(np.float32(0)))
+        steps = types.SimpleNamespace(
+            eval_loss=lambda x, y, b=batches: b.append(x.asnumpy()) or (Tensor(np.float32(0)),))
         validate(session("train.val_batches=3", dataset=dataset, dp=dp, dp_rank=rank, steps=steps),
                  StepOutcome(10, 2.0, 0.5, 1e-3, True), {})
     one = seen[(1, 0)]

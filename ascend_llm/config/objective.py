@@ -1,0 +1,29 @@
+"""Training objective schema (recipe group `objective/`): what the trainer minimises.
+
+`lm` is next-token cross-entropy (pretraining and SFT). Other objectives (preference tuning, distillation,
+contrastive alignment, captioning) register a builder below; each keeps its settings in its own sub-config field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ascend_llm.errors import ConfigError
+
+# objective name -> "module:function" of its builder, imported by train/objective.py only when chosen (a string,
+# so that this schema layer imports nothing above it). The builder is called as fn(recipe, lm_loss) -> Objective.
+OBJECTIVES: dict[str, str] = {
+    "lm": "ascend_llm.train.objective:build_language_modeling",
+}
+
+
+@dataclass
+class ObjectiveConfig:
+    """name: the registered objective (OBJECTIVES above); `lm` is next-token cross-entropy."""
+
+    name: str = "lm"
+
+    def validate(self, prefix: str = "objective") -> None:
+        """Raises ConfigError naming `objective.name` when it is not a registered objective."""
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"{prefix}.name", self.name, "allowed: " + ", ".join(OBJECTIVES))
