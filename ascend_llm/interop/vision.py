@@ -1,0 +1,215 @@
+"""Import Hugging Face CLIP and SigLIP directories (`CLIPModel`, `SiglipModel`): config.json, safetensors,
+preprocessor_config.json and the tokenizer, into a `DualEncoder` (models/clip.py).
+
+Name map (transformers 5.25 layout; see ../shared/fixtures/README.md "Notes for importer authors"):
+`{vision,text}_model.encoder.layers.L.{self_attn.{q,k,v,out}_proj, layer_norm{1,2}, mlp.fc{1,2}}` ->
+`{vision,text}.layers.L.{attention.{wq,wk,wv,wo}, {attention,ffn}_norm, feed_forward.w{1,2}}`; the patch
+convolution (D, C, p, p) becomes a Dense (D, C*p*p); SigLIP's packed `head.attention.in_proj_{weight,bias}` is split
+into wq/wk/wv; CLIP's 0-d `logit_scale` becomes shape (1,).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ascend_llm.config.multimodal import DualEncoderConfig, TextTowerConfig, VisionConfig
+from ascend_llm.errors import InteropError
+
+ARCHITECTURES = {"CLIPModel": "clip", "SiglipModel": "siglip"}
+MODEL_TYPES = {"clip": "clip", "siglip": "siglip"}
+ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh"}
+_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+          "self_attn.out_proj": "attention.wo", "layer_norm1": "attention_norm", "layer_norm2": "ffn_norm",
+          "mlp.fc1": "feed_forward.w1", "mlp.fc2": "feed_forward.w2"}
+_FIXED = {"vision_model.embeddings.class_embedding": "vision.class_embedding",
+          "vision_model.embeddings.position_embedding.weight": "vision.position_embedding",
+          "vision_model.pre_layrnorm.weight": "vision.input_norm.weight",
+          "vision_model.pre_layrnorm.bias": "vision.input_norm.bias",
+          "vision_model.post_layernorm.weight": "vision.post_norm.weight",
+          "vision_model.post_layernorm.bias": "vision.post_norm.bias",
+          "vision_model.embeddings.patch_embedding.bias": "vision.patch_embedding.bias",
+          "vision_model.head.probe": "vision.head.probe",
+          "vision_model.head.layernorm.weight": "vision.head.norm.weight",
+          "vision_model.head.layernorm.bias": "vision.head.norm.bias",
+          "vision_model.head.attention.out_proj.weight": "vision.head.attention.wo.weight",
+          "vision_model.head.attention.out_proj.bias": "vision.head.attention.wo.bias",
+          "vision_model.head.mlp.fc1.weight": "vision.head.feed_forward.w1.weight",
+          "vision_model.head.mlp.fc1.bias": "vision.head.feed_forward.w1.bias",
+          "vision_model.head.mlp.fc2.weight": "vision.head.feed_forward.w2.weight",
+          "vision_model.head.mlp.fc2.bias": "vision.head.feed_forward.w2.bias",
+          "text_model.embeddings.token_embedding.weight": "text.token_embedding",
+          "text_model.embeddings.position_embedding.weight": "text.position_embedding",
+          "text_model.final_layer_norm.weight": "text.final_norm.weight",
+          "text_model.final_layer_norm.bias": "text.final_norm.bias",
+          "text_model.head.weight": "text.head.weight", "text_model.head.bias": "text.head.bias",
+          "visual_projection.weight": "visual_projection.weight", "text_projection.weight": "text_projection.weight",
+          "logit_scale": "logit_scale", "logit_bias": "logit_bias"}
+_LAYER_RE = re.compile(r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def family_of(raw: dict) -> str | None:
+    """`clip` or `siglip` when config.json describes a CLIP/SigLIP dual encoder, else None (another family)."""
+    archs = raw.get("architectures") or []
+    if len(archs) == 1 and archs[0] in ARCHITECTURES:
+        return ARCHITECTURES[archs[0]]
+    return MODEL_TYPES.get(raw.get("model_type")) if not archs else None
+
+
+def _int(section: dict, key: str, where: str, default: int | None = None) -> int:
+    value = section.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InteropError(f"{where}.{key}", value, "must be a non-negative integer")
+    return value
+
+
+def _act(section: dict, where: str) -> str:
+    name = section.get("hidden_act", "quick_gelu")
+    if name not in ACTIVATIONS:
+        raise InteropError(f"{where}.hidden_act", name, "allowed: " + ", ".join(ACTIVATIONS))
+    return ACTIVATIONS[name]
+
+
+def _section(raw: dict, key: str, where: str) -> dict:
+    section = raw.get(key)
+    if not isinstance(section, dict):
+        raise InteropError(f"{where}:{key}", section, "must be an object (the tower's config)")
+    return section
+
+
+def dual_encoder_config(raw: dict, where: str = "config.json") -> DualEncoderConfig:
+    """DualEncoderConfig from a CLIPModel/SiglipModel config.json dict (transformers' defaults where a key is absent:
+    eps 1e-5 for CLIP, 1e-6 for SigLIP). InteropError names the key for an unsupported value."""
+    family = family_of(raw)
+    if family is None:
+        raise InteropError(f"{where}:architectures", raw.get("architectures"), "allowed: " + ", ".join(ARCHITECTURES))
+    siglip = family == "siglip"
+    vraw, traw = _section(raw, "vision_config", where), _section(raw, "text_config", where)
+    vw, tw = f"{where}:vision_config", f"{where}:text_config"
+    if siglip and vraw.get("vision_use_head", True) is not True:
+        raise InteropError(f"{vw}.vision_use_head", vraw.get("vision_use_head"), "only the attention-pooling head "
+                                                                                 "(true) is supported")
+    eps = 1e-6 if siglip else 1e-5
+    vision = VisionConfig(
+        image_size=_int(vraw, "image_size", vw, 224), patch_size=_int(vraw, "patch_size", vw, 32),
+        num_channels=_int(vraw, "num_channels", vw, 3), dim=_int(vraw, "hidden_size", vw, 768),
+        num_layers=_int(vraw, "num_hidden_layers", vw, 12), num_heads=_int(vraw, "num_attention_heads", vw, 12),
+        ffn_hidden_dim=_int(vraw, "intermediate_size", vw, 3072), norm_eps=float(vraw.get("layer_norm_eps", eps)),
+        activation=_act(vraw, vw), pooling="attention" if siglip else "cls", patch_bias=siglip, pre_norm=not siglip)
+    eos = traw.get("eos_token_id", 2)
+    text = TextTowerConfig(
+        vocab_size=_int(traw, "vocab_size", tw, 49408), dim=_int(traw, "hidden_size", tw, 512),
+        num_layers=_int(traw, "num_hidden_layers", tw, 12), num_heads=_int(traw, "num_attention_heads", tw, 8),
+        ffn_hidden_dim=_int(traw, "intermediate_size", tw, 2048),
+        max_seq_len=_int(traw, "max_position_embeddings", tw, 77), norm_eps=float(traw.get("layer_norm_eps", eps)),
+        activation=_act(traw, tw), causal=not siglip,
+        pooling="last" if siglip else ("argmax" if eos == 2 else "eos"), eos_token_id=_int(traw, "eos_token_id", tw, 2),
+        pad_token_id=_int(traw, "pad_token_id", tw, 1),
+        head_dim_out=_int(traw, "projection_size", tw, _int(traw, "hidden_size", tw, 512)) if siglip else 0)
+    cfg = DualEncoderConfig(vision=vision, text=text, loss=family,
+                            projection_dim=0 if siglip else _int(raw, "projection_dim", where, 512),
+                            logit_scale_init=float(raw.get("logit_scale_init_value", 2.6592)),
+                            logit_bias_init=-10.0)
+    try:
+        cfg.validate()
+    except Exception as exc:
+        raise InteropError(where, family, f"describes a model this importer cannot build ({exc})") from None
+    return cfg
+
+
+def _split_in_proj(name: str, value: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    kind = name.rsplit("_", 1)[-1]  # weight | bias
+    for part, chunk in zip(("wq", "wk", "wv"), np.split(value, 3, axis=0)):
+        out[f"vision.head.attention.{part}.{kind}"] = chunk
+
+
+def toolkit_weights(tensors: dict[str, np.ndarray], cfg: DualEncoderConfig, where: str) -> dict[str, np.ndarray]:
+    """{DualEncoder parameter name: float32 array} from the Hugging Face tensors; InteropError names a tensor the
+    name map does not know (so nothing is silently dropped)."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        value = np.asarray(value, np.float32)
+        match = _LAYER_RE.match(name)
+        if match and match.group(3) in _LAYER:
+            tower, layer, part, kind = match.groups()
+            out[f"{tower}.layers.{layer}.{_LAYER[part]}.{kind}"] = value
+        elif name == "vision_model.embeddings.patch_embedding.weight":
+            out["vision.patch_embedding.weight"] = value.reshape(value.shape[0], -1)
+        elif name.startswith("vision_model.head.attention.in_proj_"):
+            _split_in_proj(name, value, out)
+        elif name in ("logit_scale", "logit_bias"):
+            out[name] = value.reshape(1)
+        elif name in _FIXED:
+            out[_FIXED[name]] = value
+        elif name.endswith("position_ids"):
+            continue  # a buffer some checkpoints carry, not a parameter
+        else:
+            raise InteropError(f"{where}:{name}", "unexpected", "not a CLIP/SigLIP tensor this importer knows")
+    if cfg.loss == "clip":
+        out.setdefault("logit_bias", np.full((1,), cfg.logit_bias_init, np.float32))
+    return out
+
+
+@dataclass
+class VisionSource:
+    """An opened CLIP/SigLIP directory: family (`clip`/`siglip`), config, model (a DualEncoder in inference mode or
+    None), weights {toolkit name: float32 array}, preprocess (data.images.ImagePreprocessor), tokenizer
+    (HFTokenizer or None), pad_to (text length for `max_length` padding: SigLIP's max_position_embeddings; 0 pads to
+    the longest caption)."""
+
+    family: str
+    path: Path
+    config: DualEncoderConfig
+    model: object = None
+    weights: dict | None = None
+    preprocess: object = None
+    tokenizer: object = None
+    pad_to: int = 0
+    weight_files: list[Path] = field(default_factory=list)
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask) (N, T) int32 as transformers' tokenizer call pads them: to the longest for
+        CLIP (`padding=True`), to max_position_embeddings for SigLIP (`padding='max_length'`); pad id from
+        text_config. InteropError when a text is longer than the tower's positions."""
+        from ascend_llm.data.images import pad_token_ids
+
+        return pad_token_ids([self.tokenizer.encode(t) for t in texts], self.config.text.pad_token_id,
+                             self.pad_to, self.config.text.max_seq_len)
+
+
+def load_vision_model(root: Path, build: bool = True, weights: bool = True) -> VisionSource:
+    """Open a CLIP/SigLIP Hugging Face directory (config.json, safetensors, preprocessor_config.json, tokenizer).
+    InteropError (one line naming the file and the field) for anything unreadable or unsupported."""
+    from ascend_llm.data.images import ImagePreprocessor
+    from ascend_llm.interop.hf_files import assign_weights, read_config, weight_files
+    from ascend_llm.interop.safetensors_io import read_tensors
+    from ascend_llm.tokenizer.hf import HFTokenizer
+
+    root = Path(root)
+    raw = read_config(root)
+    cfg = dual_encoder_config(raw, str(root / "config.json"))
+    files = weight_files(root) if weights else []
+    source = VisionSource(cfg.loss, root, cfg, weight_files=files,
+                          preprocess=ImagePreprocessor.from_dir(root, cfg.vision.image_size),
+                          pad_to=cfg.text.max_seq_len if cfg.loss == "siglip" else 0)
+    if (root / "tokenizer.json").is_file():
+        text = {n: (root / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
+                if (root / n).is_file()}
+        source.tokenizer = HFTokenizer.from_files(text, root)
+    if weights:
+        tensors: dict[str, np.ndarray] = {}
+        for file in files:
+            tensors.update(read_tensors(file))
+        source.weights = toolkit_weights(tensors, cfg, str(files[0]))
+    if build and weights:
+        from ascend_llm.models.clip import DualEncoder
+
+        model = DualEncoder(cfg)
+        assign_weights(model, source.weights, source=str(root))
+        model.set_train(False)
+        source.model = model
+    return source
