@@ -1,25 +1,18 @@
 """Supervised fine-tuning data (`data.format=sft`): chat records -> token ids with assistant-only labels,
 packed into windows with document masks.
 
-Records (.jsonl, one JSON object per line; .gz read through gzip), in one of three styles:
-- `{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}` (OpenAI / HF chat);
-- `{"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"model"|"system", "value": str}, ...]}`
-  (ShareGPT);
-- `{"instruction": str, "input": str (optional), "output": str, "system": str (optional)}` (Alpaca): the user
-  turn is the instruction, followed by a blank line and the input when the input is non-empty.
-
-Rendering follows `transformers.apply_chat_template`: the model's own chat template (interop HFTokenizer,
-jinja2) renders the whole conversation (add_generation_prompt=False) and the text is tokenized without added
-special tokens. Assistant spans in characters: for assistant message i, from the end of the rendering of
-messages[:i] with the generation prompt to the end of the rendering of messages[:i+1] (so the assistant's text
-and its end-of-turn token are learned, the prompt and the role header are not). A token carries a label when
-its first character lies in an assistant span; every other label is IGNORE_INDEX (-100).
+Records: .jsonl (one JSON object per line) or .json (one JSON array of objects), each optionally .gz, in the
+styles of data/records.py (OpenAI messages with text parts and tools, ShareGPT with system/tools, Alpaca with
+history). Rendering and labels: data/chat_render.py (the model's chat template renders the whole conversation as
+transformers' apply_chat_template does; assistant turns are located turn by turn, or by the template's
+{% generation %} blocks, and their tokens carry labels; every other label is IGNORE_INDEX (-100)).
 
 Too-long conversations (more than seq_len + 1 tokens): `data.sft_overlong=truncate` keeps the first
 seq_len + 1 tokens (dropped when no assistant token is left), `drop` drops them; both counted in the report.
-Bad records (undecodable line, invalid JSON, wrong shape, no assistant message, a template that does not render
-a conversation as growing prefixes) follow data.on_bad_record: `error` raises DataError naming file:line,
-`skip` counts them per file and reason.
+Bad records (undecodable line, invalid JSON, wrong shape, a refused field, no assistant message, a template that
+fails or whose assistant turns cannot be located) follow data.on_bad_record: `error` raises DataError naming
+file:line (or file:[index] in a .json array), `skip` counts them per file and reason and says so in one line
+per file on stderr.
 
 Prepared layout (atomic, like data/prepare.py): tokens.bin, doc_ends.bin (index of each conversation's last
 token), labels.bin (uint8, 1 where the token is an assistant token), tokenizer.json, meta.json.
@@ -30,100 +23,27 @@ the rest of a window is padding (EOS id, its own segment, no labels). Each conve
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from ascend_llm.data.chat_render import render_with_labels
 from ascend_llm.data.corpus import corpus_files
 from ascend_llm.data.dataset import IGNORE_INDEX
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.readers import BOM, open_binary
+from ascend_llm.data.records import BadRecord, record_conversation, record_messages
 from ascend_llm.errors import DataError, UserInputError
 from ascend_llm.store.files import write_dir_atomic
 
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "system": "system", "tool": "tool"}
+logger = logging.getLogger(__name__)
+__all__ = ["BadRecord", "SFTDataset", "encode_conversations", "prepare_sft", "read_records", "record_messages",
+           "render_with_labels"]
 
-
-class BadRecord(ValueError):
-    """A record that cannot be used: `reason` (the skip counter's key) and a message."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def _turns(items, role_key: str, text_key: str, roles: dict) -> list[dict]:
-    if not isinstance(items, list) or not items:
-        raise BadRecord("bad_messages", "must be a non-empty list of turns")
-    out = []
-    for i, turn in enumerate(items):
-        role = turn.get(role_key) if isinstance(turn, dict) else None
-        text = turn.get(text_key) if isinstance(turn, dict) else None
-        if role not in roles or not isinstance(text, str):
-            raise BadRecord("bad_messages", f"turn {i} must be an object with {role_key!r} in {sorted(roles)} "
-                            f"and a string {text_key!r}")
-        out.append({"role": roles[role], "content": text})
-    return out
-
-
-def record_messages(record) -> list[dict]:
-    """[{"role", "content"}] of one record in any of the three styles; BadRecord if it fits none."""
-    if not isinstance(record, dict):
-        raise BadRecord("not_object", "a record must be a JSON object")
-    if "messages" in record:
-        messages = _turns(record["messages"], "role", "content", {r: r for r in ROLES})
-    elif "conversations" in record:
-        messages = _turns(record["conversations"], "from", "value", SHAREGPT_ROLES)
-    elif "instruction" in record and "output" in record:
-        parts = [record.get(k) for k in ("instruction", "input", "output", "system")]
-        if not all(isinstance(p, str) for p in parts[:3:2]) or not all(p is None or isinstance(p, str)
-                                                                       for p in parts[1::2]):
-            raise BadRecord("bad_messages", "instruction and output must be strings (input, system: optional)")
-        instruction, given, output, system = parts
-        user = instruction + (f"\n\n{given}" if given else "")
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    else:
-        raise BadRecord("no_conversation", "a record needs `messages`, `conversations` or `instruction`+`output`")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord("no_assistant", "the conversation has no assistant turn to learn")
-    return messages
-
-
-def render_with_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    """(token ids, is-assistant flag per token) of a conversation rendered with the chat template (module doc).
-
-    tokenizer: interop HFTokenizer. BadRecord("template") when a prefix rendering is not a prefix of the whole."""
-    full = tokenizer.render_chat(messages, add_generation_prompt=False)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
-        end = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
-        if not (full.startswith(start) and full.startswith(end) and len(end) > len(start)):
-            raise BadRecord("template", f"the chat template does not render turn {i} as a growing prefix of the "
-                            "conversation, so assistant tokens cannot be located")
-        spans.append((len(start), len(end)))
-    encoding = tokenizer.tokenizer.encode(full, add_special_tokens=False)
-    flags = [any(a <= s < b for a, b in spans) for s, _ in encoding.offsets]
-    return list(encoding.ids), flags
-
-
-def _records(path: Path):
-    """(line number, raw bytes) of each non-blank line of a .jsonl(.gz) file."""
-    with open_binary(path) as handle:
-        for number, raw in enumerate(handle, 1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if raw.strip():
-                yield number, raw
-
-
-def _parse(raw: bytes):
+def _decode(raw: bytes):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -134,21 +54,59 @@ def _parse(raw: bytes):
         raise BadRecord("invalid_json", f"invalid JSON ({exc})") from None
 
 
+def read_records(path: Path):
+    """(where, record or BadRecord) of each record of a file: a .json(.gz) file holding one JSON array (where =
+    "[k]"; a file that is not an array is one bad record), else .jsonl lines (where = line number, blank lines
+    skipped)."""
+    if path.name.removesuffix(".gz").endswith(".json"):
+        with open_binary(path) as handle:
+            raw = handle.read()
+        try:
+            records = _decode(raw[len(BOM):] if raw.startswith(BOM) else raw)
+        except BadRecord as exc:
+            yield 1, exc
+            return
+        if not isinstance(records, list):
+            yield 1, BadRecord("not_array", f"a .json SFT file must hold one JSON array of records, not a "
+                               f"{type(records).__name__}")
+            return
+        yield from ((f"[{k}]", record) for k, record in enumerate(records))
+        return
+    with open_binary(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if raw.strip():
+                try:
+                    yield number, _decode(raw)
+                except BadRecord as exc:
+                    yield number, exc
+
+
+def _say_skips(path: Path, skipped: Counter, first: str) -> None:
+    """One console line (stderr) per file with skipped records: counts by reason and the first one's message."""
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+    print(f"prepare: {path}: skipped {sum(skipped.values())} record(s) ({counts}); first: {first}", file=sys.stderr)
+
+
 def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[bool]], dict]:
     """Every usable conversation of data.path as (ids, flags), cut or dropped per data.sft_overlong; the report."""
     limit = cfg.seq_len + 1
     corpus = corpus_files(cfg.path, "jsonl")
     ids_all, flags_all, counts, per_file = [], [], Counter(), {}
     for path, _ in corpus.files:
-        skipped = Counter()
-        for number, raw in _records(path):
+        skipped, first = Counter(), ""
+        for number, record in read_records(path):
             counts["records"] += 1
             try:
-                ids, flags = render_with_labels(tokenizer, record_messages(_parse(raw)))
+                if isinstance(record, BadRecord):
+                    raise record
+                ids, flags = render_with_labels(tokenizer, record_conversation(record))
             except BadRecord as exc:
                 if cfg.on_bad_record == "error":
                     raise DataError(f"{path}:{number}", exc.reason, f"{exc} (or set data.on_bad_record=skip)") from None
                 skipped[exc.reason] += 1
+                first = first or f"{path.name}:{number}: {exc}"
                 continue
             if len(ids) > limit:
                 if cfg.sft_overlong == "drop" or not any(flags[1:limit]):
@@ -160,6 +118,7 @@ def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[boo
             flags_all.append(flags)
         if skipped:
             per_file[str(path)] = dict(skipped)
+            _say_skips(path, skipped, first)
         counts.update({f"skipped_{k}": v for k, v in skipped.items()})
     report = {"source": corpus.source, "files": len(corpus.files), **dict(sorted(counts.items())),
               "conversations": len(ids_all), "tokens": sum(map(len, ids_all)),
@@ -250,6 +209,9 @@ class SFTDataset:
         self.rows, self.num_train, self.num_val = train + val, len(train), len(val)
         if self.num_train < 1:
             raise DataError("data.path", prepared.meta.get("source"), "no conversation left for training")
+        if val_fraction > 0 and not self.num_val:
+            logger.warning("data: %d conversation(s): none can be held out, so no val_loss (need 2 or more)",
+                           len(order))
         self._epoch, self._order = -1, np.empty(0, np.int64)
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -291,6 +253,11 @@ class SFTDataset:
         return out
 
     def val_indices(self, count: int) -> np.ndarray:
+        """Row ids of `count` held-out windows. A small SFT set with fewer held-out windows than asked for repeats
+        them in order up to `count` (so one validation micro-batch can be formed and val_loss is reported; each
+        window then weighs its number of repeats)."""
+        if 0 < self.num_val < count:
+            return self.num_train + np.arange(count, dtype=np.int64) % self.num_val
         return self.num_train + np.arange(min(count, self.num_val), dtype=np.int64)
 
     def describe_mix(self, position: int) -> dict:

@@ -11,6 +11,7 @@ tokenized without adding special tokens. The template comes from `chat_template.
 from __future__ import annotations
 
 import json
+from contextvars import ContextVar
 from datetime import datetime
 from pathlib import Path
 
@@ -57,6 +58,34 @@ def _chat_template(config: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
+_SPANS: ContextVar = ContextVar("generation_spans", default=None)  # (rendered pieces, spans) while tracked
+
+
+def _generation_extension():
+    """The `{% generation %}...{% endgeneration %}` block of transformers' AssistantTracker: while a render is
+    tracked, records (start, end) character offsets of each block's output."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class GenerationTracker(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_track"), [], [], body).set_lineno(lineno)
+
+        def _track(self, caller):
+            text = caller()
+            tracking = _SPANS.get()
+            if tracking is not None:
+                start = sum(map(len, tracking[0]))
+                tracking[1].append((start, start + len(text)))
+            return text
+
+    return GenerationTracker
+
+
 def _compile(template: str):
     import jinja2
     import jinja2.ext
@@ -68,7 +97,8 @@ def _compile(template: str):
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols,
+                                                                                        _generation_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -142,15 +172,32 @@ class HFTokenizer:
         """The text of `ids`; skip_special_tokens drops special tokens."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
-        """The chat template's text for `messages` ([{"role", "content"}]); InteropError when there is none."""
+    def _template(self):
         if not self.chat_template:
             raise InteropError(f"{self.root}/chat_template.jinja", "missing",
                                "this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json)")
         if self._compiled is None:
             self._compiled = _compile(self.chat_template)
-        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special, **extra)
+        return self._compiled
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The chat template's text for `messages` ([{"role", "content"}]); InteropError when there is none."""
+        return self._template().render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                       **self.special, **extra)
+
+    def render_chat_spans(self, messages: list[dict], add_generation_prompt: bool = False,
+                          **extra) -> tuple[str, list[tuple[int, int]]]:
+        """(text, character spans of the template's `{% generation %}` blocks), as transformers'
+        return_assistant_tokens_mask tracks them; spans are empty when the template has no such block."""
+        template, pieces, spans = self._template(), [], []
+        token = _SPANS.set((pieces, spans))
+        try:
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           **self.special, **extra):
+                pieces.append(piece)
+        finally:
+            _SPANS.reset(token)
+        return "".join(pieces), spans
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         """Token ids of `render_chat(messages, ...)`, encoded without adding special tokens (as transformers does).
