@@ -35,16 +35,28 @@ def model_weights(model: nn.Cell) -> dict[str, np.ndarray]:
             for p in model.get_parameters()}
 
 
-def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _ffn_names(cfg: ModelConfig, i: int) -> list[str]:
+    """Toolkit names of layer i's feed-forward tensors that map 1:1 (the stacked experts go through hf_moe)."""
+    if not cfg.is_sparse_layer(i):
+        return [f"feed_forward.{w}.weight" for w in ("w1", "w2", "w3")]
+    names = ["feed_forward.router.weight"]
+    if cfg.shared_expert_ffn_hidden_dim:
+        names += [f"feed_forward.shared_expert.{w}.weight" for w in ("w1", "w2", "w3")]
+        names += ["feed_forward.shared_expert_gate.weight"]
+    return names
+
+
+def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray], expert_layout: str = "per_expert") \
+        -> dict[str, np.ndarray]:
     """HF-named tensors in HF order (embeddings, layers, norm, head); toolkit-only tensors (optimizer or
-    precision state) are left out; a missing model tensor is an InteropError."""
+    precision state) are left out; a missing model tensor is an InteropError. MoE experts are written in
+    `expert_layout` (interop/hf_moe.py: per_expert, what Hub checkpoints hold, or fused)."""
     out = {}
     expected = ["tok_embeddings.weight"]
     for i in range(cfg.num_layers):
         layer = [f"layers.{i}.{n}" for n in ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
                                              "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
-                                             "feed_forward.w1.weight", "feed_forward.w2.weight",
-                                             "feed_forward.w3.weight")]
+                                             *_ffn_names(cfg, i))]
         if cfg.qkv_bias:
             layer += [f"layers.{i}.attention.{w}.bias" for w in ("wq", "wk", "wv")]
         if cfg.qk_norm:
@@ -55,6 +67,10 @@ def hf_tensors(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> dict[str, np
         if name not in weights:
             raise InteropError(f"weights:{name}", "missing", "every model tensor is needed for export")
         out[to_hf(name)] = np.asarray(weights[name], np.float32)
+    if cfg.num_experts:
+        from ascend_llm.interop.hf_moe import unstack_experts
+
+        out.update(unstack_experts(cfg, weights, expert_layout))
     return out
 
 
@@ -163,11 +179,13 @@ def hf_directory_files(cfg: ModelConfig, dtype: str, text_files: dict[str, bytes
 def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str = "bf16", *,
               text_files: dict[str, bytes] | None = None, eos_token_ids: list[int] | None = None,
               chat_template: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, field: str = "--output", protect: Iterable[Path] = ()) -> Path:
+              overwrite: bool = False, field: str = "--output", protect: Iterable[Path] = (),
+              expert_layout: str = "per_expert") -> Path:
     """Write a Hugging Face directory at out_dir. weights: toolkit names -> float arrays; dtype: bf16 (round to
     nearest even), fp16 or fp32; text_files: `ModelSource.text_files` (copied as they are); eos_token_ids:
     `ModelSource.eos_token_ids` (config.json's eos_token_id); chat_template: replaces the source's; overwrite,
-    field, protect (the source model's path): store/files.py `write_dir_atomic`'s output rule.
+    field, protect (the source model's path): store/files.py `write_dir_atomic`'s output rule; expert_layout:
+    MoE experts per_expert (default) or fused (interop/hf_moe.py).
     Returns out_dir. InteropError for bad arguments or a missing tensor, OutputError (naming `field`) for an
     existing non-empty out_dir without overwrite or an unwritable one; nothing half-written."""
     if dtype not in EXPORT_DTYPES:
@@ -175,7 +193,7 @@ def export_hf(out_dir: str | Path, cfg: ModelConfig, weights: dict[str, np.ndarr
     if weights is None:  # ModelSource.weights of a quantized directory
         raise InteropError("model", "quantized", "float weights are needed: export the original model, or use "
                                                  "`quantize --hf-gptq` for the quantized Hugging Face layout")
-    tensors = hf_tensors(cfg, weights)
+    tensors = hf_tensors(cfg, weights, expert_layout)
     files = hf_directory_files(cfg, dtype, text_files, eos_token_ids, chat_template)
 
     def fill(tmp: Path) -> None:

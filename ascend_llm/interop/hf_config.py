@@ -10,7 +10,9 @@ from __future__ import annotations
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import InteropError, UserInputError
 
-FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "Qwen2MoeForCausalLM": "qwen2_moe", "Qwen3MoeForCausalLM": "qwen3_moe"}
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe")
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _HF_DTYPE = {v: k for k, v in DTYPES.items()}
 
@@ -59,12 +61,12 @@ def _refuse_unsupported(raw: dict, family: str) -> None:
     if any(t != "full_attention" for t in layer_types):
         raise InteropError("config.json:layer_types", sorted(set(layer_types)), "allowed: full_attention only")
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if raw.get(key):
+        if raw.get(key) and (family not in MOE_FAMILIES or key == "n_routed_experts"):
             raise InteropError(f"config.json:{key}", raw[key], "mixture-of-experts models are not supported")
     if raw.get("quantization_config"):
         raise InteropError("config.json:quantization_config", raw["quantization_config"].get("quant_method"),
                            "quantized checkpoints are not supported; use unquantized weights")
-    if family != "qwen2" and raw.get("attention_bias"):
+    if family not in ("qwen2", "qwen2_moe") and raw.get("attention_bias"):
         raise InteropError("config.json:attention_bias", True, "allowed: false (o_proj bias is not supported)")
     if raw.get("mlp_bias"):
         raise InteropError("config.json:mlp_bias", True, "allowed: false")
@@ -95,6 +97,28 @@ def _size(raw: dict, key: str, default: int | None = None, limit: int = MAX_TOKE
     return value
 
 
+def _moe(raw: dict, family: str) -> dict:
+    """MoE fields of ModelConfig from a qwen2_moe / qwen3_moe config.json (Qwen3-MoE: `num_experts` on the Hub,
+    `num_local_experts` as transformers 5.25 writes it)."""
+    key = "num_experts" if raw.get("num_experts") is not None else "num_local_experts"
+    layers = raw.get("mlp_only_layers") or []
+    if not isinstance(layers, list) or not all(type(i) is int for i in layers):
+        raise InteropError("config.json:mlp_only_layers", layers, "must be a list of layer indices")
+    shared = 0
+    if family == "qwen2_moe" and raw.get("shared_expert_intermediate_size") not in (0, None):
+        shared = _size(raw, "shared_expert_intermediate_size")
+    norm = raw.get("norm_topk_prob", False)
+    if norm not in (True, False):
+        raise InteropError("config.json:norm_topk_prob", norm, "must be true or false")
+    coef = raw.get("router_aux_loss_coef", 0.001)
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or coef < 0:
+        raise InteropError("config.json:router_aux_loss_coef", coef, "must be a number >= 0")
+    return {"num_experts": _size(raw, key), "num_experts_per_tok": _size(raw, "num_experts_per_tok"),
+            "moe_ffn_hidden_dim": _size(raw, "moe_intermediate_size"), "shared_expert_ffn_hidden_dim": shared,
+            "norm_topk_prob": norm, "decoder_sparse_step": _size(raw, "decoder_sparse_step", default=1),
+            "mlp_only_layers": list(layers), "router_aux_loss_coef": float(coef)}
+
+
 def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
     """ModelConfig for a Hugging Face config dict; InteropError names the first unsupported, missing or malformed
     key (a size that is not a positive integer, or beyond what the model can index). Sizes are not yet compared
@@ -113,10 +137,12 @@ def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
             num_heads=heads, num_kv_heads=_size(raw, "num_key_value_heads", default=heads),
             ffn_hidden_dim=_size(raw, "intermediate_size"),
             max_seq_len=_size(raw, "max_position_embeddings", default=2048, limit=MAX_POSITIONS),
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qkv_bias=family == "qwen2",
+            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            qkv_bias=family == "qwen2" or (family == "qwen2_moe" and bool(raw.get("qkv_bias", True))),
             tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
             init_std=float(raw.get("initializer_range", 0.02)),
-            head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family == "qwen3", **rope)
+            head_dim_override=0 if head_dim * heads == dim else head_dim, qk_norm=family in ("qwen3", "qwen3_moe"),
+            **rope, **(_moe(raw, family) if family in MOE_FAMILIES else {}))
     except UserInputError:
         raise
     except (TypeError, ValueError, AttributeError) as exc:
@@ -126,10 +152,19 @@ def model_config_from_hf(raw: dict, name: str = "hf") -> ModelConfig:
 
 
 def family_for(cfg: ModelConfig) -> str:
-    """The HF family whose layout computes this ModelConfig: qwen3 (qk_norm), qwen2 (qkv bias) or llama.
-    InteropError when no family computes it (q/k norm together with q/k/v bias)."""
+    """The HF family whose layout computes this ModelConfig: with experts qwen3_moe (qk_norm) or qwen2_moe (shared
+    expert); else qwen3 (qk_norm), qwen2 (qkv bias) or llama. InteropError when no family computes it (q/k norm
+    together with q/k/v bias; experts with both or neither of q/k norm and a shared expert)."""
     if cfg.qk_norm and cfg.qkv_bias:
         raise InteropError("model.qkv_bias", True, "no Hugging Face family has both q/k norm and q/k/v bias")
+    if cfg.num_experts:
+        if cfg.qk_norm and cfg.shared_expert_ffn_hidden_dim:
+            raise InteropError("model.shared_expert_ffn_hidden_dim", cfg.shared_expert_ffn_hidden_dim,
+                               "Qwen3-MoE (q/k norm) has no shared expert; no Hugging Face family computes both")
+        if not cfg.qk_norm and not cfg.shared_expert_ffn_hidden_dim:
+            raise InteropError("model.shared_expert_ffn_hidden_dim", 0, "Qwen2-MoE (no q/k norm) has a shared "
+                               "expert: set it > 0, or qk_norm for the Qwen3-MoE layout")
+        return "qwen3_moe" if cfg.qk_norm else "qwen2_moe"
     return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
 
 
@@ -159,7 +194,14 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str, special: dict | None = No
     }
     if scaling:
         raw["rope_scaling"] = scaling
-    if family != "qwen2":
+    if family in MOE_FAMILIES:
+        raw.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_dim, norm_topk_prob=cfg.norm_topk_prob,
+                   decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers),
+                   router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False)
+        if family == "qwen2_moe":
+            raw.update(shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_dim, qkv_bias=cfg.qkv_bias)
+    if family not in ("qwen2", "qwen2_moe"):
         raw.update(attention_bias=False)
     if family == "llama":
         raw.update(mlp_bias=False, pretraining_tp=1)

@@ -141,11 +141,16 @@ def check_config_fits(cfg: ModelConfig, root: Path) -> None:
 def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Toolkit-named float32 weights from the directory; InteropError names an unknown or missing tensor, a size
     in config.json the weights do not hold (check_config_fits, before any tensor is read), or a malformed file."""
+    from ascend_llm.interop.hf_moe import is_expert_tensor, stack_experts
+
     check_config_fits(cfg, root)
-    weights = {}
+    weights, experts = {}, {}
     for file in weight_files(root):
         for hf_name, array in read_tensors(file).items():
             name = from_hf(hf_name)
+            if name is None and cfg.num_experts and is_expert_tensor(hf_name):
+                experts[hf_name] = array
+                continue
             if name is None:
                 if hf_name.endswith(IGNORED_SUFFIXES):
                     continue
@@ -154,6 +159,8 @@ def read_hf_weights(root: Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
             if name == "output.weight" and cfg.tie_embeddings:
                 continue
             weights[name] = array.astype(np.float32, copy=False)
+    if cfg.num_experts:  # stacked (E, ...) expert weights from either layout, every expert checked
+        weights.update(stack_experts(experts, cfg, str(root)))
     return weights
 
 

@@ -24,6 +24,12 @@ _LAYER = {
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
+    # MoE layers (Qwen2-MoE / Qwen3-MoE); the stacked experts are mapped by interop/hf_moe.py
+    "feed_forward.router.weight": "mlp.gate.weight",
+    "feed_forward.shared_expert.w1.weight": "mlp.shared_expert.gate_proj.weight",
+    "feed_forward.shared_expert.w2.weight": "mlp.shared_expert.down_proj.weight",
+    "feed_forward.shared_expert.w3.weight": "mlp.shared_expert.up_proj.weight",
+    "feed_forward.shared_expert_gate.weight": "mlp.shared_expert_gate.weight",
 }
 _GLOBAL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}

@@ -233,6 +233,7 @@ def _build(source: ModelSource, build: bool) -> ModelSource:
         from ascend_llm.models.llama import build_model
 
         model = build_model(source.config)
+        model.return_aux_loss = False  # inference: plain logits, also for MoE models (models/llama.py Transformer)
         assign_weights(model, source.weights, source=str(source.path))
         model.set_train(False)
         source.model = model

@@ -13,6 +13,7 @@ from mindspore import dtype as mstype
 
 from ascend_llm.attention.core import CoreAttention
 from ascend_llm.config.model import ModelConfig
+from ascend_llm.models.moe import build_feed_forward, layers_with_aux, moe_aux_loss, moe_param_count
 
 
 class RMSNormKernel(nn.Cell):
@@ -184,14 +185,16 @@ class FeedForward(nn.Cell):
 
 
 class TransformerBlock(nn.Cell):
-    """Pre-norm decoder layer: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+    """Pre-norm decoder layer: h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+    Layer `index` of a MoE config may be sparse (feed_forward a models/moe.py MoEFeedForward)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        self.is_sparse = cfg.is_sparse_layer(index)
+        self.feed_forward = build_feed_forward(cfg, index)
 
     def construct(self, x, cos, sin, segment_ids=None):
         """x (B, S, dim), cos/sin RoPE tables, segment_ids (B, S) int32 or None -> (B, S, dim), x's dtype."""
@@ -212,13 +215,19 @@ class Embedding(nn.Cell):
 
 
 class Transformer(nn.Cell):
-    """Decoder-only Llama: tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32."""
+    """Decoder-only Llama: tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32.
+
+    With sparse (MoE) layers and a router loss coefficient > 0, `return_aux_loss` is True and the model returns
+    (logits, aux_loss): the router losses already scaled by their coefficients (models/moe.py moe_aux_loss);
+    set it False for plain logits (the model opener does, for inference)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.CellList([TransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.layers = nn.CellList([TransformerBlock(cfg, i) for i in range(cfg.num_layers)])
+        self.num_sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
+        self.return_aux_loss = self.num_sparse > 0 and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.tie_embeddings = cfg.tie_embeddings
         if not cfg.tie_embeddings:
@@ -234,6 +243,11 @@ class Transformer(nn.Cell):
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.tok_embeddings(tokens)
+        if self.return_aux_loss:
+            h, stats, sparse = layers_with_aux(self.layers, h, cos, sin, segment_ids)
+            aux = moe_aux_loss(stats, tokens.shape[0] * seq * sparse, self.cfg.num_experts,
+                               self.cfg.router_aux_loss_coef, self.cfg.router_z_loss_coef)
+            return self.project_logits(h), aux
         for layer in self.layers:
             h = layer(h, cos, sin, segment_ids)
         return self.project_logits(h)
@@ -273,8 +287,11 @@ def count_params(cfg: ModelConfig, include_embedding: bool = True) -> int:
         attn += hd * (cfg.num_heads + 2 * cfg.num_kv_heads)
     if cfg.qk_norm:
         attn += 2 * hd
-    layer = attn + 3 * cfg.dim * cfg.ffn_hidden_dim + 2 * cfg.dim
-    total = cfg.num_layers * layer + cfg.dim
+    sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
+    dense = cfg.num_layers - sparse
+    total = cfg.num_layers * (attn + 2 * cfg.dim) + dense * 3 * cfg.dim * cfg.ffn_hidden_dim + cfg.dim
+    if sparse:
+        total += sparse * moe_param_count(cfg)[0]
     embedding = cfg.vocab_size * cfg.dim
     if not cfg.tie_embeddings:
         total += embedding
