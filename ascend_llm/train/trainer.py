@@ -106,7 +106,7 @@ def reduced_aux(session: Session, means: np.ndarray) -> dict[str, float]:
     names = session.objective.aux_names
     if not names:
         return {}
-    values = session.steps.reduce_aux(tuple(Tensor(np.float32(v)) for v in means))
+    values = session.steps.reduce_aux(mutable(tuple(Tensor(np.float32(v)) for v in means)))  # one compile
     return {name: float(v.asnumpy()) for name, v in zip(names, values)}
 
 
