@@ -23,12 +23,14 @@ class Objective:
     name: the registered name. aux_names: names of the extra scalars `loss` returns (logged as `<name>` per step
     and `val_<name>` at validation: means over micro-batches and data-parallel ranks). splits_sequence: the batch
     is (tokens, labels[, segment_ids]) of shape (B, S) each, which context parallel cuts along S; an objective
-    whose batch is not (False) makes the trainer refuse context_parallel_degree > 1.
+    whose batch is not (False) makes the trainer refuse context_parallel_degree > 1. samples_text: the trained
+    cell is a causal LM whose closing sample (train.sample_tokens) makes sense; False skips the sample.
     """
 
     name: str = "lm"
     aux_names: tuple[str, ...] = ()
     splits_sequence: bool = True
+    samples_text: bool = True
 
     def wrap_model(self, model: nn.Cell) -> nn.Cell:
         """The cell to train, given the built and converted model (default: the model itself). Its

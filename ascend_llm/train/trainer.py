@@ -23,6 +23,7 @@ from mindspore import Tensor, mutable
 
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.errors import TrainingDiverged
+from ascend_llm.store.files import output_errors, write_file_atomic
 from ascend_llm.train.checkpoint import list_checkpoints
 from ascend_llm.train.metrics import plot_loss
 from ascend_llm.train.sample import generate
@@ -88,6 +89,7 @@ def run_step(session: Session, step: int) -> StepOutcome:
         batch = read_batch(session, local[index * micro:(index + 1) * micro])
         loss, aux, grads = steps.grads(*batch)
         acc = mutable(grads) if acc is None else mutable(steps.accumulate(acc, mutable(grads)))
+        del grads  # not alive during the next micro-batch's backward (one gradient set fewer at the peak)
         loss_sum = loss if loss_sum is None else loss_sum + loss
         aux_sum += [float(a.asnumpy()) for a in aux]
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
@@ -242,7 +244,7 @@ def finish(session: Session) -> dict:
                "rank": session.rank, "world_size": session.world_size, "skipped_steps": session.run.num_skipped_steps,
                "tokens_per_step": session.throughput.tokens_per_step,
                "flops_per_token": session.throughput.flops_per_token, "peak_flops": session.throughput.peak_flops}
-    if cfg.sample_tokens > 0:
+    if cfg.sample_tokens > 0 and session.objective.samples_text:
         forward = session.layout.full_logits(session.model, recipe.model.vocab_size)
         summary["sample"] = generate(forward, session.prepared.tokenizer(), cfg.sample_prompt,
                                      cfg.sample_tokens, recipe.data.seq_len, cfg.sample_top_k, cfg.seed,
@@ -258,6 +260,8 @@ def _write_outputs(session: Session, summary: dict) -> None:
     if records:
         summary["plot"] = str(plot_loss(records, run_dir / "loss.png",
                                         f"{session.recipe.model.name} on {session.device}"))
-    if "sample" in summary:
-        (run_dir / "sample.txt").write_text(summary["sample"])
-    (run_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    with output_errors("train.output_dir", run_dir):  # read-only, full, a file: one line, exit 2
+        if "sample" in summary:
+            write_file_atomic(run_dir / "sample.txt", summary["sample"])
+        write_file_atomic(run_dir / "summary.json",
+                          json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
