@@ -100,7 +100,7 @@ def _size(raw: dict, key: str, default: int | None = None, limit: int = MAX_TOKE
 def _moe(raw: dict, family: str) -> dict:
     """MoE fields of ModelConfig from a qwen2_moe / qwen3_moe config.json (Qwen3-MoE: `num_experts` on the Hub,
     `num_local_experts` as transformers 5.25 writes it)."""
-    key = "num_experts" if raw.get("num_experts") is not None else "num_local_experts"
+    key = "num_local_experts" if raw.get("num_experts") is None and "num_local_experts" in raw else "num_experts"
     layers = raw.get("mlp_only_layers") or []
     if not isinstance(layers, list) or not all(type(i) is int for i in layers):
         raise InteropError("config.json:mlp_only_layers", layers, "must be a list of layer indices")

@@ -160,14 +160,28 @@ class Attention(nn.Cell):
         k = apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
         return q, k, v
 
+    def project_qkv_bsnd(self, x, cos, sin):
+        """x (B, S, dim) -> q (B, S, H, D), k and v (B, S, H_kv, D), without transposes; cos/sin (S, D)."""
+        batch, seq, _ = x.shape
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos.expand_dims(-2), sin.expand_dims(-2)  # (S, 1, D): broadcast over the heads
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def construct(self, x, cos, sin, segment_ids=None):
         """x (B, S, dim), cos/sin (S, head_dim) or (B, 1, S, head_dim), segment_ids (B, S) int32 or None
-        -> (B, S, dim): causal (block-diagonal per document with segment_ids) attention, then `wo`."""
+        -> (B, S, dim): causal (block-diagonal per document with segment_ids) attention, then `wo`. A core that
+        takes (B, S, N, D) (`layout` "BSND": the fused kernel) gets q/k/v and returns its output without
+        transposes, so wo keeps the kernel's own output: one saved copy of it, not two (issue 23)."""
         batch, seq, _ = x.shape
-        q, k, v = self.project_qkv(x, cos, sin)
-        out = self.core_attention(q, k, v, segment_ids)
-        out = out.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.wo(out)
+        if getattr(self.core_attention, "layout", "BNSD") == "BSND":
+            out = self.core_attention(*self.project_qkv_bsnd(x, cos, sin), segment_ids)
+        else:
+            out = self.core_attention(*self.project_qkv(x, cos, sin), segment_ids).transpose(0, 2, 1, 3)
+        return self.wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
 
 class FeedForward(nn.Cell):
@@ -217,8 +231,8 @@ class Embedding(nn.Cell):
 class Transformer(nn.Cell):
     """Decoder-only Llama: tokens (batch, seq) int32 -> logits (batch, seq, vocab) float32.
 
-    With sparse (MoE) layers and a router loss coefficient > 0, `return_aux_loss` is True and the model returns
-    (logits, aux_loss): the router losses already scaled by their coefficients (models/moe.py moe_aux_loss);
+    With experts (cfg.num_experts > 0) `return_aux_loss` is True and the model returns (logits, aux_loss): the
+    router losses already scaled by their coefficients (models/moe.py moe_aux_loss; 0 without sparse layers);
     set it False for plain logits (the model opener does, for inference)."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
@@ -227,7 +241,7 @@ class Transformer(nn.Cell):
         self.tok_embeddings = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.CellList([TransformerBlock(cfg, i) for i in range(cfg.num_layers)])
         self.num_sparse = sum(cfg.is_sparse_layer(i) for i in range(cfg.num_layers))
-        self.return_aux_loss = self.num_sparse > 0 and (cfg.router_aux_loss_coef > 0 or cfg.router_z_loss_coef > 0)
+        self.return_aux_loss = cfg.num_experts > 0
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.tie_embeddings = cfg.tie_embeddings
         if not cfg.tie_embeddings:
@@ -243,13 +257,15 @@ class Transformer(nn.Cell):
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.tok_embeddings(tokens)
-        if self.return_aux_loss:
+        if self.return_aux_loss and self.num_sparse:
             h, stats, sparse = layers_with_aux(self.layers, h, cos, sin, segment_ids)
             aux = moe_aux_loss(stats, tokens.shape[0] * seq * sparse, self.cfg.num_experts,
                                self.cfg.router_aux_loss_coef, self.cfg.router_z_loss_coef)
             return self.project_logits(h), aux
         for layer in self.layers:
             h = layer(h, cos, sin, segment_ids)
+        if self.return_aux_loss:
+            return self.project_logits(h), ops.zeros((), mstype.float32)
         return self.project_logits(h)
 
     def project_logits(self, h):

@@ -79,6 +79,8 @@ class _FullLogits:
         layout = self.layout
         local = Tensor(shard_sequence(tokens.asnumpy(), layout.cp, layout.cp_rank))
         logits = self.model(local)
+        if isinstance(logits, tuple):  # a Mixture-of-Experts model in training form: (logits, aux_loss)
+            logits = logits[0]
         if self.gather_tp is not None:
             logits = self.gather_tp(logits)
         if self.gather_cp is not None:

@@ -137,11 +137,11 @@ def test_cli_refuses_a_bad_directory_in_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "moe"
     shutil.copytree(fixture("qwen3_qknorm"), bad)
     raw = json.loads((bad / "config.json").read_text())
-    raw["architectures"] = ["Qwen3MoeForCausalLM"]
+    raw["architectures"] = ["DeepseekV2ForCausalLM"]
     (bad / "config.json").write_text(json.dumps(raw))
     assert cli_main(["generate", str(bad), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "config.json:architectures=['Qwen3MoeForCausalLM']" in err
+    assert err.count("\n") == 0 and "config.json:architectures=['DeepseekV2ForCausalLM']" in err
     (bad / "model.safetensors").unlink()
     (bad / "config.json").write_text(fixture("qwen3_qknorm/config.json").read_text())
     assert cli_main(["convert", str(bad), "--to", "hf", "--output", str(tmp_path / "out")]) == 2
