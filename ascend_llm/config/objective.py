@@ -6,14 +6,16 @@ contrastive alignment, captioning) register a builder below; each keeps its sett
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ascend_llm.config.preference import PreferenceConfig
 from ascend_llm.errors import ConfigError
 
 # objective name -> "module:function" of its builder, imported by train/objective.py only when chosen (a string,
 # so that this schema layer imports nothing above it). The builder is called as fn(recipe, lm_loss) -> Objective.
 OBJECTIVES: dict[str, str] = {
     "lm": "ascend_llm.train.objective:build_language_modeling",
+    "dpo": "ascend_llm.train.preference:build_objective", "simpo": "ascend_llm.train.preference:build_objective",
 }
 
 
@@ -22,8 +24,10 @@ class ObjectiveConfig:
     """name: the registered objective (OBJECTIVES above); `lm` is next-token cross-entropy."""
 
     name: str = "lm"
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # dpo | simpo (config/preference.py)
 
     def validate(self, prefix: str = "objective") -> None:
         """Raises ConfigError naming `objective.name` when it is not a registered objective."""
         if self.name not in OBJECTIVES:
             raise ConfigError(f"{prefix}.name", self.name, "allowed: " + ", ".join(OBJECTIVES))
+        self.preference.validate(f"{prefix}.preference")

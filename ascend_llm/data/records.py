@@ -65,7 +65,8 @@ def content_text(content, where: str) -> str:
     return "\n".join(texts)
 
 
-def _openai_turns(items) -> list[dict]:
+def openai_turns(items) -> list[dict]:
+    """OpenAI-style turns -> messages for the template (module doc); BadRecord naming the turn and field."""
     if not isinstance(items, list) or not items:
         raise BadRecord("bad_messages", "`messages` must be a non-empty list of turns")
     out = []
@@ -146,7 +147,7 @@ def record_conversation(record) -> Conversation:
         raise BadRecord("unsupported_field", f"field {refused!r} is not supported: {REFUSED_FIELDS[refused]}")
     tools = _tools(record.get("tools"))
     if "messages" in record:
-        messages = _openai_turns(record["messages"])
+        messages = openai_turns(record["messages"])
     elif "conversations" in record:
         messages = _sharegpt_turns(record["conversations"])
         system = record.get("system")

@@ -83,7 +83,7 @@ def read_records(path: Path):
                     yield number, exc
 
 
-def _say_skips(path: Path, skipped: Counter, first: str) -> None:
+def say_skips(path: Path, skipped: Counter, first: str) -> None:
     """One console line (stderr) per file with skipped records: counts by reason and the first one's message."""
     counts = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
     print(f"prepare: {path}: skipped {sum(skipped.values())} record(s) ({counts}); first: {first}", file=sys.stderr)
@@ -118,7 +118,7 @@ def encode_conversations(cfg, tokenizer) -> tuple[list[list[int]], list[list[boo
             flags_all.append(flags)
         if skipped:
             per_file[str(path)] = dict(skipped)
-            _say_skips(path, skipped, first)
+            say_skips(path, skipped, first)
         counts.update({f"skipped_{k}": v for k, v in skipped.items()})
     report = {"source": corpus.source, "files": len(corpus.files), **dict(sorted(counts.items())),
               "conversations": len(ids_all), "tokens": sum(map(len, ids_all)),

@@ -1,0 +1,54 @@
+"""Preference-tuning schema (`objective.preference`, used when objective.name=dpo or simpo; train/preference.py).
+
+Data: data.path holds records {"prompt", "chosen", "rejected"} (plain text, or chat messages rendered with the
+model's chat template; data/preference.py), cut at data.seq_len + 1 tokens per data.sft_overlong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from ascend_llm.config.checks import in_range, one_of, positive
+from ascend_llm.errors import ConfigError
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+REFERENCES = ("auto", "adapters_off", "cached")
+
+
+@dataclass
+class PreferenceConfig:
+    """loss (objective.name=dpo): sigmoid (Rafailov et al. 2023), ipo (Azar et al. 2023), hinge (SLiC, Zhao et
+    al. 2023). beta > 0: the KL weight of DPO (rewards are beta * log-ratio to the reference) or SimPO's reward
+    scale (beta * length-normalised log-probability; Meng et al. 2024). label_smoothing in [0, 0.5): the assumed
+    share of flipped labels (conservative DPO; sigmoid and SimPO). gamma >= 0: SimPO's target margin.
+    sft_weight >= 0: weight of an added SFT term, the chosen answer's mean token negative log-likelihood
+    (MindSpeed-LLM's pref-ftx, RPO). reference: where DPO's reference log-probabilities come from:
+    adapters_off (LoRA runs: the same model with its adapters off, no second copy of the weights), cached
+    (computed once with the initial model before training and cached on disk in cache_dir, default
+    data.cache_dir/reference), auto (adapters_off with lora.enabled, else cached). SimPO needs no reference."""
+
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    sft_weight: float = 0.0
+    reference: str = "auto"
+    cache_dir: Optional[str] = None
+
+    def validate(self, prefix: str = "objective.preference") -> None:
+        """Raises ConfigError naming the field: loss or reference outside the allowed sets, beta <= 0,
+        label_smoothing outside [0, 0.5) or set with ipo or hinge, gamma or sft_weight < 0. (reference=adapters_off
+        without lora.enabled is refused when the objective is built.)"""
+        one_of(f"{prefix}.loss", self.loss, DPO_LOSSES)
+        one_of(f"{prefix}.reference", self.reference, REFERENCES)
+        positive(f"{prefix}.beta", self.beta)
+        in_range(f"{prefix}.label_smoothing", self.label_smoothing, 0.0, 0.5)
+        if self.label_smoothing >= 0.5:
+            raise ConfigError(f"{prefix}.label_smoothing", self.label_smoothing, "must be < 0.5")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"{prefix}.label_smoothing", self.label_smoothing, f"applies to loss=sigmoid and "
+                              f"SimPO only, not loss={self.loss}")
+        for name in ("gamma", "sft_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), "must be >= 0")

@@ -1,0 +1,257 @@
+"""Preference tuning as a training objective: DPO (sigmoid, IPO, hinge) and SimPO (objective.name=dpo | simpo,
+settings in config/preference.py, data in data/preference.py).
+
+Per pair, with pi_w / pi_l the policy's summed log-probabilities of the chosen / rejected response tokens, ref_w /
+ref_l the reference's, |y| the response lengths in tokens and h = (pi_w - ref_w) - (pi_l - ref_l):
+- sigmoid (Rafailov et al. 2023, eq. 7; label smoothing eps as conservative DPO / TRL):
+  L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+- ipo (Azar et al. 2023, eq. 17, with the summed log-probabilities of the paper): L = (h - 1 / (2 beta))^2
+- hinge (SLiC-HF, Zhao et al. 2023, as TRL): L = max(0, 1 - beta h)
+- simpo (Meng et al. 2024, eq. 6; no reference): z = beta pi_w / |y_w| - beta pi_l / |y_l| - gamma,
+  L = -(1 - eps) log sigma(z) - eps log sigma(-z)
+loss = mean over pairs of L + sft_weight * mean over pairs of (-pi_w / |y_w|) (+ a MoE model's aux loss).
+Log-probabilities and log-sigmoid are computed in float32 whatever the compute dtype (fp16 log-sigmoid NaNs).
+Metrics (TRL's names): rewards/chosen = beta (pi_w - ref_w) (SimPO: beta pi_w / |y_w|), rewards/rejected,
+rewards/margins, rewards/accuracies (share of pairs with chosen reward > rejected), logps/chosen, logps/rejected
+(summed), sft_loss (the chosen answer's mean token NLL).
+
+The reference: `adapters_off` (LoRA) runs the same weights without adapters in the same compiled step (a view of
+the model whose LoRA cells are replaced by their frozen base cells: no second copy of any weight); `cached`
+computes reference log-probabilities once with the initial model (every rank, before training) and stores them
+in a file named by a hash of the model's weights and config, the precision, and the prepared pairs (data files,
+tokenizer, chat template, seq_len), so any mismatch finds no file and recomputes.
+Layouts: data parallel and ZeRO; tensor parallel is refused (per-sequence log-probabilities of vocab-parallel
+logits are not implemented); context parallel is refused by the trainer (pairs are not split along the sequence).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.errors import ConfigError
+from ascend_llm.train.objective import Objective
+
+logger = logging.getLogger(__name__)
+AUX_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "sft_loss")
+
+
+def log_sigmoid(x: Tensor) -> Tensor:
+    """log sigma(x) = min(x, 0) - log1p(exp(-|x|)), stable for any float32 x."""
+    return ops.minimum(x, 0.0) - ops.log1p(ops.exp(-ops.abs(x)))
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of log p(label) over labelled tokens (N,) float32, number of labelled tokens (N,) float32).
+    logits (N, S, V) any float dtype (log-softmax in float32); labels (N, S) int32, -100 = not counted."""
+    logp = ops.log_softmax(logits.astype(mstype.float32), -1)
+    mask = labels != -100
+    safe = ops.where(mask, labels, ops.zeros_like(labels))
+    picked = ops.gather_elements(logp, 2, safe.expand_dims(-1)).squeeze(-1)
+    maskf = mask.astype(mstype.float32)
+    return (picked * maskf).sum(-1), maskf.sum(-1)
+
+
+def pair_losses(kind: str, beta: float, label_smoothing: float, gamma: float, logp_w: Tensor, logp_l: Tensor,
+                ref_w: Tensor, ref_l: Tensor, len_w: Tensor, len_l: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(per-pair loss L (B,), reward chosen (B,), reward rejected (B,)), float32, formulas in the module doc.
+    kind: sigmoid | ipo | hinge | simpo; ref_* ignored by simpo, len_* used by simpo only."""
+    if kind == "simpo":
+        reward_w, reward_l = beta * logp_w / len_w, beta * logp_l / len_l
+        z = reward_w - reward_l - gamma
+        return -(1.0 - label_smoothing) * log_sigmoid(z) - label_smoothing * log_sigmoid(-z), reward_w, reward_l
+    reward_w, reward_l = beta * (logp_w - ref_w), beta * (logp_l - ref_l)
+    h = (logp_w - ref_w) - (logp_l - ref_l)
+    if kind == "sigmoid":
+        loss = -(1.0 - label_smoothing) * log_sigmoid(beta * h) - label_smoothing * log_sigmoid(-beta * h)
+    elif kind == "ipo":
+        loss = (h - 1.0 / (2.0 * beta)) ** 2
+    elif kind == "hinge":
+        loss = ops.relu(1.0 - beta * h)
+    else:
+        raise ValueError(f"unknown preference loss {kind!r}")
+    return loss, reward_w, reward_l
+
+
+def _logits(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def adapters_off_view(model: nn.Cell) -> nn.Cell:
+    """A cell computing `model` with every LoRA adapter off: containers are shallow copies whose LoRA cells are
+    replaced by their (frozen) base cells; every parameter is shared with `model`, none is copied."""
+    from ascend_llm.models.lora import LoraDense
+
+    def holds_lora(cell) -> bool:
+        return any(isinstance(c, LoraDense) for _, c in cell.cells_and_names())
+
+    def view(cell):
+        if isinstance(cell, LoraDense):
+            return cell.base
+        if not holds_lora(cell):
+            return cell
+        twin = copy.copy(cell)
+        object.__setattr__(twin, "_cells", type(cell._cells)(cell._cells))
+        for name, child in cell.name_cells().items():
+            twin._cells[name] = view(child)
+        return twin
+
+    return view(model)
+
+
+class PreferenceObjective(Objective):
+    """DPO / SimPO (module doc). Batch: tokens, labels (2B, S) int32 (chosen rows, then rejected rows) and the
+    cached reference log-probabilities (2B,) float32 (zeros unless reference=cached).
+
+    kind: sigmoid | ipo | hinge | simpo. reference_mode: none (SimPO), cached, adapters_off or live (a frozen
+    model given as `reference_model`, e.g. a separate copy)."""
+
+    aux_names = AUX_NAMES
+    splits_sequence = False
+
+    def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
+                 sft_weight: float = 0.0, reference_mode: str = "cached", recipe=None,
+                 reference_model: Optional[nn.Cell] = None):
+        self.name = "simpo" if kind == "simpo" else "dpo"
+        self.kind, self.beta, self.label_smoothing = kind, float(beta), float(label_smoothing)
+        self.gamma, self.sft_weight = float(gamma), float(sft_weight)
+        self.reference_mode, self.recipe = reference_mode, recipe
+        self.reference = reference_model
+        self.dataset, self.prepared, self.main_rank = None, None, True
+
+    def build_data(self, recipe, main_rank: bool):
+        from ascend_llm.data.preference import PreferenceDataset, prepare_preference
+
+        prepared = prepare_preference(recipe.data)
+        if prepared.meta["vocab_size"] > recipe.model.vocab_size:
+            raise ConfigError("model.vocab_size", recipe.model.vocab_size,
+                              f"must be >= the tokenizer's {prepared.meta['vocab_size']} ids")
+        self.dataset = PreferenceDataset(prepared, recipe.data.val_fraction, recipe.data.seed)
+        self.prepared, self.main_rank = prepared, main_rank
+        return [prepared], self.dataset
+
+    def read(self, dataset, rows: np.ndarray, with_segments: bool) -> tuple[np.ndarray, ...]:
+        tokens, labels = dataset.arrays(rows)
+        return tokens, labels, dataset.reference_of(rows)
+
+    def wrap_model(self, model: nn.Cell) -> nn.Cell:
+        if self.reference_mode == "adapters_off":
+            self.reference = adapters_off_view(model)
+        elif self.reference_mode == "cached" and self.dataset is not None:
+            self.dataset.reference = cached_reference(model, self.dataset, self.prepared, self.recipe,
+                                                      self.main_rank)
+        return model
+
+    def loss(self, model: nn.Cell, *batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        tokens, labels, ref = batch[0], batch[1], batch[2]
+        out = model(tokens)
+        logp, count = sequence_logps(_logits(out), labels)
+        count = ops.maximum(count, 1.0)
+        if self.reference is not None:
+            ref = ops.stop_gradient(sequence_logps(_logits(self.reference(tokens)), labels)[0])
+        b = tokens.shape[0] // 2
+        losses, reward_w, reward_l = pair_losses(self.kind, self.beta, self.label_smoothing, self.gamma, logp[:b],
+                                                 logp[b:], ref[:b], ref[b:], count[:b], count[b:])
+        nll_w = -logp[:b] / count[:b]
+        total = losses.mean() + self.sft_weight * nll_w.mean()
+        if isinstance(out, tuple):
+            total = total + out[1]
+        accuracy = (reward_w > reward_l).astype(mstype.float32).mean()
+        return total, (reward_w.mean(), reward_l.mean(), (reward_w - reward_l).mean(), accuracy, logp[:b].mean(),
+                       logp[b:].mean(), nll_w.mean())
+
+
+def reference_logps(model: nn.Cell, dataset, rows_per_batch: int) -> np.ndarray:
+    """(num pairs, 2) float32 summed log-probabilities of every pair's chosen and rejected response under `model`
+    (in pairs.npz order), in batches of rows_per_batch pairs (the last one padded by repeating rows)."""
+    def logps_of(x, y):
+        return sequence_logps(_logits(model(x)), y)[0]
+
+    forward = ms.jit(logps_of)
+    total = dataset.num_train + dataset.num_val
+    out = np.zeros((total, 2), np.float32)
+    for start in range(0, total, rows_per_batch):
+        rows = np.arange(start, start + rows_per_batch) % total
+        tokens, labels = dataset.arrays(rows)
+        values = forward(Tensor(tokens), Tensor(labels)).asnumpy()
+        take = min(rows_per_batch, total - start)
+        out[dataset.pair_ids[start:start + take], 0] = values[:take]
+        out[dataset.pair_ids[start:start + take], 1] = values[rows_per_batch:rows_per_batch + take]
+    return out
+
+
+def reference_key(model: nn.Cell, prepared, recipe) -> str:
+    """sha256 (first 24 hex digits) over the model's parameters (names and values), its config, the precision
+    recipe and the prepared pairs' key (data files, tokenizer, chat template, seq_len)."""
+    from omegaconf import OmegaConf
+
+    digest = hashlib.sha256()
+    for p in sorted(model.get_parameters(), key=lambda p: p.name):
+        digest.update(p.name.encode())
+        digest.update(np.ascontiguousarray(p.asnumpy()).tobytes())
+    config = {"model": OmegaConf.to_container(OmegaConf.structured(recipe.model)),
+              "precision": OmegaConf.to_container(OmegaConf.structured(recipe.precision)),
+              "data": prepared.meta["key"]}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool = True) -> np.ndarray:
+    """The reference log-probabilities (num pairs, 2) of the initial model: read from
+    <cache_dir>/<reference_key>.npy when it is there and fits, else computed (every rank) and written by the
+    main process (store.files.write_file_atomic)."""
+    from ascend_llm.store.files import write_file_atomic
+
+    cfg = recipe.objective.preference
+    folder = Path(cfg.cache_dir or Path(recipe.data.cache_dir) / "reference").expanduser()
+    path = folder / f"{reference_key(model, prepared, recipe)}.npy"
+    total = dataset.num_train + dataset.num_val
+    if path.is_file():
+        try:
+            values = np.load(path)
+            if values.shape == (total, 2) and np.all(np.isfinite(values)):
+                logger.info("preference: reference log-probabilities from %s", path)
+                return values.astype(np.float32)
+        except (ValueError, OSError):
+            pass
+        logger.warning("preference: %s does not fit these pairs; computing the reference again", path)
+    micro = recipe.train.global_batch_size // recipe.train.grad_accum_steps // recipe.parallel.data_parallel_degree
+    values = reference_logps(model, dataset, max(micro, 1))
+    if main_rank:
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        write_file_atomic(path, buffer.getvalue(), field="objective.preference.cache_dir")
+        logger.info("preference: reference log-probabilities of %d pairs cached in %s", total, path)
+    return values
+
+
+def build_objective(recipe, lm_loss) -> PreferenceObjective:
+    """objective.name=dpo | simpo from recipe.objective.preference. Raises ConfigError for tensor parallel and for
+    reference=adapters_off without lora.enabled."""
+    cfg, name = recipe.objective.preference, recipe.objective.name
+    if recipe.parallel.tensor_parallel_degree > 1:
+        raise ConfigError("parallel.tensor_parallel_degree", recipe.parallel.tensor_parallel_degree,
+                          f"must be 1 with objective.name={name} (per-sequence log-probabilities of vocab-parallel "
+                          "logits are not implemented)")
+    if name == "simpo":
+        mode = "none"
+    elif cfg.reference == "auto":
+        mode = "adapters_off" if recipe.lora.enabled else "cached"
+    else:
+        mode = cfg.reference
+    if mode == "adapters_off" and not recipe.lora.enabled:
+        raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "
+                          "(the reference is the model with its adapters off); use cached for a full fine-tune")
+    kind = "simpo" if name == "simpo" else cfg.loss
+    return PreferenceObjective(kind, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.sft_weight, mode, recipe)
