@@ -13,6 +13,7 @@ from mindspore import dtype as mstype
 
 from ascend_llm.config.lora import TARGETS, LoraConfig  # noqa: F401 (re-exported)
 from ascend_llm.errors import ConfigError
+from ascend_llm.models.moe import GroupedLinear, GroupedLora
 
 
 class LoraDense(nn.Cell):
@@ -50,8 +51,10 @@ def apply_lora(model: nn.Cell, cfg: LoraConfig) -> int:
     wrapped = 0
     for name, cell in list(model.cells_and_names()):
         for child_name, child in list(cell.name_cells().items()):
-            if child_name in cfg.targets and not isinstance(child, LoraDense) and hasattr(child, "weight"):
-                setattr(cell, child_name, LoraDense(child, cfg.rank, cfg.alpha, cfg.dropout, rng))
+            if child_name in cfg.targets and not isinstance(child, (LoraDense, GroupedLora)) \
+                    and hasattr(child, "weight"):  # MoE experts (GroupedLinear): one adapter per expert
+                wrapper = GroupedLora if isinstance(child, GroupedLinear) else LoraDense
+                setattr(cell, child_name, wrapper(child, cfg.rank, cfg.alpha, cfg.dropout, rng))
                 wrapped += 1
     if not wrapped:
         raise ConfigError("lora.targets", list(cfg.targets), "matched no sub-cell of the model")
@@ -63,9 +66,9 @@ def merged_weights(model: nn.Cell) -> dict[str, np.ndarray]:
     """Plain parameter names -> float32 arrays with each adapter folded in: W + (alpha / r) B A (float64 math)."""
     out = {}
     for name, cell in model.cells_and_names():
-        if isinstance(cell, LoraDense):
+        if isinstance(cell, (LoraDense, GroupedLora)):
             base = cell.base.weight.astype(mstype.float32).asnumpy().astype(np.float64)
-            delta = cell.lora_b.asnumpy().astype(np.float64) @ cell.lora_a.asnumpy().astype(np.float64)
+            delta = cell.lora_b.asnumpy().astype(np.float64) @ cell.lora_a.asnumpy().astype(np.float64)  # per expert
             out[f"{name}.weight"] = (base + cell.scaling * delta).astype(np.float32)
             if getattr(cell.base, "bias", None) is not None:
                 out[f"{name}.bias"] = cell.base.bias.astype(mstype.float32).asnumpy()

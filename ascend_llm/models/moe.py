@@ -62,6 +62,31 @@ class GroupedLinear(nn.Cell):
         return self.weight
 
 
+class GroupedLora(nn.Cell):
+    """LoRA on stacked experts (models/lora.py applies it to GroupedLinear targets): per expert
+    W_e + (alpha / r) B_e A_e with A (E, r, in) ~ Normal(0, 1/r) and B (E, out, r) = 0; the base is frozen."""
+
+    def __init__(self, base: GroupedLinear, rank: int, alpha: float, dropout: float, rng: np.random.Generator):
+        super().__init__()
+        num, out_features, in_features = base.weight.shape
+        if dropout > 0:
+            from ascend_llm.errors import ConfigError
+
+            raise ConfigError("lora.dropout", dropout, "must be 0 with expert targets (the adapter is folded into "
+                              "the expert weights)")
+        self.base = base
+        base.weight.requires_grad = False
+        self.lora_a = Parameter(Tensor(rng.normal(0.0, 1.0 / rank, (num, rank, in_features)).astype(np.float32)),
+                                name="lora_a")
+        self.lora_b = Parameter(Tensor(np.zeros((num, out_features, rank), np.float32)), name="lora_b")
+        self.scaling = alpha / rank
+
+    def expert_weight(self):
+        """(E, out, in): the frozen weight plus scaling * B_e A_e (float32 adapter, cast to the weight's dtype)."""
+        delta = ops.bmm(self.lora_b, self.lora_a) * self.scaling
+        return self.base.weight + delta.astype(self.base.weight.dtype)
+
+
 def route(logits, top_k: int, norm_topk_prob: bool):
     """logits (N, E) float32 -> (probs (N, E), weights (N, k), indices (N, k) int32): softmax in float32, top-k in
     decreasing probability (torch.topk's order), weights renormalised to sum 1 when norm_topk_prob."""

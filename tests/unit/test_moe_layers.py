@@ -1,0 +1,153 @@
+"""MoE cells (models/moe.py) against float64 NumPy: both expert paths (tiled and all-experts) and their gradients,
+routing, the load-balancing loss as transformers' load_balancing_loss_func computes it, the z-loss, parameter
+counts, config checks, config.json round trips and LoRA on expert weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, ops
+
+from ascend_llm.config.lora import LoraConfig
+from ascend_llm.config.model import ModelConfig
+from ascend_llm.errors import ConfigError
+from ascend_llm.interop.hf_config import hf_config_from_model, model_config_from_hf
+from ascend_llm.models.llama import build_model, count_params
+from ascend_llm.models.lora import apply_lora, merged_weights
+from ascend_llm.models.moe import all_experts, moe_aux_loss, route, tiled_experts, use_tiled
+
+FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "fixtures" / "hf").is_dir()), None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pynative():
+    """Small shapes, many of them: eager beats compiling a graph for each."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def moe_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, dim=16, num_layers=2, num_heads=2, num_kv_heads=1, ffn_hidden_dim=24, max_seq_len=32,
+                num_experts=4, num_experts_per_tok=2, moe_ffn_hidden_dim=8, shared_expert_ffn_hidden_dim=12,
+                qkv_bias=True, mlp_only_layers=[1], router_aux_loss_coef=0.02)
+    return ModelConfig(**{**base, **kw})
+
+
+def numpy_experts(x, weights, indices, w1, w3, w2) -> np.ndarray:
+    """float64 reference: sum_j weights[n, j] * w2_e (silu(w1_e x) * w3_e x), e = indices[n, j]."""
+    x, w1, w3, w2 = (np.asarray(a, np.float64) for a in (x, w1, w3, w2))
+    out = np.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j, e in enumerate(indices[n]):
+            g, u = w1[e] @ x[n], w3[e] @ x[n]
+            out[n] += weights[n, j] * (w2[e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(5, 4, 2), (96, 8, 2), (200, 6, 3)])
+def test_both_expert_paths_equal_float64_and_each_other_with_gradients(tokens, experts, top_k):
+    rng = np.random.default_rng(tokens)
+    dim, hidden = 12, 10
+    x = rng.normal(size=(tokens, dim)).astype(np.float32)
+    w1, w3 = (rng.normal(0, 0.3, (experts, hidden, dim)).astype(np.float32) for _ in range(2))
+    w2 = rng.normal(0, 0.3, (experts, dim, hidden)).astype(np.float32)
+    logits = rng.normal(size=(tokens, experts)).astype(np.float32)
+    if tokens > 100:  # an expert nobody picks, one that many pick: empty and multi-tile groups
+        logits[:, 0] -= 50.0
+        logits[:, 1] += 3.0
+    _, weights, indices = route(Tensor(logits), top_k, True)
+    ref = numpy_experts(x, weights.asnumpy(), indices.asnumpy(), w1, w3, w2)
+    args = [Tensor(a) for a in (x, weights.asnumpy(), w1, w3, w2)]
+
+    def run(fn):
+        def f(x_, w_, a, b, c):
+            return (fn(x_, w_, indices, a, b, c) * Tensor(np.linspace(-1, 1, dim, dtype=np.float32))).sum()
+        out = fn(args[0], args[1], indices, *args[2:]).asnumpy()
+        return out, [g.asnumpy() for g in ms.grad(f, grad_position=(0, 1, 2, 3, 4))(*args)]
+
+    tiled, tiled_grads = run(tiled_experts)
+    dense, dense_grads = run(all_experts)
+    assert np.abs(tiled - ref).max() < 1e-5 and np.abs(dense - ref).max() < 1e-5
+    for a, b in zip(tiled_grads, dense_grads):
+        assert np.abs(a - b).max() < 1e-5 * max(1.0, np.abs(b).max())
+    assert use_tiled(tokens, top_k, experts) == (tokens > 50)  # which path the layer takes for these shapes
+
+
+def test_routing_and_aux_loss_follow_transformers_formulas():
+    rng = np.random.default_rng(0)
+    layers, tokens, experts, k = 3, 40, 6, 2
+    logits = rng.normal(size=(layers, tokens, experts)).astype(np.float32)
+    counts, psum, zsum = np.zeros(experts), np.zeros(experts), 0.0
+    for layer in range(layers):
+        probs, weights, indices = (t.asnumpy() for t in route(Tensor(logits[layer]), k, False))
+        p64 = np.exp(logits[layer].astype(np.float64))
+        p64 /= p64.sum(-1, keepdims=True)
+        top = np.argsort(-p64, -1)[:, :k]
+        assert (indices == top).all() and np.abs(weights - np.take_along_axis(p64, top, -1)).max() < 1e-6
+        counts += np.eye(experts)[top].sum((0, 1))
+        psum += p64.sum(0)
+        zsum += (np.log(np.exp(logits[layer].astype(np.float64)).sum(-1)) ** 2).sum()
+    # transformers load_balancing_loss_func: E * sum_e mean(expert_mask)_e * mean(probs)_e over all layers' tokens
+    n = layers * tokens
+    aux = experts * np.sum(counts / n * psum / n)
+    stats = Tensor(np.stack([counts, psum, np.full(experts, zsum / experts)]).astype(np.float32))
+    assert abs(float(moe_aux_loss(stats, n, experts, 0.02, 0.0).asnumpy()) - 0.02 * aux) < 1e-7
+    got = float(moe_aux_loss(stats, n, experts, 0.02, 1e-3).asnumpy())
+    assert abs(got - (0.02 * aux + 1e-3 * zsum / n)) < 1e-6
+
+
+def test_parameter_count_config_checks_and_config_json_round_trip():
+    cfg = moe_cfg()
+    model = build_model(cfg)
+    assert count_params(cfg) == sum(p.size for p in model.get_parameters())
+    assert [layer.is_sparse for layer in model.layers] == [True, False]
+    with pytest.raises(ConfigError, match="model.num_experts_per_tok"):
+        moe_cfg(num_experts_per_tok=5).validate()
+    with pytest.raises(ConfigError, match="model.mlp_only_layers"):
+        moe_cfg(mlp_only_layers=[2]).validate()
+    with pytest.raises(ConfigError, match="model.moe_ffn_hidden_dim"):
+        moe_cfg(moe_ffn_hidden_dim=0).validate()
+    for cfg in (moe_cfg(), moe_cfg(qk_norm=True, qkv_bias=False, shared_expert_ffn_hidden_dim=0,
+                                   norm_topk_prob=True, decoder_sparse_step=2, mlp_only_layers=[])):
+        raw = hf_config_from_model(cfg, "fp32")
+        assert raw["architectures"] == (["Qwen3MoeForCausalLM"] if cfg.qk_norm else ["Qwen2MoeForCausalLM"])
+        back = model_config_from_hf(json.loads(json.dumps(raw)), name=cfg.name)
+        assert back == cfg
+    if FIXTURES is not None:  # the Hub key (num_experts) and the key transformers 5.25 writes (num_local_experts)
+        raw = json.loads((FIXTURES / "qwen3_moe_tiny" / "config.json").read_text())
+        assert model_config_from_hf(raw).num_experts == 8
+        raw["num_experts"] = raw.pop("num_local_experts")
+        assert model_config_from_hf(raw).num_experts == 8
+
+
+def test_lora_on_expert_weights_trains_only_adapters_and_merges_exactly():
+    cfg = moe_cfg()
+    model = build_model(cfg, seed=1)
+    model.return_aux_loss = False
+    tokens = Tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)).astype(np.int32))
+    before = model(tokens).asnumpy()
+    apply_lora(model, LoraConfig(enabled=True, rank=2, alpha=4.0, targets=["wq", "w1", "w2", "w3"]))
+    names = sorted(p.name for p in model.trainable_params())
+    assert "layers.0.feed_forward.experts.w1.lora_a" in names and "layers.0.feed_forward.shared_expert.w1.lora_b" \
+        in names and not any("router" in n for n in names)
+    assert np.abs(model(tokens).asnumpy() - before).max() == 0  # B = 0: the adapters start as the identity
+    rng = np.random.default_rng(2)
+    for p in model.trainable_params():
+        if p.name.endswith("lora_b"):
+            p.set_data(Tensor(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+    adapted = model(tokens).asnumpy()
+    assert np.abs(adapted - before).max() > 1e-4
+    plain = build_model(cfg, seed=1)
+    plain.return_aux_loss = False
+    merged = merged_weights(model)
+    for p in plain.get_parameters():
+        p.set_data(Tensor(merged[p.name]))
+    assert np.abs(plain(tokens).asnumpy() - adapted).max() < 1e-5
+    grads = ms.grad(lambda t: model(t).sum(), None, model.trainable_params())(tokens)
+    assert all(ops.isfinite(g).all() for g in grads)
