@@ -27,6 +27,7 @@ COMMANDS = {
     "quantize": ("ascend_llm.cli.quantize", "weight-only int8/int4 quantization (RTN, GPTQ) of a model"),
     "eval": ("ascend_llm.cli.eval", "perplexity (strided sliding windows) and size table of models"),
     "serve": ("ascend_llm.cli.serve", "OpenAI-compatible HTTP server with continuous batching"),
+    "drift": ("ascend_llm.cli.drift", "drift detection: model loss, token and embedding tests, new vs reference"),
 }
 
 
