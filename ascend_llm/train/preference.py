@@ -26,7 +26,6 @@ logits are not implemented); context parallel is refused by the trainer (pairs a
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -88,6 +87,9 @@ def _logits(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+SHARED_STATE = ("_params", "_buffers", "training", "mixed_precision_type", "_amp_level")
+
+
 def adapters_off_view(model: nn.Cell) -> nn.Cell:
     """A cell computing `model` with every LoRA adapter off: containers are shallow copies whose LoRA cells are
     replaced by their (frozen) base cells; every parameter is shared with `model`, none is copied."""
@@ -101,10 +103,12 @@ def adapters_off_view(model: nn.Cell) -> nn.Cell:
             return cell.base
         if not holds_lora(cell):
             return cell
-        twin = copy.copy(cell)
-        object.__setattr__(twin, "_cells", type(cell._cells)(cell._cells))
-        for name, child in cell.name_cells().items():
-            twin._cells[name] = view(child)
+        twin = cell.__class__.__new__(cell.__class__)  # the same construct(), Cell's own fresh internals
+        nn.Cell.__init__(twin)
+        fresh = set(twin.__dict__)
+        twin.__dict__.update({k: v for k, v in cell.__dict__.items() if k not in fresh or k in SHARED_STATE})
+        for name, child in cell._cells.items():
+            twin.insert_child_to_cell(name, view(child))
         return twin
 
     return view(model)

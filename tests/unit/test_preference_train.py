@@ -1,0 +1,127 @@
+"""DPO through the trainer (train/preference.py, data/preference.py) on the qwen2_tied fixture.
+
+References: a separate frozen copy of the pretrained model as DPO's reference, run live in the same step (the
+textbook setup): LoRA-DPO with the base-as-reference (adapters off) and full-fine-tune DPO with the cached
+reference must both equal it step by step (loss and every metric within 1e-5). Labels are checked against the
+tokenizer's own encoding of prompt and response."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ascend_llm.compose import compose_recipe
+
+FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
+QWEN2 = FIXTURES / "qwen2_tied"
+pytestmark = pytest.mark.skipif(not QWEN2.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
+PAIRS = [("春眠不覺曉", "處處聞啼鳥", "白日依山盡"), ("床前明月光", "疑是地上霜", "黃河入海流"),
+         ("紅豆生南國", "春來發幾枝", "欲窮千里目"), ("千山鳥飛絕", "萬徑人蹤滅", "更上一層樓"),
+         ("獨坐幽篁裡", "彈琴復長嘯", "孤帆遠影碧"), ("空山不見人", "但聞人語響", "唯見長江天"),
+         ("君自故鄉來", "應知故鄉事", "煙花三月下"), ("移舟泊煙渚", "日暮客愁新", "故人西辭黃")]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pairs")
+    text = folder / "pairs.jsonl"
+    text.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}, ensure_ascii=False) + "\n"
+                            for p, c, r in PAIRS), encoding="utf-8")
+    return folder, text
+
+
+def _recipe(folder: Path, data: Path, run: str, *extra: str):
+    return compose_recipe([f"model.pretrained={QWEN2}", "objective=dpo", f"data.path={data}", "data.seq_len=32",
+                           f"data.cache_dir={folder / 'cache'}", "data.val_fraction=0.25", "train.global_batch_size=2",
+                           f"train.num_steps={STEPS}", f"train.output_dir={folder / run}", "train.progress=false",
+                           "train.sample_tokens=0", "optim.lr=5e-3", "optim.warmup_steps=0",
+                           "objective.preference.beta=0.5", "objective.preference.sft_weight=0.1", *extra])
+
+
+def _frozen_copy(recipe):
+    from ascend_llm.interop.pretrained import load_pretrained_weights
+    from ascend_llm.models import build_model
+
+    model = build_model(recipe.model, seed=recipe.train.seed)
+    load_pretrained_weights(model, recipe.model)
+    for param in model.get_parameters():
+        param.requires_grad = False
+        param.name = "reference." + param.name  # one graph holds both models: names must differ
+    return model
+
+
+def _run(recipe, reference=None) -> list[list[float]]:
+    """Per step: [loss, *aux] of STEPS trainer steps; `reference`: a live frozen reference model instead."""
+    from ascend_llm.train.session import build_session
+    from ascend_llm.train.trainer import run_step
+
+    session = build_session(recipe)
+    if reference is not None:
+        session.objective.reference = reference  # before the first step compiles
+    return [[o.loss, *o.aux.values()] for o in (run_step(session, s) for s in range(STEPS))]
+
+
+def test_lora_dpo_base_as_reference_equals_a_frozen_copy(pairs_file):
+    folder, data = pairs_file
+    lora = ("lora.enabled=true", "lora.rank=4", "lora.targets=[wq,wv,w1]")
+    recipe = _recipe(folder, data, "lora_a", *lora)
+    assert recipe.objective.preference.reference == "auto"
+    ours = _run(recipe)
+    textbook = _run(_recipe(folder, data, "lora_b", *lora), _frozen_copy(recipe))
+    np.testing.assert_allclose(ours, textbook, rtol=1e-5, atol=1e-5)
+    assert abs(ours[0][0] - np.log(2) - 0.1 * ours[0][-1]) < 1e-5  # policy == reference at step 1: log 2 + SFT
+    assert ours[-1][3] != 0.0  # rewards/margins moved: the adapters train
+
+
+def test_full_dpo_cached_reference_is_the_initial_model_and_is_reused(pairs_file):
+    """At step 1 the policy is the initial model: with the cached reference every reward is exactly 0 and the
+    loss is log 2 (+ the SFT term), on every pair of the batch (a misplaced cache row would break this)."""
+    from ascend_llm.data.preference import prepare_preference
+    from ascend_llm.train.preference import reference_key
+    from ascend_llm.train.session import build_session
+
+    folder, data = pairs_file
+    recipe = _recipe(folder, data, "full_a", "train.global_batch_size=6")
+    first = _run(recipe)[0]
+    assert first[1:4] == [0.0, 0.0, 0.0]  # rewards/chosen, rewards/rejected, rewards/margins
+    assert abs(first[0] - np.log(2) - 0.1 * first[-1]) < 1e-6
+    cache = sorted((folder / "cache" / "reference").glob("*.npy"))
+    assert len(cache) == 1
+    stamp, values = cache[0].stat().st_mtime_ns, np.load(cache[0])
+    session = build_session(_recipe(folder, data, "full_b"))  # the same model and data: read, not recomputed
+    assert cache[0].stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(session.objective.dataset.reference, values)
+    # any change of model, data, seq_len or template is another key, so a stale file is never used
+    other = _recipe(folder, data, "full_c", "data.seq_len=24")
+    assert reference_key(session.model, prepare_preference(recipe.data), recipe) != reference_key(
+        session.model, prepare_preference(other.data), other)
+
+
+def test_prompt_tokens_are_masked_text_and_chat(pairs_file):
+    from ascend_llm.data.preference import PreferenceDataset, prepare_preference
+    from ascend_llm.tokenizer.hf import HFTokenizer
+
+    folder, text = pairs_file
+    tok = HFTokenizer(QWEN2)
+    chat = folder / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}], "chosen": c,
+                                        "rejected": [{"role": "assistant", "content": r}]}, ensure_ascii=False) + "\n"
+                            for p, c, r in PAIRS), encoding="utf-8")
+    for data, learned in ((text, lambda s: s + "<|endoftext|>"), (chat, lambda s: s + "<|im_end|>\n")):
+        recipe = _recipe(folder, data, "unused", "data.seq_len=48")
+        dataset = PreferenceDataset(prepare_preference(recipe.data), 0.0, 0)
+        tokens, labels = dataset.arrays(np.arange(len(PAIRS)))
+        for row, (_, chosen, rejected) in enumerate(PAIRS):
+            # the learned tokens are exactly the response (+ its end token); the prompt and padding are -100
+            order = dict(zip(dataset.pair_ids.tolist(), range(len(PAIRS))))
+            k = order[row]
+            for side, answer in ((k, chosen), (k + len(PAIRS), rejected)):
+                assert tok.decode(labels[side][labels[side] != -100].tolist()) == learned(answer)
+            if data == text:  # both rows share the prompt's ids (tokenized apart from the response)
+                prompt = tok.encode(PAIRS[row][0], False)
+                assert tokens[k][:len(prompt)].tolist() == prompt == tokens[k + len(PAIRS)][:len(prompt)].tolist()
