@@ -198,3 +198,108 @@ def _check_record(path: Path, line: str, check_images: bool):
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             return ("image", image, f"not an image Pillow can read ({type(exc).__name__})"), None
     return None, (file, caption)
+
+
+class ImageTextDataset:
+    """Preprocessed image-caption pairs in memory for the multimodal objectives, with PackedDataset's interface
+    (train_indices, val_indices, num_train, describe_split, describe_mix).
+
+    pixels (N, C, S, S) float32, input_ids/attention_mask (N, T) int32, captions: N strings; rows [0, num_train)
+    train, [num_train, N) are held out. The training order is a seeded permutation per epoch (a pure function of
+    (seed, position), like PackedDataset's)."""
+
+    def __init__(self, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray, captions: list[str],
+                 num_train: int, seed: int, skipped: dict | None = None):
+        self.pixels, self.input_ids, self.attention_mask = pixels, input_ids, attention_mask
+        self.captions, self.num_train, self.seed = list(captions), int(num_train), seed
+        self.num_val = len(captions) - self.num_train
+        self.skipped = dict(skipped or {})
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+
+    def train_indices(self, position: int, count: int) -> np.ndarray:
+        """Row ids (count,) int64 of the pairs at global positions [position, position + count) (crosses epochs)."""
+        out = np.empty(count, np.int64)
+        for i in range(count):
+            epoch, offset = divmod(position + i, self.num_train)
+            out[i] = self._epoch_order(epoch)[offset]
+        return out
+
+    def val_indices(self, count: int) -> np.ndarray:
+        """The first `count` held-out rows (the same at every validation)."""
+        return self.num_train + np.arange(min(count, self.num_val), dtype=np.int64)
+
+    def describe_split(self) -> dict:
+        """Pair counts of the split and the records skipped by reason."""
+        return {"train_pairs": self.num_train, "val_pairs": self.num_val, "skipped": self.skipped}
+
+    def describe_mix(self, position: int) -> dict:
+        """One source (the BlendedDataset interface)."""
+        return {"images": {"weight": 1.0, "sequences": int(position), "share": 1.0}}
+
+
+def load_pairs(records: ImageRecords, preprocess: ImagePreprocessor) -> np.ndarray:
+    """Every record's image preprocessed: (N, C, S, S) float32. DataError naming the file and field if an image
+    stops being readable between the check and the load."""
+    return np.stack([preprocess.load(path, f"{records.path}:image") for path in records.images])
+
+
+def tokenize_captions(tokenizer, captions: list[str], eos_id: int | None, pad_id: int, width: int, max_len: int,
+                      where: str = "captions") -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) (N, T) int32: each caption's ids (the tokenizer's own special tokens, plus
+    `eos_id` when it did not end with it: the token a CLIP text tower pools at), right-padded with `pad_id` to
+    `width` (0: the longest). DataError naming `where[i]` when a caption has more than max_len (or width) tokens."""
+    limit = min(width, max_len) if width else max_len
+    ids = []
+    for number, caption in enumerate(captions):
+        row = list(tokenizer.encode(caption))
+        if eos_id is not None and (not row or row[-1] != eos_id):
+            row.append(eos_id)
+        if len(row) > limit:
+            raise DataError(f"{where}[{number}]", caption[:40], f"has {len(row)} tokens; the text tower takes "
+                                                                f"{limit}")
+        ids.append(row)
+    return pad_token_ids(ids, pad_id, width, max_len)
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_digits_dataset(out_dir: str | Path, num_val: int = 297, tokenizer_vocab: int = 300,
+                         count: int | None = None) -> dict:
+    """Real images that ship inside scikit-learn (`load_digits`: 1,797 8x8 handwritten digits, 16 grey levels) as
+    an image-caption set, no download: out_dir/images/NNNN.png (8-bit greyscale, levels * 255 / 16),
+    train.jsonl and val.jsonl ({"image", "caption": "a handwritten seven"}; the last `num_val` images are held out),
+    captions.jsonl ({"text": caption} of the training pairs, for pretraining a language model on the captions) and
+    tokenizer.json (byte-level BPE trained on the captions, end-of-text `<|endoftext|>`). Returns the counts.
+    count: only the first `count` images (tests). Every file is written atomically; DataError if scikit-learn is
+    not installed."""
+    from ascend_llm.store.files import write_file_atomic
+    from ascend_llm.tokenizer.bpe import train_tokenizer
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("scikit-learn", "missing", "pip install scikit-learn (its digits ship inside the wheel)") \
+            from None
+    import io
+
+    out = Path(out_dir)
+    digits = load_digits()
+    images, targets = digits.images[:count], digits.target[:count]
+    captions = [f"a handwritten {DIGIT_WORDS[int(t)]}" for t in targets]
+    lines = []
+    for index, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(np.round(image * 255.0 / 16.0).astype(np.uint8), mode="L").save(buffer, format="PNG")
+        write_file_atomic(out / "images" / f"{index:04d}.png", buffer.getvalue())
+        lines.append(json.dumps({"image": f"images/{index:04d}.png", "caption": captions[index]}))
+    num_train = len(lines) - num_val
+    write_file_atomic(out / "train.jsonl", ("\n".join(lines[:num_train]) + "\n").encode())
+    write_file_atomic(out / "val.jsonl", ("\n".join(lines[num_train:]) + "\n").encode())
+    text = "\n".join(json.dumps({"text": c}) for c in captions[:num_train]) + "\n"
+    write_file_atomic(out / "captions.jsonl", text.encode())
+    tokenizer = train_tokenizer(iter(captions[:num_train]), tokenizer_vocab)
+    write_file_atomic(out / "tokenizer.json", tokenizer.to_str().encode())
+    return {"train": num_train, "val": num_val, "classes": len(DIGIT_WORDS)}

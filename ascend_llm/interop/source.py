@@ -249,7 +249,8 @@ def _is_quantized(config_file: Path) -> bool:
 
 
 def open_model(path: str | Path, *, build: bool = True, weights: bool = True) -> ModelSource:
-    """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring).
+    """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring); a CLIP/SigLIP
+    directory or a contrastive run gives an interop.vision.VisionSource (a DualEncoder) instead.
 
     build=False skips building the model (export needs only weights); weights=False (implies build=False) reads
     only the architecture and the text files (a checkpoint is still verified). Raises InteropError or
@@ -258,6 +259,11 @@ def open_model(path: str | Path, *, build: bool = True, weights: bool = True) ->
     """
     root = Path(path).expanduser()
     build = build and weights
+    from ascend_llm.interop.vision import open_if_vision  # CLIP/SigLIP directories, contrastive runs
+
+    vision = open_if_vision(root, build, weights)
+    if vision is not None:
+        return vision
     if (root / "config.json").is_file():
         if _is_quantized(root / "config.json"):
             return _from_quantized(root, build)

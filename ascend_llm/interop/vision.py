@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ascend_llm.config.multimodal import DualEncoderConfig, TextTowerConfig, VisionConfig
-from ascend_llm.errors import InteropError
+from ascend_llm.errors import ConfigError, InteropError
 
 ARCHITECTURES = {"CLIPModel": "clip", "SiglipModel": "siglip"}
 MODEL_TYPES = {"clip": "clip", "siglip": "siglip"}
@@ -156,10 +156,11 @@ def toolkit_weights(tensors: dict[str, np.ndarray], cfg: DualEncoderConfig, wher
 
 @dataclass
 class VisionSource:
-    """An opened CLIP/SigLIP directory: family (`clip`/`siglip`), config, model (a DualEncoder in inference mode or
-    None), weights {toolkit name: float32 array}, preprocess (data.images.ImagePreprocessor), tokenizer
-    (HFTokenizer or None), pad_to (text length for `max_length` padding: SigLIP's max_position_embeddings; 0 pads to
-    the longest caption)."""
+    """An opened CLIP/SigLIP dual encoder (Hugging Face directory, contrastive run or checkpoint, or a configured
+    one to train from scratch): family (`clip`/`siglip`), config, model (a DualEncoder in inference mode, or None),
+    weights {toolkit name: float32 array} or None (random init), preprocess (data.images.ImagePreprocessor),
+    tokenizer (HFTokenizer), pad_to (text length of `max_length` padding: SigLIP's max_position_embeddings; 0 pads
+    CLIP to the longest caption, as transformers' `padding=True`)."""
 
     family: str
     path: Path
@@ -170,46 +171,204 @@ class VisionSource:
     tokenizer: object = None
     pad_to: int = 0
     weight_files: list[Path] = field(default_factory=list)
+    kind: str = "vision"
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask) (N, T) int32 as transformers' tokenizer call pads them: to the longest for
-        CLIP (`padding=True`), to max_position_embeddings for SigLIP (`padding='max_length'`); pad id from
-        text_config. InteropError when a text is longer than the tower's positions."""
-        from ascend_llm.data.images import pad_token_ids
+    @property
+    def name(self) -> str:
+        """The directory's name."""
+        return self.path.name
 
-        return pad_token_ids([self.tokenizer.encode(t) for t in texts], self.config.text.pad_token_id,
-                             self.pad_to, self.config.text.max_seq_len)
+    def tokenize(self, texts: list[str], where: str = "captions", width: int | None = None):
+        """(input_ids, attention_mask) (N, T) int32: the tokenizer's ids (EOS appended when it adds none), padded
+        with text_config's pad id to `width`, else `pad_to`, else the longest. DataError naming `where[i]` when a
+        text is longer than the tower's positions."""
+        from ascend_llm.data.images import tokenize_captions
+
+        text = self.config.text
+        return tokenize_captions(self.tokenizer, texts, text.eos_token_id, text.pad_token_id,
+                                 width or self.pad_to, text.max_seq_len, where)
+
+    def build_model(self):
+        """A DualEncoder of `config` (training mode) with `weights` assigned when there are any."""
+        from ascend_llm.interop.hf_files import assign_weights
+        from ascend_llm.models.clip import DualEncoder
+
+        model = DualEncoder(self.config)
+        if self.weights is not None:
+            assign_weights(model, self.weights, source=str(self.path))
+        return model
+
+    def corpus(self, cache_dir: str, num_tokens: int, source: str):
+        """What the trainer treats as the prepared corpus: a directory holding this tokenizer's tokenizer.json
+        (a cached copy named by its digest) and meta (vocab_size, num_tokens, eos_id, source)."""
+        from ascend_llm.store.files import write_file_atomic
+        from ascend_llm.train.contrastive import ImageCorpus, tokenizer_digest
+
+        data = self.tokenizer.text_files()["tokenizer.json"]
+        folder = Path(cache_dir).expanduser() / "multimodal" / tokenizer_digest(data)
+        if not (folder / "tokenizer.json").is_file():
+            write_file_atomic(folder / "tokenizer.json", data)
+        meta = {"vocab_size": self.tokenizer.vocab_size, "num_tokens": num_tokens,
+                "eos_id": self.config.text.eos_token_id, "source": source}
+        return ImageCorpus(folder, meta)
+
+
+def _tokenizer(root: Path, files: dict[str, bytes] | None = None):
+    from ascend_llm.tokenizer.hf import HFTokenizer
+
+    if files is None:
+        files = {n: (root / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
+                 if (root / n).is_file()}
+    return HFTokenizer.from_files(files, root) if "tokenizer.json" in files else None
+
+
+def _read_weights(files: list[Path]) -> dict[str, np.ndarray]:
+    from ascend_llm.interop.safetensors_io import read_tensors
+
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(read_tensors(file))
+    return tensors
+
+
+def _finish(source: VisionSource, build: bool) -> VisionSource:
+    if build and source.weights is not None:
+        source.model = source.build_model()
+        source.model.set_train(False)
+    return source
+
+
+def _from_hf(root: Path, build: bool, weights: bool) -> VisionSource:
+    from ascend_llm.data.images import ImagePreprocessor
+    from ascend_llm.interop.hf_files import read_config, weight_files
+
+    cfg = dual_encoder_config(read_config(root), str(root / "config.json"))
+    files = weight_files(root) if weights else []
+    source = VisionSource(cfg.loss, root, cfg, weight_files=files, tokenizer=_tokenizer(root),
+                          preprocess=ImagePreprocessor.from_dir(root, cfg.vision.image_size),
+                          pad_to=cfg.text.max_seq_len if cfg.loss == "siglip" else 0)
+    if weights:
+        source.weights = toolkit_weights(_read_weights(files), cfg, str(files[0]))
+    return _finish(source, build)
+
+
+def scratch_source(cfg, data) -> VisionSource:
+    """A dual encoder to train from scratch: `cfg` (MultimodalConfig) says the architecture, data.tokenizer (a
+    tokenizer.json, required) the text; the text tower's EOS (pooling) and padding id are the tokenizer's
+    end-of-text token (data.eos_token, default <|endoftext|>). Images: resized to image_size, mean/std 0.5."""
+    import copy
+
+    from ascend_llm.data.images import ImagePreprocessor
+    from ascend_llm.interop.source import toolkit_text_files
+    from ascend_llm.tokenizer.bpe import EOS, load_tokenizer
+
+    if not data.tokenizer:
+        raise ConfigError("data.tokenizer", None, "a dual encoder trained from scratch needs a tokenizer.json "
+                                                  "(or objective.multimodal.pretrained: a CLIP/SigLIP directory)")
+    eos = data.eos_token or EOS
+    eos_id = load_tokenizer(data.tokenizer, eos).token_to_id(eos)
+    tokenizer = _tokenizer(Path(data.tokenizer).parent, toolkit_text_files(Path(data.tokenizer).read_bytes()))
+    dual = copy.deepcopy(cfg.dual_encoder)
+    dual.text.eos_token_id = dual.text.pad_token_id = int(eos_id)
+    if tokenizer.vocab_size > dual.text.vocab_size:
+        raise ConfigError("objective.multimodal.dual_encoder.text.vocab_size", dual.text.vocab_size,
+                          f"must be >= the tokenizer's {tokenizer.vocab_size} ids")
+    size = dual.vision.image_size
+    return VisionSource(dual.loss, Path(data.tokenizer).parent, dual, tokenizer=tokenizer, pad_to=dual.text.max_seq_len,
+                        preprocess=ImagePreprocessor(size={"height": size, "width": size}))
+
+
+def open_vision_text(cfg, data) -> VisionSource:
+    """The dual encoder a contrastive run starts from: objective.multimodal.pretrained (a CLIP/SigLIP directory,
+    weights read, not built) or one from scratch (`scratch_source`). Training pads every caption to the text
+    tower's max_seq_len."""
+    if cfg.pretrained:
+        source = _from_hf(Path(cfg.pretrained).expanduser(), build=False, weights=True)
+        source.pad_to = source.config.text.max_seq_len
+        return source
+    return scratch_source(cfg, data)
+
+
+def is_vision_run(meta: dict) -> bool:
+    """Whether a checkpoint's state.json records a contrastive run (its model is a dual encoder)."""
+    try:
+        run = meta["parts"]["run"]["config"]
+        return run.get("objective", {}).get("name") == "contrastive"
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights: bool) -> VisionSource:
+    """A contrastive run's checkpoint: the architecture from its recipe (or its pretrained directory), the
+    trained tensors (`dual.` prefix dropped), its tokenizer.json."""
+    from omegaconf import OmegaConf
+
+    from ascend_llm.config.data import DataConfig
+    from ascend_llm.config.multimodal import MultimodalConfig
+    from ascend_llm.store.checkpoints import checkpoint_config
+
+    run = checkpoint_config(meta)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MultimodalConfig),
+                                              run["objective"]["multimodal"]))
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run["data"]))
+    if not cfg.pretrained:
+        data.tokenizer = str(step / "tokenizer.json")
+    source = open_vision_text(cfg, data)
+    source.path, source.kind = step, "checkpoint"
+    source.weight_files = sorted(step.glob("*.safetensors"))
+    if weights:
+        trained = {k[len("dual."):]: np.asarray(v, np.float32) for k, v in tensors.get("model", {}).items()}
+        base = dict(source.weights or {})
+        base.update(trained)
+        base.setdefault("logit_bias", np.full((1,), source.config.logit_bias_init, np.float32))
+        source.weights = base
+    return _finish(source, build)
 
 
 def load_vision_model(root: Path, build: bool = True, weights: bool = True) -> VisionSource:
-    """Open a CLIP/SigLIP Hugging Face directory (config.json, safetensors, preprocessor_config.json, tokenizer).
-    InteropError (one line naming the file and the field) for anything unreadable or unsupported."""
-    from ascend_llm.data.images import ImagePreprocessor
-    from ascend_llm.interop.hf_files import assign_weights, read_config, weight_files
-    from ascend_llm.interop.safetensors_io import read_tensors
-    from ascend_llm.tokenizer.hf import HFTokenizer
+    """Open a CLIP/SigLIP Hugging Face directory, or a contrastive run or checkpoint. InteropError /
+    CheckpointError (one line naming the file and the field) for anything unreadable or unsupported."""
+    from ascend_llm.errors import CheckpointError
+    from ascend_llm.store.checkpoints import STATE_FILE, latest_valid_checkpoint, read_checkpoint
 
-    root = Path(root)
-    raw = read_config(root)
-    cfg = dual_encoder_config(raw, str(root / "config.json"))
-    files = weight_files(root) if weights else []
-    source = VisionSource(cfg.loss, root, cfg, weight_files=files,
-                          preprocess=ImagePreprocessor.from_dir(root, cfg.vision.image_size),
-                          pad_to=cfg.text.max_seq_len if cfg.loss == "siglip" else 0)
-    if (root / "tokenizer.json").is_file():
-        text = {n: (root / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
-                if (root / n).is_file()}
-        source.tokenizer = HFTokenizer.from_files(text, root)
-    if weights:
-        tensors: dict[str, np.ndarray] = {}
-        for file in files:
-            tensors.update(read_tensors(file))
-        source.weights = toolkit_weights(tensors, cfg, str(files[0]))
-    if build and weights:
-        from ascend_llm.models.clip import DualEncoder
+    root = Path(root).expanduser()
+    if (root / "config.json").is_file():
+        return _from_hf(root, build, weights)
+    if (root / STATE_FILE).is_file():
+        meta, tensors = read_checkpoint(root)
+        return _from_checkpoint(root, meta, tensors, build, weights)
+    found = latest_valid_checkpoint(root) if (root / "checkpoints").is_dir() else None
+    if found is None:
+        raise CheckpointError(str(root), "no model", "must be a CLIP/SigLIP directory or a contrastive run "
+                                                     "with a valid checkpoint")
+    step, (meta, tensors) = found
+    return _from_checkpoint(step, meta, tensors, build, weights)
 
-        model = DualEncoder(cfg)
-        assign_weights(model, source.weights, source=str(root))
-        model.set_train(False)
-        source.model = model
-    return source
+
+def _records_contrastive_run(step: Path) -> bool:
+    """Whether step/state.json (read unverified: a cheap look before the opener verifies) is a contrastive run's."""
+    import json
+
+    from ascend_llm.store.checkpoints import STATE_FILE
+
+    try:
+        return is_vision_run(json.loads((step / STATE_FILE).read_text()))
+    except (OSError, ValueError):
+        return False
+
+
+def open_if_vision(root: Path, build: bool, weights: bool) -> VisionSource | None:
+    """For interop.source.open_model: the VisionSource when `root` is a CLIP/SigLIP directory or a contrastive
+    run/checkpoint, else None (another kind of model; nothing verified or read but config.json/state.json)."""
+    from ascend_llm.interop.hf_files import read_config
+    from ascend_llm.store.checkpoints import STATE_FILE, list_checkpoints
+
+    root = Path(root).expanduser()
+    if (root / "config.json").is_file():
+        return _from_hf(root, build, weights) if family_of(read_config(root)) else None
+    if (root / STATE_FILE).is_file():
+        return load_vision_model(root, build, weights) if _records_contrastive_run(root) else None
+    steps = list_checkpoints(root)
+    if steps and _records_contrastive_run(steps[0]):
+        return load_vision_model(root, build, weights)
+    return None

@@ -1,0 +1,246 @@
+"""Contrastive image-text alignment (objective.name=contrastive): CLIP's symmetric InfoNCE with a learnable
+temperature, SigLIP's sigmoid loss with a learnable bias, features of every data-parallel rank in one contrastive
+batch, and image<->text retrieval recall@k.
+
+Losses (logits_per_text (N, N) = exp(logit_scale) * text @ image^T (+ logit_bias), row i = text i):
+- CLIP (Radford et al. 2021; transformers CLIPModel): (CE(logits_per_text, arange N) + CE(logits_per_image,
+  arange N)) / 2.
+- SigLIP (Zhai et al. 2023, eq. 1): -(1/N) sum_i sum_j log sigmoid(z_ij * logits_per_text[i, j]), z_ij = 1 if i == j
+  else -1.
+
+Data parallel: each rank embeds its share of the global batch, then `AllGather` (parallel/comm.py, backward =
+reduce-scatter: OpenCLIP's gather_with_grad) concatenates every rank's features in rank order, so each rank computes
+the loss of the whole global batch. The gradient a rank gets for its own features is the sum over ranks of the same
+loss's gradient (R times dL/df); the trainer's data-parallel mean of parameter gradients then equals the gradient of
+one process on the global batch, and so do the loss and the update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass, field
+from math import comb
+from pathlib import Path
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.errors import ConfigError
+from ascend_llm.train.objective import Objective
+
+
+def clip_loss(logits_per_text):
+    """Symmetric cross-entropy with the diagonal as targets: logits (N, N) float32 -> scalar float32."""
+    eye = ops.eye(logits_per_text.shape[0], logits_per_text.shape[0], mstype.float32)
+    rows = -(ops.log_softmax(logits_per_text, -1) * eye).sum(-1).mean()
+    cols = -(ops.log_softmax(logits_per_text, 0) * eye).sum(0).mean()
+    return (rows + cols) / 2
+
+
+def log_sigmoid(x):
+    """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), finite for any float32 x."""
+    return ops.minimum(x, 0.0) - ops.log1p(ops.exp(-ops.abs(x)))
+
+
+def siglip_loss(logits_per_text):
+    """Sigmoid loss of Zhai et al. 2023 (module docstring): logits (N, N) float32 -> scalar float32."""
+    n = logits_per_text.shape[0]
+    signs = 2.0 * ops.eye(n, n, mstype.float32) - 1.0
+    return -log_sigmoid(signs * logits_per_text).sum() / n
+
+
+def batch_accuracy(logits_per_text):
+    """Share of texts whose highest-scoring image is their own (in-batch top-1), float32 scalar."""
+    best = ops.argmax(logits_per_text, -1)
+    target = ops.arange(logits_per_text.shape[0], dtype=best.dtype)
+    return (best == target).astype(mstype.float32).mean()
+
+
+class ContrastiveModel(nn.Cell):
+    """The trained cell: a DualEncoder (`dual`) whose features are all-gathered over `group` when it has more than
+    one rank. construct(pixels (b, C, S, S), input_ids (b, T), attention_mask (b, T)) -> (image_embeds,
+    text_embeds) (R*b, D) L2-normalised, rank order."""
+
+    def __init__(self, dual: nn.Cell, group=None):
+        super().__init__()
+        self.dual = dual
+        self.gathered = group is not None and group.size > 1
+        if self.gathered:
+            from ascend_llm.parallel.comm import AllGather
+
+            self.gather = AllGather(group)
+
+    def construct(self, pixels, input_ids, attention_mask):
+        image, text = self.dual(pixels, input_ids, attention_mask)
+        if self.gathered:
+            image, text = self.gather(image), self.gather(text)
+        return image, text
+
+
+@dataclass
+class ImageCorpus:
+    """What the trainer knows as the prepared corpus: `path` holds tokenizer.json; meta: vocab_size, num_tokens,
+    eos_id, source."""
+
+    path: Path
+    meta: dict = field(default_factory=dict)
+
+
+class ContrastiveObjective(Objective):
+    """objective.name=contrastive (module docstring). aux: logit_scale_exp (the inverse temperature) and the
+    in-batch top-1 accuracy."""
+
+    name = "contrastive"
+    aux_names = ("logit_scale_exp", "batch_accuracy")
+    splits_sequence = False
+    samples_text = False  # the trainer's closing text sample does not apply
+
+    def __init__(self, recipe):
+        from ascend_llm.interop.vision import open_vision_text
+
+        self.recipe, self.cfg = recipe, recipe.objective.multimodal
+        self.text = open_vision_text(self.cfg, recipe.data)
+        self.loss_fn = clip_loss if self.text.config.loss == "clip" else siglip_loss
+
+    def build_data(self, recipe, main_rank: bool):
+        """(prepared_all, ImageTextDataset): the records of objective.multimodal.images (and val_images)."""
+        dataset = build_image_dataset(self.cfg, self.text, recipe.data.seed)
+        return [self.text.corpus(recipe.data.cache_dir, int(dataset.attention_mask.sum()), self.cfg.images)], dataset
+
+    def wrap_model(self, model: nn.Cell) -> nn.Cell:
+        """A DualEncoder (pretrained weights when configured) wrapped for the gather; the LLM is not trained."""
+        from ascend_llm.parallel.comm import world_group
+
+        return ContrastiveModel(self.text.build_model(), world_group() if self.cfg.gather_features else None)
+
+    def read(self, dataset, rows: np.ndarray, with_segments: bool) -> tuple[np.ndarray, ...]:
+        return dataset.pixels[rows], dataset.input_ids[rows], dataset.attention_mask[rows]
+
+    def loss(self, model: nn.Cell, *batch: Tensor):
+        image, text = model(*batch)
+        logits = model.dual.logits(image, text)
+        return self.loss_fn(logits), (ops.exp(model.dual.logit_scale).reshape(()), batch_accuracy(logits))
+
+
+def build_image_dataset(cfg, text, seed: int):
+    """ImageTextDataset of `cfg.images` (+ `cfg.val_images`, else the last val_fraction of the records)."""
+    from ascend_llm.data.images import ImageTextDataset, load_pairs, read_image_records
+
+    if not cfg.images:
+        raise ConfigError("objective.multimodal.images", None, "must name a JSON Lines file of "
+                                                               '{"image": path, "caption": text}')
+    records = [read_image_records(cfg.images, cfg.on_bad_record)]
+    if cfg.val_images:
+        records.append(read_image_records(cfg.val_images, cfg.on_bad_record))
+    pixels = np.concatenate([load_pairs(r, text.preprocess) for r in records])
+    captions = [c for r in records for c in r.captions]
+    num_train = len(records[0].captions) if cfg.val_images else len(captions) - int(len(captions) * cfg.val_fraction)
+    ids, mask = text.tokenize(captions, "objective.multimodal.images", text.config.text.max_seq_len)
+    skipped = {str(r.path): dict(r.skipped) for r in records if r.skipped}
+    return ImageTextDataset(pixels, ids, mask, captions, num_train, seed, skipped)
+
+
+def build_objective(recipe, lm_loss) -> ContrastiveObjective:
+    """The registered builder (config/objective.py OBJECTIVES): validates objective.multimodal and the layout
+    (data parallel only)."""
+    recipe.objective.multimodal.validate()
+    par = recipe.parallel
+    if par.tensor_parallel_degree != 1 or par.context_parallel_degree != 1:
+        raise ConfigError("parallel.tensor_parallel_degree", par.tensor_parallel_degree,
+                          "contrastive training runs data parallel only (tensor and context parallel degree 1)")
+    return ContrastiveObjective(recipe)
+
+
+def retrieval_recall(image_embeds: np.ndarray, text_embeds: np.ndarray, captions: list[str],
+                     ks=(1, 5, 10)) -> dict:
+    """Image->text and text->image recall@k (%) with chance at each k, for N pairs (image i, captions[i]).
+
+    Identical captions cannot be told apart, so image->text ranks the U distinct captions (one embedding each, the
+    first pair's) and is correct when the image's own caption is among the top k (chance k / U); text->image ranks
+    the N images for each pair's text and is correct when a top-k image carries the query's caption (chance for a
+    caption shared by m images: 1 - C(N-m, k) / C(N, k), averaged over queries). With distinct captions these are
+    the usual recall@k."""
+    image = np.asarray(image_embeds, np.float64)
+    text = np.asarray(text_embeds, np.float64)
+    distinct, first, keys = np.unique(np.asarray(captions), return_index=True, return_inverse=True)
+    n, u, out = len(captions), len(distinct), {}
+    same = keys[:, None] == keys[None, :]
+    by_image = np.argsort(-(image @ text[first].T), axis=1, kind="stable")  # (N, U) distinct captions per image
+    by_text = np.argsort(-(text @ image.T), axis=1, kind="stable")  # (N, N) images per text
+    matches = same.sum(1)
+    for k in ks:
+        out[f"i2t_recall@{k}"] = 100.0 * float(np.mean([keys[i] in by_image[i, :k] for i in range(n)]))
+        out[f"t2i_recall@{k}"] = 100.0 * float(np.mean([same[j, by_text[j, :k]].any() for j in range(n)]))
+        out[f"i2t_chance@{k}"] = 100.0 * min(k, u) / u
+        out[f"t2i_chance@{k}"] = 100.0 * float(np.mean([1.0 - comb(n - m, k) / comb(n, k) for m in matches]))
+    return out
+
+
+def embed_pairs(model, pixels: np.ndarray, input_ids: np.ndarray, mask: np.ndarray, batch: int = 64):
+    """(image_embeds, text_embeds) (N, D) float32 of a DualEncoder, `batch` rows per call."""
+    images, texts = [], []
+    for start in range(0, len(pixels), batch):
+        stop = start + batch
+        i, t = model(Tensor(pixels[start:stop]), Tensor(input_ids[start:stop]), Tensor(mask[start:stop]))
+        images.append(i.asnumpy())
+        texts.append(t.asnumpy())
+    return np.concatenate(images), np.concatenate(texts)
+
+
+def evaluate_retrieval(model_dir: str, images: str, ks=(1, 5, 10), on_bad_record: str = "error") -> dict:
+    """Recall@k of a CLIP/SigLIP directory or a contrastive run/checkpoint on the pairs of `images` (JSON Lines)."""
+    from ascend_llm.data.images import load_pairs, read_image_records
+    from ascend_llm.interop.vision import load_vision_model
+
+    source = load_vision_model(Path(model_dir))
+    records = read_image_records(images, on_bad_record)
+    pixels = load_pairs(records, source.preprocess)
+    ids, mask = source.tokenize(records.captions)
+    image, text = embed_pairs(source.model, pixels, ids, mask)
+    result = retrieval_recall(image, text, records.captions, ks)
+    return {"model": str(model_dir), "images": str(images), "pairs": len(records.captions),
+            "distinct_captions": len(set(records.captions)), **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ascend_llm.train.contrastive MODEL --images FILE [--json OUT]`: retrieval table (exit 2 on bad
+    input)."""
+    import argparse
+    import json
+
+    import mindspore as ms
+
+    from ascend_llm.errors import UserInputError
+
+    p = argparse.ArgumentParser(prog="python -m ascend_llm.train.contrastive", description=main.__doc__)
+    p.add_argument("model", help="CLIP/SigLIP Hugging Face directory, or a contrastive run or checkpoint")
+    p.add_argument("--images", required=True, help="JSON Lines of {image, caption}")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        result = evaluate_retrieval(args.model, args.images)
+    except UserInputError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 2
+    print(f"{result['pairs']} pairs, {result['distinct_captions']} distinct captions")
+    print("| k | image->text recall (chance) | text->image recall (chance) |\n|---:|---:|---:|")
+    for k in (1, 5, 10):
+        print(f"| {k} | {result[f'i2t_recall@{k}']:.1f}% ({result[f'i2t_chance@{k}']:.1f}%) | "
+              f"{result[f't2i_recall@{k}']:.1f}% ({result[f't2i_chance@{k}']:.1f}%) |")
+    if args.json:
+        from ascend_llm.store.files import write_file_atomic
+
+        write_file_atomic(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
+    return 0
+
+
+def tokenizer_digest(data: bytes) -> str:
+    """Short SHA-256 of tokenizer bytes (names the cached copy of a run's tokenizer)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
