@@ -34,10 +34,16 @@ class ParallelConfig:
     # for one tensor-parallel rank (Megatron's distributed optimizer): 0 replicated optimizer state,
     # 1 optimizer state (and fp32 master weights) sharded, 2 also the gradient-accumulation buffer sharded.
     zero_stage: int = 0
+    # Expert parallel (Mixture-of-Experts; parallel/ep.py): each sparse layer's experts sharded over groups of
+    # this many consecutive data-parallel ranks, tokens exchanged by all-to-all. Carved out of data parallel
+    # (it must divide data_parallel_degree), so it is not a factor of the world size and not among degrees().
+    expert_parallel_degree: int = 1
 
     def degrees(self) -> dict[str, int]:
-        """{field name: degree} for every `*_degree` field, in declaration order (outermost first)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name.endswith("_degree")}
+        """{field name: degree} for every `*_degree` field that multiplies into the world size, in declaration
+        order (outermost first); expert_parallel_degree, a subdivision of data parallel, is not one."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name.endswith("_degree") and f.name != "expert_parallel_degree"}
 
     @property
     def world_size(self) -> int:
@@ -55,6 +61,7 @@ class ParallelConfig:
                 non_negative(f"{prefix}.{name}", degree)  # 0: fill the world (resolved by RecipeConfig)
             else:
                 positive(f"{prefix}.{name}", degree)
+        positive(f"{prefix}.expert_parallel_degree", self.expert_parallel_degree)
         one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
         one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
         replicas = self.data_parallel_degree * self.context_parallel_degree
@@ -105,9 +112,35 @@ def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: 
         raise ConfigError(f"{prefix}.sequence_parallel", True,
                           f"needs the per-rank sequence length {seq_len // cp} divisible by "
                           f"tensor_parallel_degree={tp}")
+    check_expert_parallel(parallel, model, prefix)
     if cp > 1 and seq_len % (2 * cp):
         raise ConfigError("data.seq_len", seq_len,
                           f"must be divisible by 2*parallel.context_parallel_degree={2 * cp} (zigzag chunks)")
+
+
+def check_expert_parallel(parallel: ParallelConfig, model, prefix: str = "parallel") -> None:
+    """ConfigError naming the field: expert_parallel_degree > 1 without experts, not dividing model.num_experts or
+    data_parallel_degree, or combined with tensor/context parallel or a ZeRO stage (not supported together); a
+    MoE model under tensor parallel (its experts are not split by TP)."""
+    ep = int(getattr(parallel, "expert_parallel_degree", 1))
+    experts = int(getattr(model, "num_experts", 0))
+    if experts and int(parallel.tensor_parallel_degree) > 1:
+        raise ConfigError(f"{prefix}.tensor_parallel_degree", parallel.tensor_parallel_degree,
+                          "must be 1 for a Mixture-of-Experts model (use expert_parallel_degree)")
+    if ep == 1:
+        return
+    field = f"{prefix}.expert_parallel_degree"
+    if not experts:
+        raise ConfigError(field, ep, "needs a Mixture-of-Experts model (model.num_experts > 0)")
+    if experts % ep:
+        raise ConfigError(field, ep, f"must divide model.num_experts={experts}")
+    dp = int(parallel.data_parallel_degree)
+    if dp and dp % ep:
+        raise ConfigError(field, ep, f"must divide {prefix}.data_parallel_degree={dp} (EP groups are made of "
+                                     "data-parallel ranks)")
+    if int(parallel.context_parallel_degree) > 1 or parallel.zero_stage:
+        raise ConfigError(field, ep, f"is not supported together with {prefix}.context_parallel_degree > 1 or "
+                                     f"{prefix}.zero_stage > 0")
 
 
 @dataclass

@@ -21,6 +21,7 @@ API (stable; other branches merge it):
   | `AllGather(group, axis=0)` | concat of every rank's x along `axis`, group order | `ReduceScatter(dout)` |
   | `ReduceScatter(group, axis=0)` | this rank's `1/size` slice along `axis` of the sum | `AllGather(dout)` |
   | `Broadcast(group, root=0)` | the group-rank `root`'s x on every rank | sum of dout on root, 0 elsewhere |
+  | `AllToAll(group)` | x cut in `size` chunks (axis 0): chunk j to rank j; out chunk j from rank j | `AllToAll(dout)` |
 
   Shapes: AllGather multiplies `x.shape[axis]` by size; ReduceScatter divides it (it must be divisible).
   dtypes are preserved; use float dtypes (MCCL sums float32/float16/int32 exactly as the hardware adds).
@@ -35,7 +36,8 @@ equivalents built from AllReduce-sum:
   all_gather on a sub-group = every rank writes x at its offset of a zero buffer, AllReduce-sum (x + 0 = x);
   reduce_scatter = AllReduce-sum, then this rank's slice;
   broadcast = AllReduce-sum of (x on root, zeros elsewhere);
-  max = all_gather of x[None], then max over the new axis.
+  max = all_gather of x[None], then max over the new axis;
+  all_to_all = all_gather of x, then chunk `rank` of every rank's block (Ascend: native AlltoAll).
 They move `size` times more data than the native ops: fine for CPU tests, never used on Ascend.
 
 Ordering rule (both backends): every rank must issue the same collectives in the same order. Inside one
@@ -301,6 +303,44 @@ class Broadcast(nn.Cell):
         # depend: the non-root ranks must still run the AllReduce (dead-code elimination would drop it and
         # leave the root waiting in a collective its peers never join)
         return (ops.depend(ops.zeros(total.shape, total.dtype), total),)
+
+
+class AllToAll(nn.Cell):
+    """All-to-all exchange along axis 0 (expert-parallel dispatch and combine): x (size * C, ...) is cut into
+    `size` chunks, chunk j goes to group rank j, and the output's chunk j is the chunk group rank j sent here.
+    Native AlltoAll on Ascend; on CPU an exact equivalent: all-gather of x, then chunk `rank` of each rank's
+    block (size times the traffic). A permutation of the group's data, so the backward is the same exchange of
+    the gradient. Float or int32 tensors; x.shape[0] must be divisible by size."""
+
+    def __init__(self, group: Group):
+        super().__init__()
+        self.single, self.size, self.rank = group.size == 1, group.size, group.rank
+        self.native = not self.single and _native()
+        if self.native:
+            self.op = ops.AlltoAll(group.size, 0, 0, group.name)
+        elif not self.single:
+            self.gather = _GatherPrim(group, 0)
+
+    def exchange(self, x):
+        """The forward (also used by the backward)."""
+        if self.single:
+            return x
+        if self.native:
+            return self.op(x)
+        chunk = x.shape[0] // self.size
+        blocks = self.gather(x).reshape((self.size, self.size, chunk) + x.shape[1:])  # (source, target, ...)
+        return blocks[:, self.rank].reshape(x.shape)
+
+    def construct(self, x):
+        return self.exchange(x)
+
+    def bprop(self, x, out, dout):
+        return (self.exchange(dout),)
+
+
+def all_to_all(x, group: Group):
+    """Eager convenience: `AllToAll(group)(x)`."""
+    return AllToAll(group)(x)
 
 
 def all_reduce(x, group: Group, op: str = "sum"):

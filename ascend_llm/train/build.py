@@ -16,6 +16,7 @@ from ascend_llm.attention.apply import apply_attention
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.models import build_model
 from ascend_llm.models.lora import apply_lora
+from ascend_llm.parallel.ep import ExpertParallelConverter
 from ascend_llm.precision import apply_fp8, apply_precision
 from ascend_llm.precision.param_dtype import apply_param_dtype
 from ascend_llm.train.recompute import apply_recompute
@@ -124,7 +125,8 @@ def build_converters(recipe: RecipeConfig, groups: Any = None) -> ModelConverter
     if groups is not None:
         seq_len = recipe.data.seq_len
         converters += [TensorParallelConverter(recipe.parallel, groups, seq_len),
-                       ContextParallelConverter(recipe.parallel, groups, seq_len)]
+                       ContextParallelConverter(recipe.parallel, groups, seq_len),
+                       ExpertParallelConverter(recipe.parallel)]
     converters.append(ApplyConverter("recompute", apply_recompute, recipe.train.recompute))
     return ModelConverters(converters)
 

@@ -134,10 +134,20 @@ class TrainLayout:
             return arrays
         return tuple(np.ascontiguousarray(shard_sequence(a, self.cp, self.cp_rank)) for a in arrays)
 
-    def grad_reducer(self, world_size: int) -> Callable[[tuple], tuple]:
-        """Sum over dp_cp, times 1/dp: the DP mean of the CP-summed shares; identity in one process."""
+    @property
+    def ep(self) -> int:
+        return int(getattr(self.parallel, "expert_parallel_degree", 1))
+
+    def grad_reducer(self, world_size: int, params=None) -> Callable[[tuple], tuple]:
+        """Sum over dp_cp, times 1/dp: the DP mean of the CP-summed shares; identity in one process. Under expert
+        parallel (ep > 1; `params` needed) expert shards are summed over their expert-data-parallel group
+        (parallel/ep.py ExpertGradReducer)."""
         from ascend_llm.parallel.dp import build_grad_reducer
 
+        if self.ep > 1:
+            from ascend_llm.parallel.ep import ExpertGradReducer, build_ep_groups
+
+            return ExpertGradReducer(params, self.groups.dp_cp, build_ep_groups(self.parallel)[1], 1.0 / self.dp)
         if world_size == 1:
             return build_grad_reducer(None, 1)
         return build_grad_reducer(None, world_size, group=self.groups.dp_cp, scale=1.0 / self.dp)
@@ -156,7 +166,12 @@ class TrainLayout:
                                          count_scale=self.dp)
 
     def grad_norm(self, params) -> nn.Cell | None:
-        """TPGradNorm(params, groups.tp) when tp > 1 (the clipping norm over all shards), else None."""
+        """TPGradNorm(params, groups.tp) when tp > 1 (the clipping norm over all shards), ExpertGradNorm over the
+        EP group when ep > 1, else None."""
+        if self.ep > 1:
+            from ascend_llm.parallel.ep import ExpertGradNorm, build_ep_groups
+
+            return ExpertGradNorm(params, build_ep_groups(self.parallel)[0])
         if self.tp == 1:
             return None
         from ascend_llm.parallel.tp import TPGradNorm
@@ -164,7 +179,14 @@ class TrainLayout:
         return TPGradNorm(params, self.groups.tp)
 
     def sharding(self, model: nn.Cell, full_shapes: dict[str, tuple]) -> TPSharding | None:
-        """The TP sharding of `model`'s parameters (None when tp = 1) for ParameterState."""
+        """The TP (or EP: expert shards along axis 0 over the EP group) sharding of `model`'s parameters (None when
+        tp = ep = 1) for ParameterState."""
+        if self.ep > 1:
+            from ascend_llm.parallel import ep
+
+            params = model.get_parameters()
+            return TPSharding(ep.build_ep_groups(self.parallel)[0], ep.ep_shard_axes(model.get_parameters()),
+                              ep.full_shapes(params, self.ep))
         if self.tp == 1:
             return None
         from ascend_llm.parallel.tp import tp_replicas, tp_shard_axes

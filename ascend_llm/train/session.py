@@ -190,7 +190,7 @@ def build_session(recipe: RecipeConfig) -> Session:
     params = model.trainable_params()
     optimizer = build_optimizer(params, recipe, layout.groups)
     precision = build_precision_runtime(model, recipe.precision)
-    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world),
+    steps = build_step_functions(model, optimizer, recipe.optim.grad_clip, layout.grad_reducer(world, params),
                                  precision.scaler, recipe.runtime.mode == "graph", grad_norm=layout.grad_norm(params),
                                  objective=objective)
     sharding = layout.sharding(model, converters.get("tensor_parallel").full_shapes)
