@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,14 +115,17 @@ def load_quantized(directory: Path):
     check_sizes(model_cfg, {k: v.shape for k, v in tensors.items()}, None, str(directory / "config.json"),
                 {k: f"model.{k}" for k in HF_FIELDS})  # before any model is built
     model = build_model(model_cfg)
+    model.return_aux_loss = False  # inference: plain logits, also for MoE models
     cells = dict(model.cells_and_names())
     for path in section["layers"]:
         dense = cells.get(path)
         if dense is None:
             raise CheckpointError("config.json quantization.layers", path, "must name Dense cells of the model")
-        out_f, in_f = dense.weight.shape
+        out_f, in_f = math.prod(dense.weight.shape[:-1]), dense.weight.shape[-1]  # MoE experts: (E * out, in)
         qw = read_quantized_weight(tensors, path, section, out_f, in_f)
-        replace_cell(model, path, QuantLinear(qw, tensors.get(f"{path}.bias")))
+        layer = QuantLinear(qw, tensors.get(f"{path}.bias"))
+        layer.stacked_2d = dense.weight.ndim == 3  # models/moe.py expert_weight_of
+        replace_cell(model, path, layer)
     sync_parameter_names(model)
     for name, param in model.parameters_and_names():
         if name not in tensors:

@@ -52,6 +52,8 @@ class Router(nn.Cell):
 class GroupedLinear(nn.Cell):
     """E stacked linear maps without bias: `weight` (E, out, in), (out, in) per expert like nn.Dense."""
 
+    stacked_2d = False  # see expert_weight_of
+
     def __init__(self, num_experts: int, in_features: int, out_features: int):
         super().__init__()
         self.weight = Parameter(Tensor(np.zeros((num_experts, out_features, in_features), np.float32)),
@@ -65,6 +67,8 @@ class GroupedLinear(nn.Cell):
 class GroupedLora(nn.Cell):
     """LoRA on stacked experts (models/lora.py applies it to GroupedLinear targets): per expert
     W_e + (alpha / r) B_e A_e with A (E, r, in) ~ Normal(0, 1/r) and B (E, out, r) = 0; the base is frozen."""
+
+    stacked_2d = False
 
     def __init__(self, base: GroupedLinear, rank: int, alpha: float, dropout: float, rng: np.random.Generator):
         super().__init__()
@@ -85,6 +89,16 @@ class GroupedLora(nn.Cell):
         """(E, out, in): the frozen weight plus scaling * B_e A_e (float32 adapter, cast to the weight's dtype)."""
         delta = ops.bmm(self.lora_b, self.lora_a) * self.scaling
         return self.base.weight + delta.astype(self.base.weight.dtype)
+
+
+def expert_weight_of(cell, num_experts: int):
+    """(E, out, in) weight of an experts' linear cell: `expert_weight()` of a GroupedLinear / GroupedLora, or, for
+    a cell marked `stacked_2d = True` that holds the experts as one (E * out, in) matrix (a quantized layer,
+    quant/apply.py), its `dequantized_weight()` reshaped."""
+    if cell.stacked_2d:
+        weight = cell.dequantized_weight()
+        return weight.reshape(num_experts, weight.shape[0] // num_experts, weight.shape[1])
+    return cell.expert_weight()
 
 
 def route(logits, top_k: int, norm_topk_prob: bool):
@@ -176,7 +190,9 @@ class GroupedExperts(nn.Cell):
 
     def construct(self, x, weights, indices):
         """x (N, H), weights (N, k), indices (N, k) int32 in [0, E) -> (N, H) in x's dtype."""
-        w1, w3, w2 = self.w1.expert_weight(), self.w3.expert_weight(), self.w2.expert_weight()
+        w1 = expert_weight_of(self.w1, self.num_experts)
+        w3 = expert_weight_of(self.w3, self.num_experts)
+        w2 = expert_weight_of(self.w2, self.num_experts)
         return grouped_swiglu(x, weights, indices, w1.astype(x.dtype), w3.astype(x.dtype), w2.astype(x.dtype))
 
 

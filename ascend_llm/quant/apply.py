@@ -28,17 +28,19 @@ logger = logging.getLogger("ascend_llm.quant")
 def quant_candidates(model: nn.Cell, cfg: QuantConfig) -> list[str]:
     """Cell paths of the nn.Dense layers to quantize: leaf or path matching cfg.include, plus `output` when
     cfg.include_output. int4 needs an even in_features (two codes per byte)."""
+    from ascend_llm.models.moe import GroupedLinear
+
     found = []
     for path, cell in model.cells_and_names():
-        if not path or not isinstance(cell, nn.Dense):
+        if not path or not isinstance(cell, (nn.Dense, GroupedLinear)):  # MoE experts: (E, out, in) stacked
             continue
         leaf = path.rsplit(".", 1)[-1]
         wanted = (path == "output" and cfg.include_output) or (path != "output" and any(
             fnmatch.fnmatchcase(leaf, p) or fnmatch.fnmatchcase(path, p) for p in cfg.include))
         if not wanted:
             continue
-        if cfg.bits == 4 and cell.weight.shape[1] % 2:
-            raise ConfigError("quant.bits", 4, f"{path} has odd in_features={cell.weight.shape[1]}: use bits=8")
+        if cfg.bits == 4 and cell.weight.shape[-1] % 2:
+            raise ConfigError("quant.bits", 4, f"{path} has odd in_features={cell.weight.shape[-1]}: use bits=8")
         found.append(path)
     return found
 
@@ -46,8 +48,16 @@ def quant_candidates(model: nn.Cell, cfg: QuantConfig) -> list[str]:
 def _replace(model: nn.Cell, path: str, qw: QuantizedWeight, dense: nn.Dense) -> None:
     from ascend_llm.precision.policy import replace_cell
 
-    bias = dense.bias.asnumpy() if dense.has_bias else None
-    replace_cell(model, path, QuantLinear(qw, bias))
+    bias = dense.bias.asnumpy() if getattr(dense, "has_bias", False) else None
+    layer = QuantLinear(qw, bias)
+    layer.stacked_2d = dense.weight.ndim == 3  # MoE experts: (E * out, in) rows, models/moe.py expert_weight_of
+    replace_cell(model, path, layer)
+
+
+def expert_rows(weight: np.ndarray) -> np.ndarray:
+    """A Dense (out, in) weight as it is, MoE experts (E, out, in) as one (E * out, in) matrix: quantization
+    groups run along the input axis, row by row, so this quantizes every expert like its own linear layer."""
+    return weight.reshape(-1, weight.shape[-1])
 
 
 class _Recorder(nn.Cell):
@@ -97,14 +107,22 @@ def apply_quantization(model: nn.Cell, cfg: QuantConfig, calibration: np.ndarray
     done: dict[str, QuantizedWeight] = {}
     if cfg.method == "rtn":
         for p in paths:
-            done[p] = quantize_rtn(cells[p].weight.asnumpy(), cfg)
+            done[p] = quantize_rtn(expert_rows(cells[p].weight.asnumpy()), cfg)
             _replace(model, p, done[p], cells[p])
     else:
         if calibration is None or len(calibration) == 0:
             raise ConfigError("quant.method", "gptq", "needs calibration samples (a corpus to draw them from)")
+        experts = [p for p in paths if cells[p].weight.ndim == 3]
+        if experts:  # GPTQ needs per-expert Hessians of the routed tokens: not done, these get RTN
+            logger.warning("GPTQ: %d MoE expert weights quantized by RTN instead (per-expert GPTQ is not "
+                           "implemented)", len(experts))
+            for p in experts:
+                done[p] = quantize_rtn(expert_rows(cells[p].weight.asnumpy()), cfg)
+                _replace(model, p, done[p], cells[p])
         stages: dict[str, list[str]] = {}
         for p in paths:
-            stages.setdefault(_stage_of(p), []).append(p)
+            if p not in experts:
+                stages.setdefault(_stage_of(p), []).append(p)
         mode = ms.get_context("mode")
         ms.set_context(mode=ms.PYNATIVE_MODE)
         try:
