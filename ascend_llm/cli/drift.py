@@ -42,9 +42,12 @@ def run(args: argparse.Namespace) -> dict:
     import mindspore as ms
 
     from ascend_llm.errors import InteropError
-    from ascend_llm.eval.drift import detect, document_features, sample_documents
+    from ascend_llm.eval.drift import check_settings, detect, document_features, sample_documents
     from ascend_llm.eval.text import parse_slice
     from ascend_llm.interop.source import apply_tokenizer_override, open_model
+
+    check_settings(args.alpha, args.permutations)
+    slices = {"reference": parse_slice(args.ref_docs, "--ref-docs"), "new": parse_slice(args.new_docs, "--new-docs")}
 
     ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
     source = apply_tokenizer_override(open_model(args.model), args.tokenizer)
@@ -56,8 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     samples, features = {}, {}
     for name, path, docs, offset in (("reference", args.reference, args.ref_docs, 0),
                                      ("new", args.new, args.new_docs, 1)):
-        sample = sample_documents(path, args.samples, args.seed + offset, parse_slice(docs, f"--{name[:3]}-docs"),
-                                  args.text_field, f"--{name}")
+        sample = sample_documents(path, args.samples, args.seed + offset, slices[name], args.text_field, f"--{name}")
         samples[name] = sample
         features[name] = document_features(source.model, source.tokenizer, sample.texts, eos, args.max_tokens,
                                            args.batch_size)
