@@ -1,0 +1,60 @@
+"""Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
+reference under data parallel and under ZeRO-2, and LoRA-SimPO under data parallel, each equal to the same recipe
+in one process (loss and every DPO metric per step, validation, within 1e-5). The msrun job computes its own
+reference cache (every rank, the main rank writes), so the cached values are checked under DP too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import launch, read_records
+
+FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
+QWEN2 = FIXTURES / "qwen2_tied"
+WORKER = Path(__file__).parent / "workers" / "train_worker.py"
+STEPS = 4
+LINES = ["春眠不覺曉", "處處聞啼鳥", "夜來風雨聲", "花落知多少", "床前明月光", "疑是地上霜", "舉頭望明月", "低頭思故鄉",
+         "白日依山盡", "黃河入海流", "欲窮千里目", "更上一層樓", "紅豆生南國", "春來發幾枝", "願君多采擷", "此物最相思"]
+
+
+def _common(data, cache) -> list[str]:
+    return [f"model.pretrained={QWEN2}", f"data.path={data}", "data.seq_len=32", f"data.cache_dir={cache}",
+            "data.val_fraction=0.25", "train.global_batch_size=4", f"train.num_steps={STEPS}", "train.log_every=1",
+            f"train.val_every={STEPS}", "train.val_batches=1", f"train.ckpt_every={STEPS}", "train.progress=false",
+            "train.sample_tokens=0", "optim.lr=3e-3", "optim.warmup_steps=0"]
+
+
+@pytest.mark.skipif(not QWEN2.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
+def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": a, "chosen": b, "rejected": LINES[(i * 5 + 3) % len(LINES)]},
+                                       ensure_ascii=False) + "\n" for i, (a, b) in enumerate(zip(LINES, LINES[1:]))),
+                    encoding="utf-8")
+    dpo = [*_common(data, tmp_path / "cache_one"), "objective=dpo", "objective.preference.beta=0.5",
+           "objective.preference.sft_weight=0.1"]
+    simpo = [*_common(data, tmp_path / "cache_one"), "objective=simpo", "lora.enabled=true", "lora.rank=4"]
+    runs = {"dp2": [*dpo, "parallel=dp2"], "dp2_zero2": [*dpo, "parallel=dp2_zero2"],
+            "simpo_lora_dp2": [*simpo, "parallel=dp2"]}
+    job = tmp_path / "job"
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
+        {"name": name, "overrides": [*[o.replace("cache_one", "cache_msrun") for o in overrides], "cluster=cpu_2proc",
+                                     f"train.output_dir={job / 'runs' / name}"]} for name, overrides in runs.items()]}))
+    launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
+    assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 1  # written once, by rank 0
+
+    for name, overrides in runs.items():
+        reference = read_records(one_process([o for o in overrides if not o.startswith("parallel=")])[1])
+        ours = read_records(job / "runs" / name)
+        assert [r["step"] for r in ours] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
+        for mine, theirs in zip(ours, reference):
+            for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                        "logps/chosen", "logps/rejected", "sft_loss", "val_loss", "val_rewards/accuracies"):
+                if key in theirs:
+                    np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")
+        assert "val_rewards/margins" in ours[-1]
