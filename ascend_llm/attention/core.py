@@ -28,14 +28,18 @@ class CoreAttention(nn.Cell):
         self.backend = resolve_backend(cfg.backend)
         self.block_q, self.block_k = cfg.block_q, cfg.block_k
         self.causal = causal
+        # the fused kernel takes (B, S, N, D) as it is: the model skips its transposes (models/llama.py)
+        self.layout = "BSND" if self.backend == "fused" else "BNSD"
 
     def construct(self, q, k, v, segment_ids=None):
-        """q (B, H, S, D), k/v (B, H_kv, S, D), segment_ids (B, S) int32 or None -> (B, H, S, D) in q's dtype."""
+        """q (B, H, S, D), k/v (B, H_kv, S, D), segment_ids (B, S) int32 or None -> (B, H, S, D) in q's dtype;
+        with `layout` "BSND" every tensor is (B, S, heads, D) instead."""
+        extra = {"io_layout": "BSND"} if self.layout == "BSND" else {}  # backends taking BSND: fused, naive
         if segment_ids is None:
             return attention(q, k, v, causal=self.causal, backend=self.backend,
-                             block_q=self.block_q, block_k=self.block_k)
+                             block_q=self.block_q, block_k=self.block_k, **extra)
         return attention(q, k, v, causal=self.causal, backend=self.backend, block_q=self.block_q,
-                         block_k=self.block_k, segment_ids=segment_ids, kv_segment_ids=segment_ids)
+                         block_k=self.block_k, segment_ids=segment_ids, kv_segment_ids=segment_ids, **extra)
 
     def extend_repr(self) -> str:
         """Backend, block sizes and causality for `repr(cell)`."""

@@ -116,15 +116,26 @@ def require_ascend() -> None:
             f"attention=auto, which picks segmented off Ascend.")
 
 
+def bnsd_shape(shape: tuple, io_layout: str) -> tuple:
+    """A (B, N, S, D) shape from a tensor shape in `io_layout` ("BNSD" or "BSND")."""
+    return tuple(shape) if io_layout == "BNSD" else (shape[0], shape[2], shape[1], shape[3])
+
+
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: float = None,
                     return_lse: bool = False, segment_ids: Tensor = None, kv_segment_ids: Tensor = None,
-                    query_mask: Tensor = None, key_mask: Tensor = None, layout: str = "BNSD", **unused):
-    """FlashAttentionScore over BNSD tensors with the entry point's conventions (block sizes are ignored)."""
+                    query_mask: Tensor = None, key_mask: Tensor = None, layout: str = "BNSD",
+                    io_layout: str = "BNSD", **unused):
+    """FlashAttentionScore over BNSD tensors with the entry point's conventions (block sizes are ignored).
+    io_layout "BSND": q, k, v and the output are (B, S, heads, D) and go to the kernel as they are (its BSND
+    layout, `layout` ignored): no transposes, and the caller can keep the kernel's own output (models/llama.py)."""
     require_ascend()
-    batch, num_heads, seq_q, _ = q.shape
-    seq_k = k.shape[2]
+    if io_layout == "BSND":
+        layout = "BSND"
+    q_shape, kv_shape = bnsd_shape(q.shape, io_layout), bnsd_shape(k.shape, io_layout)
+    batch, num_heads, seq_q, _ = q_shape
+    seq_k = kv_shape[2]
     codes = segment_codes(batch, seq_q, seq_k, segment_ids, kv_segment_ids, query_mask, key_mask)
-    args = fused_args(tuple(q.shape), tuple(k.shape), causal, scale, codes is not None, layout)
+    args = fused_args(q_shape, kv_shape, causal, scale, codes is not None, layout)
     attn_mask = None
     seen = None
     if args.mask == "full":
@@ -138,12 +149,19 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale
     dtype = kernel_dtype(q.dtype)
     kernel = FlashAttentionScore(args.head_num, 1.0, args.scale_value, args.pre_tokens, args.next_tokens, 0,
                                  args.input_layout, args.sparse_mode)
-    softmax_max, softmax_sum, _, out = kernel(to_layout(q.astype(dtype), layout), to_layout(k.astype(dtype), layout),
-                                              to_layout(v.astype(dtype), layout), None, None, None, attn_mask, None,
-                                              None, None)
-    out = from_layout(out, layout, num_heads).astype(q.dtype)
+    if io_layout == "BSND":
+        inputs = (q.astype(dtype), k.astype(dtype), v.astype(dtype))
+    else:
+        inputs = (to_layout(q.astype(dtype), layout), to_layout(k.astype(dtype), layout),
+                  to_layout(v.astype(dtype), layout))
+    softmax_max, softmax_sum, _, out = kernel(*inputs, None, None, None, attn_mask, None, None, None)
+    if io_layout != "BSND":
+        out = from_layout(out, layout, num_heads)
+    out = out.astype(q.dtype)
     lse = softmax_max[..., 0] + ops.log(softmax_sum[..., 0])
     if seen is not None:
+        if io_layout == "BSND":
+            seen = seen.swapaxes(1, 2)  # (B, 1, Sq, 1) -> (B, Sq, 1, 1)
         out = ops.where(seen, out, 0.0).astype(q.dtype)
         lse = ops.where(seen.squeeze(-1), lse, float("-inf"))
     if return_lse:

@@ -85,6 +85,10 @@ def plan_recipe(recipe: Any, with_suggestions: bool = False) -> Plan:
     mem = plan_memory(lay, recipe.cluster.device_memory_gib, recipe.runtime.max_device_memory)
     time = plan_time(lay, peak_of(recipe, lay.device), recipe.cluster.intra_node_gb_per_s,
                      recipe.cluster.inter_node_gb_per_s, recipe.train.global_batch_size)
+    try:
+        check_session_rules(recipe)
+    except ConfigError as refused:
+        mem.notes.append(f"the trainer refuses this recipe before it starts: {refused}")
     out = Plan(mem, time, lay)
     if with_suggestions and mem.fits is False:
         out.suggestions = suggest(recipe)
@@ -139,9 +143,25 @@ def _try(recipe: Any, changes: dict[str, Any]) -> Optional[Plan]:
         changes["parallel.zero_stage"] = 0
     try:
         trial.validate()
+        check_session_rules(trial)
         return plan_recipe(trial)
     except ConfigError:
         return None
+
+
+def check_session_rules(recipe: Any) -> None:
+    """The trainer's pre-start rules a valid recipe can still break, so that no suggestion is refused at launch:
+    the same rule as train/session.py `check_param_dtype` (bf16 parameters need Ascend and ZeRO >= 1: the fp32
+    master weights live in the ZeRO optimizer), kept here because that module imports MindSpore;
+    tests/unit/test_plan_suggestions.py runs the session's own check on every suggestion. Raises ConfigError."""
+    dtype, par = recipe.precision.param_dtype, recipe.parallel
+    if dtype == "float32":
+        return
+    if recipe.runtime.device_target != "ascend":
+        raise ConfigError("precision.param_dtype", dtype, "runs on Ascend only; use float32 on CPU")
+    if par.zero_stage == 0:
+        raise ConfigError("precision.param_dtype", dtype, "needs the fp32 master weights of parallel.zero_stage "
+                          ">= 1; use float32 otherwise")
 
 
 def suggest(recipe: Any, limit: int = 5) -> list[list[str]]:
@@ -197,8 +217,9 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
         "model": recipe.model.name, "parameters": parameters_per_device(recipe.model, 1),
         "parameters_per_device": parameters_per_device(recipe.model, planned.layout.tensor_parallel_degree),
         "micro_batch": planned.layout.micro_batch, "seq_len": planned.layout.seq_len,
-        "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source}
-                  for t in mem.terms],
+        "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source,
+                   "phase": t.phase} for t in mem.terms],
+        "peak_phase": mem.peak_phase,
         "total_gib": mem.total_bytes / GIB,
         "device_memory_gib": None if mem.device_bytes is None else mem.device_bytes / GIB,
         "pool_gib": None if mem.pool_bytes is None else mem.pool_bytes / GIB,
@@ -206,8 +227,9 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
         "shortfall_gib": None if mem.shortfall_bytes is None else mem.shortfall_bytes / GIB,
         "notes": mem.notes,
         "time": {"compute_s": tp.compute_s, "comm_s": tp.comm_s, "step_s": tp.step_s,
-                 "model_flops_per_token": tp.model_flops_per_token,
-                 "tokens_per_s_per_device": tp.tokens_per_s_per_device, "peak_tflops": tp.peak_tflops,
+                 "serial_step_s": tp.serial_step_s, "model_flops_per_token": tp.model_flops_per_token,
+                 "tokens_per_s_per_device": tp.tokens_per_s_per_device,
+                 "serial_tokens_per_s_per_device": tp.serial_tokens_per_s_per_device, "peak_tflops": tp.peak_tflops,
                  "published": [{"setup": name, "seq_len": seq, "tokens_per_s_per_device": value,
                                 "implied_mfu": tp.published_mfu(recipe.model, seq, value)}
                                for name, seq, value in tp.published]},
@@ -224,12 +246,13 @@ def format_plan(recipe: Any, planned: Plan) -> str:
              f"dp={lay.data_parallel_degree} tp={lay.tensor_parallel_degree} cp={lay.context_parallel_degree} "
              f"zero_stage={lay.zero_stage} recompute={lay.recompute} attention={lay.attention_backend} "
              f"param bytes={lay.param_bytes} compute bytes={lay.compute_bytes} device={lay.device}",
-             "", f"{'per-device memory term':<44} {'GiB':>9}  formula  [source]"]
+             "", f"{'per-device memory term':<48} {'GiB':>7}  {'phase':<16} formula  [source]"]
     for t in planned.memory.terms:
-        lines.append(f"{t.name:<44} {t.gib:>9.2f}  {t.formula}  [{t.source}]")
-    lines.append(f"{'total':<44} {data['total_gib']:>9.2f}")
+        lines.append(f"{t.name:<48} {t.gib:>7.2f}  {t.phase:<16} {t.formula}  [{t.source}]")
+    lines.append(f"{'total (peak: always + ' + data['peak_phase'] + ')':<48} {data['total_gib']:>7.2f}")
     fits = data["fits"]
-    verdict = ("no budget declared (set cluster.device_memory_gib)" if fits is None else
+    verdict = ("no verdict off Ascend (see the note)" if lay.device != "ascend" else
+               "no budget declared (set cluster.device_memory_gib)" if fits is None else
                f"FITS with {-data['shortfall_gib']:.2f} GiB to spare" if fits else
                f"DOES NOT FIT: {data['shortfall_gib']:.2f} GiB over")
     lines.append(f"{'budget':<44} {budget_text(planned.memory)}: {verdict}")
@@ -246,10 +269,11 @@ def format_plan(recipe: Any, planned: Plan) -> str:
 
 def _format_time(time: dict) -> list[str]:
     comm = ", ".join(f"{k} {v:.3f} s" for k, v in time["comm_s"].items() if v) or "none estimated"
-    lines = ["", f"step time estimate: {time['step_s']:.3f} s = compute {time['compute_s']:.3f} s at "
-             f"{time['peak_tflops']:g} TFLOP/s declared peak (100% MFU) + communication ({comm}), no overlap",
-             f"tokens/s per device estimate: {time['tokens_per_s_per_device']:,.0f} (an upper bound: real runs "
-             "reach 40-60% MFU)"]
+    lines = ["", f"step time lower bound: {time['step_s']:.3f} s = max(compute {time['compute_s']:.3f} s at "
+             f"{time['peak_tflops']:g} TFLOP/s declared peak (100% MFU), communication: {comm}) (overlapped)",
+             f"tokens/s per device upper bound: {time['tokens_per_s_per_device']:,.0f}; with no overlap "
+             f"{time['serial_tokens_per_s_per_device']:,.0f} ({time['serial_step_s']:.3f} s)"
+             + ("; published 910B runs reach 35-61% MFU" if time["published"] else "")]
     for row in time["published"]:
         lines.append(f"published 910B: {row['setup']}, {row['seq_len']} tokens: {row['tokens_per_s_per_device']:,} "
                      f"tokens/s per device (= {row['implied_mfu']:.0%} MFU at the declared peak)")

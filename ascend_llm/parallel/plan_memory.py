@@ -13,13 +13,9 @@ Sources:
   master weights, momentum and variance = 16 bytes per parameter) and section 5 (stage 1 shards the 12P
   optimizer states over d ranks, stage 2 also the gradients).
 - Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
-  section 4 (every tensor kept for the backward pass, per layer; sequence parallel divides the norm/residual
-  terms by t; selective recompute drops the attention-core terms; full recompute keeps each layer's input
-  plus one layer's working set; the output layer keeps fp32 logits, 4sbV/t). The per-tensor list is redone
-  for this toolkit's Llama layer (RMSNorm, GQA, SwiGLU, float32 residual stream), see `layer_activation_terms`.
-- Naive attention keeps the a*s*s softmax probabilities (float32 here: softmax stays float32); segmented
-  and fused attention (FlashAttention, Dao 2022) keep the output and the log-sum-exp (4 bytes per head per
-  query) instead.
+  section 4, redone for this toolkit's layer and dtype flow in plan_activations.py.
+- Peak: the terms carry the phase of the step where they are alive (`PHASES`); the peak is the ALWAYS terms
+  plus the largest phase, since the backward frees each layer's activations as it produces its gradients.
 - Communication buffers: CANN HCCL_BUFFSIZE documentation: each communicator owns 2 * HCCL_BUFFSIZE MB
   (send and receive), outside MindSpore's pool.
 """
@@ -36,8 +32,15 @@ GIB = 2**30
 MIB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Stated fragmentation headroom: the caching pool cannot pack tensors perfectly; planned as this fraction of
-# the sum of every other term (the figure MindSpore/PyTorch practitioners allow; not measured here).
+# the pool's peak (the figure MindSpore/PyTorch practitioners allow; not measured here).
 FRAGMENTATION_FRACTION = 0.10
+# Phases of a step. ALWAYS terms live through the whole step; of the others only the largest phase adds to the
+# peak: activations are freed layer by layer as the backward produces the gradients (the memory pool frees a
+# tensor at its last use), so the step's peak is at the start of the backward (everything the forward kept,
+# the logits and their gradient) or at its end (the whole gradient beside the last layer's activations), or
+# in the accumulation or the update that follow.
+ALWAYS, OUTSIDE_POOL = "always", "outside the pool"
+PHASES = ("backward start", "backward end", "accumulation", "update")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Term:
     bytes: float
     formula: str
     source: str
+    phase: str = ALWAYS
 
     @property
     def gib(self) -> float:
@@ -90,15 +94,24 @@ class MemoryPlan:
     pool_bytes: Optional[float]
     notes: list[str] = field(default_factory=list)
 
+    def phase_bytes(self, phase: str) -> float:
+        """Sum of the terms of one phase (ALWAYS, OUTSIDE_POOL or one of PHASES)."""
+        return sum(t.bytes for t in self.terms if t.phase == phase)
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase of PHASES whose terms are largest: where the step's peak is."""
+        return max(PHASES, key=self.phase_bytes)
+
     @property
     def in_pool_bytes(self) -> float:
-        """Bytes inside MindSpore's pool: every term but the HCCL communication buffers."""
-        return sum(t.bytes for t in self.terms if t.name != "communication buffers")
+        """Peak bytes inside MindSpore's pool: the ALWAYS terms plus the largest phase (module doc)."""
+        return self.phase_bytes(ALWAYS) + self.phase_bytes(self.peak_phase)
 
     @property
     def total_bytes(self) -> float:
-        """Bytes of all terms per device, communication buffers included."""
-        return sum(t.bytes for t in self.terms)
+        """Peak bytes per device: `in_pool_bytes` plus the HCCL buffers outside the pool."""
+        return self.in_pool_bytes + self.phase_bytes(OUTSIDE_POOL)
 
     def term(self, name: str) -> Term:
         """The term called `name`; StopIteration when there is none."""
@@ -184,16 +197,16 @@ def lora_state_terms(lay: Layout) -> list[Term]:
     pb = lay.param_bytes
     terms = [Term("parameters (frozen base)", base * pb, f"P * {pb} B", "ZeRO sec. 3.1"),
              Term("LoRA adapters", a * 4, "A * 4 B, A = sum r * (in + out) over adapted projections", "Hu et al. 2021"),
-             Term("gradients", a * 4, "A * 4 B (adapters only)", "Hu et al. 2021")]
+             Term("gradients", a * 4, "A * 4 B (adapters only)", "Hu et al. 2021", "backward end")]
     if lay.grad_accum_steps > 1:
-        terms.append(Term("grad accumulation buffer", a * 4, "A * 4 B", "trainer: acc + grads coexist"))
+        terms.append(Term("grad accumulation buffer", a * 4, "A * 4 B", "trainer: the running sum"))
     terms.append(Term("optimizer state (AdamW m, v)", a * 8 + 4, "A * 8 B + 4 B step", "ZeRO sec. 3.1"))
     return terms
 
 
 def model_state_terms(lay: Layout) -> list[Term]:
-    """Parameters, gradients, accumulation buffer, master weights, AdamW moments (ZeRO paper, sec. 3.1, 5);
-    with LoRA, `lora_state_terms`."""
+    """Parameters, master weights, AdamW moments (ZeRO paper, sec. 3.1, 5), the accumulation buffer, and the
+    gradients in the phases where they exist (`gradient_terms`); with LoRA, `lora_state_terms`."""
     if lay.lora_rank > 0:
         return lora_state_terms(lay)
     t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
@@ -201,107 +214,69 @@ def model_state_terms(lay: Layout) -> list[Term]:
     pb = lay.param_bytes
     opt_n = sharded_elements(lay.model, t, d, z >= 1)
     zero = "ZeRO (Rajbhandari et al. 2020) sec. 5"
-    terms = [
-        Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", "ZeRO sec. 3.1"),
-        Term("gradients", p * pb, f"P * {pb} B (backward output, parameter dtype)",
-             "ZeRO sec. 3.1; the compiled backward returns every gradient at once, so stage 2's 2P/d needs "
-             "bucketed reduce-scatter inside the backward, which this step does not do"),
-    ]
-    if lay.grad_accum_steps > 1:
-        acc_n = sharded_elements(lay.model, t, d, z >= 2)
-        terms.append(Term("grad accumulation buffer", acc_n * pb,
-                          f"{'sum ceil(n/d)' if z >= 2 else 'P'} * {pb} B (running sum beside the new gradients)",
-                          zero + " stage 2 (gradient partition)" if z >= 2 else "trainer: acc + grads coexist"))
+    terms = [Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", "ZeRO sec. 3.1")]
     if pb != 4:
         terms.append(Term("fp32 master weights", opt_n * 4, f"{'sum ceil(n/d)' if z else 'P'} * 4 B",
                           zero + " stage 1" if z else "ZeRO sec. 3.1 (mixed-precision Adam)"))
     terms.append(Term("optimizer state (AdamW m, v)", opt_n * 8 + 4,
                       f"{'sum ceil(n/d)' if z else 'P'} * 8 B + 4 B step",
                       zero + " stage 1" if z else "ZeRO sec. 3.1"))
+    return terms + gradient_terms(lay)
+
+
+def gradient_terms(lay: Layout) -> list[Term]:
+    """Gradients by phase. The backward graph returns one micro-batch's full gradient (P * pb, at the end of the
+    backward). ZeRO-2 reduce-scatters it inside that graph (train/step.py), so only float32 shards,
+    S = 4 * sum ceil(n/d), leave it and accumulate (ZeRO sec. 5, P_os+g); stages 0/1 accumulate full gradients
+    (the new sum is written beside the old one and the micro-batch's gradients)."""
+    t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
+    p, pb = parameters_per_device(lay.model, t), lay.param_bytes
+    shards = 4 * sharded_elements(lay.model, t, d, True)
+    n_max = max(parameter_sizes(lay.model, t))
+    many = lay.grad_accum_steps > 1
+    zero = "ZeRO (Rajbhandari et al. 2020) sec. 5 stage 2 (gradient partition)"
+    terms = [Term("gradients", p * pb, f"P * {pb} B (one micro-batch, returned by the backward graph)",
+                  "ZeRO sec. 3.1", "backward end")]
+    if z >= 2:
+        terms.append(Term("gradient shards of the micro-batch", shards + n_max * pb,
+                          f"4 B * sum ceil(n/d) (reduce-scattered in the backward graph) + n_max * {pb} B padded",
+                          zero + "; parallel/zero.py reduce_gradients", "backward end"))
+        if many:
+            terms.append(Term("grad accumulation buffer", shards, "4 B * sum ceil(n/d) (float32 shards)", zero))
+            terms.append(Term("accumulation: new sum of shards", shards, "4 B * sum ceil(n/d)", zero, "accumulation"))
+        return terms
+    if many:
+        terms.append(Term("grad accumulation buffer", p * pb, f"P * {pb} B (running sum)", "trainer.run_step"))
+        terms.append(Term("accumulation: gradients and new sum", 2 * p * pb, f"2 * P * {pb} B",
+                          "trainer.run_step (acc + grads -> new acc)", "accumulation"))
     return terms
 
 
-def optimizer_transient_term(lay: Layout, activation_bytes: float) -> Term:
-    """Temporaries of the optimizer step, which works one parameter tensor at a time (optim/adamw.py,
-    parallel/zero.py), so they are bounded by the largest tensor (n_max elements, usually the embedding):
-    float32 m, v, update and new value of it (16 B per element, of its shard under ZeRO), plus under ZeRO the
-    all-gathered parameter (parameter dtype on Ascend, float32 on CPU) and at stage 2 its padded gradient.
-    The step runs after the backward has freed the activations, so only the part above them adds to the peak:
-    max(0, T - activations)."""
+def optimizer_transient_terms(lay: Layout) -> list[Term]:
+    """The update phase (after the backward freed the activations): the gradients handed to it (a micro-batch's
+    when there is no accumulation: the accumulation buffer is an ALWAYS term), their reduced/scaled copy, and
+    the per-tensor optimizer temporaries bounded by the largest tensor (n_max elements): float32 m, v, update
+    and new value (16 B per element, of its shard under ZeRO) plus under ZeRO the all-gathered parameter
+    (parameter dtype on Ascend, float32 on CPU). optim/adamw.py, parallel/zero.py, train/step.py."""
     sizes = parameter_sizes(lay.model, lay.tensor_parallel_degree)
     n_max, d, z = max(sizes), zero_degree(lay), lay.zero_stage
-    name = "optimizer step transients above activations"
-    if not z:
-        return Term(name, max(0.0, 16 * n_max - activation_bytes), "max(0, 16 B * n_max - activations)",
-                    "train/optim.py (per-tensor update, after the backward)")
+    if lay.lora_rank > 0:
+        a = sum(lora_sizes(lay.model, lay.lora_rank, lay.lora_targets))
+        return [Term("update: gradients and optimizer temporaries", 2 * a * 4 + 16 * a, "2 * A * 4 B + 16 B * A",
+                     "optim/adamw.py (adapters only)", "update")]
+    p, pb = parameters_per_device(lay.model, lay.tensor_parallel_degree), lay.param_bytes
+    if z >= 2:
+        grads = 4 * sharded_elements(lay.model, lay.tensor_parallel_degree, d, True)
+        held = (1 if lay.grad_accum_steps > 1 else 2) * grads
+        what = f"{held // grads} * 4 B * sum ceil(n/d) (shards, scaled copy)"
+    else:
+        held = (1 if lay.grad_accum_steps > 1 else 2) * p * pb
+        what = f"{held // (p * pb)} * P * {pb} B (gradients, reduced copy)"
     gathered = lay.param_bytes if lay.device == "ascend" else 4
-    extra = n_max * lay.param_bytes if z >= 2 else 0
-    total = 16 * -(-n_max // d) + n_max * gathered + extra
-    return Term(name, max(0.0, total - activation_bytes),
-                f"max(0, 16 B * ceil(n_max/d) + n_max * {gathered} B gathered"
-                + (f" + n_max * {lay.param_bytes} B padded gradient" if z >= 2 else "") + " - activations)",
-                "parallel/zero.py (per-tensor reduce-scatter, update, all-gather, after the backward)")
-
-
-def layer_activation_terms(lay: Layout) -> dict[str, float]:
-    """Bytes one decoder layer keeps for its backward at one micro-batch, by tensor (Korthikanti et al.
-    2022 sec. 4 method applied to this Llama layer). Tokens per device: n = b*s/c. r = 4 (float32 residual).
-
-    - norm inputs (residual stream, float32): 2 * 4h * n, / t only with sequence parallel
-    - norm outputs (GEMM inputs): 2 * e*h * n, / t only with sequence parallel
-    - q, k, v after RoPE: e*(h/t + 2*h_kv_dev) * n
-    - attention output (wo input): e*h/t * n
-    - log-sum-exp (segmented/fused): 4 * a/t * n
-    - softmax probabilities (naive): 4 * a/t * s * n (each local query against all s keys)
-    - gathered K, V (context parallel): 2 * e*h_kv_dev * b*s
-    - SwiGLU: w1 out, w3 out, silu out, product = 4 * e*F/t * n
-    """
-    m, t, c = lay.model, lay.tensor_parallel_degree, lay.context_parallel_degree
-    n = lay.micro_batch * lay.seq_len / c
-    e, h = lay.compute_bytes, m.dim
-    kv = kv_heads_per_device(m, t) * m.head_dim
-    sp = t if lay.sequence_parallel else 1
-    heads = m.num_heads / t
-    out = {
-        "norm inputs": 2 * 4 * h * n / sp,
-        "norm outputs": 2 * e * h * n / sp,
-        "q, k, v": e * (h / t + 2 * kv) * n,
-        "attention output": e * h / t * n,
-        "swiglu": 4 * e * m.ffn_hidden_dim / t * n,
-    }
-    if lay.attention_backend == "naive":
-        out["softmax probabilities"] = 4 * heads * lay.seq_len * n
-    else:
-        out["log-sum-exp"] = 4 * heads * n
-    if c > 1:
-        out["gathered k, v"] = 2 * e * kv * lay.micro_batch * lay.seq_len
-    return out
-
-
-def activation_terms(lay: Layout) -> list[Term]:
-    """Activations of one micro-batch by recompute mode, plus the output layer's logits."""
-    m, t, c = lay.model, lay.tensor_parallel_degree, lay.context_parallel_degree
-    n = lay.micro_batch * lay.seq_len / c
-    per_layer = layer_activation_terms(lay)
-    layer_bytes = sum(per_layer.values())
-    kor = "Korthikanti et al. 2022"
-    if lay.recompute == "full":
-        kept = 4 * m.dim * n / (t if lay.sequence_parallel else 1)
-        terms = [Term("activations: layer inputs (full recompute)", m.num_layers * kept,
-                      "L * 4h * b*s/c (float32 residual" + (", / t with SP)" if lay.sequence_parallel else ")"),
-                      kor + " sec. 4.1 (full checkpointing keeps each layer's input)"),
-                 Term("activations: one layer recomputed", layer_bytes,
-                      "one layer's working set, rebuilt during its backward", kor + " sec. 4.1")]
-    else:
-        dropped = per_layer.get("softmax probabilities", 0.0) if lay.recompute == "selective" else 0.0
-        what = ", ".join(k for k in per_layer if not (dropped and k == "softmax probabilities"))
-        terms = [Term(f"activations: {m.num_layers} layers ({lay.attention_backend} attention)",
-                      m.num_layers * (layer_bytes - dropped), f"L * ({what})",
-                      kor + (" sec. 5 (selective: attention core recomputed)" if lay.recompute == "selective"
-                             else " sec. 4"))]
-    terms.append(Term("logits and their gradient (fp32)", 2 * 4 * m.vocab_size / t * n, "2 * 4 * V/t * b*s/c",
-                      kor + " sec. 4.3 (4sbV/t fp32 logits) + the same again for the loss gradient"))
-    return terms
+    temp = 16 * (-(-n_max // d) if z else n_max) + (n_max * gathered if z else 0)
+    return [Term("update: gradients and optimizer temporaries", held + temp,
+                 f"{what} + 16 B * {'ceil(n_max/d) + n_max gathered' if z else 'n_max'}",
+                 "train/step.py apply; optim/adamw.py, parallel/zero.py (per-tensor update)", "update")]
 
 
 def communicators(lay: Layout) -> int:
@@ -313,31 +288,40 @@ def communicators(lay: Layout) -> int:
 
 
 def overhead_terms(lay: Layout, subtotal: float) -> list[Term]:
-    """HCCL buffers (Ascend only) and the stated fragmentation headroom."""
+    """HCCL buffers (Ascend only, outside the pool) and the stated fragmentation headroom on the pool's peak."""
     terms = []
     if lay.device == "ascend":
         count = communicators(lay)
         terms.append(Term("communication buffers", count * 2 * lay.hccl_buffsize_mb * MIB,
                           f"{count} communicators * 2 * HCCL_BUFFSIZE ({lay.hccl_buffsize_mb} MB)",
-                          "CANN HCCL_BUFFSIZE docs: 2 * HCCL_BUFFSIZE per communicator, outside the pool"))
+                          "CANN HCCL_BUFFSIZE docs: 2 * HCCL_BUFFSIZE per communicator, outside the pool",
+                          OUTSIDE_POOL))
     terms.append(Term("fragmentation headroom", FRAGMENTATION_FRACTION * subtotal,
-                      f"{FRAGMENTATION_FRACTION:.0%} of model states + activations", "stated allowance (not measured)"))
+                      f"{FRAGMENTATION_FRACTION:.0%} of the pool's peak", "stated allowance (not measured)"))
     return terms
+
+
+CPU_NOTE = ("runtime is not Ascend: this planner models Ascend (910B) device memory only, so it gives no verdict "
+            "here. On CPU, graph mode keeps a buffer for every intermediate of a compiled graph (several times the "
+            "activations above; recompute saves nothing) on top of ~0.6 GiB of framework baseline (peak RSS of "
+            "the smallest run measured in the planner review of issue 23, table T3)")
 
 
 def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optional[str]) -> MemoryPlan:
     """The per-device MemoryPlan. device_memory_gib: one device's memory (None: undeclared); pool_cap:
-    MindSpore's max_device_memory string, applied on Ascend only. Raises ConfigError on a bad pool string."""
-    activations = activation_terms(lay)
-    terms = model_state_terms(lay) + activations
-    terms.append(optimizer_transient_term(lay, sum(t.bytes for t in activations)))
-    terms += overhead_terms(lay, sum(t.bytes for t in terms))
-    pool = parse_memory_size(pool_cap) if (pool_cap is not None and lay.device == "ascend") else None
-    device = device_memory_gib * GIB if device_memory_gib is not None else None
+    MindSpore's max_device_memory string, applied on Ascend only. Off Ascend there is no budget (no verdict: the
+    model is Ascend's) and a note says so. Raises ConfigError on a bad pool string."""
+    from ascend_llm.parallel.plan_activations import activation_terms
+
+    terms = model_state_terms(lay) + activation_terms(lay) + optimizer_transient_terms(lay)
+    draft = MemoryPlan(terms, None, None)
+    terms += overhead_terms(lay, draft.in_pool_bytes)
     notes = []
+    if lay.device != "ascend":
+        notes.append(CPU_NOTE)
+        return MemoryPlan(terms, None, None, notes)
+    pool = parse_memory_size(pool_cap) if pool_cap is not None else None
+    device = device_memory_gib * GIB if device_memory_gib is not None else None
     if pool is not None and device is not None and pool > device:
         notes.append(f"runtime.max_device_memory={pool_cap} exceeds cluster.device_memory_gib={device_memory_gib}")
-    if lay.device != "ascend":
-        notes.append("not an Ascend recipe: the MindSpore pool cap and HCCL buffers do not apply; on CPU graph "
-                     "mode keeps every intermediate and recompute saves nothing (probes README)")
     return MemoryPlan(terms, device, pool, notes)

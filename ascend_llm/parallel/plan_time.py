@@ -1,8 +1,12 @@
 """Step time and tokens/s per device from FLOPs, a declared peak and declared link bandwidths (pure Python).
 
-An estimate, not a measurement: compute time assumes the declared peak is reached (an upper bound on speed);
-communication time assumes ring collectives at the declared per-device bandwidth with no overlap with
-compute. Both simplifications are stated in the output beside the published 910B figures.
+An estimate, not a measurement. The step time is a lower bound, so tokens/s is an upper bound: compute at the
+declared peak (100% MFU) and communication (ring collectives at the declared per-device bus bandwidth) fully
+overlapped with it, step >= max(compute, communication), as the stacks behind the published 910B figures
+overlap gradient collectives with the backward. The serial figure compute + communication (no overlap) is
+given beside it. The 910B cluster recipes declare 130 GB/s inside a node: the bus bandwidth of the 8-NPU
+all_gather measured at 149 GB/s algorithm bandwidth (x 7/8; its all_reduce, 72 GB/s x 2 * 7/8 = 126) by
+gameofdimension/limulidae (README, torch_npu + HCCL, CANN 8.0.0.beta1).
 
 Formulas:
 - Training FLOPs per token 6N + 12*L*h*s (PaLM, Chowdhery et al. 2022, appendix B; N counts the matmul
@@ -63,13 +67,23 @@ class TimePlan:
 
     @property
     def step_s(self) -> float:
-        """Seconds per optimizer step: compute plus every communication term (no overlap assumed)."""
+        """Lower bound on the seconds per optimizer step: max(compute, communication) (overlapped)."""
+        return max(self.compute_s, sum(self.comm_s.values()))
+
+    @property
+    def serial_step_s(self) -> float:
+        """Seconds per step with no overlap: compute plus every communication term."""
         return self.compute_s + sum(self.comm_s.values())
 
     @property
     def tokens_per_s_per_device(self) -> float:
-        """tokens_per_step / step_s / world_size (an upper bound: 100% MFU compute)."""
+        """tokens_per_step / step_s / world_size: an upper bound (100% MFU, communication overlapped)."""
         return self.tokens_per_step / self.step_s / self.world_size
+
+    @property
+    def serial_tokens_per_s_per_device(self) -> float:
+        """tokens/s per device at `serial_step_s` (100% MFU, no overlap)."""
+        return self.tokens_per_step / self.serial_step_s / self.world_size
 
     def published_mfu(self, model: Any, seq_len: int, tokens_per_s: float) -> float:
         """MFU a published tokens/s per device implies at the declared peak (6N + 12Lhs FLOPs/token at the
@@ -111,5 +125,5 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     if c > 1:
         kv = 2 * kv_heads_per_device(m, t) * m.head_dim * lay.micro_batch * lay.seq_len * lay.compute_bytes
         comm["context parallel (k, v)"] = micro_steps * m.num_layers * 2 * ring_seconds(kv, c, intra_gb_s, 1.0)
-    return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops,
-                    PUBLISHED_910B.get(m.name, []))
+    published = PUBLISHED_910B.get(m.name, []) if lay.device == "ascend" else []  # 910B figures vs a 910B peak
+    return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops, published)

@@ -3,8 +3,13 @@ compute in it (`apply_precision`).
 
 A layer's dtype is the precision of its GEMM operands. Weights stay float32 Parameters (master weights, so
 the optimizer state is float32 too; `precision.param_dtype`, applied later by `param_dtype.py`, is the one
-exception) and every converted layer returns float32, so norms, softmax, RoPE, the residual stream and the loss
-stay float32.
+exception). A converted layer returns its GEMM's own output dtype: on Ascend (native bf16/fp16 MatMul) the
+compute dtype, so the next GEMM input, SwiGLU's intermediates, q/k/v and the attention output are kept once in
+bf16/fp16 for the backward instead of as float32 copies (issue 23: what a bf16 MatMul returns carries no more
+than bf16, so casting it to float32 only doubled the saved bytes); where the GEMM is emulated or float32
+accumulates (bf16 on CPU) it returns float32. Norms and softmax compute in float32 whatever their input, and
+the residual stream stays float32: `x + layer(x)` promotes a bf16 branch to float32 (the logits are cast to
+float32 by the model).
 
 - float16: native cast + fp16 MatMul (works on CPU and Ascend); needs loss scaling.
 - bfloat16: native bf16 MatMul on Ascend. On CPU, where bf16 MatMul has no kernel, it is *emulated*: every
@@ -112,10 +117,13 @@ class Bf16Gemm(nn.Cell):
 
 
 class PrecisionDense(nn.Cell):
-    """Dense whose GEMM runs in `dtype` (bf16 emulated where the device has no bf16 MatMul); returns float32."""
+    """Dense whose GEMM runs in `dtype` (bf16 emulated where the device has no bf16 MatMul).
+
+    Output dtype: `dtype` when `native_output` and the GEMM is native (Ascend: what its MatMul returns), else
+    float32 (the emulated bf16 GEMM keeps its fp32 accumulator; fp16 on CPU keeps today's fp32 hand-off)."""
 
     def __init__(self, weight: Parameter, bias: Parameter | None, dtype: str, emulate_bf16: bool,
-                 bf16_kernel: bool = False):
+                 bf16_kernel: bool = False, native_output: bool = False):
         super().__init__()
         self.out_channels, self.in_channels = weight.shape
         self.weight = weight
@@ -125,11 +133,13 @@ class PrecisionDense(nn.Cell):
         self.dtype_name = dtype
         self.emulate = dtype == "bfloat16" and emulate_bf16
         self.compute_dtype = MS_DTYPES[dtype]
+        self.output_dtype = self.compute_dtype if native_output and not self.emulate else ms.float32
         self.matmul = ops.MatMul(transpose_b=True)
         self.bf16_gemm = Bf16Gemm(build_bf16_op() if self.emulate and bf16_kernel else None)
 
     def construct(self, x):
-        """x (..., in_channels) -> (..., out_channels) float32 (bias added in float32)."""
+        """x (..., in_channels) -> (..., out_channels) in `output_dtype` (bias added in float32). Operands already
+        in the compute dtype (bf16 parameters, a bf16 input) are not cast: no per-step weight copy."""
         shape = x.shape
         x2 = x.reshape(-1, self.in_channels)
         if self.emulate:
@@ -138,10 +148,12 @@ class PrecisionDense(nn.Cell):
             wb = ops.stop_gradient(self.bf16_gemm.round(self.weight))
             y = self.bf16_gemm(x2, self.weight, xb, wb)
         else:
-            y = self.matmul(x2.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
-        y = y.astype(ms.float32)
+            w = self.weight if self.weight.dtype == self.compute_dtype else self.weight.astype(self.compute_dtype)
+            xc = x2 if x2.dtype == self.compute_dtype else x2.astype(self.compute_dtype)
+            y = self.matmul(xc, w)
         if self.has_bias:
-            y = y + self.bias
+            y = y.astype(ms.float32) + self.bias
+        y = y if y.dtype == self.output_dtype else y.astype(self.output_dtype)
         return y.reshape(shape[:-1] + (self.out_channels,))
 
     def extend_repr(self) -> str:
@@ -174,7 +186,8 @@ def _converted(cell: nn.Cell, kind: str, dtype: str, emulate: bool, kernel: bool
         bias = cell.bias if getattr(cell, "has_bias", False) else None
         if getattr(cell, "activation_flag", False):
             return None
-        return PrecisionDense(cell.weight, bias, dtype, emulate, kernel)
+        # Ascend (no emulation): hand the GEMM's bf16/fp16 output onward (module doc)
+        return PrecisionDense(cell.weight, bias, dtype, emulate, kernel, native_output=not emulate)
     if kind == "embedding" and hasattr(cell, "weight") and not isinstance(cell, nn.Embedding):
         return PrecisionEmbedding(cell.weight, dtype)
     if kind == "conv":

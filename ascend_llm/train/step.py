@@ -64,7 +64,7 @@ def row_chunked(fn: Callable, rows: int) -> Callable:
 
 @dataclass
 class StepFunctions:
-    grads: Callable  # (*batch) -> (loss, aux, grads); aux: the objective's extra scalars (a tuple)
+    grads: Callable  # (*batch) -> (loss, aux, grads); aux: the objective's extra scalars (a tuple); ZeRO-2: shards
     accumulate: Callable  # (acc, grads) -> acc
     apply: Callable  # (grads, loss, lr, grad_scale) -> (loss, grad_norm, finite)
     eval_loss: Callable  # (*batch) -> (loss, *aux), reduced like the training loss
@@ -78,8 +78,9 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
     parallel it also sums the CP ranks' shares (train/layout.py). `loss_fn(logits, labels)` is the loss
     (masked for document-masked batches, vocab-parallel with TP/CP). `grad_norm(grads)`, when given (TP:
     `parallel.tp.TPGradNorm`), is the global norm over all shards: clipping uses it, and a step is finite when
-    it is (so every TP rank agrees). With a ZeRO-2 optimizer (`optimizer.stage == 2`) the update
-    reduce-scatters gradients to shards instead of all-reducing them (parallel/zero.py); with ZeRO-1 the
+    it is (so every TP rank agrees). With a ZeRO-2 optimizer (`optimizer.stage == 2`) each micro-batch's
+    gradients are reduce-scattered to this rank's shards inside `grads` (accumulation keeps shards only) and
+    the update works on them instead of all-reduced gradients (parallel/zero.py); with ZeRO-1 the
     optimizer slices the all-reduced gradients itself. `objective` (train/objective.py) says what is minimised:
     `objective.loss(model, *batch) -> (loss, aux)`; default: next-token cross-entropy with `loss_fn`."""
     params = optimizer.params
@@ -98,9 +99,13 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
     has_aux = bool(objective.aux_names)
     grad_fn = ms.value_and_grad(scaled_forward if has_aux else scaled_loss, None, params, has_aux=has_aux)
 
+    sharded = getattr(optimizer, "stage", 0) == 2
+
     def grads(*batch):
         values, grads_ = grad_fn(*batch)
         loss, aux = (values[0], tuple(values[1:])) if has_aux else (values, ())
+        if sharded:  # ZeRO-2: reduce-scatter in the backward's graph; only the float32 shards leave it and
+            grads_ = optimizer.reduce_gradients(grads_)  # accumulate (1/d of the gradients, parallel/zero.py)
         return scaler.unscale(loss), aux, grads_
 
     def accumulate(acc, new):
@@ -121,13 +126,12 @@ def build_step_functions(model: nn.Cell, optimizer: AdamW, grad_clip: float, red
             optimizer(grads_, lr)
         return loss, norm, finite
 
-    def apply_sharded(grads_, loss, lr, grad_scale):
-        """ZeRO-2: reduce-scatter the local gradients to this rank's shards, agree on
+    def apply_sharded(shards, loss, lr, grad_scale):
+        """ZeRO-2: `shards` are this rank's accumulated gradient shards (reduce-scattered by `grads`); agree on
         finiteness over the group (a rank that skips alone would hang the others), clip by the global norm of
         the shards, update."""
         loss = reduce((loss * grad_scale,))[0]
-        grads_ = scaler.unscale(ops.depend(scale_each(grads_, grad_scale), loss))
-        shards = optimizer.reduce_gradients(grads_)
+        shards = scaler.unscale(ops.depend(scale_each(shards, grad_scale), loss))
         all_ok = optimizer.shards_finite(shards)  # agreed over the ZeRO group and TP (parallel/zero.py)
         finite = scaler.adjust(all_ok)
         shards, norm = optimizer.clip_shards((ops.depend(shards[0], all_ok),) + tuple(shards[1:]))
