@@ -88,3 +88,43 @@ def test_bad_stage_and_bad_state_are_refused():
         optimizer.load_full_state_dict({"adam_step": np.int32(1), "adam_m.w.weight": np.zeros(3, np.float32),
                                         "adam_v.w.weight": np.zeros(3, np.float32)})
     assert ms.dtype_to_nptype(optimizer.step.dtype) == np.int32
+
+
+def test_zero2_gradients_leave_the_backward_graph_as_the_float32_shards_the_planner_counts():
+    # issue 23: ZeRO-2 reduce-scatters each micro-batch's gradients inside the compiled backward (train/step.py),
+    # so the trainer accumulates float32 shards, 4 * sum ceil(n/d) bytes: the planner's accumulation buffer.
+    # One process (d = 1): the shards are whole, and their sum over two micro-batches is the sum of the gradients.
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from ascend_llm.compose import compose_recipe
+    from ascend_llm.parallel.plan_memory import sharded_elements
+    from ascend_llm.parallel.zero import ZeroAdamW
+    from ascend_llm.precision.loss_scale import NoLossScaler
+    from ascend_llm.train.build import build_training_model
+    from ascend_llm.train.step import build_step_functions
+
+    recipe = compose_recipe(["model=debug", "model.num_layers=1"])
+    net = build_training_model(recipe)
+    params = net.trainable_params()
+    optimizer = ZeroAdamW(params, recipe.optim, stage=2, grad_clip=1.0)
+    def one_process(values):
+        return values
+
+    steps = build_step_functions(net, optimizer, 1.0, one_process, NoLossScaler(), graph=True)
+    rng = np.random.default_rng(0)
+    batches = [tuple(Tensor(rng.integers(0, 512, size=(2, 16)).astype(np.int32)) for _ in range(2)) for _ in range(2)]
+    _, _, first = steps.grads(*batches[0])
+    _, _, second = steps.grads(*batches[1])
+    acc = steps.accumulate(ms.mutable(first), ms.mutable(second))
+    assert all(s.dtype == ms.float32 and s.ndim == 1 for s in acc)
+    assert sum(s.size * 4 for s in acc) == 4 * sharded_elements(recipe.model, 1, 1, True)
+
+    def loss(x, y):
+        return ms.ops.cross_entropy(net(x).reshape(-1, 512), y.reshape(-1))
+
+    grad_fn = ms.value_and_grad(loss, None, params)
+    want = [grad_fn(*b)[1] for b in batches]
+    for shard, g1, g2 in zip(acc, *want):
+        np.testing.assert_allclose(shard.asnumpy(), (g1.asnumpy() + g2.asnumpy()).reshape(-1), rtol=1e-4,
+                                   atol=1e-6)
