@@ -257,6 +257,7 @@ class Transformer(nn.Cell):
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         h = self.tok_embeddings(tokens)
+        h = h if h.dtype == mstype.float32 else h.astype(mstype.float32)  # residual stream float32 (bf16 params)
         if self.return_aux_loss and self.num_sparse:
             h, stats, sparse = layers_with_aux(self.layers, h, cos, sin, segment_ids)
             aux = moe_aux_loss(stats, tokens.shape[0] * seq * sparse, self.cfg.num_experts,
