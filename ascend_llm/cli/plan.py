@@ -1,10 +1,12 @@
 """`ascend-llm plan [overrides] [--json]`: per-device memory and step-time plan of a training recipe.
 
 Prints every memory term (parameters, gradients, accumulation buffer, master weights, optimizer state,
-activations by attention backend and recompute mode, logits, HCCL buffers, fragmentation headroom) with its
-formula and source, the budget (cluster.device_memory_gib and, on Ascend, runtime.max_device_memory), a step
-time / tokens-per-second estimate beside the published 910B figures and, when the recipe does not fit, the
-smallest changes that do. Exit status 2 when it does not fit (one line on stderr), else 0.
+activations by attention backend and recompute mode, logits, update temporaries, HCCL buffers, fragmentation
+headroom) with its formula, source and phase of the step (the peak is the always-alive terms plus the largest
+phase), the budget (cluster.device_memory_gib and runtime.max_device_memory; Ascend recipes only: off Ascend no
+verdict is given), a tokens-per-second upper bound beside the published 910B figures and, when the recipe does
+not fit, the smallest changes that do (each passes the trainer's pre-start checks). Exit status 2 when it does
+not fit (one line on stderr), else 0.
 """
 
 from __future__ import annotations

@@ -136,3 +136,19 @@ def test_the_counted_bf16_fused_layer_is_within_15_percent_of_korthikanti_adjust
     formula = tokens * (2 * (6 * H + 2 * KV + 4 * F) + 64 * HEADS)
     counted = layer_ledger(tokens, 2, "fused", "none")
     assert counted / formula == pytest.approx(1.0, abs=0.15), counted / formula
+
+
+def test_bf16_weight_copies_are_counted_only_for_float32_parameters():
+    # PrecisionDense casts a float32 weight to bf16 for the GEMM, and MatMul keeps that copy for its backward;
+    # with bf16 parameters there is no cast (precision/policy.py).
+    base = dataclasses.replace(ascend_layout(), micro_batch=1, seq_len=1024, compute_bytes=2, recompute="none",
+                               attention_backend="fused")
+    model = base.model
+    per_layer_weights = (model.dim * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+                         + model.num_heads * model.head_dim * model.dim + 3 * model.dim * model.ffn_hidden_dim)
+    fp32 = {t.name: t.bytes for t in activation_terms(dataclasses.replace(base, param_bytes=4))}
+    bf16 = {t.name: t.bytes for t in activation_terms(dataclasses.replace(base, param_bytes=2))}
+    layers = f"activations: {model.num_layers} layers (fused attention)"
+    assert fp32[layers] - bf16[layers] == model.num_layers * 2 * per_layer_weights
+    assert "output-head weight copy" not in bf16
+    assert fp32.get("output-head weight copy", 0) == (0 if model.tie_embeddings else 2 * model.vocab_size * model.dim)
