@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-len", type=int, default=0, help="KV cache positions (default: prompt + new tokens)")
     parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--image", help="an image for a vision-language model (a caption run): its tokens go where "
+                                        "<image> is in --prompt, else before it (train/caption.py)")
     return parser
 
 
@@ -43,7 +45,13 @@ def main(argv: list[str]) -> int:
     from ascend_llm.interop.source import open_model
 
     ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
-    source = open_model(args.model)
+    if args.image:  # a caption run: the image is projected into placeholder ids the engine embeds (models/vlm.py)
+        from ascend_llm.train.caption import open_vlm
+
+        source = open_vlm(args.model)
+        source.set_image(args.image)
+    else:
+        source = open_model(args.model)
     tokenizer = source.tokenizer
     if tokenizer is None:
         raise ConfigError("model", str(args.model), "has no tokenizer (tokenizer.json) to encode --prompt")
@@ -51,7 +59,7 @@ def main(argv: list[str]) -> int:
         system = [{"role": "system", "content": args.system}] if args.system else []
         prompts = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}]) for p in args.prompt]
     else:
-        prompts = [tokenizer.encode(p) for p in args.prompt]
+        prompts = [source.encode(p) if args.image else tokenizer.encode(p) for p in args.prompt]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                             stop_token_ids=source.eos_token_ids, stop_strings=args.stop, seed=args.seed)

@@ -126,12 +126,14 @@ class MultimodalConfig:
     """Objective settings (recipe key `objective.multimodal`).
 
     images: JSON Lines of {"image": path, "caption": text} (paths relative to the file); val_images: a held-out
-    file (else `val_fraction` of `images`). dual_encoder: the model trained by `objective.name=contrastive`
-    (or `pretrained`: a CLIP/SigLIP Hugging Face directory to start from). vision_pretrained: the frozen vision
-    tower of `objective.name=caption` (a CLIP/SigLIP directory) or, if None, a tower of `dual_encoder.vision`
-    trained by a contrastive run `vision_from` (a run or checkpoint directory). gather_features: all ranks' features
-    form the contrastive batch under data parallel (OpenCLIP's gather_with_grad). prompt: the caption prompt; the
-    image tokens go where `<image>` is. on_bad_record: `error` (exit 2 naming file and field) or `skip` (counted).
+    file (else the last `val_fraction` of `images`). dual_encoder: the model `objective.name=contrastive` trains
+    from scratch, unless `pretrained` names a CLIP/SigLIP Hugging Face directory to start from. gather_features: all
+    data-parallel ranks' features form the contrastive batch (OpenCLIP's gather_with_grad). recall_at: the k of
+    retrieval recall@k. For `objective.name=caption`: vision_pretrained, the frozen vision tower (a CLIP/SigLIP
+    directory or a contrastive run); prompt, where `<image>` puts the image tokens; max_caption_tokens, caption
+    tokens per pair (EOS excluded); projector_hidden_dim, the projector's hidden width (0: the LLM's dim);
+    select_layer, the vision block whose output is projected (-2, LLaVA's). on_bad_record: `error` (exit 2 naming
+    file and field) or `skip` (counted).
     """
 
     images: Optional[str] = None
@@ -140,12 +142,12 @@ class MultimodalConfig:
     dual_encoder: DualEncoderConfig = field(default_factory=DualEncoderConfig)
     pretrained: Optional[str] = None
     vision_pretrained: Optional[str] = None
-    vision_from: Optional[str] = None
     gather_features: bool = True
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
     prompt: str = "<image>"
     max_caption_tokens: int = 16
     projector_hidden_dim: int = 0
+    select_layer: int = -2
     on_bad_record: str = "error"
 
     def validate(self, prefix: str = "objective.multimodal") -> None:

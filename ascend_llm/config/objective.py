@@ -18,6 +18,7 @@ from ascend_llm.errors import ConfigError
 OBJECTIVES: dict[str, str] = {
     "lm": "ascend_llm.train.objective:build_language_modeling",
     "contrastive": "ascend_llm.train.contrastive:build_objective",
+    "caption": "ascend_llm.train.caption:build_objective",
     "distill": "ascend_llm.train.distill:build_objective",
     "dpo": "ascend_llm.train.preference:build_objective", "simpo": "ascend_llm.train.preference:build_objective",
 }

@@ -188,6 +188,9 @@ class Engine:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 2 (block 0 is the null block)")
         self.allocator = BlockAllocator(self.num_blocks, block_size)
         self.forward = PagedForward(model, max_len, self.num_blocks, block_size)
+        # prompt ids the embedding accepts: the vocabulary, plus image placeholders after it when tok_embeddings is a
+        # models/vlm.py SplicedEmbedding (an image prefix of a vision-language model)
+        self.num_input_ids = self.cfg.vocab_size + int(getattr(model.tok_embeddings, "num_image_tokens", 0))
         self._jit_step = None
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 

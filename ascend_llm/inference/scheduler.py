@@ -130,8 +130,9 @@ class Scheduler:
         if not 1 <= len(prompt) < engine.max_len:
             raise RequestError("prompt", f"{len(prompt)} tokens", f"must be 1..{engine.max_len - 1} tokens "
                                f"(context {engine.max_len} positions, one kept for the first new token)")
-        if any(not 0 <= t < engine.cfg.vocab_size for t in prompt):
-            raise RequestError("prompt", "token id out of range", f"ids must be in [0, {engine.cfg.vocab_size})")
+        limit = getattr(engine, "num_input_ids", engine.cfg.vocab_size)  # + image placeholders (models/vlm.py)
+        if any(not 0 <= t < limit for t in prompt):
+            raise RequestError("prompt", "token id out of range", f"ids must be in [0, {limit})")
         room = min(engine.max_len, (engine.num_blocks - 1) * engine.block_size) - len(prompt)
         wanted = request.params.max_new_tokens
         if wanted is not None and wanted > room:
