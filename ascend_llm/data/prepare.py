@@ -31,6 +31,7 @@ from ascend_llm.store.files import write_dir_atomic, write_file_atomic
 from ascend_llm.tokenizer.bpe import EOS, encode_texts, load_tokenizer, special_strings, train_tokenizer
 
 ENCODE_BATCH_BYTES = 4 << 20
+SFT_RENDER = "turns2"  # data/chat_render.py's rules: a new value re-prepares cached SFT data
 
 
 def _hash_file(path: str) -> str:
@@ -52,8 +53,8 @@ def cache_key(cfg: DataConfig, path: Optional[str] = None, tokenizer: Optional[s
         digest.update(f"|eos={cfg.eos_token}".encode())
     if cfg.format == "sft":  # rendering (chat template beside the tokenizer) and truncation at seq_len + 1
         beside = [Path(tokenizer).expanduser().parent / n for n in ("tokenizer_config.json", "chat_template.jinja")]
-        digest.update(f"|sft|{cfg.sft_overlong}|{cfg.seq_len}|{[_hash_file(str(f)) for f in beside if f.is_file()]}"
-                      .encode())
+        digest.update(f"|sft|{SFT_RENDER}|{cfg.sft_overlong}|{cfg.seq_len}|"
+                      f"{[_hash_file(str(f)) for f in beside if f.is_file()]}".encode())
     return digest.hexdigest()[:16]
 
 
