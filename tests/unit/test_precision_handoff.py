@@ -73,24 +73,25 @@ def test_the_bsnd_attention_path_equals_the_bnsd_path():
 
     recipe = compose_recipe(["model=debug", "attention=naive", "model.qk_norm=true", "model.num_layers=1"])
     model = build_training_model(recipe)
-    cores = [cell for _, cell in model.cells_and_names() if isinstance(cell, CoreAttention)]
-    assert {c.layout for c in cores} == {"BNSD"}  # only the fused kernel takes BSND by default
-    tokens = Tensor(np.random.default_rng(2).integers(0, 512, size=(2, 16)).astype(np.int32))
-    params = model.trainable_params()
-
-    def loss(x):
-        return model(x).astype(ms.float32).mean()
+    attention = model.layers[0].attention
+    core = attention.core_attention
+    assert isinstance(core, CoreAttention) and core.layout == "BNSD"  # only the fused kernel takes BSND
+    x = Tensor(np.random.default_rng(2).normal(size=(2, 16, 64)).astype(np.float32))
+    cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+    params = attention.trainable_params()
 
     def run():  # a new function each time: a new compiled graph, built from the cells as they are now
-        def step(x):
-            return ms.value_and_grad(loss, None, params)(x)
+        def step(inputs):
+            def loss(h):
+                return (attention(h, cos, sin) * attention(h, cos, sin)).mean()
 
-        value, grads = ms.jit(step)(tokens)
-        return value.asnumpy(), [g.asnumpy() for g in grads]
+            return ms.value_and_grad(loss, 0, params)(inputs)
+
+        value, (dx, grads) = ms.jit(step)(x)
+        return value.asnumpy(), [dx.asnumpy()] + [g.asnumpy() for g in grads]
 
     base = run()
-    for core in cores:
-        core.layout = "BSND"
+    core.layout = "BSND"
     other = run()
     np.testing.assert_allclose(other[0], base[0], rtol=1e-6)
     for a, b in zip(other[1], base[1]):
