@@ -24,6 +24,7 @@ from ascend_llm.parallel.plan_memory import (
     parameters_per_device,
     plan_memory,
 )
+from ascend_llm.parallel.plan_moe import is_moe, moe_summary
 from ascend_llm.parallel.plan_time import TimePlan, plan_time
 
 MAX_CHANGES = 4
@@ -60,7 +61,8 @@ def layout_of(recipe: Any) -> Layout:
         attention_backend=_backend(recipe.attention.backend, device), device=device,
         hccl_buffsize_mb=recipe.cluster.hccl.buffsize_mb, world_size=recipe.parallel.world_size,
         num_nodes=recipe.cluster.num_nodes, lora_rank=recipe.lora.rank if recipe.lora.enabled else 0,
-        lora_targets=tuple(recipe.lora.targets) if recipe.lora.enabled else ())
+        lora_targets=tuple(recipe.lora.targets) if recipe.lora.enabled else (),
+        expert_parallel_degree=_degree(par, "expert_parallel_degree"))
 
 
 def _backend(name: str, device: str) -> str:
@@ -215,8 +217,12 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
     mem, tp = planned.memory, planned.time
     return {
         "model": recipe.model.name, "parameters": parameters_per_device(recipe.model, 1),
-        "parameters_per_device": parameters_per_device(recipe.model, planned.layout.tensor_parallel_degree),
+        "parameters_per_device": parameters_per_device(recipe.model, planned.layout.tensor_parallel_degree,
+                                                       planned.layout.expert_parallel_degree),
         "micro_batch": planned.layout.micro_batch, "seq_len": planned.layout.seq_len,
+        **({"moe": moe_summary(recipe.model, planned.layout.micro_batch * planned.layout.seq_len,
+                               planned.layout.expert_parallel_degree, planned.layout.compute_bytes)}
+           if is_moe(recipe.model) else {}),
         "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source,
                    "phase": t.phase} for t in mem.terms],
         "peak_phase": mem.peak_phase,
@@ -247,6 +253,8 @@ def format_plan(recipe: Any, planned: Plan) -> str:
              f"zero_stage={lay.zero_stage} recompute={lay.recompute} attention={lay.attention_backend} "
              f"param bytes={lay.param_bytes} compute bytes={lay.compute_bytes} device={lay.device}",
              "", f"{'per-device memory term':<48} {'GiB':>7}  {'phase':<16} formula  [source]"]
+    if "moe" in data:  # Mixture-of-Experts: parallel/plan_moe.py
+        lines[1:1] = ["MoE: " + ", ".join(f"{k}={v:,.0f}" for k, v in data["moe"].items())]
     for t in planned.memory.terms:
         lines.append(f"{t.name:<48} {t.gib:>7.2f}  {t.phase:<16} {t.formula}  [{t.source}]")
     lines.append(f"{'total (peak: always + ' + data['peak_phase'] + ')':<48} {data['total_gib']:>7.2f}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ascend_llm.errors import ConfigError
+from ascend_llm.parallel.plan_moe import is_moe, moe_activation_terms, sparse_ffn_sizes
 
 GIB = 2**30
 MIB = 2**20
@@ -82,6 +83,7 @@ class Layout:
     num_nodes: int = 1
     lora_rank: int = 0  # > 0: LoRA (Hu et al. 2021): only the adapters train, the base is frozen
     lora_targets: tuple = ()
+    expert_parallel_degree: int = 1  # MoE experts sharded over ep data-parallel ranks (parallel/ep.py)
 
 
 @dataclass
@@ -147,23 +149,28 @@ def kv_heads_per_device(model: Any, tp: int) -> int:
     return max(model.num_kv_heads // tp, 1)
 
 
-def parameter_sizes(model: Any, tp: int = 1) -> list[int]:
+def parameter_sizes(model: Any, tp: int = 1, ep: int = 1) -> list[int]:
     """Element count of every parameter tensor one device holds, in the model's order. Column/row-parallel
     projections, the vocab-parallel embedding and output head are divided by tp; norm weights are replicated;
-    wk/wv hold `kv_heads_per_device` heads (one replicated head when tp > num_kv_heads)."""
+    wk/wv hold `kv_heads_per_device` heads (one replicated head when tp > num_kv_heads). A MoE model's sparse
+    layers hold plan_moe.sparse_ffn_sizes (E/ep experts under expert parallel) instead of the dense SwiGLU."""
     hd, h = model.head_dim, model.dim
     q_out, kv_out, ffn = model.num_heads * hd // tp, kv_heads_per_device(model, tp) * hd, model.ffn_hidden_dim // tp
     vocab_part = model.vocab_size * h // tp
     layer = [h]  # attention_norm
     for out in (q_out, kv_out, kv_out):
         layer += [h * out] + ([out] if model.qkv_bias else [])
-    layer += [q_out * h, h, h * ffn, ffn * h, h * ffn]  # wo, ffn_norm, w1, w2, w3
-    return [vocab_part] + layer * model.num_layers + [h] + ([] if model.tie_embeddings else [vocab_part])
+    layer += [q_out * h, h]  # wo, ffn_norm
+    layers = [layer + [h * ffn, ffn * h, h * ffn] for _ in range(model.num_layers)]  # w1, w2, w3
+    if is_moe(model):
+        layers = [layer + sparse_ffn_sizes(model, ep) if model.is_sparse_layer(i) else sizes
+                  for i, sizes in enumerate(layers)]
+    return [vocab_part] + [n for sizes in layers for n in sizes] + [h] + ([] if model.tie_embeddings else [vocab_part])
 
 
-def parameters_per_device(model: Any, tp: int = 1) -> int:
-    """Parameters one device holds (sum of `parameter_sizes`); equals models.llama.count_params at tp=1."""
-    return sum(parameter_sizes(model, tp))
+def parameters_per_device(model: Any, tp: int = 1, ep: int = 1) -> int:
+    """Parameters one device holds (sum of `parameter_sizes`); equals models.llama.count_params at tp=ep=1."""
+    return sum(parameter_sizes(model, tp, ep))
 
 
 def zero_degree(lay: Layout) -> int:
@@ -172,10 +179,10 @@ def zero_degree(lay: Layout) -> int:
     return lay.data_parallel_degree * lay.context_parallel_degree
 
 
-def sharded_elements(model: Any, tp: int, dp: int, active: bool) -> int:
+def sharded_elements(model: Any, tp: int, dp: int, active: bool, ep: int = 1) -> int:
     """Elements of a per-parameter state one rank keeps: sum of ceil(n/dp) over the parameter tensors when
     sharded (each tensor padded to a multiple of dp, as parallel/zero.py does), else every element."""
-    sizes = parameter_sizes(model, tp)
+    sizes = parameter_sizes(model, tp, ep)
     return sum(-(-n // dp) for n in sizes) if active else sum(sizes)
 
 
@@ -192,7 +199,7 @@ def lora_sizes(model: Any, rank: int, targets: tuple) -> list[int]:
 def lora_state_terms(lay: Layout) -> list[Term]:
     """LoRA: frozen base weights in the parameter dtype, plus fp32 adapters with their gradients and AdamW
     moments (Hu et al. 2021; the optimizer sees only the adapters)."""
-    base = parameters_per_device(lay.model, lay.tensor_parallel_degree)
+    base = parameters_per_device(lay.model, lay.tensor_parallel_degree, lay.expert_parallel_degree)
     a = sum(lora_sizes(lay.model, lay.lora_rank, lay.lora_targets))
     pb = lay.param_bytes
     terms = [Term("parameters (frozen base)", base * pb, f"P * {pb} B", "ZeRO sec. 3.1"),
@@ -210,9 +217,9 @@ def model_state_terms(lay: Layout) -> list[Term]:
     if lay.lora_rank > 0:
         return lora_state_terms(lay)
     t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
-    p = parameters_per_device(lay.model, t)
+    p = parameters_per_device(lay.model, t, lay.expert_parallel_degree)
     pb = lay.param_bytes
-    opt_n = sharded_elements(lay.model, t, d, z >= 1)
+    opt_n = sharded_elements(lay.model, t, d, z >= 1, lay.expert_parallel_degree)
     zero = "ZeRO (Rajbhandari et al. 2020) sec. 5"
     terms = [Term("parameters", p * pb, f"P * {pb} B ({'bf16' if pb == 2 else 'fp32'})", "ZeRO sec. 3.1")]
     if pb != 4:
@@ -230,9 +237,9 @@ def gradient_terms(lay: Layout) -> list[Term]:
     S = 4 * sum ceil(n/d), leave it and accumulate (ZeRO sec. 5, P_os+g); stages 0/1 accumulate full gradients
     (the new sum is written beside the old one and the micro-batch's gradients)."""
     t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
-    p, pb = parameters_per_device(lay.model, t), lay.param_bytes
-    shards = 4 * sharded_elements(lay.model, t, d, True)
-    n_max = max(parameter_sizes(lay.model, t))
+    p, pb = parameters_per_device(lay.model, t, lay.expert_parallel_degree), lay.param_bytes
+    shards = 4 * sharded_elements(lay.model, t, d, True, lay.expert_parallel_degree)
+    n_max = max(parameter_sizes(lay.model, t, lay.expert_parallel_degree))
     many = lay.grad_accum_steps > 1
     zero = "ZeRO (Rajbhandari et al. 2020) sec. 5 stage 2 (gradient partition)"
     terms = [Term("gradients", p * pb, f"P * {pb} B (one micro-batch, returned by the backward graph)",
@@ -258,15 +265,16 @@ def optimizer_transient_terms(lay: Layout) -> list[Term]:
     the per-tensor optimizer temporaries bounded by the largest tensor (n_max elements): float32 m, v, update
     and new value (16 B per element, of its shard under ZeRO) plus under ZeRO the all-gathered parameter
     (parameter dtype on Ascend, float32 on CPU). optim/adamw.py, parallel/zero.py, train/step.py."""
-    sizes = parameter_sizes(lay.model, lay.tensor_parallel_degree)
+    sizes = parameter_sizes(lay.model, lay.tensor_parallel_degree, lay.expert_parallel_degree)
     n_max, d, z = max(sizes), zero_degree(lay), lay.zero_stage
     if lay.lora_rank > 0:
         a = sum(lora_sizes(lay.model, lay.lora_rank, lay.lora_targets))
         return [Term("update: gradients and optimizer temporaries", 2 * a * 4 + 16 * a, "2 * A * 4 B + 16 B * A",
                      "optim/adamw.py (adapters only)", "update")]
-    p, pb = parameters_per_device(lay.model, lay.tensor_parallel_degree), lay.param_bytes
+    p, pb = parameters_per_device(lay.model, lay.tensor_parallel_degree, lay.expert_parallel_degree), lay.param_bytes
     if z >= 2:
-        grads = 4 * sharded_elements(lay.model, lay.tensor_parallel_degree, d, True)
+        grads = 4 * sharded_elements(lay.model, lay.tensor_parallel_degree, d, True,
+                                     lay.expert_parallel_degree)
         held = (1 if lay.grad_accum_steps > 1 else 2) * grads
         what = f"{held // grads} * 4 B * sum ceil(n/d) (shards, scaled copy)"
     else:
@@ -313,7 +321,7 @@ def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optio
     model is Ascend's) and a note says so. Raises ConfigError on a bad pool string."""
     from ascend_llm.parallel.plan_activations import activation_terms
 
-    terms = model_state_terms(lay) + activation_terms(lay) + optimizer_transient_terms(lay)
+    terms = model_state_terms(lay) + activation_terms(lay) + moe_activation_terms(lay) + optimizer_transient_terms(lay)
     draft = MemoryPlan(terms, None, None)
     terms += overhead_terms(lay, draft.in_pool_bytes)
     notes = []

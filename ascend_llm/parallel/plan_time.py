@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ascend_llm.parallel.plan_memory import Layout, kv_heads_per_device, parameters_per_device
+from ascend_llm.parallel.plan_moe import all_to_all_bytes, inactive_parameters_per_token
 
 # Published 910B throughput, bf16 (../shared/ascend-reference.md): model name -> (setup, seq_len, tokens/s/device).
 PUBLISHED_910B = {
@@ -38,8 +39,9 @@ PUBLISHED_910B = {
 
 
 def matmul_parameters(model: Any) -> int:
-    """N of the 6N term: every weight except the input-embedding table (output head counted, also tied)."""
-    total = parameters_per_device(model, 1)
+    """N of the 6N term: every weight except the input-embedding table (output head counted, also tied); of a
+    MoE model's experts only the k a token is routed to (plan_moe.inactive_parameters_per_token)."""
+    total = parameters_per_device(model, 1) - inactive_parameters_per_token(model)
     embedding = model.vocab_size * model.dim
     return total - (0 if model.tie_embeddings else embedding)
 
@@ -107,7 +109,7 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     tokens = global_batch_size * lay.seq_len
     device_flops = tokens / d * flops_per_token(m, lay.seq_len, lay.recompute) / (t * c)
     compute_s = device_flops / (peak_tflops * 1e12)
-    p_bytes = parameters_per_device(m, t) * lay.param_bytes
+    p_bytes = parameters_per_device(m, t, lay.expert_parallel_degree) * lay.param_bytes
     dp_bw = inter_gb_s if lay.num_nodes > 1 else intra_gb_s
     micro_steps = lay.grad_accum_steps
     # ZeRO 0: one all-reduce (2 passes); 1: all-reduce + parameter all-gather (3); 2: a reduce-scatter per
@@ -125,5 +127,10 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     if c > 1:
         kv = 2 * kv_heads_per_device(m, t) * m.head_dim * lay.micro_batch * lay.seq_len * lay.compute_bytes
         comm["context parallel (k, v)"] = micro_steps * m.num_layers * 2 * ring_seconds(kv, c, intra_gb_s, 1.0)
+    ep = lay.expert_parallel_degree
+    if ep > 1:  # dispatch + combine, forward and backward (plan_moe.all_to_all_bytes); EP groups are consecutive ranks
+        bw = intra_gb_s if ep <= lay.world_size // max(lay.num_nodes, 1) else inter_gb_s
+        sent = all_to_all_bytes(m, lay.micro_batch * lay.seq_len, ep, lay.compute_bytes)
+        comm["expert parallel (all-to-all)"] = micro_steps * sent / (bw * 1e9) if bw else 0.0
     published = PUBLISHED_910B.get(m.name, []) if lay.device == "ascend" else []  # 910B figures vs a 910B peak
     return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops, published)

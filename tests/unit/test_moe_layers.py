@@ -151,3 +151,33 @@ def test_lora_on_expert_weights_trains_only_adapters_and_merges_exactly():
     assert np.abs(plain(tokens).asnumpy() - adapted).max() < 1e-5
     grads = ms.grad(lambda t: model(t).sum(), None, model.trainable_params())(tokens)
     assert all(ops.isfinite(g).all() for g in grads)
+
+
+def test_planner_moe_terms_equal_the_real_parameter_bytes():
+    """plan_memory.parameter_sizes (its sparse layers from plan_moe) equals the parameters a device really holds,
+    in one process and with the experts sharded by parallel/ep.py (a group of 2, this process its rank 1)."""
+    from ascend_llm.parallel.comm import Group
+    from ascend_llm.parallel.ep import apply_expert_parallel
+    from ascend_llm.parallel.plan_memory import parameter_sizes, parameters_per_device
+    from ascend_llm.parallel.plan_moe import (
+        all_to_all_bytes,
+        expert_parameters_per_device,
+        inactive_parameters_per_token,
+    )
+    from ascend_llm.parallel.plan_time import matmul_parameters
+
+    cfg = moe_cfg(num_layers=3, mlp_only_layers=[1])
+    model = build_model(cfg)
+    real = sorted(p.size for p in model.get_parameters())
+    assert sorted(parameter_sizes(cfg)) == real and parameters_per_device(cfg) == count_params(cfg)
+    apply_expert_parallel(model, Group("ep_plan_test", (0, 1), 1))
+    held = {p.name: p.size for p in model.get_parameters()}
+    assert sorted(parameter_sizes(cfg, 1, 2)) == sorted(held.values())
+    assert expert_parameters_per_device(cfg, 2) == sum(v for k, v in held.items() if ".experts." in k)
+    experts = sum(v for k, v in held.items() if ".experts." in k) * 2  # all E experts
+    inactive = experts * (cfg.num_experts - cfg.num_experts_per_tok) // cfg.num_experts
+    assert inactive_parameters_per_token(cfg) == inactive
+    assert matmul_parameters(cfg) == count_params(cfg) - cfg.vocab_size * cfg.dim - inactive
+    # dispatch + combine, forward and backward: 2 sparse layers x (ep - 1) x n k rows x (2H + 1) values x e bytes
+    assert all_to_all_bytes(cfg, 10, 2, 2) == 2 * 2 * 1 * 20 * (2 * cfg.dim + 1) * 2
+    assert all_to_all_bytes(cfg, 10, 1, 2) == 0
