@@ -57,7 +57,8 @@ def weight_copy_bytes(lay: Any) -> int:
 
 def layer_activation_terms(lay: Any) -> dict[str, float]:
     """Bytes one decoder layer keeps for its backward at one micro-batch, by tensor (module doc). Tokens per
-    device n = b*s/c; e = `activation_bytes`; sequence parallel divides the norm terms by t.
+    device n = b*s/c; e = `activation_bytes`; sequence parallel divides the norm inputs by t (the GEMMs keep the
+    all-gathered norm outputs).
 
     - norm inputs (float32 residual): 2 * 4h * n;  norm outputs (GEMM inputs): 2 * e*h * n
     - q, k, v: e*(h/t + 2*h_kv_dev) * n (fused with e = 4: in the kernel's bf16)
@@ -78,7 +79,7 @@ def layer_activation_terms(lay: Any) -> dict[str, float]:
     qkv_bytes = kernel_bytes(lay) if lay.attention_backend == "fused" else e
     out = {
         "norm inputs (float32 residual)": 2 * 4 * h * n / sp,
-        "norm outputs (GEMM inputs)": 2 * e * h * n / sp,
+        "norm outputs (GEMM inputs)": 2 * e * h * n,  # with SP: the all-gathered sequence (parallel/tp.py TPNorm)
         "q, k, v": qkv_bytes * (h / t + 2 * kv) * n,
     }
     if lay.attention_backend == "fused":  # (B, S, N, D) in and out: wo keeps the kernel's output itself
