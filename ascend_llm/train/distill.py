@@ -80,22 +80,27 @@ class ChunkedKL(nn.Cell):
 class Distillation(Objective):
     """The distill objective: the student is the trained model (wrap_model returns it unchanged, so checkpoints
     hold the student only); the teacher is held here, frozen, outside the trained cell. aux_names: `ce` (the
-    student's cross-entropy) and `kd` (tau^2 * mean KL), logged per step and as val_ce / val_kd."""
+    student's cross-entropy) and `kd` (tau^2 * mean KL), logged per step and as val_ce / val_kd. A
+    Mixture-of-Experts student (with_aux_loss) adds its router loss to the loss (as LanguageModeling does)."""
 
     name = "distill"
     aux_names = ("ce", "kd")
 
-    def __init__(self, teacher: nn.Cell, lm_loss, kd_ratio: float, temperature: float, chunk_tokens: int):
-        self.teacher, self.lm_loss = teacher, lm_loss
+    def __init__(self, teacher: nn.Cell, lm_loss, kd_ratio: float, temperature: float, chunk_tokens: int,
+                 with_aux_loss: bool = False):
+        self.teacher, self.lm_loss, self.with_aux_loss = teacher, lm_loss, with_aux_loss
         self.kd_ratio, self.temperature = float(kd_ratio), float(temperature)
         self.kl = ChunkedKL(temperature, chunk_tokens)
 
     def loss(self, model: nn.Cell, *batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         tokens, labels = batch[0], batch[1]
         segment_ids = batch[2] if len(batch) > 2 else None
-        logits = model(tokens, segment_ids)
         teacher_logits = ops.stop_gradient(self.teacher(tokens, segment_ids))
-        return self.combine(logits, teacher_logits, labels)
+        if self.with_aux_loss:  # a Mixture-of-Experts student: (logits, router loss already scaled)
+            logits, aux_loss = model(tokens, segment_ids)
+            loss, parts = self.combine(logits, teacher_logits, labels)
+            return loss + aux_loss, parts
+        return self.combine(model(tokens, segment_ids), teacher_logits, labels)
 
     def combine(self, logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         """(loss, (ce, kd)) from student logits (B, S, V), teacher logits (B, S, V) and labels (B, S) int32
@@ -165,6 +170,7 @@ def build_objective(recipe, lm_loss) -> Distillation:
                           "must be 1 with objective.name=distill (the KL needs whole-vocabulary logits)")
     check_tokenizer(recipe, cfg.teacher)
     teacher = open_teacher(cfg.teacher, recipe.model.vocab_size)
-    objective = Distillation(teacher, lm_loss, cfg.kd_ratio, cfg.temperature, cfg.chunk_tokens)
+    objective = Distillation(teacher, lm_loss, cfg.kd_ratio, cfg.temperature, cfg.chunk_tokens,
+                             with_aux_loss=getattr(recipe.model, "num_experts", 0) > 0)
     objective.splits_sequence = False
     return objective
