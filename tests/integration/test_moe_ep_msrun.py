@@ -1,0 +1,153 @@
+"""Expert parallel under real msrun on CPU, through the trainer (parallel/ep.py): the debug MoE model (8 experts,
+top-2, aux loss 0.01) trains like one process within 1e-5 in losses and parameters with its experts sharded
+over 2 workers (dp2, ep2) and over EP x DP on 4 workers (dp4, ep2); checkpoints are layout-free, so runs resume
+across EP layouts: one process -> ep2, ep2 -> one process, ep2 -> ep4.
+
+The reference is one process with train.grad_accum_steps = the data-parallel degree: its micro-batches are the
+ranks' rows, so the load-balancing loss (not linear in the batch) is computed over the same tokens. One msrun job
+per world size (tests/integration/workers/train_worker.py runs each job's recipes one after the other)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import launch, read_records
+
+pytestmark = pytest.mark.integration
+WORKER = Path(__file__).parent / "workers" / "train_worker.py"
+STEPS, RESUME = 6, 3
+RECIPE = ["debug=smoke", "model=debug_moe", f"train.num_steps={STEPS}", "train.global_batch_size=8",
+          "train.log_every=1", "train.val_every=1000", f"train.ckpt_every={RESUME}", "train.keep_last=10",
+          "train.progress=false", "train.sample_tokens=0"]
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["aux_loss"]) for r in read_records(run_dir) if "loss" in r}
+
+
+def weights(run_dir: Path, step: int = STEPS) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(ckpt(run_dir, step) / "model.safetensors"))
+
+
+def assert_same_run(run: Path, ref: Path, steps) -> None:
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(steps), sorted(got)
+    for step in steps:
+        np.testing.assert_allclose(got[step], want[step], rtol=0, atol=1e-5, err_msg=f"step {step}")
+    a, b = weights(run), weights(ref)
+    assert a.keys() == b.keys() and any(".experts.w1." in k for k in a)
+    assert a["layers.0.feed_forward.experts.w1.weight"].shape[0] == 8  # gathered: every expert, layout-free
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, one_process, data_cache):
+    """{name: run dir}: the one-process references and the msrun runs (2 and 4 workers)."""
+    root = tmp_path_factory.mktemp("moe_ep")
+    cache = f"data.cache_dir={data_cache}"
+    out = {}
+    for accum in (2, 4):
+        out[f"ref{accum}"] = one_process([*RECIPE, cache, f"train.grad_accum_steps={accum}"])[1]
+    for workers, layouts in ((2, {"ep2": [], "ep2_from_ep1": [f"train.resume={ckpt(out['ref2'], RESUME)}"]}),
+                             (4, {"dp4_ep2": [], "ep4_from_ep2": ["parallel.expert_parallel_degree=4"]})):
+        job = root / f"job{workers}"
+        specs = []
+        for name, extra in layouts.items():
+            if name == "ep4_from_ep2":
+                extra = [*extra, f"train.resume={ckpt(job / 'runs' / 'dp4_ep2', RESUME)}"]
+            specs.append({"name": name, "overrides": [
+                *RECIPE, cache, f"cluster=cpu_{workers}proc", f"parallel.data_parallel_degree={workers}",
+                "parallel.expert_parallel_degree=2", *extra, f"train.output_dir={job / 'runs' / name}"]})
+            out[name] = job / "runs" / name
+        spec = root / f"job{workers}.json"
+        spec.write_text(json.dumps({"log_dir": str(root / f"logs{workers}"), "runs": specs}))
+        launch(job, [f"parallel.data_parallel_degree={workers}"], workers, WORKER, [str(spec)])
+    # ep2 -> one process: the 2-worker run's step-3 checkpoint, resumed in one process
+    out["ep1_from_ep2"] = one_process([*RECIPE, cache, "train.grad_accum_steps=2",
+                                       f"train.resume={ckpt(out['ep2'], RESUME)}"])[1]
+    return out
+
+
+def test_expert_parallel_trains_like_one_process(runs):
+    assert_same_run(runs["ep2"], runs["ref2"], range(1, STEPS + 1))
+    assert_same_run(runs["dp4_ep2"], runs["ref4"], range(1, STEPS + 1))
+    aux = [a for _, a in losses(runs["ep2"]).values()]
+    assert all(0.015 < a < 0.03 for a in aux), aux  # 0.01 x E sum_e f_e P_e: 0.01 x k = 0.02 when balanced
+
+
+def test_resume_across_expert_parallel_layouts(runs):
+    tail = range(RESUME + 1, STEPS + 1)
+    assert_same_run(runs["ep2_from_ep1"], runs["ref2"], tail)
+    assert_same_run(runs["ep1_from_ep2"], runs["ref2"], tail)
+    assert_same_run(runs["ep4_from_ep2"], runs["ref4"], tail)
+
+
+PEER_PYTHON = Path(os.environ.get("ASCEND_LLM_PEER_PYTHON", "/work/peer-venv/bin/python"))
+PEER_SCRIPT = r'''
+import json, sys
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+out = {}
+for case in json.load(open(sys.argv[1])):
+    model = AutoModelForCausalLM.from_pretrained(case["dir"], dtype=torch.float32, experts_implementation="eager")
+    with torch.no_grad():
+        logits = model(torch.tensor([case["ids"]])).logits[0].double().numpy()
+    diff = float(np.abs(logits - np.load(case["expected"])).max())
+    out[case["name"]] = {"class": type(model).__name__, "max_abs": diff}
+print(json.dumps(out))
+'''
+
+
+def test_exports_load_in_transformers_with_the_same_logits(runs, tmp_path):
+    """Both fixtures in both expert layouts, and the checkpoint the 2-worker EP run wrote (`convert --to hf`):
+    transformers (the peer venv) loads each export and computes the toolkit's logits."""
+    import subprocess
+
+    from mindspore import Tensor
+
+    from ascend_llm.cli.main import main as cli_main
+    from ascend_llm.interop.export import export_hf
+    from ascend_llm.interop.source import open_model
+
+    if not PEER_PYTHON.is_file():
+        pytest.skip(f"no peer python at {PEER_PYTHON} (a venv with torch + transformers)")
+    fixtures = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hf"
+    ids = list(range(3, 40, 3))
+    cases = []
+    sources = {name: fixtures / name for name in ("qwen2_moe_tiny", "qwen3_moe_tiny") if (fixtures / name).is_dir()}
+    assert cli_main(["convert", str(ckpt(runs["ep2"], STEPS)), "--to", "hf", "--output", str(tmp_path / "ep2"),
+                     "--dtype", "fp32"]) == 0
+    sources["ep2_trained"] = tmp_path / "ep2"
+    for name, path in sources.items():
+        source = open_model(path)
+        expected = tmp_path / f"{name}.npy"
+        np.save(expected, source.model(Tensor(np.array([ids], np.int32))).asnumpy()[0].astype(np.float64))
+        layouts = ("per_expert", "fused") if name != "ep2_trained" else ("per_expert",)
+        for layout in layouts:
+            out = path if name == "ep2_trained" else export_hf(tmp_path / f"{name}_{layout}", source.config,
+                                                                source.weights, "fp32", text_files=source.text_files,
+                                                                expert_layout=layout)
+            cases.append({"name": f"{name}:{layout}", "dir": str(out), "ids": ids, "expected": str(expected)})
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_SCRIPT)
+    done = subprocess.run([str(PEER_PYTHON), str(script), str(spec)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases) >= 1
+    for name, result in results.items():
+        assert result["class"] in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"), result
+        assert result["max_abs"] < 1e-4, (name, result)
