@@ -28,10 +28,12 @@ def parse_sources(items: list, field_name: str = "data.sources") -> list[tuple[f
             weight = float(items[i])
         except ValueError:
             raise ConfigError(f"{field_name}[{i}]", items[i], "must be a weight (> 0) before each path") from None
-        if not weight > 0:
-            raise ConfigError(f"{field_name}[{i}]", items[i], "weight must be > 0")
+        if not weight >= 0:  # 0: validated only, never trained on (train/val_sources.py)
+            raise ConfigError(f"{field_name}[{i}]", items[i], "weight must be >= 0 (0: validation only)")
         pairs.append((weight, items[i + 1]))
     total = sum(w for w, _ in pairs)
+    if not total > 0:
+        raise ConfigError(field_name, items, "at least one weight must be > 0")
     return [(w / total, path) for w, path in pairs]
 
 

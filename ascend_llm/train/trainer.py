@@ -31,6 +31,7 @@ from ascend_llm.train.schedule import lr_at
 from ascend_llm.train.session import Session, build_session, open_outputs, params_sha256
 from ascend_llm.train.state import ParameterState
 from ascend_llm.train.stop import StopAgreement, StopSignals, TrainingStopped
+from ascend_llm.train.val_sources import source_val_losses
 
 logger = logging.getLogger("ascend_llm.train")
 
@@ -188,6 +189,8 @@ def validate(session: Session, outcome: StepOutcome, record: dict) -> dict:
     val = float(means[0])
     session.val_losses.append((outcome.step, val))
     extra = {f"val_{name}": float(v) for name, v in zip(session.objective.aux_names, means[1:])}
+    with session.throughput.pause():  # a blend: each source's own held-out loss (forgetting vs gain, val_sources.py)
+        extra.update(source_val_losses(session, read_batch, rows, num_batches))
     if session.objective.name == "lm":  # perplexity is exp of a token cross-entropy only
         extra["val_ppl"] = float(np.exp(val))
     return dict(record or {"step": outcome.step, "loss": outcome.loss}, val_loss=val, **extra)
