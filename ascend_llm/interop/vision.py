@@ -298,19 +298,35 @@ def is_vision_run(meta: dict) -> bool:
         return False
 
 
+def _recorded(cls, saved: dict):
+    """An instance of the config dataclass `cls` from a run's recorded section; keys this version does not know
+    are dropped, so runs of earlier versions still open."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    known = {f.name for f in fields(cls)}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls),
+                                               {k: v for k, v in dict(saved or {}).items() if k in known}))
+
+
+def recorded_multimodal(run: dict):
+    """The MultimodalConfig a run recorded (objective.multimodal of its resolved recipe)."""
+    from ascend_llm.config.multimodal import MultimodalConfig
+
+    return _recorded(MultimodalConfig, run.get("objective", {}).get("multimodal"))
+
+
 def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights: bool) -> VisionSource:
     """A contrastive run's checkpoint: the architecture from its recipe (or its pretrained directory), the
     trained tensors (`dual.` prefix dropped), its tokenizer.json."""
-    from omegaconf import OmegaConf
 
     from ascend_llm.config.data import DataConfig
-    from ascend_llm.config.multimodal import MultimodalConfig
     from ascend_llm.store.checkpoints import checkpoint_config
 
     run = checkpoint_config(meta)
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MultimodalConfig),
-                                              run["objective"]["multimodal"]))
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run["data"]))
+    cfg = recorded_multimodal(run)
+    data = _recorded(DataConfig, run.get("data"))
     if not cfg.pretrained:
         data.tokenizer = str(step / "tokenizer.json")
     source = open_vision_text(cfg, data)

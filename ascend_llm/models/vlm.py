@@ -93,7 +93,9 @@ class SplicedEmbedding(nn.Cell):
 
     def set_image(self, rows: np.ndarray) -> None:
         """rows (num_image_tokens, D) float32: the projected image every placeholder id refers to."""
-        self.image.set_data(Tensor(np.asarray(rows, np.float32)))
+        # in place (an Assign op): a compiled engine step keeps reading this parameter's memory; set_data and
+        # assign_value give it new memory the compiled graph does not see
+        ops.assign(self.image, Tensor(np.asarray(rows, np.float32)))
 
     def construct(self, tokens):
         flat = tokens.reshape(1, -1)

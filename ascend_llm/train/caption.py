@@ -70,7 +70,9 @@ class CaptionObjective(Objective):
 
     def __init__(self, recipe):
         from ascend_llm.interop.vision import load_vision_model
+        from ascend_llm.train.step import masked_cross_entropy_loss
 
+        self.lm_loss = masked_cross_entropy_loss  # mean over labels != -100 (the caption tokens and EOS)
         self.recipe, self.cfg = recipe, recipe.objective.multimodal
         self.vision = load_vision_model(Path(self.cfg.vision_pretrained).expanduser())
         self.tokenizer, self.eos_id = _text(recipe.data)
@@ -120,10 +122,8 @@ class CaptionObjective(Objective):
         return dataset.pixels[rows], dataset.input_ids[rows], dataset.attention_mask[rows]
 
     def loss(self, model: nn.Cell, *batch: Tensor):
-        from ascend_llm.train.step import masked_cross_entropy_loss
-
         pixels, tokens, labels = batch
-        return masked_cross_entropy_loss(model(pixels, tokens), labels), ()
+        return self.lm_loss(model(pixels, tokens), labels), ()
 
 
 def build_objective(recipe, lm_loss) -> CaptionObjective:
@@ -174,12 +174,9 @@ def open_vlm(path: str) -> VisionLanguageSource:
     """Rebuild a caption run's (or checkpoint's) VLM: its LLM (model.pretrained), vision tower
     (objective.multimodal.vision_pretrained) and trained projector. CheckpointError / ConfigError name what is
     missing; a run that trained LoRA adapters (stage 2) is refused (merge them first)."""
-    from omegaconf import OmegaConf
-
-    from ascend_llm.config.multimodal import MultimodalConfig
     from ascend_llm.errors import CheckpointError
     from ascend_llm.interop.source import open_model
-    from ascend_llm.interop.vision import load_vision_model
+    from ascend_llm.interop.vision import load_vision_model, recorded_multimodal
     from ascend_llm.models.vlm import SplicedEmbedding, VisionLanguageModel
     from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
 
@@ -193,7 +190,7 @@ def open_vlm(path: str) -> VisionLanguageSource:
         raise ConfigError("--image", str(root), "needs a run of objective.name=caption (a vision-language model)")
     if (run.get("lora") or {}).get("enabled"):
         raise ConfigError("--image", str(root), "stage-2 runs with LoRA adapters are not opened here yet")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MultimodalConfig), run["objective"]["multimodal"]))
+    cfg = recorded_multimodal(run)
     llm = open_model(run["model"]["pretrained"])
     vision = load_vision_model(Path(cfg.vision_pretrained).expanduser())
     vlm = VisionLanguageModel(vision.model.vision, llm.model, cfg.select_layer, cfg.projector_hidden_dim)
@@ -205,3 +202,70 @@ def open_vlm(path: str) -> VisionLanguageSource:
     vlm.set_train(False)
     llm.model.tok_embeddings = SplicedEmbedding(llm.model.tok_embeddings, vlm.num_image_tokens)
     return VisionLanguageSource(llm.model, llm.tokenizer, llm.eos_token_ids, cfg.prompt, vlm, vision.preprocess)
+
+
+def evaluate_captions(run: str, images: str, max_new_tokens: int = 8, limit: int | None = None) -> dict:
+    """Greedy captions of a caption run for the pairs of `images` (JSON Lines) through the paged KV-cache engine,
+    one image at a time: exact-match rate, and how often the reference's last word (the varying word of a template
+    such as "a handwritten seven") is in the generated caption, with the chance of that word (1 / distinct last
+    words). Returns the rates (%) and up to 10 examples."""
+    from ascend_llm.data.images import read_image_records
+    from ascend_llm.inference import Engine, SamplingParams
+
+    source = open_vlm(run)
+    records = read_image_records(images)
+    pairs = list(zip(records.images, records.captions))[:limit]
+    prompt = source.encode(source.prompt)
+    engine = Engine(source.model, max_len=len(prompt) + max_new_tokens + 1, num_slots=1)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=source.eos_token_ids)
+    exact = word = 0
+    examples = []
+    for path, caption in pairs:
+        source.set_image(str(path))
+        text = (engine.generate([prompt], params, source.tokenizer)[0].text or "").strip()
+        exact += text == caption.strip()
+        word += caption.split()[-1] in text.split()
+        if len(examples) < 10:
+            examples.append({"image": str(path), "reference": caption, "generated": text})
+    last_words = {c.split()[-1] for c in records.captions}
+    return {"pairs": len(pairs), "exact_match": 100.0 * exact / len(pairs),
+            "last_word_in_caption": 100.0 * word / len(pairs), "last_word_chance": 100.0 / len(last_words),
+            "examples": examples}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ascend_llm.train.caption RUN --images FILE [--limit N] [--json OUT]`: greedy captions of held-out
+    images and how often they name what the reference names (exit 2 on bad input)."""
+    import argparse
+    import json
+    import sys
+
+    import mindspore as ms
+
+    from ascend_llm.errors import UserInputError
+
+    p = argparse.ArgumentParser(prog="python -m ascend_llm.train.caption", description=main.__doc__)
+    p.add_argument("run", help="a caption run or checkpoint")
+    p.add_argument("--images", required=True, help="JSON Lines of {image, caption}")
+    p.add_argument("--limit", type=int, help="only the first N pairs")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        result = evaluate_captions(args.run, args.images, limit=args.limit)
+    except UserInputError as exc:
+        print(exc.one_line(), file=sys.stderr)
+        return 2
+    for example in result["examples"][:5]:
+        print(f"{Path(example['image']).name}: reference {example['reference']!r}, generated {example['generated']!r}")
+    print(f"{result['pairs']} held-out images: exact caption {result['exact_match']:.1f}%, caption's last word "
+          f"{result['last_word_in_caption']:.1f}% (chance {result['last_word_chance']:.1f}%)")
+    if args.json:
+        from ascend_llm.store.files import write_file_atomic
+
+        write_file_atomic(Path(args.json), (json.dumps(result, indent=2, ensure_ascii=False) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,19 +58,21 @@ def test_kv_cache_engine_with_an_image_prefix_matches_the_full_forward(vlm):
     prompt = prompt_ids(llm.tokenizer, "Look: <image> it is", 16, vocab)
     assert prompt.count(vocab) == 1 and max(prompt) == vocab + 15
     base = llm.model.tok_embeddings
-    spliced = SplicedEmbedding(base, 16)
-    spliced.set_image(model.image_rows(Tensor(pixels[:1])).asnumpy()[0])
-    llm.model.tok_embeddings = spliced
-    try:
+    llm.model.tok_embeddings = spliced = SplicedEmbedding(base, 16)
+    outs = []
+    try:  # one engine (compiled once), a new image before each request: the compiled step must see it
         engine = Engine(llm.model, max_len=len(prompt) + 8, num_slots=1)
-        out = engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0]
+        for index in range(2):
+            spliced.set_image(model.image_rows(Tensor(pixels[index:index + 1])).asnumpy()[0])
+            outs.append(engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0].token_ids)
     finally:
         llm.model.tok_embeddings = base
     # teacher-forced full forward of the VLM (no cache) over prompt + generated: each generated token is its argmax
-    tokens = np.asarray([prompt + out.token_ids[:-1]], np.int32)
-    logits = model(Tensor(pixels[:1]), Tensor(tokens)).asnumpy()[0]
-    assert len(out.token_ids) == 4
-    assert logits[len(prompt) - 1:].argmax(-1).tolist() == out.token_ids
+    tokens = np.asarray([prompt + out[:-1] for out in outs], np.int32)
+    logits = model(Tensor(pixels), Tensor(tokens)).asnumpy()
+    for index, out in enumerate(outs):
+        assert len(out) == 4
+        assert logits[index, len(prompt) - 1:].argmax(-1).tolist() == out
 
 
 def test_caption_sequences_train_on_caption_and_eos_only():
