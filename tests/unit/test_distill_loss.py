@@ -134,3 +134,19 @@ def test_teacher_is_frozen_and_matches_its_own_forward(teacher):
 def test_teacher_with_another_vocabulary_is_refused(teacher):
     with pytest.raises(ConfigError, match="vocab_size=640"):
         open_teacher(str(FIXTURE), 4096)
+
+
+def test_a_quantized_teacher_runs_in_the_step(teacher, tmp_path):
+    """An int8 RTN copy of the teacher (ascend-llm quantize) opens through the same path and its KD term equals the
+    NumPy KL of its own logits."""
+    from ascend_llm.cli.main import main
+
+    assert main(["quantize", str(FIXTURE), "--out", str(tmp_path / "q8"), "--bits", "8"]) == 0
+    quantized = open_teacher(str(tmp_path / "q8"), 640)
+    student = _student()
+    objective = Distillation(quantized, cross_entropy_loss, 1.0, 2.0, 16)
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 640, (1, 16)).astype(np.int32)
+    _, (_, kd) = objective.loss(student, Tensor(x), Tensor(x))
+    s, t = student(Tensor(x)).asnumpy(), quantized(Tensor(x)).asnumpy()
+    assert float(kd.asnumpy()) == pytest.approx(reference(s, t, x, 1.0, 2.0)[0], rel=1e-5)
