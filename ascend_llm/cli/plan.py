@@ -19,7 +19,7 @@ from ascend_llm.compose import compose_recipe
 EXAMPLES = """examples:
   ascend-llm plan experiment=llama3_8b_910b
   ascend-llm plan experiment=llama3_8b_910b parallel.zero_stage=0 train.recompute=none --json
-  ascend-llm plan model=debug cluster.device_memory_gib=1"""
+  ascend-llm plan experiment=mindformers_llama3_8b_8k_dp8          # a published MindFormers DP8 run"""
 
 
 def main(argv: list[str]) -> int:
