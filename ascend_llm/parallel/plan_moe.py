@@ -17,8 +17,8 @@ expert-parallel degree, n tokens per micro-batch on one rank, e bytes of the com
   weights and indices (n, k), the one-hot rank computation (n*k, E) int32: (8E + 8k + 4kE) * n bytes.
 - Expert buffers kept for the backward, per sparse layer: R rows of the grouped SwiGLU (its input H, the gate,
   up and activation 3I, the output H: (2H + 3I) * e per row) plus the tiles' gathered weights (3 I H e per
-  tile); R = the tiled path's rows for P = n k pairs (models/moe.py: P + at most E tiles of padding), or E n when
-  running every expert is cheaper. Under EP the receiving rank's buffer has ep P rows (the worst case) and the
+  tile); R = the tiled path's rows for P = n k pairs (models/moe.py: P plus E + 1 tiles, about P/2), or E n
+  when running every expert is cheaper. Under EP the receiving rank's buffer has ep P rows (the worst case) and the
   dispatch adds its send, receive and return buffers, 3 ep P (H + 1) e. With full recompute one sparse layer's
   buffers are alive at a time. These come on top of the dense SwiGLU activation terms, which plan_activations.py
   counts for every layer at model.ffn_hidden_dim.
@@ -101,8 +101,8 @@ def tiled_rows(pairs: int, num_experts: int) -> tuple[int, int]:
     """(rows, tiles) of models/moe.py's grouped SwiGLU for `pairs` rows of one-expert-each work over
     num_experts experts (its choose_tile / use_tiled rule; pure Python here). tiles is 0 on the all-experts
     path, whose rows are num_experts * pairs / k: the caller passes pairs = tokens for that comparison."""
-    target = max(pairs // (4 * num_experts), 1)
-    tile = int(min(128, max(8, 2 ** int(math.floor(math.log2(target))))))
+    target = max(pairs // (2 * num_experts), 1)
+    tile = int(min(1024, max(8, 2 ** int(math.floor(math.log2(target))))))
     tiles = pairs // tile + 1 + num_experts
     return tiles * tile, tiles
 
