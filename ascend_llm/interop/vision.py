@@ -10,6 +10,7 @@ into wq/wk/wv; CLIP's 0-d `logit_scale` becomes shape (1,).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +260,6 @@ def scratch_source(cfg, data) -> VisionSource:
     import copy
 
     from ascend_llm.data.images import ImagePreprocessor
-    from ascend_llm.interop.source import toolkit_text_files
     from ascend_llm.tokenizer.bpe import EOS, load_tokenizer
 
     if not data.tokenizer:
@@ -267,7 +267,9 @@ def scratch_source(cfg, data) -> VisionSource:
                                                   "(or objective.multimodal.pretrained: a CLIP/SigLIP directory)")
     eos = data.eos_token or EOS
     eos_id = load_tokenizer(data.tokenizer, eos).token_to_id(eos)
-    tokenizer = _tokenizer(Path(data.tokenizer).parent, toolkit_text_files(Path(data.tokenizer).read_bytes()))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos, "bos_token": None}
+    files = {"tokenizer.json": Path(data.tokenizer).read_bytes(), "tokenizer_config.json": json.dumps(config).encode()}
+    tokenizer = _tokenizer(Path(data.tokenizer).parent, files)
     dual = copy.deepcopy(cfg.dual_encoder)
     dual.text.eos_token_id = dual.text.pad_token_id = int(eos_id)
     if tokenizer.vocab_size > dual.text.vocab_size:
