@@ -23,6 +23,7 @@ setup(
         "omegaconf>=2.3",
         "tokenizers>=0.15",
         "safetensors>=0.4",
+        "pillow>=9",  # image preprocessing (data/images.py)
         "jinja2>=3.1",
         "tqdm>=4.60",
         "matplotlib>=3.5",
@@ -32,7 +33,8 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27", "openai>=1.40"],
+        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27", "openai>=1.40",
+                 "scikit-learn>=1.3"],  # its bundled digits: the multimodal tests' real images
     },
     entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
 )
