@@ -6,14 +6,15 @@ Steps (each through the real trainer, in this process):
 2. Pairs from poems *after* the SFT text (never seen in step 1), one pair per poem: prompt = title + first verse,
    chosen = the real second verse, rejected = that verse with its characters shuffled (corrupted) or a verse of
    another poem (foreign), alternately. A seeded quarter of the pairs is held out (data.val_fraction=0.25).
-3. DPO (sigmoid, cached reference = the SFT model) and SimPO from the SFT model on the training pairs; every
-   --val-every steps, held-out reward accuracy (share of held-out pairs whose chosen reward beats the
-   rejected), margin and the chosen answer's token NLL (held-out SFT loss).
-Prints a table (first and last validation of each method, and the SFT model's own preference: the share of
-held-out pairs whose chosen line has the higher mean token log-probability, from SimPO's first validation),
-writes JSON and a PNG of the curves.
+3. DPO (sigmoid, cached reference = the SFT model), DPO with an SFT term and SimPO from the SFT model on the
+   training pairs; every --val-every steps the trainer logs held-out reward accuracy (share of held-out pairs
+   whose chosen reward beats the rejected one), margin and the chosen answer's token NLL (held-out SFT loss).
+Table, per model (the SFT model, then each method's last step), on the held-out pairs: pref_acc = share of
+pairs whose chosen verse has the higher summed log-probability under the model (overall, shuffled, foreign),
+chosen_nll = the chosen verse's mean token NLL, and the method's last reward accuracy and margin. Writes JSON
+and a PNG of the curves (--out with .png).
 
-  ascend-llm bench preference [--steps 150] [--out bench_results/preference.json]
+  ascend-llm bench preference [--steps 150] [--out bench_results/preference.json] [--reuse]
 """
 
 from __future__ import annotations
@@ -69,30 +70,36 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def baseline(cache: Path, num_val: int) -> dict:
-    """The SFT model before preference tuning, on the held-out pairs, from the DPO run's cached reference
-    log-probabilities (the SFT model's): the share of pairs whose chosen line has the higher summed
-    log-probability (val_acc_*; `mean_token_acc`: the higher mean token log-probability) and the chosen line's
-    mean token NLL."""
-    import numpy as np
-
+def held_out_pairs(cache: Path):
+    """The prepared pairs' PreferenceDataset (the trainer's split: data.val_fraction=0.25, data.seed 1234)."""
     from ascend_llm.data.preference import PreferenceDataset
     from ascend_llm.data.prepared import PreparedData
 
-    [values] = [np.load(f) for f in sorted((cache / "reference").glob("*.npy"))][:1]
     prepared = next(PreparedData(d, json.loads((d / "meta.json").read_text())) for d in sorted(cache.iterdir())
                     if (d / "pairs.npz").is_file())
-    dataset = PreferenceDataset(prepared, 0.25, 1234)
+    return PreferenceDataset(prepared, 0.25, 1234)
+
+
+def preference_of(model_dir: Path, dataset, kinds: list[str]) -> dict:
+    """The model of `model_dir` on the held-out pairs: the share whose chosen verse has the higher summed
+    log-probability (overall and per kind of rejected verse) and the chosen verse's mean token NLL."""
+    import numpy as np
+
+    from ascend_llm.interop.source import open_model
+    from ascend_llm.train.preference import reference_logps
+
+    values = reference_logps(open_model(model_dir).model, dataset, 16)
     held = dataset.pair_ids[dataset.num_train:]
     counts = dataset.flags[dataset.num_train:, :, 1:].sum(-1)
-    ref = values[held]
-    accuracy, nll = round(float(np.mean(ref[:, 0] > ref[:, 1])), 3), round(float(np.mean(-ref[:, 0] / counts[:, 0])), 3)
-    return {"method": "SFT model (before)", "first_val_step": 0, "last_val_step": 0, "val_acc_first": accuracy,
-            "val_acc_last": accuracy, "val_margin_last": "", "val_chosen_nll_first": nll, "val_chosen_nll_last": nll,
-            "mean_token_acc": round(float(np.mean(ref[:, 0] / counts[:, 0] > ref[:, 1] / counts[:, 1])), 3)}
+    wins = values[held, 0] > values[held, 1]
+    kind = np.asarray([kinds[k] for k in held])
+    return {"pref_acc": round(float(wins.mean()), 3),
+            "pref_acc_shuffled": round(float(wins[kind == "shuffled"].mean()), 3),
+            "pref_acc_foreign": round(float(wins[kind == "foreign"].mean()), 3),
+            "chosen_nll": round(float(np.mean(-values[held, 0] / counts[:, 0])), 3)}
 
 
-def _plot(curves: dict, path: Path) -> None:
+def _plot(curves: dict, before: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,6 +111,7 @@ def _plot(curves: dict, path: Path) -> None:
         axes[0].plot(steps, [r["val_rewards/accuracies"] for r in rows], "o-", label=name)
         axes[1].plot(steps, [r["val_sft_loss"] for r in rows], "o-", label=name)
     axes[0].axhline(0.5, color="grey", linestyle=":", label="chance")
+    axes[1].axhline(before["chosen_nll"], color="grey", linestyle="--", label="SFT model (step 0)")
     axes[0].set(xlabel="step", ylabel="held-out reward accuracy", ylim=(0, 1.02))
     axes[1].set(xlabel="step", ylabel="held-out chosen NLL (nats/token)")
     for ax in axes:
@@ -124,13 +132,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--work", default="bench_results/preference_work")
     parser.add_argument("--out", default="bench_results/preference.json")
+    parser.add_argument("--reuse", action="store_true", help="keep runs of --work that finished (summary.json)")
     args = parser.parse_args(argv)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     common = ["train.progress=false", "train.sample_tokens=0", f"data.cache_dir={work / 'cache'}",
               "train.overwrite=true"]
     sft_dir = work / "sft"
-    if not (sft_dir / "summary.json").is_file():
+    if not (args.reuse and (sft_dir / "summary.json").is_file()):
         _train([f"model.pretrained={FIXTURE}", f"data.path={CORPUS}", f"data.max_bytes={args.sft_bytes}",
                 "data.seq_len=96", "train.global_batch_size=16", f"train.num_steps={args.sft_steps}",
                 f"train.val_every={args.sft_steps}", f"train.ckpt_every={args.sft_steps}", "optim.lr=3e-3",
@@ -139,30 +148,32 @@ def main(argv: list[str]) -> int:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
     num_val = round(0.25 * len(pairs))
-    runs = {"DPO (sigmoid, beta 0.1)": ["objective=dpo", "objective.preference.beta=0.1"],
-            "DPO + SFT term (sft_weight 1)": ["objective=dpo", "objective.preference.beta=0.1",
-                                              "objective.preference.sft_weight=1.0"],
-            "SimPO (beta 2, gamma 1)": ["objective=simpo"]}
+    runs = {"DPO (sigmoid, beta 0.1)": ("dpo", ["objective=dpo", "objective.preference.beta=0.1"]),
+            "DPO + SFT term (sft_weight 1)": ("dpo_sft", ["objective=dpo", "objective.preference.beta=0.1",
+                                                          "objective.preference.sft_weight=1.0"]),
+            "SimPO (beta 2, gamma 1)": ("simpo", ["objective=simpo"])}
+    dataset, kinds = None, [p["kind"] for p in pairs]
     rows, curves = [], {}
-    for name, extra in runs.items():
-        run_dir = work / "_".join(name.split()[:3]).lower().replace("(", "").replace("+", "plus")
-        _train([f"model.pretrained={sft_dir}", f"data.path={data}", "data.seq_len=96", "data.val_fraction=0.25",
-                "train.global_batch_size=16", f"train.num_steps={args.steps}", f"train.val_every={args.val_every}",
-                f"train.val_batches={-(-num_val // 16)}", f"train.ckpt_every={args.steps}", "optim.lr=1e-3",
-                "optim.warmup_steps=10", f"train.output_dir={run_dir}", *common, *extra])
+    for name, (folder, extra) in runs.items():
+        run_dir = work / folder
+        if not (args.reuse and (run_dir / "summary.json").is_file()):
+            _train([f"model.pretrained={sft_dir}", f"data.path={data}", "data.seq_len=96", "data.val_fraction=0.25",
+                    "train.global_batch_size=16", f"train.num_steps={args.steps}",
+                    f"train.val_every={args.val_every}", f"train.val_batches={-(-num_val // 16)}",
+                    f"train.ckpt_every={args.steps}", "optim.lr=1e-3", "optim.warmup_steps=10",
+                    f"train.output_dir={run_dir}", *common, *extra])
+        if dataset is None:
+            dataset = held_out_pairs(work / "cache")
+            rows.append({"method": "SFT model (before)", "step": 0, **preference_of(sft_dir, dataset, kinds)})
         curves[name] = [r for r in _records(run_dir) if "val_rewards/accuracies" in r]
-        first, last = curves[name][0], curves[name][-1]
-        rows.append({"method": name, "first_val_step": first["step"], "last_val_step": last["step"],
-                     "val_acc_first": round(first["val_rewards/accuracies"], 3),
-                     "val_acc_last": round(last["val_rewards/accuracies"], 3),
-                     "val_margin_last": round(last["val_rewards/margins"], 3),
-                     "val_chosen_nll_first": round(first["val_sft_loss"], 3),
-                     "val_chosen_nll_last": round(last["val_sft_loss"], 3)})
-    rows.insert(0, baseline(work / "cache", num_val))
-    print_table(rows, list(rows[1]))
+        last = curves[name][-1]
+        rows.append({"method": name, "step": last["step"], **preference_of(run_dir, dataset, kinds),
+                     "reward_acc": round(last["val_rewards/accuracies"], 3),
+                     "reward_margin": round(last["val_rewards/margins"], 3)})
+    print_table(rows, list(rows[-1]))
     plot = Path(args.out).with_suffix(".png")
     plot.parent.mkdir(parents=True, exist_ok=True)
-    _plot(curves, plot)
+    _plot(curves, rows[0], plot)
     write_json(args.out, "preference", rows, curves=curves, pairs=len(pairs), held_out=num_val,
                sft_steps=args.sft_steps, sft_bytes=args.sft_bytes, fixture=str(FIXTURE), plot=str(plot))
     print(f"curves: {plot}")
