@@ -8,8 +8,9 @@ recipes (`tests/conftest.py` `one_process`, cached per session, so a reference t
 
 Recipes:
 - SMOKE: `debug=smoke` at global batch 8. Its one-process reference (REFERENCES["smoke"]) runs 20 steps with a
-  checkpoint every 2 steps: dp2 compares its 20 steps, dp2_zero2 its first 4 (steps 1-5 are warmup,
-  optim.warmup_steps=5, so their learning rate does not depend on train.num_steps) and its step-2 optimizer state.
+  checkpoint every 2 steps: dp2 compares its 20 steps, dp2_zero2 (2 accumulation steps: gradient shards
+  accumulate) its first 4 (steps 1-5 are warmup, optim.warmup_steps=5, so their learning rate does not depend on
+  train.num_steps) and its step-2 optimizer state.
 - FP8: 4 steps of FP8 training with a closing sample (dp2 vs one process).
 - TPCP: the debug model on a corpus of short documents (written by the `tpcp_data` fixture), 32-token windows,
   20 steps, checkpoints at 9, 18 and 20; with `data.document_mask=true` for the context-parallel runs. The
@@ -84,7 +85,7 @@ class TrainerJobs:
                         f"train.ckpt_every={NUM_STEPS}", "parallel=dp2"],
                 "fp8_dp2": [*ref["fp8"], "parallel=dp2"],
                 "dp2_zero2": [*SMOKE, cache, "train.num_steps=4", "train.val_every=1000", "train.ckpt_every=2",
-                              "parallel=dp2_zero2"],
+                              "parallel=dp2_zero2", "train.grad_accum_steps=2"],  # shards accumulate
                 "tp2": [*ref["plain"], "parallel=tp2"],
                 "cp2": [*ref["masked"], "parallel=cp2"],
                 # one process -> cp2, from the masked reference's step 18
