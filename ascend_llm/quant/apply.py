@@ -79,17 +79,26 @@ def _stage_of(path: str) -> str:
 
 def _gptq_stage(model, paths, cells, calibration, cfg, batch_size) -> dict[str, QuantizedWeight]:
     from ascend_llm.precision.policy import replace_cell
+    from ascend_llm.quant.experts import ExpertRecorder, quantize_recorded, recorders_for
 
+    experts = [p for p in paths if cells[p].weight.ndim == 3]  # MoE: per-expert Hessians (quant/experts.py)
+    paths = [p for p in paths if p not in experts]
+    recorded = recorders_for(cells, experts)
     accumulators = {p: HessianAccumulator(cells[p].weight.shape[1]) for p in paths}
     for p in paths:
         replace_cell(model, p, _Recorder(cells[p], accumulators[p]))
+    for parent, (cell, inputs, hidden) in recorded.items():
+        replace_cell(model, parent, ExpertRecorder(cell, inputs, hidden))
     try:
         for start in range(0, len(calibration), batch_size):
             model(Tensor(calibration[start:start + batch_size].astype(np.int32)))
     finally:
         for p in paths:
             replace_cell(model, p, cells[p])
-    return {p: gptq_quantize(cells[p].weight.asnumpy(), accumulators[p].hessian, cfg) for p in paths}
+        for parent, (cell, _, _) in recorded.items():
+            replace_cell(model, parent, cell)
+    done = {p: gptq_quantize(cells[p].weight.asnumpy(), accumulators[p].hessian, cfg) for p in paths}
+    return {**done, **quantize_recorded(cells, experts, recorded, cfg)}
 
 
 def apply_quantization(model: nn.Cell, cfg: QuantConfig, calibration: np.ndarray | None = None,
@@ -112,17 +121,9 @@ def apply_quantization(model: nn.Cell, cfg: QuantConfig, calibration: np.ndarray
     else:
         if calibration is None or len(calibration) == 0:
             raise ConfigError("quant.method", "gptq", "needs calibration samples (a corpus to draw them from)")
-        experts = [p for p in paths if cells[p].weight.ndim == 3]
-        if experts:  # GPTQ needs per-expert Hessians of the routed tokens: not done, these get RTN
-            logger.warning("GPTQ: %d MoE expert weights quantized by RTN instead (per-expert GPTQ is not "
-                           "implemented)", len(experts))
-            for p in experts:
-                done[p] = quantize_rtn(expert_rows(cells[p].weight.asnumpy()), cfg)
-                _replace(model, p, done[p], cells[p])
         stages: dict[str, list[str]] = {}
         for p in paths:
-            if p not in experts:
-                stages.setdefault(_stage_of(p), []).append(p)
+            stages.setdefault(_stage_of(p), []).append(p)
         mode = ms.get_context("mode")
         ms.set_context(mode=ms.PYNATIVE_MODE)
         try:
