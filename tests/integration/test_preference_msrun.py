@@ -1,7 +1,8 @@
 """Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
-reference under data parallel and under ZeRO-2, and LoRA-SimPO under data parallel, each equal to the same recipe
-in one process (loss and every DPO metric per step, validation, within 1e-5). The msrun job computes its own
-reference cache (every rank, the main rank writes), so the cached values are checked under DP too."""
+reference under data parallel and under ZeRO-2, LoRA-SimPO under data parallel, and DPO resumed under data
+parallel from a one-process checkpoint, each equal to the same recipe in one process (loss and every DPO metric
+per step, validation, within 1e-5). The msrun job computes its own reference cache (every rank, the main rank
+writes), so the cached values are checked under DP too, and the resumed run reads it back."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ LINES = ["春眠不覺曉", "處處聞啼鳥", "夜來風雨聲", "花落知多�
 def _common(data, cache) -> list[str]:
     return [f"model.pretrained={QWEN2}", f"data.path={data}", "data.seq_len=32", f"data.cache_dir={cache}",
             "data.val_fraction=0.25", "train.global_batch_size=4", f"train.num_steps={STEPS}", "train.log_every=1",
-            f"train.val_every={STEPS}", "train.val_batches=1", f"train.ckpt_every={STEPS}", "train.progress=false",
+            f"train.val_every={STEPS}", "train.val_batches=1", "train.ckpt_every=2", "train.progress=false",
             "train.sample_tokens=0", "optim.lr=3e-3", "optim.warmup_steps=0"]
 
 
@@ -38,8 +39,10 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
     dpo = [*_common(data, tmp_path / "cache_one"), "objective=dpo", "objective.preference.beta=0.5",
            "objective.preference.sft_weight=0.1"]
     simpo = [*_common(data, tmp_path / "cache_one"), "objective=simpo", "lora.enabled=true", "lora.rank=4"]
+    one_dpo = one_process(dpo)[1]  # trained first: the resumed run starts from its step-2 checkpoint
     runs = {"dp2": [*dpo, "parallel=dp2"], "dp2_zero2": [*dpo, "parallel=dp2_zero2"],
-            "simpo_lora_dp2": [*simpo, "parallel=dp2"]}
+            "simpo_lora_dp2": [*simpo, "parallel=dp2"],
+            "dp2_resumed": [*dpo, "parallel=dp2", f"train.resume={one_dpo / 'checkpoints' / 'step_00000002'}"]}
     job = tmp_path / "job"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
@@ -49,9 +52,13 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
     assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 1  # written once, by rank 0
 
     for name, overrides in runs.items():
-        reference = read_records(one_process([o for o in overrides if not o.startswith("parallel=")])[1])
+        reference = read_records(one_process([o for o in overrides if not o.startswith(("parallel=",
+                                                                                          "train.resume="))])[1])
         ours = read_records(job / "runs" / name)
-        assert [r["step"] for r in ours] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
+        if name == "dp2_resumed":  # one process -> dp2 from step 2: steps 3-4 as the uninterrupted run
+            reference = reference[2:]
+        assert [r["step"] for r in ours] == [r["step"] for r in reference]
+        assert ours[-1]["step"] == STEPS
         for mine, theirs in zip(ours, reference):
             for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                         "logps/chosen", "logps/rejected", "sft_loss", "val_loss", "val_rewards/accuracies"):
