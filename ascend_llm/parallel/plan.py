@@ -220,7 +220,8 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
         "parameters_per_device": parameters_per_device(recipe.model, planned.layout.tensor_parallel_degree,
                                                        planned.layout.expert_parallel_degree),
         "micro_batch": planned.layout.micro_batch, "seq_len": planned.layout.seq_len,
-        **({"moe": moe_summary(recipe.model, planned.layout.micro_batch * planned.layout.seq_len,
+        **({"moe": moe_summary(recipe.model, parameters_per_device(recipe.model, 1),
+                               planned.layout.micro_batch * planned.layout.seq_len,
                                planned.layout.expert_parallel_degree, planned.layout.compute_bytes)}
            if is_moe(recipe.model) else {}),
         "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source,

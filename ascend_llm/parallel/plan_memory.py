@@ -321,7 +321,8 @@ def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optio
     model is Ascend's) and a note says so. Raises ConfigError on a bad pool string."""
     from ascend_llm.parallel.plan_activations import activation_terms
 
-    terms = model_state_terms(lay) + activation_terms(lay) + moe_activation_terms(lay) + optimizer_transient_terms(lay)
+    moe = [Term(*term) for term in moe_activation_terms(lay)]
+    terms = model_state_terms(lay) + activation_terms(lay) + moe + optimizer_transient_terms(lay)
     draft = MemoryPlan(terms, None, None)
     terms += overhead_terms(lay, draft.in_pool_bytes)
     notes = []

@@ -84,15 +84,13 @@ def router_activation_bytes(model: Any, tokens: int) -> float:
     return float(sparse_layer_count(model) * (8 * e + 8 * k + 4 * k * e) * tokens)
 
 
-def moe_summary(model: Any, tokens: int, ep: int, compute_bytes: int) -> dict:
+def moe_summary(model: Any, total_parameters: int, tokens: int, ep: int, compute_bytes: int) -> dict:
     """The planner's MoE figures for `ascend-llm plan`: expert parameters per device, active parameters per
-    token, all-to-all bytes per micro-batch and router bytes per micro-batch."""
-    from ascend_llm.parallel.plan_memory import parameters_per_device
-
-    total = parameters_per_device(model, 1)
+    token (of `total_parameters`, plan_memory.parameters_per_device(model)), all-to-all bytes per micro-batch
+    and router bytes per micro-batch."""
     return {"expert_parallel_degree": ep, "sparse_layers": sparse_layer_count(model),
             "expert_parameters_per_device": expert_parameters_per_device(model, ep),
-            "active_parameters_per_token": total - inactive_parameters_per_token(model),
+            "active_parameters_per_token": total_parameters - inactive_parameters_per_token(model),
             "all_to_all_bytes_per_micro_batch": all_to_all_bytes(model, tokens, ep, compute_bytes),
             "router_bytes_per_micro_batch": router_activation_bytes(model, tokens)}
 
@@ -120,21 +118,19 @@ def expert_buffer_bytes(model: Any, tokens: int, ep: int, compute_bytes: int) ->
     return float((rows * (2 * h + 3 * inner) + tiles * 3 * inner * h + dispatch) * compute_bytes)
 
 
-def moe_activation_terms(lay: Any) -> list:
-    """plan_memory Terms of a MoE model's router and expert buffers ([] for a dense model); phase "backward
-    start" like the other activations."""
+def moe_activation_terms(lay: Any) -> list[tuple[str, float, str, str, str]]:
+    """(name, bytes, formula, source, phase) of a MoE model's router and expert buffers, for plan_memory's Terms
+    ([] for a dense model); phase "backward start" like the other activations."""
     m = lay.model
     if not is_moe(m):
         return []
-    from ascend_llm.parallel.plan_memory import Term
-
     ep = int(getattr(lay, "expert_parallel_degree", 1) or 1)
     tokens = int(lay.micro_batch * lay.seq_len / lay.context_parallel_degree)
     layers = 1 if lay.recompute == "full" else sparse_layer_count(m)
     source = "parallel/plan_moe.py (models/moe.py, parallel/ep.py buffers)"
-    return [Term("MoE router (logits, probabilities, top-k, one-hot ranks)",
-                 router_activation_bytes(m, tokens) / sparse_layer_count(m) * layers,
-                 f"{layers} sparse layer(s) * (8E + 8k + 4kE) * b*s", source, "backward start"),
-            Term(f"MoE expert buffers (ep={ep})", layers * expert_buffer_bytes(m, tokens, ep, lay.compute_bytes),
-                 f"{layers} sparse layer(s) * (R (2H + 3I) + tiles 3IH" + (" + 3 ep n k (H + 1)" if ep > 1 else "")
-                 + ") * e", source, "backward start")]
+    return [("MoE router (logits, probabilities, top-k, one-hot ranks)",
+             router_activation_bytes(m, tokens) / sparse_layer_count(m) * layers,
+             f"{layers} sparse layer(s) * (8E + 8k + 4kE) * b*s", source, "backward start"),
+            (f"MoE expert buffers (ep={ep})", layers * expert_buffer_bytes(m, tokens, ep, lay.compute_bytes),
+             f"{layers} sparse layer(s) * (R (2H + 3I) + tiles 3IH" + (" + 3 ep n k (H + 1)" if ep > 1 else "")
+             + ") * e", source, "backward start")]
