@@ -248,9 +248,10 @@ def _is_quantized(config_file: Path) -> bool:
     return "quantization" in saved and "model" in saved
 
 
-def open_model(path: str | Path, *, build: bool = True, weights: bool = True) -> ModelSource:
-    """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring); a CLIP/SigLIP
-    directory or a contrastive run gives an interop.vision.VisionSource (a DualEncoder) instead.
+def open_model(path: str | Path, *, build: bool = True, weights: bool = True, vision: bool = False) -> ModelSource:
+    """Open a Hugging Face, quantized, checkpoint or run directory (see the module docstring). A CLIP/SigLIP
+    directory or a contrastive run is an image-text dual encoder: with vision=True an interop.vision.VisionSource,
+    else InteropError (the text verbs cannot use it).
 
     build=False skips building the model (export needs only weights); weights=False (implies build=False) reads
     only the architecture and the text files (a checkpoint is still verified). Raises InteropError or
@@ -261,9 +262,12 @@ def open_model(path: str | Path, *, build: bool = True, weights: bool = True) ->
     build = build and weights
     from ascend_llm.interop.vision import open_if_vision  # CLIP/SigLIP directories, contrastive runs
 
-    vision = open_if_vision(root, build, weights)
-    if vision is not None:
-        return vision
+    opened = open_if_vision(root, build and vision, weights and vision)
+    if opened is not None:
+        if not vision:
+            raise InteropError("model", str(path), "is an image-text dual encoder (CLIP/SigLIP or a contrastive run), "
+                                                   "not a language model")
+        return opened
     if (root / "config.json").is_file():
         if _is_quantized(root / "config.json"):
             return _from_quantized(root, build)

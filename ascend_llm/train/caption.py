@@ -69,12 +69,12 @@ class CaptionObjective(Objective):
     samples_text = False
 
     def __init__(self, recipe):
-        from ascend_llm.interop.vision import load_vision_model
+        from ascend_llm.interop.source import open_model
         from ascend_llm.train.step import masked_cross_entropy_loss
 
         self.lm_loss = masked_cross_entropy_loss  # mean over labels != -100 (the caption tokens and EOS)
         self.recipe, self.cfg = recipe, recipe.objective.multimodal
-        self.vision = load_vision_model(Path(self.cfg.vision_pretrained).expanduser())
+        self.vision = open_model(self.cfg.vision_pretrained, vision=True)
         self.tokenizer, self.eos_id = _text(recipe.data)
         tower = self.vision.config.vision
         self.prefix = prompt_ids(self.tokenizer, self.cfg.prompt, tower.num_patches, recipe.model.vocab_size)
@@ -176,7 +176,7 @@ def open_vlm(path: str) -> VisionLanguageSource:
     missing; a run that trained LoRA adapters (stage 2) is refused (merge them first)."""
     from ascend_llm.errors import CheckpointError
     from ascend_llm.interop.source import open_model
-    from ascend_llm.interop.vision import load_vision_model, recorded_multimodal
+    from ascend_llm.interop.vision import recorded_multimodal
     from ascend_llm.models.vlm import SplicedEmbedding, VisionLanguageModel
     from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
 
@@ -192,7 +192,7 @@ def open_vlm(path: str) -> VisionLanguageSource:
         raise ConfigError("--image", str(root), "stage-2 runs with LoRA adapters are not opened here yet")
     cfg = recorded_multimodal(run)
     llm = open_model(run["model"]["pretrained"])
-    vision = load_vision_model(Path(cfg.vision_pretrained).expanduser())
+    vision = open_model(cfg.vision_pretrained, vision=True)
     vlm = VisionLanguageModel(vision.model.vision, llm.model, cfg.select_layer, cfg.projector_hidden_dim)
     trained = tensors.get("model", {})
     for param in vlm.projector.get_parameters():

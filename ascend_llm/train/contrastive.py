@@ -192,9 +192,9 @@ def embed_pairs(model, pixels: np.ndarray, input_ids: np.ndarray, mask: np.ndarr
 def evaluate_retrieval(model_dir: str, images: str, ks=(1, 5, 10), on_bad_record: str = "error") -> dict:
     """Recall@k of a CLIP/SigLIP directory or a contrastive run/checkpoint on the pairs of `images` (JSON Lines)."""
     from ascend_llm.data.images import load_pairs, read_image_records
-    from ascend_llm.interop.vision import load_vision_model
+    from ascend_llm.interop.source import open_model
 
-    source = load_vision_model(Path(model_dir))
+    source = open_model(model_dir, vision=True)
     records = read_image_records(images, on_bad_record)
     pixels = load_pairs(records, source.preprocess)
     ids, mask = source.tokenize(records.captions)

@@ -25,7 +25,7 @@ def fixture(request):
         pytest.skip(f"shared fixture absent: {root}")
     from ascend_llm.interop.source import open_model
 
-    source = open_model(root)
+    source = open_model(root, vision=True)
     golden = load_file(str(FIXTURES / f"{request.param}.golden.safetensors"))
     meta = json.loads((FIXTURES / f"{request.param}.golden.json").read_text())
     return request.param, source, golden, meta
@@ -85,6 +85,15 @@ def test_losses_equal_transformers_and_the_paper(fixture):
         value = float(siglip_loss(logits).asnumpy())
         assert abs(value - meta["loss"]) < 1e-5
         assert abs(value - meta["sigmoid_loss_paper_formula"]) < 1e-5
+
+
+def test_text_verbs_refuse_a_dual_encoder_in_one_line():
+    from ascend_llm.interop.source import open_model
+
+    if not (FIXTURES / "siglip_tiny").is_dir():
+        pytest.skip("shared fixtures absent")
+    with pytest.raises(InteropError, match="image-text dual encoder"):
+        open_model(FIXTURES / "siglip_tiny")
 
 
 def test_unsupported_config_is_one_error_naming_the_key(tmp_path):

@@ -22,7 +22,7 @@ def vlm():
     from ascend_llm.interop.source import open_model
     from ascend_llm.models.vlm import VisionLanguageModel
 
-    vision, llm = open_model(FIXTURES / "clip_tiny"), open_model(FIXTURES / "qwen2_tied")
+    vision, llm = open_model(FIXTURES / "clip_tiny", vision=True), open_model(FIXTURES / "qwen2_tied")
     model = VisionLanguageModel(vision.model.vision, llm.model, select_layer=-2, seed=1)
     model.set_train(False)
     pixels = np.stack([vision.preprocess.load(FIXTURES / "images" / name) for name in ("chelsea.png", "rocket.png")])
