@@ -125,3 +125,33 @@ def test_prompt_tokens_are_masked_text_and_chat(pairs_file):
             if data == text:  # both rows share the prompt's ids (tokenized apart from the response)
                 prompt = tok.encode(PAIRS[row][0], False)
                 assert tokens[k][:len(prompt)].tolist() == prompt == tokens[k + len(PAIRS)][:len(prompt)].tolist()
+
+
+def test_chat_prompt_with_earlier_answers_scores_only_the_response(pairs_file):
+    """A multi-turn prompt (an earlier assistant answer included) under Qwen3's official template: only the
+    response's tokens are scored, not the earlier answer."""
+    from ascend_llm.data.preference import PairEncoder
+    from ascend_llm.tokenizer.hf import HFTokenizer
+
+    tok = HFTokenizer(FIXTURES / "qwen3_qknorm")
+    tok.chat_template = (Path(__file__).parent / "data" / "chat_templates" / "qwen3_official.jinja").read_text()
+    prompt = [{"role": "user", "content": "上句"}, {"role": "assistant", "content": "床前明月光"},
+              {"role": "user", "content": "下句"}]
+    (ids, flags), _ = PairEncoder(tok, tok.tokenizer.token_to_id("<|im_end|>")).encode(
+        {"prompt": prompt, "chosen": "疑是地上霜", "rejected": "黃河入海流"})
+    assert tok.decode([i for i, f in zip(ids, flags) if f]) == "<think>\n\n</think>\n\n疑是地上霜<|im_end|>\n"
+
+
+@pytest.mark.parametrize("override,field", [
+    ("parallel.tensor_parallel_degree=2", "parallel.tensor_parallel_degree"),
+    ("objective.preference.reference=adapters_off", "objective.preference.reference")])
+def test_unsupported_setups_are_refused_in_one_line(pairs_file, override, field):
+    from ascend_llm.errors import ConfigError
+    from ascend_llm.train.preference import build_objective
+
+    folder, data = pairs_file
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_objective(_recipe(folder, data, "unused", override, "cluster=cpu_2proc"
+                                if "tensor" in override else "train.seed=0"), None)
+    with pytest.raises(ConfigError, match=r"objective\.preference\.label_smoothing"):
+        _recipe(folder, data, "unused", "objective.preference.loss=ipo", "objective.preference.label_smoothing=0.1")
