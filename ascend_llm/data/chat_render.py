@@ -9,7 +9,8 @@ added special tokens: the ids transformers' `apply_chat_template(..., tokenize=T
   the reasoning block of earlier turns) still works and earlier turns keep their labels as the whole rendering
   writes them:
   start = length of the common prefix of the whole text and the rendering of the turns before it with the
-  generation prompt (the role header is not learned);
+  generation prompt (the role header is not learned); the rendering of those turns without the generation prompt
+  must be a prefix of the whole text (a template that moves text into the last user turn is refused);
   content end = where a sentinel appended to the turn's content lands in the whole rendering;
   end = content end + what the template writes after the content when this turn is the last one, as far as the
   whole rendering writes the same (the end-of-turn token is learned; the next turn's header is not).
@@ -51,6 +52,10 @@ def _marked(messages: list[dict], i: int) -> list[dict]:
 def _turn_span(tokenizer, messages: list[dict], i: int, full: str, tools) -> tuple[int, int]:
     """(start, end) character span of assistant turn i in `full` (module doc)."""
     head = _render(tokenizer, messages[:i], True, tools) if i else ""
+    if i and not full.startswith(_render(tokenizer, messages[:i], False, tools)):
+        raise BadRecord("template", f"the chat template writes the turns before turn {i} differently when they end "
+                        "the conversation (e.g. a system prompt in the last user turn), so the prompt of turn "
+                        f"{i} cannot be told apart from its answer")
     start = _common_prefix(full, head)
     marked_full = _render(tokenizer, _marked(messages, i), False, tools)
     marked_last = _render(tokenizer, _marked(messages[:i + 1], i), False, tools)

@@ -156,3 +156,22 @@ def test_small_sft_set_still_validates(tmp_path):
     assert rows.tolist() == [dataset.num_train] * 4
     x, y = dataset.batch(rows)
     assert x.shape == (4, 64) and np.all(x == x[0])
+
+
+def test_template_that_moves_the_system_prompt_into_the_last_user_turn_is_refused():
+    """Mistral-style: the system prompt is written into the last user turn, so the turns before an earlier
+    answer render differently in the whole conversation; locating that answer by a common prefix would start
+    its labels inside the user's prompt. Refused instead."""
+    from ascend_llm.data.chat_render import render_with_labels
+    from ascend_llm.data.records import BadRecord, record_conversation
+
+    tok = _tokenizer("qwen2_tied", "chatml")
+    tok.chat_template = ("{% set sys = messages[0].content if messages[0].role == 'system' else '' %}"
+                         "{% for m in messages %}{% if m.role == 'user' %}[INST] {% if loop.last or loop.index0 == "
+                         "messages|length - 2 %}{{ sys }} {% endif %}{{ m.content }} [/INST]{% elif m.role == "
+                         "'assistant' %}{{ m.content }}</s>{% endif %}{% endfor %}")
+    with pytest.raises(BadRecord, match="last user turn") as info:
+        render_with_labels(tok, record_conversation(CONVS["two_turns_system"]))
+    assert info.value.reason == "template"
+    ids, flags = render_with_labels(tok, record_conversation(CONVS["one_turn"]))  # one turn: no ambiguity
+    assert tok.decode([i for i, f in zip(ids, flags) if f]) == CONVS["one_turn"]["messages"][1]["content"] + "</s>"
