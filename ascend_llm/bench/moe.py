@@ -87,7 +87,7 @@ def step_functions(moe_cfg, dense_cfg, tokens, labels):
         return lambda: grad(x)[0]
 
     return {"model": (model_step(moe_cfg), model_step(dense_cfg)),
-            "ffn layer": (layer_step(MoEFeedForward(moe_cfg)), layer_step(FeedForward(dense_cfg.dim,
+            "ffn layer": (layer_step(MoEFeedForward(moe_cfg, FeedForward)), layer_step(FeedForward(dense_cfg.dim,
                                                                                      dense_cfg.ffn_hidden_dim)))}
 
 

@@ -208,7 +208,7 @@ class TransformerBlock(nn.Cell):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_sparse = cfg.is_sparse_layer(index)
-        self.feed_forward = build_feed_forward(cfg, index)
+        self.feed_forward = build_feed_forward(cfg, index, FeedForward)
 
     def construct(self, x, cos, sin, segment_ids=None):
         """x (B, S, dim), cos/sin RoPE tables, segment_ids (B, S) int32 or None -> (B, S, dim), x's dtype."""

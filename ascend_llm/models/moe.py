@@ -202,17 +202,16 @@ class GroupedExperts(nn.Cell):
 class MoEFeedForward(nn.Cell):
     """The sparse layer's feed-forward: routed experts (+ Qwen2-MoE's gated shared expert); see the module docstring."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dense: type):
+        """dense: the dense SwiGLU cell class (models/llama.py FeedForward), for Qwen2-MoE's shared expert."""
         super().__init__()
-        from ascend_llm.models.llama import FeedForward
-
         self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, \
             cfg.norm_topk_prob
         self.router = Router(cfg.dim, cfg.num_experts)
         self.experts = GroupedExperts(cfg.num_experts, cfg.dim, cfg.moe_ffn_hidden_dim)
         self.has_shared = cfg.shared_expert_ffn_hidden_dim > 0
         if self.has_shared:
-            self.shared_expert = FeedForward(cfg.dim, cfg.shared_expert_ffn_hidden_dim)
+            self.shared_expert = dense(cfg.dim, cfg.shared_expert_ffn_hidden_dim)
             self.shared_expert_gate = nn.Dense(cfg.dim, 1, has_bias=False)
 
     def routed(self, x):
@@ -242,13 +241,12 @@ class MoEFeedForward(nn.Cell):
         return ops.stack((counts, probs.sum(0), z_sum))
 
 
-def build_feed_forward(cfg: ModelConfig, index: int) -> nn.Cell:
-    """Layer `index`'s feed-forward: MoEFeedForward when cfg.is_sparse_layer(index), else the dense SwiGLU."""
-    from ascend_llm.models.llama import FeedForward
-
+def build_feed_forward(cfg: ModelConfig, index: int, dense: type) -> nn.Cell:
+    """Layer `index`'s feed-forward: MoEFeedForward when cfg.is_sparse_layer(index), else dense(dim, ffn_hidden_dim)
+    (dense: models/llama.py FeedForward, passed in so that this module does not import llama.py)."""
     if cfg.is_sparse_layer(index):
-        return MoEFeedForward(cfg)
-    return FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+        return MoEFeedForward(cfg, dense)
+    return dense(cfg.dim, cfg.ffn_hidden_dim)
 
 
 def moe_aux_loss(stats, num_tokens: int, num_experts: int, aux_coef: float, z_coef: float):
