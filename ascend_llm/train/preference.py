@@ -91,15 +91,18 @@ SHARED_STATE = ("_params", "_buffers", "training", "mixed_precision_type", "_amp
 
 
 def adapters_off_view(model: nn.Cell) -> nn.Cell:
-    """A cell computing `model` with every LoRA adapter off: containers are shallow copies whose LoRA cells are
-    replaced by their (frozen) base cells; every parameter is shared with `model`, none is copied."""
-    from ascend_llm.models.lora import LoraDense
+    """A cell computing `model` with every LoRA adapter off: containers are fresh cells of the same class whose
+    adapter cells (models/lora.py LoraDense, models/moe.py GroupedLora: a frozen `base` plus lora_a/lora_b) are
+    replaced by their base cells; every parameter is shared with `model`, none is copied."""
+
+    def is_adapter(cell) -> bool:
+        return isinstance(getattr(cell, "base", None), nn.Cell) and hasattr(cell, "lora_a") and hasattr(cell, "lora_b")
 
     def holds_lora(cell) -> bool:
-        return any(isinstance(c, LoraDense) for _, c in cell.cells_and_names())
+        return any(is_adapter(c) for _, c in cell.cells_and_names())
 
     def view(cell):
-        if isinstance(cell, LoraDense):
+        if is_adapter(cell):
             return cell.base
         if not holds_lora(cell):
             return cell

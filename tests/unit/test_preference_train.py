@@ -155,3 +155,34 @@ def test_unsupported_setups_are_refused_in_one_line(pairs_file, override, field)
                                 if "tensor" in override else "train.seed=0"), None)
     with pytest.raises(ConfigError, match=r"objective\.preference\.label_smoothing"):
         _recipe(folder, data, "unused", "objective.preference.loss=ipo", "objective.preference.label_smoothing=0.1")
+
+
+def test_adapters_off_view_is_the_base_model_for_dense_and_expert_lora():
+    """The reference view of a LoRA model (dense LoraDense and MoE GroupedLora adapters, made non-zero) computes
+    exactly the model before LoRA, while sharing every parameter with the adapted model."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from ascend_llm.models import build_model
+    from ascend_llm.train.build import build_converters
+    from ascend_llm.train.preference import adapters_off_view
+
+    recipe = compose_recipe(["model=debug_moe", "lora.enabled=true", "lora.rank=4", "lora.targets=[wq,w1,w2,w3]"])
+    model = build_model(recipe.model, seed=0)
+    model.return_aux_loss = False
+    tokens = Tensor(np.random.default_rng(0).integers(0, 100, (2, 16)).astype(np.int32))
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        before = model(tokens).asnumpy()
+        model = build_converters(recipe).convert(model)
+        rng = np.random.default_rng(1)
+        for param in model.trainable_params():
+            if "lora_b" in param.name:
+                param.set_data(Tensor(rng.normal(0, 0.5, param.shape).astype(np.float32)))
+        view = adapters_off_view(model)
+        np.testing.assert_array_equal(view(tokens).asnumpy(), before)
+        assert np.abs(model(tokens).asnumpy() - before).max() > 0.1
+        assert {id(p) for p in view.get_parameters()} <= {id(p) for p in model.get_parameters()}
+    finally:
+        ms.set_context(mode=mode)
