@@ -235,7 +235,9 @@ def gradient_terms(lay: Layout) -> list[Term]:
     """Gradients by phase. The backward graph returns one micro-batch's full gradient (P * pb, at the end of the
     backward). ZeRO-2 reduce-scatters it inside that graph (train/step.py), so only float32 shards,
     S = 4 * sum ceil(n/d), leave it and accumulate (ZeRO sec. 5, P_os+g); stages 0/1 accumulate full gradients
-    (the new sum is written beside the old one and the micro-batch's gradients)."""
+    (the new sum is written beside the old one and the micro-batch's gradients). The reduce-scatters are chained
+    in the backward's order (parallel/zero.py), so a scheduler may free each full gradient early; not counted
+    (unmeasured): the whole gradient is planned at the end of the backward."""
     t, d, z = lay.tensor_parallel_degree, zero_degree(lay), lay.zero_stage
     p, pb = parameters_per_device(lay.model, t, lay.expert_parallel_degree), lay.param_bytes
     shards = 4 * sharded_elements(lay.model, t, d, True, lay.expert_parallel_degree)

@@ -164,10 +164,14 @@ class ZeroAdamW(nn.Cell):
             return self._slices(grads)
         flats = each(_padded_flat, self.pads, grads)
         shards, previous = (), None
-        for i in range(len(self.params)):
+        # last parameter first: roughly the order the backward produces the gradients (output head first,
+        # embedding last), so the chain does not hold every reduce-scatter until the embedding's gradient exists
+        count = len(self.params)
+        for j in range(count):
+            i = count - 1 - j
             flat = flats[i] if previous is None else ops.depend(flats[i], previous)
             previous = self.scatter(flat)
-            shards = shards + (previous,)
+            shards = (previous,) + shards
         return each(ops.partial(_scaled_f32, self.grad_scale), shards)
 
     def shards_finite(self, shards):
