@@ -102,6 +102,9 @@ class DualEncoderConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     projection_dim: int = 32
+    # own: the CLIP/SigLIP text tower of `text`; llm: the run's LLM (model group, or model.pretrained) pooled at the
+    # last real token of each caption (models/clip.py LLMTextTower), trained with the rest
+    text_tower: str = "own"
     loss: str = "clip"
     logit_scale_init: float = 2.6592
     logit_bias_init: float = -10.0
@@ -112,6 +115,10 @@ class DualEncoderConfig:
         self.vision.validate(f"{prefix}.vision")
         self.text.validate(f"{prefix}.text")
         one_of(f"{prefix}.loss", self.loss, LOSSES)
+        one_of(f"{prefix}.text_tower", self.text_tower, ("own", "llm"))
+        if self.text_tower == "llm" and self.projection_dim == 0:
+            raise ConfigError(f"{prefix}.projection_dim", 0, "must be > 0 with text_tower=llm (the LLM's width and "
+                                                             "the image's differ)")
         non_negative(f"{prefix}.projection_dim", self.projection_dim)
         if self.projection_dim == 0 and self.text.head_dim_out != self._image_dim():
             raise ConfigError(f"{prefix}.projection_dim", 0, f"needs text.head_dim_out == the image embedding width "

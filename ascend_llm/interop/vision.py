@@ -173,6 +173,7 @@ class VisionSource:
     pad_to: int = 0
     weight_files: list[Path] = field(default_factory=list)
     kind: str = "vision"
+    llm_config: object = None  # the LLM text tower's ModelConfig (dual_encoder.text_tower=llm), to rebuild it
 
     @property
     def name(self) -> str:
@@ -189,12 +190,20 @@ class VisionSource:
         return tokenize_captions(self.tokenizer, texts, text.eos_token_id, text.pad_token_id,
                                  width or self.pad_to, text.max_seq_len, where)
 
-    def build_model(self):
-        """A DualEncoder of `config` (training mode) with `weights` assigned when there are any."""
+    def build_model(self, llm=None):
+        """A DualEncoder of `config` (training mode) with `weights` assigned when there are any. With
+        text_tower=llm its text tower is `llm` (a Transformer) or one built from llm_config."""
         from ascend_llm.interop.hf_files import assign_weights
-        from ascend_llm.models.clip import DualEncoder
+        from ascend_llm.models.clip import DualEncoder, LLMTextTower
 
-        model = DualEncoder(self.config)
+        text = None
+        if self.config.text_tower == "llm":
+            if llm is None:
+                from ascend_llm.models.llama import build_model
+
+                llm = build_model(self.llm_config)
+            text = LLMTextTower(llm)
+        model = DualEncoder(self.config, text)
         if self.weights is not None:
             assign_weights(model, self.weights, source=str(self.path))
         return model
@@ -272,7 +281,7 @@ def scratch_source(cfg, data) -> VisionSource:
     tokenizer = _tokenizer(Path(data.tokenizer).parent, files)
     dual = copy.deepcopy(cfg.dual_encoder)
     dual.text.eos_token_id = dual.text.pad_token_id = int(eos_id)
-    if tokenizer.vocab_size > dual.text.vocab_size:
+    if dual.text_tower == "own" and tokenizer.vocab_size > dual.text.vocab_size:
         raise ConfigError("objective.multimodal.dual_encoder.text.vocab_size", dual.text.vocab_size,
                           f"must be >= the tokenizer's {tokenizer.vocab_size} ids")
     size = dual.vision.image_size
@@ -324,6 +333,7 @@ def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights
     trained tensors (`dual.` prefix dropped), its tokenizer.json."""
 
     from ascend_llm.config.data import DataConfig
+    from ascend_llm.errors import CheckpointError
     from ascend_llm.store.checkpoints import checkpoint_config
 
     run = checkpoint_config(meta)
@@ -332,6 +342,13 @@ def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights
     if not cfg.pretrained:
         data.tokenizer = str(step / "tokenizer.json")
     source = open_vision_text(cfg, data)
+    if cfg.dual_encoder.text_tower == "llm":
+        from ascend_llm.config.model import ModelConfig
+
+        if (run.get("lora") or {}).get("enabled"):
+            raise CheckpointError(str(step), "lora", "a contrastive run with a LoRA-adapted LLM text tower is not "
+                                                     "opened here yet")
+        source.llm_config = _recorded(ModelConfig, run.get("model"))
     source.path, source.kind = step, "checkpoint"
     source.weight_files = sorted(step.glob("*.safetensors"))
     if weights:

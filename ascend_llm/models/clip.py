@@ -72,13 +72,37 @@ class TextTower(nn.Cell):
         return h, pooled
 
 
+class LLMTextTower(nn.Cell):
+    """A decoder-only LLM (models/llama.py Transformer, dense) as a text tower: input_ids (B, T) int32,
+    attention_mask (B, T) int32 (right padding) -> (hidden (B, T, dim) after the final norm, pooled (B, dim)) float32,
+    pooled at the last real token (causal, so the whole caption has been read there; right padding changes
+    nothing before it). out_dim: the LLM's width."""
+
+    def __init__(self, llm: nn.Cell):
+        super().__init__()
+        self.llm = llm
+        self.out_dim = llm.cfg.dim
+
+    def construct(self, input_ids, attention_mask):
+        seq = input_ids.shape[1]
+        cos, sin = self.llm.rope_cos[:seq], self.llm.rope_sin[:seq]
+        h = self.llm.tok_embeddings(input_ids)
+        for layer in self.llm.layers:
+            h = layer(h, cos, sin, None)
+        h = self.llm.norm(h).astype(mstype.float32)
+        last = attention_mask.astype(mstype.int32).sum(-1) - 1
+        onehot = ops.one_hot(last, seq, Tensor(1.0, mstype.float32), Tensor(0.0, mstype.float32))
+        return h, (h * onehot.reshape(onehot.shape[0], seq, 1)).sum(1)
+
+
 def l2_normalize(x):
     """x / ||x||_2 over the last axis, no epsilon (as transformers' CLIP/SigLIP)."""
     return x / ops.sqrt((x * x).sum(-1, keepdims=True))
 
 
 class DualEncoder(nn.Cell):
-    """Image and text towers with projections into a shared space.
+    """Image and text towers with projections into a shared space (`text`: another text tower cell, e.g.
+    LLMTextTower, instead of cfg.text's).
 
     construct(pixel_values (B, C, S, S) float32, input_ids (B', T) int32, attention_mask (B', T) int32) ->
     (image_embeds (B, D), text_embeds (B', D)) L2-normalised float32. Parameters `logit_scale` (log of the
@@ -86,15 +110,15 @@ class DualEncoder(nn.Cell):
     logits_per_text = exp(logit_scale) * text_embeds @ image_embeds^T (+ logit_bias for SigLIP): see `logits`.
     """
 
-    def __init__(self, cfg: DualEncoderConfig):
+    def __init__(self, cfg: DualEncoderConfig, text: nn.Cell | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.vision = VisionTower(cfg.vision, cfg.seed)
-        self.text = TextTower(cfg.text, cfg.seed + 1)
+        self.text = TextTower(cfg.text, cfg.seed + 1) if text is None else text
         self.has_projection = cfg.projection_dim > 0
         if self.has_projection:
-            text_out = cfg.text.head_dim_out or cfg.text.dim
+            text_out = getattr(self.text, "out_dim", 0) or cfg.text.head_dim_out or cfg.text.dim
             self.visual_projection = nn.Dense(cfg.vision.dim, cfg.projection_dim, has_bias=False)
             self.text_projection = nn.Dense(text_out, cfg.projection_dim, has_bias=False)
             rng = np.random.default_rng(cfg.seed + 2)

@@ -102,6 +102,8 @@ class ContrastiveObjective(Objective):
 
         self.recipe, self.cfg = recipe, recipe.objective.multimodal
         self.text = open_vision_text(self.cfg, recipe.data)
+        if self.cfg.dual_encoder.text_tower == "llm":
+            check_llm_tower(self.cfg, self.text.tokenizer.vocab_size, recipe.model)
         self.loss_fn = clip_loss if self.text.config.loss == "clip" else siglip_loss
 
     def build_data(self, recipe, main_rank: bool):
@@ -110,10 +112,12 @@ class ContrastiveObjective(Objective):
         return [self.text.corpus(recipe.data.cache_dir, int(dataset.attention_mask.sum()), self.cfg.images)], dataset
 
     def wrap_model(self, model: nn.Cell) -> nn.Cell:
-        """A DualEncoder (pretrained weights when configured) wrapped for the gather; the LLM is not trained."""
+        """A DualEncoder (pretrained weights when configured) wrapped for the gather. The LLM is its text tower with
+        dual_encoder.text_tower=llm (after its converters: LoRA trains adapters only), else it is not trained."""
         from ascend_llm.parallel.comm import world_group
 
-        return ContrastiveModel(self.text.build_model(), world_group() if self.cfg.gather_features else None)
+        llm = model if self.cfg.dual_encoder.text_tower == "llm" else None
+        return ContrastiveModel(self.text.build_model(llm), world_group() if self.cfg.gather_features else None)
 
     def read(self, dataset, rows: np.ndarray, with_segments: bool) -> tuple[np.ndarray, ...]:
         return dataset.pixels[rows], dataset.input_ids[rows], dataset.attention_mask[rows]
@@ -122,6 +126,20 @@ class ContrastiveObjective(Objective):
         image, text = model(*batch)
         logits = model.dual.logits(image, text)
         return self.loss_fn(logits), (ops.exp(model.dual.logit_scale).reshape(()), batch_accuracy(logits))
+
+
+def check_llm_tower(cfg, vocab: int, model) -> None:
+    """ConfigError naming the field when the run's LLM cannot be the text tower: combined with a whole pretrained
+    CLIP/SigLIP, a tokenizer larger than its vocabulary, captions longer than its positions."""
+    if cfg.pretrained:
+        raise ConfigError("objective.multimodal.dual_encoder.text_tower", "llm", "takes the run's LLM; "
+                          "objective.multimodal.pretrained (a whole CLIP/SigLIP) cannot be combined with it")
+    if vocab > model.vocab_size:
+        raise ConfigError("model.vocab_size", model.vocab_size, f"must be >= the tokenizer's {vocab} ids")
+    width = cfg.dual_encoder.text.max_seq_len
+    if width > model.max_seq_len:
+        raise ConfigError("objective.multimodal.dual_encoder.text.max_seq_len", width,
+                          f"must fit the LLM's max_seq_len {model.max_seq_len}")
 
 
 def build_image_dataset(cfg, text, seed: int):
