@@ -58,6 +58,10 @@ class ImagePreprocessor:
             raise InteropError(str(file), type(raw).__name__, "must be a JSON object")
         known = {f for f in cls.__dataclass_fields__}
         out = cls(**{k: v for k, v in raw.items() if k in known})
+        if isinstance(out.size, int):  # older configs: an int is the shortest edge (transformers' get_size_dict)
+            out.size = {"shortest_edge": out.size}
+        if isinstance(out.crop_size, int):
+            out.crop_size = {"height": out.crop_size, "width": out.crop_size}
         size = out.size if isinstance(out.size, dict) else {}
         if not (isinstance(size.get("shortest_edge"), int) or
                 (isinstance(size.get("height"), int) and isinstance(size.get("width"), int))):

@@ -254,7 +254,10 @@ def _from_hf(root: Path, build: bool, weights: bool) -> VisionSource:
 
     cfg = dual_encoder_config(read_config(root), str(root / "config.json"))
     files = weight_files(root) if weights else []
-    source = VisionSource(cfg.loss, root, cfg, weight_files=files, tokenizer=_tokenizer(root),
+    tokenizer = _tokenizer(root)
+    if tokenizer is not None and tokenizer.pad_token_id is not None:  # what transformers pads with (openai CLIP
+        cfg.text.pad_token_id = int(tokenizer.pad_token_id)          # configs say 1, their tokenizers 49407)
+    source = VisionSource(cfg.loss, root, cfg, weight_files=files, tokenizer=tokenizer,
                           preprocess=ImagePreprocessor.from_dir(root, cfg.vision.image_size),
                           pad_to=cfg.text.max_seq_len if cfg.loss == "siglip" else 0)
     if weights:

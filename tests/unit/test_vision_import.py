@@ -123,3 +123,16 @@ def test_bad_records_name_file_line_and_field_or_are_counted(tmp_path):
     records = read_image_records(file, on_bad_record="skip")
     assert records.captions == ["a square", "a square again"]
     assert dict(records.skipped) == {"image": 2, "caption": 1, "json": 1}
+
+
+def test_older_preprocessor_configs_with_int_sizes(tmp_path):
+    from ascend_llm.data.images import ImagePreprocessor
+
+    if not (FIXTURES / "clip_tiny").is_dir():
+        pytest.skip("shared fixtures absent")
+    raw = json.loads((FIXTURES / "clip_tiny" / "preprocessor_config.json").read_text())
+    raw.update(size=32, crop_size=32)  # openai/clip-vit-*: ints, read as shortest edge and a square crop
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(raw))
+    old = ImagePreprocessor.from_dir(tmp_path, 32).load(FIXTURES / "images" / "coffee.png")
+    new = ImagePreprocessor.from_dir(FIXTURES / "clip_tiny", 32).load(FIXTURES / "images" / "coffee.png")
+    np.testing.assert_array_equal(old, new)
