@@ -186,6 +186,10 @@ class VisionSource:
         text is longer than the tower's positions."""
         from ascend_llm.data.images import tokenize_captions
 
+        if self.tokenizer is None:
+            raise InteropError(str(self.path / "tokenizer.json"), "missing", "captions need the model's tokenizer.json "
+                                                                             "(a sentencepiece-only directory: convert "
+                                                                             "it with transformers' save_pretrained)")
         text = self.config.text
         return tokenize_captions(self.tokenizer, texts, text.eos_token_id, text.pad_token_id,
                                  width or self.pad_to, text.max_seq_len, where)
