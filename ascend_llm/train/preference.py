@@ -17,9 +17,10 @@ rewards/margins, rewards/accuracies (share of pairs with chosen reward > rejecte
 
 The reference: `adapters_off` (LoRA) runs the same weights without adapters in the same compiled step (a view of
 the model whose LoRA cells are replaced by their frozen base cells: no second copy of any weight); `cached`
-computes reference log-probabilities once with the initial model (every rank, before training) and stores them
-in a file named by a hash of the model's weights and config, the precision, and the prepared pairs (data files,
-tokenizer, chat template, seq_len), so any mismatch finds no file and recomputes.
+computes reference log-probabilities once with the initial model (before training, the batches shared out over the
+data-parallel ranks and the shares summed) and stores them in a file named by a hash of the model's weights and
+config, the precision, and the prepared pairs (data files, tokenizer, chat template, seq_len), so any mismatch
+finds no file and recomputes.
 Layouts: data parallel and ZeRO; tensor parallel is refused (per-sequence log-probabilities of vocab-parallel
 logits are not implemented); context parallel is refused by the trainer (pairs are not split along the sequence).
 """
@@ -179,22 +180,31 @@ class PreferenceObjective(Objective):
                        logp[b:].mean(), nll_w.mean())
 
 
-def reference_logps(model: nn.Cell, dataset, rows_per_batch: int) -> np.ndarray:
+def reference_logps(model: nn.Cell, dataset, rows_per_batch: int, group=None) -> np.ndarray:
     """(num pairs, 2) float32 summed log-probabilities of every pair's chosen and rejected response under `model`
-    (in pairs.npz order), in batches of rows_per_batch pairs (the last one padded by repeating rows)."""
+    (in pairs.npz order), in batches of rows_per_batch pairs (the last one padded by repeating rows). With a
+    parallel.comm Group of size > 1 (data-parallel ranks, every one holding the whole model), batch b is computed
+    by rank b mod size (every rank runs the same number of forwards) and the shares are summed over the group."""
     def logps_of(x, y):
         return sequence_logps(_logits(model(x)), y)[0]
 
     forward = ms.jit(logps_of)
     total = dataset.num_train + dataset.num_val
+    size, rank = (group.size, group.rank) if group is not None else (1, 0)
+    num_batches = -(-total // rows_per_batch)
     out = np.zeros((total, 2), np.float32)
-    for start in range(0, total, rows_per_batch):
+    for batch in range(rank, -(-num_batches // size) * size, size):
+        start = (batch % num_batches) * rows_per_batch  # a rank past the last batch recomputes one, unused
         rows = np.arange(start, start + rows_per_batch) % total
-        tokens, labels = dataset.arrays(rows)
-        values = forward(Tensor(tokens), Tensor(labels)).asnumpy()
-        take = min(rows_per_batch, total - start)
-        out[dataset.pair_ids[start:start + take], 0] = values[:take]
-        out[dataset.pair_ids[start:start + take], 1] = values[rows_per_batch:rows_per_batch + take]
+        values = forward(*(Tensor(a) for a in dataset.arrays(rows))).asnumpy()
+        if batch < num_batches:
+            take = min(rows_per_batch, total - start)
+            out[dataset.pair_ids[start:start + take], 0] = values[:take]
+            out[dataset.pair_ids[start:start + take], 1] = values[rows_per_batch:rows_per_batch + take]
+    if size > 1:
+        from ascend_llm.parallel.comm import all_reduce
+
+        out = all_reduce(Tensor(out), group).asnumpy()
     return out
 
 
@@ -216,8 +226,8 @@ def reference_key(model: nn.Cell, prepared, recipe) -> str:
 
 def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool = True) -> np.ndarray:
     """The reference log-probabilities (num pairs, 2) of the initial model: read from
-    <cache_dir>/<reference_key>.npy when it is there and fits, else computed (every rank) and written by the
-    main process (store.files.write_file_atomic)."""
+    <cache_dir>/<reference_key>.npy when it is there and fits, else computed (every rank a share) and written by
+    the main process (store.files.write_file_atomic)."""
     from ascend_llm.store.files import write_file_atomic
 
     cfg = recipe.objective.preference
@@ -234,7 +244,9 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
             pass
         logger.warning("preference: %s does not fit these pairs; computing the reference again", path)
     micro = recipe.train.global_batch_size // recipe.train.grad_accum_steps // recipe.parallel.data_parallel_degree
-    values = reference_logps(model, dataset, max(micro, 1))
+    from ascend_llm.parallel.comm import world_group
+
+    values = reference_logps(model, dataset, max(micro, 1), world_group())  # tensor/context parallel are refused
     if main_rank:
         buffer = io.BytesIO()
         np.save(buffer, values)
