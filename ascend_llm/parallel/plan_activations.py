@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ascend_llm.parallel.plan_memory import Term, kv_heads_per_device
+from ascend_llm.parallel.plan_terms import Term, kv_heads_per_device
 
 KOR = "Korthikanti et al. 2022"
 FA_STATS_BYTES_PER_HEAD = 64  # softmax_max + softmax_sum: 2 x float32 x 8 per head and query token

@@ -28,36 +28,20 @@ from typing import Any, Optional
 
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.plan_moe import is_moe, moe_activation_terms, sparse_ffn_sizes
+from ascend_llm.parallel.plan_terms import (  # noqa: F401 (re-exported: plan.py, plan_time.py, tests)
+    ALWAYS,
+    GIB,
+    MIB,
+    OUTSIDE_POOL,
+    PHASES,
+    Term,
+    kv_heads_per_device,
+)
 
-GIB = 2**30
-MIB = 2**20
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Stated fragmentation headroom: the caching pool cannot pack tensors perfectly; planned as this fraction of
 # the pool's peak (the figure MindSpore/PyTorch practitioners allow; not measured here).
 FRAGMENTATION_FRACTION = 0.10
-# Phases of a step. ALWAYS terms live through the whole step; of the others only the largest phase adds to the
-# peak: activations are freed layer by layer as the backward produces the gradients (the memory pool frees a
-# tensor at its last use), so the step's peak is at the start of the backward (everything the forward kept,
-# the logits and their gradient) or at its end (the whole gradient beside the last layer's activations), or
-# in the accumulation or the update that follow.
-ALWAYS, OUTSIDE_POOL = "always", "outside the pool"
-PHASES = ("backward start", "backward end", "accumulation", "update")
-
-
-@dataclass(frozen=True)
-class Term:
-    """One memory term: bytes per device, the formula that gave it, where the formula comes from."""
-
-    name: str
-    bytes: float
-    formula: str
-    source: str
-    phase: str = ALWAYS
-
-    @property
-    def gib(self) -> float:
-        """The term in GiB (bytes / 2**30)."""
-        return self.bytes / GIB
 
 
 @dataclass
@@ -142,11 +126,6 @@ def parse_memory_size(text: str, field_name: str = "runtime.max_device_memory") 
     if not match or float(match.group(1)) <= 0:
         raise ConfigError(field_name, text, 'must be a size like "58GB" or "512MB"')
     return float(match.group(1)) * (GIB if match.group(2) == "GB" else MIB)
-
-
-def kv_heads_per_device(model: Any, tp: int) -> int:
-    """KV heads a tensor-parallel rank holds: split when tp divides them, else one (replicated) head."""
-    return max(model.num_kv_heads // tp, 1)
 
 
 def parameter_sizes(model: Any, tp: int = 1, ep: int = 1) -> list[int]:
