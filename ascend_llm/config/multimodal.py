@@ -139,7 +139,8 @@ class MultimodalConfig:
     retrieval recall@k. For `objective.name=caption`: vision_pretrained, the frozen vision tower (a CLIP/SigLIP
     directory or a contrastive run); prompt, where `<image>` puts the image tokens; max_caption_tokens, caption
     tokens per pair (EOS excluded); projector_hidden_dim, the projector's hidden width (0: the LLM's dim);
-    select_layer, the vision block whose output is projected (-2, LLaVA's). on_bad_record: `error` (exit 2 naming
+    select_layer, the vision block whose output is projected (-2, LLaVA's); projector_from, a caption run or
+    checkpoint whose projector this run starts from (stage 2, with lora.enabled). on_bad_record: `error` (exit 2 naming
     file and field) or `skip` (counted).
     """
 
@@ -155,6 +156,7 @@ class MultimodalConfig:
     max_caption_tokens: int = 16
     projector_hidden_dim: int = 0
     select_layer: int = -2
+    projector_from: Optional[str] = None
     on_bad_record: str = "error"
 
     def validate(self, prefix: str = "objective.multimodal") -> None:

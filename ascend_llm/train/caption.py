@@ -115,8 +115,12 @@ class CaptionObjective(Objective):
         if not self.recipe.lora.enabled:
             for param in model.get_parameters():
                 param.requires_grad = False
-        return VisionLanguageModel(self.vision.model.vision, model, self.cfg.select_layer,
-                                   self.cfg.projector_hidden_dim, self.recipe.train.seed)
+        vlm = VisionLanguageModel(self.vision.model.vision, model, self.cfg.select_layer,
+                                  self.cfg.projector_hidden_dim, self.recipe.train.seed)
+        if self.cfg.projector_from:  # stage 2: the projector stage 1 trained
+            _, tensors = _caption_checkpoint(self.cfg.projector_from, "objective.multimodal.projector_from")
+            _set_projector(vlm, tensors, self.cfg.projector_from)
+        return vlm
 
     def read(self, dataset, rows: np.ndarray, with_segments: bool) -> tuple[np.ndarray, ...]:
         return dataset.pixels[rows], dataset.input_ids[rows], dataset.attention_mask[rows]
@@ -170,35 +174,50 @@ class VisionLanguageSource:
         return prompt_ids(self.tokenizer, template, self.vlm.num_image_tokens, self.model.cfg.vocab_size)
 
 
-def open_vlm(path: str) -> VisionLanguageSource:
-    """Rebuild a caption run's (or checkpoint's) VLM: its LLM (model.pretrained), vision tower
-    (objective.multimodal.vision_pretrained) and trained projector. CheckpointError / ConfigError name what is
-    missing; a run that trained LoRA adapters (stage 2) is refused (merge them first)."""
+def _caption_checkpoint(path: str, field: str) -> tuple[dict, dict]:
+    """(recorded run config, model tensors) of a caption run's newest valid checkpoint or of a checkpoint;
+    CheckpointError / ConfigError naming `field` otherwise."""
     from ascend_llm.errors import CheckpointError
-    from ascend_llm.interop.source import open_model
-    from ascend_llm.interop.vision import recorded_multimodal
-    from ascend_llm.models.vlm import SplicedEmbedding, VisionLanguageModel
     from ascend_llm.store.checkpoints import STATE_FILE, checkpoint_config, latest_valid_checkpoint, read_checkpoint
 
     root = Path(path).expanduser()
     found = (root, read_checkpoint(root)) if (root / STATE_FILE).is_file() else latest_valid_checkpoint(root)
     if found is None:
-        raise CheckpointError(str(root), "no checkpoint", "--image needs a caption run or checkpoint")
-    step, (meta, tensors) = found
-    run = checkpoint_config(meta)
+        raise CheckpointError(str(root), "no checkpoint", f"{field} needs a caption run or checkpoint")
+    run = checkpoint_config(found[1][0])
     if run.get("objective", {}).get("name") != "caption":
-        raise ConfigError("--image", str(root), "needs a run of objective.name=caption (a vision-language model)")
-    if (run.get("lora") or {}).get("enabled"):
-        raise ConfigError("--image", str(root), "stage-2 runs with LoRA adapters are not opened here yet")
+        raise ConfigError(field, str(root), "needs a run of objective.name=caption (a vision-language model)")
+    return run, found[1][1].get("model", {})
+
+
+def _set_projector(vlm, tensors: dict, where: str) -> None:
+    from ascend_llm.errors import CheckpointError
+
+    for param in vlm.projector.get_parameters():
+        if param.name not in tensors:
+            raise CheckpointError(str(where), param.name, "missing from the checkpoint's model tensors")
+        param.set_data(Tensor(np.asarray(tensors[param.name], np.float32)))
+
+
+def open_vlm(path: str) -> VisionLanguageSource:
+    """Rebuild a caption run's (or checkpoint's) VLM: its LLM (model.pretrained, with a stage-2 run's LoRA
+    adapters merged: W + (alpha / r) B A), vision tower (objective.multimodal.vision_pretrained) and trained
+    projector. CheckpointError / ConfigError name what is missing."""
+    from ascend_llm.interop.hf_files import assign_weights
+    from ascend_llm.interop.source import merge_lora_tensors, open_model
+    from ascend_llm.interop.vision import recorded_multimodal
+    from ascend_llm.models.vlm import SplicedEmbedding, VisionLanguageModel
+
+    run, trained = _caption_checkpoint(path, "--image")
     cfg = recorded_multimodal(run)
     llm = open_model(run["model"]["pretrained"])
+    adapters = {k[len("llm."):] if k.startswith("llm.") else k: v for k, v in trained.items()
+                if not k.startswith("projector.")}
+    if adapters:  # stage 2: LoRA adapters (or other trained LLM tensors) merged into the base weights
+        assign_weights(llm.model, merge_lora_tensors(run, adapters), source=str(path))
     vision = open_model(cfg.vision_pretrained, vision=True)
     vlm = VisionLanguageModel(vision.model.vision, llm.model, cfg.select_layer, cfg.projector_hidden_dim)
-    trained = tensors.get("model", {})
-    for param in vlm.projector.get_parameters():
-        if param.name not in trained:
-            raise CheckpointError(str(step), param.name, "missing from the checkpoint's model tensors")
-        param.set_data(Tensor(np.asarray(trained[param.name], np.float32)))
+    _set_projector(vlm, trained, path)
     vlm.set_train(False)
     llm.model.tok_embeddings = SplicedEmbedding(llm.model.tok_embeddings, vlm.num_image_tokens)
     return VisionLanguageSource(llm.model, llm.tokenizer, llm.eos_token_ids, cfg.prompt, vlm, vision.preprocess)

@@ -104,20 +104,31 @@ def test_first_training_loss_is_transformers_loss(photos, tmp_path, name):
     assert "dual.vision.patch_embedding.weight" in saved and ("dual.logit_bias" in saved) == (name == "siglip_tiny")
 
 
-def test_caption_stage1_trains_the_projector_only(photos, tmp_path):
+def test_caption_stage1_then_stage2_with_lora(photos, tmp_path):
     from safetensors.numpy import load_file
 
     from ascend_llm.compose import compose_recipe
+    from ascend_llm.train.caption import open_vlm
     from ascend_llm.train.trainer import train
 
-    run = tmp_path / "run"
-    train(compose_recipe([*COMMON, "objective=caption", f"model.pretrained={FIXTURES / 'qwen2_tied'}",
-                          f"objective.multimodal.vision_pretrained={FIXTURES / 'clip_tiny'}",
-                          f"objective.multimodal.images={photos}", f"objective.multimodal.val_images={photos}",
-                          "objective.multimodal.prompt='Photo: <image> Caption:'",
-                          "objective.multimodal.max_caption_tokens=16", "train.num_steps=4", "train.val_every=1000",
-                          "train.ckpt_every=4", "optim.lr=1e-2", f"train.output_dir={run}"]))
-    losses = [r["loss"] for r in read_records(run)]
-    assert losses[-1] < losses[0]
-    saved = load_file(str(run / "checkpoints" / "step_00000004" / "model.safetensors"))
+    caption = [*COMMON, "objective=caption", f"model.pretrained={FIXTURES / 'qwen2_tied'}",
+               f"objective.multimodal.vision_pretrained={FIXTURES / 'clip_tiny'}",
+               f"objective.multimodal.images={photos}", f"objective.multimodal.val_images={photos}",
+               "objective.multimodal.prompt='Photo: <image> Caption:'", "objective.multimodal.max_caption_tokens=16",
+               "train.num_steps=4", "train.val_every=4", "train.ckpt_every=4", "optim.lr=1e-2"]
+    one, two = tmp_path / "stage1", tmp_path / "stage2"
+    train(compose_recipe([*caption, f"train.output_dir={one}"]))
+    records = read_records(one)
+    assert records[-1]["loss"] < records[0]["loss"]
+    saved = load_file(str(one / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert sorted(saved) == ["projector.w1.bias", "projector.w1.weight", "projector.w2.bias", "projector.w2.weight"]
+
+    # stage 2 starts from stage 1's projector with LoRA adapters at zero: its first loss (before its update) is
+    # stage 1's validation loss on the same four pairs after its last update
+    train(compose_recipe([*caption, f"objective.multimodal.projector_from={one}", "lora.enabled=true",
+                          "train.num_steps=2", "train.ckpt_every=2", f"train.output_dir={two}"]))
+    assert abs(read_records(two)[0]["loss"] - records[-1]["val_loss"]) < 1e-5
+    adapters = load_file(str(two / "checkpoints" / "step_00000002" / "model.safetensors"))
+    assert any(k.endswith("lora_a") for k in adapters) and "projector.w1.weight" in adapters
+    opened = open_vlm(str(two))  # for generate --image: adapters merged into the base LLM
+    assert opened.model.tok_embeddings.num_image_tokens == 16
