@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="tensor dtype (bf16)")
     parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
     parser.add_argument("--chat-template", help="a jinja2 chat template file to ship with the tokenizer")
+    parser.add_argument("--expert-layout", default="per_expert", choices=["per_expert", "fused"],
+                        help="MoE expert tensors: per_expert (Hub checkpoints) or fused (transformers 5 in memory)")
     args = parser.parse_args(argv)
     from ascend_llm.interop.export import export_hf
     from ascend_llm.interop.source import open_model
@@ -43,6 +45,7 @@ def main(argv: list[str]) -> int:
     source = open_model(args.source, build=False)
     out = export_hf(args.output, source.config, source.weights, dtype=args.dtype, text_files=source.text_files,
                     eos_token_ids=source.eos_token_ids, chat_template=template,
-                    max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, protect=[source.path])
+                    max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, protect=[source.path],
+                    expert_layout=args.expert_layout)
     print(f"wrote {out} ({source.kind} {source.path} -> hf, {args.dtype})")
     return 0

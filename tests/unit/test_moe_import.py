@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, ops
 
+from ascend_llm.cli.main import main as cli_main
 from ascend_llm.errors import InteropError
 from ascend_llm.inference import Engine, SamplingParams
 from ascend_llm.interop.hf_moe import is_expert_tensor, stack_experts
@@ -144,9 +145,16 @@ def test_both_expert_layouts_give_the_same_model(tmp_path):
                                                      for e in experts])
                 out[f"{p}.down_proj"] = np.stack([tensors[f"{p}.{e}.down_proj.weight"] for e in experts])
         other = open_model(_copy_with(root, tmp_path / name, out), build=False)
-        assert sorted(other.weights) == sorted(source.weights)
-        for key, value in source.weights.items():
-            np.testing.assert_array_equal(other.weights[key], value, err_msg=key)
+        layout = "per_expert" if fused else "fused"  # `convert --to hf` writes the other layout, read back too
+        assert cli_main(["convert", str(root), "--to", "hf", "--output", str(tmp_path / layout), "--dtype", "fp32",
+                         "--expert-layout", layout]) == 0
+        converted = open_model(tmp_path / layout, build=False)
+        assert any(k.endswith("gate_up_proj") for k in read_tensors(tmp_path / layout / "model.safetensors")) \
+            == (layout == "fused")
+        for opened in (other, converted):
+            assert sorted(opened.weights) == sorted(source.weights)
+            for key, value in source.weights.items():
+                np.testing.assert_array_equal(opened.weights[key], value, err_msg=key)
 
 
 def test_a_dropped_extra_or_swapped_expert_is_caught(tmp_path):
