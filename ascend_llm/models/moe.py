@@ -191,16 +191,19 @@ class GroupedExperts(nn.Cell):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int):
         super().__init__()
         self.num_experts = num_experts
+        self.compute_dtype = None  # GEMM dtype set by the precision policy (precision/policy.py); None: x's dtype
         self.w1 = GroupedLinear(num_experts, dim, hidden_dim)
         self.w2 = GroupedLinear(num_experts, hidden_dim, dim)
         self.w3 = GroupedLinear(num_experts, dim, hidden_dim)
 
     def construct(self, x, weights, indices):
-        """x (N, H), weights (N, k), indices (N, k) int32 in [0, E) -> (N, H) in x's dtype."""
-        w1 = expert_weight_of(self.w1, self.num_experts)
-        w3 = expert_weight_of(self.w3, self.num_experts)
-        w2 = expert_weight_of(self.w2, self.num_experts)
-        return grouped_swiglu(x, weights, indices, w1.astype(x.dtype), w3.astype(x.dtype), w2.astype(x.dtype))
+        """x (N, H), weights (N, k), indices (N, k) int32 in [0, E) -> (N, H) in x's dtype (computed in
+        compute_dtype when the precision policy set one)."""
+        dtype = x.dtype if self.compute_dtype is None else self.compute_dtype
+        w1 = expert_weight_of(self.w1, self.num_experts).astype(dtype)
+        w3 = expert_weight_of(self.w3, self.num_experts).astype(dtype)
+        w2 = expert_weight_of(self.w2, self.num_experts).astype(dtype)
+        return grouped_swiglu(x.astype(dtype), weights, indices, w1, w3, w2).astype(x.dtype)
 
 
 class MoEFeedForward(nn.Cell):

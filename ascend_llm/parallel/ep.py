@@ -66,6 +66,7 @@ class ExpertParallelExperts(nn.Cell):
     def __init__(self, experts: nn.Cell, group: Group, num_experts: int):
         super().__init__()
         self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
+        self.compute_dtype = experts.compute_dtype  # the precision policy's GEMM dtype, None: x's dtype
         self.size, self.num_local = group.size, num_experts // group.size
         self.exchange = AllToAll(group)
 
@@ -85,10 +86,11 @@ class ExpertParallelExperts(nn.Cell):
         received = self.exchange(ops.concat((send, ids), 1))
         expert = received[:, dim].astype(mstype.int32)
         valid = expert >= 0
-        out = grouped_swiglu(received[:, :dim], valid.astype(x.dtype).reshape(-1, 1),
+        dtype = x.dtype if self.compute_dtype is None else self.compute_dtype
+        out = grouped_swiglu(received[:, :dim].astype(dtype), valid.astype(dtype).reshape(-1, 1),
                              ops.where(valid, expert, ops.zeros_like(expert)).reshape(-1, 1),
-                             self.w1.expert_weight().astype(x.dtype), self.w3.expert_weight().astype(x.dtype),
-                             self.w2.expert_weight().astype(x.dtype))
+                             self.w1.expert_weight().astype(dtype), self.w3.expert_weight().astype(dtype),
+                             self.w2.expert_weight().astype(dtype)).astype(x.dtype)
         back = self.exchange(out)
         y = ops.gather(back, row, 0) * weights.reshape(pairs, 1).astype(x.dtype)
         return y.reshape(num_tokens, top_k, dim).sum(1)

@@ -44,11 +44,15 @@ def is_dense(cell: nn.Cell) -> bool:
 
 
 def layer_kind(cell: nn.Cell) -> str | None:
-    """linear, conv, embedding or norm for the cells a policy can key on; None for containers and others."""
+    """linear, conv, embedding, norm or experts (MoE GroupedExperts) for the cells a policy can key on; None for
+    containers and others."""
     from ascend_llm.models.llama import Embedding, RMSNorm
+    from ascend_llm.models.moe import GroupedExperts
 
     if is_dense(cell):
         return "linear"
+    if isinstance(cell, GroupedExperts):  # MoE experts: their batched GEMMs run in the resolved dtype
+        return "experts"
     if isinstance(cell, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
     if isinstance(cell, (Embedding, PrecisionEmbedding, nn.Embedding)):
@@ -188,6 +192,11 @@ def _converted(cell: nn.Cell, kind: str, dtype: str, emulate: bool, kernel: bool
             return None
         # Ascend (no emulation): hand the GEMM's bf16/fp16 output onward (module doc)
         return PrecisionDense(cell.weight, bias, dtype, emulate, kernel, native_output=not emulate)
+    if kind == "experts":  # bf16 emulation (CPU) is not applied to them: kept float32, logged
+        if dtype == "bfloat16" and emulate:
+            return None
+        cell.compute_dtype = MS_DTYPES[dtype]
+        return cell
     if kind == "embedding" and hasattr(cell, "weight") and not isinstance(cell, nn.Embedding):
         return PrecisionEmbedding(cell.weight, dtype)
     if kind == "conv":

@@ -181,3 +181,24 @@ def test_planner_moe_terms_equal_the_real_parameter_bytes():
     # dispatch + combine, forward and backward: 2 sparse layers x (ep - 1) x n k rows x (2H + 1) values x e bytes
     assert all_to_all_bytes(cfg, 10, 2, 2) == 2 * 2 * 1 * 20 * (2 * cfg.dim + 1) * 2
     assert all_to_all_bytes(cfg, 10, 1, 2) == 0
+
+
+def test_precision_policy_sets_the_experts_gemm_dtype():
+    """fp16 (a CPU GEMM dtype): the experts' batched matmuls run in float16 (logits move, within fp16 rounding);
+    bf16 on CPU (emulated): the experts stay float32 (the policy logs them as kept)."""
+    from ascend_llm.config.precision import PrecisionConfig
+    from ascend_llm.precision.policy import apply_precision
+
+    cfg = moe_cfg()
+    tokens = Tensor(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 8)).astype(np.int32))
+    reference = build_model(cfg, seed=4)
+    reference.return_aux_loss = False
+    want = reference(tokens).asnumpy()
+    for name, dtype, expected in (("fp16", "float16", ms.float16), ("bf16", "bfloat16", None)):
+        model = build_model(cfg, seed=4)
+        model.return_aux_loss = False
+        apply_precision(model, PrecisionConfig(name=name, compute_dtype=dtype))
+        assert model.layers[0].feed_forward.experts.compute_dtype == expected
+        if expected is not None:
+            got = model(tokens).asnumpy()
+            assert 0 < np.abs(got - want).max() < 2e-2
