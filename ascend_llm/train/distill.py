@@ -85,6 +85,7 @@ class Distillation(Objective):
 
     name = "distill"
     aux_names = ("ce", "kd")
+    splits_sequence = False  # the teacher reads whole sequences: the trainer refuses context parallel
 
     def __init__(self, teacher: nn.Cell, lm_loss, kd_ratio: float, temperature: float, chunk_tokens: int,
                  with_aux_loss: bool = False):
@@ -170,7 +171,5 @@ def build_objective(recipe, lm_loss) -> Distillation:
                           "must be 1 with objective.name=distill (the KL needs whole-vocabulary logits)")
     check_tokenizer(recipe, cfg.teacher)
     teacher = open_teacher(cfg.teacher, recipe.model.vocab_size)
-    objective = Distillation(teacher, lm_loss, cfg.kd_ratio, cfg.temperature, cfg.chunk_tokens,
-                             with_aux_loss=getattr(recipe.model, "num_experts", 0) > 0)
-    objective.splits_sequence = False
-    return objective
+    return Distillation(teacher, lm_loss, cfg.kd_ratio, cfg.temperature, cfg.chunk_tokens,
+                        with_aux_loss=getattr(recipe.model, "num_experts", 0) > 0)

@@ -150,3 +150,25 @@ def test_a_quantized_teacher_runs_in_the_step(teacher, tmp_path):
     _, (_, kd) = objective.loss(student, Tensor(x), Tensor(x))
     s, t = student(Tensor(x)).asnumpy(), quantized(Tensor(x)).asnumpy()
     assert float(kd.asnumpy()) == pytest.approx(reference(s, t, x, 1.0, 2.0)[0], rel=1e-5)
+
+
+def test_recipe_errors_name_the_field():
+    from ascend_llm.compose import compose_recipe
+    from ascend_llm.train.distill import build_objective
+
+    with pytest.raises(ConfigError, match="objective.distill.teacher"):
+        compose_recipe(["objective=distill"])
+    with pytest.raises(ConfigError, match="objective.distill.kd_ratio"):
+        compose_recipe(["objective=distill", f"objective.distill.teacher={FIXTURE}", "objective.distill.kd_ratio=1.5"])
+    if not FIXTURE.is_dir():
+        pytest.skip(f"shared fixture absent: {FIXTURE}")
+    recipe = compose_recipe(["model=debug", "model.vocab_size=640", "objective=distill",
+                             f"objective.distill.teacher={FIXTURE}"])
+    with pytest.raises(ConfigError, match="data.tokenizer"):  # the student must read the teacher's tokenizer
+        build_objective(recipe, cross_entropy_loss)
+    recipe.data.tokenizer = str(FIXTURE.parent / "qwen2_tied" / "tokenizer.json")
+    with pytest.raises(ConfigError, match="differs from the teacher's"):
+        build_objective(recipe, cross_entropy_loss)
+    recipe.parallel.tensor_parallel_degree = 2
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel_degree"):
+        build_objective(recipe, cross_entropy_loss)
