@@ -16,6 +16,7 @@ and counted by reason.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -307,3 +308,17 @@ def write_digits_dataset(out_dir: str | Path, num_val: int = 297, tokenizer_voca
     tokenizer = train_tokenizer(iter(captions[:num_train]), tokenizer_vocab)
     write_file_atomic(out / "tokenizer.json", tokenizer.to_str().encode())
     return {"train": num_train, "val": num_val, "classes": len(DIGIT_WORDS)}
+
+
+@dataclass
+class ImageCorpus:
+    """What the trainer knows as the prepared corpus: `path` holds tokenizer.json; meta: vocab_size, num_tokens,
+    eos_id, source."""
+
+    path: Path
+    meta: dict = field(default_factory=dict)
+
+
+def tokenizer_digest(data: bytes) -> str:
+    """Short SHA-256 of tokenizer bytes (names the cached copy of a run's tokenizer)."""
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -215,8 +215,8 @@ class VisionSource:
     def corpus(self, cache_dir: str, num_tokens: int, source: str):
         """What the trainer treats as the prepared corpus: a directory holding this tokenizer's tokenizer.json
         (a cached copy named by its digest) and meta (vocab_size, num_tokens, eos_id, source)."""
+        from ascend_llm.data.images import ImageCorpus, tokenizer_digest
         from ascend_llm.store.files import write_file_atomic
-        from ascend_llm.train.contrastive import ImageCorpus, tokenizer_digest
 
         data = self.tokenizer.text_files()["tokenizer.json"]
         folder = Path(cache_dir).expanduser() / "multimodal" / tokenizer_digest(data)

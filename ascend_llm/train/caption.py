@@ -85,8 +85,13 @@ class CaptionObjective(Objective):
                               f"max_seq_len {recipe.model.max_seq_len}")
 
     def build_data(self, recipe, main_rank: bool):
-        from ascend_llm.data.images import ImageTextDataset, load_pairs, read_image_records
-        from ascend_llm.train.contrastive import ImageCorpus, tokenizer_digest
+        from ascend_llm.data.images import (
+            ImageCorpus,
+            ImageTextDataset,
+            load_pairs,
+            read_image_records,
+            tokenizer_digest,
+        )
 
         cfg = self.cfg
         if not cfg.images:

@@ -17,9 +17,7 @@ one process on the global batch, and so do the loss and the update.
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from dataclasses import dataclass, field
 from math import comb
 from pathlib import Path
 
@@ -77,15 +75,6 @@ class ContrastiveModel(nn.Cell):
         if self.gathered:
             image, text = self.gather(image), self.gather(text)
         return image, text
-
-
-@dataclass
-class ImageCorpus:
-    """What the trainer knows as the prepared corpus: `path` holds tokenizer.json; meta: vocab_size, num_tokens,
-    eos_id, source."""
-
-    path: Path
-    meta: dict = field(default_factory=dict)
 
 
 class ContrastiveObjective(Objective):
@@ -253,11 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
         write_file_atomic(Path(args.json), (json.dumps(result, indent=2) + "\n").encode())
     return 0
-
-
-def tokenizer_digest(data: bytes) -> str:
-    """Short SHA-256 of tokenizer bytes (names the cached copy of a run's tokenizer)."""
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 if __name__ == "__main__":
