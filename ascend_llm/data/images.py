@@ -7,7 +7,8 @@ convert to RGB; resize with Pillow (`resample`, bicubic = 3) either so the short
 (h - ch) // 2); rescale in float64 by `rescale_factor` then float32; normalise (x - mean) / std in float32;
 channels first.
 
-Records: one JSON object per line, `{"image": "path", "caption": "text"}` (paths relative to the JSON Lines file)
+Records: a folder of images each with a same-stem .txt caption, or one JSON object per line,
+`{"image": "path", "caption": "text"}` (paths relative to the JSON Lines file)
 or `{"image": ..., "conversations": [{"from"|"role": ..., "value"|"content": ...}, ...]}` (LLaVA's layout: the
 first assistant turn is the caption). A bad line (not JSON, a missing or non-string field, an image that is missing
 or that Pillow cannot read) is a DataError naming `file:line` and the field, or, with on_bad_record=skip, dropped
@@ -158,9 +159,11 @@ def read_image_records(path: str | Path, on_bad_record: str = "error", check_ima
     (header only). DataError `file:line` naming the field, or counted skips with on_bad_record=skip; DataError
     when the file is missing or no record is left."""
     path = Path(path)
+    if path.is_dir():
+        return _read_image_folder(path, on_bad_record, check_images)
     if not path.is_file():
         raise DataError("objective.multimodal.images", str(path), "must be a JSON Lines file of "
-                                                                   '{"image": path, "caption": text}')
+                                                                   '{"image": path, "caption": text} or a folder')
     out = ImageRecords(path)
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -176,6 +179,33 @@ def read_image_records(path: str | Path, on_bad_record: str = "error", check_ima
                             "objective.multimodal.on_bad_record=skip to skip such records)")
     if not out.images:
         raise DataError(str(path), "no records", "needs at least one readable image-caption record")
+    return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def _read_image_folder(folder: Path, on_bad_record: str, check_images: bool) -> ImageRecords:
+    """A folder of images, each captioned by the UTF-8 text file beside it with the same stem (`cat.png` +
+    `cat.txt`), in name order; errors and skips as for JSON Lines, named by the image file."""
+    out = ImageRecords(folder)
+    for file in sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES):
+        text_file = file.with_suffix(".txt")
+        caption = text_file.read_text(encoding="utf-8", errors="replace").strip() if text_file.is_file() else ""
+        line = json.dumps({"image": file.name, "caption": caption})
+        reason, value = _check_record(folder / "records", line, check_images)
+        if reason is None:
+            out.images.append(value[0])
+            out.captions.append(value[1])
+        elif on_bad_record == "skip":
+            out.skipped[reason[0]] += 1
+        else:
+            field = f"{text_file.name}" if reason[0] == "caption" else reason[0]
+            raise DataError(f"{file}:{field}", reason[1], reason[2] + " (or set objective.multimodal."
+                                                                      "on_bad_record=skip to skip such images)")
+    if not out.images:
+        raise DataError(str(folder), "no images", "needs at least one image (" + " ".join(IMAGE_SUFFIXES) +
+                        ") with a caption file beside it")
     return out
 
 

@@ -136,3 +136,17 @@ def test_older_preprocessor_configs_with_int_sizes(tmp_path):
     old = ImagePreprocessor.from_dir(tmp_path, 32).load(FIXTURES / "images" / "coffee.png")
     new = ImagePreprocessor.from_dir(FIXTURES / "clip_tiny", 32).load(FIXTURES / "images" / "coffee.png")
     np.testing.assert_array_equal(old, new)
+
+
+def test_a_folder_of_images_with_caption_files(tmp_path):
+    from PIL import Image
+
+    for name, colour in (("b_red", (255, 0, 0)), ("a_blue", (0, 0, 255)), ("c_green", (0, 255, 0))):
+        Image.new("RGB", (8, 8), colour).save(tmp_path / f"{name}.png")
+    (tmp_path / "a_blue.txt").write_text("a blue square\n")
+    (tmp_path / "b_red.txt").write_text("a red square")
+    with pytest.raises(DataError, match=r"c_green.png:c_green.txt"):
+        read_image_records(tmp_path)
+    records = read_image_records(tmp_path, on_bad_record="skip")
+    assert [p.name for p in records.images] == ["a_blue.png", "b_red.png"]
+    assert records.captions == ["a blue square", "a red square"] and dict(records.skipped) == {"caption": 1}
