@@ -16,10 +16,14 @@ from mindspore import dtype as mstype
 from ascend_llm.config.optim import OptimConfig
 from ascend_llm.optim.each import each, scale_each, square_sum
 
+NO_DECAY_SUFFIXES = ("norm.weight", ".bias", "logit_scale", "logit_bias")
+
 
 def decays(name: str) -> bool:
-    """True unless `name` is a norm weight (`...norm.weight`) or a bias: those get no weight decay."""
-    return not (name.endswith("norm.weight") or name.endswith(".bias"))
+    """True unless `name` is a norm weight (`...norm.weight`), a bias, or a contrastive head's learnable
+    temperature / bias (`logit_scale`, `logit_bias`: decaying the temperature pulls it to 0 and flattens the
+    softmax; OpenCLIP's training script exempts them as well): those get no weight decay."""
+    return not name.endswith(NO_DECAY_SUFFIXES)
 
 
 def fused_scalars(lr, bias1, bias2, eps: float, weight_decay: float):

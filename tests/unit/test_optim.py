@@ -25,11 +25,11 @@ def adamw_reference(p, grads, lr, cfg, decay):
     return p
 
 
-def test_adamw_matches_reference_and_skips_decay_for_norms_and_biases():
+def test_adamw_matches_reference_and_skips_decay_for_norms_biases_and_contrastive_temperature():
     cfg = OptimConfig(lr=0.01, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
     rng = np.random.default_rng(0)
     init = {"layer.w1.weight": rng.normal(size=(4, 3)), "layer.ffn_norm.weight": rng.normal(size=3),
-            "layer.wq.bias": rng.normal(size=4)}
+            "layer.wq.bias": rng.normal(size=4), "logit_scale": rng.normal(size=1), "logit_bias": rng.normal(size=1)}
     params = [Parameter(Tensor(v.astype(np.float32)), name=n) for n, v in init.items()]
     opt = AdamW(params, cfg)
 
