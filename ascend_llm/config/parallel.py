@@ -38,6 +38,10 @@ class ParallelConfig:
     # this many consecutive data-parallel ranks, tokens exchanged by all-to-all. Carved out of data parallel
     # (it must divide data_parallel_degree), so it is not a factor of the world size and not among degrees().
     expert_parallel_degree: int = 1
+    # Expert-parallel chunk size per destination rank: 0 dropless (sized for the worst case, every pair to one
+    # rank: exact, ep times the traffic of a balanced load); c > 0 holds ceil(c * pairs / ep) rows and drops the
+    # pairs beyond it (GShard / Switch Transformer capacity factor).
+    expert_capacity_factor: float = 0.0
 
     def degrees(self) -> dict[str, int]:
         """{field name: degree} for every `*_degree` field that multiplies into the world size, in declaration
@@ -62,6 +66,7 @@ class ParallelConfig:
             else:
                 positive(f"{prefix}.{name}", degree)
         positive(f"{prefix}.expert_parallel_degree", self.expert_parallel_degree)
+        non_negative(f"{prefix}.expert_capacity_factor", self.expert_capacity_factor)
         one_of(f"{prefix}.sequence_parallel", self.sequence_parallel, (True, False))
         one_of(f"{prefix}.zero_stage", self.zero_stage, ZERO_STAGES)
         replicas = self.data_parallel_degree * self.context_parallel_degree

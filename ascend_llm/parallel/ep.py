@@ -26,6 +26,7 @@ along axis 0 over the EP group on save and sliced on load (`ep_shard_axes`, used
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -58,30 +59,48 @@ def build_ep_groups(parallel: Any) -> tuple[Group, Group]:
             new_group("edp_" + "_".join(map(str, edp_ranks)), edp_ranks))
 
 
+def capacity_rows(pairs: int, size: int, capacity_factor: float) -> int:
+    """Rows C of each destination's chunk: P (dropless: every pair could go to one rank) when capacity_factor is
+    0, else min(P, ceil(capacity_factor * P / size)) (GShard / Switch Transformer expert capacity)."""
+    if capacity_factor <= 0:
+        return pairs
+    return min(pairs, int(math.ceil(capacity_factor * pairs / size)))
+
+
 class ExpertParallelExperts(nn.Cell):
     """This rank's E/ep experts (the cells w1, w3, w2 of a GroupedExperts, sliced) behind the all-to-all
     dispatch and combine of the module docstring. Same call as GroupedExperts: construct(x (N, H), weights
-    (N, k), indices (N, k) int32 global expert ids) -> (N, H) in x's dtype."""
+    (N, k), indices (N, k) int32 global expert ids) -> (N, H) in x's dtype. capacity_factor > 0 bounds each
+    destination's chunk (`capacity_rows`); the pairs beyond it, in token order, are dropped (their expert output
+    counts 0, as in GShard and Switch Transformer); 0 is dropless."""
 
-    def __init__(self, experts: nn.Cell, group: Group, num_experts: int):
+    def __init__(self, experts: nn.Cell, group: Group, num_experts: int, capacity_factor: float = 0.0):
         super().__init__()
         self.w1, self.w2, self.w3 = experts.w1, experts.w2, experts.w3
         self.compute_dtype = experts.compute_dtype  # the precision policy's GEMM dtype, None: x's dtype
         self.size, self.num_local = group.size, num_experts // group.size
+        self.capacity_factor = float(capacity_factor)
         self.exchange = AllToAll(group)
+
+    def dispatch_rows(self, flat, pairs: int, capacity: int):
+        """flat (P,) global expert ids -> (send-buffer row of each pair, size * capacity for a dropped pair;
+        local expert id of each pair)."""
+        target = flat // self.num_local
+        onehot = ops.one_hot(target, self.size, Tensor(1, mstype.int32), Tensor(0, mstype.int32))
+        slot = (ops.cumsum(onehot, 0) * onehot).sum(1) - 1  # order among the pairs to the same rank
+        row = ops.where(slot < capacity, target * capacity + slot, ops.full_like(slot, self.size * capacity))
+        return row, flat - target * self.num_local
 
     def construct(self, x, weights, indices):
         num_tokens, top_k = indices.shape
         pairs, dim = num_tokens * top_k, x.shape[1]
-        flat = indices.reshape(pairs)
-        target = flat // self.num_local
-        onehot = ops.one_hot(target, self.size, Tensor(1, mstype.int32), Tensor(0, mstype.int32))
-        row = target * pairs + (ops.cumsum(onehot, 0) * onehot).sum(1) - 1  # send-buffer row of each pair
-        rows = (self.size * pairs, )
+        capacity = capacity_rows(pairs, self.size, self.capacity_factor)
+        row, local = self.dispatch_rows(indices.reshape(pairs), pairs, capacity)
+        rows = (self.size * capacity + 1, )  # the last row collects the dropped pairs and is not sent
         token = ops.scatter_nd(row.reshape(pairs, 1), ops.arange(pairs, dtype=mstype.int32) // top_k + 1, rows) - 1
-        local = ops.scatter_nd(row.reshape(pairs, 1), flat - target * self.num_local + 1, rows) - 1
+        local = (ops.scatter_nd(row.reshape(pairs, 1), local + 1, rows) - 1)[:-1]
         x_ext = ops.concat((x, ops.zeros((1, dim), x.dtype)), 0)
-        send = ops.gather(x_ext, ops.where(token < 0, ops.full_like(token, num_tokens), token), 0)
+        send = ops.gather(x_ext, ops.where(token < 0, ops.full_like(token, num_tokens), token)[:-1], 0)
         ids = ops.stop_gradient(local.astype(x.dtype).reshape(-1, 1))
         received = self.exchange(ops.concat((send, ids), 1))
         expert = received[:, dim].astype(mstype.int32)
@@ -91,12 +110,12 @@ class ExpertParallelExperts(nn.Cell):
                              ops.where(valid, expert, ops.zeros_like(expert)).reshape(-1, 1),
                              self.w1.expert_weight().astype(dtype), self.w3.expert_weight().astype(dtype),
                              self.w2.expert_weight().astype(dtype)).astype(x.dtype)
-        back = self.exchange(out)
+        back = ops.concat((self.exchange(out), ops.zeros((1, dim), x.dtype)), 0)  # + the dropped pairs' zero row
         y = ops.gather(back, row, 0) * weights.reshape(pairs, 1).astype(x.dtype)
         return y.reshape(num_tokens, top_k, dim).sum(1)
 
 
-def apply_expert_parallel(model: nn.Cell, group: Group) -> int:
+def apply_expert_parallel(model: nn.Cell, group: Group, capacity_factor: float = 0.0) -> int:
     """Shard every MoEFeedForward's experts over `group` (mutates the model): each expert parameter (weights
     and LoRA adapters, all (E, ...)) keeps rows [rank E/ep, (rank+1) E/ep) and is marked `ep_axis = 0`; the
     experts cell becomes an ExpertParallelExperts with the same parameter names. Returns the number of sparse
@@ -112,7 +131,7 @@ def apply_expert_parallel(model: nn.Cell, group: Group) -> int:
             full = param.asnumpy()
             param.set_data(Tensor(np.ascontiguousarray(full[group.rank * per:(group.rank + 1) * per]), param.dtype))
             setattr(param, EP_AXIS, 0)
-        cell.experts = ExpertParallelExperts(cell.experts, group, cell.num_experts)
+        cell.experts = ExpertParallelExperts(cell.experts, group, cell.num_experts, capacity_factor)
         converted += 1
     model.update_parameters_name()
     return converted
@@ -182,4 +201,5 @@ class ExpertParallelConverter:
 
     def convert(self, model: nn.Cell) -> None:
         if int(getattr(self.parallel, "expert_parallel_degree", 1)) > 1:
-            apply_expert_parallel(model, build_ep_groups(self.parallel)[0])
+            apply_expert_parallel(model, build_ep_groups(self.parallel)[0],
+                                  float(getattr(self.parallel, "expert_capacity_factor", 0.0)))

@@ -63,7 +63,8 @@ def layout_of(recipe: Any) -> Layout:
         hccl_buffsize_mb=recipe.cluster.hccl.buffsize_mb, world_size=recipe.parallel.world_size,
         num_nodes=recipe.cluster.num_nodes, lora_rank=recipe.lora.rank if recipe.lora.enabled else 0,
         lora_targets=tuple(recipe.lora.targets) if recipe.lora.enabled else (),
-        expert_parallel_degree=_degree(par, "expert_parallel_degree"))
+        expert_parallel_degree=_degree(par, "expert_parallel_degree"),
+        expert_capacity_factor=float(getattr(par, "expert_capacity_factor", 0.0) or 0.0))
 
 
 def _backend(name: str, device: str) -> str:
@@ -223,7 +224,8 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
         "micro_batch": planned.layout.micro_batch, "seq_len": planned.layout.seq_len,
         **({"moe": moe_summary(recipe.model, parameters_per_device(recipe.model, 1),
                                planned.layout.micro_batch * planned.layout.seq_len,
-                               planned.layout.expert_parallel_degree, planned.layout.compute_bytes)}
+                               planned.layout.expert_parallel_degree, planned.layout.compute_bytes,
+                               planned.layout.expert_capacity_factor)}
            if is_moe(recipe.model) else {}),
         "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source,
                    "phase": t.phase} for t in mem.terms],

@@ -68,6 +68,7 @@ class Layout:
     lora_rank: int = 0  # > 0: LoRA (Hu et al. 2021): only the adapters train, the base is frozen
     lora_targets: tuple = ()
     expert_parallel_degree: int = 1  # MoE experts sharded over ep data-parallel ranks (parallel/ep.py)
+    expert_capacity_factor: float = 0.0  # EP dispatch chunk size (0: dropless, worst-case chunks)
 
 
 @dataclass

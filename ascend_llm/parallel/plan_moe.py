@@ -67,13 +67,21 @@ def inactive_parameters_per_token(model: Any) -> int:
         * model.moe_ffn_hidden_dim * model.dim
 
 
-def all_to_all_bytes(model: Any, tokens: int, ep: int, compute_bytes: int) -> float:
+def chunk_rows(pairs: int, ep: int, capacity_factor: float = 0.0) -> int:
+    """Rows per destination chunk of the EP dispatch (parallel/ep.py capacity_rows): P dropless, else
+    min(P, ceil(capacity_factor * P / ep))."""
+    if capacity_factor <= 0:
+        return pairs
+    return min(pairs, int(math.ceil(capacity_factor * pairs / ep)))
+
+
+def all_to_all_bytes(model: Any, tokens: int, ep: int, compute_bytes: int, capacity_factor: float = 0.0) -> float:
     """Bytes one device sends in the all-to-alls of one micro-batch of `tokens` tokens, forward and backward
-    (module docstring); 0 without expert parallel."""
+    (module docstring; with a capacity factor the chunks hold chunk_rows instead of n k rows); 0 without EP."""
     if ep <= 1 or not is_moe(model):
         return 0.0
-    pairs = tokens * model.num_experts_per_tok
-    return 2.0 * sparse_layer_count(model) * (ep - 1) * pairs * (2 * model.dim + 1) * compute_bytes
+    rows = chunk_rows(tokens * model.num_experts_per_tok, ep, capacity_factor)
+    return 2.0 * sparse_layer_count(model) * (ep - 1) * rows * (2 * model.dim + 1) * compute_bytes
 
 
 def router_activation_bytes(model: Any, tokens: int) -> float:
@@ -84,14 +92,15 @@ def router_activation_bytes(model: Any, tokens: int) -> float:
     return float(sparse_layer_count(model) * (8 * e + 8 * k + 4 * k * e) * tokens)
 
 
-def moe_summary(model: Any, total_parameters: int, tokens: int, ep: int, compute_bytes: int) -> dict:
+def moe_summary(model: Any, total_parameters: int, tokens: int, ep: int, compute_bytes: int,
+                capacity_factor: float = 0.0) -> dict:
     """The planner's MoE figures for `ascend-llm plan`: expert parameters per device, active parameters per
     token (of `total_parameters`, plan_memory.parameters_per_device(model)), all-to-all bytes per micro-batch
     and router bytes per micro-batch."""
     return {"expert_parallel_degree": ep, "sparse_layers": sparse_layer_count(model),
             "expert_parameters_per_device": expert_parameters_per_device(model, ep),
             "active_parameters_per_token": total_parameters - inactive_parameters_per_token(model),
-            "all_to_all_bytes_per_micro_batch": all_to_all_bytes(model, tokens, ep, compute_bytes),
+            "all_to_all_bytes_per_micro_batch": all_to_all_bytes(model, tokens, ep, compute_bytes, capacity_factor),
             "router_bytes_per_micro_batch": router_activation_bytes(model, tokens)}
 
 
@@ -105,10 +114,12 @@ def tiled_rows(pairs: int, num_experts: int) -> tuple[int, int]:
     return tiles * tile, tiles
 
 
-def expert_buffer_bytes(model: Any, tokens: int, ep: int, compute_bytes: int) -> float:
+def expert_buffer_bytes(model: Any, tokens: int, ep: int, compute_bytes: int, capacity_factor: float = 0.0) -> float:
     """One sparse layer's expert buffers for `tokens` tokens on one rank (module docstring)."""
     h, inner, k = model.dim, model.moe_ffn_hidden_dim, model.num_experts_per_tok
     pairs, experts = tokens * k, model.num_experts // ep
+    if ep > 1:
+        pairs = chunk_rows(pairs, ep, capacity_factor)  # rows per chunk: ep of them are received
     work = pairs * ep if ep > 1 else pairs
     rows, tiles = tiled_rows(work, experts)
     dense_rows = experts * (work if ep > 1 else tokens)
@@ -125,12 +136,13 @@ def moe_activation_terms(lay: Any) -> list[tuple[str, float, str, str, str]]:
     if not is_moe(m):
         return []
     ep = int(getattr(lay, "expert_parallel_degree", 1) or 1)
+    capacity = float(getattr(lay, "expert_capacity_factor", 0.0) or 0.0)
     tokens = int(lay.micro_batch * lay.seq_len / lay.context_parallel_degree)
     layers = 1 if lay.recompute == "full" else sparse_layer_count(m)
     source = "parallel/plan_moe.py (models/moe.py, parallel/ep.py buffers)"
     return [("MoE router (logits, probabilities, top-k, one-hot ranks)",
              router_activation_bytes(m, tokens) / sparse_layer_count(m) * layers,
              f"{layers} sparse layer(s) * (8E + 8k + 4kE) * b*s", source, "backward start"),
-            (f"MoE expert buffers (ep={ep})", layers * expert_buffer_bytes(m, tokens, ep, lay.compute_bytes),
+            (f"MoE expert buffers (ep={ep})", layers * expert_buffer_bytes(m, tokens, ep, lay.compute_bytes, capacity),
              f"{layers} sparse layer(s) * (R (2H + 3I) + tiles 3IH" + (" + 3 ep n k (H + 1)" if ep > 1 else "")
              + ") * e", source, "backward start")]

@@ -130,7 +130,7 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     ep = lay.expert_parallel_degree
     if ep > 1:  # dispatch + combine, forward and backward (plan_moe.all_to_all_bytes); EP groups are consecutive ranks
         bw = intra_gb_s if ep <= lay.world_size // max(lay.num_nodes, 1) else inter_gb_s
-        sent = all_to_all_bytes(m, lay.micro_batch * lay.seq_len, ep, lay.compute_bytes)
+        sent = all_to_all_bytes(m, lay.micro_batch * lay.seq_len, ep, lay.compute_bytes, lay.expert_capacity_factor)
         comm["expert parallel (all-to-all)"] = micro_steps * sent / (bw * 1e9) if bw else 0.0
     published = PUBLISHED_910B.get(m.name, []) if lay.device == "ascend" else []  # 910B figures vs a 910B peak
     return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops, published)

@@ -181,6 +181,8 @@ def test_planner_moe_terms_equal_the_real_parameter_bytes():
     # dispatch + combine, forward and backward: 2 sparse layers x (ep - 1) x n k rows x (2H + 1) values x e bytes
     assert all_to_all_bytes(cfg, 10, 2, 2) == 2 * 2 * 1 * 20 * (2 * cfg.dim + 1) * 2
     assert all_to_all_bytes(cfg, 10, 1, 2) == 0
+    # capacity factor 1: chunks of ceil(1 x 20 / 2) = 10 rows instead of 20 (parallel/ep.py capacity_rows)
+    assert all_to_all_bytes(cfg, 10, 2, 2, capacity_factor=1.0) == 2 * 2 * 1 * 10 * (2 * cfg.dim + 1) * 2
 
 
 def test_precision_policy_sets_the_experts_gemm_dtype():
@@ -202,3 +204,31 @@ def test_precision_policy_sets_the_experts_gemm_dtype():
         if expected is not None:
             got = model(tokens).asnumpy()
             assert 0 < np.abs(got - want).max() < 2e-2
+
+
+def test_expert_parallel_dispatch_in_one_process_and_its_capacity():
+    """parallel/ep.py's dispatch and combine over a group of one (the exchange is the identity): dropless it equals
+    the experts it wraps; with expert_capacity_factor 0.5 the pairs beyond ceil(0.5 P) in token order are dropped
+    (float64 reference with their weights zeroed)."""
+    from ascend_llm.models.moe import GroupedExperts
+    from ascend_llm.parallel.comm import Group
+    from ascend_llm.parallel.ep import ExpertParallelExperts, capacity_rows
+
+    rng = np.random.default_rng(5)
+    tokens, dim, hidden, experts, k = 12, 8, 6, 4, 2
+    cell = GroupedExperts(experts, dim, hidden)
+    for p in cell.get_parameters():
+        p.set_data(Tensor(rng.normal(0, 0.3, p.shape).astype(np.float32)))
+    x = Tensor(rng.normal(size=(tokens, dim)).astype(np.float32))
+    _, weights, indices = route(Tensor(rng.normal(size=(tokens, experts)).astype(np.float32)), k, False)
+    one = Group("ep_one_process_test", (0,), 0)
+    np.testing.assert_allclose(ExpertParallelExperts(cell, one, experts)(x, weights, indices).asnumpy(),
+                               cell(x, weights, indices).asnumpy(), rtol=0, atol=1e-6)
+    kept = capacity_rows(tokens * k, 1, 0.5)
+    assert kept == tokens * k // 2
+    dropped = weights.asnumpy().reshape(-1).copy()
+    dropped[kept:] = 0.0
+    ref = numpy_experts(x.asnumpy(), dropped.reshape(tokens, k), indices.asnumpy(),
+                        *(getattr(cell, n).weight.asnumpy() for n in ("w1", "w3", "w2")))
+    got = ExpertParallelExperts(cell, one, experts, capacity_factor=0.5)(x, weights, indices).asnumpy()
+    assert np.abs(got - ref).max() < 1e-5
