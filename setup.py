@@ -33,8 +33,8 @@ setup(
         "prometheus-client>=0.17",
     ],
     extras_require={
-        "test": ["pytest>=7", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27", "openai>=1.40",
-                 "scikit-learn>=1.3"],  # its bundled digits: the multimodal tests' real images
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "ml_dtypes>=0.4,<0.6", "ruff>=0.5", "httpx>=0.27",
+                 "openai>=1.40", "scikit-learn>=1.3"],  # its bundled digits: the multimodal tests' real images
     },
     entry_points={"console_scripts": ["ascend-llm=ascend_llm.cli.main:main"]},
 )
