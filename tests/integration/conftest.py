@@ -25,18 +25,15 @@ from trainer_runs import TrainerJobs  # noqa: E402
 
 from tests.conftest import run_msrun  # noqa: E402
 
-# Tests sharing a session fixture that launches msrun jobs (or trains the one-process references) run on one
-# pytest-xdist worker (`--dist loadgroup`), so each job and reference runs once per session, not once per worker.
-SHARED_JOB_FIXTURES = ("trainer_jobs", "one_process", "layout_jobs")
+# The test files that use `trainer_jobs` or `layout_jobs` (below) set `pytestmark = xdist_group("msrun_jobs")`:
+# under `pytest -n 2 --dist loadgroup` one worker runs them all, so each msrun job runs once per session.
+# (Marks added here in pytest_collection_modifyitems come too late for xdist's grouping.)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's loadgroup scheduling reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
-        if any(name in SHARED_JOB_FIXTURES for name in item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group("msrun_jobs"))
 
 
 WORDS = ("spring river moon night wind flower mountain cloud rain snow autumn willow bird boat bridge lamp "

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 from comm_worker import inputs
 
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
+
 
 @pytest.fixture(scope="module")
 def comm_results(layout_jobs):

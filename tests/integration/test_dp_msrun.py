@@ -11,9 +11,13 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from trainer_runs import FP8_STEPS, NUM_STEPS, checkpoint
 
 from tests.conftest import read_records
+
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 
 
 def metric_losses(run_dir: Path) -> tuple[list[float], float]:

@@ -9,6 +9,9 @@ from trainer_runs import SMOKE
 from ascend_llm.compose import compose_recipe
 from ascend_llm.train.trainer import train
 
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
+
 # steps 1-5 are warmup (debug=smoke: optim.warmup_steps=5), so 5 steps have the learning rates of the shared
 # 20-step reference's first 5 steps
 STEPS = 5

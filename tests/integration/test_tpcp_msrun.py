@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 from tpcp_worker import batch, model_config
 
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
+
 
 @pytest.fixture(scope="module")
 def reference():

@@ -34,6 +34,9 @@ from trainer_runs import NUM_STEPS, TPCP_RESUME, checkpoint
 
 from tests.conftest import read_records
 
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
+
 ATOL = 1e-5
 # Parameters after 20 AdamW steps: Adam divides by sqrt(v), so a last-bit gradient difference in an element with
 # a tiny second moment moves it by up to ~lr * (its relative error); optim.lr=1e-3 keeps that within the bound.

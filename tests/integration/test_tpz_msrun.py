@@ -20,10 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tpz_worker import VARIANTS, VOCAB, batch, model_config
 from trainer_runs import TPZ_STEPS, checkpoint
 
 from tests.conftest import records_by_step
+
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 
 ATOL = 1e-5
 

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, batch, lr_at
 
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
+
 
 @pytest.fixture(scope="module")
 def job(layout_jobs) -> Path:

@@ -6,10 +6,14 @@ does."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 from trainer_runs import SMOKE, checkpoint
 
 from tests.conftest import read_records
+
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 
 
 def test_zero2_matches_one_process_and_its_checkpoint_resumes_in_one_process(trainer_jobs, one_process, data_cache):
