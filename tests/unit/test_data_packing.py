@@ -141,7 +141,8 @@ def test_blend_sources_prepared_with_one_tokenizer(tmp_path):
 
 @pytest.mark.parametrize("items, field", [(["0.7", "a", "0.3"], "data.sources"), (["x", "a", "1", "b"],
                                                                                    "data.sources[0]"),
-                                          (["0", "a", "1", "b"], "data.sources[0]")])
+                                          (["-1", "a", "1", "b"], "data.sources[0]"),
+                                          (["0", "a", "0", "b"], "data.sources")])  # weight 0: validation only
 def test_bad_sources_name_the_entry(items, field):
     with pytest.raises(ConfigError) as info:
         parse_sources(items)

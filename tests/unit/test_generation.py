@@ -86,12 +86,17 @@ def test_logits_with_cache_equal_logits_without():
 
 
 def test_closing_sample_says_when_the_window_cuts_the_prompt(caplog):
+    import logging
+
     from ascend_llm.train.sample import generate
 
     model, _, tokenizer, meta = loaded("llama_gqa")
     text = tokenizer.decode(meta["text_input_ids"])
+    # the handler on the logger itself: an in-process CLI run earlier in this worker may have stopped propagation
+    logging.getLogger("ascend_llm.train").addHandler(caplog.handler)
     with caplog.at_level("INFO", logger="ascend_llm.train"):
         out = generate(model, tokenizer, text, num_tokens=4, seq_len=10)
+    logging.getLogger("ascend_llm.train").removeHandler(caplog.handler)
     assert "keeps the prompt's last 6 of" in caplog.text and "generates 4 of train.sample_tokens=4" in caplog.text
     assert out.startswith(tokenizer.decode(meta["text_input_ids"][-6:]))
     caplog.clear()
