@@ -61,6 +61,28 @@ class _Split:
             position += take
 
 
+class EpochOrder:
+    """The training order over `num_train` rows: a seeded permutation per epoch (NumPy's default_rng seeded with
+    [seed, epoch]); global position p reads row permutation(p // num_train)[p % num_train], so the order is a
+    pure function of (seed, position) and resume needs only the position. The current epoch's permutation is
+    kept (positions advance in order)."""
+
+    def __init__(self, seed: int, num_train: int):
+        self.seed, self.num_train = seed, int(num_train)
+        self._epoch, self._order = -1, np.empty(0, np.int64)
+
+    def indices(self, position: int, count: int) -> np.ndarray:
+        """Row ids (count,) int64 for global positions [position, position + count) (crosses epochs)."""
+        out = np.empty(count, np.int64)
+        for i in range(count):
+            epoch, offset = divmod(position + i, self.num_train)
+            if epoch != self._epoch:
+                self._epoch = epoch
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+            out[i] = self._order[offset]
+        return out
+
+
 class PackedDataset:
     """Windows of seq_len + 1 token ids over tokens (N,) uint16/uint32, split by documents (see module doc).
 
@@ -87,7 +109,7 @@ class PackedDataset:
         if self.num_train < 1:
             raise DataError("data.seq_len", seq_len, f"corpus has {len(tokens)} tokens ({self.val_split.num_tokens} "
                             "held out): too few for one training window of seq_len+1")
-        self._epoch, self._order = -1, np.empty(0, np.int64)
+        self._order = EpochOrder(seed, self.num_train)
 
     def _split_of(self, index: int) -> tuple[_Split, int]:
         return (self.train_split, index) if index < self.num_train else (self.val_split, index - self.num_train)
@@ -109,20 +131,10 @@ class PackedDataset:
         change = np.any(key[1:] != key[:-1], axis=1)
         return ids, np.concatenate([[0], np.cumsum(change)]).astype(np.int32)
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-        return self._order
-
     def train_indices(self, position: int, count: int) -> np.ndarray:
         """Window ids (count,) int64 for the sequences at global positions [position, position + count)
         (crosses epochs; a pure function of (seed, position))."""
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            epoch, offset = divmod(position + i, self.num_train)
-            out[i] = self._epoch_order(epoch)[offset]
-        return out
+        return self._order.indices(position, count)
 
     def batch(self, indices: np.ndarray, with_segments: bool = False):
         """(x, y) int32 (B, seq_len): inputs and next-token labels. with_segments=True: (x, y, segment_ids),

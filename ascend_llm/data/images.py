@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ascend_llm.data.dataset import EpochOrder
 from ascend_llm.errors import DataError, InteropError
 
 
@@ -249,17 +250,11 @@ class ImageTextDataset:
         self.captions, self.num_train, self.seed = list(captions), int(num_train), seed
         self.num_val = len(captions) - self.num_train
         self.skipped = dict(skipped or {})
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
+        self._order = EpochOrder(seed, self.num_train)
 
     def train_indices(self, position: int, count: int) -> np.ndarray:
         """Row ids (count,) int64 of the pairs at global positions [position, position + count) (crosses epochs)."""
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            epoch, offset = divmod(position + i, self.num_train)
-            out[i] = self._epoch_order(epoch)[offset]
-        return out
+        return self._order.indices(position, count)
 
     def val_indices(self, count: int) -> np.ndarray:
         """The first `count` held-out rows (the same at every validation)."""

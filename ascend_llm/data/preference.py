@@ -29,6 +29,7 @@ import numpy as np
 
 from ascend_llm.data.chat_render import assistant_spans, token_flags
 from ascend_llm.data.corpus import corpus_files
+from ascend_llm.data.dataset import EpochOrder
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.records import BadRecord, Conversation, content_text, openai_turns
 from ascend_llm.data.sft import read_records, say_skips
@@ -213,7 +214,7 @@ class PreferenceDataset:
         self.pair_ids = keep  # row -> pair number in pairs.npz (the reference cache's order)
         self.num_train, self.num_val, self.seed = n - num_val, num_val, seed
         self.reference = None
-        self._epoch, self._order = -1, np.empty(0, np.int64)
+        self._order = EpochOrder(self.seed, self.num_train)
 
     def arrays(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, labels) int32 (2 * len(rows), seq_len): the chosen rows, then the rejected rows; labels are the
@@ -233,14 +234,7 @@ class PreferenceDataset:
     def train_indices(self, position: int, count: int) -> np.ndarray:
         """Row ids (count,) int64 for global positions [position, position + count): a seeded permutation per
         epoch (a pure function of (seed, position))."""
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            epoch, offset = divmod(position + i, self.num_train)
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-            out[i] = self._order[offset]
-        return out
+        return self._order.indices(position, count)
 
     def val_indices(self, count: int) -> np.ndarray:
         """`count` held-out rows; fewer held-out pairs than asked for are repeated in order (a small set still

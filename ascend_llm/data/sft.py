@@ -32,7 +32,7 @@ import numpy as np
 
 from ascend_llm.data.chat_render import render_with_labels
 from ascend_llm.data.corpus import corpus_files
-from ascend_llm.data.dataset import IGNORE_INDEX
+from ascend_llm.data.dataset import IGNORE_INDEX, EpochOrder
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.readers import BOM, open_binary
 from ascend_llm.data.records import BadRecord, record_conversation, record_messages
@@ -212,7 +212,7 @@ class SFTDataset:
         if val_fraction > 0 and not self.num_val:
             logger.warning("data: %d conversation(s): none can be held out, so no val_loss (need 2 or more)",
                            len(order))
-        self._epoch, self._order = -1, np.empty(0, np.int64)
+        self._order = EpochOrder(self.seed, self.num_train)
 
     def row(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, segment ids, assistant flags), each (seq_len + 1,), of packed row `index`; padding is
@@ -243,14 +243,7 @@ class SFTDataset:
     def train_indices(self, position: int, count: int) -> np.ndarray:
         """Row ids (count,) int64 for global positions [position, position + count): a seeded permutation
         per epoch (a pure function of (seed, position))."""
-        out = np.empty(count, np.int64)
-        for i in range(count):
-            epoch, offset = divmod(position + i, self.num_train)
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_train)
-            out[i] = self._order[offset]
-        return out
+        return self._order.indices(position, count)
 
     def val_indices(self, count: int) -> np.ndarray:
         """Row ids of `count` held-out windows. A small SFT set with fewer held-out windows than asked for repeats
