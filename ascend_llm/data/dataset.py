@@ -83,6 +83,15 @@ class EpochOrder:
         return out
 
 
+def repeated_held_out(num_train: int, num_val: int, count: int) -> np.ndarray:
+    """Row ids (count,) int64 of held-out rows [num_train, num_train + num_val) in order; when there are fewer than
+    `count` (a small set) they repeat, so one validation micro-batch can still be formed (each row then weighs its
+    number of repeats). No held-out rows: an empty array."""
+    if 0 < num_val < count:
+        return num_train + np.arange(count, dtype=np.int64) % num_val
+    return num_train + np.arange(min(count, num_val), dtype=np.int64)
+
+
 class PackedDataset:
     """Windows of seq_len + 1 token ids over tokens (N,) uint16/uint32, split by documents (see module doc).
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ascend_llm.data.chat_render import assistant_spans, token_flags
 from ascend_llm.data.corpus import corpus_files
-from ascend_llm.data.dataset import EpochOrder
+from ascend_llm.data.dataset import EpochOrder, repeated_held_out
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.records import BadRecord, Conversation, content_text, openai_turns
 from ascend_llm.data.sft import read_records, say_skips
@@ -239,9 +239,7 @@ class PreferenceDataset:
     def val_indices(self, count: int) -> np.ndarray:
         """`count` held-out rows; fewer held-out pairs than asked for are repeated in order (a small set still
         forms a validation micro-batch)."""
-        if 0 < self.num_val < count:
-            return self.num_train + np.arange(count, dtype=np.int64) % self.num_val
-        return self.num_train + np.arange(min(count, self.num_val), dtype=np.int64)
+        return repeated_held_out(self.num_train, self.num_val, count)
 
     def describe_mix(self, position: int) -> dict:
         return {"data": {"weight": 1.0, "sequences": int(position), "share": 1.0}}

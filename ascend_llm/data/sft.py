@@ -32,7 +32,7 @@ import numpy as np
 
 from ascend_llm.data.chat_render import render_with_labels
 from ascend_llm.data.corpus import corpus_files
-from ascend_llm.data.dataset import IGNORE_INDEX, EpochOrder
+from ascend_llm.data.dataset import IGNORE_INDEX, EpochOrder, repeated_held_out
 from ascend_llm.data.prepared import FORMAT_VERSION, PreparedData
 from ascend_llm.data.readers import BOM, open_binary
 from ascend_llm.data.records import BadRecord, record_conversation, record_messages
@@ -249,9 +249,7 @@ class SFTDataset:
         """Row ids of `count` held-out windows. A small SFT set with fewer held-out windows than asked for repeats
         them in order up to `count` (so one validation micro-batch can be formed and val_loss is reported; each
         window then weighs its number of repeats)."""
-        if 0 < self.num_val < count:
-            return self.num_train + np.arange(count, dtype=np.int64) % self.num_val
-        return self.num_train + np.arange(min(count, self.num_val), dtype=np.int64)
+        return repeated_held_out(self.num_train, self.num_val, count)
 
     def describe_mix(self, position: int) -> dict:
         return {"data": {"weight": 1.0, "sequences": int(position), "share": 1.0}}
