@@ -347,3 +347,22 @@ class ImageCorpus:
 def tokenizer_digest(data: bytes) -> str:
     """Short SHA-256 of tokenizer bytes (names the cached copy of a run's tokenizer)."""
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_image_split(cfg, preprocess) -> tuple[np.ndarray, list[str], int, list]:
+    """The image-caption pairs of `cfg.images` (+ `cfg.val_images`, else the last cfg.val_fraction of the records
+    held out): (pixels (N, C, S, S) float32 through `preprocess`, N captions, num_train, the records read).
+    cfg is objective.multimodal (images, val_images, val_fraction, on_bad_record). Raises ConfigError when
+    cfg.images is unset, DataError naming file:line:image for a bad record (unless on_bad_record=skip)."""
+    from ascend_llm.errors import ConfigError
+
+    if not cfg.images:
+        raise ConfigError("objective.multimodal.images", None, "must name a JSON Lines file of "
+                                                               '{"image": path, "caption": text}')
+    records = [read_image_records(cfg.images, cfg.on_bad_record)]
+    if cfg.val_images:
+        records.append(read_image_records(cfg.val_images, cfg.on_bad_record))
+    pixels = np.concatenate([load_pairs(r, preprocess) for r in records])
+    captions = [c for r in records for c in r.captions]
+    num_train = len(records[0].captions) if cfg.val_images else len(captions) - int(len(captions) * cfg.val_fraction)
+    return pixels, captions, num_train, records

@@ -88,22 +88,12 @@ class CaptionObjective(Objective):
         from ascend_llm.data.images import (
             ImageCorpus,
             ImageTextDataset,
-            load_pairs,
-            read_image_records,
+            read_image_split,
             tokenizer_digest,
         )
 
         cfg = self.cfg
-        if not cfg.images:
-            raise ConfigError("objective.multimodal.images", None, "must name a JSON Lines file of "
-                                                                   '{"image": path, "caption": text}')
-        records = [read_image_records(cfg.images, cfg.on_bad_record)]
-        if cfg.val_images:
-            records.append(read_image_records(cfg.val_images, cfg.on_bad_record))
-        pixels = np.concatenate([load_pairs(r, self.vision.preprocess) for r in records])
-        captions = [c for r in records for c in r.captions]
-        num_train = len(records[0].captions) if cfg.val_images else len(captions) - int(len(captions) *
-                                                                                       cfg.val_fraction)
+        pixels, captions, num_train, _ = read_image_split(cfg, self.vision.preprocess)
         x, y = caption_sequences(self.tokenizer, captions, self.prefix, self.eos_id, cfg.max_caption_tokens,
                                  "objective.multimodal.images")
         dataset = ImageTextDataset(pixels, x, y, captions, num_train, recipe.data.seed)

@@ -133,17 +133,9 @@ def check_llm_tower(cfg, vocab: int, model) -> None:
 
 def build_image_dataset(cfg, text, seed: int):
     """ImageTextDataset of `cfg.images` (+ `cfg.val_images`, else the last val_fraction of the records)."""
-    from ascend_llm.data.images import ImageTextDataset, load_pairs, read_image_records
+    from ascend_llm.data.images import ImageTextDataset, read_image_split
 
-    if not cfg.images:
-        raise ConfigError("objective.multimodal.images", None, "must name a JSON Lines file of "
-                                                               '{"image": path, "caption": text}')
-    records = [read_image_records(cfg.images, cfg.on_bad_record)]
-    if cfg.val_images:
-        records.append(read_image_records(cfg.val_images, cfg.on_bad_record))
-    pixels = np.concatenate([load_pairs(r, text.preprocess) for r in records])
-    captions = [c for r in records for c in r.captions]
-    num_train = len(records[0].captions) if cfg.val_images else len(captions) - int(len(captions) * cfg.val_fraction)
+    pixels, captions, num_train, records = read_image_split(cfg, text.preprocess)
     ids, mask = text.tokenize(captions, "objective.multimodal.images", text.config.text.max_seq_len)
     skipped = {str(r.path): dict(r.skipped) for r in records if r.skipped}
     return ImageTextDataset(pixels, ids, mask, captions, num_train, seed, skipped)
