@@ -15,7 +15,7 @@ from ascend_llm.errors import ConfigError
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 VISION_POOLING = ("cls", "attention")  # CLIP's class token; SigLIP's attention-pooling head
 TEXT_POOLING = ("eos", "argmax", "last")  # first eos_token_id; argmax id (legacy OpenAI CLIP); last position
-LOSSES = ("clip", "siglip")
+LOSSES = ("clip", "siglip", "cosine")  # cosine: the seed's MultimodalAligner (train/contrastive.py)
 
 
 @dataclass
@@ -108,6 +108,11 @@ class DualEncoderConfig:
     loss: str = "clip"
     logit_scale_init: float = 2.6592
     logit_bias_init: float = -10.0
+    # loss=cosine (train/contrastive.py cosine_loss): in-batch pairs (text i, image j != i) as negatives, hinged at
+    # cosine_margin (torch CosineEmbeddingLoss's margin); false: the matched pairs' 1 - cos only
+    cosine_negatives: bool = True
+    cosine_margin: float = 0.0
+    projection_bias: bool = False  # the projections' bias (CLIP: none; the seed's aligner: nn.Dense's default, on)
     seed: int = 0
 
     def validate(self, prefix: str = "dual_encoder") -> None:
@@ -115,6 +120,7 @@ class DualEncoderConfig:
         self.vision.validate(f"{prefix}.vision")
         self.text.validate(f"{prefix}.text")
         one_of(f"{prefix}.loss", self.loss, LOSSES)
+        in_range(f"{prefix}.cosine_margin", self.cosine_margin, -1.0, 1.0)
         one_of(f"{prefix}.text_tower", self.text_tower, ("own", "llm"))
         if self.text_tower == "llm" and self.projection_dim == 0:
             raise ConfigError(f"{prefix}.projection_dim", 0, "must be > 0 with text_tower=llm (the LLM's width and "
@@ -141,7 +147,8 @@ class MultimodalConfig:
     tokens per pair (EOS excluded); projector_hidden_dim, the projector's hidden width (0: the LLM's dim);
     select_layer, the vision block whose output is projected (-2, LLaVA's); projector_from, a caption run or
     checkpoint whose projector this run starts from (stage 2, with lora.enabled). on_bad_record: `error` (exit 2 naming
-    file and field) or `skip` (counted).
+    file and field) or `skip` (counted). train_towers (contrastive): false freezes both towers (the LLM too with
+    text_tower=llm) so that only the projections (and logit scale/bias) train, the seed's MultimodalAligner.
     """
 
     images: Optional[str] = None
@@ -158,6 +165,7 @@ class MultimodalConfig:
     select_layer: int = -2
     projector_from: Optional[str] = None
     on_bad_record: str = "error"
+    train_towers: bool = True
 
     def validate(self, prefix: str = "objective.multimodal") -> None:
         """ConfigError naming the field."""
@@ -166,6 +174,9 @@ class MultimodalConfig:
         one_of(f"{prefix}.on_bad_record", self.on_bad_record, ("error", "skip"))
         positive(f"{prefix}.max_caption_tokens", self.max_caption_tokens)
         non_negative(f"{prefix}.projector_hidden_dim", self.projector_hidden_dim)
+        if not self.train_towers and self.dual_encoder.projection_dim == 0:
+            raise ConfigError(f"{prefix}.train_towers", False, "needs dual_encoder.projection_dim > 0 (the "
+                                                              "projections are what trains with frozen towers)")
         if "<image>" not in self.prompt:
             raise ConfigError(f"{prefix}.prompt", self.prompt, "must contain <image> where the image tokens go")
         if not self.recall_at or any(k < 1 for k in self.recall_at):

@@ -360,9 +360,10 @@ def _from_checkpoint(step: Path, meta: dict, tensors: dict, build: bool, weights
     source.weight_files = sorted(step.glob("*.safetensors"))
     if weights:
         trained = {k[len("dual."):]: np.asarray(v, np.float32) for k, v in tensors.get("model", {}).items()}
-        base = dict(source.weights or {})
+        # the checkpoint holds the trained tensors only; the frozen ones (logit_bias off SigLIP, the towers with
+        # train_towers=false) are the pretrained directory's or the seeded initialisation's (models/clip.py)
+        base = dict(source.weights or {}) or {p.name: p.asnumpy() for p in source.build_model().get_parameters()}
         base.update(trained)
-        base.setdefault("logit_bias", np.full((1,), source.config.logit_bias_init, np.float32))
         source.weights = base
     return _finish(source, build)
 

@@ -106,7 +106,8 @@ class DualEncoder(nn.Cell):
 
     construct(pixel_values (B, C, S, S) float32, input_ids (B', T) int32, attention_mask (B', T) int32) ->
     (image_embeds (B, D), text_embeds (B', D)) L2-normalised float32. Parameters `logit_scale` (log of the
-    temperature's inverse, as CLIP stores it) and `logit_bias` (used by the sigmoid loss) are scalars of shape (1,).
+    temperature's inverse, as CLIP stores it; frozen with the cosine loss) and `logit_bias` (used by the sigmoid
+    loss) are scalars of shape (1,).
     logits_per_text = exp(logit_scale) * text_embeds @ image_embeds^T (+ logit_bias for SigLIP): see `logits`.
     """
 
@@ -119,13 +120,16 @@ class DualEncoder(nn.Cell):
         self.has_projection = cfg.projection_dim > 0
         if self.has_projection:
             text_out = getattr(self.text, "out_dim", 0) or cfg.text.head_dim_out or cfg.text.dim
-            self.visual_projection = nn.Dense(cfg.vision.dim, cfg.projection_dim, has_bias=False)
-            self.text_projection = nn.Dense(text_out, cfg.projection_dim, has_bias=False)
+            self.visual_projection = nn.Dense(cfg.vision.dim, cfg.projection_dim, has_bias=cfg.projection_bias)
+            self.text_projection = nn.Dense(text_out, cfg.projection_dim, has_bias=cfg.projection_bias)
             rng = np.random.default_rng(cfg.seed + 2)
             for dense in (self.visual_projection, self.text_projection):
                 std = dense.weight.shape[1] ** -0.5
                 dense.weight.set_data(Tensor(rng.normal(0, std, dense.weight.shape).astype(np.float32)))
-        self.logit_scale = Parameter(Tensor(np.full((1,), cfg.logit_scale_init, np.float32)), name="logit_scale")
+                if cfg.projection_bias:
+                    dense.bias.set_data(Tensor(np.zeros(dense.bias.shape, np.float32)))
+        self.logit_scale = Parameter(Tensor(np.full((1,), cfg.logit_scale_init, np.float32)), name="logit_scale",
+                                     requires_grad=cfg.loss != "cosine")
         self.logit_bias = Parameter(Tensor(np.full((1,), cfg.logit_bias_init, np.float32)), name="logit_bias",
                                     requires_grad=cfg.loss == "siglip")
 
@@ -144,6 +148,10 @@ class DualEncoder(nn.Cell):
         return l2_normalize(self.encode_image(pixel_values)), l2_normalize(self.encode_text(input_ids, attention_mask))
 
     def logits(self, image_embeds, text_embeds):
-        """logits_per_text (B', B) = exp(logit_scale) * text @ image^T (+ logit_bias when cfg.loss is siglip)."""
-        out = ops.exp(self.logit_scale) * ops.matmul(text_embeds, image_embeds.T)
+        """logits_per_text (B', B) = exp(logit_scale) * text @ image^T (+ logit_bias when cfg.loss is siglip); the
+        cosine similarities text @ image^T themselves when cfg.loss is cosine (no temperature)."""
+        cos = ops.matmul(text_embeds, image_embeds.T)
+        if self.cfg.loss == "cosine":
+            return cos
+        out = ops.exp(self.logit_scale) * cos
         return out + self.logit_bias if self.cfg.loss == "siglip" else out

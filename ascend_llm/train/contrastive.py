@@ -7,6 +7,12 @@ Losses (logits_per_text (N, N) = exp(logit_scale) * text @ image^T (+ logit_bias
   arange N)) / 2.
 - SigLIP (Zhai et al. 2023, eq. 1): -(1/N) sum_i sum_j log sigmoid(z_ij * logits_per_text[i, j]), z_ij = 1 if i == j
   else -1.
+- cosine (the seed's MultimodalAligner: two linear projections trained with a cosine objective; no temperature,
+  c = text @ image^T of the L2-normalised embeddings): PyTorch's CosineEmbeddingLoss (reduction mean) over the pairs
+  (text i, image j), y = 1 if i == j else -1, loss 1 - c_ij for y = 1 and max(0, c_ij - margin) for y = -1:
+  L = (1/N^2) [sum_i (1 - c_ii) + sum_{i != j} max(0, c_ij - margin)]; with dual_encoder.cosine_negatives=false
+  only the matched pairs, L = (1/N) sum_i (1 - c_ii) (which a collapse of every embedding onto one direction
+  minimises: the negatives are what keeps captions apart).
 
 Data parallel: each rank embeds its share of the global batch, then `AllGather` (parallel/comm.py, backward =
 reduce-scatter: OpenCLIP's gather_with_grad) concatenates every rank's features in rank order, so each rank computes
@@ -47,6 +53,17 @@ def siglip_loss(logits_per_text):
     n = logits_per_text.shape[0]
     signs = 2.0 * ops.eye(n, n, mstype.float32) - 1.0
     return -log_sigmoid(signs * logits_per_text).sum() / n
+
+
+def cosine_loss(cos, negatives: bool = True, margin: float = 0.0):
+    """CosineEmbeddingLoss over the in-batch pairs (module docstring): cos (N, N) float32 cosine similarities, row i
+    = text i -> scalar float32. negatives=False: the mean of 1 - cos over the diagonal only."""
+    n = cos.shape[0]
+    eye = ops.eye(n, n, mstype.float32)
+    positives = ((1.0 - cos) * eye).sum()
+    if not negatives:
+        return positives / n
+    return (positives + (ops.relu(cos - margin) * (1.0 - eye)).sum()) / (n * n)
 
 
 def batch_accuracy(logits_per_text):
@@ -93,7 +110,7 @@ class ContrastiveObjective(Objective):
         self.text = open_vision_text(self.cfg, recipe.data)
         if self.cfg.dual_encoder.text_tower == "llm":
             check_llm_tower(self.cfg, self.text.tokenizer.vocab_size, recipe.model)
-        self.loss_fn = clip_loss if self.text.config.loss == "clip" else siglip_loss
+        self.loss_fn = loss_function(self.text.config)
 
     def build_data(self, recipe, main_rank: bool):
         """(prepared_all, ImageTextDataset): the records of objective.multimodal.images (and val_images)."""
@@ -106,7 +123,11 @@ class ContrastiveObjective(Objective):
         from ascend_llm.parallel.comm import world_group
 
         llm = model if self.cfg.dual_encoder.text_tower == "llm" else None
-        return ContrastiveModel(self.text.build_model(llm), world_group() if self.cfg.gather_features else None)
+        dual = self.text.build_model(llm)
+        if not self.cfg.train_towers:  # the seed's MultimodalAligner: frozen feature extractors, projections train
+            for param in list(dual.vision.get_parameters()) + list(dual.text.get_parameters()):
+                param.requires_grad = False
+        return ContrastiveModel(dual, world_group() if self.cfg.gather_features else None)
 
     def read(self, dataset, rows: np.ndarray, with_segments: bool) -> tuple[np.ndarray, ...]:
         return dataset.pixels[rows], dataset.input_ids[rows], dataset.attention_mask[rows]
@@ -115,6 +136,13 @@ class ContrastiveObjective(Objective):
         image, text = model(*batch)
         logits = model.dual.logits(image, text)
         return self.loss_fn(logits), (ops.exp(model.dual.logit_scale).reshape(()), batch_accuracy(logits))
+
+
+def loss_function(cfg):
+    """The loss of a DualEncoderConfig: logits_per_text (N, N) float32 -> scalar (module docstring)."""
+    if cfg.loss == "cosine":
+        return lambda cos: cosine_loss(cos, cfg.cosine_negatives, cfg.cosine_margin)
+    return clip_loss if cfg.loss == "clip" else siglip_loss
 
 
 def check_llm_tower(cfg, vocab: int, model) -> None:

@@ -1,5 +1,6 @@
-"""Contrastive losses and their gradients against float64 NumPy (the formulas of Radford et al. 2021 and Zhai et al.
-2023, differentiated by central differences), and retrieval recall on constructed embeddings."""
+"""Contrastive losses and their gradients against float64 NumPy (the formulas of Radford et al. 2021, Zhai et al.
+2023 and PyTorch's CosineEmbeddingLoss for the seed's cosine aligner, differentiated by central differences), and
+retrieval recall on constructed embeddings."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import pytest
 from mindspore import Tensor, ops
 
 from ascend_llm.models.clip import l2_normalize
-from ascend_llm.train.contrastive import clip_loss, retrieval_recall, siglip_loss
+from ascend_llm.train.contrastive import clip_loss, cosine_loss, retrieval_recall, siglip_loss
+
+COSINE = {"cosine": (True, 0.0), "cosine_margin": (True, 0.1), "cosine_matched": (False, 0.0)}
 
 
 def np_loss(kind: str, image, text, scale, bias) -> float:
     """float64 reference: L2-normalise, logits_per_text = exp(scale) t i^T (+ bias), then the loss."""
     image = image / np.linalg.norm(image, axis=1, keepdims=True)
     text = text / np.linalg.norm(text, axis=1, keepdims=True)
+    if kind in COSINE:  # torch.nn.CosineEmbeddingLoss(margin), mean over the pairs with y = +1 / -1
+        negatives, margin = COSINE[kind]
+        cos = text @ image.T
+        pairs = [(i, j) for i in range(len(cos)) for j in range(len(cos)) if negatives or i == j]
+        return float(np.mean([1 - cos[i, j] if i == j else max(0.0, cos[i, j] - margin) for i, j in pairs]))
     logits = np.exp(scale) * text @ image.T
     n = len(logits)
     if kind == "clip":
@@ -44,6 +52,9 @@ def np_grads(kind, image, text, scale, bias, h=1e-6):
 
 
 def ms_loss(kind):
+    if kind in COSINE:
+        return lambda image, text, scale, bias: cosine_loss(ops.matmul(l2_normalize(text), l2_normalize(image).T),
+                                                            *COSINE[kind])
     loss_fn = clip_loss if kind == "clip" else siglip_loss
 
     def fn(image, text, scale, bias):
@@ -53,7 +64,7 @@ def ms_loss(kind):
     return fn
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", *COSINE])
 def test_loss_and_gradients_equal_float64_numpy(kind):
     rng = np.random.default_rng(3)
     image, text = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
@@ -65,8 +76,10 @@ def test_loss_and_gradients_equal_float64_numpy(kind):
     assert abs(float(value.asnumpy()) - np_loss(kind, image, text, scale, bias)) < 1e-5
     for got, want, name in zip(grads, np_grads(kind, image, text, scale, bias), ("image", "text", "scale", "bias")):
         np.testing.assert_allclose(got.asnumpy().reshape(want.shape), want, atol=1e-5, rtol=1e-4, err_msg=name)
-    if kind == "clip":  # the bias does not enter CLIP's loss
+    if kind != "siglip":  # the bias does not enter CLIP's loss, neither bias nor scale the cosine loss
         assert float(np.abs(grads[3].asnumpy()).max()) == 0.0
+    if kind in COSINE:
+        assert float(np.abs(grads[2].asnumpy()).max()) == 0.0
 
 
 def test_clip_loss_is_symmetric_cross_entropy_with_a_wrong_reference_failing():
