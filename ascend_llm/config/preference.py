@@ -52,3 +52,29 @@ class PreferenceConfig:
         for name in ("gamma", "sft_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), "must be >= 0")
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "simpo")
+
+
+def resolve_reference(objective_name: str, cfg: PreferenceConfig, lora_enabled: bool) -> str:
+    """Where the reference log-probabilities come from: none (SimPO), adapters_off or cached (reference=auto:
+    adapters_off with LoRA, else cached). No check here (train/preference.py refuses adapters_off without LoRA)."""
+    if objective_name == "simpo":
+        return "none"
+    if cfg.reference == "auto":
+        return "adapters_off" if lora_enabled else "cached"
+    return cfg.reference
+
+
+def step_work(recipe) -> tuple[int, bool]:
+    """(sequences per data row, whether each step runs a second, reference forward) of a recipe, read by the
+    planner (parallel/plan.py) and the trainer's throughput/MFU (train/session.py): a preference pair is two
+    sequences (chosen and rejected rows in one forward); DPO with reference=adapters_off also runs the model with
+    its adapters off, forward only (nothing kept for a backward). Cached references and SimPO add no forward per
+    step (the cache is computed once, before training). Any other objective: (1, False)."""
+    objective = recipe.objective
+    if objective.name not in PREFERENCE_OBJECTIVES:
+        return 1, False
+    mode = resolve_reference(objective.name, objective.preference, bool(recipe.lora.enabled))
+    return 2, mode == "adapters_off"

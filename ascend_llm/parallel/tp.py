@@ -304,11 +304,48 @@ class VocabParallelEmbedding(nn.Cell):
         return self.reduce(rows)
 
 
+class VocabParallelLogProbs(nn.Cell):
+    """log softmax(logits)[label] per token from vocab-sharded logits, never gathering them (the log-softmax gather
+    of Megatron's `vocab_parallel_cross_entropy`): with m = max over all shards, Z = sum over shards of
+    sum exp(l - m), log p = (l[label] - m) - log Z. The max is a constant (stop_gradient); Z and the label's logit
+    are summed over TP with g, so each rank's logits get the exact gradient of log p (onehot - softmax, on its
+    columns). Used by the token cross-entropy below and by preference tuning's per-sequence sums.
+
+    construct(logits (..., Vp/T) float, labels (...) int32) -> (prod(labels.shape),) float32, flattened; a label
+    outside [0, vocab_size) (e.g. -100) gives -log Z (mask it); padded vocabulary columns (>= vocab_size) are
+    excluded from Z."""
+
+    def __init__(self, group: Group, vocab_size: int):
+        super().__init__()
+        padded = padded_vocab(vocab_size, group.size)
+        self.per = padded // group.size
+        self.start = group.rank * self.per
+        columns = np.arange(self.start, self.start + self.per)
+        self.column_bias = Tensor(np.where(columns < vocab_size, 0.0, -np.inf).astype(np.float32))
+        self.max = AllReduce(group, "max")
+        self.sum_z = ReduceFromTP(group)
+        self.sum_target = ReduceFromTP(group)
+
+    def construct(self, logits, labels):
+        """logits (..., Vp/T) float, labels (...) int32 -> (N,) float32 log-probabilities (see the class doc)."""
+        logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
+        labels = labels.reshape(-1)
+        top = ops.stop_gradient(self.max(logits.max(axis=-1)))
+        shifted = logits - top.expand_dims(-1)
+        z = self.sum_z(ops.exp(shifted).sum(-1))
+        local = labels - self.start
+        inside = ops.logical_and(local >= 0, local < self.per)
+        picked = ops.gather_elements(shifted, 1, ops.where(inside, local, 0).expand_dims(-1)).squeeze(-1)
+        # the target sum depends on z: the two all-reduces run in the same order on every rank
+        target = self.sum_target(ops.depend(ops.where(inside, picked, 0.0), z))
+        return target - ops.log(z)
+
+
 class VocabParallelCrossEntropy(nn.Cell):
     """Mean token cross-entropy from vocab-sharded logits, never gathering them (Megatron's
-    `vocab_parallel_cross_entropy`): with m = max over all shards, Z = sum over shards of sum exp(l - m),
-    loss_i = log Z + m - l[target]. The max is a constant (stop_gradient); Z and the target logit are summed
-    over TP with g, so each rank's logits get the exact gradient softmax - onehot (divided by the count).
+    `vocab_parallel_cross_entropy`): loss_i = -log p_i from `VocabParallelLogProbs` (log Z + m - l[target]),
+    whose max is a constant and whose Z and target logit are summed over TP with g, so each rank's logits get the
+    exact gradient softmax - onehot (divided by the count).
 
     construct(logits (B, S, Vp/T) float, labels (B, S) int32) -> scalar float32; labels == -100 are ignored;
     padded vocabulary columns (>= vocab_size) are excluded. `count_group` (the trainer's data x context
@@ -320,31 +357,14 @@ class VocabParallelCrossEntropy(nn.Cell):
 
     def __init__(self, group: Group, vocab_size: int, count_group: Group | None = None, count_scale: float = 1.0):
         super().__init__()
-        padded = padded_vocab(vocab_size, group.size)
-        self.per = padded // group.size
-        self.start = group.rank * self.per
-        columns = np.arange(self.start, self.start + self.per)
-        self.column_bias = Tensor(np.where(columns < vocab_size, 0.0, -np.inf).astype(np.float32))
-        self.max = AllReduce(group, "max")
-        self.sum_z = ReduceFromTP(group)
-        self.sum_target = ReduceFromTP(group)
+        self.log_probs = VocabParallelLogProbs(group, vocab_size)
         self.count = AllReduce(count_group, "sum") if count_group is not None and count_group.size > 1 else None
         self.count_scale = float(count_scale)
 
     def construct(self, logits, labels):
         """logits (B, S, Vp/T) float, labels (B, S) int32 (-100 ignored) -> float32 scalar (see the class doc)."""
-        logits = logits.astype(mstype.float32).reshape(-1, self.per) + self.column_bias
-        labels = labels.reshape(-1)
-        top = ops.stop_gradient(self.max(logits.max(axis=-1)))
-        shifted = logits - top.expand_dims(-1)
-        z = self.sum_z(ops.exp(shifted).sum(-1))
-        local = labels - self.start
-        inside = ops.logical_and(local >= 0, local < self.per)
-        picked = ops.gather_elements(shifted, 1, ops.where(inside, local, 0).expand_dims(-1)).squeeze(-1)
-        # the target sum depends on z: the two all-reduces run in the same order on every rank
-        target = self.sum_target(ops.depend(ops.where(inside, picked, 0.0), z))
-        valid = (labels != IGNORE_INDEX).astype(mstype.float32)
-        losses = (ops.log(z) - target) * valid
+        valid = (labels.reshape(-1) != IGNORE_INDEX).astype(mstype.float32)
+        losses = -self.log_probs(logits, labels) * valid
         count = valid.sum()
         if self.count is not None:
             count = self.count(ops.stop_gradient(count))

@@ -129,10 +129,12 @@ class TrainLayout:
         return shard_rows(indices, self.dp_rank, self.dp)
 
     def local_batch(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-        """This CP rank's zigzag slice (axis 1) of each (B, S) array: tokens, targets, segment ids."""
+        """This CP rank's zigzag slice (axis 1) of each (B, S) array: tokens, targets, segment ids; a per-row
+        (B,) array (preference tuning's cached reference log-probabilities) is the same on every CP rank."""
         if self.cp == 1:
             return arrays
-        return tuple(np.ascontiguousarray(shard_sequence(a, self.cp, self.cp_rank)) for a in arrays)
+        return tuple(np.ascontiguousarray(shard_sequence(a, self.cp, self.cp_rank)) if a.ndim > 1 else a
+                     for a in arrays)
 
     @property
     def ep(self) -> int:

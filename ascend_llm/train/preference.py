@@ -21,8 +21,15 @@ computes reference log-probabilities once with the initial model (before trainin
 data-parallel ranks and the shares summed) and stores them in a file named by a hash of the model's weights and
 config, the precision, and the prepared pairs (data files, tokenizer, chat template, seq_len), so any mismatch
 finds no file and recomputes.
-Layouts: data parallel and ZeRO; tensor parallel is refused (per-sequence log-probabilities of vocab-parallel
-logits are not implemented); context parallel is refused by the trainer (pairs are not split along the sequence).
+Layouts: data parallel, ZeRO, tensor and context parallel. Under tensor parallel the logits are vocab-sharded
+and each token's log-probability comes from parallel/tp.py `VocabParallelLogProbs` (the log-softmax gather of the
+vocab-parallel cross-entropy: exact, never gathering the logits). Under context parallel each rank holds a zigzag
+slice of every row (train/layout.py): its per-row sums of log-probabilities and token counts are all-reduced over
+the CP group before the sigmoid, so every CP rank computes the whole pair loss; it returns loss / cp (and its
+metrics / cp), since the trainer sums the CP ranks' shares, and the all-reduce's backward (a sum over CP) gives each
+rank the whole gradient of its tokens' log-probabilities. The reference forward (adapters_off) runs after the
+policy's log-probabilities (ops.depend), so both forwards issue their collectives in one order on every rank.
+LoRA under tensor parallel is refused by the tensor-parallel converter (LoRA cells are not sharded).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore import dtype as mstype
 
+from ascend_llm.config.preference import resolve_reference
 from ascend_llm.errors import ConfigError
 from ascend_llm.train.objective import Objective
 
@@ -119,24 +127,38 @@ def adapters_off_view(model: nn.Cell) -> nn.Cell:
 
 
 class PreferenceObjective(Objective):
-    """DPO / SimPO (module doc). Batch: tokens, labels (2B, S) int32 (chosen rows, then rejected rows) and the
-    cached reference log-probabilities (2B,) float32 (zeros unless reference=cached).
+    """DPO / SimPO (module doc). Batch: tokens, labels (2B, S) int32 (chosen rows, then rejected rows; under context
+    parallel this rank's (2B, S/cp) zigzag slice) and the cached reference log-probabilities (2B,) float32 (zeros
+    unless reference=cached; whole-row values, not split).
 
     kind: sigmoid | ipo | hinge | simpo. reference_mode: none (SimPO), cached, adapters_off or live (a frozen
-    model given as `reference_model`, e.g. a separate copy)."""
+    model given as `reference_model`, e.g. a separate copy). groups: this rank's parallel.dims.ParallelGroups
+    (None: one process); vocab_size: the model's vocabulary (needed under tensor parallel)."""
 
     aux_names = AUX_NAMES
-    splits_sequence = False
+    splits_sequence = True  # tokens and labels are cut along S under context parallel; per-row sums all-reduced
 
     def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
                  sft_weight: float = 0.0, reference_mode: str = "cached", recipe=None,
-                 reference_model: Optional[nn.Cell] = None):
+                 reference_model: Optional[nn.Cell] = None, groups=None, vocab_size: int = 0):
         self.name = "simpo" if kind == "simpo" else "dpo"
         self.kind, self.beta, self.label_smoothing = kind, float(beta), float(label_smoothing)
         self.gamma, self.sft_weight = float(gamma), float(sft_weight)
         self.reference_mode, self.recipe = reference_mode, recipe
         self.reference = reference_model
         self.dataset, self.prepared, self.main_rank = None, None, True
+        self.groups = groups
+        tp = groups.tp.size if groups is not None else 1
+        self.cp = groups.cp.size if groups is not None else 1
+        self.token_logps = self.sum_cp = None
+        if tp > 1:
+            from ascend_llm.parallel.tp import VocabParallelLogProbs
+
+            self.token_logps = VocabParallelLogProbs(groups.tp, vocab_size)
+        if self.cp > 1:
+            from ascend_llm.parallel.comm import AllReduce
+
+            self.sum_cp = AllReduce(groups.cp, "sum")
 
     def build_data(self, recipe, main_rank: bool):
         from ascend_llm.data.preference import PreferenceDataset, prepare_preference
@@ -158,37 +180,70 @@ class PreferenceObjective(Objective):
             self.reference = adapters_off_view(model)
         elif self.reference_mode == "cached" and self.dataset is not None:
             self.dataset.reference = cached_reference(model, self.dataset, self.prepared, self.recipe,
-                                                      self.main_rank)
+                                                      self.main_rank, self)
         return model
+
+    def local_rows(self, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+        """This rank's zigzag slice (axis 1) of (N, S) arrays under context parallel (train/layout.py's cut)."""
+        if self.cp == 1:
+            return arrays
+        from ascend_llm.parallel.cp import shard_sequence
+
+        return tuple(np.ascontiguousarray(shard_sequence(a, self.cp, self.groups.cp_rank)) for a in arrays)
+
+    def row_logps(self, out, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed log-probabilities (N,), labelled tokens (N,)) float32 of whole rows, from the model's output on
+        this rank's part of them: vocab-sharded logits under TP, summed over the CP ranks' slices under CP."""
+        logits = _logits(out)
+        if self.token_logps is None:
+            sums, counts = sequence_logps(logits, labels)
+        else:
+            maskf = (labels != -100).astype(mstype.float32)
+            picked = self.token_logps(logits, labels).reshape(labels.shape)
+            sums, counts = (picked * maskf).sum(-1), maskf.sum(-1)
+        if self.sum_cp is not None:  # one all-reduce for both; its backward sums the CP ranks' gradients
+            both = self.sum_cp(ops.stack([sums, ops.stop_gradient(counts)]))
+            sums, counts = both[0], both[1]
+        return sums, counts
 
     def loss(self, model: nn.Cell, *batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
         tokens, labels, ref = batch[0], batch[1], batch[2]
         out = model(tokens)
-        logp, count = sequence_logps(_logits(out), labels)
+        logp, count = self.row_logps(out, labels)
         count = ops.maximum(count, 1.0)
-        if self.reference is not None:
-            ref = ops.stop_gradient(sequence_logps(_logits(self.reference(tokens)), labels)[0])
+        if self.reference is not None:  # after the policy's collectives (module doc)
+            ref = ops.stop_gradient(self.row_logps(self.reference(ops.depend(tokens, logp)), labels)[0])
         b = tokens.shape[0] // 2
         losses, reward_w, reward_l = pair_losses(self.kind, self.beta, self.label_smoothing, self.gamma, logp[:b],
                                                  logp[b:], ref[:b], ref[b:], count[:b], count[b:])
         nll_w = -logp[:b] / count[:b]
         total = losses.mean() + self.sft_weight * nll_w.mean()
+        accuracy = (reward_w > reward_l).astype(mstype.float32).mean()
+        aux = (reward_w.mean(), reward_l.mean(), (reward_w - reward_l).mean(), accuracy, logp[:b].mean(),
+               logp[b:].mean(), nll_w.mean())
+        if self.cp > 1:  # every CP rank holds the whole values; the trainer sums the ranks' shares
+            total, aux = total / self.cp, tuple(a / self.cp for a in aux)
         if isinstance(out, tuple):
             total = total + out[1]
-        accuracy = (reward_w > reward_l).astype(mstype.float32).mean()
-        return total, (reward_w.mean(), reward_l.mean(), (reward_w - reward_l).mean(), accuracy, logp[:b].mean(),
-                       logp[b:].mean(), nll_w.mean())
+        return total, aux
 
 
-def reference_logps(model: nn.Cell, dataset, rows_per_batch: int, group=None) -> np.ndarray:
+def reference_logps(model: nn.Cell, dataset, rows_per_batch: int,
+                    objective: Optional[PreferenceObjective] = None) -> np.ndarray:
     """(num pairs, 2) float32 summed log-probabilities of every pair's chosen and rejected response under `model`
-    (in pairs.npz order), in batches of rows_per_batch pairs (the last one padded by repeating rows). With a
-    parallel.comm Group of size > 1 (data-parallel ranks, every one holding the whole model), batch b is computed
-    by rank b mod size (every rank runs the same number of forwards) and the shares are summed over the group."""
+    (in pairs.npz order), in batches of rows_per_batch pairs (the last one padded by repeating rows). `objective`
+    (None: one process, the whole model) gives the layout: every TP/CP rank of a data-parallel replica computes
+    the same batches together (its slice of the rows under CP, sums all-reduced over CP; vocab-parallel
+    log-probabilities under TP); with data-parallel degree d > 1 batch b is computed by replica b mod d (every
+    rank runs the same number of forwards) and the shares are summed over the data-parallel group."""
     def logps_of(x, y):
         return sequence_logps(_logits(model(x)), y)[0]
 
-    forward = ms.jit(logps_of)
+    def layout_logps_of(x, y):
+        return objective.row_logps(model(x), y)[0]
+
+    forward = ms.jit(logps_of if objective is None else layout_logps_of)
+    group = objective.groups.dp if objective is not None and objective.groups is not None else None
     total = dataset.num_train + dataset.num_val
     size, rank = (group.size, group.rank) if group is not None else (1, 0)
     num_batches = -(-total // rows_per_batch)
@@ -196,7 +251,10 @@ def reference_logps(model: nn.Cell, dataset, rows_per_batch: int, group=None) ->
     for batch in range(rank, -(-num_batches // size) * size, size):
         start = (batch % num_batches) * rows_per_batch  # a rank past the last batch recomputes one, unused
         rows = np.arange(start, start + rows_per_batch) % total
-        values = forward(*(Tensor(a) for a in dataset.arrays(rows))).asnumpy()
+        arrays = dataset.arrays(rows)
+        if objective is not None:
+            arrays = objective.local_rows(*arrays)
+        values = forward(*(Tensor(a) for a in arrays)).asnumpy()
         if batch < num_batches:
             take = min(rows_per_batch, total - start)
             out[dataset.pair_ids[start:start + take], 0] = values[:take]
@@ -208,9 +266,11 @@ def reference_logps(model: nn.Cell, dataset, rows_per_batch: int, group=None) ->
     return out
 
 
-def reference_key(model: nn.Cell, prepared, recipe) -> str:
+def reference_key(model: nn.Cell, prepared, recipe, tp_group=None) -> str:
     """sha256 (first 24 hex digits) over the model's parameters (names and values), its config, the precision
-    recipe and the prepared pairs' key (data files, tokenizer, chat template, seq_len)."""
+    recipe and the prepared pairs' key (data files, tokenizer, chat template, seq_len). Under tensor parallel
+    (`tp_group` of size > 1) each rank hashes its shards and the key is the hash of the TP ranks' keys (the same on
+    every rank; another key than one process's, so each layout of shards has its own file)."""
     from omegaconf import OmegaConf
 
     digest = hashlib.sha256()
@@ -221,32 +281,59 @@ def reference_key(model: nn.Cell, prepared, recipe) -> str:
               "precision": OmegaConf.to_container(OmegaConf.structured(recipe.precision)),
               "data": prepared.meta["key"]}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:24]
+    key = digest.hexdigest()[:24]
+    if tp_group is None or tp_group.size == 1:
+        return key
+    from ascend_llm.parallel.comm import all_reduce
+
+    slots = np.zeros((tp_group.size, 12), np.float32)  # 12 bytes per rank's key, exact in float32
+    slots[tp_group.rank] = np.frombuffer(bytes.fromhex(key), np.uint8)
+    keys = all_reduce(Tensor(slots), tp_group).asnumpy().astype(np.uint8)
+    return hashlib.sha256(keys.tobytes()).hexdigest()[:24]
 
 
-def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool = True) -> np.ndarray:
+def _read_cache(path: Path, total: int) -> Optional[np.ndarray]:
+    """The cached (total, 2) values at `path`, or None when there is no file or it does not fit."""
+    if not path.is_file():
+        return None
+    try:
+        values = np.load(path)
+        if values.shape == (total, 2) and np.all(np.isfinite(values)):
+            logger.info("preference: reference log-probabilities from %s", path)
+            return values.astype(np.float32)
+    except (ValueError, OSError):
+        pass
+    logger.warning("preference: %s does not fit these pairs; computing the reference again", path)
+    return None
+
+
+def _everyone(ok: bool) -> bool:
+    """True when `ok` holds on every rank (an all-reduce over the world: every rank must call it)."""
+    from ascend_llm.parallel.comm import all_reduce, world_group
+
+    world = world_group()
+    if world.size == 1:
+        return ok
+    return int(all_reduce(Tensor(np.float32([float(ok)])), world).asnumpy()[0]) == world.size
+
+
+def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool = True,
+                     objective: Optional[PreferenceObjective] = None) -> np.ndarray:
     """The reference log-probabilities (num pairs, 2) of the initial model: read from
-    <cache_dir>/<reference_key>.npy when it is there and fits, else computed (every rank a share) and written by
-    the main process (store.files.write_file_atomic)."""
+    <cache_dir>/<reference_key>.npy when every rank finds it there and it fits, else computed by every rank
+    (reference_logps with `objective`'s layout) and written by the main process (store.files.write_file_atomic)."""
     from ascend_llm.store.files import write_file_atomic
 
     cfg = recipe.objective.preference
     folder = Path(cfg.cache_dir or Path(recipe.data.cache_dir) / "reference").expanduser()
-    path = folder / f"{reference_key(model, prepared, recipe)}.npy"
+    groups = objective.groups if objective is not None else None
+    path = folder / f"{reference_key(model, prepared, recipe, groups.tp if groups is not None else None)}.npy"
     total = dataset.num_train + dataset.num_val
-    if path.is_file():
-        try:
-            values = np.load(path)
-            if values.shape == (total, 2) and np.all(np.isfinite(values)):
-                logger.info("preference: reference log-probabilities from %s", path)
-                return values.astype(np.float32)
-        except (ValueError, OSError):
-            pass
-        logger.warning("preference: %s does not fit these pairs; computing the reference again", path)
+    values = _read_cache(path, total)
+    if _everyone(values is not None):  # one rank missing the file (another node) makes every rank compute
+        return values
     micro = recipe.train.global_batch_size // recipe.train.grad_accum_steps // recipe.parallel.data_parallel_degree
-    from ascend_llm.parallel.comm import world_group
-
-    values = reference_logps(model, dataset, max(micro, 1), world_group())  # tensor/context parallel are refused
+    values = reference_logps(model, dataset, max(micro, 1), objective)
     if main_rank:
         buffer = io.BytesIO()
         np.save(buffer, values)
@@ -256,21 +343,15 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
 
 
 def build_objective(recipe, lm_loss) -> PreferenceObjective:
-    """objective.name=dpo | simpo from recipe.objective.preference. Raises ConfigError for tensor parallel and for
-    reference=adapters_off without lora.enabled."""
+    """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (every layout:
+    DP, ZeRO, TP, CP). Raises ConfigError for reference=adapters_off without lora.enabled."""
+    from ascend_llm.parallel.dims import build_groups
+
     cfg, name = recipe.objective.preference, recipe.objective.name
-    if recipe.parallel.tensor_parallel_degree > 1:
-        raise ConfigError("parallel.tensor_parallel_degree", recipe.parallel.tensor_parallel_degree,
-                          f"must be 1 with objective.name={name} (per-sequence log-probabilities of vocab-parallel "
-                          "logits are not implemented)")
-    if name == "simpo":
-        mode = "none"
-    elif cfg.reference == "auto":
-        mode = "adapters_off" if recipe.lora.enabled else "cached"
-    else:
-        mode = cfg.reference
+    mode = resolve_reference(name, cfg, recipe.lora.enabled)
     if mode == "adapters_off" and not recipe.lora.enabled:
         raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "
                           "(the reference is the model with its adapters off); use cached for a full fine-tune")
     kind = "simpo" if name == "simpo" else cfg.loss
-    return PreferenceObjective(kind, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.sft_weight, mode, recipe)
+    return PreferenceObjective(kind, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.sft_weight, mode, recipe,
+                               groups=build_groups(recipe.parallel), vocab_size=recipe.model.vocab_size)
