@@ -26,7 +26,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
-from ascend_llm.inference import ascend_ops
+from ascend_llm.inference import ascend_ops, fused_decode
 from ascend_llm.inference.kv_cache import (
     NULL_BLOCK,
     AscendCacheWrite,
@@ -57,7 +57,7 @@ class PagedForward(nn.Cell):
     converters that replace them (precision, FP8, LoRA, quantized linears) apply here too.
     """
 
-    def __init__(self, model: nn.Cell, max_len: int, num_blocks: int, block_size: int):
+    def __init__(self, model: nn.Cell, max_len: int, num_blocks: int, block_size: int, fused: bool = True):
         super().__init__()
         cfg = model.cfg
         self.model = model
@@ -77,6 +77,9 @@ class PagedForward(nn.Cell):
             self.decode_attention = AscendDecodeAttention(self.scale, self.num_kv_heads)
         elif kernel is not None:
             self.decode_attention = CpuDecodeAttention(kernel)
+        fused = fused and kernel is not None and not on_ascend and fused_decode.library_path() is not None
+        # decode steps of plain fp32 layers: one C++ kernel per layer (inference/fused_decode.py)
+        self.fused = fused_decode.DecodeLayer(cfg) if fused and fused_decode.supported(model) else None
         self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
         self.matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -102,14 +105,14 @@ class PagedForward(nn.Cell):
             return x.reshape(batch, heads, dim)
         return x.transpose(0, 2, 1, 3).reshape(batch * seq, heads, dim)
 
-    def construct(self, tokens, positions, slot_mapping, block_tables, logit_index):
-        batch, seq = tokens.shape
+    def _layers(self, h, positions, slot_mapping, block_tables):
+        """h (B, T, dim) through every layer with MindSpore ops (prefill chunks; decode of converted layers)."""
+        batch, seq = positions.shape
         length = block_tables.shape[1] * self.block_size
         cos = ops.gather(self.rope_cos, positions, 0).expand_dims(1)  # (B, 1, T, D)
         sin = ops.gather(self.rope_sin, positions, 0).expand_dims(1)
         key_positions = ops.arange(length, dtype=mstype.int32).reshape(1, 1, 1, 1, length)
         visible = ops.less_equal(key_positions, positions.reshape(batch, 1, 1, seq, 1))
-        h = self.model.tok_embeddings(tokens)
         for i, layer in enumerate(self.model.layers):
             attn = layer.attention
             q, k, v = attn.project_qkv(layer.attention_norm(h), cos, sin)
@@ -125,6 +128,20 @@ class PagedForward(nn.Cell):
             merged = out.reshape(batch, 1, -1) if seq == 1 else out.transpose(0, 2, 1, 3).reshape(batch, seq, -1)
             h = h + attn.wo(merged)
             h = h + layer.feed_forward(layer.ffn_norm(h))
+        return h
+
+    def construct(self, tokens, positions, slot_mapping, block_tables, logit_index):
+        batch, seq = tokens.shape
+        h = self.model.tok_embeddings(tokens)
+        if self.fused is not None and seq == 1:  # one C++ kernel per layer (inference/fused_decode.py)
+            h = h.astype(mstype.float32).reshape(batch, -1)
+            rows = positions.reshape(batch)
+            for i, layer in enumerate(self.model.layers):
+                h = self.fused(h, layer, rows, slot_mapping, block_tables, self.key_cache[i], self.value_cache[i],
+                               self.rope_cos, self.rope_sin)
+            h = h.reshape(batch, 1, -1)
+        else:
+            h = self._layers(h, positions, slot_mapping, block_tables)
         picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
         if self.tied_head:  # h @ E^T as one 2-D MatMul(transpose_b): no per-step transpose of the embeddings
             normed = self.model.norm(picked).reshape(batch, -1)
@@ -166,12 +183,13 @@ class Engine:
     max_len: positions per sequence (prompt + new tokens; default model.cfg.max_seq_len); num_slots: sequences
     decoded together at most (vLLM's max_num_seqs); block_size: positions per KV block; num_blocks: blocks in the
     pool including the null block (default: enough for num_slots * max_len positions, at most 65,536 positions);
-    max_chunk: prompt tokens per sequence per step (chunked prefill; rounded up to a power of two). ConfigError for
-    impossible sizes.
+    max_chunk: prompt tokens per sequence per step (chunked prefill; rounded up to a power of two); fused_decode:
+    decode steps of plain fp32 layers on CPU through one C++ kernel per layer (inference/fused_decode.py; False
+    keeps MindSpore ops). ConfigError for impossible sizes.
     """
 
     def __init__(self, model: nn.Cell, max_len: int | None = None, num_slots: int = 8, *, block_size: int = 16,
-                 num_blocks: int | None = None, max_chunk: int = 256):
+                 num_blocks: int | None = None, max_chunk: int = 256, fused_decode: bool = True):
         max_len = int(max_len or model.cfg.max_seq_len)
         if max_len < 2:
             raise ConfigError("max_len", max_len, "must be >= 2 (prompt + at least one new token)")
@@ -187,7 +205,7 @@ class Engine:
         if self.num_blocks < 2:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 2 (block 0 is the null block)")
         self.allocator = BlockAllocator(self.num_blocks, block_size)
-        self.forward = PagedForward(model, max_len, self.num_blocks, block_size)
+        self.forward = PagedForward(model, max_len, self.num_blocks, block_size, fused=fused_decode)
         # prompt ids the embedding accepts: the vocabulary, plus image placeholders after it when tok_embeddings is a
         # models/vlm.py SplicedEmbedding (an image prefix of a vision-language model)
         self.num_input_ids = self.cfg.vocab_size + int(getattr(model.tok_embeddings, "num_image_tokens", 0))

@@ -25,47 +25,16 @@ from ascend_llm.precision.cpu_kernel import compile_library
 
 NULL_BLOCK = 0
 
-SOURCE = r"""
+ATTENTION_SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
-// params: cache (NB, BS, H, D) f32 [written in place], new (N, H, D) f32, slots (N,) i32, out (1,) f32.
-// Rows whose slot is outside [0, NB * BS) are skipped (vLLM's -1 padding slot).
-extern "C" int ReshapeAndCache(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  if (nparam != 4) return 1;
-  float *cache = static_cast<float *>(params[0]);
-  const float *src = static_cast<const float *>(params[1]);
-  const int32_t *slots = static_cast<const int32_t *>(params[2]);
-  int64_t total = 1;
-  for (int i = 0; i < ndims[0]; ++i) total *= shapes[0][i];
-  const int64_t row = shapes[1][1] * shapes[1][2];
-  const int64_t n = shapes[1][0];
-  const int64_t num_slots = total / row;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t s = slots[i];
-    if (s < 0 || s >= num_slots) continue;
-    std::memcpy(cache + s * row, src + i * row, row * sizeof(float));
-  }
-  static_cast<float *>(params[3])[0] = 0.0f;
-  return 0;
-}
-
-// Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU).
-// params: q (B, H, D) f32, key_cache (NB, BS, Hkv, D), value_cache (same), block_tables (B, MB) i32,
-// positions (B,) i32 (the query's position: keys 0..position are visible), out (B, H, D) f32.
-extern "C" int PagedAttentionDecode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                    void *stream, void *extra) {
-  if (nparam != 6) return 1;
-  const float *q = static_cast<const float *>(params[0]);
-  const float *kc = static_cast<const float *>(params[1]);
-  const float *vc = static_cast<const float *>(params[2]);
-  const int32_t *tables = static_cast<const int32_t *>(params[3]);
-  const int32_t *positions = static_cast<const int32_t *>(params[4]);
-  float *out = static_cast<float *>(params[5]);
-  const int64_t B = shapes[0][0], H = shapes[0][1], D = shapes[0][2];
-  const int64_t BS = shapes[1][1], Hkv = shapes[1][2], MB = shapes[3][1];
+// Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU): q (B, H, D), caches
+// (NB, BS, Hkv, D), block tables (B, MB), positions (B,) (keys 0..position are visible) -> out (B, H, D).
+static void paged_attention_rows(const float *q, const float *kc, const float *vc, const int32_t *tables,
+                                 const int32_t *positions, int64_t B, int64_t H, int64_t D, int64_t BS, int64_t Hkv,
+                                 int64_t MB, float *out) {
   const int64_t G = H / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<float> scores(MB * BS);
@@ -102,6 +71,41 @@ extern "C" int PagedAttentionDecode(int nparam, void **params, int *ndims, int64
       }
     }
   }
+}
+"""
+
+SOURCE = ATTENTION_SOURCE + r"""
+// params: cache (NB, BS, H, D) f32 [written in place], new (N, H, D) f32, slots (N,) i32, out (1,) f32.
+// Rows whose slot is outside [0, NB * BS) are skipped (vLLM's -1 padding slot).
+extern "C" int ReshapeAndCache(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 4) return 1;
+  float *cache = static_cast<float *>(params[0]);
+  const float *src = static_cast<const float *>(params[1]);
+  const int32_t *slots = static_cast<const int32_t *>(params[2]);
+  int64_t total = 1;
+  for (int i = 0; i < ndims[0]; ++i) total *= shapes[0][i];
+  const int64_t row = shapes[1][1] * shapes[1][2];
+  const int64_t n = shapes[1][0];
+  const int64_t num_slots = total / row;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t s = slots[i];
+    if (s < 0 || s >= num_slots) continue;
+    std::memcpy(cache + s * row, src + i * row, row * sizeof(float));
+  }
+  static_cast<float *>(params[3])[0] = 0.0f;
+  return 0;
+}
+
+// params: q (B, H, D) f32, key_cache (NB, BS, Hkv, D), value_cache (same), block_tables (B, MB) i32,
+// positions (B,) i32, out (B, H, D) f32.
+extern "C" int PagedAttentionDecode(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  if (nparam != 6) return 1;
+  paged_attention_rows(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                       static_cast<const float *>(params[2]), static_cast<const int32_t *>(params[3]),
+                       static_cast<const int32_t *>(params[4]), shapes[0][0], shapes[0][1], shapes[0][2],
+                       shapes[1][1], shapes[1][2], shapes[3][1], static_cast<float *>(params[5]));
   return 0;
 }
 """

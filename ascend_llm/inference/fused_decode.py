@@ -1,0 +1,249 @@
+"""One C++ kernel per decoder layer for CPU decode steps (T = 1) of plain fp32 Llama-family layers.
+
+MindSpore's CPU backend launches each graph op separately (~15-25 us each here), and a decode step of the 24 M Qwen2
+of issue 19 is ~50 ops per layer (RMSNorm ~6, RoPE ~10, q/k/v, casts, cache writes, gate/up, ...): at batch 8 a
+step was 11.5 ms wall of which 6.7 ms kernels. `DecodeLayer` does the whole layer in one `ops.Custom(func_type="aot")`
+call on the model's own Parameters (no copies, so weights updated by training are used as they are):
+
+    x = rmsnorm(h) ; q, k, v = x Wq^T (+bq), x Wk^T (+bk), x Wv^T (+bv) ; [per-head rmsnorm of q, k (qk_norm)]
+    q, k = rope(q), rope(k) at each row's position ; K/V written at the row's slot in place (negative slot: skipped)
+    a = softmax(q k^T / sqrt(D)) v over positions 0..position of the row's blocks (kv_cache.py's decode attention)
+    h = h + a Wo^T ; x = rmsnorm(h) ; h = h + (silu(x W1^T) * x W3^T) W2^T
+
+float32 throughout (RMSNorm's mean of squares in double), the same formulas as models/llama.py (RMSNorm,
+rotate-half RoPE with the engine's cos/sin tables, SwiGLU). The GEMMs y = x W^T read W (N, K) row-major once
+for all M rows (2 x 8 register tiles of 16-float vectors, GCC vector extensions), which is what decode needs:
+at M = 1..16 the step streams the weights from memory, so a batch-16 step costs about what a batch-1 step costs.
+Single-threaded, like the other CPU kernels (precision/cpu_kernel.py on OpenMP inside MindSpore's threads).
+
+Used by the engine only when every layer is exactly RMSNorm / nn.Dense / FeedForward with float32 weights (LoRA,
+quantized, FP8 and precision-converted cells keep the MindSpore path), on CPU, when g++ builds the library;
+compiled with -march=native for this machine (the CPU's flags are part of the cached library's name).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+from mindspore import Tensor, nn, ops
+from mindspore import dtype as mstype
+
+from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
+from ascend_llm.precision.cpu_kernel import compile_library
+
+FUSED_SOURCE = r"""
+typedef float v16 __attribute__((vector_size(64)));
+
+static inline v16 load16(const float *p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// y[m, n0 + j] (+)= sum_k x[m, k] W[n0 + j, k] (+ bias) for MR rows from m0 and NR rows of W from n0.
+template <int MR, int NR>
+static inline void tile(const float *x, int64_t K, const float *W, int64_t m0, int64_t n0, float *y, int64_t ldy,
+                        const float *bias, bool accumulate) {
+  v16 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
+  const int64_t K16 = K & ~static_cast<int64_t>(15);
+  for (int64_t k = 0; k < K16; k += 16) {
+    v16 w[NR];
+    for (int j = 0; j < NR; ++j) w[j] = load16(W + (n0 + j) * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const v16 xv = load16(x + (m0 + i) * K + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = 0.0f;
+      for (int l = 0; l < 16; ++l) s += acc[i][j][l];
+      for (int64_t k = K16; k < K; ++k) s += x[(m0 + i) * K + k] * W[(n0 + j) * K + k];
+      if (bias) s += bias[n0 + j];
+      float *o = y + (m0 + i) * ldy + n0 + j;
+      *o = accumulate ? *o + s : s;
+    }
+  }
+}
+
+// y (M, N) (+)= x (M, K) W^T (+ bias), W (N, K) row-major: every row of W is read from memory once for all M.
+static void gemm_nt(const float *x, int64_t M, int64_t K, const float *W, int64_t N, const float *bias, float *y,
+                    bool accumulate) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) tile<2, 8>(x, K, W, m, n, y, N, bias, accumulate);
+    for (; m < M; ++m) tile<1, 8>(x, K, W, m, n, y, N, bias, accumulate);
+  }
+  for (; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) tile<1, 1>(x, K, W, m, n, y, N, bias, accumulate);
+}
+
+// y (rows, D) = x * rsqrt(mean(x^2) + eps) * w, row by row (models/llama.py RMSNormKernel; y may be x).
+static void rmsnorm(const float *x, int64_t rows, int64_t D, const float *w, float eps, float *y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * D;
+    double ss = 0.0;
+    for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(xr[d]) * xr[d];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
+    float *yr = y + r * D;
+    for (int64_t d = 0; d < D; ++d) yr[d] = xr[d] * inv * w[d];
+  }
+}
+
+// Rotate-half RoPE in place on x (B, heads, D) at positions (B,): cos/sin rows (max_len, D) of rope_tables.
+static void rope(float *x, int64_t B, int64_t heads, int64_t D, const float *cos, const float *sin,
+                 const int32_t *positions, int64_t max_len) {
+  const int64_t half = D / 2;
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t p = positions[b];
+    p = p < 0 ? 0 : (p >= max_len ? max_len - 1 : p);
+    const float *c = cos + p * D, *s = sin + p * D;
+    for (int64_t h = 0; h < heads; ++h) {
+      float *v = x + (b * heads + h) * D;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], e = v[i + half];
+        v[i] = a * c[i] - e * s[i];
+        v[i + half] = e * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
+enum {
+  H, POS, SLOT, TABLE, KCACHE, VCACHE, ATTN_NORM, WQ, WK, WV, BQ, BK, BV, Q_NORM, K_NORM, WO, FFN_NORM, W1, W3, W2,
+  COS, SIN, CONSTS, OUT, NPARAM
+};
+
+// params: see the enum; h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32, caches (NB, BS, Hkv, D)
+// [written in place], weights as models/llama.py holds them, consts = [norm eps, has qkv bias, has qk norm].
+extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != NPARAM) return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const int64_t B = shapes[H][0], dim = shapes[H][1];
+  const int64_t NB = shapes[KCACHE][0], BS = shapes[KCACHE][1], Hkv = shapes[KCACHE][2], D = shapes[KCACHE][3];
+  const int64_t Hq = shapes[WQ][0] / D, F = shapes[W1][0], MB = shapes[TABLE][1], max_len = shapes[COS][0];
+  const float eps = in(CONSTS)[0];
+  const bool bias = in(CONSTS)[1] > 0.5f, qk_norm = in(CONSTS)[2] > 0.5f;
+  const int32_t *positions = static_cast<const int32_t *>(params[POS]);
+  const int32_t *slots = static_cast<const int32_t *>(params[SLOT]);
+  float *kc = static_cast<float *>(params[KCACHE]), *vc = static_cast<float *>(params[VCACHE]);
+  float *h = static_cast<float *>(params[OUT]);
+  thread_local std::vector<float> buf;
+  const int64_t nq = Hq * D, nkv = Hkv * D;
+  buf.resize(B * (dim + 2 * nq + 2 * nkv + 2 * F));
+  float *x = buf.data(), *q = x + B * dim, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *g = att + B * nq;
+  float *u = g + B * F;
+  std::memcpy(h, in(H), B * dim * sizeof(float));
+  rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
+  gemm_nt(x, B, dim, in(WQ), nq, bias ? in(BQ) : nullptr, q, false);
+  gemm_nt(x, B, dim, in(WK), nkv, bias ? in(BK) : nullptr, k, false);
+  gemm_nt(x, B, dim, in(WV), nkv, bias ? in(BV) : nullptr, v, false);
+  if (qk_norm) {
+    rmsnorm(q, B * Hq, D, in(Q_NORM), eps, q);
+    rmsnorm(k, B * Hkv, D, in(K_NORM), eps, k);
+  }
+  rope(q, B, Hq, D, in(COS), in(SIN), positions, max_len);
+  rope(k, B, Hkv, D, in(COS), in(SIN), positions, max_len);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t s = slots[b];
+    if (s < 0 || s >= NB * BS) continue;
+    std::memcpy(kc + s * nkv, k + b * nkv, nkv * sizeof(float));
+    std::memcpy(vc + s * nkv, v + b * nkv, nkv * sizeof(float));
+  }
+  paged_attention_rows(q, kc, vc, static_cast<const int32_t *>(params[TABLE]), positions, B, Hq, D, BS, Hkv, MB,
+                       att);
+  gemm_nt(att, B, nq, in(WO), dim, nullptr, h, true);
+  rmsnorm(h, B, dim, in(FFN_NORM), eps, x);
+  gemm_nt(x, B, dim, in(W1), F, nullptr, g, false);
+  gemm_nt(x, B, dim, in(W3), F, nullptr, u, false);
+  for (int64_t i = 0; i < B * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  gemm_nt(g, B, F, in(W2), dim, nullptr, h, true);
+  return 0;
+}
+"""
+
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-march=native", "-fopenmp-simd", "-ffp-contract=fast")
+
+
+def _cpu_signature() -> str:
+    """The CPU's model name and flags (the library is built with -march=native for this machine)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown"
+    keep = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return hashlib.sha256("\n".join(sorted(set(keep))).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def library_path() -> str | None:
+    """The compiled fused-decode library (built on first use), None when no C++ compiler works."""
+    source = f"// cpu {_cpu_signature()}\n{ATTENTION_SOURCE}\n{FUSED_SOURCE}"
+    return compile_library("fused_decode", source, FLAGS)
+
+
+def supported(model: nn.Cell) -> bool:
+    """True when every layer is the plain fp32 Llama block the kernel implements: RMSNorm norms, exact nn.Dense
+    q/k/v/o without activation, a FeedForward of exact nn.Dense, float32 weights (no LoRA, quantized, FP8,
+    precision-converted or MoE cells)."""
+    from ascend_llm.models.llama import FeedForward, RMSNorm
+
+    def dense(cell) -> bool:
+        return type(cell) is nn.Dense and not cell.activation_flag and cell.weight.dtype == mstype.float32
+
+    def norm(cell) -> bool:
+        return type(cell) is RMSNorm and cell.weight.dtype == mstype.float32
+
+    cfg = model.cfg
+    for layer in model.layers:
+        attn, ffn = getattr(layer, "attention", None), getattr(layer, "feed_forward", None)
+        if attn is None or type(ffn) is not FeedForward or not norm(layer.attention_norm) or not norm(layer.ffn_norm):
+            return False
+        if not all(dense(c) for c in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3)):
+            return False
+        if attn.wq.has_bias != bool(cfg.qkv_bias) or attn.wo.has_bias or ffn.w1.has_bias or ffn.w2.has_bias:
+            return False
+        if ffn.w3.has_bias or (cfg.qk_norm and not (norm(attn.q_norm) and norm(attn.k_norm))):
+            return False
+        if attn.wk.has_bias != attn.wq.has_bias or attn.wv.has_bias != attn.wq.has_bias:
+            return False
+        if any(c.eps != cfg.norm_eps for c in (layer.attention_norm, layer.ffn_norm)):
+            return False
+    return model.tok_embeddings.weight.dtype == mstype.float32
+
+
+class DecodeLayer(nn.Cell):
+    """(h (B, dim) f32, layer, positions (B,) i32, slots (B,) i32, block_tables (B, MB) i32, key_cache, value_cache,
+    cos, sin (max_len, D) f32) -> h after the layer (B, dim) f32; writes the layer's new K/V in place.
+
+    Build only when `library_path()` is not None and `supported(model)`. `layer` is the model's TransformerBlock;
+    its Parameters are passed to the kernel as they are."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        op = ops.Custom(f"{library_path()}:DecodeLayer", out_shape=lambda h, *rest: h,
+                        out_dtype=lambda h, *rest: h, func_type="aot")
+        op.add_prim_attr("side_effect_mem", True)
+        self.op = op
+        self.qkv_bias, self.qk_norm = bool(cfg.qkv_bias), bool(cfg.qk_norm)
+        self.consts = Tensor(np.array([cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm)], np.float32))
+        self.absent = Tensor(np.zeros(1, np.float32))
+
+    def construct(self, h, layer, positions, slots, block_tables, key_cache, value_cache, cos, sin):
+        attn, ffn = layer.attention, layer.feed_forward
+        bq, bk, bv = self.absent, self.absent, self.absent
+        if self.qkv_bias:
+            bq, bk, bv = attn.wq.bias, attn.wk.bias, attn.wv.bias
+        q_norm, k_norm = self.absent, self.absent
+        if self.qk_norm:
+            q_norm, k_norm = attn.q_norm.weight, attn.k_norm.weight
+        return self.op(h, positions, slots, block_tables, key_cache, value_cache, layer.attention_norm.weight,
+                       attn.wq.weight, attn.wk.weight, attn.wv.weight, bq, bk, bv, q_norm, k_norm, attn.wo.weight,
+                       layer.ffn_norm.weight, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight, cos, sin, self.consts)
