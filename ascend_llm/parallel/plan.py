@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ascend_llm.config.parallel import check_parallel_model
+from ascend_llm.config.preference import step_work
 from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS
 from ascend_llm.errors import ConfigError
 from ascend_llm.parallel.plan_memory import (
@@ -51,9 +52,10 @@ def layout_of(recipe: Any) -> Layout:
     par, tr = recipe.parallel, recipe.train
     dp = _degree(par, "data_parallel_degree")
     device = "ascend" if recipe.runtime.device_target == "ascend" else "cpu"
+    rows, reference = step_work(recipe)  # preference tuning: 2 sequences a row, maybe a reference forward
     return Layout(
-        model=recipe.model, seq_len=recipe.data.seq_len,
-        micro_batch=tr.global_batch_size // tr.grad_accum_steps // dp, grad_accum_steps=tr.grad_accum_steps,
+        model=recipe.model, seq_len=recipe.data.seq_len, sequences_per_row=rows, reference_forward=reference,
+        micro_batch=tr.global_batch_size // tr.grad_accum_steps // dp * rows, grad_accum_steps=tr.grad_accum_steps,
         data_parallel_degree=dp, tensor_parallel_degree=_degree(par, "tensor_parallel_degree"),
         context_parallel_degree=_degree(par, "context_parallel_degree"),
         sequence_parallel=bool(getattr(par, "sequence_parallel", False)), zero_stage=int(par.zero_stage),

@@ -159,6 +159,11 @@ def activation_terms(lay: Any) -> list[Term]:
     terms.append(Term("logits and their gradient (fp32)", 2 * 4 * m.vocab_size / t * n, "2 * 4 * V/t * b*s/c",
                       KOR + " sec. 4.3 (4sbV/t fp32 logits, kept by the fused cross-entropy) + its gradient",
                       start))
+    if lay.reference_forward:  # after the policy's forward, before its backward; freed before the backward
+        terms.append(Term("reference forward (adapters off, nothing kept)", layer_bytes + 2 * 4 * m.vocab_size / t * n,
+                          "one layer's tensors (its working set, freed layer by layer) + 2 * 4 * V/t * b*s/c "
+                          "(float32 logits and log-softmax)", "train/preference.py (stop_gradient forward; "
+                          "counted at the backward's start: an upper bound)", start))
     if weight_copy_bytes(lay) and not m.tie_embeddings:
         terms.append(Term("output-head weight copy", weight_copy_bytes(lay) * m.vocab_size * m.dim / t,
                           "e * V/t * h (float32 head weight cast for the bf16 GEMM)", "precision/policy.py", start))

@@ -12,7 +12,9 @@ Formulas:
 - Training FLOPs per token 6N + 12*L*h*s (PaLM, Chowdhery et al. 2022, appendix B; N counts the matmul
   weights: no input-embedding lookup, output head included). Recompute adds forward work (Korthikanti et al.
   2022 sec. 6, "hardware FLOPs"): full adds 2N + 4*L*h*s (one more forward), selective adds the attention
-  core's forward 4*L*h*s.
+  core's forward 4*L*h*s. Preference tuning (config/preference.py step_work): a pair is two sequences (tokens
+  count both), and DPO with the adapters-off reference adds its forward, 2N + 4*L*h*s per token (part of the
+  model FLOPs: the algorithm needs it), with its tensor-parallel all-reduces (2 per layer) and CP all-gathers.
 - Ring all-reduce moves 2(k-1)/k of the buffer per rank; reduce-scatter and all-gather (k-1)/k each
   (Patarasuk & Yuan 2009; the figures NCCL/HCCL bandwidth tests report as "bus bandwidth").
 - Data parallel: gradients all-reduced once per step; ZeRO-1 as implemented here adds the all-gather of the
@@ -46,13 +48,14 @@ def matmul_parameters(model: Any) -> int:
     return total - (0 if model.tie_embeddings else embedding)
 
 
-def flops_per_token(model: Any, seq_len: int, recompute: str = "none") -> float:
-    """Training FLOPs per token (6N + 12*L*h*s, plus the recomputed forward work); see the module doc."""
+def flops_per_token(model: Any, seq_len: int, recompute: str = "none", reference_forward: bool = False) -> float:
+    """Training FLOPs per token (6N + 12*L*h*s, plus the recomputed forward work); see the module doc.
+    reference_forward (DPO with the adapters-off reference): one more forward, 2N + 4*L*h*s."""
     n = matmul_parameters(model)
     attention = 12.0 * model.num_layers * model.dim * seq_len
     extra = {"none": 0.0, "selective": attention / 3,
              "full": 2.0 * n + attention / 3}[recompute]
-    return 6.0 * n + attention + extra
+    return 6.0 * n + attention + extra + (2.0 * n + attention / 3 if reference_forward else 0.0)
 
 
 @dataclass
@@ -106,8 +109,8 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
     communication is not estimated). The data-parallel group crosses nodes when there is more than one."""
     m = lay.model
     t, c, d = lay.tensor_parallel_degree, lay.context_parallel_degree, lay.data_parallel_degree
-    tokens = global_batch_size * lay.seq_len
-    device_flops = tokens / d * flops_per_token(m, lay.seq_len, lay.recompute) / (t * c)
+    tokens = global_batch_size * lay.seq_len * lay.sequences_per_row  # a preference pair: both sequences
+    device_flops = tokens / d * flops_per_token(m, lay.seq_len, lay.recompute, lay.reference_forward) / (t * c)
     compute_s = device_flops / (peak_tflops * 1e12)
     p_bytes = parameters_per_device(m, t, lay.expert_parallel_degree) * lay.param_bytes
     dp_bw = inter_gb_s if lay.num_nodes > 1 else intra_gb_s
@@ -121,16 +124,18 @@ def plan_time(lay: Layout, peak_tflops: float, intra_gb_s: Optional[float], inte
             ring_seconds(p_bytes, d * c, dp_bw, passes)}
     if t > 1:
         act = lay.micro_batch * lay.seq_len / c * m.dim * lay.compute_bytes
-        per_layer = 4 + (2 if lay.recompute == "full" else 0)
+        per_layer = 4 + (2 if lay.recompute == "full" else 0) + (2 if lay.reference_forward else 0)
         comm["tensor parallel (activations)"] = micro_steps * m.num_layers * per_layer * ring_seconds(
             act, t, intra_gb_s, 2.0)
     if c > 1:
         kv = 2 * kv_heads_per_device(m, t) * m.head_dim * lay.micro_batch * lay.seq_len * lay.compute_bytes
-        comm["context parallel (k, v)"] = micro_steps * m.num_layers * 2 * ring_seconds(kv, c, intra_gb_s, 1.0)
+        passes = 2 + (1 if lay.reference_forward else 0)  # forward all-gather, backward reduce-scatter (+ reference)
+        comm["context parallel (k, v)"] = micro_steps * m.num_layers * passes * ring_seconds(kv, c, intra_gb_s, 1.0)
     ep = lay.expert_parallel_degree
     if ep > 1:  # dispatch + combine, forward and backward (plan_moe.all_to_all_bytes); EP groups are consecutive ranks
         bw = intra_gb_s if ep <= lay.world_size // max(lay.num_nodes, 1) else inter_gb_s
         sent = all_to_all_bytes(m, lay.micro_batch * lay.seq_len, ep, lay.compute_bytes, lay.expert_capacity_factor)
         comm["expert parallel (all-to-all)"] = micro_steps * sent / (bw * 1e9) if bw else 0.0
     published = PUBLISHED_910B.get(m.name, []) if lay.device == "ascend" else []  # 910B figures vs a 910B peak
-    return TimePlan(compute_s, comm, tokens, lay.world_size, flops_per_token(m, lay.seq_len), peak_tflops, published)
+    model_flops = flops_per_token(m, lay.seq_len, reference_forward=lay.reference_forward)
+    return TimePlan(compute_s, comm, tokens, lay.world_size, model_flops, peak_tflops, published)

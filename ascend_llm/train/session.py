@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ascend_llm.cluster.preflight import preflight
+from ascend_llm.config.preference import step_work
 from ascend_llm.config.root import RecipeConfig
 from ascend_llm.data import build_dataset, prepare_sources
 from ascend_llm.errors import ConfigError
@@ -201,8 +202,10 @@ def build_session(recipe: RecipeConfig) -> Session:
     checkpoints = CheckpointManager(Path(cfg.output_dir), parts, cfg.keep_last, writer=rank == 0,
                                     files=checkpoint_text_files(recipe, prepared.path / "tokenizer.json"))
     start_step = checkpoints.restore(cfg.resume, cfg.allow_data_change)
-    tokens_per_step = cfg.global_batch_size * recipe.data.seq_len
-    throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len),
+    rows, reference = step_work(recipe)  # a preference pair is 2 sequences; DPO's adapters-off reference a forward
+    tokens_per_step = cfg.global_batch_size * recipe.data.seq_len * rows
+    throughput = Throughput(tokens_per_step, flops_per_token(recipe.model, recipe.data.seq_len,
+                                                             reference_forward=reference),
                             peak_tflops(recipe.runtime, device) * 1e12 * world)
     return Session(recipe, rank, world, device, prepared, dataset, model, converters, optimizer, precision, steps,
                    data, run, checkpoints, throughput, layout, start_step=start_step, objective=objective)
