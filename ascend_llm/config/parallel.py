@@ -125,8 +125,9 @@ def check_parallel_model(parallel: ParallelConfig, model, seq_len: int, prefix: 
 
 def check_expert_parallel(parallel: ParallelConfig, model, prefix: str = "parallel") -> None:
     """ConfigError naming the field: expert_parallel_degree > 1 without experts, not dividing model.num_experts or
-    data_parallel_degree, or combined with tensor/context parallel or a ZeRO stage (not supported together); a
-    MoE model under tensor parallel (its experts are not split by TP)."""
+    data_parallel_degree, or combined with context parallel (not supported together); a MoE model under tensor
+    parallel (its experts are not split by TP). ZeRO composes with it (parallel/zero.py: expert shards over the
+    expert-data-parallel group)."""
     ep = int(getattr(parallel, "expert_parallel_degree", 1))
     experts = int(getattr(model, "num_experts", 0))
     if experts and int(parallel.tensor_parallel_degree) > 1:
@@ -143,9 +144,8 @@ def check_expert_parallel(parallel: ParallelConfig, model, prefix: str = "parall
     if dp and dp % ep:
         raise ConfigError(field, ep, f"must divide {prefix}.data_parallel_degree={dp} (EP groups are made of "
                                      "data-parallel ranks)")
-    if int(parallel.context_parallel_degree) > 1 or parallel.zero_stage:
-        raise ConfigError(field, ep, f"is not supported together with {prefix}.context_parallel_degree > 1 or "
-                                     f"{prefix}.zero_stage > 0")
+    if int(parallel.context_parallel_degree) > 1:
+        raise ConfigError(field, ep, f"is not supported together with {prefix}.context_parallel_degree > 1")
 
 
 @dataclass

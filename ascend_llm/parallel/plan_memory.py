@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ascend_llm.errors import ConfigError
-from ascend_llm.parallel.plan_moe import is_moe, moe_activation_terms, sparse_ffn_sizes
+from ascend_llm.parallel.plan_moe import is_moe, moe_activation_terms, sparse_ffn_sizes, zero_sharded_elements
 from ascend_llm.parallel.plan_terms import (  # noqa: F401 (re-exported: plan.py, plan_time.py, tests)
     ALWAYS,
     GIB,
@@ -163,9 +163,10 @@ def zero_degree(lay: Layout) -> int:
 
 def sharded_elements(model: Any, tp: int, dp: int, active: bool, ep: int = 1) -> int:
     """Elements of a per-parameter state one rank keeps: sum of ceil(n/dp) over the parameter tensors when
-    sharded (each tensor padded to a multiple of dp, as parallel/zero.py does), else every element."""
+    sharded (each tensor padded to a multiple of dp, as parallel/zero.py does; expert tensors over dp/ep ranks,
+    plan_moe.zero_sharded_elements), else every element."""
     sizes = parameter_sizes(model, tp, ep)
-    return sum(-(-n // dp) for n in sizes) if active else sum(sizes)
+    return zero_sharded_elements(model, sizes, dp, ep) if active else sum(sizes)
 
 
 def lora_sizes(model: Any, rank: int, targets: tuple) -> list[int]:

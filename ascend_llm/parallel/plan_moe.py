@@ -54,6 +54,23 @@ def sparse_ffn_sizes(model: Any, ep: int = 1) -> list[int]:
     return sizes
 
 
+def expert_tensor_sizes(model: Any, ep: int = 1) -> list[int]:
+    """Element counts of the expert tensors (w1, w2, w3 of E/ep experts) of every sparse layer on one device: the
+    tensors ZeRO shards over the expert-data-parallel group (dp/ep ranks) under expert parallel (parallel/zero.py)."""
+    return [n for _ in range(sparse_layer_count(model)) for n in sparse_ffn_sizes(model, ep)[1:4]]
+
+
+def zero_sharded_elements(model: Any, sizes: list[int], dp: int, ep: int = 1) -> int:
+    """Elements of a ZeRO-sharded per-parameter state (AdamW moments, gradient shards) one rank keeps, of the
+    tensors `sizes` (plan_memory.parameter_sizes): ceil(n/dp) each, expert tensors ceil(n/(dp/ep)) under expert
+    parallel (each padded to a multiple of its group's size, as parallel/zero.py does)."""
+    total = sum(-(-n // dp) for n in sizes)
+    if ep > 1 and is_moe(model):
+        edp = max(dp // ep, 1)
+        total += sum(-(-n // edp) - (-(-n // dp)) for n in expert_tensor_sizes(model, ep))
+    return total
+
+
 def expert_parameters_per_device(model: Any, ep: int = 1) -> int:
     """Expert weights one device holds: L_s * 3 * (E/ep) * I * H."""
     return sparse_layer_count(model) * 3 * (model.num_experts // ep) * model.moe_ffn_hidden_dim * model.dim

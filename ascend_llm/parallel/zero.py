@@ -35,6 +35,14 @@ Collectives go through `ascend_llm.parallel.comm` (native HCCL ops on Ascend; ex
 equivalents on CPU) and are chained by data dependencies (`ops.depend`), so every rank issues them in the same
 order (comm.py's ordering rule).
 
+With expert parallel (parallel/ep.py; `expert_groups` = (expert-data-parallel group, EP group)) the expert shards
+(parameters with `ep_axis`) are sharded over the expert-data-parallel group instead (the ranks holding the same
+experts: Megatron's expert_data_parallel, DeepSpeed-MoE), the others over `group` (data parallel); both
+reduce-scatters scale by `grad_scale` = 1/dp, as the trainer's reducer (ep.ExpertGradReducer). The data-parallel
+group is the EP groups times the expert-data-parallel groups, so the clipping norm's and the finiteness check's
+sums over `group` count every expert shard once. Layout-free state gathers the expert moments over the EP group
+along axis 0 too (and `load_full_state_dict` slices them).
+
 Checkpoints stay layout-free: `full_state_dict()` gathers the shards and returns the same names and shapes
 as the unsharded AdamW (`adam_step`, `adam_m.<param>`, `adam_v.<param>`, plus `master.<param>` when master
 weights exist); `load_full_state_dict()` takes such a dict (from any degree, or one process) and keeps this
@@ -99,11 +107,13 @@ class ZeroAdamW(nn.Cell):
     parallel); cfg: OptimConfig; stage: 1 or 2; grad_clip: global-norm clip applied inside at stage 2 (at
     stage 1 the trainer clips the reduced gradients as today); tp_group: the TP group (comm.Group) when the
     parameters are TP shards, else None; grad_scale: stage 2's factor on the group-summed gradients (default
-    1/group size). Raises ConfigError for another stage.
+    1/group size); expert_groups: (expert-data-parallel group, EP group) under expert parallel (module doc),
+    else None. Raises ConfigError for another stage.
     """
 
     def __init__(self, params: list[Parameter], cfg: OptimConfig, stage: int, group: Optional[Any] = None,
-                 grad_clip: float = 0.0, tp_group: Optional[Any] = None, grad_scale: Optional[float] = None):
+                 grad_clip: float = 0.0, tp_group: Optional[Any] = None, grad_scale: Optional[float] = None,
+                 expert_groups: Optional[tuple] = None):
         super().__init__(auto_prefix=False)
         if stage not in (1, 2):
             raise ConfigError("parallel.zero_stage", stage, "ZeroAdamW implements stages 1 and 2")
@@ -116,10 +126,13 @@ class ZeroAdamW(nn.Cell):
         self.tp_sum = comm.AllReduce(self.tp_group, "sum") if self.tp_group is not None else None
         self.params = tuple(params)
         self.sizes = tuple(int(np.prod(p.shape)) for p in params)
-        self.chunks = tuple(shard_numel(n, self.size) for n in self.sizes)
-        self.ranges = tuple(owned_range(n, self.size, self.rank) for n in self.sizes)
+        self.edp_group, self.ep_group = expert_groups if expert_groups is not None else (self.group, None)
+        self.is_expert = tuple(self.ep_group is not None and getattr(p, "ep_axis", None) is not None for p in params)
+        where = [(self.edp_group.size, self.edp_group.rank) if e else (self.size, self.rank) for e in self.is_expert]
+        self.chunks = tuple(shard_numel(n, d) for n, (d, _) in zip(self.sizes, where))
+        self.ranges = tuple(owned_range(n, d, r) for n, (d, r) in zip(self.sizes, where))
         self.starts, self.stops = tuple(r[0] for r in self.ranges), tuple(r[1] for r in self.ranges)
-        self.pads = tuple(c * self.size - n for c, n in zip(self.chunks, self.sizes))
+        self.pads = tuple(c * d - n for c, n, (d, _) in zip(self.chunks, self.sizes, where))
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.weight_decay = tuple(cfg.weight_decay if decays(p.name) else 0.0 for p in params)
         self.grad_clip = float(grad_clip) if stage == 2 else 0.0
@@ -133,6 +146,8 @@ class ZeroAdamW(nn.Cell):
                 for i, p in enumerate(params))
         self.scatter = comm.ReduceScatter(self.group, 0)
         self.gather = comm.AllGather(self.group, 0)
+        self.expert_scatter = comm.ReduceScatter(self.edp_group, 0)  # expert shards (expert parallel only)
+        self.expert_gather = comm.AllGather(self.edp_group, 0)
         self.sum = comm.AllReduce(self.group, "sum")
         # Gather in the parameter dtype on Ascend (half the traffic for bf16); float32 on CPU, whose
         # StridedSlice and Assign kernels have no bf16.
@@ -170,7 +185,10 @@ class ZeroAdamW(nn.Cell):
         for j in range(count):
             i = count - 1 - j
             flat = flats[i] if previous is None else ops.depend(flats[i], previous)
-            previous = self.scatter(flat)
+            if self.is_expert[i]:
+                previous = self.expert_scatter(flat)
+            else:
+                previous = self.scatter(flat)
             shards = (previous,) + shards
         return each(ops.partial(_scaled_f32, self.grad_scale), shards)
 
@@ -217,7 +235,10 @@ class ZeroAdamW(nn.Cell):
                 new = new.astype(param.dtype)
             if previous is not None:
                 new = ops.depend(new, previous)  # same collective order on every rank
-            previous = self.gather(new)
+            if self.is_expert[i]:
+                previous = self.expert_gather(new)
+            else:
+                previous = self.gather(new)
             ops.assign(param, previous[:self.sizes[i]].reshape(param.shape).astype(param.dtype))
         return step
 
@@ -238,7 +259,8 @@ class ZeroAdamW(nn.Cell):
         return out
 
     def _gather_full(self, shard: Parameter, i: int) -> np.ndarray:
-        full = self.gather(shard.value()).asnumpy()  # eager collective, one at a time (same order everywhere)
+        gather = self.expert_gather if self.is_expert[i] else self.gather
+        full = gather(shard.value()).asnumpy()  # eager collective, one at a time (same order everywhere)
         return full[:self.sizes[i]].reshape(self.params[i].shape)
 
     def _tp_layout(self, prefix: str) -> tuple[dict, dict, dict]:
@@ -252,8 +274,10 @@ class ZeroAdamW(nn.Cell):
         return axes, shapes, replicas
 
     def full_shape(self, i: int) -> tuple:
-        """Parameter i's layout-free shape: unsharded over TP."""
+        """Parameter i's layout-free shape: unsharded over TP (and over EP: all experts along axis 0)."""
         p = self.params[i]
+        if self.is_expert[i]:
+            return (p.shape[0] * self.ep_group.size,) + tuple(p.shape[1:])
         if self.tp_group is None or getattr(p, "tp_axis", None) is None:
             return tuple(p.shape)
         return tuple(p.tp_full_shape)
@@ -272,6 +296,8 @@ class ZeroAdamW(nn.Cell):
 
                 axes, shapes, replicas = self._tp_layout(prefix)
                 gathered = gather_full(gathered, axes, self.tp_group, shapes, replicas)
+            if self.ep_group is not None:
+                gathered = self._ep_gather(gathered, prefix)
             out.update(gathered)
         return out
 
@@ -295,8 +321,21 @@ class ZeroAdamW(nn.Cell):
             if masters is not None:
                 self.master[i].set_data(Tensor(self._local(masters[i], i)))
 
+    def _ep_gather(self, gathered: dict, prefix: str) -> dict:
+        """Expert entries of `gathered` ({prefix + name: this EP rank's experts}) gathered over the EP group."""
+        from ascend_llm.parallel.tp import gather_full
+
+        axes = {prefix + p.name: 0 if e else None for p, e in zip(self.params, self.is_expert)}
+        shapes = {prefix + p.name: self.full_shape(i) for i, p in enumerate(self.params)}
+        return gather_full(gathered, axes, self.ep_group, shapes)
+
     def _tp_local(self, arrays: list[np.ndarray], prefix: str) -> list[np.ndarray]:
-        """This TP rank's shards of full (layout-free) arrays, in parameter order; identity without TP."""
+        """This TP rank's (under expert parallel: this EP rank's) shards of full (layout-free) arrays, in
+        parameter order; identity without TP and EP."""
+        if self.ep_group is not None:
+            rank = self.ep_group.rank
+            return [a[rank * p.shape[0]:(rank + 1) * p.shape[0]] if e else a
+                    for a, p, e in zip(arrays, self.params, self.is_expert)]
         if self.tp_group is None:
             return arrays
         from ascend_llm.parallel.tp import shard_full

@@ -152,6 +152,12 @@ def build_optimizer(params, recipe: RecipeConfig, groups=None):
     from ascend_llm.parallel.zero import ZeroAdamW
 
     clip = recipe.optim.grad_clip if stage == 2 else 0.0
+    if int(getattr(par, "expert_parallel_degree", 1)) > 1:  # expert shards over expert-data-parallel (parallel/ep.py)
+        from ascend_llm.parallel.ep import build_ep_groups
+
+        ep_group, edp_group = build_ep_groups(par)
+        return ZeroAdamW(params, recipe.optim, stage, group=groups.dp_cp, grad_clip=clip,
+                         grad_scale=1.0 / par.data_parallel_degree, expert_groups=(edp_group, ep_group))
     if par.tensor_parallel_degree == 1 and par.context_parallel_degree == 1:
         return ZeroAdamW(params, recipe.optim, stage, grad_clip=clip)
     if groups is None:

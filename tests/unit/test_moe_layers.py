@@ -232,3 +232,54 @@ def test_expert_parallel_dispatch_in_one_process_and_its_capacity():
                         *(getattr(cell, n).weight.asnumpy() for n in ("w1", "w3", "w2")))
     got = ExpertParallelExperts(cell, one, experts, capacity_factor=0.5)(x, weights, indices).asnumpy()
     assert np.abs(got - ref).max() < 1e-5
+
+
+def test_zero_under_expert_parallel_shards_experts_over_their_expert_data_parallel_group():
+    """ZeRO with expert parallel (parallel/zero.py), this process described as world rank 1 of dp4 x ep2 (EP group
+    [0, 1], expert-data-parallel group [1, 3]): the layout check accepts it (context parallel stays refused); a
+    layout-free optimizer state (the unsharded AdamW's names and shapes) loads as this rank's shards, checked
+    against NumPy slicing: an expert moment keeps EP rank 1's experts, then expert-data-parallel rank 0's half
+    of their elements; any other moment dp rank 1's quarter; the state bytes equal the planner's."""
+    from ascend_llm.config.optim import OptimConfig
+    from ascend_llm.config.parallel import ParallelConfig, check_expert_parallel
+    from ascend_llm.parallel.comm import Group
+    from ascend_llm.parallel.ep import apply_expert_parallel, ep_group_ranks
+    from ascend_llm.parallel.plan_memory import sharded_elements
+    from ascend_llm.parallel.zero import ZeroAdamW, owned_range
+
+    cfg = moe_cfg(num_layers=3, mlp_only_layers=[1])
+    check_expert_parallel(ParallelConfig(data_parallel_degree=4, expert_parallel_degree=2, zero_stage=2), cfg)
+    with pytest.raises(ConfigError, match="^parallel.expert_parallel_degree.*context_parallel"):
+        check_expert_parallel(ParallelConfig(data_parallel_degree=4, expert_parallel_degree=2,
+                                             context_parallel_degree=2), cfg)
+    ep_ranks, edp_ranks = ep_group_ranks([0, 1, 2, 3], 1, 2)
+    assert (ep_ranks, edp_ranks) == ([0, 1], [1, 3])
+    model = build_model(cfg)
+    full_shapes = {p.name: tuple(p.shape) for p in model.trainable_params()}
+    ep, edp = Group("ep_zero_test", (0, 1), 1), Group("edp_zero_test", (1, 3), 0)
+    apply_expert_parallel(model, ep)
+    params = model.trainable_params()
+    opt = ZeroAdamW(params, OptimConfig(), 2, group=Group("dp_zero_test", (0, 1, 2, 3), 1), grad_scale=0.25,
+                    expert_groups=(edp, ep))
+    assert opt.state_bytes() == sharded_elements(cfg, 1, 4, True, 2) * 8 + 4
+    rng = np.random.default_rng(0)
+    state = {"adam_step": np.array(3, np.int32)}
+    for prefix in ("adam_m.", "adam_v."):
+        state.update({prefix + n: rng.standard_normal(s).astype(np.float32) for n, s in full_shapes.items()})
+    opt.load_full_state_dict(state)
+    assert int(opt.step.asnumpy()) == 3
+    experts = 0
+    for i, p in enumerate(params):
+        full = state["adam_m." + p.name]
+        if ".experts." in p.name:
+            experts += 1
+            rows = full.shape[0] // 2
+            local, (size, rank) = full[rows:2 * rows].reshape(-1), (2, 0)  # EP rank 1, then edp rank 0 of 2
+        else:
+            local, (size, rank) = full.reshape(-1), (4, 1)
+        start, stop = owned_range(local.size, size, rank)
+        got = opt.exp_avg[i].asnumpy()
+        assert got.size == -(-local.size // size), p.name
+        np.testing.assert_array_equal(got[:stop - start], local[start:stop], err_msg=p.name)
+        assert opt.full_shape(i) == full_shapes[p.name]
+    assert experts == 3 * 2  # w1, w2, w3 of 2 sparse layers
