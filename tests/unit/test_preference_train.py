@@ -182,3 +182,22 @@ def test_adapters_off_view_is_the_base_model_for_dense_and_expert_lora():
         assert {id(p) for p in view.get_parameters()} <= {id(p) for p in model.get_parameters()}
     finally:
         ms.set_context(mode=mode)
+
+
+def test_prepare_cli_prepares_the_pairs_train_reads(pairs_file, capsys, tmp_path):
+    """`ascend-llm prepare objective=dpo ...` tokenizes the pairs into the directory `train` reads (the same key),
+    and refuses --output in one line (exit 2): pairs live in data.cache_dir."""
+    from ascend_llm.cli.main import main
+    from ascend_llm.data.preference import prepare_preference
+
+    folder, data = pairs_file
+    cache = tmp_path / "cache"
+    argv = ["prepare", "objective=dpo", f"model.pretrained={QWEN2}", f"data.path={data}", "data.seq_len=32",
+            f"data.cache_dir={cache}", "--no-progress"]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["format"] == "preference" and printed["report"]["pairs"] == len(PAIRS)
+    recipe = _recipe(folder, data, "unused", f"data.cache_dir={cache}")
+    assert prepare_preference(recipe.data).path == Path(printed["path"])
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "--output" in capsys.readouterr().err and not (tmp_path / "out").exists()
