@@ -26,7 +26,11 @@ class PreferenceConfig:
     (MindSpeed-LLM's pref-ftx, RPO). reference: where DPO's reference log-probabilities come from:
     adapters_off (LoRA runs: the same model with its adapters off, no second copy of the weights), cached
     (computed once with the initial model before training and cached on disk in cache_dir, default
-    data.cache_dir/reference), auto (adapters_off with lora.enabled, else cached). SimPO needs no reference."""
+    data.cache_dir/reference), auto (adapters_off with lora.enabled, else cached). SimPO needs no reference.
+    average_logps (DPO losses): use each response's per-token mean log-probability (policy and reference, each
+    divided by the response's token count) instead of the sum, as TRL does for loss_type=ipo (its IPO
+    implementation; the IPO paper and Rafailov et al. use sums, the default). Rewards and logps metrics are then
+    per-token too, and beta's scale changes (TRL's IPO default is beta 0.1 on averages). SimPO always averages."""
 
     loss: str = "sigmoid"
     beta: float = 0.1
@@ -35,6 +39,7 @@ class PreferenceConfig:
     sft_weight: float = 0.0
     reference: str = "auto"
     cache_dir: Optional[str] = None
+    average_logps: bool = False
 
     def validate(self, prefix: str = "objective.preference") -> None:
         """Raises ConfigError naming the field: loss or reference outside the allowed sets, beta <= 0,

@@ -6,6 +6,8 @@ ref_l the reference's, |y| the response lengths in tokens and h = (pi_w - ref_w)
 - sigmoid (Rafailov et al. 2023, eq. 7; label smoothing eps as conservative DPO / TRL):
   L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
 - ipo (Azar et al. 2023, eq. 17, with the summed log-probabilities of the paper): L = (h - 1 / (2 beta))^2
+  (objective.preference.average_logps: every pi and ref divided by its response's token count first, as TRL's
+  loss_type=ipo; applies to every DPO loss)
 - hinge (SLiC-HF, Zhao et al. 2023, as TRL): L = max(0, 1 - beta h)
 - simpo (Meng et al. 2024, eq. 6; no reference): z = beta pi_w / |y_w| - beta pi_l / |y_l| - gamma,
   L = -(1 - eps) log sigma(z) - eps log sigma(-z)
@@ -140,14 +142,15 @@ class PreferenceObjective(Objective):
 
     def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
                  sft_weight: float = 0.0, reference_mode: str = "cached", recipe=None,
-                 reference_model: Optional[nn.Cell] = None, groups=None, vocab_size: int = 0):
+                 reference_model: Optional[nn.Cell] = None, groups=None, vocab_size: int = 0,
+                 average_logps: bool = False):
         self.name = "simpo" if kind == "simpo" else "dpo"
         self.kind, self.beta, self.label_smoothing = kind, float(beta), float(label_smoothing)
         self.gamma, self.sft_weight = float(gamma), float(sft_weight)
         self.reference_mode, self.recipe = reference_mode, recipe
         self.reference = reference_model
         self.dataset, self.prepared, self.main_rank = None, None, True
-        self.groups = groups
+        self.groups, self.average_logps = groups, bool(average_logps) and kind != "simpo"
         tp = groups.tp.size if groups is not None else 1
         self.cp = groups.cp.size if groups is not None else 1
         self.token_logps = self.sum_cp = None
@@ -214,9 +217,11 @@ class PreferenceObjective(Objective):
         if self.reference is not None:  # after the policy's collectives (module doc)
             ref = ops.stop_gradient(self.row_logps(self.reference(ops.depend(tokens, logp)), labels)[0])
         b = tokens.shape[0] // 2
+        nll_w = -logp[:b] / count[:b]
+        if self.average_logps:  # per-token means (TRL's IPO); SimPO divides by the counts itself
+            logp, ref = logp / count, ref / count
         losses, reward_w, reward_l = pair_losses(self.kind, self.beta, self.label_smoothing, self.gamma, logp[:b],
                                                  logp[b:], ref[:b], ref[b:], count[:b], count[b:])
-        nll_w = -logp[:b] / count[:b]
         total = losses.mean() + self.sft_weight * nll_w.mean()
         accuracy = (reward_w > reward_l).astype(mstype.float32).mean()
         aux = (reward_w.mean(), reward_l.mean(), (reward_w - reward_l).mean(), accuracy, logp[:b].mean(),
@@ -354,4 +359,5 @@ def build_objective(recipe, lm_loss) -> PreferenceObjective:
                           "(the reference is the model with its adapters off); use cached for a full fine-tune")
     kind = "simpo" if name == "simpo" else cfg.loss
     return PreferenceObjective(kind, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.sft_weight, mode, recipe,
-                               groups=build_groups(recipe.parallel), vocab_size=recipe.model.vocab_size)
+                               groups=build_groups(recipe.parallel), vocab_size=recipe.model.vocab_size,
+                               average_logps=cfg.average_logps)

@@ -90,3 +90,39 @@ def test_sequence_logps_sum_only_labelled_tokens():
     picked = np.take_along_axis(logp, np.where(mask, labels, 0)[..., None], -1)[..., 0]
     np.testing.assert_allclose(total.asnumpy(), (picked * mask).sum(-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(count.asnumpy(), mask.sum(-1))
+
+
+def test_average_logps_is_trls_per_token_ipo():
+    """objective.preference.average_logps: h from per-token mean log-probabilities (policy and reference each
+    divided by the response's token count, TRL's loss_type=ipo), L = (h - 1/(2 beta))^2, against float64 NumPy
+    on the log-softmax of fixed logits; the summed form (the default) gives another loss."""
+    from mindspore import nn
+
+    from ascend_llm.train.preference import PreferenceObjective
+
+    rng = np.random.default_rng(5)
+    b, s, v = 3, 6, 9
+    logits = rng.normal(0, 2, (2 * b, s, v)).astype(np.float32)
+    labels = rng.integers(0, v, (2 * b, s)).astype(np.int32)
+    labels[:, :2] = -100
+    labels[1, 2:4] = -100  # unequal response lengths
+    ref = -rng.uniform(3, 9, 2 * b).astype(np.float32)
+
+    class Fixed(nn.Cell):
+        def construct(self, tokens):
+            return Tensor(logits)
+
+    x = logits.astype(np.float64)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    mask = labels != -100
+    summed = (np.take_along_axis(logp, np.where(mask, labels, 0)[..., None], -1)[..., 0] * mask).sum(-1)
+    count = mask.sum(-1)
+    batch = (Tensor(np.zeros((2 * b, s), np.int32)), Tensor(labels), Tensor(ref))
+    for average in (True, False):
+        pi, r = (summed / count, ref / count) if average else (summed, ref.astype(np.float64))
+        h = (pi[:b] - r[:b]) - (pi[b:] - r[b:])
+        expected = np.mean((h - 1 / (2 * 0.1)) ** 2)
+        objective = PreferenceObjective("ipo", 0.1, reference_mode="cached", average_logps=average)
+        loss, aux = objective.loss(Fixed(), *batch)
+        np.testing.assert_allclose(float(loss.asnumpy()), expected, rtol=1e-6)
+        np.testing.assert_allclose(float(aux[0].asnumpy()), 0.1 * np.mean(pi[:b] - r[:b]), rtol=1e-5, atol=1e-7)
