@@ -22,6 +22,16 @@ others summed over the data-parallel group and scaled by 1/dp (`ExpertGradReduce
 loss over the dp ranks, as in one process. The clipping norm counts each expert shard once
 (`ExpertGradNorm`). Checkpoints stay layout-free: expert parameters (and their AdamW moments) are gathered
 along axis 0 over the EP group on save and sliced on load (`ep_shard_axes`, used by train/layout.py).
+
+ZeRO (parallel/zero.py, `expert_groups`): the replicated parameters' optimizer state (stage 1) and gradients
+(stage 2) are sharded over the data-parallel group, the expert shards' over their expert-data-parallel group
+(Megatron's expert_data_parallel, DeepSpeed-MoE); with dp = ep that group is one rank, so expert state is not
+divided further.
+
+No AlltoAllV. MindSpore 2.10 ships `ops.AlltoAllV` and `ops.AlltoAllVC` (per-rank element counts; Ascend only by
+their docs, not in CPU MCCL). Their output length is the received count, known only at run time (a dynamic shape
+in the compiled graph, plus a count exchange before each dispatch); they are not used, and nothing here was run on
+Ascend. The static buffers above are what AlltoAll allows: worst case (dropless) or `capacity_factor` rows.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ascend_llm.parallel.plan import check_fits, plan_recipe, suggest
 GIB = 2**30
 OLD_8B = ["experiment=llama3_8b_910b", "precision=fp32", "precision.param_dtype=float32", "attention=naive",
           "parallel=dp8", "train.recompute=none", "data.seq_len=8192"]
-SHIPPED_910B = ["llama3_8b_910b", "llama3_8b_8k_910b", "llama2_7b_910b_2x8", "qwen2_7b_910b"]
+SHIPPED_910B = ["llama3_8b_910b", "llama3_8b_8k_910b", "llama2_7b_910b_2x8", "qwen2_7b_910b", "qwen3_30b_a3b_910b"]
 
 
 def terms(overrides):
