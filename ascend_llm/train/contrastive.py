@@ -8,11 +8,13 @@ Losses (logits_per_text (N, N) = exp(logit_scale) * text @ image^T (+ logit_bias
 - SigLIP (Zhai et al. 2023, eq. 1): -(1/N) sum_i sum_j log sigmoid(z_ij * logits_per_text[i, j]), z_ij = 1 if i == j
   else -1.
 - cosine (the seed's MultimodalAligner: two linear projections trained with a cosine objective; no temperature,
-  c = text @ image^T of the L2-normalised embeddings): PyTorch's CosineEmbeddingLoss (reduction mean) over the pairs
-  (text i, image j), y = 1 if i == j else -1, loss 1 - c_ij for y = 1 and max(0, c_ij - margin) for y = -1:
-  L = (1/N^2) [sum_i (1 - c_ii) + sum_{i != j} max(0, c_ij - margin)]; with dual_encoder.cosine_negatives=false
-  only the matched pairs, L = (1/N) sum_i (1 - c_ii) (which a collapse of every embedding onto one direction
-  minimises: the negatives are what keeps captions apart).
+  c = text @ image^T of the L2-normalised embeddings): PyTorch's CosineEmbeddingLoss (reduction mean) over the N^2
+  in-batch pairs (text i, image j), y_ij = 1 when text i is image j's caption (the same token ids: the diagonal,
+  and every other pair sharing that caption) else -1; loss 1 - c_ij for y = 1 and max(0, c_ij - margin) for y = -1:
+  L = (1/N^2) [sum_{y=1} (1 - c_ij) + sum_{y=-1} max(0, c_ij - margin)]. With dual_encoder.cosine_negatives=false
+  only the matched pairs count, L = mean over y = 1 of (1 - c_ij) (a collapse of every embedding onto one direction
+  minimises it: the negatives are what keeps captions apart). Unlike CLIP/SigLIP's diagonal targets, a repeated
+  caption is no negative of itself: its hinge would push c_jj down for every other image of that caption.
 
 Data parallel: each rank embeds its share of the global batch, then `AllGather` (parallel/comm.py, backward =
 reduce-scatter: OpenCLIP's gather_with_grad) concatenates every rank's features in rank order, so each rank computes
@@ -55,15 +57,21 @@ def siglip_loss(logits_per_text):
     return -log_sigmoid(signs * logits_per_text).sum() / n
 
 
-def cosine_loss(cos, negatives: bool = True, margin: float = 0.0):
+def cosine_loss(cos, matched, negatives: bool = True, margin: float = 0.0):
     """CosineEmbeddingLoss over the in-batch pairs (module docstring): cos (N, N) float32 cosine similarities, row i
-    = text i -> scalar float32. negatives=False: the mean of 1 - cos over the diagonal only."""
-    n = cos.shape[0]
-    eye = ops.eye(n, n, mstype.float32)
-    positives = ((1.0 - cos) * eye).sum()
+    = text i; matched (N, N) float32, 1 where y = 1 (the diagonal at least) -> scalar float32. negatives=False: the
+    mean of 1 - cos over the matched pairs only."""
+    positives = ((1.0 - cos) * matched).sum()
     if not negatives:
-        return positives / n
-    return (positives + (ops.relu(cos - margin) * (1.0 - eye)).sum()) / (n * n)
+        return positives / matched.sum()
+    n = cos.shape[0]
+    return (positives + (ops.relu(cos - margin) * (1.0 - matched)).sum()) / (n * n)
+
+
+def same_caption(input_ids):
+    """(N, N) float32: 1 where rows i and j of input_ids (N, T) int32 hold the same token ids."""
+    equal = (input_ids.expand_dims(1) == input_ids.expand_dims(0)).astype(mstype.int32)
+    return (equal.sum(-1) == input_ids.shape[1]).astype(mstype.float32)
 
 
 def batch_accuracy(logits_per_text):
@@ -92,6 +100,10 @@ class ContrastiveModel(nn.Cell):
         if self.gathered:
             image, text = self.gather(image), self.gather(text)
         return image, text
+
+    def gathered_ids(self, input_ids):
+        """Every rank's input_ids (R*b, T) in rank order (no gradient): the captions of the contrastive batch."""
+        return ops.stop_gradient(self.gather(input_ids)) if self.gathered else input_ids
 
 
 class ContrastiveObjective(Objective):
@@ -135,13 +147,18 @@ class ContrastiveObjective(Objective):
     def loss(self, model: nn.Cell, *batch: Tensor):
         image, text = model(*batch)
         logits = model.dual.logits(image, text)
-        return self.loss_fn(logits), (ops.exp(model.dual.logit_scale).reshape(()), batch_accuracy(logits))
+        if self.text.config.loss == "cosine":
+            value = self.loss_fn(logits, same_caption(model.gathered_ids(batch[1])))
+        else:
+            value = self.loss_fn(logits)
+        return value, (ops.exp(model.dual.logit_scale).reshape(()), batch_accuracy(logits))
 
 
 def loss_function(cfg):
-    """The loss of a DualEncoderConfig: logits_per_text (N, N) float32 -> scalar (module docstring)."""
-    if cfg.loss == "cosine":
-        return lambda cos: cosine_loss(cos, cfg.cosine_negatives, cfg.cosine_margin)
+    """The loss of a DualEncoderConfig: logits_per_text (N, N) float32 (and for cosine the matched pairs, see
+    `cosine_loss`) -> scalar (module docstring)."""
+    if cfg.loss == "cosine":  # (cos, matched)
+        return lambda cos, matched: cosine_loss(cos, matched, cfg.cosine_negatives, cfg.cosine_margin)
     return clip_loss if cfg.loss == "clip" else siglip_loss
 
 

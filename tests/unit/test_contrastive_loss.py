@@ -10,9 +10,11 @@ import pytest
 from mindspore import Tensor, ops
 
 from ascend_llm.models.clip import l2_normalize
-from ascend_llm.train.contrastive import clip_loss, cosine_loss, retrieval_recall, siglip_loss
+from ascend_llm.train.contrastive import clip_loss, cosine_loss, retrieval_recall, same_caption, siglip_loss
 
 COSINE = {"cosine": (True, 0.0), "cosine_margin": (True, 0.1), "cosine_matched": (False, 0.0)}
+CAPTION_KEYS = [0, 1, 2, 3, 1, 4]  # texts 1 and 4 are the same caption: (1, 4) and (4, 1) are matched pairs too
+IDS = np.array([[7, 3, 9, 9], [5, 2, 1, 1], [5, 2, 1, 0], [4, 4, 4, 4], [5, 2, 1, 1], [7, 3, 9, 0]], np.int32)
 
 
 def np_loss(kind: str, image, text, scale, bias) -> float:
@@ -21,9 +23,10 @@ def np_loss(kind: str, image, text, scale, bias) -> float:
     text = text / np.linalg.norm(text, axis=1, keepdims=True)
     if kind in COSINE:  # torch.nn.CosineEmbeddingLoss(margin), mean over the pairs with y = +1 / -1
         negatives, margin = COSINE[kind]
-        cos = text @ image.T
-        pairs = [(i, j) for i in range(len(cos)) for j in range(len(cos)) if negatives or i == j]
-        return float(np.mean([1 - cos[i, j] if i == j else max(0.0, cos[i, j] - margin) for i, j in pairs]))
+        cos, keys = text @ image.T, CAPTION_KEYS
+        pairs = [(i, j) for i in range(len(cos)) for j in range(len(cos)) if negatives or keys[i] == keys[j]]
+        return float(np.mean([1 - cos[i, j] if keys[i] == keys[j] else max(0.0, cos[i, j] - margin)
+                              for i, j in pairs]))
     logits = np.exp(scale) * text @ image.T
     n = len(logits)
     if kind == "clip":
@@ -53,8 +56,9 @@ def np_grads(kind, image, text, scale, bias, h=1e-6):
 
 def ms_loss(kind):
     if kind in COSINE:
+        matched = same_caption(Tensor(IDS))
         return lambda image, text, scale, bias: cosine_loss(ops.matmul(l2_normalize(text), l2_normalize(image).T),
-                                                            *COSINE[kind])
+                                                            matched, *COSINE[kind])
     loss_fn = clip_loss if kind == "clip" else siglip_loss
 
     def fn(image, text, scale, bias):
