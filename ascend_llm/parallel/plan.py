@@ -41,6 +41,7 @@ class Plan:
     time: Optional[TimePlan]
     layout: Layout
     suggestions: list[list[str]] = field(default_factory=list)
+    multimodal: dict[str, int] = field(default_factory=dict)  # {part: parameters} (plan_vision.py)
 
 
 def _degree(parallel: Any, name: str) -> int:
@@ -88,14 +89,20 @@ def plan_recipe(recipe: Any, with_suggestions: bool = False) -> Plan:
     parallel degrees do not divide the model (config.parallel.check_parallel_model)."""
     check_parallel_model(recipe.parallel, recipe.model, recipe.data.seq_len)
     lay = layout_of(recipe)
-    mem = plan_memory(lay, recipe.cluster.device_memory_gib, recipe.runtime.max_device_memory)
+    parts = {}
+    if recipe.objective.name in ("contrastive", "caption"):  # a dual encoder or a vision-language model
+        from ascend_llm.parallel.plan_vision import plan_multimodal
+
+        mem, parts = plan_multimodal(recipe, lay)
+    else:
+        mem = plan_memory(lay, recipe.cluster.device_memory_gib, recipe.runtime.max_device_memory)
     time = plan_time(lay, peak_of(recipe, lay.device), recipe.cluster.intra_node_gb_per_s,
                      recipe.cluster.inter_node_gb_per_s, recipe.train.global_batch_size)
     try:
         check_session_rules(recipe)
     except ConfigError as refused:
         mem.notes.append(f"the trainer refuses this recipe before it starts: {refused}")
-    out = Plan(mem, time, lay)
+    out = Plan(mem, time, lay, multimodal=parts)
     if with_suggestions and mem.fits is False:
         out.suggestions = suggest(recipe)
     return out
@@ -229,6 +236,7 @@ def plan_json(recipe: Any, planned: Plan) -> dict:
                                planned.layout.expert_parallel_degree, planned.layout.compute_bytes,
                                planned.layout.expert_capacity_factor)}
            if is_moe(recipe.model) else {}),
+        **({"multimodal": planned.multimodal} if planned.multimodal else {}),
         "terms": [{"name": t.name, "bytes": t.bytes, "gib": t.gib, "formula": t.formula, "source": t.source,
                    "phase": t.phase} for t in mem.terms],
         "peak_phase": mem.peak_phase,
@@ -261,6 +269,8 @@ def format_plan(recipe: Any, planned: Plan) -> str:
              "", f"{'per-device memory term':<48} {'GiB':>7}  {'phase':<16} formula  [source]"]
     if "moe" in data:  # Mixture-of-Experts: parallel/plan_moe.py
         lines[1:1] = ["MoE: " + ", ".join(f"{k}={v:,.0f}" for k, v in data["moe"].items())]
+    if "multimodal" in data:  # parallel/plan_vision.py: the parameters of the model this objective trains
+        lines[1:1] = ["multimodal parameters: " + ", ".join(f"{k} {v:,}" for k, v in data["multimodal"].items())]
     for t in planned.memory.terms:
         lines.append(f"{t.name:<48} {t.gib:>7.2f}  {t.phase:<16} {t.formula}  [{t.source}]")
     lines.append(f"{'total (peak: always + ' + data['peak_phase'] + ')':<48} {data['total_gib']:>7.2f}")

@@ -300,14 +300,17 @@ CPU_NOTE = ("runtime is not Ascend: this planner models Ascend (910B) device mem
             "the smallest run measured in the planner review of issue 23, table T3)")
 
 
-def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optional[str]) -> MemoryPlan:
+def plan_memory(lay: Layout, device_memory_gib: Optional[float], pool_cap: Optional[str],
+                terms: Optional[list[Term]] = None) -> MemoryPlan:
     """The per-device MemoryPlan. device_memory_gib: one device's memory (None: undeclared); pool_cap:
-    MindSpore's max_device_memory string, applied on Ascend only. Off Ascend there is no budget (no verdict: the
-    model is Ascend's) and a note says so. Raises ConfigError on a bad pool string."""
+    MindSpore's max_device_memory string, applied on Ascend only; terms: the model's terms when they are not the
+    LLM's (plan_vision.py). Off Ascend there is no budget (no verdict: the model is Ascend's) and a note says so.
+    Raises ConfigError on a bad pool string."""
     from ascend_llm.parallel.plan_activations import activation_terms
 
-    moe = [Term(*term) for term in moe_activation_terms(lay)]
-    terms = model_state_terms(lay) + activation_terms(lay) + moe + optimizer_transient_terms(lay)
+    if terms is None:
+        moe = [Term(*term) for term in moe_activation_terms(lay)]
+        terms = model_state_terms(lay) + activation_terms(lay) + moe + optimizer_transient_terms(lay)
     draft = MemoryPlan(terms, None, None)
     terms += overhead_terms(lay, draft.in_pool_bytes)
     notes = []
