@@ -1,6 +1,7 @@
 """The multimodal objectives through the trainer.
 
-Contrastive training under real msrun (2 CPU workers, `ascend-llm launch`): every rank's features form one
+Contrastive training under real msrun (2 CPU workers, one `ascend-llm launch` of workers/train_worker.py for the
+SigLIP run and the seed's cosine aligner): every rank's features form one
 contrastive batch (all-gather with a reduce-scatter backward), so dp2 with local batch B/2 trains exactly like one
 process with global batch B: the same losses, validation loss and final parameters within 1e-5. The one-process
 reference trains 2 steps, then resumes from its checkpoint to step 4 (a constant learning rate, so the schedule does
@@ -30,6 +31,10 @@ RECIPE = ["experiment=digits_clip", "train.global_batch_size=16",
           "train.progress=false", "objective.multimodal.dual_encoder.vision.num_layers=1",
           "objective.multimodal.dual_encoder.text.num_layers=1", "optim.lr=3e-3", "optim.warmup_steps=0",
           "optim.min_lr_ratio=1.0", "train.ckpt_every=2"]
+RUNS = {"siglip": ["objective.multimodal.dual_encoder.loss=siglip"],
+        "aligner": ["objective.multimodal.dual_encoder.loss=cosine", "objective.multimodal.train_towers=false",
+                    "objective.multimodal.dual_encoder.projection_bias=true"]}
+WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +48,35 @@ def digits(tmp_path_factory):
             f"objective.multimodal.val_images={root / 'val.jsonl'}", f"data.cache_dir={root / 'cache'}"]
 
 
-@pytest.mark.parametrize("loss", ["siglip"])
-def test_dp2_global_contrastive_batch_equals_one_process(digits, tmp_path, loss):
+@pytest.fixture(scope="module")
+def dp2_job(digits, tmp_path_factory) -> Path:
+    """One msrun launch (workers/train_worker.py) training every run of RUNS under dp2."""
+    job = tmp_path_factory.mktemp("contrastive_dp2")
+    spec = job / "spec.json"
+    spec.write_text(json.dumps({"log_dir": str(job / "logs"), "runs": [
+        {"name": name, "overrides": [*RECIPE, *digits, *extra, f"train.num_steps={NUM_STEPS}", "parallel=dp2",
+                                     "cluster=cpu_2proc", f"train.output_dir={job / 'runs' / name}"]}
+        for name, extra in RUNS.items()]}))
+    launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
+    return job / "runs"
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_dp2_global_contrastive_batch_equals_one_process(digits, dp2_job, tmp_path, name):
+    """siglip: the sigmoid loss over the gathered batch; aligner: the seed's MultimodalAligner (frozen towers,
+    projections with bias, the cosine loss whose matched pairs come from the gathered caption ids); both resume
+    in one process from a checkpoint holding the trained tensors only (the aligner's: its projections)."""
     from safetensors.numpy import load_file
 
     from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
-    overrides = [*RECIPE, *digits, f"objective.multimodal.dual_encoder.loss={loss}"]
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    overrides = [*RECIPE, *digits, *RUNS[name]]
+    one_dir, two_dir = tmp_path / "one", dp2_job / name
     train(compose_recipe([*overrides, "train.num_steps=2", f"train.output_dir={one_dir}"]))
     resumed = train(compose_recipe([*overrides, f"train.num_steps={NUM_STEPS}", "train.resume=auto",
                                     f"train.output_dir={one_dir}"]))
     assert resumed["start_step"] == 2
-    launch(two_dir, [*overrides, f"train.num_steps={NUM_STEPS}", "parallel=dp2"], workers=2)
 
     one, two = read_records(one_dir), read_records(two_dir)
     assert [r["step"] for r in two] == list(range(1, NUM_STEPS + 1))
@@ -67,7 +87,10 @@ def test_dp2_global_contrastive_batch_equals_one_process(digits, tmp_path, loss)
 
     step = f"checkpoints/step_{NUM_STEPS:08d}/model.safetensors"
     ref, got = load_file(str(one_dir / step)), load_file(str(two_dir / step))
-    assert sorted(ref) == sorted(got) and any(k.startswith("dual.vision.") for k in ref)
+    if name == "aligner":  # only the two projections (weights and biases) train
+        assert sorted(ref) == sorted(f"dual.{side}_projection.{w}" for side in ("text", "visual")
+                                     for w in ("bias", "weight"))
+    assert sorted(ref) == sorted(got) and (name == "aligner" or any(k.startswith("dual.vision.") for k in ref))
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], atol=1e-5, rtol=0, err_msg=name)
 
@@ -104,20 +127,33 @@ def test_first_training_loss_is_transformers_loss(photos, tmp_path, name):
     assert "dual.vision.patch_embedding.weight" in saved and ("dual.logit_bias" in saved) == (name == "siglip_tiny")
 
 
-def test_caption_stage1_then_stage2_with_lora(photos, tmp_path):
-    from safetensors.numpy import load_file
-
+@pytest.fixture(scope="module")
+def stage1(photos, tmp_path_factory) -> tuple[list[str], Path]:
+    """(overrides, run dir) of a 4-step caption run (LLaVA stage 1) on the four photos, at a constant learning rate
+    (the schedule does not depend on train.num_steps), checkpoints at steps 2 and 4."""
     from ascend_llm.compose import compose_recipe
-    from ascend_llm.train.caption import open_vlm
     from ascend_llm.train.trainer import train
 
     caption = [*COMMON, "objective=caption", f"model.pretrained={FIXTURES / 'qwen2_tied'}",
                f"objective.multimodal.vision_pretrained={FIXTURES / 'clip_tiny'}",
                f"objective.multimodal.images={photos}", f"objective.multimodal.val_images={photos}",
                "objective.multimodal.prompt='Photo: <image> Caption:'", "objective.multimodal.max_caption_tokens=16",
-               "train.num_steps=4", "train.val_every=4", "train.ckpt_every=4", "optim.lr=1e-2"]
-    one, two = tmp_path / "stage1", tmp_path / "stage2"
-    train(compose_recipe([*caption, f"train.output_dir={one}"]))
+               "train.num_steps=4", "train.val_every=4", "train.ckpt_every=2", "optim.lr=1e-2",
+               "optim.min_lr_ratio=1.0"]
+    run = tmp_path_factory.mktemp("caption") / "stage1"
+    train(compose_recipe([*caption, f"train.output_dir={run}"]))
+    return caption, run
+
+
+def test_caption_stage1_then_stage2_with_lora(stage1, tmp_path):
+    from safetensors.numpy import load_file
+
+    from ascend_llm.compose import compose_recipe
+    from ascend_llm.train.caption import open_vlm
+    from ascend_llm.train.trainer import train
+
+    caption, one = stage1
+    two = tmp_path / "stage2"
     records = read_records(one)
     assert records[-1]["loss"] < records[0]["loss"]
     saved = load_file(str(one / "checkpoints" / "step_00000004" / "model.safetensors"))
@@ -132,3 +168,26 @@ def test_caption_stage1_then_stage2_with_lora(photos, tmp_path):
     assert any(k.endswith("lora_a") for k in adapters) and "projector.w1.weight" in adapters
     opened = open_vlm(str(two))  # for generate --image: adapters merged into the base LLM
     assert opened.model.tok_embeddings.num_image_tokens == 16
+
+
+def test_caption_resume_equals_the_uninterrupted_run(stage1, tmp_path):
+    """Stopped after step 2 and resumed (the checkpoint holds the projector and its optimizer state; the frozen LLM
+    and vision tower are re-read from their directories): steps 3-4 and the step-4 projector equal stage 1's."""
+    from safetensors.numpy import load_file
+
+    from ascend_llm.compose import compose_recipe
+    from ascend_llm.train.trainer import train
+
+    caption, reference = stage1
+    run = tmp_path / "resumed"
+    train(compose_recipe([*caption, "train.num_steps=2", f"train.output_dir={run}"]))
+    summary = train(compose_recipe([*caption, "train.resume=auto", f"train.output_dir={run}"]))
+    assert summary["start_step"] == 2
+    ours, theirs = read_records(run), read_records(reference)
+    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], atol=1e-6, rtol=0)
+    assert abs(ours[-1]["val_loss"] - theirs[-1]["val_loss"]) < 1e-6
+    step = "checkpoints/step_00000004/model.safetensors"
+    got, ref = load_file(str(run / step)), load_file(str(reference / step))
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-6, rtol=0, err_msg=name)
