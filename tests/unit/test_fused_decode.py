@@ -1,0 +1,122 @@
+"""The fused CPU decode layer (inference/fused_decode.py): one kernel call equals an independent float64 NumPy
+decoder layer (RMSNorm, q/k/v with bias, per-head qk-norm, rotate-half RoPE, paged attention over the row's
+blocks, wo, SwiGLU) at odd widths (no multiple of the 16-float vectors or 8-row tiles) and batch 1, 3, 8; its
+cache writes land at the rows' slots only; the engine takes the path only for plain fp32 layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mindspore import Parameter, Tensor, nn
+
+from ascend_llm.config.model import ModelConfig
+from ascend_llm.inference import fused_decode
+from ascend_llm.inference.engine import Engine
+from ascend_llm.models import build_model
+from ascend_llm.models.llama import rope_tables
+
+pytestmark = pytest.mark.skipif(fused_decode.library_path() is None, reason="no C++ compiler")
+
+# dim 36 = 3 heads x 12, 1 KV head (GQA group 3), ffn 52: no width is a multiple of 16, no row count of 8
+CFG = ModelConfig(name="fused", vocab_size=53, dim=36, num_layers=1, num_heads=3, num_kv_heads=1, ffn_hidden_dim=52,
+                  max_seq_len=48, rope_theta=300.0, init_std=0.3, qkv_bias=True, qk_norm=True, norm_eps=1e-5)
+NB, BS, MB = 9, 4, 5  # cache blocks, positions per block, table width
+
+
+def np_rmsnorm(x, w, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def np_rope(x, cos, sin):  # x (heads, D); cos/sin (D,) of the row's position
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[:, half:], x[:, :half]], -1) * sin
+
+
+def np_layer(w, cfg, h, positions, slots, tables, kc, vc, cos, sin):
+    """float64 decode layer, row by row; writes K/V into kc/vc (copies) like the kernel."""
+    nh, nkv, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
+    out = h.copy()
+    qs = []
+    for b in range(h.shape[0]):
+        x = np_rmsnorm(h[b], w["attention_norm.weight"], eps)
+        q, k, v = ((x @ w[f"attention.{n}.weight"].T + w[f"attention.{n}.bias"]).reshape(heads, hd)
+                   for n, heads in (("wq", nh), ("wk", nkv), ("wv", nkv)))
+        q = np_rope(np_rmsnorm(q, w["attention.q_norm.weight"], eps), cos[positions[b]], sin[positions[b]])
+        k = np_rope(np_rmsnorm(k, w["attention.k_norm.weight"], eps), cos[positions[b]], sin[positions[b]])
+        kc.reshape(-1, nkv, hd)[slots[b]], vc.reshape(-1, nkv, hd)[slots[b]] = k, v
+        qs.append(q)
+    for b in range(h.shape[0]):
+        seen = np.arange(positions[b] + 1)
+        where = tables[b][seen // BS] * BS + seen % BS
+        keys, values = kc.reshape(-1, nkv, hd)[where], vc.reshape(-1, nkv, hd)[where]
+        att = np.empty((nh, hd))
+        for head in range(nh):
+            s = keys[:, head // (nh // nkv)] @ qs[b][head] / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            att[head] = (p / p.sum()) @ values[:, head // (nh // nkv)]
+        out[b] += att.reshape(-1) @ w["attention.wo.weight"].T
+        x = np_rmsnorm(out[b], w["ffn_norm.weight"], eps)
+        gate, up = x @ w["feed_forward.w1.weight"].T, x @ w["feed_forward.w3.weight"].T
+        out[b] += (gate / (1 + np.exp(-gate)) * up) @ w["feed_forward.w2.weight"].T
+    return out
+
+
+class OneLayer(nn.Cell):
+    def __init__(self, model, kc, vc):
+        super().__init__()
+        self.model = model
+        self.layer_op = fused_decode.DecodeLayer(model.cfg)
+        self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
+        self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
+        cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
+        self.cos, self.sin = Tensor(cos), Tensor(sin)
+
+    def construct(self, h, positions, slots, tables):
+        return self.layer_op(h, self.model.layers[0], positions, slots, tables, self.kc, self.vc, self.cos, self.sin)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(CFG, seed=5)
+    m.set_train(False)
+    return m
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_decode_layer_equals_float64_layer(model, batch):
+    rng = np.random.default_rng(batch)
+    shape = (NB, BS, CFG.num_kv_heads, CFG.head_dim)
+    kc, vc = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    tables = np.stack([rng.permutation(np.arange(1, NB))[:MB] for _ in range(batch)]).astype(np.int32)
+    positions = rng.integers(0, MB * BS, batch).astype(np.int32)
+    slots = (tables[np.arange(batch), positions // BS] * BS + positions % BS).astype(np.int32)
+    if batch > 1:
+        slots[-1] = -1  # a padding row: its K/V go nowhere
+        positions[-1], tables[-1] = 0, 0
+    h = rng.standard_normal((batch, CFG.dim)).astype(np.float32)
+    cell = OneLayer(model, kc, vc)
+    got = cell(Tensor(h), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy()
+    weights = {p.name.split("layers.0.", 1)[-1]: p.asnumpy().astype(np.float64)
+               for p in model.layers[0].get_parameters()}
+    cos, sin = rope_tables(CFG.head_dim, CFG.max_seq_len, CFG.rope_theta)
+    ref_k, ref_v = kc.astype(np.float64), vc.astype(np.float64)
+    live = slots >= 0
+    want = np_layer(weights, CFG, h.astype(np.float64)[live], positions[live], slots[live], tables[live], ref_k, ref_v,
+                    cos.astype(np.float64), sin.astype(np.float64))
+    np.testing.assert_allclose(got[live], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cell.kc.asnumpy(), ref_k, rtol=1e-5, atol=1e-5)  # only the live rows' slots changed
+    np.testing.assert_allclose(cell.vc.asnumpy(), ref_v, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_takes_the_fused_path_only_for_plain_layers(model):
+    assert fused_decode.supported(model)
+    assert Engine(model, max_len=16, num_slots=2).forward.fused is not None
+    assert Engine(model, max_len=16, num_slots=2, fused_decode=False).forward.fused is None
+
+    class LoraLike(nn.Dense):  # any replacement of a Dense (LoRA, quantized, FP8) keeps the MindSpore path
+        pass
+
+    other = build_model(CFG, seed=5)
+    other.layers[0].attention.wv = LoraLike(CFG.dim, CFG.num_kv_heads * CFG.head_dim, has_bias=True)
+    assert not fused_decode.supported(other)
+    assert Engine(other, max_len=16, num_slots=2).forward.fused is None
