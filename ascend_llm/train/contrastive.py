@@ -8,13 +8,16 @@ Losses (logits_per_text (N, N) = exp(logit_scale) * text @ image^T (+ logit_bias
 - SigLIP (Zhai et al. 2023, eq. 1): -(1/N) sum_i sum_j log sigmoid(z_ij * logits_per_text[i, j]), z_ij = 1 if i == j
   else -1.
 - cosine (the seed's MultimodalAligner: two linear projections trained with a cosine objective; no temperature,
-  c = text @ image^T of the L2-normalised embeddings): PyTorch's CosineEmbeddingLoss (reduction mean) over the N^2
-  in-batch pairs (text i, image j), y_ij = 1 when text i is image j's caption (the same token ids: the diagonal,
-  and every other pair sharing that caption) else -1; loss 1 - c_ij for y = 1 and max(0, c_ij - margin) for y = -1:
-  L = (1/N^2) [sum_{y=1} (1 - c_ij) + sum_{y=-1} max(0, c_ij - margin)]. With dual_encoder.cosine_negatives=false
-  only the matched pairs count, L = mean over y = 1 of (1 - c_ij) (a collapse of every embedding onto one direction
-  minimises it: the negatives are what keeps captions apart). Unlike CLIP/SigLIP's diagonal targets, a repeated
-  caption is no negative of itself: its hinge would push c_jj down for every other image of that caption.
+  c = text @ image^T of the L2-normalised embeddings): PyTorch's CosineEmbeddingLoss (reduction mean) applied to the
+  matched in-batch pairs (text i, image j) with y = 1, loss 1 - c_ij, plus the same loss applied to the other pairs
+  with y = -1, loss max(0, c_ij - margin), the two means summed:
+  L = mean_{matched} (1 - c_ij) + mean_{others} max(0, c_ij - margin). Text i matches image j when it is that
+  image's caption (the same token ids: the diagonal, and every other pair sharing that caption). With
+  dual_encoder.cosine_negatives=false only the first mean (which a collapse of every embedding onto one direction
+  minimises: the negatives keep captions apart). Why two means and matching by caption: one mean over all N^2
+  pairs weighs the negatives (N - 1) : 1 against the positives, and the digits runs (10 captions, batch 64) sat at
+  the point where every cosine is <= 0 (loss = the matched share, top-1 at chance); a diagonal-only y made each
+  repeated caption a negative of itself, pushing c_jj down for every other image of that caption.
 
 Data parallel: each rank embeds its share of the global batch, then `AllGather` (parallel/comm.py, backward =
 reduce-scatter: OpenCLIP's gather_with_grad) concatenates every rank's features in rank order, so each rank computes
@@ -58,14 +61,14 @@ def siglip_loss(logits_per_text):
 
 
 def cosine_loss(cos, matched, negatives: bool = True, margin: float = 0.0):
-    """CosineEmbeddingLoss over the in-batch pairs (module docstring): cos (N, N) float32 cosine similarities, row i
-    = text i; matched (N, N) float32, 1 where y = 1 (the diagonal at least) -> scalar float32. negatives=False: the
-    mean of 1 - cos over the matched pairs only."""
-    positives = ((1.0 - cos) * matched).sum()
+    """The cosine aligner's loss (module docstring): cos (N, N) float32 cosine similarities, row i = text i; matched
+    (N, N) float32, 1 for y = 1 (the diagonal at least) -> scalar float32: mean over matched pairs of 1 - cos, plus
+    (negatives) the mean over the other pairs of max(0, cos - margin) (0 when every pair matches)."""
+    loss = ((1.0 - cos) * matched).sum() / matched.sum()
     if not negatives:
-        return positives / matched.sum()
-    n = cos.shape[0]
-    return (positives + (ops.relu(cos - margin) * (1.0 - matched)).sum()) / (n * n)
+        return loss
+    others = 1.0 - matched
+    return loss + (ops.relu(cos - margin) * others).sum() / ops.maximum(others.sum(), 1.0)
 
 
 def same_caption(input_ids):

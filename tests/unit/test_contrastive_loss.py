@@ -21,12 +21,13 @@ def np_loss(kind: str, image, text, scale, bias) -> float:
     """float64 reference: L2-normalise, logits_per_text = exp(scale) t i^T (+ bias), then the loss."""
     image = image / np.linalg.norm(image, axis=1, keepdims=True)
     text = text / np.linalg.norm(text, axis=1, keepdims=True)
-    if kind in COSINE:  # torch.nn.CosineEmbeddingLoss(margin), mean over the pairs with y = +1 / -1
+    if kind in COSINE:  # torch.nn.CosineEmbeddingLoss(margin): its mean over y = +1 pairs plus over y = -1 pairs
         negatives, margin = COSINE[kind]
-        cos, keys = text @ image.T, CAPTION_KEYS
-        pairs = [(i, j) for i in range(len(cos)) for j in range(len(cos)) if negatives or keys[i] == keys[j]]
-        return float(np.mean([1 - cos[i, j] if keys[i] == keys[j] else max(0.0, cos[i, j] - margin)
-                              for i, j in pairs]))
+        cos, keys, n = text @ image.T, CAPTION_KEYS, len(text)
+        pairs = [(i, j) for i in range(n) for j in range(n)]
+        loss = np.mean([1 - cos[i, j] for i, j in pairs if keys[i] == keys[j]])
+        others = [max(0.0, cos[i, j] - margin) for i, j in pairs if keys[i] != keys[j]]
+        return float(loss + (np.mean(others) if negatives else 0.0))
     logits = np.exp(scale) * text @ image.T
     n = len(logits)
     if kind == "clip":
