@@ -171,8 +171,8 @@ def test_caption_stage1_then_stage2_with_lora(stage1, tmp_path):
 
 
 def test_caption_resume_equals_the_uninterrupted_run(stage1, tmp_path):
-    """Stopped after step 2 and resumed (the checkpoint holds the projector and its optimizer state; the frozen LLM
-    and vision tower are re-read from their directories): steps 3-4 and the step-4 projector equal stage 1's."""
+    """Resumed from stage 1's step-2 checkpoint (the projector and its optimizer state; the frozen LLM and vision
+    tower are re-read from their directories): steps 3-4 and the step-4 projector equal the uninterrupted run's."""
     from safetensors.numpy import load_file
 
     from ascend_llm.compose import compose_recipe
@@ -180,11 +180,11 @@ def test_caption_resume_equals_the_uninterrupted_run(stage1, tmp_path):
 
     caption, reference = stage1
     run = tmp_path / "resumed"
-    train(compose_recipe([*caption, "train.num_steps=2", f"train.output_dir={run}"]))
-    summary = train(compose_recipe([*caption, "train.resume=auto", f"train.output_dir={run}"]))
+    summary = train(compose_recipe([*caption, f"train.resume={reference / 'checkpoints' / 'step_00000002'}",
+                                    f"train.output_dir={run}"]))
     assert summary["start_step"] == 2
-    ours, theirs = read_records(run), read_records(reference)
-    assert [r["step"] for r in ours] == [1, 2, 3, 4]
+    ours, theirs = read_records(run), read_records(reference)[2:]
+    assert [r["step"] for r in ours] == [3, 4]
     np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in theirs], atol=1e-6, rtol=0)
     assert abs(ours[-1]["val_loss"] - theirs[-1]["val_loss"]) < 1e-6
     step = "checkpoints/step_00000004/model.safetensors"
