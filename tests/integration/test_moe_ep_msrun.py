@@ -1,7 +1,9 @@
 """Expert parallel under real msrun on CPU, through the trainer (parallel/ep.py): the debug MoE model (8 experts,
 top-2, aux loss 0.01) trains like one process within 1e-5 in losses and parameters with its experts sharded
-over 2 workers (dp2, ep2) and over EP x DP on 4 workers (dp4, ep2); checkpoints are layout-free, so runs resume
-across EP layouts: one process -> ep2, ep2 -> one process, ep2 -> ep4.
+over 2 workers (dp2, ep2) and over EP x DP on 4 workers (dp4, ep2), also with ZeRO-2 (dp4 x ep2: the experts'
+optimizer state and gradients sharded over their expert-data-parallel pair); checkpoints are layout-free, so runs
+resume across EP layouts: one process -> ep2, ep2 -> one process, ep2 -> ep4, one process -> ep2 with ZeRO-1,
+dp4 x ep2 with ZeRO-2 -> one process.
 
 The reference is one process with train.grad_accum_steps = the data-parallel degree: its micro-batches are the
 ranks' rows, so the load-balancing loss (not linear in the batch) is computed over the same tokens. One msrun job
@@ -60,8 +62,11 @@ def runs(tmp_path_factory, one_process, data_cache):
     out = {}
     for accum in (2, 4):
         out[f"ref{accum}"] = one_process([*RECIPE, cache, f"train.grad_accum_steps={accum}"])[1]
-    for workers, layouts in ((2, {"ep2": [], "ep2_from_ep1": [f"train.resume={ckpt(out['ref2'], RESUME)}"]}),
-                             (4, {"dp4_ep2": [], "ep4_from_ep2": ["parallel.expert_parallel_degree=4"]})):
+    from_ref2 = f"train.resume={ckpt(out['ref2'], RESUME)}"
+    for workers, layouts in ((2, {"ep2": [], "ep2_from_ep1": [from_ref2],
+                                  "ep2_zero1_from_ep1": [from_ref2, "parallel.zero_stage=1"]}),
+                             (4, {"dp4_ep2": [], "ep4_from_ep2": ["parallel.expert_parallel_degree=4"],
+                                  "dp4_ep2_zero2": ["parallel.zero_stage=2"]})):
         job = root / f"job{workers}"
         specs = []
         for name, extra in layouts.items():
@@ -77,6 +82,8 @@ def runs(tmp_path_factory, one_process, data_cache):
     # ep2 -> one process: the 2-worker run's step-3 checkpoint, resumed in one process
     out["ep1_from_ep2"] = one_process([*RECIPE, cache, "train.grad_accum_steps=2",
                                        f"train.resume={ckpt(out['ep2'], RESUME)}"])[1]
+    out["ep1_from_zero2"] = one_process([*RECIPE, cache, "train.grad_accum_steps=4",
+                                         f"train.resume={ckpt(out['dp4_ep2_zero2'], RESUME)}"])[1]
     return out
 
 
@@ -92,6 +99,16 @@ def test_resume_across_expert_parallel_layouts(runs):
     assert_same_run(runs["ep2_from_ep1"], runs["ref2"], tail)
     assert_same_run(runs["ep1_from_ep2"], runs["ref2"], tail)
     assert_same_run(runs["ep4_from_ep2"], runs["ref4"], tail)
+
+
+def test_expert_parallel_with_zero_trains_and_resumes_like_one_process(runs):
+    """ZeRO under EP (parallel/zero.py expert_groups): dp4 x ep2 with ZeRO-2 from step 1; the optimizer state is
+    layout-free both ways (one process -> ep2 with ZeRO-1, ZeRO-2's step-3 checkpoint -> one process): the
+    resumed steps equal the uninterrupted one-process run only if the AdamW moments moved intact."""
+    assert_same_run(runs["dp4_ep2_zero2"], runs["ref4"], range(1, STEPS + 1))
+    tail = range(RESUME + 1, STEPS + 1)
+    assert_same_run(runs["ep2_zero1_from_ep1"], runs["ref2"], tail)
+    assert_same_run(runs["ep1_from_zero2"], runs["ref4"], tail)
 
 
 PEER_PYTHON = Path(os.environ.get("ASCEND_LLM_PEER_PYTHON", "/work/peer-venv/bin/python"))
