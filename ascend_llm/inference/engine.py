@@ -79,7 +79,7 @@ class PagedForward(nn.Cell):
             self.decode_attention = CpuDecodeAttention(kernel)
         fused = fused and kernel is not None and not on_ascend and fused_decode.library_path() is not None
         # decode steps of plain fp32 layers: one C++ kernel per layer (inference/fused_decode.py)
-        self.fused = fused_decode.DecodeLayer(cfg) if fused and fused_decode.supported(model) else None
+        self.fused = fused_decode.DecodeLayer(model) if fused and fused_decode.supported(model) else None
         self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
         self.matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -137,7 +137,7 @@ class PagedForward(nn.Cell):
             h = h.astype(mstype.float32).reshape(batch, -1)
             rows = positions.reshape(batch)
             for i, layer in enumerate(self.model.layers):
-                h = self.fused(h, layer, rows, slot_mapping, block_tables, self.key_cache[i], self.value_cache[i],
+                h = self.fused(h, i, layer, rows, slot_mapping, block_tables, self.key_cache[i], self.value_cache[i],
                                self.rope_cos, self.rope_sin)
             h = h.reshape(batch, 1, -1)
         else:

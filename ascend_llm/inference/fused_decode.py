@@ -28,7 +28,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
 from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
@@ -43,45 +43,46 @@ static inline v16 load16(const float *p) {
   return v;
 }
 
-// y[m, n0 + j] (+)= sum_k x[m, k] W[n0 + j, k] (+ bias) for MR rows from m0 and NR rows of W from n0.
-template <int MR, int NR>
-static inline void tile(const float *x, int64_t K, const float *W, int64_t m0, int64_t n0, float *y, int64_t ldy,
-                        const float *bias, bool accumulate) {
-  v16 acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = v16{};
-  const int64_t K16 = K & ~static_cast<int64_t>(15);
-  for (int64_t k = 0; k < K16; k += 16) {
-    v16 w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = load16(W + (n0 + j) * K + k);
+// y[m, n0 .. n0 + width) (+)= x[m, :] W[n0 .., :]^T (+ bias) for MR rows: `panel` is the (K, 32) slice of the
+// packed weight (column n0 + c of W^T at panel[k * 32 + c]); each k broadcasts x[m, k] against two 16-wide vectors.
+template <int MR>
+static inline void panel_tile(const float *x, int64_t K, const float *panel, int64_t n0, int64_t width, float *y,
+                              int64_t ldy, const float *bias, bool accumulate) {
+  v16 a0[MR], a1[MR];
+  for (int i = 0; i < MR; ++i) a0[i] = a1[i] = v16{};
+  for (int64_t k = 0; k < K; ++k) {
+    const v16 w0 = load16(panel + k * 32), w1 = load16(panel + k * 32 + 16);
     for (int i = 0; i < MR; ++i) {
-      const v16 xv = load16(x + (m0 + i) * K + k);
-      for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+      const v16 xv = v16{} + x[i * K + k];
+      a0[i] += xv * w0;
+      a1[i] += xv * w1;
     }
   }
   for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float s = 0.0f;
-      for (int l = 0; l < 16; ++l) s += acc[i][j][l];
-      for (int64_t k = K16; k < K; ++k) s += x[(m0 + i) * K + k] * W[(n0 + j) * K + k];
-      if (bias) s += bias[n0 + j];
-      float *o = y + (m0 + i) * ldy + n0 + j;
-      *o = accumulate ? *o + s : s;
+    float row[32];
+    std::memcpy(row, &a0[i], sizeof(v16));
+    std::memcpy(row + 16, &a1[i], sizeof(v16));
+    float *o = y + i * ldy + n0;
+    for (int64_t c = 0; c < width; ++c) {
+      const float s = row[c] + (bias ? bias[n0 + c] : 0.0f);
+      o[c] = accumulate ? o[c] + s : s;
     }
   }
 }
 
-// y (M, N) (+)= x (M, K) W^T (+ bias), W (N, K) row-major: every row of W is read from memory once for all M.
-static void gemm_nt(const float *x, int64_t M, int64_t K, const float *W, int64_t N, const float *bias, float *y,
-                    bool accumulate) {
-  int64_t n = 0;
-  for (; n + 8 <= N; n += 8) {
+// y (M, N) (+)= x (M, K) W^T (+ bias) with W packed as (ceil(N / 32), K, 32) panels (fused_decode.pack): every
+// panel is read from memory once for all M rows (8 rows at a time from L1/L2).
+static void gemm_packed(const float *x, int64_t M, int64_t K, const float *Wp, int64_t N, const float *bias, float *y,
+                        bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    const float *panel = Wp + (n0 / 32) * K * 32;
+    const int64_t width = N - n0 < 32 ? N - n0 : 32;
     int64_t m = 0;
-    for (; m + 2 <= M; m += 2) tile<2, 8>(x, K, W, m, n, y, N, bias, accumulate);
-    for (; m < M; ++m) tile<1, 8>(x, K, W, m, n, y, N, bias, accumulate);
+    for (; m + 8 <= M; m += 8) panel_tile<8>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
+    if (m + 4 <= M) panel_tile<4>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 4;
+    if (m + 2 <= M) panel_tile<2>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 2;
+    if (m < M) panel_tile<1>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
   }
-  for (; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) tile<1, 1>(x, K, W, m, n, y, N, bias, accumulate);
 }
 
 // y (rows, D) = x * rsqrt(mean(x^2) + eps) * w, row by row (models/llama.py RMSNormKernel; y may be x).
@@ -121,14 +122,16 @@ enum {
 };
 
 // params: see the enum; h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32, caches (NB, BS, Hkv, D)
-// [written in place], weights as models/llama.py holds them, consts = [norm eps, has qkv bias, has qk norm].
+// [written in place], norms and biases as models/llama.py holds them, the 7 matrices packed (fused_decode.pack),
+// consts = [norm eps, has qkv bias, has qk norm, heads, ffn width].
 extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                            void *stream, void *extra) {
   if (nparam != NPARAM) return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const int64_t B = shapes[H][0], dim = shapes[H][1];
   const int64_t NB = shapes[KCACHE][0], BS = shapes[KCACHE][1], Hkv = shapes[KCACHE][2], D = shapes[KCACHE][3];
-  const int64_t Hq = shapes[WQ][0] / D, F = shapes[W1][0], MB = shapes[TABLE][1], max_len = shapes[COS][0];
+  const int64_t Hq = static_cast<int64_t>(in(CONSTS)[3]), F = static_cast<int64_t>(in(CONSTS)[4]);
+  const int64_t MB = shapes[TABLE][1], max_len = shapes[COS][0];
   const float eps = in(CONSTS)[0];
   const bool bias = in(CONSTS)[1] > 0.5f, qk_norm = in(CONSTS)[2] > 0.5f;
   const int32_t *positions = static_cast<const int32_t *>(params[POS]);
@@ -142,9 +145,9 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   float *u = g + B * F;
   std::memcpy(h, in(H), B * dim * sizeof(float));
   rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
-  gemm_nt(x, B, dim, in(WQ), nq, bias ? in(BQ) : nullptr, q, false);
-  gemm_nt(x, B, dim, in(WK), nkv, bias ? in(BK) : nullptr, k, false);
-  gemm_nt(x, B, dim, in(WV), nkv, bias ? in(BV) : nullptr, v, false);
+  gemm_packed(x, B, dim, in(WQ), nq, bias ? in(BQ) : nullptr, q, false);
+  gemm_packed(x, B, dim, in(WK), nkv, bias ? in(BK) : nullptr, k, false);
+  gemm_packed(x, B, dim, in(WV), nkv, bias ? in(BV) : nullptr, v, false);
   if (qk_norm) {
     rmsnorm(q, B * Hq, D, in(Q_NORM), eps, q);
     rmsnorm(k, B * Hkv, D, in(K_NORM), eps, k);
@@ -159,12 +162,12 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   }
   paged_attention_rows(q, kc, vc, static_cast<const int32_t *>(params[TABLE]), positions, B, Hq, D, BS, Hkv, MB,
                        att);
-  gemm_nt(att, B, nq, in(WO), dim, nullptr, h, true);
+  gemm_packed(att, B, nq, in(WO), dim, nullptr, h, true);
   rmsnorm(h, B, dim, in(FFN_NORM), eps, x);
-  gemm_nt(x, B, dim, in(W1), F, nullptr, g, false);
-  gemm_nt(x, B, dim, in(W3), F, nullptr, u, false);
+  gemm_packed(x, B, dim, in(W1), F, nullptr, g, false);
+  gemm_packed(x, B, dim, in(W3), F, nullptr, u, false);
   for (int64_t i = 0; i < B * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  gemm_nt(g, B, F, in(W2), dim, nullptr, h, true);
+  gemm_packed(g, B, F, in(W2), dim, nullptr, h, true);
   return 0;
 }
 """
@@ -219,31 +222,60 @@ def supported(model: nn.Cell) -> bool:
     return model.tok_embeddings.weight.dtype == mstype.float32
 
 
+MATRICES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w3",
+            "feed_forward.w2")
+
+
+def pack(weight: np.ndarray) -> np.ndarray:
+    """nn.Dense weight W (N, K) -> panels (ceil(N / 32), K, 32) float32: panel p holds columns 32p.. of W^T (rows
+    of W beyond N are zero), the layout the kernel's broadcast-FMA tiles stream."""
+    n, k = weight.shape
+    panels = -(-n // 32)
+    padded = np.zeros((panels * 32, k), np.float32)
+    padded[:n] = weight
+    return np.ascontiguousarray(padded.reshape(panels, 32, k).transpose(0, 2, 1))
+
+
 class DecodeLayer(nn.Cell):
-    """(h (B, dim) f32, layer, positions (B,) i32, slots (B,) i32, block_tables (B, MB) i32, key_cache, value_cache,
-    cos, sin (max_len, D) f32) -> h after the layer (B, dim) f32; writes the layer's new K/V in place.
+    """construct(h (B, dim) f32, i, layer, positions (B,) i32, slots (B,) i32, block_tables (B, MB) i32, key_cache,
+    value_cache, cos, sin (max_len, D) f32) -> h after layer i (B, dim) f32; writes its new K/V in place.
 
-    Build only when `library_path()` is not None and `supported(model)`. `layer` is the model's TransformerBlock;
-    its Parameters are passed to the kernel as they are."""
+    Build only when `library_path()` is not None and `supported(model)`. Holds the 7 matrices of every layer packed
+    for the kernel (`pack`): a copy of the layers' weights taken at construction (+1x their fp32 bytes), so build it
+    after the weights are final (the engine is built per generate / serve / sample call). Norm weights and biases
+    are read from `layer` as they are."""
 
-    def __init__(self, cfg):
+    def __init__(self, model: nn.Cell):
         super().__init__()
+        cfg = model.cfg
         op = ops.Custom(f"{library_path()}:DecodeLayer", out_shape=lambda h, *rest: h,
                         out_dtype=lambda h, *rest: h, func_type="aot")
         op.add_prim_attr("side_effect_mem", True)
         self.op = op
         self.qkv_bias, self.qk_norm = bool(cfg.qkv_bias), bool(cfg.qk_norm)
-        self.consts = Tensor(np.array([cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm)], np.float32))
+        consts = [cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm), cfg.num_heads, cfg.ffn_hidden_dim]
+        self.consts = Tensor(np.array(consts, np.float32))
         self.absent = Tensor(np.zeros(1, np.float32))
+        packed = []
+        for i, layer in enumerate(model.layers):
+            for name in MATRICES:
+                cell = layer
+                for part in name.split("."):
+                    cell = getattr(cell, part)
+                packed.append(Parameter(Tensor(pack(cell.weight.asnumpy())), name=f"packed.{i}.{name}",
+                                        requires_grad=False))
+        self.packed = ParameterTuple(packed)
 
-    def construct(self, h, layer, positions, slots, block_tables, key_cache, value_cache, cos, sin):
-        attn, ffn = layer.attention, layer.feed_forward
+    def construct(self, h, i, layer, positions, slots, block_tables, key_cache, value_cache, cos, sin):
+        attn = layer.attention
         bq, bk, bv = self.absent, self.absent, self.absent
         if self.qkv_bias:
             bq, bk, bv = attn.wq.bias, attn.wk.bias, attn.wv.bias
         q_norm, k_norm = self.absent, self.absent
         if self.qk_norm:
             q_norm, k_norm = attn.q_norm.weight, attn.k_norm.weight
+        w = self.packed
+        j = 7 * i
         return self.op(h, positions, slots, block_tables, key_cache, value_cache, layer.attention_norm.weight,
-                       attn.wq.weight, attn.wk.weight, attn.wv.weight, bq, bk, bv, q_norm, k_norm, attn.wo.weight,
-                       layer.ffn_norm.weight, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight, cos, sin, self.consts)
+                       w[j], w[j + 1], w[j + 2], bq, bk, bv, q_norm, k_norm, w[j + 3], layer.ffn_norm.weight,
+                       w[j + 4], w[j + 5], w[j + 6], cos, sin, self.consts)

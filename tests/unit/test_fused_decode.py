@@ -65,14 +65,14 @@ class OneLayer(nn.Cell):
     def __init__(self, model, kc, vc):
         super().__init__()
         self.model = model
-        self.layer_op = fused_decode.DecodeLayer(model.cfg)
+        self.layer_op = fused_decode.DecodeLayer(model)
         self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
         self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
         cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
         self.cos, self.sin = Tensor(cos), Tensor(sin)
 
     def construct(self, h, positions, slots, tables):
-        return self.layer_op(h, self.model.layers[0], positions, slots, tables, self.kc, self.vc, self.cos, self.sin)
+        return self.layer_op(h, 0, self.model.layers[0], positions, slots, tables, self.kc, self.vc, self.cos, self.sin)
 
 
 @pytest.fixture(scope="module")
