@@ -23,15 +23,18 @@ computes reference log-probabilities once with the initial model (before trainin
 data-parallel ranks and the shares summed) and stores them in a file named by a hash of the model's weights and
 config, the precision, and the prepared pairs (data files, tokenizer, chat template, seq_len), so any mismatch
 finds no file and recomputes.
-Layouts: data parallel, ZeRO, tensor and context parallel. Under tensor parallel the logits are vocab-sharded
-and each token's log-probability comes from parallel/tp.py `VocabParallelLogProbs` (the log-softmax gather of the
-vocab-parallel cross-entropy: exact, never gathering the logits). Under context parallel each rank holds a zigzag
-slice of every row (train/layout.py): its per-row sums of log-probabilities and token counts are all-reduced over
-the CP group before the sigmoid, so every CP rank computes the whole pair loss; it returns loss / cp (and its
-metrics / cp), since the trainer sums the CP ranks' shares, and the all-reduce's backward (a sum over CP) gives each
-rank the whole gradient of its tokens' log-probabilities. The reference forward (adapters_off) runs after the
-policy's log-probabilities (ops.depend), so both forwards issue their collectives in one order on every rank.
+Layouts: data parallel, ZeRO and tensor parallel. Under tensor parallel the logits are vocab-sharded and each
+token's log-probability comes from parallel/tp.py `VocabParallelLogProbs` (the log-softmax gather of the
+vocab-parallel cross-entropy: exact, never gathering the logits). The reference forward (adapters_off) runs after
+the policy's log-probabilities (ops.depend), so both forwards issue their collectives in one order on every rank.
 LoRA under tensor parallel is refused by the tensor-parallel converter (LoRA cells are not sharded).
+Context parallel is written but refused (build_objective): each rank holds a zigzag slice of every row
+(train/layout.py); its per-row sums and token counts are all-gathered over the CP group and added, so every CP rank
+computes the whole pair loss and returns loss / cp (the trainer sums the shares; the all-gather's backward sums the
+ranks' 1/cp gradient shares). Its first compiled graph trains, but on MindSpore 2.10 CPU the next graph holding
+context-parallel attention in that process (validation, or the training step after the cached reference's forward)
+fails to compile ("input[1] is released" in a Gather, or TupleGetItem on a Func), also with an all-reduce instead of
+the all-gather, with the vocab-parallel log-softmax, and for a language-model run started after it.
 """
 
 from __future__ import annotations
@@ -153,15 +156,15 @@ class PreferenceObjective(Objective):
         self.groups, self.average_logps = groups, bool(average_logps) and kind != "simpo"
         tp = groups.tp.size if groups is not None else 1
         self.cp = groups.cp.size if groups is not None else 1
-        self.token_logps = self.sum_cp = None
+        self.token_logps = self.gather_cp = None
         if tp > 1:
             from ascend_llm.parallel.tp import VocabParallelLogProbs
 
             self.token_logps = VocabParallelLogProbs(groups.tp, vocab_size)
         if self.cp > 1:
-            from ascend_llm.parallel.comm import AllReduce
+            from ascend_llm.parallel.comm import AllGather
 
-            self.sum_cp = AllReduce(groups.cp, "sum")
+            self.gather_cp = AllGather(groups.cp, 0)
 
     def build_data(self, recipe, main_rank: bool):
         from ascend_llm.data.preference import PreferenceDataset, prepare_preference
@@ -204,9 +207,9 @@ class PreferenceObjective(Objective):
             maskf = (labels != -100).astype(mstype.float32)
             picked = self.token_logps(logits, labels).reshape(labels.shape)
             sums, counts = (picked * maskf).sum(-1), maskf.sum(-1)
-        if self.sum_cp is not None:  # one all-reduce for both; its backward sums the CP ranks' gradients
-            both = self.sum_cp(ops.stack([sums, ops.stop_gradient(counts)]))
-            sums, counts = both[0], both[1]
+        if self.gather_cp is not None:  # every CP rank's sums and counts, added (module doc)
+            whole = self.gather_cp(ops.stack([sums, ops.stop_gradient(counts)]).expand_dims(0)).sum(0)
+            sums, counts = whole[0], whole[1]
         return sums, counts
 
     def loss(self, model: nn.Cell, *batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -348,11 +351,16 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
 
 
 def build_objective(recipe, lm_loss) -> PreferenceObjective:
-    """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (every layout:
-    DP, ZeRO, TP, CP). Raises ConfigError for reference=adapters_off without lora.enabled."""
+    """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (DP, ZeRO, TP).
+    Raises ConfigError for reference=adapters_off without lora.enabled, and for context parallel (module doc)."""
     from ascend_llm.parallel.dims import build_groups
 
     cfg, name = recipe.objective.preference, recipe.objective.name
+    if recipe.parallel.context_parallel_degree > 1:
+        raise ConfigError("parallel.context_parallel_degree", recipe.parallel.context_parallel_degree,
+                          f"must be 1 with objective.name={name}: on MindSpore 2.10 the second compiled graph of a "
+                          "context-parallel preference run fails to compile (train/preference.py); use tensor or "
+                          "data parallel")
     mode = resolve_reference(name, cfg, recipe.lora.enabled)
     if mode == "adapters_off" and not recipe.lora.enabled:
         raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "

@@ -1,8 +1,9 @@
 """Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
-reference under data parallel and under ZeRO-2, LoRA-SimPO under data parallel, and DPO resumed under data
-parallel from a one-process checkpoint, each equal to the same recipe in one process (loss and every DPO metric
-per step, validation, within 1e-5). The msrun job computes its own reference cache (every rank, the main rank
-writes), so the cached values are checked under DP too, and the resumed run reads it back."""
+reference under data parallel, ZeRO-2 and tensor parallel (vocab-sharded logits), LoRA-SimPO under data parallel,
+SimPO under tensor parallel, and DPO resumed under data parallel from a one-process checkpoint, each equal to the
+same recipe in one process (loss and every DPO metric per step, validation, within 1e-5). The msrun job computes
+its own reference caches (every rank, the main rank writes; under TP with the shards, its own key), so the cached
+values are checked under DP and TP too, and the resumed run reads one back."""
 
 from __future__ import annotations
 
@@ -42,14 +43,17 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
     one_dpo = one_process(dpo)[1]  # trained first: the resumed run starts from its step-2 checkpoint
     runs = {"dp2": [*dpo, "parallel=dp2"], "dp2_zero2": [*dpo, "parallel=dp2_zero2"],
             "simpo_lora_dp2": [*simpo, "parallel=dp2"],
-            "dp2_resumed": [*dpo, "parallel=dp2", f"train.resume={one_dpo / 'checkpoints' / 'step_00000002'}"]}
+            "dp2_resumed": [*dpo, "parallel=dp2", f"train.resume={one_dpo / 'checkpoints' / 'step_00000002'}"],
+            # tensor parallel: vocab-sharded logits; the cached reference computed with the TP shards (its own key)
+            "dpo_tp2": [*dpo, "parallel=tp2"], "simpo_tp2": [*simpo[:-2], "parallel=tp2"]}
     job = tmp_path / "job"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
         {"name": name, "overrides": [*[o.replace("cache_one", "cache_msrun") for o in overrides], "cluster=cpu_2proc",
                                      f"train.output_dir={job / 'runs' / name}"]} for name, overrides in runs.items()]}))
     launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
-    assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 1  # written once, by rank 0
+    # written by rank 0, once per key: the whole model (dp2, zero2, resumed) and the TP shards (tp2)
+    assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 2
 
     for name, overrides in runs.items():
         reference = read_records(one_process([o for o in overrides if not o.startswith(("parallel=",

@@ -149,6 +149,8 @@ def test_unsupported_setups_are_refused_in_one_line(pairs_file):
     folder, data = pairs_file
     with pytest.raises(ConfigError, match=r"objective\.preference\.reference"):
         build_objective(_recipe(folder, data, "unused", "objective.preference.reference=adapters_off"), None)
+    with pytest.raises(ConfigError, match=r"parallel\.context_parallel_degree.*MindSpore 2\.10"):
+        build_objective(_recipe(folder, data, "unused", "parallel=cp2", "cluster=cpu_2proc"), None)
     with pytest.raises(ConfigError, match=r"objective\.preference\.label_smoothing"):
         _recipe(folder, data, "unused", "objective.preference.loss=ipo", "objective.preference.label_smoothing=0.1")
 
