@@ -35,7 +35,7 @@ ATTENTION_SOURCE = r"""
 static void paged_attention_rows(const float *q, const float *kc, const float *vc, const int32_t *tables,
                                  const int32_t *positions, int64_t B, int64_t H, int64_t D, int64_t BS, int64_t Hkv,
                                  int64_t MB, float *out) {
-  const int64_t G = H / Hkv;
+  const int64_t G = H / Hkv, row = Hkv * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   std::vector<float> scores(MB * BS);
   for (int64_t b = 0; b < B; ++b) {
@@ -43,17 +43,20 @@ static void paged_attention_rows(const float *q, const float *kc, const float *v
     if (ctx > MB * BS) ctx = MB * BS;
     if (ctx < 1) ctx = 1;
     const int32_t *table = tables + b * MB;
+    const int64_t blocks = (ctx + BS - 1) / BS;
     for (int64_t h = 0; h < H; ++h) {
       const int64_t kvh = h / G;
       const float *qh = q + (b * H + h) * D;
       float top = -INFINITY;
-      for (int64_t j = 0; j < ctx; ++j) {
-        const float *k = kc + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
-        float dot = 0.0f;
+      for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {  // block by block: no division per position
+        const float *k = kc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
+        for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, k += row) {
+          float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
-        scores[j] = dot * scale;
-        top = scores[j] > top ? scores[j] : top;
+          for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
+          scores[j] = dot * scale;
+          top = scores[j] > top ? scores[j] : top;
+        }
       }
       double total = 0.0;
       for (int64_t j = 0; j < ctx; ++j) {
@@ -63,11 +66,13 @@ static void paged_attention_rows(const float *q, const float *kc, const float *v
       float *o = out + (b * H + h) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
       const float inv = static_cast<float>(1.0 / total);
-      for (int64_t j = 0; j < ctx; ++j) {
-        const float *v = vc + ((static_cast<int64_t>(table[j / BS]) * BS + j % BS) * Hkv + kvh) * D;
-        const float p = scores[j] * inv;
+      for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
+        const float *v = vc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
+        for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, v += row) {
+          const float p = scores[j] * inv;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+          for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
+        }
       }
     }
   }
