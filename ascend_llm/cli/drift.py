@@ -19,6 +19,13 @@ EXIT_NO_DRIFT, EXIT_DRIFT = 0, 4
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ascend-llm drift", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.add_argument("--json", help="also write the report to this JSON file")
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, corpora, sampling and test options `run` reads (shared with `ascend-llm continual`)."""
     p.add_argument("model", help="run/checkpoint, quantized or Hugging Face directory")
     p.add_argument("--reference", required=True, help="corpus the model knows (.jsonl/.txt file or folder)")
     p.add_argument("--new", required=True, help="incoming corpus")
@@ -32,9 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-field", default="text")
     p.add_argument("--tokenizer", help="tokenizer.json when none sits beside the model")
-    p.add_argument("--json", help="also write the report to this JSON file")
     p.add_argument("--pynative", action="store_true", help="PyNative instead of graph mode (no compile)")
-    return p
 
 
 def run(args: argparse.Namespace) -> dict:

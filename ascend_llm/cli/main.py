@@ -28,6 +28,7 @@ COMMANDS = {
     "eval": ("ascend_llm.cli.eval", "perplexity (strided sliding windows) and size table of models"),
     "serve": ("ascend_llm.cli.serve", "OpenAI-compatible HTTP server with continuous batching"),
     "drift": ("ascend_llm.cli.drift", "drift detection: model loss, token and embedding tests, new vs reference"),
+    "continual": ("ascend_llm.cli.continual", "the loop: drift -> update with replay -> distil -> table -> export"),
 }
 
 
