@@ -108,8 +108,8 @@ class DualEncoderConfig:
     loss: str = "clip"
     logit_scale_init: float = 2.6592
     logit_bias_init: float = -10.0
-    # loss=cosine (train/contrastive.py cosine_loss): in-batch pairs (text i, image j != i) as negatives, hinged at
-    # cosine_margin (torch CosineEmbeddingLoss's margin); false: the matched pairs' 1 - cos only
+    # loss=cosine (train/contrastive.py cosine_loss): the in-batch pairs whose text is not the image's caption are
+    # negatives, hinged at cosine_margin (torch CosineEmbeddingLoss's margin); false: the matched pairs' 1 - cos only
     cosine_negatives: bool = True
     cosine_margin: float = 0.0
     projection_bias: bool = False  # the projections' bias (CLIP: none; the seed's aligner: nn.Dense's default, on)
