@@ -176,6 +176,17 @@ class StepOutput:
         return self._host[row]
 
 
+class RowsOutput:
+    """StepOutput of rows run one by one: ids (n,) int32 and logits(row) in row order."""
+
+    def __init__(self, parts: list[StepOutput]):
+        self.parts = parts
+        self.ids = np.concatenate([part.ids for part in parts])
+
+    def logits(self, row: int) -> np.ndarray:
+        return self.parts[row].logits(0)
+
+
 class Engine:
     """Paged-KV-cache generation for a Llama-family `Transformer` (anything with `cfg`, `tok_embeddings`, `layers`,
     `project_logits`).
@@ -214,7 +225,14 @@ class Engine:
 
     def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
         """One compiled step: row i appends tokens[i] at positions starts[i].. of sequence seq_ids[i] (its blocks
-        must already hold them); returns the next-token argmax and logits after each row's last token."""
+        must already hold them); returns the next-token argmax and logits after each row's last token.
+
+        Prompt chunks (any row longer than one token) run one row per compiled call: each row is padded to its own
+        length bucket, not the longest row's, and the prefill shapes are (1, T, MB) with T ~ 16 MB for fresh
+        prompts, a handful of graphs instead of one per (B, T, MB) mix (each ~7 s to compile for the 24 M Qwen2;
+        a bench serve run met a new mix in its timed part)."""
+        if len(tokens) > 1 and max(len(t) for t in tokens) > 1:
+            return RowsOutput([self.run([s], [t], [p]) for s, t, p in zip(seq_ids, tokens, starts)])
         rows, longest = len(tokens), max(len(t) for t in tokens)
         batch = bucket(rows)
         seq = 1 if longest == 1 else bucket(longest)
