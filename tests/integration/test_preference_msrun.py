@@ -1,9 +1,10 @@
 """Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
 reference under data parallel, ZeRO-2 and tensor parallel (vocab-sharded logits), LoRA-SimPO under data parallel,
 SimPO under tensor parallel, and DPO resumed under data parallel from a one-process checkpoint, each equal to the
-same recipe in one process (loss and every DPO metric per step, validation, within 1e-5). The msrun job computes
-its own reference caches (every rank, the main rank writes; under TP with the shards, its own key), so the cached
-values are checked under DP and TP too, and the resumed run reads one back."""
+same recipe in one process (loss and every DPO metric per step, validation, within 1e-5; DPO under TP within 5e-5
+absolute: float32 summation order, see below). The msrun job computes its own reference caches (every rank, the
+main rank writes; under TP with the shards, its own key), so the cached values are checked under DP and TP too,
+and the resumed run reads one back."""
 
 from __future__ import annotations
 
@@ -63,9 +64,13 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
             reference = reference[2:]
         assert [r["step"] for r in ours] == [r["step"] for r in reference]
         assert ours[-1]["step"] == STEPS
+        # tensor parallel sums each row's ~60 nats of log-probability in another float32 order (sharded GEMMs
+        # all-reduced, vocab shards' log-sum-exp): up to ~6e-5 apart (1e-6 relative, measured), and DPO's loss and
+        # rewards are beta times differences of such sums, so they move by up to ~3e-5: 5e-5 absolute there
+        atol = 5e-5 if name == "dpo_tp2" else 1e-5
         for mine, theirs in zip(ours, reference):
             for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                         "logps/chosen", "logps/rejected", "sft_loss", "val_loss", "val_rewards/accuracies"):
                 if key in theirs:
-                    np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")
+                    np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=atol, err_msg=f"{name} {key}")
         assert "val_rewards/margins" in ours[-1]
