@@ -177,14 +177,20 @@ class StepOutput:
 
 
 class RowsOutput:
-    """StepOutput of rows run one by one: ids (n,) int32 and logits(row) in row order."""
+    """StepOutput of a step run as several calls: parts [(row indices, StepOutput)]; ids (n,) int32 and
+    logits(row) in the caller's row order."""
 
-    def __init__(self, parts: list[StepOutput]):
-        self.parts = parts
-        self.ids = np.concatenate([part.ids for part in parts])
+    def __init__(self, parts: list[tuple[list[int], StepOutput]]):
+        self.ids = np.zeros(sum(len(rows) for rows, _ in parts), np.int32)
+        self._where: dict[int, tuple[StepOutput, int]] = {}
+        for rows, part in parts:
+            for j, row in enumerate(rows):
+                self.ids[row] = part.ids[j]
+                self._where[row] = (part, j)
 
     def logits(self, row: int) -> np.ndarray:
-        return self.parts[row].logits(0)
+        part, j = self._where[row]
+        return part.logits(j)
 
 
 class Engine:
@@ -227,12 +233,16 @@ class Engine:
         """One compiled step: row i appends tokens[i] at positions starts[i].. of sequence seq_ids[i] (its blocks
         must already hold them); returns the next-token argmax and logits after each row's last token.
 
-        Prompt chunks (any row longer than one token) run one row per compiled call: each row is padded to its own
-        length bucket, not the longest row's, and the prefill shapes are (1, T, MB) with T ~ 16 MB for fresh
-        prompts, a handful of graphs instead of one per (B, T, MB) mix (each ~7 s to compile for the 24 M Qwen2;
-        a bench serve run met a new mix in its timed part)."""
-        if len(tokens) > 1 and max(len(t) for t in tokens) > 1:
-            return RowsOutput([self.run([s], [t], [p]) for s, t, p in zip(seq_ids, tokens, starts)])
+        Prompt chunks of different length buckets run as separate compiled calls, one per bucket (rows of one
+        bucket together): each row is padded to its own bucket, not the longest row's, and a mix of lengths does not
+        make a new (B, T, MB) graph (each ~3-7 s to compile for the 24 M Qwen2; bench serve met new mixes in its
+        timed part). Decode rows (T = 1) always run together."""
+        groups: dict[int, list[int]] = {}
+        for row, new in enumerate(tokens):
+            groups.setdefault(bucket(len(new)), []).append(row)
+        if len(groups) > 1:
+            return RowsOutput([(rows, self.run([seq_ids[i] for i in rows], [tokens[i] for i in rows],
+                                               [starts[i] for i in rows])) for rows in groups.values()])
         rows, longest = len(tokens), max(len(t) for t in tokens)
         batch = bucket(rows)
         seq = 1 if longest == 1 else bucket(longest)
