@@ -224,6 +224,9 @@ def _write_report(out: Path, report: dict) -> None:
 
 def run_loop(args: argparse.Namespace, plan: LoopPlan) -> dict:
     """Stages 1-5 (module docstring) into plan.out; returns the report (also written to report.json)."""
+    from ascend_llm.train.runtime import setup_runtime
+
+    setup_runtime(plan.update.runtime)  # the device is set once per process, before the drift check's kernels
     drift = drift_cli.run(args)
     print(_drift_table(drift))
     report = {"drift": bool(drift["drift"]), "updated": False, "drift_report": drift, "overrides": plan.overrides}
