@@ -248,6 +248,8 @@ class Engine:
         seq = 1 if longest == 1 else bucket(longest)
         held = max(len(self.allocator.table(s)) for s in seq_ids)
         width = bucket(held, high=bucket(self.max_blocks_per_seq))
+        if seq == 1 and self.forward.fused is not None:  # the kernel reads positions <= each row's own, whatever the
+            width = bucket(self.max_blocks_per_seq)  # table width: one decode graph per batch bucket, not per (B, MB)
         ids = np.zeros((batch, seq), np.int32)
         positions = np.zeros((batch, seq), np.int32)
         slots = np.full((batch, seq), -1, np.int32)
