@@ -233,13 +233,13 @@ class Engine:
         """One compiled step: row i appends tokens[i] at positions starts[i].. of sequence seq_ids[i] (its blocks
         must already hold them); returns the next-token argmax and logits after each row's last token.
 
-        Prompt chunks of different length buckets run as separate compiled calls, one per bucket (rows of one
-        bucket together): each row is padded to its own bucket, not the longest row's, and a mix of lengths does not
-        make a new (B, T, MB) graph (each ~3-7 s to compile for the 24 M Qwen2; bench serve met new mixes in its
-        timed part). Decode rows (T = 1) always run together."""
-        groups: dict[int, list[int]] = {}
-        for row, new in enumerate(tokens):
-            groups.setdefault(bucket(len(new)), []).append(row)
+        Prompt chunks run one call per distinct (length, start): equal prompts (bench generate) go together, a mix
+        of lengths (serving) runs row by row, each padded to its own length bucket, not the longest row's, and
+        compiles a handful of (1, T, MB) graphs instead of one per (B, T, MB) mix (each ~3-7 s to compile for the
+        24 M Qwen2: bench serve met new mixes in its timed part). Rows of one token always run together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, (new, start) in enumerate(zip(tokens, starts)):
+            groups.setdefault((len(new), start) if len(new) > 1 else (1, 0), []).append(row)
         if len(groups) > 1:
             return RowsOutput([(rows, self.run([seq_ids[i] for i in rows], [tokens[i] for i in rows],
                                                [starts[i] for i in rows])) for rows in groups.values()])
