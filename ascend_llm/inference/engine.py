@@ -9,6 +9,8 @@ T = the chunk length. B, T and MB are bucketed to powers of two, so graph mode c
 host copies the (B,) ids every step and the logits only for rows that sample, penalise or report logprobs.
 On CPU, decode attention is a C++ kernel (kv_cache.cpu_decode_attention) that reads positions 0..position of each
 row through its block table, nothing else; prefill chunks gather their blocks and attend with MindSpore matmuls.
+Decode steps of plain fp32 layers on CPU run each whole layer as one C++ kernel (inference/fused_decode.py), with
+the full block-table width (one graph per batch bucket).
 
 `Engine` owns the cache, the block allocator and the compiled step; `Engine.generate` runs prompts through the one
 `Scheduler` (inference/scheduler.py). On Ascend the cache write and the attention go through MindSpore's fused
