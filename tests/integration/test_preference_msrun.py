@@ -42,7 +42,9 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
            "objective.preference.sft_weight=0.1"]
     simpo = [*_common(data, tmp_path / "cache_one"), "objective=simpo", "lora.enabled=true", "lora.rank=4"]
     one_dpo = one_process(dpo)[1]  # trained first: the resumed run starts from its step-2 checkpoint
-    runs = {"dp2": [*dpo, "parallel=dp2"], "dp2_zero2": [*dpo, "parallel=dp2_zero2"],
+    # DPO from scratch under data parallel is dp2_zero2 (which also computes the reference cache under DP); plain
+    # DP is the resumed DPO run (reads that cache) and SimPO from scratch
+    runs = {"dp2_zero2": [*dpo, "parallel=dp2_zero2"],
             "simpo_lora_dp2": [*simpo, "parallel=dp2"],
             "dp2_resumed": [*dpo, "parallel=dp2", f"train.resume={one_dpo / 'checkpoints' / 'step_00000002'}"],
             # tensor parallel: vocab-sharded logits; the cached reference computed with the TP shards (its own key).
@@ -55,7 +57,7 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
         {"name": name, "overrides": [*[o.replace("cache_one", "cache_msrun") for o in overrides], "cluster=cpu_2proc",
                                      f"train.output_dir={job / 'runs' / name}"]} for name, overrides in runs.items()]}))
     launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
-    # written by rank 0, once per key: the whole model (dp2, zero2, resumed) and the TP shards (tp2)
+    # written by rank 0, once per key: the whole model (zero2, then read by resumed) and the TP shards (tp2)
     assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 2
 
     for name, overrides in runs.items():

@@ -18,7 +18,9 @@ from ascend_llm.models.llama import build_model
 from ascend_llm.tokenizer.bpe import train_tokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
 
-pytestmark = pytest.mark.integration
+# the later tests read what test_quantize_eval_and_export writes into the module fixture's folder: one xdist worker,
+# in file order (the fixture is per worker)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("quant_cli")]
 WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "秋", "雨", "人", "歸", "酒", "明"]
 
 
