@@ -68,6 +68,11 @@ def main(argv: list[str]) -> int:
     max_len = args.max_len or longest + args.max_new_tokens
     if max_len <= longest:
         raise ConfigError("--max-len", max_len, f"must exceed the longest prompt ({longest} tokens)")
+    context = source.model.cfg.max_seq_len  # the model's context length, as serve's --max-model-len default
+    if max_len > context:
+        field, value = ("--max-len", args.max_len) if args.max_len else ("--max-new-tokens", args.max_new_tokens)
+        raise ConfigError(field, value, f"the prompt ({longest} tokens) and the new tokens must fit the model's "
+                                        f"context of {context} positions")
     engine = Engine(source.model, max_len=max_len, num_slots=len(prompts))
     requests = Scheduler(engine, tokenizer).generate(
         prompts, [SamplingParams(**{**vars(params), "seed": args.seed + i}) for i in range(len(prompts))])

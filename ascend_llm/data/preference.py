@@ -167,8 +167,9 @@ def prepare_preference(cfg) -> PreparedData:
     from ascend_llm.tokenizer.hf import HFTokenizer
 
     if not cfg.tokenizer or cfg.path is None:
-        raise DataError("data.tokenizer" if not cfg.tokenizer else "data.path", cfg.tokenizer or cfg.path,
-                        "preference tuning needs model.pretrained=DIR (its tokenizer) and data.path=PAIRS.jsonl")
+        field, value = ("data.tokenizer", cfg.tokenizer) if not cfg.tokenizer else ("data.path", cfg.path)
+        raise DataError(field, value, "preference tuning needs model.pretrained=DIR (its tokenizer) and "
+                                      "data.path=PAIRS.jsonl")
     target = Path(cfg.cache_dir).expanduser() / preference_key(cfg)
     if (target / "meta.json").is_file():
         return PreparedData(target, json.loads((target / "meta.json").read_text()))

@@ -47,6 +47,15 @@ def test_generate_cli(capsys):
     assert out["decode_tokens_per_s"] > 0
 
 
+def test_generate_cli_refuses_more_tokens_than_the_context(capsys):
+    """A prompt plus --max-new-tokens beyond config.json's max_position_embeddings is one line naming the flag, exit
+    2 (serve refuses the same request with a 400; 100,000 new tokens used to run for minutes)."""
+    context = json.loads((fixture("qwen2_tied") / "config.json").read_text())["max_position_embeddings"]
+    assert cli_main(["generate", str(fixture("qwen2_tied")), "--prompt", "hi", "--max-new-tokens", str(context)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--max-new-tokens" in lines[0] and f"context of {context} positions" in lines[0], lines
+
+
 def test_closing_sample_uses_the_engine():
     model, _, tokenizer, meta = loaded("qwen2_tied")  # no BOS: the sample's encoding equals text_input_ids
     expected = tokenizer.decode(meta["text_input_ids"] + meta["greedy_continuation_ids"])

@@ -203,3 +203,8 @@ def test_prepare_cli_prepares_the_pairs_train_reads(pairs_file, capsys, tmp_path
     assert prepare_preference(recipe.data).path == Path(printed["path"])
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
     assert "--output" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # without model.pretrained there is no tokenizer: the line names data.tokenizer and its (empty) value, not the
+    # pairs file's path
+    assert main(["prepare", "objective=dpo", f"data.path={data}", f"data.cache_dir={cache}", "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "data.tokenizer" in lines[0] and str(data) not in lines[0], lines
