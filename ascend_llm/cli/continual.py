@@ -109,7 +109,7 @@ def plan_loop(args: argparse.Namespace) -> LoopPlan:
         raise ConfigError("--replay", args.replay, "must be in [0, 1): the share of the old corpus in the update")
     if args.bits not in (4, 8):
         raise ConfigError("--bits", args.bits, "allowed: 4 or 8")
-    out = check_output_dir(args.out, field="--out", protect=[args.model])
+    out = check_output_dir(args.out, field="--out", protect=[args.model], overwrite_flag=None)
     _check_owned(args.update, UPDATE_KEYS, "--update")
     _check_owned(args.student, STUDENT_KEYS, "--student")
     new, old = str(Path(args.new).absolute()), str(Path(args.reference).absolute())

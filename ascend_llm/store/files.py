@@ -307,13 +307,13 @@ def _read_only(path: Path) -> bool:
 
 
 def check_output_dir(out_dir: str | os.PathLike, *, field: str = "--out", overwrite: bool = False,
-                     protect: Iterable[str | os.PathLike] = (), overwrite_flag: str = "--overwrite") -> Path:
+                     protect: Iterable[str | os.PathLike] = (), overwrite_flag: str | None = "--overwrite") -> Path:
     """Refuse, before any work, an output directory the toolkit must not or cannot write: a path that is a file
     or a symbolic link, a parent that is a file, an unwritable place, the working directory or an ancestor of
     it, or an existing non-empty directory without `overwrite`; with `overwrite`, still a `protect` path (the
     source model) or a directory holding one, a training run, a directory the toolkit did not write, or one
-    holding files it did not write (`foreign_files`). Returns the path. Raises OutputError naming `field` and
-    the path."""
+    holding files it did not write (`foreign_files`). overwrite_flag: the command's flag named in the refusal, None
+    when it has none. Returns the path. Raises OutputError naming `field` and the path."""
     out = Path(out_dir)
     target = Path(os.path.abspath(out))  # what the rename will replace ("sub/.." is the working directory)
     if target.is_symlink():
@@ -325,8 +325,8 @@ def check_output_dir(out_dir: str | os.PathLike, *, field: str = "--out", overwr
         raise _refuse(field, out, "is the working directory or holds it; choose a new directory")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise _refuse(field, out, f"exists and is not empty; pass {overwrite_flag} to replace a directory "
-                                      "ascend_llm wrote, or choose another path")
+            hint = f"pass {overwrite_flag} to replace a directory ascend_llm wrote, or " if overwrite_flag else ""
+            raise _refuse(field, out, f"exists and is not empty; {hint}choose another path")
         _check_replaceable(target, field, protect)
     _probe(target, field)
     return out

@@ -103,6 +103,12 @@ def test_bad_input_is_one_line_and_writes_nothing(corpora, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and "\n" not in err, err
         assert not out.exists()
+    out.mkdir()  # a non-empty --out: continual has no --overwrite, so the line does not offer one
+    (out / "notes.txt").write_text("keep")
+    assert main(_args(root, old, new, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out" in err and "not empty" in err and "--overwrite" not in err and "\n" not in err, err
+    assert (out / "notes.txt").read_text() == "keep"
 
 
 def test_without_drift_nothing_is_trained(corpora):
