@@ -19,7 +19,7 @@ COMMANDS = {
     "prepare": ("ascend_llm.cli.prepare", "tokenize a corpus into a token memmap (+ tokenizer)"),
     "info": ("ascend_llm.cli.info", "parameter counts, FLOPs/token and memory of a recipe's model"),
     "plan": ("ascend_llm.cli.plan", "per-device memory and step-time plan of a recipe; what to change to fit"),
-    "bench": ("ascend_llm.cli.bench", "benchmarks: train attention precision dp parallel generate serve prepare quant"),
+    "bench": ("ascend_llm.cli.bench", "benchmarks beside their peers (`ascend-llm bench --help` lists them)"),
     "rank-table": ("ascend_llm.cli.rank_table", "generate, validate, merge or show HCCL rank tables"),
     "launch": ("ascend_llm.cli.launch", "launch a distributed job with msrun from a recipe"),
     "convert": ("ascend_llm.cli.convert", "export a checkpoint as a Hugging Face model directory"),
