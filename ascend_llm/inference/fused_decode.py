@@ -31,10 +31,11 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
+from ascend_llm.inference.fused_quant import QUANT_GEMM_SOURCE, group_sizes, matrix_supported
 from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
 from ascend_llm.precision.cpu_kernel import compile_library
 
-FUSED_SOURCE = r"""
+VECTOR_SOURCE = r"""
 typedef float v16 __attribute__((vector_size(64)));
 
 static inline v16 load16(const float *p) {
@@ -42,7 +43,9 @@ static inline v16 load16(const float *p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+"""
 
+FUSED_SOURCE = r"""
 // y[m, n0 .. n0 + width) (+)= x[m, :] W[n0 .., :]^T (+ bias) for MR rows: `panel` is the (K, 32) slice of the
 // packed weight (column n0 + c of W^T at panel[k * 32 + c]); each k broadcasts x[m, k] against two 16-wide vectors.
 template <int MR>
@@ -70,12 +73,17 @@ static inline void panel_tile(const float *x, int64_t K, const float *panel, int
   }
 }
 
-// y (M, N) (+)= x (M, K) W^T (+ bias) with W packed as (ceil(N / 32), K, 32) panels (fused_decode.pack): every
-// panel is read from memory once for all M rows (8 rows at a time from L1/L2).
-static void gemm_packed(const float *x, int64_t M, int64_t K, const float *Wp, int64_t N, const float *bias, float *y,
-                        bool accumulate) {
+// A float32 weight packed as (ceil(N / 32), K, 32) panels (fused_decode.pack).
+struct PackedMatrix {
+  const float *panels;
+};
+
+// y (M, N) (+)= x (M, K) W^T (+ bias): every panel is read from memory once for all M rows (8 rows at a time from
+// L1/L2).
+static void gemm(const float *x, int64_t M, int64_t K, const PackedMatrix &W, int64_t N, const float *bias, float *y,
+                 bool accumulate) {
   for (int64_t n0 = 0; n0 < N; n0 += 32) {
-    const float *panel = Wp + (n0 / 32) * K * 32;
+    const float *panel = W.panels + (n0 / 32) * K * 32;
     const int64_t width = N - n0 < 32 ? N - n0 : 32;
     int64_t m = 0;
     for (; m + 8 <= M; m += 8) panel_tile<8>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
@@ -117,16 +125,16 @@ static void rope(float *x, int64_t B, int64_t heads, int64_t D, const float *cos
 }
 
 enum {
-  H, POS, SLOT, TABLE, KCACHE, VCACHE, ATTN_NORM, WQ, WK, WV, BQ, BK, BV, Q_NORM, K_NORM, WO, FFN_NORM, W1, W3, W2,
-  COS, SIN, CONSTS, OUT, NPARAM
+  H, POS, SLOT, TABLE, KCACHE, VCACHE, ATTN_NORM, BQ, BK, BV, Q_NORM, K_NORM, FFN_NORM, COS, SIN, CONSTS, NCOMMON
 };
+enum { WQ, WK, WV, WO, W1, W3, W2 };  // fused_decode.MATRICES order
 
-// params: see the enum; h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32, caches (NB, BS, Hkv, D)
-// [written in place], norms and biases as models/llama.py holds them, the 7 matrices packed (fused_decode.pack),
-// consts = [norm eps, has qkv bias, has qk norm, heads, ffn width].
-extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                           void *stream, void *extra) {
-  if (nparam != NPARAM) return 1;
+// The layer, for either kind of matrix (PackedMatrix: float32 panels, QuantMatrix: QuantLinear's codes; each has its
+// `gemm`). params[0 .. NCOMMON) as in the enum: h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32,
+// caches (NB, BS, Hkv, D) [written in place], norms and biases as models/llama.py holds them, cos/sin (max_len, D),
+// consts = [norm eps, has qkv bias, has qk norm, heads, ffn width]; out (B, dim).
+template <class Matrix>
+static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float *h) {
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const int64_t B = shapes[H][0], dim = shapes[H][1];
   const int64_t NB = shapes[KCACHE][0], BS = shapes[KCACHE][1], Hkv = shapes[KCACHE][2], D = shapes[KCACHE][3];
@@ -137,7 +145,6 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   const int32_t *positions = static_cast<const int32_t *>(params[POS]);
   const int32_t *slots = static_cast<const int32_t *>(params[SLOT]);
   float *kc = static_cast<float *>(params[KCACHE]), *vc = static_cast<float *>(params[VCACHE]);
-  float *h = static_cast<float *>(params[OUT]);
   thread_local std::vector<float> buf;
   const int64_t nq = Hq * D, nkv = Hkv * D;
   buf.resize(B * (dim + 2 * nq + 2 * nkv + 2 * F));
@@ -145,9 +152,9 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   float *u = g + B * F;
   std::memcpy(h, in(H), B * dim * sizeof(float));
   rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
-  gemm_packed(x, B, dim, in(WQ), nq, bias ? in(BQ) : nullptr, q, false);
-  gemm_packed(x, B, dim, in(WK), nkv, bias ? in(BK) : nullptr, k, false);
-  gemm_packed(x, B, dim, in(WV), nkv, bias ? in(BV) : nullptr, v, false);
+  gemm(x, B, dim, w[WQ], nq, bias ? in(BQ) : nullptr, q, false);
+  gemm(x, B, dim, w[WK], nkv, bias ? in(BK) : nullptr, k, false);
+  gemm(x, B, dim, w[WV], nkv, bias ? in(BV) : nullptr, v, false);
   if (qk_norm) {
     rmsnorm(q, B * Hq, D, in(Q_NORM), eps, q);
     rmsnorm(k, B * Hkv, D, in(K_NORM), eps, k);
@@ -162,12 +169,52 @@ extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   }
   paged_attention_rows(q, kc, vc, static_cast<const int32_t *>(params[TABLE]), positions, B, Hq, D, BS, Hkv, MB,
                        att);
-  gemm_packed(att, B, nq, in(WO), dim, nullptr, h, true);
+  gemm(att, B, nq, w[WO], dim, nullptr, h, true);
   rmsnorm(h, B, dim, in(FFN_NORM), eps, x);
-  gemm_packed(x, B, dim, in(W1), F, nullptr, g, false);
-  gemm_packed(x, B, dim, in(W3), F, nullptr, u, false);
+  gemm(x, B, dim, w[W1], F, nullptr, g, false);
+  gemm(x, B, dim, w[W3], F, nullptr, u, false);
   for (int64_t i = 0; i < B * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  gemm_packed(g, B, F, in(W2), dim, nullptr, h, true);
+  gemm(g, B, F, w[W2], dim, nullptr, h, true);
+}
+
+// float32 layer: params = common, the 7 matrices packed (fused_decode.pack), out.
+extern "C" int DecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != NCOMMON + 8) return 1;
+  PackedMatrix w[7];
+  for (int i = 0; i < 7; ++i) w[i].panels = static_cast<const float *>(params[NCOMMON + i]);
+  decode_layer(params, shapes, w, static_cast<float *>(params[NCOMMON + 7]));
+  return 0;
+}
+
+// Quantized layer: params = common, (qweight uint8, scales float16, zeros uint8 (N, G) or (1,) when symmetric) for
+// each of the 7 QuantLinear, group sizes (7,) i32, out. Dtypes and shapes are checked (a mismatch is an error code,
+// never a misread).
+extern "C" int DecodeLayerQuant(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != NCOMMON + 23) return 1;
+  const int32_t *groups = static_cast<const int32_t *>(params[NCOMMON + 21]);
+  const float *consts = static_cast<const float *>(params[CONSTS]);
+  const int64_t dim = shapes[H][1], D = shapes[KCACHE][3], F = static_cast<int64_t>(consts[4]);
+  const int64_t nq = static_cast<int64_t>(consts[3]) * D, nkv = shapes[KCACHE][2] * D;
+  const int64_t in_features[7] = {dim, dim, dim, nq, dim, dim, F}, out_features[7] = {nq, nkv, nkv, dim, F, F, dim};
+  QuantMatrix w[7];
+  for (int i = 0; i < 7; ++i) {
+    const int c = NCOMMON + 3 * i;
+    if (dtypes && (std::strcmp(dtypes[c], "uint8") || std::strcmp(dtypes[c + 1], "float16") ||
+                   std::strcmp(dtypes[c + 2], "uint8")))
+      return 2;
+    const int64_t N = shapes[c][0], rb = shapes[c][1], G = shapes[c + 1][1], K = in_features[i];
+    const bool zeros = ndims[c + 2] == 2;
+    if (N != out_features[i] || (rb != K && 2 * rb != K) || shapes[c + 1][0] != N || groups[i] < 1 ||
+        G != (K + groups[i] - 1) / groups[i] || (rb != K && groups[i] % 2) ||
+        (zeros && (shapes[c + 2][0] != N || shapes[c + 2][1] != G)))
+      return 3;
+    w[i] = QuantMatrix{static_cast<const uint8_t *>(params[c]), static_cast<const uint16_t *>(params[c + 1]),
+                       zeros ? static_cast<const uint8_t *>(params[c + 2]) : nullptr, G, groups[i],
+                       rb == K ? 8 : 4};
+  }
+  decode_layer(params, shapes, w, static_cast<float *>(params[NCOMMON + 22]));
   return 0;
 }
 """
@@ -188,37 +235,47 @@ def _cpu_signature() -> str:
 @functools.cache
 def library_path() -> str | None:
     """The compiled fused-decode library (built on first use), None when no C++ compiler works."""
-    source = f"// cpu {_cpu_signature()}\n{ATTENTION_SOURCE}\n{FUSED_SOURCE}"
+    source = f"// cpu {_cpu_signature()}\n{ATTENTION_SOURCE}\n{VECTOR_SOURCE}\n{QUANT_GEMM_SOURCE}\n{FUSED_SOURCE}"
     return compile_library("fused_decode", source, FLAGS)
 
 
-def supported(model: nn.Cell) -> bool:
-    """True when every layer is the plain fp32 Llama block the kernel implements: RMSNorm norms, exact nn.Dense
-    q/k/v/o without activation, a FeedForward of exact nn.Dense, float32 weights (no LoRA, quantized, FP8,
-    precision-converted or MoE cells)."""
+def _cells(layer: nn.Cell) -> list:
+    """The 7 projections of a layer in `MATRICES` order."""
+    return [getattr(getattr(layer, name.split(".")[0]), name.split(".")[1]) for name in MATRICES]
+
+
+def layer_kind(layer: nn.Cell, cfg) -> str | None:
+    """"fp32" (7 exact nn.Dense, float32), "quant" (7 `QuantLinear` the kernel reads, fused_quant.matrix_supported),
+    or None when the kernel does not implement the layer: RMSNorm norms (float32, the model's eps), no activation,
+    biases on q/k/v exactly when cfg.qkv_bias, a FeedForward (no LoRA, FP8, precision-converted or MoE cells, no
+    mix of float and quantized projections in one layer)."""
     from ascend_llm.models.llama import FeedForward, RMSNorm
 
-    def dense(cell) -> bool:
-        return type(cell) is nn.Dense and not cell.activation_flag and cell.weight.dtype == mstype.float32
-
     def norm(cell) -> bool:
-        return type(cell) is RMSNorm and cell.weight.dtype == mstype.float32
+        return type(cell) is RMSNorm and cell.weight.dtype == mstype.float32 and cell.eps == cfg.norm_eps
 
-    cfg = model.cfg
-    for layer in model.layers:
-        attn, ffn = getattr(layer, "attention", None), getattr(layer, "feed_forward", None)
-        if attn is None or type(ffn) is not FeedForward or not norm(layer.attention_norm) or not norm(layer.ffn_norm):
-            return False
-        if not all(dense(c) for c in (attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w2, ffn.w3)):
-            return False
-        if attn.wq.has_bias != bool(cfg.qkv_bias) or attn.wo.has_bias or ffn.w1.has_bias or ffn.w2.has_bias:
-            return False
-        if ffn.w3.has_bias or (cfg.qk_norm and not (norm(attn.q_norm) and norm(attn.k_norm))):
-            return False
-        if attn.wk.has_bias != attn.wq.has_bias or attn.wv.has_bias != attn.wq.has_bias:
-            return False
-        if any(c.eps != cfg.norm_eps for c in (layer.attention_norm, layer.ffn_norm)):
-            return False
+    attn, ffn = getattr(layer, "attention", None), getattr(layer, "feed_forward", None)
+    if attn is None or type(ffn) is not FeedForward or not norm(layer.attention_norm) or not norm(layer.ffn_norm):
+        return None
+    if cfg.qk_norm and not (norm(attn.q_norm) and norm(attn.k_norm)):
+        return None
+    cells = _cells(layer)
+    if all(type(c) is nn.Dense and not c.activation_flag and c.weight.dtype == mstype.float32 for c in cells):
+        kind = "fp32"
+    elif all(matrix_supported(c) for c in cells):
+        kind = "quant"
+    else:
+        return None
+    if any(c.has_bias != bool(cfg.qkv_bias) for c in cells[:3]) or any(c.has_bias for c in cells[3:]):
+        return None
+    return kind
+
+
+def supported(model: nn.Cell) -> bool:
+    """True when every layer is a plain Llama block the kernel implements (`layer_kind`: float32 or weight-only
+    quantized, layers may differ) and the embeddings are float32."""
+    if any(layer_kind(layer, model.cfg) is None for layer in model.layers):
+        return False
     return model.tok_embeddings.weight.dtype == mstype.float32
 
 
@@ -240,42 +297,64 @@ class DecodeLayer(nn.Cell):
     """construct(h (B, dim) f32, i, layer, positions (B,) i32, slots (B,) i32, block_tables (B, MB) i32, key_cache,
     value_cache, cos, sin (max_len, D) f32) -> h after layer i (B, dim) f32; writes its new K/V in place.
 
-    Build only when `library_path()` is not None and `supported(model)`. Holds the 7 matrices of every layer packed
-    for the kernel (`pack`): a copy of the layers' weights taken at construction (+1x their fp32 bytes), so build it
-    after the weights are final (the engine is built per generate / serve / sample call). Norm weights and biases
-    are read from `layer` as they are."""
+    Build only when `library_path()` is not None and `supported(model)`. float32 layers: holds their 7 matrices
+    packed for the kernel (`pack`), a copy taken at construction (+1x their fp32 bytes), so build it after the
+    weights are final (the engine is built per generate / serve / sample call). Quantized layers: nothing is copied,
+    the kernel reads each QuantLinear's qweight / scales / zeros Parameters as stored (inference/fused_quant.py).
+    Norm weights and biases are read from `layer` as they are."""
 
     def __init__(self, model: nn.Cell):
         super().__init__()
         cfg = model.cfg
-        op = ops.Custom(f"{library_path()}:DecodeLayer", out_shape=lambda h, *rest: h,
-                        out_dtype=lambda h, *rest: h, func_type="aot")
-        op.add_prim_attr("side_effect_mem", True)
-        self.op = op
+        self.op = self._custom("DecodeLayer")
+        self.quant_op = self._custom("DecodeLayerQuant")
         self.qkv_bias, self.qk_norm = bool(cfg.qkv_bias), bool(cfg.qk_norm)
         consts = [cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm), cfg.num_heads, cfg.ffn_hidden_dim]
         self.consts = Tensor(np.array(consts, np.float32))
         self.absent = Tensor(np.zeros(1, np.float32))
-        packed = []
+        self.absent_zeros = Tensor(np.zeros(1, np.uint8))
+        packed, first, groups = [], [], []
         for i, layer in enumerate(model.layers):
-            for name in MATRICES:
-                cell = layer
-                for part in name.split("."):
-                    cell = getattr(cell, part)
-                packed.append(Parameter(Tensor(pack(cell.weight.asnumpy())), name=f"packed.{i}.{name}",
-                                        requires_grad=False))
+            cells = _cells(layer)
+            quantized = layer_kind(layer, cfg) == "quant"
+            first.append(-1 if quantized else len(packed))
+            groups.append(Tensor(group_sizes(cells)) if quantized else self.absent)
+            if not quantized:
+                packed += [Parameter(Tensor(pack(c.weight.asnumpy())), name=f"packed.{i}.{name}", requires_grad=False)
+                           for name, c in zip(MATRICES, cells)]
         self.packed = ParameterTuple(packed)
+        self.first, self.groups = tuple(first), tuple(groups)
+
+    @staticmethod
+    def _custom(name: str) -> ops.Custom:
+        op = ops.Custom(f"{library_path()}:{name}", out_shape=lambda h, *rest: h, out_dtype=lambda h, *rest: h,
+                        func_type="aot")
+        op.add_prim_attr("side_effect_mem", True)
+        return op
+
+    def _zeros(self, cell):
+        if cell.zeros is None:
+            return self.absent_zeros
+        return cell.zeros
 
     def construct(self, h, i, layer, positions, slots, block_tables, key_cache, value_cache, cos, sin):
-        attn = layer.attention
+        attn, ffn = layer.attention, layer.feed_forward
         bq, bk, bv = self.absent, self.absent, self.absent
         if self.qkv_bias:
             bq, bk, bv = attn.wq.bias, attn.wk.bias, attn.wv.bias
         q_norm, k_norm = self.absent, self.absent
         if self.qk_norm:
             q_norm, k_norm = attn.q_norm.weight, attn.k_norm.weight
+        an, fn = layer.attention_norm.weight, layer.ffn_norm.weight
+        j = self.first[i]
+        if j < 0:
+            wq, wk, wv, wo, w1, w3, w2 = attn.wq, attn.wk, attn.wv, attn.wo, ffn.w1, ffn.w3, ffn.w2
+            return self.quant_op(h, positions, slots, block_tables, key_cache, value_cache, an, bq, bk, bv, q_norm,
+                                 k_norm, fn, cos, sin, self.consts,
+                                 wq.qweight, wq.scales, self._zeros(wq), wk.qweight, wk.scales, self._zeros(wk),
+                                 wv.qweight, wv.scales, self._zeros(wv), wo.qweight, wo.scales, self._zeros(wo),
+                                 w1.qweight, w1.scales, self._zeros(w1), w3.qweight, w3.scales, self._zeros(w3),
+                                 w2.qweight, w2.scales, self._zeros(w2), self.groups[i])
         w = self.packed
-        j = 7 * i
-        return self.op(h, positions, slots, block_tables, key_cache, value_cache, layer.attention_norm.weight,
-                       w[j], w[j + 1], w[j + 2], bq, bk, bv, q_norm, k_norm, w[j + 3], layer.ffn_norm.weight,
-                       w[j + 4], w[j + 5], w[j + 6], cos, sin, self.consts)
+        return self.op(h, positions, slots, block_tables, key_cache, value_cache, an, bq, bk, bv, q_norm, k_norm, fn,
+                       cos, sin, self.consts, w[j], w[j + 1], w[j + 2], w[j + 3], w[j + 4], w[j + 5], w[j + 6])

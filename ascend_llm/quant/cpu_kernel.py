@@ -35,20 +35,9 @@ from mindspore import ops
 
 from ascend_llm.precision.cpu_kernel import compile_library
 
-SOURCE = r"""
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <thread>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-
-static float half_to_float(uint16_t h) {
+HALF_TO_FLOAT = r"""
+// IEEE binary16 bits -> float (exact; subnormals normalized). Shared with inference/fused_quant.py.
+static inline float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
   if (exp == 0x1fu) {
@@ -67,6 +56,21 @@ static float half_to_float(uint16_t h) {
   return f;
 }
 
+"""
+
+SOURCE = r"""
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CLONES
+#endif
+""" + HALF_TO_FLOAT + r"""
 struct Layer {
   const float *x; const uint8_t *q; const uint16_t *scales; const uint8_t *zeros; const int32_t *g_idx;
   const float *bias; float *y;

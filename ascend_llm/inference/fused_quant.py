@@ -1,0 +1,192 @@
+"""The weight-only quantized matrices of the fused CPU decode layer (inference/fused_decode.py): `QuantLinear` codes
+read as they are stored, dequantized in registers.
+
+A decoder layer whose 7 projections are `QuantLinear` (int8 or int4, per channel or group-wise, symmetric or
+asymmetric, contiguous groups) runs the same C++ layer as a float32 one (`decode_layer<Matrix>` in fused_decode.py:
+norms, RoPE, paged attention, SwiGLU are one copy); only the matrix product differs. `gemm_quant` computes
+y (M, N) (+)= x (M, K) W^T (+ bias) with w = scale * (code - zero) (quant/linear.py) straight from the stored
+Parameters: qweight (N, K) uint8 codes or (N, K / 2) uint8 nibble pairs (column 2j in the low nibble of byte j),
+scales (N, G) float16, zeros (N, G) uint8 (symmetric: 2**(bits-1)). For 16 codes of a row it loads 16 (int8) or
+8+8 (int4) bytes, widens them to float32 in a vector register, applies code * scale - zero * scale with one FMA and
+multiplies with x: the weight bytes a decode step streams are the quantized bytes, and no float32 copy of a weight
+exists (not even a scratch). Tiles: 8 rows of x x 2 rows of W (8 x 16-float accumulators... 16 in all), 4 x 4,
+2 x 4 and 1 x 8 for the smaller batches; the 8 W rows of a block stay in L1 while every row block of x passes.
+int4 multiplies the low nibbles with x's even columns and the high nibbles with its odd ones (x is split into
+evens then odds once per call, so groups of an even size stay contiguous). Act-order (g_idx) weights and int4 with
+an odd group size are not taken (`matrix_supported`: the layer keeps the MindSpore path).
+
+With AVX-512 the widening is vpmovzxbd + vcvtdq2ps (GCC 12 scalarizes a generic uint8 -> float vector conversion);
+other CPUs get a plain loop the compiler vectorizes as it can.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from mindspore import dtype as mstype
+
+from ascend_llm.quant.cpu_kernel import HALF_TO_FLOAT
+
+QUANT_GEMM_SOURCE = HALF_TO_FLOAT + r"""
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16 codes16(const uint8_t *p) {
+  return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline void nibbles16(const uint8_t *p, v16 &lo, v16 &hi) {
+  const __m128i b = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(15);
+  lo = (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, m)));
+  hi = (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), m)));
+}
+static inline float hsum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+static inline v16 codes16(const uint8_t *p) {
+  v16 v;
+  for (int i = 0; i < 16; ++i) v[i] = (float)p[i];
+  return v;
+}
+static inline void nibbles16(const uint8_t *p, v16 &lo, v16 &hi) {
+  for (int i = 0; i < 16; ++i) lo[i] = (float)(p[i] & 15), hi[i] = (float)(p[i] >> 4);
+}
+static inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+#endif
+
+// One QuantLinear as stored: codes (N, K) or (N, K / 2) uint8, scales (N, G) binary16, zeros (N, G) or null
+// (symmetric: 2**(bits-1)); column k belongs to group k / group.
+struct QuantMatrix {
+  const uint8_t *codes;
+  const uint16_t *scales;
+  const uint8_t *zeros;
+  int64_t G, group;
+  int bits;
+};
+
+// y[i, n + r] (+)= sum_k x[i, k] * scale * (code[n + r, k] - zero) (+ bias) for MR rows of x (K floats each; int4:
+// the even columns, then the odd ones) and NR rows of W. Group by group: 16 codes at a time in registers, the rest
+// of a group (group not a multiple of 16) one by one into scalar accumulators.
+template <int MR, int NR>
+static inline void quant_tile(const QuantMatrix &W, const float *x, int64_t K, int64_t n, float *y, int64_t ldy,
+                              const float *bias, bool accumulate) {
+  v16 acc[MR][NR];
+  float tail[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = v16{}, tail[i][r] = 0.f;
+  const int64_t rb = W.bits == 8 ? K : K / 2, H = K / 2, step = W.bits == 8 ? W.group : W.group / 2;
+  const float half = (float)(1 << (W.bits - 1));
+  for (int64_t g = 0; g < W.G; ++g) {
+    float s[NR], zs[NR];  // w = code * s + zs
+    for (int r = 0; r < NR; ++r) {
+      s[r] = half_to_float(W.scales[(n + r) * W.G + g]);
+      zs[r] = -s[r] * (W.zeros ? (float)W.zeros[(n + r) * W.G + g] : half);
+    }
+    const int64_t j0 = g * step, j1 = j0 + step < rb ? j0 + step : rb;
+    int64_t j = j0;
+    if (W.bits == 8) {
+      for (; j + 16 <= j1; j += 16) {
+        v16 w[NR];
+        for (int r = 0; r < NR; ++r) w[r] = codes16(W.codes + (n + r) * rb + j) * s[r] + zs[r];
+        for (int i = 0; i < MR; ++i) {
+          const v16 xv = load16(x + i * K + j);
+          for (int r = 0; r < NR; ++r) acc[i][r] += xv * w[r];
+        }
+      }
+    } else {
+      for (; j + 16 <= j1; j += 16) {
+        v16 lo[NR], hi[NR];
+        for (int r = 0; r < NR; ++r) {
+          nibbles16(W.codes + (n + r) * rb + j, lo[r], hi[r]);
+          lo[r] = lo[r] * s[r] + zs[r];
+          hi[r] = hi[r] * s[r] + zs[r];
+        }
+        for (int i = 0; i < MR; ++i) {
+          const v16 xl = load16(x + i * K + j), xh = load16(x + i * K + H + j);
+          for (int r = 0; r < NR; ++r) acc[i][r] += xl * lo[r] + xh * hi[r];
+        }
+      }
+    }
+    for (; j < j1; ++j) {
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t c = W.codes[(n + r) * rb + j];
+        for (int i = 0; i < MR; ++i) {
+          if (W.bits == 8) {
+            tail[i][r] += x[i * K + j] * ((float)c * s[r] + zs[r]);
+          } else {
+            tail[i][r] += x[i * K + j] * ((float)(c & 15) * s[r] + zs[r]) +
+                          x[i * K + H + j] * ((float)(c >> 4) * s[r] + zs[r]);
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int r = 0; r < NR; ++r) {
+      const float v = hsum(acc[i][r]) + tail[i][r] + (bias ? bias[n + r] : 0.f);
+      float *o = y + i * ldy + n + r;
+      *o = accumulate ? *o + v : v;
+    }
+  }
+}
+
+// MR rows of x against W rows [n, n + rows), NR at a time (rows < NR: one by one).
+template <int MR, int NR>
+static inline void quant_block(const QuantMatrix &W, const float *x, int64_t K, int64_t n, int64_t rows, float *y,
+                               int64_t N, const float *bias, bool accumulate) {
+  int64_t r = 0;
+  for (; r + NR <= rows; r += NR) quant_tile<MR, NR>(W, x, K, n + r, y, N, bias, accumulate);
+  for (; r < rows; ++r) quant_tile<MR, 1>(W, x, K, n + r, y, N, bias, accumulate);
+}
+
+// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): blocks of 8 rows of W (8 K-byte code rows, L1-resident) against
+// every row block of x.
+static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int64_t N, const float *bias, float *y,
+                 bool accumulate) {
+  thread_local std::vector<float> split;
+  const float *xs = x;
+  if (W.bits == 4) {  // evens then odds, matching the low / high nibbles
+    split.resize(M * K);
+    const int64_t H = K / 2;
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t j = 0; j < H; ++j) {
+        split[m * K + j] = x[m * K + 2 * j];
+        split[m * K + H + j] = x[m * K + 2 * j + 1];
+      }
+    }
+    xs = split.data();
+  }
+  for (int64_t n = 0; n < N; n += 8) {
+    const int64_t rows = N - n < 8 ? N - n : 8;
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) quant_block<8, 2>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
+    if (m + 4 <= M) quant_block<4, 4>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 4;
+    if (m + 2 <= M) quant_block<2, 4>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 2;
+    if (m < M) quant_block<1, 8>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
+  }
+}
+"""
+
+
+def matrix_supported(cell) -> bool:
+    """True for a `QuantLinear` the kernel reads: int8 or int4 uint8 codes, float16 scales, uint8 zeros or none,
+    contiguous groups (no act-order g_idx), int4 groups of an even size, float32 bias or none, not MoE-stacked."""
+    from ascend_llm.quant.linear import QuantLinear
+    from ascend_llm.quant.rtn import effective_group_size
+
+    if type(cell) is not QuantLinear or cell.bits not in (4, 8) or cell.g_idx is not None:
+        return False
+    if getattr(cell, "stacked_2d", False) or cell.qweight.dtype != mstype.uint8 or cell.scales.dtype != mstype.float16:
+        return False
+    if cell.zeros is not None and cell.zeros.dtype != mstype.uint8:
+        return False
+    if cell.has_bias and cell.bias.dtype != mstype.float32:
+        return False
+    return cell.bits == 8 or effective_group_size(cell.group_size, cell.in_channels) % 2 == 0
+
+
+def group_sizes(cells: list) -> np.ndarray:
+    """(7,) int32: columns per group of each QuantLinear (per channel: in_channels), in `MATRICES` order."""
+    from ascend_llm.quant.rtn import effective_group_size
+
+    return np.array([effective_group_size(c.group_size, c.in_channels) for c in cells], np.int32)
