@@ -8,9 +8,10 @@ generates exactly its output length. Each request streams (the server sends a ch
 its text is held back, as vLLM does): time to first token (TTFT) = first chunk; per-token latency (TPOT) = (last
 chunk - first) / (tokens - 1). Throughput =
 generated tokens / wall time of the whole workload. The server is started here (`--max-num-seqs` = --concurrency)
-unless --url names a running one. Before timing, every prompt runs once alone (8 output tokens) and the whole
-workload once at --concurrency, so graph compilation of the step shapes is excluded. Numbers on a shared CPU are
-noisy: run it on a quiet machine.
+unless --url names a running one; the server compiles every step graph before it answers /health (start-up
+time is reported), and graph_compiles is the rise of the server's ascend_llm:graph_compiles_total during each timed
+run (0: no request waited for a compile). A few short requests of each mode run untimed first. Numbers on a shared
+CPU are noisy: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from ascend_llm.bench.report import print_table, write_json
 
 COLUMNS = ["mode", "concurrency", "requests", "tokens", "wall_s", "tokens_per_s", "speedup", "ttft_p50_s",
-           "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms"]
+           "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "graph_compiles"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -128,18 +129,25 @@ def main(argv: list[str]) -> int:
     source = open_model(args.model, build=False)
     _check(args, source.config.max_seq_len)
     requests = workload(args, source.config.vocab_size)
+    began = time.perf_counter()
     server = None if args.url else _start_server(args)
+    startup_s = None if args.url else round(time.perf_counter() - began, 1)
+    if startup_s is not None:
+        print(f"server ready in {startup_s} s (model load and step-graph compiles)", flush=True)
     base = args.url or server[1]
     try:
         model = _model_id(base)
-        # warm-up, untimed: every step shape of both modes gets compiled (one sequence: each prompt with a few
-        # tokens; batched: the whole workload, whose (batch, chunk) groupings depend on arrival and finish order)
-        asyncio.run(run(base, model, [(p, min(n, 8)) for p, n in requests], 1))
-        asyncio.run(run(base, model, requests, args.concurrency))
+        # warm-up, untimed: the server compiled its step graphs before answering /health; a few requests of each
+        # mode warm the HTTP path (connections, threads, allocator)
+        for concurrency in (1, args.concurrency):
+            asyncio.run(run(base, model, [(p, min(n, 4)) for p, n in requests[:concurrency]], concurrency))
         rows = []
         for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
+            before = _graph_compiles(base)
             wall, results = asyncio.run(run(base, model, requests, concurrency))
             rows.append(summarize(mode, concurrency, wall, results, rows[0]["tokens_per_s"] if rows else None))
+            compiles = _graph_compiles(base)
+            rows[-1]["graph_compiles"] = None if compiles is None else compiles - (before or 0)
             print(f"{mode}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
     finally:
         if server is not None:
@@ -147,8 +155,18 @@ def main(argv: list[str]) -> int:
     print_table(rows, COLUMNS)
     write_json(args.json, "serve", rows, model=str(Path(args.model).resolve()), num_requests=args.num_requests,
                concurrency=args.concurrency, prompt_len=[args.min_prompt, args.max_prompt],
-               new_tokens=[args.min_new, args.max_new], url=args.url)
+               new_tokens=[args.min_new, args.max_new], url=args.url, startup_s=startup_s)
     return 0
+
+
+def _graph_compiles(base: str) -> int | None:
+    """The server's ascend_llm:graph_compiles_total (None when /metrics does not report it)."""
+    import httpx
+
+    for line in httpx.get(f"{base}/metrics", timeout=60).text.splitlines():
+        if line.startswith("ascend_llm:graph_compiles_total "):
+            return int(float(line.split()[1]))
+    return None
 
 
 def _model_id(base: str) -> str:

@@ -42,6 +42,8 @@ from ascend_llm.inference.kv_cache import (
 from ascend_llm.models.llama import rope_inv_freq, rope_tables
 
 DEFAULT_CACHE_TOKENS = 1 << 16  # KV positions reserved when neither num_blocks nor a smaller need is given
+MIN_ATTEND_POSITIONS = 1024  # narrowest block-table width of a prompt chunk, in positions (MindSpore-ops path)
+MIN_CHUNK = 16  # smallest prompt-chunk bucket of the MindSpore-ops path (shorter chunks are padded to it)
 
 
 def bucket(n: int, low: int = 1, high: int | None = None) -> int:
@@ -50,6 +52,15 @@ def bucket(n: int, low: int = 1, high: int | None = None) -> int:
     while size < n:
         size *= 2
     return size if high is None else min(size, high)
+
+
+def _powers(low: int, high: int) -> list[int]:
+    """Powers of two from bucket(low) up to high (high itself a power of two)."""
+    out, n = [], bucket(low)
+    while n <= high:
+        out.append(n)
+        n *= 2
+    return out
 
 
 class PagedForward(nn.Cell):
@@ -144,7 +155,11 @@ class PagedForward(nn.Cell):
             h = h.reshape(batch, 1, -1)
         else:
             h = self._layers(h, positions, slot_mapping, block_tables)
-        picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
+        if self.fused is not None and seq == 1:  # flat rows: logit_index (R,) picks rows of h (N, 1, dim)
+            picked = ops.gather(h.reshape(batch, -1), logit_index, 0).expand_dims(1)
+            batch = logit_index.shape[0]
+        else:
+            picked = ops.gather(h, logit_index.reshape(batch, 1), 1, batch_dims=1)
         if self.tied_head:  # h @ E^T as one 2-D MatMul(transpose_b): no per-step transpose of the embeddings
             normed = self.model.norm(picked).reshape(batch, -1)
             logits = self.matmul_nt(normed, self.model.tok_embeddings.weight.astype(normed.dtype))
@@ -229,29 +244,127 @@ class Engine:
         # models/vlm.py SplicedEmbedding (an image prefix of a vision-language model)
         self.num_input_ids = self.cfg.vocab_size + int(getattr(model.tok_embeddings, "num_image_tokens", 0))
         self._jit_step = None
+        self._shapes_seen: set[tuple] = set()
+        # fused CPU layer: every step is one call over flat token rows (decode and prompt chunks together)
+        self.flat = self.forward.fused is not None
+        self.logit_rows = bucket(num_slots)  # logits computed per flat step: one per sequence at most
+        self.max_step_tokens = bucket(max(self.max_chunk, num_slots))
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 
     def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
         """One compiled step: row i appends tokens[i] at positions starts[i].. of sequence seq_ids[i] (its blocks
         must already hold them); returns the next-token argmax and logits after each row's last token.
 
-        Prompt chunks run one call per distinct (length, start): equal prompts (bench generate) go together, a mix
-        of lengths (serving) runs row by row, each padded to its own length bucket, not the longest row's, and
-        compiles a handful of (1, T, MB) graphs instead of one per (B, T, MB) mix (each ~3-7 s to compile for the
-        24 M Qwen2: bench serve met new mixes in its timed part). Rows of one token always run together."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, (new, start) in enumerate(zip(tokens, starts)):
-            groups.setdefault((len(new), start) if len(new) > 1 else (1, 0), []).append(row)
-        if len(groups) > 1:
-            return RowsOutput([(rows, self.run([seq_ids[i] for i in rows], [tokens[i] for i in rows],
-                                               [starts[i] for i in rows])) for rows in groups.values()])
+        Only shapes of `graph_shapes()` are run (each row padded up to its bucket), so after `warm_up()` no step
+        compiles a graph. With the fused CPU layer every step is one call over flat token rows: decode tokens and
+        prompt-chunk tokens together, each token a row of its sequence (vLLM's flattened batch); otherwise decode
+        rows run together and each prompt chunk runs alone, padded to its chunk bucket."""
+        if self.flat:
+            return self._run_flat(seq_ids, tokens, starts)
+        decode = [i for i, t in enumerate(tokens) if len(t) == 1]
+        if decode and len(decode) < len(tokens):  # decode rows together, prompt chunks one by one
+            parts = [(decode, self._run_rows([seq_ids[i] for i in decode], [tokens[i] for i in decode],
+                                             [starts[i] for i in decode]))]
+            parts += [([i], self._run_rows([seq_ids[i]], [tokens[i]], [starts[i]])) for i in range(len(tokens))
+                      if len(tokens[i]) > 1]
+            return RowsOutput(parts)
+        if not decode and len(tokens) > 1:
+            return RowsOutput([([i], self._run_rows([seq_ids[i]], [tokens[i]], [starts[i]]))
+                               for i in range(len(tokens))])
+        return self._run_rows(seq_ids, tokens, starts)
+
+    # ---- the shape set --------------------------------------------------------------------------------------
+    def graph_shapes(self) -> list[tuple[int, int, int, int]]:
+        """Every (batch, tokens per row, table width, logit rows) the engine runs: the graphs `warm_up` compiles.
+
+        Fused CPU layer: flat rows N (powers of two up to `max_step_tokens`), table width bucket(max blocks),
+        logit rows min(N, bucket(num_slots)). Otherwise: decode (B, 1, W) for batch buckets B up to
+        bucket(num_slots) and prompt chunks (1, T, W) for chunk buckets T (powers of two from MIN_CHUNK up to
+        max_chunk); W = table widths (`widths()`)."""
+        full = bucket(self.max_blocks_per_seq)
+        if self.flat:
+            return [(n, 1, full, min(n, self.logit_rows)) for n in _powers(1, self.max_step_tokens)]
+        shapes = [(b, 1, w, b) for b in _powers(1, bucket(self.num_slots)) for w in self.widths(1)]
+        for seq in _powers(min(MIN_CHUNK, self.max_chunk), self.max_chunk):
+            shapes += [(1, seq, w, 1) for w in self.widths(seq)]
+        return shapes
+
+    def widths(self, seq: int) -> list[int]:
+        """Block-table widths used with `seq` new tokens per row. The full width (bucket of max blocks per
+        sequence) for decode when its kernel reads only the held blocks; for prompt chunks, powers of four from
+        MIN_ATTEND_POSITIONS / block_size (attention over that many positions costs less than a layer's matmuls
+        for the 24 M Qwen2) up to the full width: one width for contexts up to 1,024 positions."""
+        full = bucket(self.max_blocks_per_seq)
+        if seq == 1 and self.forward.has_decode_kernel:
+            return [full]
+        least = max(-(-seq // self.block_size), MIN_ATTEND_POSITIONS // self.block_size, 1)
+        out, w = [], 1
+        while w < full:
+            if w >= least:
+                out.append(w)
+            w *= 4
+        return out + [full]
+
+    def _width(self, seq: int, held: int) -> int:
+        return next(w for w in self.widths(seq) if w >= held)
+
+    def warm_up(self) -> float:
+        """Compile every shape of `graph_shapes()` (padding rows only: nothing is written to the cache);
+        returns the seconds taken."""
+        began = time.perf_counter()
+        for batch, seq, width, logit_rows in self.graph_shapes():
+            shape = (batch * seq, 1) if self.flat else (batch, seq)
+            self._call(Tensor(np.zeros(shape, np.int32)), Tensor(np.zeros(shape, np.int32)),
+                       Tensor(np.full(batch * seq, -1, np.int32)),
+                       Tensor(np.full((batch * seq if self.flat else batch, width), NULL_BLOCK, np.int32)),
+                       Tensor(np.zeros(logit_rows, np.int32)))[0].asnumpy()
+        return time.perf_counter() - began
+
+    @property
+    def graph_compiles(self) -> int:
+        """Distinct input shapes the compiled step has run (each one graph compiled in graph mode)."""
+        return len(self._shapes_seen)
+
+    # ---- steps ----------------------------------------------------------------------------------------------
+    def _run_flat(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
+        """Flat rows: one row per new token, in one call of N = bucket(tokens) rows (split when beyond
+        max_step_tokens or logit_rows sequences)."""
+        total = sum(len(t) for t in tokens)
+        if total > self.max_step_tokens or len(tokens) > self.logit_rows:
+            parts, rows, count = [], [], 0
+            for i, new in enumerate(tokens):
+                if rows and (count + len(new) > self.max_step_tokens or len(rows) == self.logit_rows):
+                    parts.append(rows)
+                    rows, count = [], 0
+                rows.append(i)
+                count += len(new)
+            parts.append(rows)
+            return RowsOutput([(rows, self._run_flat([seq_ids[i] for i in rows], [tokens[i] for i in rows],
+                                                     [starts[i] for i in rows])) for rows in parts])
+        n = bucket(total)
+        width = bucket(self.max_blocks_per_seq)
+        ids, positions = np.zeros((n, 1), np.int32), np.zeros((n, 1), np.int32)
+        slots, tables = np.full(n, -1, np.int32), np.full((n, width), NULL_BLOCK, np.int32)
+        last = np.zeros(min(n, self.logit_rows), np.int32)
+        row = 0
+        for i, (seq_id, new, start) in enumerate(zip(seq_ids, tokens, starts)):
+            k = len(new)
+            ids[row:row + k, 0] = new
+            positions[row:row + k, 0] = np.arange(start, start + k)
+            slots[row:row + k] = self.allocator.slots(seq_id, start, k)
+            table = self.allocator.table(seq_id)
+            tables[row:row + k, :len(table)] = table
+            last[i] = row + k - 1
+            row += k
+        return self._timed(tokens, ids, positions, slots, tables, last)
+
+    def _run_rows(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
+        """(B, T) rows of equal kind: decode rows (T = 1) or one prompt chunk (B = 1, T its chunk bucket)."""
         rows, longest = len(tokens), max(len(t) for t in tokens)
-        batch = bucket(rows)
-        seq = 1 if longest == 1 else bucket(longest)
+        seq = 1 if longest == 1 else bucket(longest, low=min(MIN_CHUNK, self.max_chunk))
+        batch = bucket(rows) if seq == 1 else 1
         held = max(len(self.allocator.table(s)) for s in seq_ids)
-        width = bucket(held, high=bucket(self.max_blocks_per_seq))
-        if seq == 1 and self.forward.fused is not None:  # the kernel reads positions <= each row's own, whatever the
-            width = bucket(self.max_blocks_per_seq)  # table width: one decode graph per batch bucket, not per (B, MB)
+        width = self._width(seq, max(held, -(-seq // self.block_size)))
         ids = np.zeros((batch, seq), np.int32)
         positions = np.zeros((batch, seq), np.int32)
         slots = np.full((batch, seq), -1, np.int32)
@@ -265,13 +378,17 @@ class Engine:
             table = self.allocator.table(seq_id)
             tables[row, :len(table)] = table
             last[row] = n - 1
+        return self._timed(tokens, ids, positions, slots.reshape(-1), tables, last)
+
+    def _timed(self, tokens, ids, positions, slots, tables, last) -> StepOutput:
         began = time.perf_counter()
-        out_ids, logits = self._call(Tensor(ids), Tensor(positions), Tensor(slots.reshape(-1)), Tensor(tables),
-                                     Tensor(last))
-        host_ids = out_ids.asnumpy()[:rows]
-        kind = "decode" if longest == 1 else "prefill"
+        out_ids, logits = self._call(Tensor(ids), Tensor(positions), Tensor(slots), Tensor(tables), Tensor(last))
+        host_ids = out_ids.asnumpy()[:len(tokens)]
+        prefill = sum(len(t) for t in tokens if len(t) > 1)
+        kind = "prefill" if prefill else "decode"
         self.stats[f"{kind}_s"] += time.perf_counter() - began
-        self.stats[f"{kind}_tokens"] += sum(len(t) for t in tokens) if kind == "prefill" else rows
+        self.stats["prefill_tokens"] += prefill
+        self.stats["decode_tokens"] += sum(1 for t in tokens if len(t) == 1) if not prefill else 0
         self.stats["steps"] += 1
         return StepOutput(host_ids, logits)
 
@@ -279,6 +396,7 @@ class Engine:
         """The compiled step. In graph mode through an `ms.jit` function that calls the cell: the generic
         `Cell.__call__` re-walks every sub-cell to set its compile phase on every call (~2-3 ms a step here, measured
         with cProfile); the jit function's call costs ~0.1 ms. In pynative mode the cell runs op by op."""
+        self._shapes_seen.add(tuple(a.shape for a in args))
         if ms.get_context("mode") != ms.GRAPH_MODE:
             return self.forward(*args)
         if self._jit_step is None:

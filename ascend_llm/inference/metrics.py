@@ -4,6 +4,7 @@ Names follow vLLM's (vllm/v1/metrics/loggers.py) with the prefix `ascend_llm:`:
   gauges (read from `Scheduler.stats()` at scrape time): num_requests_running, num_requests_waiting,
     kv_cache_usage_perc (0..1), num_kv_blocks_used, num_kv_blocks_free, num_kv_blocks_total
   counters: prompt_tokens_total, generation_tokens_total, num_preemptions_total (scheduler totals),
+    graph_compiles_total (distinct step shapes the engine ran: all compiled at start-up, constant under traffic),
     request_success_total{finished_reason} (stop | length | cancelled | error, counted by the server)
   histograms (seconds, one observation per finished request): time_to_first_token_seconds,
     time_per_output_token_seconds (mean over the request's tokens after the first), e2e_request_latency_seconds
@@ -47,7 +48,9 @@ class _SchedulerCollector:
             yield GaugeMetricFamily(PREFIX + name, doc, value=float(value))
         for name, doc, key in [("prompt_tokens", "Prefill tokens processed.", "prompt_tokens_total"),
                                ("generation_tokens", "Generated tokens.", "generation_tokens_total"),
-                               ("num_preemptions", "Requests preempted (recomputed later).", "num_preemptions")]:
+                               ("num_preemptions", "Requests preempted (recomputed later).", "num_preemptions"),
+                               ("graph_compiles", "Distinct step shapes run by the engine (one graph compile each "
+                                "in graph mode; all at start-up).", "graph_compiles")]:
             yield CounterMetricFamily(PREFIX + name, doc, value=float(s.get(key, 0)))
 
 

@@ -113,7 +113,9 @@ class Scheduler:
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
         self.allocator = engine.allocator
-        self.max_prefill_tokens = max_prefill_tokens or engine.max_chunk
+        # flat engines (one call per step) count decode rows in the step's budget: max_step_tokens rows a step
+        self.flat = bool(getattr(engine, "flat", False))
+        self.max_prefill_tokens = max_prefill_tokens or (engine.max_step_tokens if self.flat else engine.max_chunk)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.lock = threading.Condition()
@@ -204,7 +206,7 @@ class Scheduler:
             if not self.allocator.ensure(head.request_id, head.num_tokens()):
                 break
             self.running.append(self.waiting.popleft())
-        room = self.max_prefill_tokens
+        room = self.max_prefill_tokens - (len(batch.decode) if self.flat else 0)
         for request in self.running:
             pending = request.num_tokens() - request.num_computed
             if pending >= 1 and request not in batch.decode:
@@ -228,6 +230,8 @@ class Scheduler:
             groups.append([(r, r.num_computed, 1) for r in batch.decode])
         if batch.prefill:
             groups.append([(r, r.num_computed, n) for r, n in batch.prefill])
+        if self.flat and len(groups) == 2:  # one engine call: decode tokens and prompt chunks as flat rows
+            groups = [groups[0] + groups[1]]
         for rows in groups:
             try:
                 output = self.engine.run([r.request_id for r, _, _ in rows],
@@ -387,10 +391,11 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters for /metrics: sequences running and waiting, KV blocks used/free/total, block size, prompt and
-        generated tokens so far, preemptions."""
+        generated tokens so far, preemptions, distinct step shapes run (graph compiles in graph mode)."""
         with self.lock:
             return {"running": len(self.running), "waiting": len(self.waiting),
                     "kv_blocks_used": self.allocator.num_used(), "kv_blocks_free": self.allocator.num_free(),
                     "kv_blocks_total": self.engine.num_blocks - 1, "block_size": self.engine.block_size,
                     "prompt_tokens_total": self.prompt_tokens_total,
-                    "generation_tokens_total": self.generation_tokens_total, "num_preemptions": self.num_preemptions}
+                    "generation_tokens_total": self.generation_tokens_total, "num_preemptions": self.num_preemptions,
+                    "graph_compiles": getattr(self.engine, "graph_compiles", 0)}

@@ -32,11 +32,13 @@ router = APIRouter()
 
 
 def build_app(serving: OpenAIServing, *, api_key: Optional[str] = None) -> FastAPI:
-    """The FastAPI app over `serving`. The scheduler's thread starts with the app; on shutdown the app stops
-    taking requests (see OpenAIServing.begin_shutdown) and stops the scheduler."""
+    """The FastAPI app over `serving`. At start-up the engine compiles every step shape it will run
+    (OpenAIServing.warm_up), then the scheduler's thread starts; on shutdown the app stops taking requests (see
+    OpenAIServing.begin_shutdown) and stops the scheduler."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        serving.warm_up()  # before the socket opens: /health answers only once every step graph is compiled
         serving.scheduler.serve_forever()
         yield
         serving.begin_shutdown(0.0)

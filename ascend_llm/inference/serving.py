@@ -321,6 +321,16 @@ class OpenAIServing:
             self._close(job)
 
     # ---- operations ----------------------------------------------------------------------------------------
+    def warm_up(self) -> float:
+        """Compile every step shape of the engine (Engine.warm_up) so no request waits for a graph compile;
+        prints how many and how long. Returns the seconds taken (0 for an engine without warm_up)."""
+        engine = self.scheduler.engine
+        if not hasattr(engine, "warm_up"):
+            return 0.0
+        seconds = engine.warm_up()
+        print(f"compiled {engine.graph_compiles} step shapes in {seconds:.1f} s", flush=True)
+        return seconds
+
     def begin_shutdown(self, grace_s: float) -> None:
         """Refuse new requests; after grace_s abort the running ones (streams: error chunk + [DONE]; others: 503).
         Call on the event loop."""
