@@ -14,7 +14,11 @@ Decode: the inference `Engine` (graph mode, greedy, `batch` sequences of random 
 same lengths compiles every shape first; every `Engine.run` step is timed, decode tokens/s = tokens / seconds over
 the steps whose rows all carry one token (the scheduler mixes prompt chunks into some steps: those are reported as
 prefill_s), best generation of `rounds`, the variants interleaved round by round so they share the machine.
-Weight bytes: the quantized layers' bytes held (codes, scales, zeros, g_idx) against their float32 bytes.
+Weight bytes: the quantized layers' bytes held (codes, scales, zeros, g_idx) against their float32 bytes
+(linear_bytes, fp32_over_bytes); decode_path: "fused" when the engine's decode steps run one C++ kernel per layer
+(inference/fused_decode.py: float32 layers and, through fused_quant.py, quantized ones), else "mindspore";
+decode_bytes: linear_bytes plus any copy the decode path holds (the fused float32 path's packed panels; the
+quantized path reads the stored codes and holds none).
 """
 
 from __future__ import annotations
@@ -176,10 +180,13 @@ def decode_rows(model_dir: str | None, batches: list[int], prompt_tokens: int, n
                 rate[v], other[v] = max(rate[v], tokens_per_s), min(other[v], other_s)
         for v in VARIANTS:
             held = fp32_bytes if v == "fp32" else sizes[v]["quantized"]
-            row = {"variant": v, "batch": batch, "decode_tok_s": round(rate[v], 1),
-                   "vs_fp32": round(rate[v] / rate["fp32"], 2), "prefill_s": round(other[v], 3),
-                   "prefill_vs_fp32": round(other["fp32"] / other[v], 2), "linear_bytes": held,
-                   "fp32_over_bytes": round(fp32_bytes / held, 2)}
+            fused = engines[v].forward.fused
+            copies = 0 if fused is None else sum(p.asnumpy().nbytes for p in fused.packed)
+            row = {"variant": v, "batch": batch, "decode_path": "mindspore" if fused is None else "fused",
+                   "decode_tok_s": round(rate[v], 1), "vs_fp32": round(rate[v] / rate["fp32"], 2),
+                   "prefill_s": round(other[v], 3), "prefill_vs_fp32": round(other["fp32"] / other[v], 2),
+                   "linear_bytes": held, "fp32_over_bytes": round(fp32_bytes / held, 2),
+                   "decode_bytes": held + copies}
             out.append(row)
             print(json.dumps(row), flush=True)
     return out

@@ -103,7 +103,10 @@ static inline void quant_tile(const QuantMatrix &W, const float *x, int64_t K, i
         }
         for (int i = 0; i < MR; ++i) {
           const v16 xl = load16(x + i * K + j), xh = load16(x + i * K + H + j);
-          for (int r = 0; r < NR; ++r) acc[i][r] += xl * lo[r] + xh * hi[r];
+          for (int r = 0; r < NR; ++r) {
+            acc[i][r] += xl * lo[r];  // two FMAs (acc += a + b would be a multiply, an FMA and an add)
+            acc[i][r] += xh * hi[r];
+          }
         }
       }
     }
