@@ -53,7 +53,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mindspore import nn, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
 from ascend_llm.errors import ConfigError
 
@@ -338,26 +339,83 @@ class AllToAll(nn.Cell):
         return (self.exchange(dout),)
 
 
+_eager: dict[tuple, nn.Cell] = {}
+
+
+def _cell(cls: type, group: Group, arg) -> nn.Cell:
+    """One cell per (collective, group, argument) for the eager calls: in graph mode a call compiles a graph per
+    new cell (and per new input shape), so a cached cell compiles each shape once per process."""
+    key = (cls, group, arg)
+    if key not in _eager:
+        _eager[key] = cls(group) if arg is None else cls(group, arg)
+    return _eager[key]
+
+
 def all_to_all(x, group: Group):
-    """Eager convenience: `AllToAll(group)(x)`."""
-    return AllToAll(group)(x)
+    """Eager convenience: `AllToAll(group)(x)` (one cached cell per group)."""
+    return _cell(AllToAll, group, None)(x)
 
 
 def all_reduce(x, group: Group, op: str = "sum"):
-    """Eager convenience: `AllReduce(group, op)(x)`."""
-    return AllReduce(group, op)(x)
+    """Eager convenience: `AllReduce(group, op)(x)` (one cached cell per group and op)."""
+    return _cell(AllReduce, group, op)(x)
 
 
 def all_gather(x, group: Group, axis: int = 0):
-    """Eager convenience: `AllGather(group, axis)(x)`."""
-    return AllGather(group, axis)(x)
+    """Eager convenience: `AllGather(group, axis)(x)` (one cached cell per group and axis)."""
+    return _cell(AllGather, group, axis)(x)
 
 
 def reduce_scatter(x, group: Group, axis: int = 0):
-    """Eager convenience: `ReduceScatter(group, axis)(x)`."""
-    return ReduceScatter(group, axis)(x)
+    """Eager convenience: `ReduceScatter(group, axis)(x)` (one cached cell per group and axis)."""
+    return _cell(ReduceScatter, group, axis)(x)
 
 
 def broadcast(x, group: Group, root: int = 0):
-    """Eager convenience: `Broadcast(group, root)(x)`."""
-    return Broadcast(group, root)(x)
+    """Eager convenience: `Broadcast(group, root)(x)` (one cached cell per group and root)."""
+    return _cell(Broadcast, group, root)(x)
+
+
+GATHER_BUCKET = 1 << 26  # elements per all-gather of gather_arrays (256 MiB of float32 on each rank)
+
+
+def _buckets(sizes: Sequence[int], limit: int) -> list[list[int]]:
+    """Indices of `sizes` in consecutive runs of at most `limit` elements (an array larger than that alone)."""
+    runs, current, total = [], [], 0
+    for i, n in enumerate(sizes):
+        if current and total + n > limit:
+            runs.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += n
+    return runs + [current] if current else runs
+
+
+def gather_arrays(arrays: Sequence[np.ndarray], group: Group, axes: Sequence[int]) -> list[np.ndarray]:
+    """Every rank's `arrays[i]` concatenated along `axes[i]` in group order, for many arrays at once (a checkpoint's
+    shards): the arrays of one dtype are flattened into buffers of at most GATHER_BUCKET elements, each
+    all-gathered in one call of a cached AllGather over `group`; a checkpoint of N shards then compiles one
+    graph per buffer length (once per process) and launches a few collectives instead of N.
+
+    arrays: NumPy arrays (any dtype MCCL/HCCL gathers; same shapes and dtypes, same order on every rank: a
+    collective). axes: per array, the axis to concatenate along. Returns NumPy arrays, shape[axes[i]] times
+    group.size. A group of size 1 returns copies."""
+    arrays = [np.asarray(a) for a in arrays]
+    out: list[np.ndarray | None] = [None] * len(arrays)
+    if group.size == 1:
+        return [a.copy() for a in arrays]
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_dtype.setdefault(a.dtype, []).append(i)
+    for members in by_dtype.values():
+        for run in _buckets([arrays[i].size for i in members], GATHER_BUCKET):
+            idx = [members[j] for j in run]
+            flat = np.concatenate([arrays[i].ravel() for i in idx])
+            every = all_gather(Tensor(flat), group).asnumpy().reshape(group.size, flat.size)
+            offset = 0
+            for i in idx:
+                a = arrays[i]
+                parts = [every[r, offset:offset + a.size].reshape(a.shape) for r in range(group.size)]
+                out[i] = np.concatenate(parts, axis=axes[i])
+                offset += a.size
+    return out

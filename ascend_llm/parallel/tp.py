@@ -51,7 +51,7 @@ from mindspore import dtype as mstype
 from ascend_llm.config.parallel import check_parallel_model
 from ascend_llm.errors import ConfigError
 from ascend_llm.optim.each import square_sum
-from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter
+from ascend_llm.parallel.comm import AllGather, AllReduce, Group, ReduceScatter, gather_arrays
 
 IGNORE_INDEX = -100
 
@@ -451,16 +451,18 @@ def gather_full(tensors: dict, axes: dict[str, int | None], group: Group, full_s
                 replicas: dict[str, int] | None = None) -> dict:
     """Full (unsharded, unpadded, unreplicated) NumPy arrays from this rank's shards: all-gather along each
     sharded axis over `group`, keep one block per KV head for the names in `replicas` ({name: R}), then drop
-    vocabulary padding rows to `full_shapes[name]`. Eager; every TP rank must call it with the same names in
-    the same order. tensors: {name: Tensor or ndarray}."""
+    vocabulary padding rows to `full_shapes[name]`. Eager, all shards in a few calls (`comm.gather_arrays`);
+    every TP rank must call it with the same names in the same order. tensors: {name: Tensor or ndarray}."""
     replicas = replicas or {}
+    local = {name: value.asnumpy() if isinstance(value, Tensor) else np.asarray(value)
+             for name, value in tensors.items()}
+    sharded = [name for name in local if axes.get(name) is not None and group.size > 1]
+    gathered = dict(zip(sharded, gather_arrays([local[n] for n in sharded], group, [axes[n] for n in sharded])))
     out = {}
-    for name, value in tensors.items():
-        value = value if isinstance(value, Tensor) else Tensor(np.asarray(value))
-        axis = axes.get(name)
-        full = value.asnumpy() if axis is None or group.size == 1 else AllGather(group, axis)(value).asnumpy()
-        if axis is not None and replicas.get(name, 1) > 1:
-            full = _one_replica(full, axis, replicas[name], group.size)
+    for name, value in local.items():
+        full = gathered.get(name, value)
+        if name in gathered and replicas.get(name, 1) > 1:
+            full = _one_replica(full, axes[name], replicas[name], group.size)
         out[name] = full[tuple(slice(0, n) for n in full_shapes[name])]
     return out
 

@@ -258,10 +258,17 @@ class ZeroAdamW(nn.Cell):
         out[:stop - start] = np.asarray(array, np.float32).reshape(-1)[start:stop]
         return out
 
-    def _gather_full(self, shard: Parameter, i: int) -> np.ndarray:
-        gather = self.expert_gather if self.is_expert[i] else self.gather
-        full = gather(shard.value()).asnumpy()  # eager collective, one at a time (same order everywhere)
-        return full[:self.sizes[i]].reshape(self.params[i].shape)
+    def _gather_all(self, shards) -> list[np.ndarray]:
+        """Each parameter's full array from this rank's flat shards (`shards`, in parameter order): the dense
+        shards in one `comm.gather_arrays` over the ZeRO group, the expert shards in one over the expert-DP group
+        (collectives: the same order on every rank)."""
+        out: list[np.ndarray | None] = [None] * len(self.params)
+        for group, expert in ((self.group, False), (self.edp_group, True)):
+            idx = [i for i in range(len(self.params)) if self.is_expert[i] == expert]
+            fulls = comm.gather_arrays([shards[i].asnumpy() for i in idx], group, [0] * len(idx))
+            for i, full in zip(idx, fulls):
+                out[i] = full[:self.sizes[i]].reshape(self.params[i].shape)
+        return out
 
     def _tp_layout(self, prefix: str) -> tuple[dict, dict, dict]:
         """({name: TP axis}, {name: unsharded shape}, {name: KV replicas}) of `prefix + param name`."""
@@ -290,7 +297,7 @@ class ZeroAdamW(nn.Cell):
         if self.has_master:
             groups.append(("master.", self.master))
         for prefix, shards in groups:
-            gathered = {prefix + p.name: self._gather_full(shards[i], i) for i, p in enumerate(self.params)}
+            gathered = {prefix + p.name: full for p, full in zip(self.params, self._gather_all(shards))}
             if self.tp_group is not None:
                 from ascend_llm.parallel.tp import gather_full
 
