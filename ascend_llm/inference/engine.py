@@ -249,6 +249,11 @@ class Engine:
         self.flat = self.forward.fused is not None
         self.logit_rows = bucket(num_slots)  # logits computed per flat step: one per sequence at most
         self.max_step_tokens = bucket(max(self.max_chunk, num_slots))
+        # flat step sizes: powers of two up to an eighth of the largest (at least 32), then its multiples: a prompt
+        # of 137 tokens runs 160 rows, not 256 (padding rows cost as much as real ones)
+        unit = max(32, self.max_step_tokens // 8)
+        self.row_buckets = _powers(1, min(unit, self.max_step_tokens))
+        self.row_buckets += list(range(2 * unit, self.max_step_tokens + 1, unit))
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 
     def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
@@ -277,13 +282,13 @@ class Engine:
     def graph_shapes(self) -> list[tuple[int, int, int, int]]:
         """Every (batch, tokens per row, table width, logit rows) the engine runs: the graphs `warm_up` compiles.
 
-        Fused CPU layer: flat rows N (powers of two up to `max_step_tokens`), table width bucket(max blocks),
+        Fused CPU layer: flat rows N (`row_buckets`), table width bucket(max blocks),
         logit rows min(N, bucket(num_slots)). Otherwise: decode (B, 1, W) for batch buckets B up to
         bucket(num_slots) and prompt chunks (1, T, W) for chunk buckets T (powers of two from MIN_CHUNK up to
         max_chunk); W = table widths (`widths()`)."""
         full = bucket(self.max_blocks_per_seq)
         if self.flat:
-            return [(n, 1, full, min(n, self.logit_rows)) for n in _powers(1, self.max_step_tokens)]
+            return [(n, 1, full, min(n, self.logit_rows)) for n in self.row_buckets]
         shapes = [(b, 1, w, b) for b in _powers(1, bucket(self.num_slots)) for w in self.widths(1)]
         for seq in _powers(min(MIN_CHUNK, self.max_chunk), self.max_chunk):
             shapes += [(1, seq, w, 1) for w in self.widths(seq)]
@@ -341,7 +346,7 @@ class Engine:
             parts.append(rows)
             return RowsOutput([(rows, self._run_flat([seq_ids[i] for i in rows], [tokens[i] for i in rows],
                                                      [starts[i] for i in rows])) for rows in parts])
-        n = bucket(total)
+        n = next(b for b in self.row_buckets if b >= total)
         width = bucket(self.max_blocks_per_seq)
         ids, positions = np.zeros((n, 1), np.int32), np.zeros((n, 1), np.int32)
         slots, tables = np.full(n, -1, np.int32), np.full((n, width), NULL_BLOCK, np.int32)
