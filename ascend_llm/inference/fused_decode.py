@@ -1,4 +1,5 @@
-"""One C++ kernel per decoder layer for CPU decode steps (T = 1) of plain fp32 Llama-family layers.
+"""One C++ kernel per decoder layer for CPU decode steps (T = 1) of plain Llama-family layers, float32 or
+weight-only quantized.
 
 MindSpore's CPU backend launches each graph op separately, and a decode step of the 24 M Qwen2 of issue 19 was
 ~50 ops per layer (RMSNorm ~6, RoPE ~10, q/k/v, casts, cache writes, gate/up, ...): at batch 8 a step was 11.5 ms
@@ -10,15 +11,21 @@ wall of which 6.7 ms kernels. `DecodeLayer` does the whole layer in one `ops.Cus
     h = h + a Wo^T ; x = rmsnorm(h) ; h = h + (silu(x W1^T) * x W3^T) W2^T
 
 float32 throughout (RMSNorm's mean of squares in double), the same formulas as models/llama.py (RMSNorm,
-rotate-half RoPE with the engine's cos/sin tables, SwiGLU). The 7 matrices are packed once at construction into
-(N/32, K, 32) panels (`pack`); each panel is streamed once for all M rows with 8-row x 32-column broadcast-FMA
-tiles (GCC vector extensions). Per layer of the 24 M Qwen2, thread CPU time on this machine: batch 1 0.14 ms,
-batch 8 0.34 ms, batch 16 0.7 ms (a row-major dot-product GEMM: 0.20 / 1.02 / 1.86 ms). Single-threaded, like
-the other CPU kernels (precision/cpu_kernel.py: OpenMP inside MindSpore's threads).
+rotate-half RoPE with the engine's cos/sin tables, SwiGLU). The layer is one C++ template (`decode_layer`) over
+the kind of matrix, with two entry points:
+- `DecodeLayer` (float32 layers): the 7 matrices are packed once at construction into (N/32, K, 32) panels
+  (`pack`); each panel is streamed once for all M rows with 8-row x 32-column broadcast-FMA tiles (GCC vector
+  extensions). Per layer of the 24 M Qwen2, thread CPU time on this machine: batch 1 0.14 ms, batch 8 0.34 ms,
+  batch 16 0.7 ms (a row-major dot-product GEMM: 0.20 / 1.02 / 1.86 ms).
+- `DecodeLayerQuant` (layers of 7 `QuantLinear`, int8 / int4, per channel or group-wise, symmetric or asymmetric,
+  no act-order): reads each QuantLinear's stored qweight / scales / zeros and dequantizes 16 codes at a time in
+  registers (inference/fused_quant.py); nothing is copied, so the decode path holds the quantized bytes only.
+Single-threaded, like the other CPU kernels (precision/cpu_kernel.py: OpenMP inside MindSpore's threads).
 
-Used by the engine only when every layer is exactly RMSNorm / nn.Dense / FeedForward with float32 weights (LoRA,
-quantized, FP8 and precision-converted cells keep the MindSpore path), on CPU, when g++ builds the library;
-compiled with -march=native for this machine (the CPU's flags are part of the cached library's name).
+Used by the engine only when every layer is such a block (`supported`; LoRA, FP8, MoE, act-order and
+precision-converted cells keep the MindSpore path), on CPU, when g++ builds the library; `Engine(...,
+fused_decode=False)` turns it off. Compiled with -march=native for this machine (the CPU's flags are part of the
+cached library's name).
 """
 
 from __future__ import annotations

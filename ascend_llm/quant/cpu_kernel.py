@@ -19,8 +19,10 @@ in the kernel (a mismatch is an error, never a misread).
 
 Measured (`ascend-llm bench quant`, the 24 M Qwen2's projection shapes, one sitting on a shared 2-core machine):
 per call 1.1-2.5x faster than MindSpore's float32 MatMul at 1 and 8 rows (the larger the weight, the larger the
-gain); whole-model decode 1.3-2.0x fp32 tokens/s; prompt prefill 0.5-0.95x fp32 (a blocked float32 GEMM on both
-cores beats these dot products at hundreds of rows; an outer-product 6 x 16 micro-kernel was tried and was slower).
+gain); whole-model decode 1.3-2.0x fp32 tokens/s when both ran MindSpore's per-op path (decode steps of plain
+layers now run inference/fused_decode.py's layer kernel instead, which reads the codes itself); prompt prefill
+0.5-0.95x fp32 (a blocked float32 GEMM on both cores beats these dot products at hundreds of rows; an
+outer-product 6 x 16 micro-kernel was tried and was slower).
 
 Inputs: x (M, in) float32; qweight (out, in) uint8 (int8) or (out, in // 2) uint8 (int4, code 2j in the low nibble
 of byte j); scales (out, G) float16; zeros (out, G) uint8 or (1,) (symmetric: zero 2**(bits-1)); g_idx (in,) int32

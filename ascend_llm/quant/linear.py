@@ -8,11 +8,16 @@ Parameters (non-trainable, saved in checkpoints under the Dense's name):
 w = scale * (code - zero) for the group of each column; y = x @ w^T (+ bias).
 
 What each device does:
-- CPU: the fused C++ kernel of quant/cpu_kernel.py (`ops.Custom` "aot", graph and PyNative mode): it reads the
-  stored codes directly and dequantizes 4 output rows at a time into an L1-sized float32 scratch, so a call reads
-  1/4 (int8) or 1/8 (int4) of the float32 weight bytes and no float32 copy of the weight is ever held; float32
-  accumulation. Used for every row count (decode M = 1..64 and prefill alike), every group size, act-order and
-  asymmetric grids. Needs a C++ compiler once (g++ or $CXX, cached in ~/.cache/ascend_llm/kernels).
+- CPU decode steps (one token per sequence) of a plain Llama block whose 7 projections are QuantLinear (contiguous
+  groups; int4 groups of an even size): the engine runs the whole layer as one C++ kernel
+  (inference/fused_decode.py + fused_quant.py) that reads qweight / scales / zeros as stored and dequantizes 16
+  codes at a time in registers; this cell's `construct` is not called there.
+- CPU otherwise (prefill, act-order, other models, `fused_decode=False`): the fused C++ kernel of
+  quant/cpu_kernel.py (`ops.Custom` "aot", graph and PyNative mode): it reads the stored codes directly and
+  dequantizes 4 output rows at a time into an L1-sized float32 scratch, so a call reads 1/4 (int8) or 1/8 (int4)
+  of the float32 weight bytes and no float32 copy of the weight is ever held; float32 accumulation. Every row
+  count, every group size, act-order and asymmetric grids. Needs a C++ compiler once (g++ or $CXX, cached in
+  ~/.cache/ascend_llm/kernels).
 - CPU without a compiler, or `kernel="ops"`: dequantize the whole weight in float32 with MindSpore ops on every
   call, then MatMul (correct, slower than float32: a memory saving only).
 - Ascend: the weight-quantized batch matmul kernel (aclnnWeightQuantBatchMatmulV2, A16W8 / A16W4, computes
