@@ -13,7 +13,9 @@ come from memory, as in a model, and the graph call overhead is spread), x of `r
 Decode: the inference `Engine` (graph mode, greedy, `batch` sequences of random prompts), a warm-up generation of the
 same lengths compiles every shape first; every `Engine.run` step is timed, decode tokens/s = tokens / seconds over
 the steps whose rows all carry one token (the scheduler mixes prompt chunks into some steps: those are reported as
-prefill_s), best generation of `rounds`, the variants interleaved round by round so they share the machine.
+prefill_s), best generation of `rounds`, the variants interleaved round by round so they share the machine;
+median_step_tok_s: the median over every decode step of all rounds of tokens / step seconds (steadier than the best
+generation when other processes share the cores).
 Weight bytes: the quantized layers' bytes held (codes, scales, zeros, g_idx) against their float32 bytes
 (linear_bytes, fp32_over_bytes); decode_path: "fused" when the engine's decode steps run one C++ kernel per layer
 (inference/fused_decode.py: float32 layers and, through fused_quant.py, quantized ones), else "mindspore";
@@ -127,6 +129,7 @@ class StepClock:
 
     def __init__(self, engine):
         self.decode_s, self.decode_tokens, self.other_s = 0.0, 0, 0.0
+        self.step_rates: list[float] = []  # tokens / s of every decode step since construction
         run = engine.run
 
         def timed(seq_ids, tokens, starts):
@@ -136,6 +139,7 @@ class StepClock:
             if max(len(t) for t in tokens) == 1:
                 self.decode_s += seconds
                 self.decode_tokens += len(tokens)
+                self.step_rates.append(len(tokens) / max(seconds, 1e-9))
             else:
                 self.other_s += seconds
             return out
@@ -174,6 +178,8 @@ def decode_rows(model_dir: str | None, batches: list[int], prompt_tokens: int, n
             clocks[v].generate(engine, prompts, new_tokens)
         rate = {v: 0.0 for v in VARIANTS}
         other = {v: float("inf") for v in VARIANTS}
+        for clock in clocks.values():
+            clock.step_rates.clear()  # the warm-up generation's steps are not counted
         for _ in range(rounds):
             for v, engine in engines.items():
                 tokens_per_s, other_s = clocks[v].generate(engine, prompts, new_tokens)
@@ -182,8 +188,11 @@ def decode_rows(model_dir: str | None, batches: list[int], prompt_tokens: int, n
             held = fp32_bytes if v == "fp32" else sizes[v]["quantized"]
             fused = engines[v].forward.fused
             copies = 0 if fused is None else sum(p.asnumpy().nbytes for p in fused.packed)
+            median = float(np.median(clocks[v].step_rates))
             row = {"variant": v, "batch": batch, "decode_path": "mindspore" if fused is None else "fused",
                    "decode_tok_s": round(rate[v], 1), "vs_fp32": round(rate[v] / rate["fp32"], 2),
+                   "median_step_tok_s": round(median, 1),
+                   "median_vs_fp32": round(median / float(np.median(clocks["fp32"].step_rates)), 2),
                    "prefill_s": round(other[v], 3), "prefill_vs_fp32": round(other["fp32"] / other[v], 2),
                    "linear_bytes": held, "fp32_over_bytes": round(fp32_bytes / held, 2),
                    "decode_bytes": held + copies}
