@@ -18,8 +18,8 @@ this shared 2-core Zen 5 VM): batch 1 fp32 panels 2.1 ms, int8 0.8 ms, int4 0.9 
 4.5 ms, int4 4.3 ms. At batch 8 the 2 conversions and 2 dequantizing FMAs per 16 codes x 2 rows sit next to the 16
 FMAs of the product (and a horizontal sum per output), which the float32 panels do not pay; variants tried and not
 kept: the scale applied once per row for symmetric per-channel int8 (codes as code - 128), a transposing reduction
-of 16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads): none measured
-faster.
+of 16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads), int4 through a
+16-float table per row and group (vpermps instead of convert + FMA): none measured faster.
 int4 multiplies the low nibbles with x's even columns and the high nibbles with its odd ones (x is split into
 evens then odds once per call, so groups of an even size stay contiguous). Act-order (g_idx) weights and int4 with
 an odd group size are not taken (`matrix_supported`: the layer keeps the MindSpore path).
