@@ -5,12 +5,20 @@ new tokens, reading and writing the block cache of `kv_cache.py`.
 (B,))` writes each new token's K/V at its slot in place, attends each query to the positions <= its own of its
 sequence's blocks only (gathered by block table: B * MB * block_size positions, never the whole cache), and
 returns (argmax ids (B,) int32, logits (B, vocab) float32 at logit_index). Decode is T = 1; prefill chunks use
-T = the chunk length. B, T and MB are bucketed to powers of two, so graph mode compiles a handful of shapes; the
-host copies the (B,) ids every step and the logits only for rows that sample, penalise or report logprobs.
-On CPU, decode attention is a C++ kernel (kv_cache.cpu_decode_attention) that reads positions 0..position of each
-row through its block table, nothing else; prefill chunks gather their blocks and attend with MindSpore matmuls.
-Decode steps of plain fp32 layers on CPU run each whole layer as one C++ kernel (inference/fused_decode.py), with
-the full block-table width (one graph per batch bucket).
+T = the chunk length. The host copies the (B,) ids every step and the logits only for rows that sample, penalise
+or report logprobs.
+
+Shapes: every step runs one of `Engine.graph_shapes()`, a fixed set that `Engine.warm_up()` compiles (serve does
+it before /health answers), so no request waits for a graph compile. When the fused C++ layer applies (CPU,
+inference/fused_decode.py), a step is one call over flat token rows: T = 1, B = N rows, one per new token (the
+decode token of each running sequence and the prompt-chunk tokens of several waiting ones), each row with its own
+position, slot and its sequence's block table; the layer writes every row's K/V before attending, so a chunk's
+tokens see each other causally; logit_index (R,) then picks the last row of each sequence. N is padded to a step
+size of `row_buckets`. Otherwise (MindSpore ops: Ascend, cells the fused layer does not cover) decode rows run as
+(B, 1) with B a power of two and each prompt chunk alone as (1, T) with T a power of two from MIN_CHUNK; on CPU
+decode attention is a C++ kernel (kv_cache.cpu_decode_attention) that reads positions 0..position of each row
+through its block table, nothing else, and prefill chunks gather their blocks (table widths of `Engine.widths`)
+and attend with MindSpore matmuls.
 
 `Engine` owns the cache, the block allocator and the compiled step; `Engine.generate` runs prompts through the one
 `Scheduler` (inference/scheduler.py). On Ascend the cache write and the attention go through MindSpore's fused

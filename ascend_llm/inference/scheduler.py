@@ -11,7 +11,9 @@ Scheduling, every step:
   3. waiting requests are admitted in arrival order (the head waits rather than being overtaken) while a sequence
      slot is free and the free blocks hold the request's tokens so far;
   4. prompts (and recomputed sequences) prefill in chunks of at most `engine.max_chunk` tokens, within
-     `max_prefill_tokens` per step.
+     `max_prefill_tokens` per step; with a flat engine (`engine.flat`: the fused CPU layer) the decode rows count
+     in that budget (default `engine.max_step_tokens`) and decode tokens and the chunks of several prompts run as
+     one engine call (vLLM's max_num_batched_tokens).
 A failure while sampling or detokenizing one request finishes that request only (finish_reason "error", the
 exception in `.error`); a failing engine step finishes the requests of that step. Used by `Engine.generate`,
 `ascend-llm generate`, the trainer's closing sample, `bench generate` and `serve`.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import re
 import signal
 import socket
 import time
@@ -195,6 +196,17 @@ def test_overload_gets_503_in_openai_shape(server):
     codes = [a.status_code for a in answers]
     assert 503 in codes and set(codes) <= {200, 503}
     assert all(a.json()["error"]["code"] == "overloaded" for a in answers if a.status_code == 503)
+
+
+def test_no_graph_compile_after_start(server):
+    """Every step graph is compiled before /health answers: after the requests of the tests above and a mix of
+    prompt lengths in flight together, ascend_llm:graph_compiles_total is still the start-up count."""
+    started = int(re.search(r"compiled (\d+) step shapes", server.output()).group(1))
+    prompts = [[int(t) for t in np.random.default_rng(n).integers(0, 300, n)] for n in (1, 7, 40, 127, 3, 90)]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: post(server, {"prompt": p, "max_tokens": 5}), prompts))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert started > 0 and metrics(server)["ascend_llm:graph_compiles_total"] == started
 
 
 def test_sigterm_ends_streams_with_error_and_done_then_exits(server):
