@@ -257,11 +257,12 @@ class Engine:
         self.flat = self.forward.fused is not None
         self.logit_rows = bucket(num_slots)  # logits computed per flat step: one per sequence at most
         self.max_step_tokens = bucket(max(self.max_chunk, num_slots))
-        # flat step sizes: powers of two up to an eighth of the largest (at least 32), then its multiples: a prompt
-        # of 137 tokens runs 160 rows, not 256 (padding rows cost as much as real ones)
-        unit = max(32, self.max_step_tokens // 8)
-        self.row_buckets = _powers(1, min(unit, self.max_step_tokens))
-        self.row_buckets += list(range(2 * unit, self.max_step_tokens + 1, unit))
+        # flat step sizes: powers of two up to bucket(num_slots) (decode steps), then multiples of an eighth of the
+        # largest step (at least 32): a prompt of 137 tokens runs 160 rows, not 256 (padding rows cost as much as
+        # real ones). 13 sizes for 16 slots and 256-token chunks.
+        unit = min(max(32, self.max_step_tokens // 8), self.max_step_tokens)
+        self.row_buckets = _powers(1, self.logit_rows)
+        self.row_buckets += [n for n in range(unit, self.max_step_tokens + 1, unit) if n > self.logit_rows]
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "steps": 0}
 
     def run(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:

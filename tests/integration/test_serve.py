@@ -49,7 +49,7 @@ def server(tmp_path_factory):
                           {"model": dataclasses.asdict(cfg)}, tokenizer=root / "prepared" / "tokenizer.json")
     server = start_server(root / "run", "--max-num-seqs", "2", "--max-queue", "3", "--model-name", "tiny",
                           "--grace", str(GRACE_S), "--max-body-bytes", "4000000", "--max-stop", "4", "--max-n", "2",
-                          "--max-prompt-tokens", "128",
+                          "--max-prompt-tokens", "128", "--max-prefill-chunk", "32",  # 3 step graphs to compile
                           log_dir=root, env={"ASCEND_LLM_API_KEY": KEY})
     yield server
     server.stop(signal.SIGKILL)
