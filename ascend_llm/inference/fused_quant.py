@@ -3,26 +3,23 @@ read as they are stored, dequantized in registers.
 
 A decoder layer whose 7 projections are `QuantLinear` (int8 or int4, per channel or group-wise, symmetric or
 asymmetric, contiguous groups) runs the same C++ layer as a float32 one (`decode_layer<Matrix>` in fused_decode.py:
-norms, RoPE, paged attention, SwiGLU are one copy); only the matrix product differs. `gemm_quant` computes
-y (M, N) (+)= x (M, K) W^T (+ bias) with w = scale * (code - zero) (quant/linear.py) straight from the stored
+norms, RoPE, paged attention, SwiGLU are one copy); only the matrix product differs. `gemm(.., QuantMatrix, ..)`
+computes y (M, N) (+)= x (M, K) W^T (+ bias) with w = scale * (code - zero) (quant/linear.py) straight from the stored
 Parameters: qweight (N, K) uint8 codes or (N, K / 2) uint8 nibble pairs (column 2j in the low nibble of byte j),
 scales (N, G) float16, zeros (N, G) uint8 (symmetric: 2**(bits-1)). For 16 codes of a row it loads 16 (int8) or
 8+8 (int4) bytes, widens them to float32 in a vector register, applies code * scale - zero * scale with one FMA and
 multiplies with x: the weight bytes a decode step streams are the quantized bytes, and no float32 copy of a weight
-exists (not even a scratch). Tiles of (rows of x) x (rows of W): 8 x 2 (16 vector accumulators), 4 x 4, 2 x 4 and
-1 x 8 for the smaller batches; the 8 W rows of a block stay in L1 while every row block of x passes; one horizontal
-sum per output at the end of the row.
+exists (not even a scratch). Tiles of (rows of x) x (rows of W): 4 x 6 (24 vector accumulators, one x load feeds
+6 FMAs), then 2 x 6 and 1 x 12, over blocks of 12 W rows whose codes stay in L1 while every row block of x
+passes; a single row of x: 1 x 8. One horizontal sum per output at the end of the row.
 
 Measured (C++ harness over the 8 layers' 7 matrices of the 24 M Qwen2, best of 40 x 4 runs, thread CPU time, on
-this shared 2-core Zen 5 VM): batch 1 fp32 panels 2.1 ms, int8 0.8 ms, int4 0.9 ms; batch 8 fp32 3.3 ms, int8
-4.5 ms, int4 4.3 ms. At batch 8 the 2 conversions and 2 dequantizing FMAs per 16 codes x 2 rows sit next to the 16
-FMAs of the product (and a horizontal sum per output), which the float32 panels do not pay; variants tried and not
-kept: the scale applied once per row for symmetric per-channel int8 (codes as code - 128), a transposing reduction
-of 16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads), int4 through a
-16-float table per row and group (vpermps instead of convert + FMA): none measured faster.
-int4 multiplies the low nibbles with x's even columns and the high nibbles with its odd ones (x is split into
-evens then odds once per call, so groups of an even size stay contiguous). Act-order (g_idx) weights and int4 with
-an odd group size are not taken (`matrix_supported`: the layer keeps the MindSpore path).
+this shared 2-core Zen 5 VM, load average 10-12): batch 1 fp32 panels 2.0 ms, int8 0.71 ms, int4 0.87 ms;
+batch 8 3.0 / 2.8 / 3.5 ms; batch 16 4.7 / 5.4 / 7.0 ms. The earlier 8 x 2 tiles (dequantize once for 8 rows of x,
+but one x load per 2 FMAs) took 4.1-4.7 ms (int8) and 4.2-4.4 ms (int4) at batch 8. Variants tried and not kept:
+the scale applied once per row for per-channel int8 (codes as code - zero in int32), a transposing reduction of
+16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads), int4 through a
+16-float table per row and group (vpermps instead of convert + FMA), 8 x 3 and 4 x 5 tiles: none measured faster.
 
 With AVX-512 the widening is vpmovzxbd + vcvtdq2ps (GCC 12 scalarizes a generic uint8 -> float vector conversion);
 other CPUs get a plain loop the compiler vectorizes as it can.
@@ -151,8 +148,8 @@ static inline void quant_block(const QuantMatrix &W, const float *x, int64_t K, 
   for (; r < rows; ++r) quant_tile<MR, 1>(W, x, K, n + r, y, N, bias, accumulate);
 }
 
-// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): blocks of 8 rows of W (8 K-byte code rows, L1-resident) against
-// every row block of x.
+// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): blocks of 12 rows of W (L1-resident codes) against every row block
+// of x (4 x 6 tiles, then 2 x 6, 1 x 12); one row of x: 1 x 8 tiles.
 static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int64_t N, const float *bias, float *y,
                  bool accumulate) {
   thread_local std::vector<float> split;
@@ -168,14 +165,17 @@ static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int
     }
     xs = split.data();
   }
-  for (int64_t n = 0; n < N; n += 8) {
-    const int64_t rows = N - n < 8 ? N - n : 8;
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) quant_block<8, 2>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
-    if (m + 4 <= M) quant_block<4, 4>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 4;
-    if (m + 2 <= M) quant_block<2, 4>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 2;
-    if (m < M) quant_block<1, 8>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
+  if (M > 1) {  // 4 x 6 tiles: one x load feeds 6 FMAs (2 x 4 / 8 x 2 tiles were bound by the x loads)
+    for (int64_t n = 0; n < N; n += 12) {
+      const int64_t rows = N - n < 12 ? N - n : 12;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) quant_block<4, 6>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
+      if (m + 2 <= M) quant_block<2, 6>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 2;
+      if (m < M) quant_block<1, 12>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
+    }
+    return;
   }
+  for (int64_t n = 0; n < N; n += 8) quant_block<1, 8>(W, xs, K, n, N - n < 8 ? N - n : 8, y, N, bias, accumulate);
 }
 """
 
