@@ -87,17 +87,19 @@ struct PackedMatrix {
 
 // y (M, N) (+)= x (M, K) W^T (+ bias): every panel is read from memory once for all M rows (8 rows at a time from
 // L1/L2).
+static void panel_rows(const float *x, int64_t M, int64_t K, const float *panel, int64_t n0, int64_t width, float *y,
+                       int64_t N, const float *bias, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) panel_tile<8>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
+  if (m + 4 <= M) panel_tile<4>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 4;
+  if (m + 2 <= M) panel_tile<2>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 2;
+  if (m < M) panel_tile<1>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
+}
+
 static void gemm(const float *x, int64_t M, int64_t K, const PackedMatrix &W, int64_t N, const float *bias, float *y,
                  bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += 32) {
-    const float *panel = W.panels + (n0 / 32) * K * 32;
-    const int64_t width = N - n0 < 32 ? N - n0 : 32;
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) panel_tile<8>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
-    if (m + 4 <= M) panel_tile<4>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 4;
-    if (m + 2 <= M) panel_tile<2>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate), m += 2;
-    if (m < M) panel_tile<1>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
-  }
+  for (int64_t n0 = 0; n0 < N; n0 += 32)
+    panel_rows(x, M, K, W.panels + (n0 / 32) * K * 32, n0, N - n0 < 32 ? N - n0 : 32, y, N, bias, accumulate);
 }
 
 // y (rows, D) = x * rsqrt(mean(x^2) + eps) * w, row by row (models/llama.py RMSNormKernel; y may be x).

@@ -13,9 +13,14 @@ exists (not even a scratch). Tiles of (rows of x) x (rows of W): 4 x 6 (24 vecto
 6 FMAs), then 2 x 6 and 1 x 12, over blocks of 12 W rows whose codes stay in L1 while every row block of x
 passes; a single row of x: 1 x 8. One horizontal sum per output at the end of the row.
 
+From 48 (int8) or 32 (int4) rows of x on (the engine's flat prompt rows), 32 W rows at a time are dequantized into a
+(K, 32) float32 panel scratch (L2-resident, 32 rows: no copy of the weight) and the float32 layer's broadcast-FMA
+tiles stream it for all rows; the dequantization is a fixed ~5 ms per step over the 8 layers.
+
 Measured (C++ harness over the 8 layers' 7 matrices of the 24 M Qwen2, best of 40 x 4 runs, thread CPU time, on
-this shared 2-core Zen 5 VM, load average 10-12): batch 1 fp32 panels 2.0 ms, int8 0.71 ms, int4 0.87 ms;
-batch 8 3.0 / 2.8 / 3.5 ms; batch 16 4.7 / 5.4 / 7.0 ms. The earlier 8 x 2 tiles (dequantize once for 8 rows of x,
+this shared 2-core Zen 5 VM, load average 8-12): batch 1 fp32 panels 2.0 ms, int8 0.71 ms, int4 0.87 ms;
+batch 8 3.0 / 2.8 / 3.5 ms; batch 16 4.7 / 5.4 / 7.0 ms; 64 rows 15.6 / 21.6 / 20.1 ms (tiles: 23.4 / 29.1);
+256 rows 54 / 60 / 58 ms (tiles: 97 / 124). The earlier 8 x 2 tiles (dequantize once for 8 rows of x,
 but one x load per 2 FMAs) took 4.1-4.7 ms (int8) and 4.2-4.4 ms (int4) at batch 8. Variants tried and not kept:
 the scale applied once per row for per-channel int8 (codes as code - zero in int32), a transposing reduction of
 16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads), int4 through a
@@ -139,6 +144,50 @@ static inline void quant_tile(const QuantMatrix &W, const float *x, int64_t K, i
   }
 }
 
+// y (M, N) (+)= x (M, K) panel^T for one (K, 32) float32 panel of columns n0 .. n0 + width (fused_decode.py).
+static void panel_rows(const float *x, int64_t M, int64_t K, const float *panel, int64_t n0, int64_t width, float *y,
+                       int64_t N, const float *bias, bool accumulate);
+
+// W rows [n0, n0 + width) dequantized into a (K, 32) float32 panel (column c of the panel: row n0 + c; columns
+// beyond width zero): the layout of the float32 layer's packed weights, in the original column order.
+static void dequant_panel(const QuantMatrix &W, int64_t K, int64_t n0, int64_t width, float *panel) {
+  const int64_t rb = W.bits == 8 ? K : K / 2;
+  const float half = (float)(1 << (W.bits - 1));
+  float s[32], zs[32];
+  for (int64_t g = 0; g < W.G; ++g) {  // group by group, 16 columns of all 32 rows at a time (2 KB of the panel)
+    for (int64_t c = 0; c < width; ++c) {
+      s[c] = half_to_float(W.scales[(n0 + c) * W.G + g]);
+      zs[c] = -s[c] * (W.zeros ? (float)W.zeros[(n0 + c) * W.G + g] : half);
+    }
+    const int64_t k0 = g * W.group, k1 = k0 + W.group < K ? k0 + W.group : K;
+    int64_t k = k0;
+    for (; k + 32 <= k1; k += 32) {
+      for (int64_t c = 0; c < width; ++c) {
+        const uint8_t *q = W.codes + (n0 + c) * rb;
+        if (W.bits == 8) {
+          const v16 a = codes16(q + k) * s[c] + zs[c], b = codes16(q + k + 16) * s[c] + zs[c];
+          for (int i = 0; i < 16; ++i) panel[(k + i) * 32 + c] = a[i], panel[(k + 16 + i) * 32 + c] = b[i];
+        } else {  // bytes k / 2 .. k / 2 + 16: columns k + 2i (low nibble) and k + 2i + 1 (high)
+          v16 lo, hi;
+          nibbles16(q + k / 2, lo, hi);
+          lo = lo * s[c] + zs[c];
+          hi = hi * s[c] + zs[c];
+          for (int i = 0; i < 16; ++i) panel[(k + 2 * i) * 32 + c] = lo[i], panel[(k + 2 * i + 1) * 32 + c] = hi[i];
+        }
+      }
+    }
+    for (; k < k1; ++k) {
+      for (int64_t c = 0; c < width; ++c) {
+        const uint8_t *q = W.codes + (n0 + c) * rb;
+        const int code = W.bits == 8 ? q[k] : (q[k >> 1] >> (4 * (k & 1))) & 15;
+        panel[k * 32 + c] = (float)code * s[c] + zs[c];
+      }
+    }
+  }
+  for (int64_t c = width; c < 32; ++c)
+    for (int64_t k = 0; k < K; ++k) panel[k * 32 + c] = 0.f;
+}
+
 // MR rows of x against W rows [n, n + rows), NR at a time (rows < NR: one by one).
 template <int MR, int NR>
 static inline void quant_block(const QuantMatrix &W, const float *x, int64_t K, int64_t n, int64_t rows, float *y,
@@ -148,10 +197,26 @@ static inline void quant_block(const QuantMatrix &W, const float *x, int64_t K, 
   for (; r < rows; ++r) quant_tile<MR, 1>(W, x, K, n + r, y, N, bias, accumulate);
 }
 
-// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): blocks of 12 rows of W (L1-resident codes) against every row block
-// of x (4 x 6 tiles, then 2 x 6, 1 x 12); one row of x: 1 x 8 tiles.
+// Rows of x from which the panel path is faster (measured on the 24 M Qwen2's matrices: the panel costs a fixed
+// ~5 ms per step for its dequantization, the tiles redo their dequantization every 4 rows).
+static inline int64_t panel_min_rows(int bits) { return bits == 8 ? 48 : 32; }
+
+// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): from panel_min_rows rows of x on, 32 rows of W at a time
+// dequantized into an L2-resident (K, 32) float32 panel (a scratch of 32 rows, not a copy of the weight) streamed
+// by the float32 layer's broadcast-FMA tiles; fewer rows: blocks of 12 rows of W (L1-resident codes) against every
+// row block of x (4 x 6 tiles, then 2 x 6, 1 x 12); one row of x: 1 x 8 tiles.
 static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int64_t N, const float *bias, float *y,
                  bool accumulate) {
+  if (M >= panel_min_rows(W.bits)) {  // prompt chunks (flat token rows): dequantize 32 W rows once for all M rows of x
+    thread_local std::vector<float> panel;
+    panel.resize(K * 32);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+      const int64_t width = N - n0 < 32 ? N - n0 : 32;
+      dequant_panel(W, K, n0, width, panel.data());
+      panel_rows(x, M, K, panel.data(), n0, width, y, N, bias, accumulate);
+    }
+    return;
+  }
   thread_local std::vector<float> split;
   const float *xs = x;
   if (W.bits == 4) {  // evens then odds, matching the low / high nibbles

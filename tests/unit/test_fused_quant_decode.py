@@ -1,9 +1,9 @@
 """The fused CPU decode layer on QuantLinear layers (inference/fused_quant.py): one kernel call equals the float64
 NumPy decoder layer of test_fused_decode.py computed from weights dequantized here from the stored codes
 (w = scale * (code - zero), int4 code 2j in the low nibble of byte j), for int8 / int4, per channel / group-wise,
-symmetric / asymmetric, at odd widths (groups and rows that are not multiples of the 16-code vectors or 8-row tiles),
-batch 1 and a padded batch of 15; the engine's greedy tokens on a quantized HF fixture equal the MindSpore path's;
-act-order layers keep the MindSpore path."""
+symmetric / asymmetric, at odd widths (groups and rows that are not multiples of the 16-code vectors or the tiles),
+batch 1 and padded batches of 15 and 50 (flat prompt rows); the engine's greedy tokens on a quantized HF fixture
+equal the MindSpore path's; act-order layers keep the MindSpore path."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def rows(batch: int, rng):
     return positions, slots, tables
 
 
-@pytest.mark.parametrize("batch", [1, 15])  # 15 = 8 + 4 + 2 + 1 rows: every tile shape, the last row padding
+# 15 rows: every tile shape (4 x 6, 2 x 6, 1 x 12); 50: the dequantized-panel path of prompt chunks; last row padding
+@pytest.mark.parametrize("batch", [1, 15, 50])
 def test_quant_decode_layer_equals_float64_layer_of_dequantized_weights(quantized, batch):
     rng = np.random.default_rng(batch)
     shape = (NB, BS, CFG.num_kv_heads, CFG.head_dim)
