@@ -341,8 +341,14 @@ class Engine:
 
     # ---- steps ----------------------------------------------------------------------------------------------
     def _run_flat(self, seq_ids: list[str], tokens: list[list[int]], starts: list[int]) -> StepOutput:
-        """Flat rows: one row per new token, in one call of N = bucket(tokens) rows (split when beyond
-        max_step_tokens or logit_rows sequences)."""
+        """Flat rows: one row per new token, in one call of N = the next of `row_buckets` rows (split when beyond
+        max_step_tokens or logit_rows sequences; a row longer than max_step_tokens runs in pieces, in order)."""
+        step = self.max_step_tokens
+        if len(tokens) == 1 and len(tokens[0]) > step:
+            for cut in range(0, len(tokens[0]) - step, step):
+                self._run_flat(seq_ids, [tokens[0][cut:cut + step]], [starts[0] + cut])
+            cut = (len(tokens[0]) - 1) // step * step
+            return self._run_flat(seq_ids, [tokens[0][cut:]], [starts[0] + cut])
         total = sum(len(t) for t in tokens)
         if total > self.max_step_tokens or len(tokens) > self.logit_rows:
             parts, rows, count = [], [], 0

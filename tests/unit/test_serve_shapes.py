@@ -46,6 +46,12 @@ def test_traffic_after_warm_up_compiles_nothing(model, fused):
     assert all(r.finish_reason == "length" and len(r.out) == r.params.max_new_tokens for r in requests)
     assert engine.graph_compiles == len(shapes)  # every step ran a warm-up shape
     assert Scheduler(engine).stats()["graph_compiles"] == len(shapes)
+    if fused:  # a whole 70-token prompt in one Engine.run call runs in pieces of at most 32 rows, no new shape
+        prompt = requests[1].prompt
+        assert engine.allocator.ensure("whole", len(prompt)) and len(prompt) == 70
+        assert engine.run(["whole"], [prompt], [0]).ids[0] == requests[1].out[0]
+        engine.allocator.release("whole")
+        assert engine.graph_compiles == len(shapes)
     if fused:  # several prompt chunks and decode tokens shared steps, and each request got its own tokens
         alone = Engine(model, 80, num_slots=1, block_size=8, max_chunk=32)
         for request in requests[:4]:  # 1 token, 70 (three chunks), 5, 33 (test_batching covers more)
