@@ -6,11 +6,12 @@ Workload: --num-requests (64) requests with prompt lengths uniform in [--min-pro
 and output lengths uniform in [--min-new, --max-new] (seeded), greedy, `ignore_eos` (vLLM's extra) so every request
 generates exactly its output length. Each request streams (the server sends a chunk for every new token, even while
 its text is held back, as vLLM does): time to first token (TTFT) = first chunk; per-token latency (TPOT) = (last
-chunk - first) / (tokens - 1). Throughput =
-generated tokens / wall time of the whole workload. The server is started here (`--max-num-seqs` = --concurrency)
-unless --url names a running one; the server compiles every step graph before it answers /health (start-up
-time is reported), and graph_compiles is the rise of the server's ascend_llm:graph_compiles_total during each timed
-run (0: no request waited for a compile). A few short requests of each mode run untimed first. Numbers on a shared
+chunk - first) / (tokens - 1). Throughput = generated tokens / wall time of the whole workload; with --repeats N
+the two modes alternate N times and each continuous run's speedup is over the sequential run just before it (a
+drifting shared machine moves both). The server is started here (`--max-num-seqs` = --concurrency) unless --url
+names a running one; the server compiles every step graph before it answers /health (start-up time is reported),
+and graph_compiles is the rise of the server's ascend_llm:graph_compiles_total during each timed run (0: no
+request waited for a compile). A few short requests of each mode run untimed first. Numbers on a shared
 CPU are noisy: run it on a quiet machine.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from ascend_llm.bench.report import print_table, write_json
 
-COLUMNS = ["mode", "concurrency", "requests", "tokens", "wall_s", "tokens_per_s", "speedup", "ttft_p50_s",
+COLUMNS = ["repeat", "mode", "concurrency", "requests", "tokens", "wall_s", "tokens_per_s", "speedup", "ttft_p50_s",
            "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "graph_compiles"]
 
 
@@ -41,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new", type=int, default=16, help="shortest output in tokens (default 16)")
     p.add_argument("--max-new", type=int, default=128, help="longest output in tokens (default 128)")
     p.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    p.add_argument("--repeats", type=int, default=1, help="sequential-then-continuous pairs to run; each continuous "
+                                                          "row's speedup is over the sequential run just before it "
+                                                          "(default 1)")
     p.add_argument("--url", help="benchmark this running server (http://HOST:PORT) instead of starting one")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for `ascend-llm serve` "
                                                                     "(repeatable, e.g. --serve-arg=--pynative)")
@@ -112,7 +117,7 @@ def summarize(mode: str, concurrency: int, wall: float, results: list[dict], bas
 def _check(args, context: int) -> None:
     from ascend_llm.errors import ConfigError
 
-    for name in ("num_requests", "concurrency", "min_prompt", "min_new"):
+    for name in ("num_requests", "concurrency", "min_prompt", "min_new", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", getattr(args, name), "must be >= 1")
     if args.max_prompt < args.min_prompt or args.max_new < args.min_new:
@@ -142,17 +147,23 @@ def main(argv: list[str]) -> int:
         for concurrency in (1, args.concurrency):
             asyncio.run(run(base, model, [(p, min(n, 4)) for p, n in requests[:concurrency]], concurrency))
         rows = []
-        for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
-            before = _graph_compiles(base)
-            wall, results = asyncio.run(run(base, model, requests, concurrency))
-            rows.append(summarize(mode, concurrency, wall, results, rows[0]["tokens_per_s"] if rows else None))
-            compiles = _graph_compiles(base)
-            rows[-1]["graph_compiles"] = None if compiles is None else compiles - (before or 0)
-            print(f"{mode}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
+        for repeat in range(args.repeats):
+            for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
+                before = _graph_compiles(base)
+                wall, results = asyncio.run(run(base, model, requests, concurrency))
+                base_rate = rows[-1]["tokens_per_s"] if mode == "continuous" else None
+                rows.append({**summarize(mode, concurrency, wall, results, base_rate), "repeat": repeat + 1})
+                compiles = _graph_compiles(base)
+                rows[-1]["graph_compiles"] = None if compiles is None else compiles - (before or 0)
+                print(f"{mode}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
     finally:
         if server is not None:
             _stop_server(server[0])
     print_table(rows, COLUMNS)
+    speedups = [r["speedup"] for r in rows if r["mode"] == "continuous"]
+    if len(speedups) > 1:
+        print(f"speedup over {len(speedups)} paired repeats: median {statistics.median(speedups):.2f}x "
+              f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x)")
     write_json(args.json, "serve", rows, model=str(Path(args.model).resolve()), num_requests=args.num_requests,
                concurrency=args.concurrency, prompt_len=[args.min_prompt, args.max_prompt],
                new_tokens=[args.min_new, args.max_new], url=args.url, startup_s=startup_s)
