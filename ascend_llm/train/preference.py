@@ -23,18 +23,27 @@ computes reference log-probabilities once with the initial model (before trainin
 data-parallel ranks and the shares summed) and stores them in a file named by a hash of the model's weights and
 config, the precision, and the prepared pairs (data files, tokenizer, chat template, seq_len), so any mismatch
 finds no file and recomputes.
-Layouts: data parallel, ZeRO and tensor parallel. Under tensor parallel the logits are vocab-sharded and each
-token's log-probability comes from parallel/tp.py `VocabParallelLogProbs` (the log-softmax gather of the
-vocab-parallel cross-entropy: exact, never gathering the logits). The reference forward (adapters_off) runs after
-the policy's log-probabilities (ops.depend), so both forwards issue their collectives in one order on every rank.
-LoRA under tensor parallel is refused by the tensor-parallel converter (LoRA cells are not sharded).
-Context parallel is written but refused (build_objective): each rank holds a zigzag slice of every row
-(train/layout.py); its per-row sums and token counts are all-gathered over the CP group and added, so every CP rank
-computes the whole pair loss and returns loss / cp (the trainer sums the shares; the all-gather's backward sums the
-ranks' 1/cp gradient shares). Its first compiled graph trains, but on MindSpore 2.10 CPU the next graph holding
-context-parallel attention in that process (validation, or the training step after the cached reference's forward)
-fails to compile ("input[1] is released" in a Gather, or TupleGetItem on a Func), also with an all-reduce instead of
-the all-gather, with the vocab-parallel log-softmax, and for a language-model run started after it.
+Layouts: data parallel, ZeRO, tensor parallel and context parallel. Under tensor parallel the logits are
+vocab-sharded and each token's log-probability comes from parallel/tp.py `VocabParallelLogProbs` (the log-softmax
+gather of the vocab-parallel cross-entropy: exact, never gathering the logits). The reference forward
+(adapters_off) runs after the policy's log-probabilities (ops.depend), so both forwards issue their collectives in
+one order on every rank. LoRA under tensor parallel is refused by the tensor-parallel converter (LoRA cells are not
+sharded). Under context parallel each rank holds a zigzag slice of every row (train/layout.py); its per-row sums
+and token counts are all-gathered over the CP group and added, so every CP rank computes the whole pair loss and
+returns loss / cp (the trainer sums the shares; the all-gather's backward sums the ranks' 1/cp gradient shares);
+the cached reference is computed the same way. It needs attention.backend=naive (fused on Ascend: not run here);
+with segmented (auto on CPU) build_objective refuses it: on MindSpore 2.10 CPU the first graph compiles and runs
+(step 1 equal to one process) but the next graph holding CP attention does not ("TupleGetItem, input[0] should
+be Sequence, but got Func" at the SegmentedAttention cell built in the trace, when the step follows the cached
+reference's forward; "input[1] is released" in a Gather, then a segfault, when validation follows the step), nor
+(found earlier) does a language-model run started after it in that process. Minimal case: cp2, DPO on the
+qwen2_tied fixture, 2 steps, validation at step 2. The trigger is a collective in the loss on values computed from
+the model's output (the row sums): local sums with only the label-derived counts gathered compile, as does
+language modelling (its loss all-reduces label counts only). Tried, same failure: an all-reduce (comm cell or
+MindSpore's AllReduce primitive) instead of the all-gather, the exchange in a cell of its own, the vocab-parallel
+log-softmax (earlier), static slices instead of the zigzag-order Gather index Tensor, no `_part` helper in cp.py,
+other batch shapes in the reference forward, and every SegmentedAttention kept alive or shared between graphs.
+The naive backend (its kernel cell built once at import) compiles every graph.
 """
 
 from __future__ import annotations
@@ -352,15 +361,18 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
 
 def build_objective(recipe, lm_loss) -> PreferenceObjective:
     """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (DP, ZeRO, TP).
-    Raises ConfigError for reference=adapters_off without lora.enabled, and for context parallel (module doc)."""
+    Raises ConfigError for reference=adapters_off without lora.enabled, and for context parallel with the
+    segmented attention backend (module doc)."""
+    from ascend_llm.attention import resolve_backend
     from ascend_llm.parallel.dims import build_groups
 
     cfg, name = recipe.objective.preference, recipe.objective.name
-    if recipe.parallel.context_parallel_degree > 1:
-        raise ConfigError("parallel.context_parallel_degree", recipe.parallel.context_parallel_degree,
-                          f"must be 1 with objective.name={name}: on MindSpore 2.10 the second compiled graph of a "
-                          "context-parallel preference run fails to compile (train/preference.py); use tensor or "
-                          "data parallel")
+    if recipe.parallel.context_parallel_degree > 1 and resolve_backend(recipe.attention.backend) == "segmented":
+        raise ConfigError("attention.backend", recipe.attention.backend,
+                          f"must be naive (or fused, on Ascend) with objective.name={name} under context parallel "
+                          f"(parallel.context_parallel_degree={recipe.parallel.context_parallel_degree}): on "
+                          "MindSpore 2.10 the segmented backend's graphs of such a run fail to compile "
+                          "(train/preference.py)")
     mode = resolve_reference(name, cfg, recipe.lora.enabled)
     if mode == "adapters_off" and not recipe.lora.enabled:
         raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "

@@ -1,9 +1,10 @@
 """Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
-reference under data parallel, ZeRO-2 and tensor parallel (vocab-sharded logits), LoRA-SimPO under data parallel,
+reference under data parallel, ZeRO-2, tensor parallel (vocab-sharded logits) and context parallel (naive attention;
+its reference cache computed under CP and compared with one process's), LoRA-SimPO under data parallel,
 and DPO resumed under data parallel from a one-process checkpoint, each equal to the same recipe in one process
-(loss and every DPO metric per step, validation, within 1e-5; DPO under TP within 5e-5 absolute: float32 summation
-order, see below). The msrun job computes its own reference caches (every rank, the main rank writes; under TP
-with the shards, its own key), so the cached values are checked under DP and TP too, and the resumed run reads one
+(loss and every DPO metric per step, validation, within 1e-5; DPO under TP and CP within 5e-5 absolute: float32
+summation order, see below). The msrun job computes its own reference caches (every rank, the main rank writes; under TP
+with the shards, its own key), so the cached values are checked under DP, TP and CP too, and the resumed run reads one
 back."""
 
 from __future__ import annotations
@@ -50,7 +51,12 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
             # tensor parallel: vocab-sharded logits; the cached reference computed with the TP shards (its own key).
             # SimPO under TP (same row sums, another loss) was measured equal within 1e-5 and left out: it made
             # this file 232 s instead of 165 s (2 cores, load 2-4)
-            "dpo_tp2": [*dpo, "parallel=tp2"]}
+            "dpo_tp2": [*dpo, "parallel=tp2"],
+            # context parallel: zigzag slices, row sums all-gathered over CP; its reference computed under CP (own
+            # cache dir). Naive attention (segmented is refused there, train/preference.py), compared with the
+            # one-process DPO run above (segmented)
+            "dpo_cp2": [*dpo, "parallel=cp2", "attention.backend=naive",
+                        f"objective.preference.cache_dir={tmp_path / 'cache_cp'}"]}
     job = tmp_path / "job"
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
@@ -61,8 +67,8 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
     assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 2
 
     for name, overrides in runs.items():
-        reference = read_records(one_process([o for o in overrides if not o.startswith(("parallel=",
-                                                                                          "train.resume="))])[1])
+        reference = read_records(one_process([o for o in overrides if not o.startswith((
+            "parallel=", "train.resume=", "attention.backend=", "objective.preference.cache_dir="))])[1])
         ours = read_records(job / "runs" / name)
         if name == "dp2_resumed":  # one process -> dp2 from step 2: steps 3-4 as the uninterrupted run
             reference = reference[2:]
@@ -71,10 +77,16 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
         # tensor parallel sums each row's ~60 nats of log-probability in another float32 order (sharded GEMMs
         # all-reduced, vocab shards' log-sum-exp): up to ~6e-5 apart (1e-6 relative, measured), and DPO's loss and
         # rewards are beta times differences of such sums, so they move by up to ~3e-5: 5e-5 absolute there
-        atol = 5e-5 if name == "dpo_tp2" else 1e-5
+        # (context parallel with naive attention against one process with segmented attention: step 1 equal within
+        # 5e-7, later steps up to ~4e-5 apart, measured, as are one process's naive and segmented runs)
+        atol = 5e-5 if name in ("dpo_tp2", "dpo_cp2") else 1e-5
         for mine, theirs in zip(ours, reference):
             for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                         "logps/chosen", "logps/rejected", "sft_loss", "val_loss", "val_rewards/accuracies"):
                 if key in theirs:
                     np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=atol, err_msg=f"{name} {key}")
         assert "val_rewards/margins" in ours[-1]
+    # the reference log-probabilities computed under CP (every rank its zigzag slices, sums gathered) = one process's
+    (cp_ref,), (one_ref,) = (list(folder.glob("*.npy")) for folder in (tmp_path / "cache_cp",
+                                                                       tmp_path / "cache_one" / "reference"))
+    np.testing.assert_allclose(np.load(cp_ref), np.load(one_ref), rtol=1e-5, atol=1e-5)
