@@ -21,7 +21,8 @@ class TrainConfig:
     seed: model initialisation and sampling seed (the data order has its own, data.seed).
     output_dir: run directory (metrics.jsonl, checkpoints/, loss.png, sample.txt, config.yaml).
     log_every: steps between metrics records. val_every: steps between validations.
-    val_batches: micro-batches of held-out windows per validation.
+    val_batches: micro-batches of held-out windows per validation; 0 turns validation off (not even at the last
+        step: no val_loss in the records, no evaluation graph compiled).
     ckpt_every: steps between checkpoints (also at the last step). keep_last: checkpoints of this run kept.
     resume: none (fresh run; refused if output_dir holds another run) | auto (newest checkpoint that verifies)
         | a checkpoint directory (that one, or exit 2).
@@ -59,11 +60,13 @@ class TrainConfig:
     memory_check: bool = True
 
     def validate(self, prefix: str = "train") -> None:
-        """Raises ConfigError naming the field: a count or interval <= 0, negative sample_tokens or seed, an unknown
+        """Raises ConfigError naming the field: a count or interval <= 0 (val_batches < 0), negative sample_tokens or
+        seed, an unknown
         recompute mode, grad_accum_steps not dividing global_batch_size, or an empty resume."""
         for name in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every", "val_every",
-                     "val_batches", "ckpt_every", "keep_last", "sample_top_k", "max_nonfinite_steps"):
+                     "ckpt_every", "keep_last", "sample_top_k", "max_nonfinite_steps"):
             positive(f"{prefix}.{name}", getattr(self, name))
+        non_negative(f"{prefix}.val_batches", self.val_batches)
         non_negative(f"{prefix}.sample_tokens", self.sample_tokens)
         non_negative(f"{prefix}.seed", self.seed)
         one_of(f"{prefix}.recompute", self.recompute, RECOMPUTE_MODES)

@@ -65,7 +65,7 @@ def train(recipe: RecipeConfig) -> dict:
             # log: a metrics record every train.log_every steps (and on events), the progress bar every step
             record = step_record(session, outcome, events)
             # validate when due (all ranks: the forward may hold collectives)
-            if outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps:
+            if cfg.val_batches and (outcome.step % cfg.val_every == 0 or outcome.step == cfg.num_steps):
                 record = validate(session, outcome, record)
             write_record(session, record, outcome)
             # checkpoint when due (all ranks gather, the main rank writes; never a non-finite state)

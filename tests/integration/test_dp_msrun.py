@@ -77,6 +77,7 @@ def test_fp8_data_parallel_with_a_closing_sample_ends_cleanly_on_both_ranks(trai
     run_dir = trainer_jobs.run_dir("fp8_dp2")
     records = read_records(run_dir)
     assert [r["step"] for r in records] == list(range(1, FP8_STEPS + 1))
+    assert not any("val_loss" in r for r in records)  # train.val_batches=0: not even at the last step
     # Each rank quantizes its own half-batch gradients to FP8 (with shared, MAX-reduced scales), so the sums
     # differ from one process's full-batch quantization by FP8 rounding: 1e-3 relative, not 1e-5.
     np.testing.assert_allclose([r["loss"] for r in records], reference["losses"], rtol=1e-3, atol=0)

@@ -16,7 +16,7 @@ from ascend_llm.errors import CheckpointError, ConfigError
 from ascend_llm.train.trainer import train
 
 COMMON = ["debug=smoke", "data.seq_len=32", "train.progress=false", "train.sample_tokens=0", "train.log_every=1",
-          "train.val_every=1000", "train.ckpt_every=2"]
+          "train.val_batches=0", "train.ckpt_every=2"]
 
 
 def run(tmp, cache, *overrides):

@@ -23,7 +23,7 @@ from ascend_llm.train.checkpoint import list_checkpoints, read_checkpoint
 pytestmark = pytest.mark.integration
 
 REFERENCE_STEPS = 10
-COMMON = ["debug=smoke", "train.progress=false", "train.log_every=1", "train.sample_tokens=0", "train.val_every=1000",
+COMMON = ["debug=smoke", "train.progress=false", "train.log_every=1", "train.sample_tokens=0", "train.val_batches=0",
           "train.ckpt_every=1000", "optim.min_lr_ratio=1.0"]
 
 

@@ -75,6 +75,7 @@ def check_run(run_dir: Path, one: Path, steps: list[int]) -> None:
 
     got, want = records_by_step(run_dir), records_by_step(one)
     assert sorted(got) == steps
+    assert not any("val_loss" in r for r in [*got.values(), *want.values()])  # train.val_batches=0: no validation
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([got[s][key] for s in steps], [want[s][key] for s in steps], rtol=0,
                                    atol=ATOL, err_msg=key)

@@ -79,7 +79,7 @@ def _overrides(data: Path, cache: Path, run_dir: Path, *extra: str) -> list[str]
     return ["train", f"model.pretrained={QWEN2}", "data.format=sft", "data.document_mask=true", f"data.path={data}",
             "data.seq_len=64", f"data.cache_dir={cache}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
             "lora.targets=[wq,wv,w2]", "optim.lr=1e-2", "optim.warmup_steps=1", "train.global_batch_size=4",
-            "train.val_every=1000", "train.log_every=1", "train.progress=false", "train.sample_tokens=0",
+            "train.val_batches=0", "train.log_every=1", "train.progress=false", "train.sample_tokens=0",
             "train.num_steps=6", "train.ckpt_every=3", f"train.output_dir={run_dir}", *extra]
 
 

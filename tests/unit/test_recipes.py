@@ -51,6 +51,7 @@ def test_command_line_overrides_apply_with_types():
     (["train.num_steps=-1"], "train.num_steps"),
     (["train.global_batch_size=0"], "train.global_batch_size"),
     (["train.grad_accum_steps=3"], "train.grad_accum_steps"),
+    (["train.val_batches=-1"], "train.val_batches"),  # 0 is allowed: no validation
     (["optim.lr=0"], "optim.lr"),
     (["runtime.mode=eager"], "runtime.mode"),
     (["train.num_steps=abc"], "train.num_steps=abc"),
