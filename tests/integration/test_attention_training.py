@@ -11,7 +11,8 @@ from ascend_llm.train.trainer import train
 
 def test_segmented_training_matches_naive(tmp_path, data_cache):
     common = ["debug=smoke", "train.num_steps=20", "train.progress=false", "train.sample_tokens=0",
-              "train.log_every=1", f"data.cache_dir={data_cache}", "attention.block_q=16", "attention.block_k=16"]
+              "train.log_every=1", f"data.cache_dir={data_cache}", "attention.block_q=16", "attention.block_k=16",
+              "train.val_batches=0"]
     naive = train(compose_recipe([*common, "attention=naive", f"train.output_dir={tmp_path / 'naive'}"]))
     segmented = train(compose_recipe([*common, "attention=segmented", f"train.output_dir={tmp_path / 'seg'}"]))
     assert len(naive["losses"]) == 20

@@ -19,7 +19,7 @@ STEPS = 5
 
 def run(out, data_cache, *overrides) -> dict:
     return train(compose_recipe([*SMOKE, f"train.num_steps={STEPS}", f"data.cache_dir={data_cache}",
-                                 f"train.output_dir={out}", *overrides]))
+                                 "train.val_batches=0", f"train.output_dir={out}", *overrides]))
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_blended_document_masked_training_reports_its_mix(tmp_path, data_cache):
         sources.append(str(path))
     summary = train(compose_recipe(["debug=smoke", "train.num_steps=2", "train.progress=false",
                                     "train.sample_tokens=0", "train.log_every=1", "data.document_mask=true",
+                                    "train.val_batches=0",
                                     f"data.sources=[0.75,{sources[0]},0.25,{sources[1]}]",
                                     f"data.cache_dir={data_cache}", f"train.output_dir={tmp_path / 'run'}"]))
     assert all(np.isfinite(summary["losses"]))
