@@ -14,8 +14,9 @@ Decode: the inference `Engine` (graph mode, greedy, `batch` sequences of random 
 same lengths compiles every shape first; every `Engine.run` step is timed, decode tokens/s = tokens / seconds over
 the steps whose rows all carry one token (the scheduler mixes prompt chunks into some steps: those are reported as
 prefill_s), best generation of `rounds`, the variants interleaved round by round so they share the machine;
-median_step_tok_s: the median over every decode step of all rounds of tokens / step seconds (steadier than the best
-generation when other processes share the cores).
+median_step_tok_s: the median over every decode step of all rounds of tokens / step seconds, best_step_vs_fp32: the
+fastest decode step's rate against fp32's (both steadier than the best generation when other processes share the
+cores).
 Weight bytes: the quantized layers' bytes held (codes, scales, zeros, g_idx) against their float32 bytes
 (linear_bytes, fp32_over_bytes); decode_path: "fused" when the engine's decode steps run one C++ kernel per layer
 (inference/fused_decode.py: float32 layers and, through fused_quant.py, quantized ones), else "mindspore";
@@ -193,6 +194,7 @@ def decode_rows(model_dir: str | None, batches: list[int], prompt_tokens: int, n
                    "decode_tok_s": round(rate[v], 1), "vs_fp32": round(rate[v] / rate["fp32"], 2),
                    "median_step_tok_s": round(median, 1),
                    "median_vs_fp32": round(median / float(np.median(clocks["fp32"].step_rates)), 2),
+                   "best_step_vs_fp32": round(max(clocks[v].step_rates) / max(clocks["fp32"].step_rates), 2),
                    "prefill_s": round(other[v], 3), "prefill_vs_fp32": round(other["fp32"] / other[v], 2),
                    "linear_bytes": held, "fp32_over_bytes": round(fp32_bytes / held, 2),
                    "decode_bytes": held + copies}
