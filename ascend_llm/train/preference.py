@@ -31,19 +31,14 @@ one order on every rank. LoRA under tensor parallel is refused by the tensor-par
 sharded). Under context parallel each rank holds a zigzag slice of every row (train/layout.py); its per-row sums
 and token counts are all-gathered over the CP group and added, so every CP rank computes the whole pair loss and
 returns loss / cp (the trainer sums the shares; the all-gather's backward sums the ranks' 1/cp gradient shares);
-the cached reference is computed the same way. It needs attention.backend=naive (fused on Ascend: not run here);
-with segmented (auto on CPU) build_objective refuses it: on MindSpore 2.10 CPU the first graph compiles and runs
-(step 1 equal to one process) but the next graph holding CP attention does not ("TupleGetItem, input[0] should
-be Sequence, but got Func" at the SegmentedAttention cell built in the trace, when the step follows the cached
-reference's forward; "input[1] is released" in a Gather, then a segfault, when validation follows the step), nor
-(found earlier) does a language-model run started after it in that process. Minimal case: cp2, DPO on the
-qwen2_tied fixture, 2 steps, validation at step 2. The trigger is a collective in the loss on values computed from
-the model's output (the row sums): local sums with only the label-derived counts gathered compile, as does
-language modelling (its loss all-reduces label counts only). Tried, same failure: an all-reduce (comm cell or
-MindSpore's AllReduce primitive) instead of the all-gather, the exchange in a cell of its own, the vocab-parallel
-log-softmax (earlier), static slices instead of the zigzag-order Gather index Tensor, no `_part` helper in cp.py,
-other batch shapes in the reference forward, and every SegmentedAttention kept alive or shared between graphs.
-The naive backend (its kernel cell built once at import) compiles every graph.
+the cached reference is computed the same way. The sums and the counts are gathered one after the other (counts
+after sums, ops.depend): gathered as one stacked (2, N) tensor, MindSpore 2.10 CPU compiled the first graph of a
+run with the segmented attention backend but not the next one holding CP attention ("TupleGetItem, input[0]
+should be Sequence, but got Func" at the SegmentedAttention cell built in the trace when the step followed the
+cached reference's forward; "input[1] is released" in a Gather, then a segfault, when validation followed the
+step), also with an all-reduce instead of the all-gather or the exchange in a cell of its own; naive attention
+compiled. Not the cause (tried, same failure): the zigzag-order Gather index Tensor, cp.py's `_part` helper, the
+batch shapes, SegmentedAttention cells kept alive or shared between graphs.
 """
 
 from __future__ import annotations
@@ -216,9 +211,9 @@ class PreferenceObjective(Objective):
             maskf = (labels != -100).astype(mstype.float32)
             picked = self.token_logps(logits, labels).reshape(labels.shape)
             sums, counts = (picked * maskf).sum(-1), maskf.sum(-1)
-        if self.gather_cp is not None:  # every CP rank's sums and counts, added (module doc)
-            whole = self.gather_cp(ops.stack([sums, ops.stop_gradient(counts)]).expand_dims(0)).sum(0)
-            sums, counts = whole[0], whole[1]
+        if self.gather_cp is not None:  # every CP rank's sums, then counts (chained: one order), added (module doc)
+            sums = self.gather_cp(sums.expand_dims(0)).sum(0)
+            counts = self.gather_cp(ops.stop_gradient(ops.depend(counts, sums)).expand_dims(0)).sum(0)
         return sums, counts
 
     def loss(self, model: nn.Cell, *batch: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -360,19 +355,11 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
 
 
 def build_objective(recipe, lm_loss) -> PreferenceObjective:
-    """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (DP, ZeRO, TP).
-    Raises ConfigError for reference=adapters_off without lora.enabled, and for context parallel with the
-    segmented attention backend (module doc)."""
-    from ascend_llm.attention import resolve_backend
+    """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (DP, ZeRO, TP,
+    CP). Raises ConfigError for reference=adapters_off without lora.enabled."""
     from ascend_llm.parallel.dims import build_groups
 
     cfg, name = recipe.objective.preference, recipe.objective.name
-    if recipe.parallel.context_parallel_degree > 1 and resolve_backend(recipe.attention.backend) == "segmented":
-        raise ConfigError("attention.backend", recipe.attention.backend,
-                          f"must be naive (or fused, on Ascend) with objective.name={name} under context parallel "
-                          f"(parallel.context_parallel_degree={recipe.parallel.context_parallel_degree}): on "
-                          "MindSpore 2.10 the segmented backend's graphs of such a run fail to compile "
-                          "(train/preference.py)")
     mode = resolve_reference(name, cfg, recipe.lora.enabled)
     if mode == "adapters_off" and not recipe.lora.enabled:
         raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "

@@ -149,8 +149,6 @@ def test_unsupported_setups_are_refused_in_one_line(pairs_file):
     folder, data = pairs_file
     with pytest.raises(ConfigError, match=r"objective\.preference\.reference"):
         build_objective(_recipe(folder, data, "unused", "objective.preference.reference=adapters_off"), None)
-    with pytest.raises(ConfigError, match=r"attention\.backend.*auto.*naive.*context_parallel_degree=2.*MindSpore"):
-        build_objective(_recipe(folder, data, "unused", "parallel=cp2", "cluster=cpu_2proc"), None)  # auto: segmented
     with pytest.raises(ConfigError, match=r"objective\.preference\.label_smoothing"):
         _recipe(folder, data, "unused", "objective.preference.loss=ipo", "objective.preference.label_smoothing=0.1")
 
