@@ -145,7 +145,7 @@ class PreferenceObjective(Objective):
     (None: one process); vocab_size: the model's vocabulary (needed under tensor parallel)."""
 
     aux_names = AUX_NAMES
-    splits_sequence = True  # tokens and labels are cut along S under context parallel; per-row sums all-reduced
+    splits_sequence = True  # tokens and labels are cut along S under context parallel; per-row sums all-gathered
 
     def __init__(self, kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0,
                  sft_weight: float = 0.0, reference_mode: str = "cached", recipe=None,
