@@ -24,7 +24,8 @@ batch 8 3.0 / 2.8 / 3.5 ms; batch 16 4.7 / 5.4 / 7.0 ms; 64 rows 15.6 / 21.6 / 2
 but one x load per 2 FMAs) took 4.1-4.7 ms (int8) and 4.2-4.4 ms (int4) at batch 8. Variants tried and not kept:
 the scale applied once per row for per-channel int8 (codes as code - zero in int32), a transposing reduction of
 16 accumulators, dequantizing one W row at a time (fewer live registers, twice the x loads), int4 through a
-16-float table per row and group (vpermps instead of convert + FMA), 8 x 3 and 4 x 5 tiles: none measured faster.
+16-float table per row and group (vpermps instead of convert + FMA), 8 x 3 and 4 x 5 tiles, int4 with the x rows
+held and each W row's codes used as they are unpacked (4.9 ms at batch 8): none measured faster.
 
 With AVX-512 the widening is vpmovzxbd + vcvtdq2ps (GCC 12 scalarizes a generic uint8 -> float vector conversion);
 other CPUs get a plain loop the compiler vectorizes as it can.
