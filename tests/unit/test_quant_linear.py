@@ -48,6 +48,16 @@ def graph_mode():
     ms.set_context(mode=mode)
 
 
+@pytest.fixture
+def pynative_mode():
+    """The numeric sweeps run eagerly (a graph compile per case was most of this file's time); the kernel in a
+    compiled graph is test_cpu_kernel_in_graph_mode's."""
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=mode)
+
+
 class Wrapper(nn.Cell):
     def __init__(self, cell):
         super().__init__()
@@ -69,7 +79,7 @@ CASES = [  # bits, group_size, sym, (out, in); ragged: 100 = 40 + 40 + 20; odd i
 @needs_kernel
 @pytest.mark.parametrize("bits,group,sym,shape", CASES)
 @pytest.mark.parametrize("lead", [(1,), (2, 4), (64,), (3,)])
-def test_cpu_kernel_matches_float64(bits, group, sym, shape, lead):
+def test_cpu_kernel_matches_float64(pynative_mode, bits, group, sym, shape, lead):
     rng = np.random.default_rng(bits * 1000 + group + 7 * len(lead))
     w = rng.normal(0, 0.1, size=shape).astype(np.float32)
     bias = rng.normal(size=shape[0]).astype(np.float32) if lead != (3,) else None
