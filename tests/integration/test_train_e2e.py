@@ -106,7 +106,8 @@ def test_resume_from_a_corrupted_explicit_checkpoint_exits_2(smoke_run, cache, t
 def test_multirun_sweep_runs_each_job_in_its_own_directory(cache, tmp_path):
     proc = subprocess.run(cli(["--multirun", "debug=smoke", "train.num_steps=2", "optim.lr=1e-3,2e-3",
                                f"train.output_dir={tmp_path}", f"data.cache_dir={cache}", "train.progress=false",
-                               "train.sample_tokens=0"]), capture_output=True, text=True, timeout=600)
+                               "train.sample_tokens=0", "train.val_batches=0"]), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job, lr in ((0, 1e-3), (1, 2e-3)):
         run = tmp_path / "multirun" / str(job)

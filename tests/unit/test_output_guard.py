@@ -262,7 +262,7 @@ def test_train_on_a_read_only_or_full_output_dir_is_one_line(tmp_path, mount_tmp
     (a debug checkpoint is ~1.9 MB on a 3 MB tmpfs): one line naming train.output_dir, exit 2; the first
     checkpoint stays whole and no temporary is left."""
     ro, full = mount_tmpfs("ro", "1m", read_only=True), mount_tmpfs("full", "3m")
-    smoke = ["debug=smoke", "train.num_steps=2", "train.ckpt_every=1", "train.val_every=2", "train.progress=false",
+    smoke = ["debug=smoke", "train.num_steps=2", "train.ckpt_every=1", "train.val_batches=0", "train.progress=false",
              f"data.cache_dir={tmp_path / 'cache'}"]
     one_line(run("train", *smoke, f"train.output_dir={ro / 'run'}", cwd=tmp_path), "train.output_dir",
              str(ro / "run"), "read-only file system")
