@@ -7,7 +7,8 @@ Session fixtures shared by several files:
   against AdamW), for test_comm_msrun, test_tpcp_msrun, test_tpz_msrun and test_zero_msrun;
 - `tpcp_data` (the corpus of short documents) and `trainer_jobs` (trainer_runs.TrainerJobs: the one-process
   references and one msrun trainer job per world size), for test_dp_msrun, test_zero_train_msrun,
-  test_tpcp_train_msrun and test_tpz_msrun."""
+  test_tpcp_train_msrun, test_tpz_msrun, test_grad_accumulation, test_moe_ep_msrun, test_preference_msrun and
+  test_distill_msrun (the last three add their runs to the jobs: trainer_runs.add_runs)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from trainer_runs import TrainerJobs  # noqa: E402
 
 from tests.conftest import run_msrun  # noqa: E402
 
-# The test files that use `trainer_jobs` or `layout_jobs` (below) set `pytestmark = xdist_group("msrun_jobs")`:
-# under `pytest -n 2 --dist loadgroup` one worker runs them all, so each msrun job runs once per session.
+# The tests that use `trainer_jobs` (below) set `xdist_group("msrun_jobs")`, those that use `layout_jobs`
+# `xdist_group("layout_jobs")`: under `pytest -n 2 --dist loadgroup` one worker runs each group, so each msrun job
+# runs once per session (and the two groups may run side by side).
 # (Marks added here in pytest_collection_modifyitems come too late for xdist's grouping.)
 
 

@@ -1,7 +1,7 @@
-"""Distillation under real msrun (2 CPU workers, one launch of workers/train_worker.py): a debug-size student learns
-from a frozen teacher (the llama_gqa fixture, opened by the model opener, running in the same compiled step) under
-data parallel, with gradient accumulation too; the loss, its CE and KD parts per step and at validation equal the same
-recipe in one process within 1e-5, and the checkpoint holds the student only."""
+"""Distillation under real msrun (2 CPU workers, runs of the trainer's 2-worker msrun job, trainer_runs.py): a
+debug-size student learns from a frozen teacher (the llama_gqa fixture, opened by the model opener, running in the
+same compiled step) under data parallel, with gradient accumulation too; the loss, its CE and KD parts per step and
+at validation equal the same recipe in one process within 1e-5, and the checkpoint holds the student only."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import add_runs
 
-from tests.conftest import launch, read_records
+from tests.conftest import read_records
+
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
 TEACHER = FIXTURES / "llama_gqa"  # vocab 640, EOS <|end_of_text|>
-WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 STEPS = 4
 POEM = ("春眠不覺曉，處處聞啼鳥。夜來風雨聲，花落知多少。床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。"
         "白日依山盡，黃河入海流。欲窮千里目，更上一層樓。紅豆生南國，春來發幾枝。願君多采擷，此物最相思。")
@@ -32,23 +35,32 @@ def _common(data: Path, cache: Path) -> list[str]:
             "optim.warmup_steps=0"]
 
 
-@pytest.mark.skipif(not TEACHER.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
-def test_distillation_under_msrun_equals_one_process(tmp_path, one_process):
-    data = tmp_path / "poems.jsonl"
-    data.write_text("".join(json.dumps({"text": POEM[i:] + POEM[:i]}, ensure_ascii=False) + "\n"
-                            for i in range(0, len(POEM), 4)), encoding="utf-8")
-    runs = {"kd_dp2": ["parallel=dp2"], "kd_dp2_accum": ["parallel=dp2", "train.grad_accum_steps=2"]}
-    job, spec = tmp_path / "job", tmp_path / "spec.json"
-    spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
-        {"name": name, "overrides": [*_common(data, tmp_path / "cache_msrun"), *extra, "cluster=cpu_2proc",
-                                     f"train.output_dir={job / 'runs' / name}"]} for name, extra in runs.items()]}))
-    launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
+def _data(jobs) -> Path:
+    """The session's folder for this file, with poems.jsonl (written once)."""
+    root = jobs.data_dir("distill")
+    data = root / "poems.jsonl"
+    if not data.is_file():
+        data.write_text("".join(json.dumps({"text": POEM[i:] + POEM[:i]}, ensure_ascii=False) + "\n"
+                                for i in range(0, len(POEM), 4)), encoding="utf-8")
+    return root
 
+
+RUNS = {"kd_dp2": ["parallel=dp2"], "kd_dp2_accum": ["parallel=dp2", "train.grad_accum_steps=2"]}
+if TEACHER.is_dir():  # the runs join the trainer's 2-worker msrun job (tests/integration/trainer_runs.py)
+    add_runs(2, tuple(RUNS), lambda jobs: {
+        name: [*_common(_data(jobs) / "poems.jsonl", _data(jobs) / "cache_msrun"), *extra]
+        for name, extra in RUNS.items()})
+
+
+@pytest.mark.skipif(not TEACHER.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
+def test_distillation_under_msrun_equals_one_process(trainer_jobs, one_process):
+    root = _data(trainer_jobs)
+    data, runs = root / "poems.jsonl", RUNS
     one_dir = None
     for name, extra in runs.items():
-        summary, one_dir = one_process([*_common(data, tmp_path / "cache_one"),
+        summary, one_dir = one_process([*_common(data, root / "cache_one"),
                                         *[o for o in extra if not o.startswith("parallel=")]])
-        reference, ours = read_records(one_dir), read_records(job / "runs" / name)
+        reference, ours = read_records(one_dir), read_records(trainer_jobs.run_dir(name))
         assert [r["step"] for r in ours] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
         for mine, theirs in zip(ours, reference):
             for key in ("loss", "ce", "kd", "grad_norm", "val_loss", "val_ce", "val_kd"):
@@ -61,6 +73,6 @@ def test_distillation_under_msrun_equals_one_process(tmp_path, one_process):
     # the checkpoint holds the student only (debug size), under the model's own parameter names
     from ascend_llm.interop.source import open_model
 
-    student = open_model(job / "runs" / "kd_dp2")
+    student = open_model(trainer_jobs.run_dir("kd_dp2"))
     assert student.config.dim == 64 and student.config.vocab_size == 640
     assert all(not name.startswith("teacher.") for name in student.weights)

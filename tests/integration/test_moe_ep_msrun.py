@@ -6,8 +6,9 @@ layouts: one process -> ep2 with ZeRO-1 (the optimizer state sliced), dp4 x ep2 
 (gathered) and -> dp4 x ep4 without ZeRO.
 
 The reference is one process with train.grad_accum_steps = the data-parallel degree: its micro-batches are the
-ranks' rows, so the load-balancing loss (not linear in the batch) is computed over the same tokens. One msrun job
-per world size (tests/integration/workers/train_worker.py runs each job's recipes one after the other)."""
+ranks' rows, so the load-balancing loss (not linear in the batch) is computed over the same tokens. The msrun runs
+are part of the trainer's one msrun job per world size (trainer_runs.add_runs; workers/train_worker.py runs each
+job's recipes one after the other)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import add_runs
 
-from tests.conftest import launch, read_records
+from tests.conftest import read_records
 
-pytestmark = pytest.mark.integration
-WORKER = Path(__file__).parent / "workers" / "train_worker.py"
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 STEPS, RESUME = 6, 3
 RECIPE = ["debug=smoke", "model=debug_moe", f"train.num_steps={STEPS}", "train.global_batch_size=8",
           "train.log_every=1", "train.val_batches=0", f"train.ckpt_every={RESUME}", "train.keep_last=10",
@@ -56,32 +58,43 @@ def assert_same_run(run: Path, ref: Path, steps) -> None:
         np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
 
 
+def references(jobs) -> dict[str, list[str]]:
+    """One process with train.grad_accum_steps = the data-parallel degree (2 and 4)."""
+    return {f"ref{accum}": [*RECIPE, jobs.cache, f"train.grad_accum_steps={accum}"] for accum in (2, 4)}
+
+
+def _layout(jobs, workers: int, *extra: str) -> list[str]:
+    return [*RECIPE, jobs.cache, f"parallel.data_parallel_degree={workers}", "parallel.expert_parallel_degree=2",
+            *extra]
+
+
+def _runs2(jobs) -> dict[str, list[str]]:
+    ref2 = jobs.one_process(references(jobs)["ref2"])[1]
+    return {"ep2": _layout(jobs, 2),
+            "ep2_zero1_from_ep1": _layout(jobs, 2, f"train.resume={ckpt(ref2, RESUME)}", "parallel.zero_stage=1")}
+
+
+def _runs4(jobs) -> dict[str, list[str]]:
+    # ep4 resumes from the ZeRO-2 run's step-3 checkpoint, written earlier in the same job
+    zero2 = jobs.planned_dir("dp4_ep2_zero2")
+    return {"dp4_ep2_zero2": _layout(jobs, 4, "parallel.zero_stage=2"),
+            "ep4_from_ep2": _layout(jobs, 4, "parallel.expert_parallel_degree=4",
+                                    f"train.resume={ckpt(zero2, RESUME)}")}
+
+
+# the runs join the trainer's msrun jobs of 2 and 4 workers (tests/integration/trainer_runs.py)
+add_runs(2, ("ep2", "ep2_zero1_from_ep1"), _runs2)
+add_runs(4, ("dp4_ep2_zero2", "ep4_from_ep2"), _runs4)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, one_process, data_cache):
+def runs(trainer_jobs, one_process):
     """{name: run dir}: the one-process references and the msrun runs (2 and 4 workers)."""
-    root = tmp_path_factory.mktemp("moe_ep")
-    cache = f"data.cache_dir={data_cache}"
-    out = {}
-    for accum in (2, 4):
-        out[f"ref{accum}"] = one_process([*RECIPE, cache, f"train.grad_accum_steps={accum}"])[1]
-    from_ref2 = f"train.resume={ckpt(out['ref2'], RESUME)}"
-    for workers, layouts in ((2, {"ep2": [], "ep2_zero1_from_ep1": [from_ref2, "parallel.zero_stage=1"]}),
-                             (4, {"dp4_ep2_zero2": ["parallel.zero_stage=2"],
-                                  "ep4_from_ep2": ["parallel.expert_parallel_degree=4"]})):
-        job = root / f"job{workers}"
-        specs = []
-        for name, extra in layouts.items():
-            if name == "ep4_from_ep2":
-                extra = [*extra, f"train.resume={ckpt(job / 'runs' / 'dp4_ep2_zero2', RESUME)}"]
-            specs.append({"name": name, "overrides": [
-                *RECIPE, cache, f"cluster=cpu_{workers}proc", f"parallel.data_parallel_degree={workers}",
-                "parallel.expert_parallel_degree=2", *extra, f"train.output_dir={job / 'runs' / name}"]})
-            out[name] = job / "runs" / name
-        spec = root / f"job{workers}.json"
-        spec.write_text(json.dumps({"log_dir": str(root / f"logs{workers}"), "runs": specs}))
-        launch(job, [f"parallel.data_parallel_degree={workers}"], workers, WORKER, [str(spec)])
+    out = {name: one_process(overrides)[1] for name, overrides in references(trainer_jobs).items()}
+    for name in ("ep2", "ep2_zero1_from_ep1", "dp4_ep2_zero2", "ep4_from_ep2"):
+        out[name] = trainer_jobs.run_dir(name)
     # EP -> one process: the 4-worker ZeRO-2 run's step-3 checkpoint (experts and their moments gathered)
-    out["ep1_from_zero2"] = one_process([*RECIPE, cache, "train.grad_accum_steps=4",
+    out["ep1_from_zero2"] = one_process([*RECIPE, trainer_jobs.cache, "train.grad_accum_steps=4",
                                          f"train.resume={ckpt(out['dp4_ep2_zero2'], RESUME)}"])[1]
     return out
 

@@ -1,6 +1,6 @@
-"""Preference tuning under real msrun (2 CPU workers, one launch of workers/train_worker.py): DPO with the cached
-reference under data parallel, ZeRO-2, tensor parallel (vocab-sharded logits) and context parallel (its reference
-cache computed under CP and compared with one process's), LoRA-SimPO under data parallel,
+"""Preference tuning under real msrun (2 CPU workers, runs of the trainer's 2-worker msrun job, trainer_runs.py):
+DPO with the cached reference under data parallel, ZeRO-2, tensor parallel (vocab-sharded logits) and context
+parallel (its reference cache computed under CP and compared with one process's), LoRA-SimPO under data parallel,
 and DPO resumed under data parallel from a one-process checkpoint, each equal to the same recipe in one process
 (loss and every DPO metric per step, validation, within 1e-5; DPO under TP and CP within 5e-5 absolute: float32
 summation order, see below). The msrun job computes its own reference caches (every rank, the main rank writes; under TP
@@ -14,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import add_runs
 
-from tests.conftest import launch, read_records
+from tests.conftest import read_records
+
+# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("msrun_jobs")
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
 QWEN2 = FIXTURES / "qwen2_tied"
-WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 STEPS = 4
 LINES = ["春眠不覺曉", "處處聞啼鳥", "夜來風雨聲", "花落知多少", "床前明月光", "疑是地上霜", "舉頭望明月", "低頭思故鄉",
          "白日依山盡", "黃河入海流", "欲窮千里目", "更上一層樓", "紅豆生南國", "春來發幾枝", "願君多采擷", "此物最相思"]
@@ -33,19 +36,28 @@ def _common(data, cache) -> list[str]:
             "train.sample_tokens=0", "optim.lr=3e-3", "optim.warmup_steps=0"]
 
 
-@pytest.mark.skipif(not QWEN2.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
-def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": a, "chosen": b, "rejected": LINES[(i * 5 + 3) % len(LINES)]},
-                                       ensure_ascii=False) + "\n" for i, (a, b) in enumerate(zip(LINES, LINES[1:]))),
-                    encoding="utf-8")
-    dpo = [*_common(data, tmp_path / "cache_one"), "objective=dpo", "objective.preference.beta=0.5",
+def _files(jobs) -> Path:
+    """The session's folder for this file: pairs.jsonl (written once) and the reference caches."""
+    root = jobs.data_dir("preference")
+    data = root / "pairs.jsonl"
+    if not data.is_file():
+        data.write_text("".join(json.dumps({"prompt": a, "chosen": b, "rejected": LINES[(i * 5 + 3) % len(LINES)]},
+                                           ensure_ascii=False) + "\n"
+                                for i, (a, b) in enumerate(zip(LINES, LINES[1:]))), encoding="utf-8")
+    return root
+
+
+def _recipes(jobs) -> dict[str, list[str]]:
+    """{run name: overrides} with the one-process caches (cache_one); the msrun job uses cache_msrun instead."""
+    root = _files(jobs)
+    dpo = [*_common(root / "pairs.jsonl", root / "cache_one"), "objective=dpo", "objective.preference.beta=0.5",
            "objective.preference.sft_weight=0.1"]
-    simpo = [*_common(data, tmp_path / "cache_one"), "objective=simpo", "lora.enabled=true", "lora.rank=4"]
-    one_dpo = one_process(dpo)[1]  # trained first: the resumed run starts from its step-2 checkpoint
+    simpo = [*_common(root / "pairs.jsonl", root / "cache_one"), "objective=simpo", "lora.enabled=true",
+             "lora.rank=4"]
+    one_dpo = jobs.one_process(dpo)[1]  # trained first: the resumed run starts from its step-2 checkpoint
     # DPO from scratch under data parallel is dp2_zero2 (which also computes the reference cache under DP); plain
     # DP is the resumed DPO run (reads that cache) and SimPO from scratch
-    runs = {"dp2_zero2": [*dpo, "parallel=dp2_zero2"],
+    return {"dp2_zero2": [*dpo, "parallel=dp2_zero2"],
             "simpo_lora_dp2": [*simpo, "parallel=dp2"],
             "dp2_resumed": [*dpo, "parallel=dp2", f"train.resume={one_dpo / 'checkpoints' / 'step_00000002'}"],
             # tensor parallel: vocab-sharded logits; the cached reference computed with the TP shards (its own key).
@@ -54,20 +66,32 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
             "dpo_tp2": [*dpo, "parallel=tp2"],
             # context parallel: zigzag slices, row sums all-gathered over CP; its reference computed under CP (own
             # cache dir); the segmented attention backend, whose next graphs failed to compile (train/preference.py)
-            "dpo_cp2": [*dpo, "parallel=cp2", f"objective.preference.cache_dir={tmp_path / 'cache_cp'}"]}
-    job = tmp_path / "job"
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"log_dir": str(tmp_path / "logs"), "runs": [
-        {"name": name, "overrides": [*[o.replace("cache_one", "cache_msrun") for o in overrides], "cluster=cpu_2proc",
-                                     f"train.output_dir={job / 'runs' / name}"]} for name, overrides in runs.items()]}))
-    launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
+            "dpo_cp2": [*dpo, "parallel=cp2", f"objective.preference.cache_dir={root / 'cache_cp'}"]}
+
+
+def _msrun_runs(jobs) -> dict[str, list[str]]:
+    return {name: [o.replace("cache_one", "cache_msrun") for o in overrides]
+            for name, overrides in _recipes(jobs).items()}
+
+
+RENAMED = {"dp2_zero2": "dp2_zero2_dpo", "dp2_resumed": "dp2_resumed_dpo"}  # the trainer job has a dp2_zero2
+if QWEN2.is_dir():  # the runs join the trainer's 2-worker msrun job (tests/integration/trainer_runs.py)
+    add_runs(2, ("dp2_zero2_dpo", "simpo_lora_dp2", "dp2_resumed_dpo", "dpo_tp2", "dpo_cp2"),
+             lambda jobs: {RENAMED.get(k, k): v for k, v in _msrun_runs(jobs).items()})
+
+
+@pytest.mark.skipif(not QWEN2.is_dir(), reason="shared fixtures absent: ../shared/fixtures/hf")
+def test_dpo_and_simpo_under_msrun_equal_one_process(trainer_jobs, one_process):
+    runs = _recipes(trainer_jobs)
+    root = _files(trainer_jobs)
+    trainer_jobs.job(2)
     # written by rank 0, once per key: the whole model (zero2, then read by resumed) and the TP shards (tp2)
-    assert len(list((tmp_path / "cache_msrun" / "reference").glob("*.npy"))) == 2
+    assert len(list((root / "cache_msrun" / "reference").glob("*.npy"))) == 2
 
     for name, overrides in runs.items():
         reference = read_records(one_process([o for o in overrides if not o.startswith((
             "parallel=", "train.resume=", "objective.preference.cache_dir="))])[1])
-        ours = read_records(job / "runs" / name)
+        ours = read_records(trainer_jobs.run_dir(RENAMED.get(name, name)))
         if name == "dp2_resumed":  # one process -> dp2 from step 2: steps 3-4 as the uninterrupted run
             reference = reference[2:]
         assert [r["step"] for r in ours] == [r["step"] for r in reference]
@@ -85,6 +109,6 @@ def test_dpo_and_simpo_under_msrun_equal_one_process(tmp_path, one_process):
                     np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-5, atol=atol, err_msg=f"{name} {key}")
         assert "val_rewards/margins" in ours[-1]
     # the reference log-probabilities computed under CP (every rank its zigzag slices, sums gathered) = one process's
-    (cp_ref,), (one_ref,) = (list(folder.glob("*.npy")) for folder in (tmp_path / "cache_cp",
-                                                                       tmp_path / "cache_one" / "reference"))
+    (cp_ref,), (one_ref,) = (list(folder.glob("*.npy")) for folder in (root / "cache_cp",
+                                                                       root / "cache_one" / "reference"))
     np.testing.assert_allclose(np.load(cp_ref), np.load(one_ref), rtol=1e-5, atol=1e-5)

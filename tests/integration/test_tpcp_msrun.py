@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from tpcp_worker import batch, model_config
 
-# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
-pytestmark = pytest.mark.xdist_group("msrun_jobs")
+# one pytest-xdist worker runs every test of the layout jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("layout_jobs")
 
 
 @pytest.fixture(scope="module")

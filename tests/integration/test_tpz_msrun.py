@@ -26,12 +26,14 @@ from trainer_runs import TPZ_STEPS, checkpoint
 
 from tests.conftest import records_by_step
 
-# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
-pytestmark = pytest.mark.xdist_group("msrun_jobs")
+# one pytest-xdist worker runs every test of a shared msrun job's group (tests/integration/conftest.py): the first
+# test here reads the layout job, the others the trainer job
+TRAINER_JOBS = pytest.mark.xdist_group("msrun_jobs")
 
 ATOL = 1e-5
 
 
+@pytest.mark.xdist_group("layout_jobs")
 def test_tp2_with_one_kv_head_matches_one_process(layout_jobs):
     import mindspore as ms
     from mindspore import Tensor, ops
@@ -88,6 +90,7 @@ def check_run(run_dir: Path, one: Path, steps: list[int]) -> None:
             np.testing.assert_allclose(mine[name], ref[name], rtol=0, atol=PARAM_ATOL, err_msg=f"{part}:{name}")
 
 
+@TRAINER_JOBS
 def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(trainer_jobs, one_process):
     _, one, overrides = trainer_jobs.reference("tpz")
     # resumed from the reference's step 2 under ZeRO-2 x TP x DP (4 workers), 4 steps; steps 1-5 are warmup
@@ -100,6 +103,7 @@ def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(trainer_jobs, one
                                atol=ATOL)
 
 
+@TRAINER_JOBS
 def test_zero2_over_the_context_parallel_group_trains_like_one_process(trainer_jobs):
     """cp2 with dp=1: ZeRO shards over the 2 CP ranks (each holds a share of one loss: gradients summed, scale
     1/dp = 1)."""

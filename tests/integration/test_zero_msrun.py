@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, batch, lr_at
 
-# one pytest-xdist worker runs every test of the shared msrun jobs (tests/integration/conftest.py)
-pytestmark = pytest.mark.xdist_group("msrun_jobs")
+# one pytest-xdist worker runs every test of the layout jobs (tests/integration/conftest.py)
+pytestmark = pytest.mark.xdist_group("layout_jobs")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,12 @@
 """The trainer under msrun, one job per world size: the recipes the msrun trainer tests compare, and the jobs.
 
 `TrainerJobs` launches `workers/train_worker.py` once per world size (`ascend-llm launch cluster=cpu_<N>proc
---script`), on first use of any run of that size; the worker trains every run of that size one after the other
-(one start-up, one communicator), each into its own directory (`job.run_dir(name)`), its log lines in
-`job.log(name, rank)`. The tests read those directories and compare them with one-process runs of the same
-recipes (`tests/conftest.py` `one_process`, cached per session, so a reference trains once for every test).
+--script`), on first use of any run of that size: the runs below and those other test files add with `add_runs` (MoE
+expert parallel, preference tuning, distillation), so every trainer test under msrun shares two launches; the worker
+trains every run of that size one after the other (one start-up, one communicator), each into its own directory
+(`job.run_dir(name)`), its log lines in `job.log(name, rank)`. The tests read those directories and compare them
+with one-process runs of the same recipes (`tests/conftest.py` `one_process`, cached per session, so a reference
+trains once for every test).
 
 Recipes:
 - SMOKE: `debug=smoke` at global batch 8. Its one-process reference (REFERENCES["smoke"]) runs 20 steps with a
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 WORKERS = Path(__file__).parent / "workers"
@@ -51,8 +54,21 @@ def checkpoint(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-JOBS = {2: ("dp2", "fp8_dp2", "dp2_zero2", "tp2", "cp2", "cp2_resumed", "cp2_zero2"),
-        4: ("tp2_dp2", "cp2_dp2", "tp2_dp2_zero2")}
+JOBS = {2: ["dp2", "fp8_dp2", "dp2_zero2", "tp2", "cp2", "cp2_resumed", "cp2_zero2"],
+        4: ["tp2_dp2", "cp2_dp2", "tp2_dp2_zero2"]}
+# Runs other test files add to these jobs (add_runs), built when the job launches: {workers: [(names, build)]}
+EXTRA: dict[int, list[tuple[tuple[str, ...], Callable[[TrainerJobs], dict[str, list[str]]]]]] = {2: [], 4: []}
+
+
+def add_runs(workers: int, names: tuple[str, ...], build: Callable[[TrainerJobs], dict[str, list[str]]]) -> None:
+    """Add the runs `names` to the msrun job of `workers` workers (one launch per world size for every trainer
+    test): `build(jobs) -> {name: overrides}` runs when that job launches (it may train one-process references
+    through `jobs.one_process` and write data under `jobs.data_dir(...)`); each run names its own layout, and the
+    job adds cluster and train.output_dir. A test file calls this at import, so the job holds the runs of the
+    files collected; its tests then read `jobs.run_dir(name)` and `jobs.log(name, rank)`."""
+    if not set(names) & set(JOBS[workers]):
+        JOBS[workers].extend(names)
+        EXTRA[workers].append((tuple(names), build))
 
 
 class TrainerJobs:
@@ -103,8 +119,24 @@ class TrainerJobs:
                 "tp2_dp2_zero2": [*ref["tpz"], "train.num_steps=4", "parallel=tp2_dp2", "parallel.zero_stage=2",
                                   f"train.resume={checkpoint(self.reference('tpz')[1], 2)}"],
             }
-        assert tuple(runs) == JOBS[workers]
+        for names, build in EXTRA[workers]:
+            extra = build(self)
+            assert tuple(extra) == names, (tuple(extra), names)
+            runs.update(extra)
+        assert list(runs) == JOBS[workers]
         return runs
+
+    def data_dir(self, name: str) -> Path:
+        """A directory of this session for the data of `name` (created on first use)."""
+        path = self.root / "data" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def planned_dir(self, name: str) -> Path:
+        """The directory the msrun run `name` writes (without launching its job): for a later run of the same
+        job that resumes from it."""
+        workers = next(w for w, names in JOBS.items() if name in names)
+        return self.root / f"job{workers}" / "runs" / name
 
     def job(self, workers: int):
         """The finished launch (stdout, stderr) of the job with `workers` workers; launched on first use."""
@@ -131,7 +163,7 @@ class TrainerJobs:
         """The directory of the msrun run `name` (its job launched on first use)."""
         workers = next(w for w, names in JOBS.items() if name in names)
         self.job(workers)
-        return self.root / f"job{workers}" / "runs" / name
+        return self.planned_dir(name)
 
     def log(self, name: str, rank: int) -> str:
         """Rank `rank`'s log lines of the run `name` (its job launched on first use)."""
