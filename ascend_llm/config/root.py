@@ -67,3 +67,13 @@ class RecipeConfig:
                               f"global_batch_size/grad_accum_steps={per_step} must be divisible by "
                               f"parallel.data_parallel_degree={dp}")
         check_parallel_model(self.parallel, self.model, self.data.seq_len)
+        self._validate_preference()
+
+    def _validate_preference(self) -> None:
+        """DPO's reference=adapters_off is the model with its LoRA adapters off: it needs lora.enabled (checked
+        here, so `launch` refuses it before any worker starts)."""
+        name, pref = self.objective.name, self.objective.preference
+        if name == "dpo" and pref.reference == "adapters_off" and not self.lora.enabled:
+            raise ConfigError("objective.preference.reference", pref.reference, "adapters_off needs "
+                              "lora.enabled=true (the reference is the model with its adapters off); use cached for "
+                              "a full fine-tune")

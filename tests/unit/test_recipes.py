@@ -52,6 +52,8 @@ def test_command_line_overrides_apply_with_types():
     (["train.global_batch_size=0"], "train.global_batch_size"),
     (["train.grad_accum_steps=3"], "train.grad_accum_steps"),
     (["train.val_batches=-1"], "train.val_batches"),  # 0 is allowed: no validation
+    # a cross-group rule, so `launch` refuses it before starting workers (it failed in the workers, exit 1)
+    (["objective=dpo", "objective.preference.reference=adapters_off"], "objective.preference.reference"),
     (["optim.lr=0"], "optim.lr"),
     (["runtime.mode=eager"], "runtime.mode"),
     (["train.num_steps=abc"], "train.num_steps=abc"),
