@@ -267,8 +267,9 @@ def _run_msrun(plan: LaunchPlan, out: TextIO, poll_s: float, stop: Optional[Stop
         return stopped_result(stopped_by, elapsed, {labels[pid]: exit_code for pid, exit_code, _ in failures})
     if code is None and returncode == 0 and not failures:
         return LaunchResult(0, elapsed)
-    if code is None:
-        code = returncode if returncode not in (0, None) else 1
+    if code is None:  # the first failed worker's own status, as in rank-table mode (2: it refused bad input)
+        first = failures[0][1] if failures else 0
+        code = first if first > 0 else returncode if returncode not in (0, None) else 1
     rank = log = None
     if failures:
         pid, exit_code, _ = failures[0]

@@ -258,6 +258,20 @@ scheduler.wait()
 """
 
 
+def test_msrun_mode_passes_on_a_worker_exit_2(tmp_path):
+    """A worker that refused bad input (one line, exit 2: a data error found once the data is read) makes launch
+    exit 2 too, as `train` does (it was msrun's 1)."""
+    msrun = tmp_path / "msrun"
+    msrun.write_text(FAKE_MSRUN.replace("sys.exit(1)", "sys.exit(2)").format(python=sys.executable))
+    msrun.chmod(msrun.stat().st_mode | stat.S_IEXEC)
+    log_dir = tmp_path / "logs"
+    plan = LaunchPlan("msrun", [ProcessSpec([str(msrun), f"--log_dir={log_dir}"])], log_dir, 2, 2,
+                      cluster_timeout_s=300, failure_grace_s=1)
+    result = run_plan(plan, poll_s=0.1)
+    assert (result.returncode, result.failed_rank) == (2, 1)
+    assert "rank 1: worker exited with code 2" in result.report()
+
+
 def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, capsys):
     msrun = tmp_path / "msrun"
     msrun.write_text(FAKE_MSRUN.format(python=sys.executable))
@@ -268,7 +282,8 @@ def test_msrun_mode_kills_a_job_whose_scheduler_hangs_after_a_failure(tmp_path, 
     start = time.monotonic()
     result = run_plan(plan, poll_s=0.1)
     assert time.monotonic() - start < 20
-    assert result.returncode != 0 and result.failed_rank == 1
+    # the failed worker's own exit status (1 here; a worker refusing bad input exits 2, and so does launch)
+    assert result.returncode == 1 and result.failed_rank == 1
     assert "RuntimeError: injected" in result.report()
     assert "did not stop within cluster.failure_grace_s=1" in result.reason
     leftovers = subprocess.run(["pgrep", "-f", "time.sleep\\(300\\)"], capture_output=True, text=True).stdout
