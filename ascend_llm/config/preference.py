@@ -44,7 +44,7 @@ class PreferenceConfig:
     def validate(self, prefix: str = "objective.preference") -> None:
         """Raises ConfigError naming the field: loss or reference outside the allowed sets, beta <= 0,
         label_smoothing outside [0, 0.5) or set with ipo or hinge, gamma or sft_weight < 0. (reference=adapters_off
-        without lora.enabled is refused by the recipe's cross-group check, config/root.py.)"""
+        without lora.enabled is refused by resolve_reference, from the recipe's cross-group check.)"""
         one_of(f"{prefix}.loss", self.loss, DPO_LOSSES)
         one_of(f"{prefix}.reference", self.reference, REFERENCES)
         positive(f"{prefix}.beta", self.beta)
@@ -64,11 +64,16 @@ PREFERENCE_OBJECTIVES = ("dpo", "simpo")
 
 def resolve_reference(objective_name: str, cfg: PreferenceConfig, lora_enabled: bool) -> str:
     """Where the reference log-probabilities come from: none (SimPO), adapters_off or cached (reference=auto:
-    adapters_off with LoRA, else cached). No check here (config/root.py refuses adapters_off without LoRA)."""
+    adapters_off with LoRA, else cached). Raises ConfigError for reference=adapters_off without lora.enabled (the
+    reference is the model with its adapters off); the recipe's cross-group check calls this, so `launch` refuses
+    it before any worker starts."""
     if objective_name == "simpo":
         return "none"
     if cfg.reference == "auto":
         return "adapters_off" if lora_enabled else "cached"
+    if cfg.reference == "adapters_off" and not lora_enabled:
+        raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "
+                          "(the reference is the model with its adapters off); use cached for a full fine-tune")
     return cfg.reference
 
 

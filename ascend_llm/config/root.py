@@ -18,6 +18,7 @@ from ascend_llm.config.parallel import (
     resolve_data_parallel,
 )
 from ascend_llm.config.precision import PrecisionConfig
+from ascend_llm.config.preference import PREFERENCE_OBJECTIVES, resolve_reference
 from ascend_llm.config.runtime import RuntimeConfig
 from ascend_llm.config.train import TrainConfig
 from ascend_llm.errors import ConfigError
@@ -70,10 +71,8 @@ class RecipeConfig:
         self._validate_preference()
 
     def _validate_preference(self) -> None:
-        """DPO's reference=adapters_off is the model with its LoRA adapters off: it needs lora.enabled (checked
-        here, so `launch` refuses it before any worker starts)."""
-        name, pref = self.objective.name, self.objective.preference
-        if name == "dpo" and pref.reference == "adapters_off" and not self.lora.enabled:
-            raise ConfigError("objective.preference.reference", pref.reference, "adapters_off needs "
-                              "lora.enabled=true (the reference is the model with its adapters off); use cached for "
-                              "a full fine-tune")
+        """A preference objective's reference must be one this recipe can provide (config/preference.py
+        resolve_reference: adapters_off needs lora.enabled); checked here, so `launch` refuses it before any
+        worker starts."""
+        if self.objective.name in PREFERENCE_OBJECTIVES:
+            resolve_reference(self.objective.name, self.objective.preference, bool(self.lora.enabled))

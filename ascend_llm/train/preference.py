@@ -356,14 +356,11 @@ def cached_reference(model: nn.Cell, dataset, prepared, recipe, main_rank: bool 
 
 def build_objective(recipe, lm_loss) -> PreferenceObjective:
     """objective.name=dpo | simpo from recipe.objective.preference, on this rank's parallel groups (DP, ZeRO, TP,
-    CP). Raises ConfigError for reference=adapters_off without lora.enabled."""
+    CP). Raises ConfigError for reference=adapters_off without lora.enabled (resolve_reference)."""
     from ascend_llm.parallel.dims import build_groups
 
     cfg, name = recipe.objective.preference, recipe.objective.name
-    mode = resolve_reference(name, cfg, recipe.lora.enabled)
-    if mode == "adapters_off" and not recipe.lora.enabled:
-        raise ConfigError("objective.preference.reference", cfg.reference, "adapters_off needs lora.enabled=true "
-                          "(the reference is the model with its adapters off); use cached for a full fine-tune")
+    mode = resolve_reference(name, cfg, recipe.lora.enabled)  # ConfigError: adapters_off without LoRA
     kind = "simpo" if name == "simpo" else cfg.loss
     return PreferenceObjective(kind, cfg.beta, cfg.label_smoothing, cfg.gamma, cfg.sft_weight, mode, recipe,
                                groups=build_groups(recipe.parallel), vocab_size=recipe.model.vocab_size,
