@@ -61,8 +61,7 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         """Raises ConfigError naming the field: a count or interval <= 0 (val_batches < 0), negative sample_tokens or
-        seed, an unknown
-        recompute mode, grad_accum_steps not dividing global_batch_size, or an empty resume."""
+        seed, an unknown recompute mode, grad_accum_steps not dividing global_batch_size, or an empty resume."""
         for name in ("num_steps", "global_batch_size", "grad_accum_steps", "log_every", "val_every",
                      "ckpt_every", "keep_last", "sample_top_k", "max_nonfinite_steps"):
             positive(f"{prefix}.{name}", getattr(self, name))

@@ -276,16 +276,13 @@ class Engine:
         if self.flat:
             return self._run_flat(seq_ids, tokens, starts)
         decode = [i for i, t in enumerate(tokens) if len(t) == 1]
-        if decode and len(decode) < len(tokens):  # decode rows together, prompt chunks one by one
-            parts = [(decode, self._run_rows([seq_ids[i] for i in decode], [tokens[i] for i in decode],
-                                             [starts[i] for i in decode]))]
-            parts += [([i], self._run_rows([seq_ids[i]], [tokens[i]], [starts[i]])) for i in range(len(tokens))
-                      if len(tokens[i]) > 1]
-            return RowsOutput(parts)
-        if not decode and len(tokens) > 1:
-            return RowsOutput([([i], self._run_rows([seq_ids[i]], [tokens[i]], [starts[i]]))
-                               for i in range(len(tokens))])
-        return self._run_rows(seq_ids, tokens, starts)
+        chunks = [i for i, t in enumerate(tokens) if len(t) > 1]
+        if len(chunks) + bool(decode) == 1:  # only decode rows, or one prompt chunk
+            return self._run_rows(seq_ids, tokens, starts)
+        parts = [(decode, self._run_rows([seq_ids[i] for i in decode], [tokens[i] for i in decode],
+                                         [starts[i] for i in decode]))] if decode else []
+        parts += [([i], self._run_rows([seq_ids[i]], [tokens[i]], [starts[i]])) for i in chunks]
+        return RowsOutput(parts)  # decode rows together, prompt chunks one by one
 
     # ---- the shape set --------------------------------------------------------------------------------------
     def graph_shapes(self) -> list[tuple[int, int, int, int]]:

@@ -66,9 +66,13 @@ def add_runs(workers: int, names: tuple[str, ...], build: Callable[[TrainerJobs]
     through `jobs.one_process` and write data under `jobs.data_dir(...)`); each run names its own layout, and the
     job adds cluster and train.output_dir. A test file calls this at import, so the job holds the runs of the
     files collected; its tests then read `jobs.run_dir(name)` and `jobs.log(name, rank)`."""
-    if not set(names) & set(JOBS[workers]):
-        JOBS[workers].extend(names)
-        EXTRA[workers].append((tuple(names), build))
+    if any(tuple(names) == known for known, _ in EXTRA[workers]):
+        return  # the same file imported again (under another module name)
+    clash = set(names) & set(JOBS[workers])
+    if clash:
+        raise ValueError(f"run names {sorted(clash)} are already in the {workers}-worker trainer job")
+    JOBS[workers].extend(names)
+    EXTRA[workers].append((tuple(names), build))
 
 
 class TrainerJobs:
