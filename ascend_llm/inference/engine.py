@@ -37,6 +37,7 @@ from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
 from ascend_llm.inference import ascend_ops, fused_decode
+from ascend_llm.inference.fused_decode import kernel_threads
 from ascend_llm.inference.kv_cache import (
     NULL_BLOCK,
     AscendCacheWrite,
@@ -78,7 +79,8 @@ class PagedForward(nn.Cell):
     converters that replace them (precision, FP8, LoRA, quantized linears) apply here too.
     """
 
-    def __init__(self, model: nn.Cell, max_len: int, num_blocks: int, block_size: int, fused: bool = True):
+    def __init__(self, model: nn.Cell, max_len: int, num_blocks: int, block_size: int, fused: bool = True,
+                 threads: int | None = None):
         super().__init__()
         cfg = model.cfg
         self.model = model
@@ -100,7 +102,7 @@ class PagedForward(nn.Cell):
             self.decode_attention = CpuDecodeAttention(kernel)
         fused = fused and kernel is not None and not on_ascend and fused_decode.library_path() is not None
         # decode steps of plain fp32 layers: one C++ kernel per layer (inference/fused_decode.py)
-        self.fused = fused_decode.DecodeLayer(model) if fused and fused_decode.supported(model) else None
+        self.fused = fused_decode.DecodeLayer(model, threads) if fused and fused_decode.supported(model) else None
         self.tied_head = bool(getattr(model, "tie_embeddings", False)) and hasattr(model, "norm")
         self.matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -227,11 +229,13 @@ class Engine:
     pool including the null block (default: enough for num_slots * max_len positions, at most 65,536 positions);
     max_chunk: prompt tokens per sequence per step (chunked prefill; rounded up to a power of two); fused_decode:
     decode steps of plain fp32 layers on CPU through one C++ kernel per layer (inference/fused_decode.py; False
-    keeps MindSpore ops). ConfigError for impossible sizes.
+    keeps MindSpore ops); threads: threads of that kernel (default $ASCEND_LLM_KERNEL_THREADS, else min(2, CPUs
+    allowed); `fused_decode.kernel_threads`). ConfigError for impossible sizes.
     """
 
     def __init__(self, model: nn.Cell, max_len: int | None = None, num_slots: int = 8, *, block_size: int = 16,
-                 num_blocks: int | None = None, max_chunk: int = 256, fused_decode: bool = True):
+                 num_blocks: int | None = None, max_chunk: int = 256, fused_decode: bool = True,
+                 threads: int | None = None):
         max_len = int(max_len or model.cfg.max_seq_len)
         if max_len < 2:
             raise ConfigError("max_len", max_len, "must be >= 2 (prompt + at least one new token)")
@@ -247,7 +251,9 @@ class Engine:
         if self.num_blocks < 2:
             raise ConfigError("num_blocks", self.num_blocks, "must be >= 2 (block 0 is the null block)")
         self.allocator = BlockAllocator(self.num_blocks, block_size)
-        self.forward = PagedForward(model, max_len, self.num_blocks, block_size, fused=fused_decode)
+        self.threads = kernel_threads(threads)  # (the argument fused_decode hides the module here)
+        self.forward = PagedForward(model, max_len, self.num_blocks, block_size, fused=fused_decode,
+                                    threads=self.threads)
         # prompt ids the embedding accepts: the vocabulary, plus image placeholders after it when tok_embeddings is a
         # models/vlm.py SplicedEmbedding (an image prefix of a vision-language model)
         self.num_input_ids = self.cfg.vocab_size + int(getattr(model.tok_embeddings, "num_image_tokens", 0))

@@ -38,6 +38,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
+from ascend_llm.errors import ConfigError
 from ascend_llm.inference.fused_quant import QUANT_GEMM_SOURCE, group_sizes, matrix_supported
 from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
 from ascend_llm.precision.cpu_kernel import compile_library
@@ -49,6 +50,129 @@ static inline v16 load16(const float *p) {
   v16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+"""
+
+POOL_SOURCE = r"""
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+static inline unsigned fp_mode() { return _mm_getcsr(); }
+static inline void set_fp_mode(unsigned m) { _mm_setcsr(m); }
+#else
+static inline void cpu_relax() {}
+static inline unsigned fp_mode() { return 0; }
+static inline void set_fp_mode(unsigned) {}
+#endif
+
+// Persistent workers (std::thread, atomics + condvar; no OpenMP team: see precision/cpu_kernel.py). run(threads,
+// tasks, fn, ctx) calls fn(ctx, i) for every i in [0, tasks) on the caller and up to threads - 1 workers, which take
+// task numbers from one atomic counter (run id << 32 | next task): a worker that wakes late finds fewer tasks or
+// none, so the caller never waits for a sleeping worker's share, only for tasks already started. Each task is one
+// thread's, computed by the same code whichever thread runs it (workers take the caller's MXCSR: MindSpore's threads
+// may set flush-to-zero): results do not depend on the thread count. Idle workers spin for SPIN_US, then sleep on
+// the condvar. A call while another thread holds the pool (two kernels at once) runs its tasks serially; a forked
+// child starts a new pool (the parent's workers do not exist there).
+typedef void (*TaskFn)(void *ctx, int64_t task);
+
+class Pool {
+ public:
+  static Pool &get() {
+    static Pool *pool = new Pool();  // never destroyed: detached workers may still wait on it at exit
+    if (pool->pid_ != getpid()) pool = new Pool();
+    return *pool;
+  }
+
+  int workers() const { return workers_; }
+
+  void run(int threads, int64_t tasks, TaskFn fn, void *ctx) {
+    std::unique_lock<std::mutex> owner(run_mu_, std::defer_lock);
+    if (threads <= 1 || tasks <= 1 || !owner.try_lock()) {
+      for (int64_t i = 0; i < tasks; ++i) fn(ctx, i);
+      return;
+    }
+    const uint32_t id = static_cast<uint32_t>(state_.load(std::memory_order_relaxed) >> 32) + 1;
+    for (; workers_ < threads - 1 && workers_ < 63; ++workers_)
+      std::thread(&Pool::loop, this, workers_, id - 1).detach();
+    fn_.store(fn, std::memory_order_relaxed);
+    ctx_.store(ctx, std::memory_order_relaxed);
+    tasks_.store(tasks, std::memory_order_relaxed);
+    active_.store(threads - 1, std::memory_order_relaxed);
+    mode_.store(fp_mode(), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    state_.store(static_cast<uint64_t>(id) << 32);
+    if (sleepers_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+    work(id);
+    for (int spins = 0; done_.load(std::memory_order_acquire) < tasks; ++spins) {
+      if (spins < 4096) cpu_relax(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int64_t SPIN_US = 200;
+
+  void work(uint32_t id) {
+    for (;;) {
+      uint64_t v = state_.load(std::memory_order_acquire);
+      if (static_cast<uint32_t>(v >> 32) != id) return;
+      const int64_t task = static_cast<int64_t>(v & 0xffffffffu);
+      if (task >= tasks_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), task);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop(int index, uint32_t seen) {
+    for (;;) {
+      auto began = std::chrono::steady_clock::now();
+      uint64_t s;
+      for (int spins = 1; static_cast<uint32_t>((s = state_.load(std::memory_order_acquire)) >> 32) == seen; ++spins) {
+        cpu_relax();
+        if (spins % 64 || std::chrono::steady_clock::now() - began < std::chrono::microseconds(SPIN_US)) continue;
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        while (static_cast<uint32_t>(state_.load() >> 32) == seen) cv_.wait(lock);
+        sleepers_.fetch_sub(1);
+        began = std::chrono::steady_clock::now();
+      }
+      seen = static_cast<uint32_t>(s >> 32);
+      if (index >= active_.load(std::memory_order_relaxed)) continue;
+      const unsigned saved = fp_mode();
+      set_fp_mode(mode_.load(std::memory_order_relaxed));
+      work(seen);
+      set_fp_mode(saved);
+    }
+  }
+
+  pid_t pid_ = getpid();
+  int workers_ = 0;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0}, tasks_{0};
+  std::atomic<TaskFn> fn_{nullptr};
+  std::atomic<void *> ctx_{nullptr};
+  std::atomic<int> active_{0}, sleepers_{0};
+  std::atomic<unsigned> mode_{0};
+};
+
+// Workers the pool of this process has started (tests).
+extern "C" int PoolWorkers() { return Pool::get().workers(); }
+
+// fn(i) for i in [0, tasks) on `threads` threads (Pool::run).
+template <class F>
+static void parallel(int threads, int64_t tasks, F &fn) {
+  Pool::get().run(threads, tasks, [](void *c, int64_t i) { (*static_cast<F *>(c))(i); }, &fn);
 }
 """
 
@@ -96,10 +220,78 @@ static void panel_rows(const float *x, int64_t M, int64_t K, const float *panel,
   if (m < M) panel_tile<1>(x + m * K, K, panel, n0, width, y + m * N, N, bias, accumulate);
 }
 
-static void gemm(const float *x, int64_t M, int64_t K, const PackedMatrix &W, int64_t N, const float *bias, float *y,
-                 bool accumulate) {
-  for (int64_t n0 = 0; n0 < N; n0 += 32)
-    panel_rows(x, M, K, W.panels + (n0 / 32) * K * 32, n0, N - n0 < 32 ? N - n0 : 32, y, N, bias, accumulate);
+static inline int64_t col_unit(const PackedMatrix &, int64_t) { return 32; }
+static const float *prepare(const PackedMatrix &, const float *x, int64_t, int64_t, std::vector<float> &) { return x; }
+
+// y[:, c0 .. c1) (+)= x (M, K) W^T (+ bias), c0 a multiple of 32: the panels of those columns.
+static void gemm_cols(const float *x, int64_t M, int64_t K, const PackedMatrix &W, int64_t N, const float *bias,
+                      float *y, bool accumulate, int64_t c0, int64_t c1) {
+  c1 = c1 < N ? c1 : N;
+  for (int64_t n0 = c0; n0 < c1; n0 += 32)
+    panel_rows(x, M, K, W.panels + (n0 / 32) * K * 32, n0, c1 - n0 < 32 ? c1 - n0 : 32, y, N, bias, accumulate);
+}
+
+// One matrix product of a layer: y (M, N) (+)= x (M, K) W^T (+ bias).
+template <class Matrix>
+struct Product {
+  const float *x;
+  int64_t M, K;
+  const Matrix *W;
+  int64_t N;
+  const float *bias;
+  float *y;
+  bool accumulate;
+};
+
+// Up to 3 products with the same x rows at once (q/k/v; wo; w2), their columns split into tasks of col_unit
+// columns across `threads`.
+template <class Matrix>
+static void products(int threads, std::initializer_list<Product<Matrix>> list) {
+  Product<Matrix> p[3];
+  const float *xs[3];
+  int64_t unit[3], first[4] = {0, 0, 0, 0};
+  thread_local std::vector<float> split[3];
+  int n = 0;
+  for (const Product<Matrix> &one : list) {
+    p[n] = one;
+    xs[n] = prepare(*one.W, one.x, one.M, one.K, split[n]);
+    unit[n] = col_unit(*one.W, one.M);
+    first[n + 1] = first[n] + (one.N + unit[n] - 1) / unit[n];
+    ++n;
+  }
+  auto task = [&](int64_t t) {
+    int j = 0;
+    while (t >= first[j + 1]) ++j;
+    const int64_t c0 = (t - first[j]) * unit[j];
+    gemm_cols(xs[j], p[j].M, p[j].K, *p[j].W, p[j].N, p[j].bias, p[j].y, p[j].accumulate, c0, c0 + unit[j]);
+  };
+  parallel(threads, first[n], task);
+}
+
+static inline int64_t lcm(int64_t a, int64_t b) {
+  int64_t x = a, y = b;
+  while (y) x %= y, std::swap(x, y);
+  return a / x * b;
+}
+
+// g (M, F) = silu(x W1^T) * (x W3^T) (u: scratch (M, F)), in tasks of columns: each task computes its columns of
+// both products, then their SwiGLU, so the exponentials are split across threads too.
+template <class Matrix>
+static void swiglu(int threads, const float *x, int64_t M, int64_t K, const Matrix &w1, const Matrix &w3, int64_t F,
+                   float *g, float *u) {
+  thread_local std::vector<float> split1, split3;
+  const float *x1 = prepare(w1, x, M, K, split1), *x3 = prepare(w3, x, M, K, split3);
+  const int64_t unit = lcm(col_unit(w1, M), col_unit(w3, M));
+  auto task = [&](int64_t t) {
+    const int64_t c0 = t * unit, c1 = c0 + unit < F ? c0 + unit : F;
+    gemm_cols(x1, M, K, w1, F, nullptr, g, false, c0, c1);
+    gemm_cols(x3, M, K, w3, F, nullptr, u, false, c0, c1);
+    for (int64_t m = 0; m < M; ++m) {
+      float *gm = g + m * F, *um = u + m * F;
+      for (int64_t c = c0; c < c1; ++c) gm[c] = gm[c] / (1.0f + std::exp(-gm[c])) * um[c];
+    }
+  };
+  parallel(threads, (F + unit - 1) / unit, task);
 }
 
 // y (rows, D) = x * rsqrt(mean(x^2) + eps) * w, row by row (models/llama.py RMSNormKernel; y may be x).
@@ -139,20 +331,25 @@ enum {
 enum { WQ, WK, WV, WO, W1, W3, W2 };  // fused_decode.MATRICES order
 
 // The layer, for either kind of matrix (PackedMatrix: float32 panels, QuantMatrix: QuantLinear's codes; each has its
-// `gemm`). params[0 .. NCOMMON) as in the enum: h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32,
+// `gemm_cols`). params[0 .. NCOMMON) as in the enum: h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32,
 // caches (NB, BS, Hkv, D) [written in place], norms and biases as models/llama.py holds them, cos/sin (max_len, D),
-// consts = [norm eps, has qkv bias, has qk norm, heads, ffn width]; out (B, dim).
+// consts = [norm eps, has qkv bias, has qk norm, heads, ffn width, threads, rows from which threads are used];
+// out (B, dim). With B >= that many rows the products' columns and the attention rows are split across the threads
+// (Pool); norms, RoPE and the cache writes stay on the caller.
 template <class Matrix>
 static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float *h) {
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   const int64_t B = shapes[H][0], dim = shapes[H][1];
   const int64_t NB = shapes[KCACHE][0], BS = shapes[KCACHE][1], Hkv = shapes[KCACHE][2], D = shapes[KCACHE][3];
-  const int64_t Hq = static_cast<int64_t>(in(CONSTS)[3]), F = static_cast<int64_t>(in(CONSTS)[4]);
+  const float *consts = in(CONSTS);
+  const int64_t Hq = static_cast<int64_t>(consts[3]), F = static_cast<int64_t>(consts[4]);
   const int64_t MB = shapes[TABLE][1], max_len = shapes[COS][0];
-  const float eps = in(CONSTS)[0];
-  const bool bias = in(CONSTS)[1] > 0.5f, qk_norm = in(CONSTS)[2] > 0.5f;
+  const int threads = shapes[CONSTS][0] > 6 && B >= static_cast<int64_t>(consts[6]) ? static_cast<int>(consts[5]) : 1;
+  const float eps = consts[0];
+  const bool bias = consts[1] > 0.5f, qk_norm = consts[2] > 0.5f;
   const int32_t *positions = static_cast<const int32_t *>(params[POS]);
   const int32_t *slots = static_cast<const int32_t *>(params[SLOT]);
+  const int32_t *tables = static_cast<const int32_t *>(params[TABLE]);
   float *kc = static_cast<float *>(params[KCACHE]), *vc = static_cast<float *>(params[VCACHE]);
   thread_local std::vector<float> buf;
   const int64_t nq = Hq * D, nkv = Hkv * D;
@@ -161,9 +358,9 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
   float *u = g + B * F;
   std::memcpy(h, in(H), B * dim * sizeof(float));
   rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
-  gemm(x, B, dim, w[WQ], nq, bias ? in(BQ) : nullptr, q, false);
-  gemm(x, B, dim, w[WK], nkv, bias ? in(BK) : nullptr, k, false);
-  gemm(x, B, dim, w[WV], nkv, bias ? in(BV) : nullptr, v, false);
+  products<Matrix>(threads, {{x, B, dim, &w[WQ], nq, bias ? in(BQ) : nullptr, q, false},
+                             {x, B, dim, &w[WK], nkv, bias ? in(BK) : nullptr, k, false},
+                             {x, B, dim, &w[WV], nkv, bias ? in(BV) : nullptr, v, false}});
   if (qk_norm) {
     rmsnorm(q, B * Hq, D, in(Q_NORM), eps, q);
     rmsnorm(k, B * Hkv, D, in(K_NORM), eps, k);
@@ -176,14 +373,16 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
     std::memcpy(kc + s * nkv, k + b * nkv, nkv * sizeof(float));
     std::memcpy(vc + s * nkv, v + b * nkv, nkv * sizeof(float));
   }
-  paged_attention_rows(q, kc, vc, static_cast<const int32_t *>(params[TABLE]), positions, B, Hq, D, BS, Hkv, MB,
-                       att);
-  gemm(att, B, nq, w[WO], dim, nullptr, h, true);
+  auto attend = [&](int64_t b) {
+    thread_local std::vector<float> scores;
+    scores.resize(MB * BS);
+    paged_attention_row(b, q, kc, vc, tables, positions, Hq, D, BS, Hkv, MB, scores.data(), att);
+  };
+  parallel(threads, B, attend);
+  products<Matrix>(threads, {{att, B, nq, &w[WO], dim, nullptr, h, true}});
   rmsnorm(h, B, dim, in(FFN_NORM), eps, x);
-  gemm(x, B, dim, w[W1], F, nullptr, g, false);
-  gemm(x, B, dim, w[W3], F, nullptr, u, false);
-  for (int64_t i = 0; i < B * F; ++i) g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  gemm(g, B, F, w[W2], dim, nullptr, h, true);
+  swiglu(threads, x, B, dim, w[W1], w[W3], F, g, u);
+  products<Matrix>(threads, {{g, B, F, &w[W2], dim, nullptr, h, true}});
 }
 
 // float32 layer: params = common, the 7 matrices packed (fused_decode.pack), out.
@@ -228,7 +427,31 @@ extern "C" int DecodeLayerQuant(int nparam, void **params, int *ndims, int64_t *
 }
 """
 
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-march=native", "-fopenmp-simd", "-ffp-contract=fast")
+THREADS_ENV = "ASCEND_LLM_KERNEL_THREADS"
+MAX_THREADS = 64  # the pool's limit (63 workers and the caller)
+PARALLEL_MIN_ROWS = 4  # rows of a step from which the fused layer uses its threads (measured: see the docstring)
+
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-pthread")
+
+
+def kernel_threads(threads: int | None = None) -> int:
+    """Threads of the fused layer: `threads` when given, else $ASCEND_LLM_KERNEL_THREADS, else min(2, CPUs this
+    process may run on (sched_getaffinity)). ConfigError unless an integer in [1, 64]."""
+    import os
+
+    field, value = "threads", threads
+    if value is None and os.environ.get(THREADS_ENV, "").strip():
+        field, value = THREADS_ENV, os.environ[THREADS_ENV].strip()
+    if value is None:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, min(2, allowed))
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if isinstance(value, bool) or count < 1 or count > MAX_THREADS or str(count) != str(value).strip():
+        raise ConfigError(field, value, f"an integer from 1 to {MAX_THREADS} (threads of the fused CPU layer)")
+    return count
 
 
 def _cpu_signature() -> str:
@@ -244,7 +467,8 @@ def _cpu_signature() -> str:
 @functools.cache
 def library_path() -> str | None:
     """The compiled fused-decode library (built on first use), None when no C++ compiler works."""
-    source = f"// cpu {_cpu_signature()}\n{ATTENTION_SOURCE}\n{VECTOR_SOURCE}\n{QUANT_GEMM_SOURCE}\n{FUSED_SOURCE}"
+    source = (f"// cpu {_cpu_signature()}\n{ATTENTION_SOURCE}\n{POOL_SOURCE}\n{VECTOR_SOURCE}\n{QUANT_GEMM_SOURCE}\n"
+              f"{FUSED_SOURCE}")
     return compile_library("fused_decode", source, FLAGS)
 
 
@@ -312,13 +536,16 @@ class DecodeLayer(nn.Cell):
     the kernel reads each QuantLinear's qweight / scales / zeros Parameters as stored (inference/fused_quant.py).
     Norm weights and biases are read from `layer` as they are."""
 
-    def __init__(self, model: nn.Cell):
+    def __init__(self, model: nn.Cell, threads: int | None = None, parallel_min_rows: int | None = None):
         super().__init__()
         cfg = model.cfg
         self.op = self._custom("DecodeLayer")
         self.quant_op = self._custom("DecodeLayerQuant")
         self.qkv_bias, self.qk_norm = bool(cfg.qkv_bias), bool(cfg.qk_norm)
-        consts = [cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm), cfg.num_heads, cfg.ffn_hidden_dim]
+        self.threads = kernel_threads(threads)
+        self.parallel_min_rows = PARALLEL_MIN_ROWS if parallel_min_rows is None else int(parallel_min_rows)
+        consts = [cfg.norm_eps, float(self.qkv_bias), float(self.qk_norm), cfg.num_heads, cfg.ffn_hidden_dim,
+                  self.threads, self.parallel_min_rows]
         self.consts = Tensor(np.array(consts, np.float32))
         self.absent = Tensor(np.zeros(1, np.float32))
         self.absent_zeros = Tensor(np.zeros(1, np.uint8))

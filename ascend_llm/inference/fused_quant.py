@@ -202,38 +202,48 @@ static inline void quant_block(const QuantMatrix &W, const float *x, int64_t K, 
 // ~5 ms per step for its dequantization, the tiles redo their dequantization every 4 rows).
 static inline int64_t panel_min_rows(int bits) { return bits == 8 ? 48 : 32; }
 
-// y (M, N) (+)= x (M, K) dequant(W)^T (+ bias): from panel_min_rows rows of x on, 32 rows of W at a time
-// dequantized into an L2-resident (K, 32) float32 panel (a scratch of 32 rows, not a copy of the weight) streamed
-// by the float32 layer's broadcast-FMA tiles; fewer rows: blocks of 12 rows of W (L1-resident codes) against every
-// row block of x (4 x 6 tiles, then 2 x 6, 1 x 12); one row of x: 1 x 8 tiles.
-static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int64_t N, const float *bias, float *y,
-                 bool accumulate) {
+// Columns of y one task of the fused layer computes at a time for M rows of x (fused_decode.py splits a product's
+// columns into tasks of this many across its threads): a (K, 32) panel, a block of 12 W rows, or 8 for one row.
+static inline int64_t col_unit(const QuantMatrix &W, int64_t M) {
+  return M >= panel_min_rows(W.bits) ? 32 : (M > 1 ? 12 : 8);
+}
+
+// The x the tiles read: int4 below panel_min_rows wants each row's even columns, then its odd ones (matching the low
+// / high nibbles), written to `split` (M * K floats); otherwise x itself. Done once per product, before its tasks.
+static const float *prepare(const QuantMatrix &W, const float *x, int64_t M, int64_t K, std::vector<float> &split) {
+  if (W.bits != 4 || M >= panel_min_rows(W.bits)) return x;
+  split.resize(M * K);
+  const int64_t H = K / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < H; ++j) {
+      split[m * K + j] = x[m * K + 2 * j];
+      split[m * K + H + j] = x[m * K + 2 * j + 1];
+    }
+  }
+  return split.data();
+}
+
+// y[:, c0 .. c1) (+)= x (M, K) dequant(W)^T (+ bias), c0 a multiple of col_unit (xs from `prepare`): from
+// panel_min_rows rows of x on, 32 rows of W at a time dequantized into an L2-resident (K, 32) float32 panel (a
+// scratch of 32 rows, not a copy of the weight) streamed by the float32 layer's broadcast-FMA tiles; fewer rows:
+// blocks of 12 rows of W (L1-resident codes) against every row block of x (4 x 6 tiles, then 2 x 6, 1 x 12); one
+// row of x: 1 x 8 tiles. Every output element is computed the same way whatever the split into column ranges.
+static void gemm_cols(const float *xs, int64_t M, int64_t K, const QuantMatrix &W, int64_t N, const float *bias,
+                      float *y, bool accumulate, int64_t c0, int64_t c1) {
+  c1 = c1 < N ? c1 : N;
   if (M >= panel_min_rows(W.bits)) {  // prompt chunks (flat token rows): dequantize 32 W rows once for all M rows of x
     thread_local std::vector<float> panel;
     panel.resize(K * 32);
-    for (int64_t n0 = 0; n0 < N; n0 += 32) {
-      const int64_t width = N - n0 < 32 ? N - n0 : 32;
+    for (int64_t n0 = c0; n0 < c1; n0 += 32) {
+      const int64_t width = c1 - n0 < 32 ? c1 - n0 : 32;
       dequant_panel(W, K, n0, width, panel.data());
-      panel_rows(x, M, K, panel.data(), n0, width, y, N, bias, accumulate);
+      panel_rows(xs, M, K, panel.data(), n0, width, y, N, bias, accumulate);
     }
     return;
   }
-  thread_local std::vector<float> split;
-  const float *xs = x;
-  if (W.bits == 4) {  // evens then odds, matching the low / high nibbles
-    split.resize(M * K);
-    const int64_t H = K / 2;
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t j = 0; j < H; ++j) {
-        split[m * K + j] = x[m * K + 2 * j];
-        split[m * K + H + j] = x[m * K + 2 * j + 1];
-      }
-    }
-    xs = split.data();
-  }
   if (M > 1) {  // 4 x 6 tiles: one x load feeds 6 FMAs (2 x 4 / 8 x 2 tiles were bound by the x loads)
-    for (int64_t n = 0; n < N; n += 12) {
-      const int64_t rows = N - n < 12 ? N - n : 12;
+    for (int64_t n = c0; n < c1; n += 12) {
+      const int64_t rows = c1 - n < 12 ? c1 - n : 12;
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) quant_block<4, 6>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate);
       if (m + 2 <= M) quant_block<2, 6>(W, xs + m * K, K, n, rows, y + m * N, N, bias, accumulate), m += 2;
@@ -241,7 +251,7 @@ static void gemm(const float *x, int64_t M, int64_t K, const QuantMatrix &W, int
     }
     return;
   }
-  for (int64_t n = 0; n < N; n += 8) quant_block<1, 8>(W, xs, K, n, N - n < 8 ? N - n : 8, y, N, bias, accumulate);
+  for (int64_t n = c0; n < c1; n += 8) quant_block<1, 8>(W, xs, K, n, c1 - n < 8 ? c1 - n : 8, y, N, bias, accumulate);
 }
 """
 

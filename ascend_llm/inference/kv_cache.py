@@ -30,52 +30,59 @@ ATTENTION_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <vector>
-// Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU): q (B, H, D), caches
-// (NB, BS, Hkv, D), block tables (B, MB), positions (B,) (keys 0..position are visible) -> out (B, H, D).
-static void paged_attention_rows(const float *q, const float *kc, const float *vc, const int32_t *tables,
-                                 const int32_t *positions, int64_t B, int64_t H, int64_t D, int64_t BS, int64_t Hkv,
-                                 int64_t MB, float *out) {
+// Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU), one query row b: q (B, H, D),
+// caches (NB, BS, Hkv, D), block tables (B, MB), positions (B,) (keys 0..position are visible) -> out[b] (H, D);
+// scores: scratch of MB * BS floats. Rows are independent (the fused layer hands them to its worker threads).
+static void paged_attention_row(int64_t b, const float *q, const float *kc, const float *vc, const int32_t *tables,
+                                const int32_t *positions, int64_t H, int64_t D, int64_t BS, int64_t Hkv, int64_t MB,
+                                float *scores, float *out) {
   const int64_t G = H / Hkv, row = Hkv * D;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  std::vector<float> scores(MB * BS);
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t ctx = static_cast<int64_t>(positions[b]) + 1;
-    if (ctx > MB * BS) ctx = MB * BS;
-    if (ctx < 1) ctx = 1;
-    const int32_t *table = tables + b * MB;
-    const int64_t blocks = (ctx + BS - 1) / BS;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t kvh = h / G;
-      const float *qh = q + (b * H + h) * D;
-      float top = -INFINITY;
-      for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {  // block by block: no division per position
-        const float *k = kc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
-        for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, k += row) {
-          float dot = 0.0f;
+  int64_t ctx = static_cast<int64_t>(positions[b]) + 1;
+  if (ctx > MB * BS) ctx = MB * BS;
+  if (ctx < 1) ctx = 1;
+  const int32_t *table = tables + b * MB;
+  const int64_t blocks = (ctx + BS - 1) / BS;
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t kvh = h / G;
+    const float *qh = q + (b * H + h) * D;
+    float top = -INFINITY;
+    for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {  // block by block: no division per position
+      const float *k = kc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
+      for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, k += row) {
+        float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
-          scores[j] = dot * scale;
-          top = scores[j] > top ? scores[j] : top;
-        }
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * k[d];
+        scores[j] = dot * scale;
+        top = scores[j] > top ? scores[j] : top;
       }
-      double total = 0.0;
-      for (int64_t j = 0; j < ctx; ++j) {
-        scores[j] = std::exp(scores[j] - top);
-        total += scores[j];
-      }
-      float *o = out + (b * H + h) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      const float inv = static_cast<float>(1.0 / total);
-      for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
-        const float *v = vc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
-        for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, v += row) {
-          const float p = scores[j] * inv;
+    }
+    double total = 0.0;
+    for (int64_t j = 0; j < ctx; ++j) {
+      scores[j] = std::exp(scores[j] - top);
+      total += scores[j];
+    }
+    float *o = out + (b * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+    const float inv = static_cast<float>(1.0 / total);
+    for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
+      const float *v = vc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
+      for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, v += row) {
+        const float p = scores[j] * inv;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
-        }
+        for (int64_t d = 0; d < D; ++d) o[d] += p * v[d];
       }
     }
   }
+}
+
+// Every row of q (B, H, D) -> out (B, H, D) (paged_attention_row), one after the other.
+static void paged_attention_rows(const float *q, const float *kc, const float *vc, const int32_t *tables,
+                                 const int32_t *positions, int64_t B, int64_t H, int64_t D, int64_t BS, int64_t Hkv,
+                                 int64_t MB, float *out) {
+  std::vector<float> scores(MB * BS);
+  for (int64_t b = 0; b < B; ++b)
+    paged_attention_row(b, q, kc, vc, tables, positions, H, D, BS, Hkv, MB, scores.data(), out);
 }
 """
 

@@ -1,15 +1,21 @@
 """The fused CPU decode layer (inference/fused_decode.py): one kernel call equals an independent float64 NumPy
 decoder layer (RMSNorm, q/k/v with bias, per-head qk-norm, rotate-half RoPE, paged attention over the row's
-blocks, wo, SwiGLU) at odd widths (no multiple of the 16-float vectors or 8-row tiles) and batch 1, 3, 8; its
-cache writes land at the rows' slots only; the engine takes the path only for plain fp32 layers."""
+blocks, wo, SwiGLU) at odd widths (no multiple of the 16-float vectors or 8-row tiles) and batch 1, 3, 8, 37; its
+cache writes land at the rows' slots only; 1, 2 and 3 threads give the same bits on both sides of PARALLEL_MIN_ROWS;
+the thread count comes from the argument, $ASCEND_LLM_KERNEL_THREADS or the CPUs; the engine takes the path only for
+plain fp32 layers."""
 
 from __future__ import annotations
+
+import ctypes
+import os
 
 import numpy as np
 import pytest
 from mindspore import Parameter, Tensor, nn
 
 from ascend_llm.config.model import ModelConfig
+from ascend_llm.errors import ConfigError
 from ascend_llm.inference import fused_decode
 from ascend_llm.inference.engine import Engine
 from ascend_llm.models import build_model
@@ -62,10 +68,10 @@ def np_layer(w, cfg, h, positions, slots, tables, kc, vc, cos, sin):
 
 
 class OneLayer(nn.Cell):
-    def __init__(self, model, kc, vc):
+    def __init__(self, model, kc, vc, threads=None):
         super().__init__()
         self.model = model
-        self.layer_op = fused_decode.DecodeLayer(model)
+        self.layer_op = fused_decode.DecodeLayer(model, threads)
         self.kc = Parameter(Tensor(kc), name="kc", requires_grad=False)
         self.vc = Parameter(Tensor(vc), name="vc", requires_grad=False)
         cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
@@ -82,8 +88,8 @@ def model():
     return m
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
-def test_decode_layer_equals_float64_layer(model, batch):
+def layer_inputs(batch: int):
+    """Random caches, rows (positions, slots, block tables; the last row of a batch is padding) and h (batch, dim)."""
     rng = np.random.default_rng(batch)
     shape = (NB, BS, CFG.num_kv_heads, CFG.head_dim)
     kc, vc = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
@@ -94,8 +100,23 @@ def test_decode_layer_equals_float64_layer(model, batch):
         slots[-1] = -1  # a padding row: its K/V go nowhere
         positions[-1], tables[-1] = 0, 0
     h = rng.standard_normal((batch, CFG.dim)).astype(np.float32)
-    cell = OneLayer(model, kc, vc)
+    return kc, vc, positions, slots, tables, h
+
+
+def run_layer(model, batch: int, threads: int):
+    """(output (batch, dim), key cache, value cache) of one kernel call with `threads` threads."""
+    kc, vc, positions, slots, tables, h = layer_inputs(batch)
+    cell = OneLayer(model, kc, vc, threads)
     got = cell(Tensor(h), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy()
+    return got, cell.kc.asnumpy(), cell.vc.asnumpy()
+
+
+# 1 and 3 rows: below PARALLEL_MIN_ROWS (one thread whatever `threads`); 8 and 37: columns and rows split
+@pytest.mark.parametrize("batch", [1, 3, 8, 37])
+def test_decode_layer_equals_float64_layer(model, batch):
+    assert fused_decode.PARALLEL_MIN_ROWS in range(4, 9)
+    got, got_k, got_v = run_layer(model, batch, threads=2)
+    kc, vc, positions, slots, tables, h = layer_inputs(batch)
     weights = {p.name.split("layers.0.", 1)[-1]: p.asnumpy().astype(np.float64)
                for p in model.layers[0].get_parameters()}
     cos, sin = rope_tables(CFG.head_dim, CFG.max_seq_len, CFG.rope_theta)
@@ -104,8 +125,34 @@ def test_decode_layer_equals_float64_layer(model, batch):
     want = np_layer(weights, CFG, h.astype(np.float64)[live], positions[live], slots[live], tables[live], ref_k, ref_v,
                     cos.astype(np.float64), sin.astype(np.float64))
     np.testing.assert_allclose(got[live], want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(cell.kc.asnumpy(), ref_k, rtol=1e-5, atol=1e-5)  # only the live rows' slots changed
-    np.testing.assert_allclose(cell.vc.asnumpy(), ref_v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_k, ref_k, rtol=1e-5, atol=1e-5)  # only the live rows' slots changed
+    np.testing.assert_allclose(got_v, ref_v, rtol=1e-5, atol=1e-5)
+    one = run_layer(model, batch, threads=1)  # each output element is one thread's, computed the same way
+    for a, b in zip(one, (got, got_k, got_v)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_three_threads_equal_one_bit_for_bit_and_start_workers(model):
+    one, three = run_layer(model, 37, threads=1), run_layer(model, 37, threads=3)
+    for a, b in zip(one, three):
+        np.testing.assert_array_equal(a, b)
+    workers = ctypes.CDLL(fused_decode.library_path()).PoolWorkers
+    assert workers() >= 2  # the persistent pool of this process has (at least) the 2 workers of a 3-thread call
+
+
+def test_kernel_threads_from_argument_environment_or_cpus(monkeypatch):
+    monkeypatch.delenv(fused_decode.THREADS_ENV, raising=False)
+    assert fused_decode.kernel_threads() == min(2, len(os.sched_getaffinity(0)))
+    assert fused_decode.kernel_threads(3) == 3
+    monkeypatch.setenv(fused_decode.THREADS_ENV, "1")
+    assert fused_decode.kernel_threads() == 1 and fused_decode.kernel_threads(2) == 2
+    for bad in ("0", "two", "1.5", "65"):
+        monkeypatch.setenv(fused_decode.THREADS_ENV, bad)
+        with pytest.raises(ConfigError, match=fused_decode.THREADS_ENV):
+            Engine(build_model(CFG, seed=5), max_len=16, num_slots=2)
+    monkeypatch.delenv(fused_decode.THREADS_ENV)
+    with pytest.raises(ConfigError, match="threads"):
+        fused_decode.kernel_threads(0)
 
 
 def test_engine_takes_the_fused_path_only_for_plain_layers(model):

@@ -2,8 +2,8 @@
 NumPy decoder layer of test_fused_decode.py computed from weights dequantized here from the stored codes
 (w = scale * (code - zero), int4 code 2j in the low nibble of byte j), for int8 / int4, per channel / group-wise,
 symmetric / asymmetric, at odd widths (groups and rows that are not multiples of the 16-code vectors or the tiles),
-batch 1 and padded batches of 15 and 50 (flat prompt rows); the engine's greedy tokens on a quantized HF fixture
-equal the MindSpore path's; act-order layers keep the MindSpore path."""
+batch 1 and padded batches of 15 and 50 (flat prompt rows), with 2 threads bit for bit equal to 1; the engine's
+greedy tokens on a quantized HF fixture equal the MindSpore path's; act-order layers keep the MindSpore path."""
 
 from __future__ import annotations
 
@@ -81,9 +81,12 @@ def test_quant_decode_layer_equals_float64_layer_of_dequantized_weights(quantize
     kc, vc = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     positions, slots, tables = rows(batch, rng)
     h = rng.standard_normal((batch, CFG.dim)).astype(np.float32)
-    cell = OneLayer(quantized, kc, vc)
+    cell, single = OneLayer(quantized, kc, vc, threads=2), OneLayer(quantized, kc, vc, threads=1)
     assert len(cell.layer_op.packed) == 0  # no float copy of a quantized weight
     got = cell(Tensor(h), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy()
+    # 15 and 50 rows: the products' columns and the attention rows split across 2 threads, the same bits as 1 thread
+    np.testing.assert_array_equal(single(Tensor(h), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy(), got)
+    np.testing.assert_array_equal(single.kc.asnumpy(), cell.kc.asnumpy())
     cos, sin = rope_tables(CFG.head_dim, CFG.max_seq_len, CFG.rope_theta)
     ref_k, ref_v = kc.astype(np.float64), vc.astype(np.float64)
     live = slots >= 0
