@@ -13,8 +13,9 @@ from tests.conftest import CORPORA, ROOT
 
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "hf" / "llama_gqa"  # 2 layers, hidden 64, vocab 640
 NUM_DOCS, HELDOUT = 200, 8
-TINY_RUN = ["runtime=pynative", "train.num_steps=2", "train.global_batch_size=2", "data.seq_len=32",
-            "train.log_every=1", "train.val_every=2", "train.ckpt_every=2", "train.val_batches=1",
+EVAL_BATCH = 64  # every held-out window of a corpus (39 old, 62 new) in one forward per window length
+TINY_RUN = ["runtime=pynative", "train.num_steps=1", "train.global_batch_size=2", "data.seq_len=32",
+            "train.log_every=1", "train.val_every=1", "train.ckpt_every=1", "train.val_batches=1",
             "train.sample_tokens=0", "train.progress=false", "optim.warmup_steps=1"]
 STUDENT = ["model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
            "model.ffn_hidden_dim=64", "model.max_seq_len=64"]
@@ -44,7 +45,7 @@ def _args(root, old, new, out, *extra):
     data = [cache, "data.max_bytes=12000"]  # the first ~60-120 documents of each; the last 8 stay held out
     return ["continual", str(FIXTURE), "--reference", str(old), "--new", str(new), "--out", str(out),
             "--samples", "16", "--max-tokens", "32", "--permutations", "20", "--pynative",
-            f"--heldout-docs=-{HELDOUT}:", "--window", "32", "--stride", "31", "--eval-batch-size", "16",
+            f"--heldout-docs=-{HELDOUT}:", "--window", "32", "--stride", "31", "--eval-batch-size", str(EVAL_BATCH),
             *[f"--update={a}" for a in TINY_RUN + data],
             *[f"--student={a}" for a in TINY_RUN + data + STUDENT], *extra]
 
@@ -81,7 +82,7 @@ def test_the_loop_runs_and_its_table_equals_ascend_llm_eval(loop, corpora, capsy
         eval_json = out.parent / f"eval_{key}.json"
         try:
             assert main(["eval", *[r["model"] for r in rows], "--corpus", str(corpus), f"--docs=-{HELDOUT}:",
-                         "--window", "32", "--stride", "31", "--batch-size", "16", "--pynative",
+                         "--window", "32", "--stride", "31", "--batch-size", str(EVAL_BATCH), "--pynative",
                          "--json", str(eval_json)]) == 0
         finally:
             ms.set_context(mode=ms.GRAPH_MODE)
