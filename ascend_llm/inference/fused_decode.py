@@ -44,8 +44,7 @@ from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
 from ascend_llm.precision.cpu_kernel import compile_library
 
 VECTOR_SOURCE = r"""
-typedef float v16 __attribute__((vector_size(64)));
-
+// v16 (16 floats) and exp16 come with kv_cache.ATTENTION_SOURCE.
 static inline v16 load16(const float *p) {
   v16 v;
   std::memcpy(&v, p, sizeof(v));
@@ -59,6 +58,7 @@ POOL_SOURCE = r"""
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <pthread.h>
 #include <unistd.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -118,7 +118,7 @@ class Pool {
   }
 
  private:
-  static constexpr int64_t SPIN_US = 200;
+  static constexpr int64_t SPIN_US = 50;
 
   void work(uint32_t id) {
     for (;;) {
@@ -133,6 +133,9 @@ class Pool {
   }
 
   void loop(int index, uint32_t seen) {
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "fused_layer");  // visible in top -H, /proc/PID/task/*/comm
+#endif
     for (;;) {
       auto began = std::chrono::steady_clock::now();
       uint64_t s;
@@ -286,9 +289,12 @@ static void swiglu(int threads, const float *x, int64_t M, int64_t K, const Matr
     const int64_t c0 = t * unit, c1 = c0 + unit < F ? c0 + unit : F;
     gemm_cols(x1, M, K, w1, F, nullptr, g, false, c0, c1);
     gemm_cols(x3, M, K, w3, F, nullptr, u, false, c0, c1);
+    float e[128];  // e^-g of the task's columns (c1 - c0 <= 96), 16 at a time (exp16)
     for (int64_t m = 0; m < M; ++m) {
       float *gm = g + m * F, *um = u + m * F;
-      for (int64_t c = c0; c < c1; ++c) gm[c] = gm[c] / (1.0f + std::exp(-gm[c])) * um[c];
+      for (int64_t c = c0; c < c1; ++c) e[c - c0] = -gm[c];
+      exp_inplace(e, c1 - c0, 0.0f);
+      for (int64_t c = c0; c < c1; ++c) gm[c] = gm[c] / (1.0f + e[c - c0]) * um[c];
     }
   };
   parallel(threads, (F + unit - 1) / unit, task);
@@ -334,12 +340,15 @@ enum { WQ, WK, WV, WO, W1, W3, W2 };  // fused_decode.MATRICES order
 // `gemm_cols`). params[0 .. NCOMMON) as in the enum: h (B, dim), positions/slots (B,) i32, block tables (B, MB) i32,
 // caches (NB, BS, Hkv, D) [written in place], norms and biases as models/llama.py holds them, cos/sin (max_len, D),
 // consts = [norm eps, has qkv bias, has qk norm, heads, ffn width, threads, rows from which threads are used];
-// out (B, dim). With B >= that many rows the products' columns and the attention rows are split across the threads
-// (Pool); norms, RoPE and the cache writes stay on the caller.
+// out (B, dim). With that many rows or more the products' columns and the attention rows are split across the
+// threads (Pool); norms, RoPE and the cache writes stay on the caller.
 template <class Matrix>
 static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float *h) {
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
-  const int64_t B = shapes[H][0], dim = shapes[H][1];
+  const int64_t rows = shapes[H][0], dim = shapes[H][1];
+  const int32_t *slots = static_cast<const int32_t *>(params[SLOT]);
+  int64_t B = rows;  // trailing rows without a slot pad the step up to its row bucket: not computed (h unchanged)
+  while (B > 0 && slots[B - 1] < 0) --B;
   const int64_t NB = shapes[KCACHE][0], BS = shapes[KCACHE][1], Hkv = shapes[KCACHE][2], D = shapes[KCACHE][3];
   const float *consts = in(CONSTS);
   const int64_t Hq = static_cast<int64_t>(consts[3]), F = static_cast<int64_t>(consts[4]);
@@ -348,7 +357,6 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
   const float eps = consts[0];
   const bool bias = consts[1] > 0.5f, qk_norm = consts[2] > 0.5f;
   const int32_t *positions = static_cast<const int32_t *>(params[POS]);
-  const int32_t *slots = static_cast<const int32_t *>(params[SLOT]);
   const int32_t *tables = static_cast<const int32_t *>(params[TABLE]);
   float *kc = static_cast<float *>(params[KCACHE]), *vc = static_cast<float *>(params[VCACHE]);
   thread_local std::vector<float> buf;
@@ -356,7 +364,7 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
   buf.resize(B * (dim + 2 * nq + 2 * nkv + 2 * F));
   float *x = buf.data(), *q = x + B * dim, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *g = att + B * nq;
   float *u = g + B * F;
-  std::memcpy(h, in(H), B * dim * sizeof(float));
+  std::memcpy(h, in(H), rows * dim * sizeof(float));
   rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
   products<Matrix>(threads, {{x, B, dim, &w[WQ], nq, bias ? in(BQ) : nullptr, q, false},
                              {x, B, dim, &w[WK], nkv, bias ? in(BK) : nullptr, k, false},

@@ -125,6 +125,7 @@ def test_decode_layer_equals_float64_layer(model, batch):
     want = np_layer(weights, CFG, h.astype(np.float64)[live], positions[live], slots[live], tables[live], ref_k, ref_v,
                     cos.astype(np.float64), sin.astype(np.float64))
     np.testing.assert_allclose(got[live], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[~live], h[~live])  # the trailing padding row is not computed
     np.testing.assert_allclose(got_k, ref_k, rtol=1e-5, atol=1e-5)  # only the live rows' slots changed
     np.testing.assert_allclose(got_v, ref_v, rtol=1e-5, atol=1e-5)
     one = run_layer(model, batch, threads=1)  # each output element is one thread's, computed the same way
