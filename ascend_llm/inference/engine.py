@@ -37,7 +37,7 @@ from mindspore import dtype as mstype
 
 from ascend_llm.errors import ConfigError
 from ascend_llm.inference import ascend_ops, fused_decode
-from ascend_llm.inference.fused_decode import kernel_threads
+from ascend_llm.inference.cpu_pool import kernel_threads
 from ascend_llm.inference.kv_cache import (
     NULL_BLOCK,
     AscendCacheWrite,

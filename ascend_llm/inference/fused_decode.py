@@ -15,12 +15,26 @@ rotate-half RoPE with the engine's cos/sin tables, SwiGLU). The layer is one C++
 the kind of matrix, with two entry points:
 - `DecodeLayer` (float32 layers): the 7 matrices are packed once at construction into (N/32, K, 32) panels
   (`pack`); each panel is streamed once for all M rows with 8-row x 32-column broadcast-FMA tiles (GCC vector
-  extensions). Per layer of the 24 M Qwen2, thread CPU time on this machine: batch 1 0.14 ms, batch 8 0.34 ms,
-  batch 16 0.7 ms (a row-major dot-product GEMM: 0.20 / 1.02 / 1.86 ms).
+  extensions). At 16 rows and more this runs near one core's FMA peak (~185 GFLOP/s of the 5.9 MFLOP per row and
+  layer of the 24 M Qwen2).
 - `DecodeLayerQuant` (layers of 7 `QuantLinear`, int8 / int4, per channel or group-wise, symmetric or asymmetric,
   no act-order): reads each QuantLinear's stored qweight / scales / zeros and dequantizes 16 codes at a time in
   registers (inference/fused_quant.py); nothing is copied, so the decode path holds the quantized bytes only.
-Single-threaded, like the other CPU kernels (precision/cpu_kernel.py: OpenMP inside MindSpore's threads).
+e^x (SwiGLU, softmax) is computed 16 lanes at a time (kv_cache.exp16, Cephes' expf polynomial). Trailing rows
+without a slot (the padding of a step up to its row bucket) are not computed.
+
+Threads: from PARALLEL_MIN_ROWS rows on, the layer splits its work across `threads` threads of a persistent pool in
+the library (inference/cpu_pool.py: std::thread workers, an atomic task counter, no OpenMP): the columns of q/k/v
+(one region), wo, w1/w3 with their SwiGLU (one region) and w2, in tasks of 32 columns (quantized tiles: 12 or 8),
+and the attention rows. Norms, RoPE and the cache writes stay on the calling thread. Each output element is computed
+by one thread with the same code whatever the thread count, so 1, 2 or 3 threads give the same bits (tests).
+`threads` = `Engine(..., threads=)`, else $ASCEND_LLM_KERNEL_THREADS, else min(2, CPUs the process may run on); only
+1 and 2 were measured (a 2-core machine). Per layer of the 24 M Qwen2 (ctypes harness, best of 10-2000 calls,
+contexts of 75-225 positions, AVX-512 Zen 5, loaded machine: best-of times), 1 thread -> 2 threads: 1 row 0.11 ms (1
+thread below PARALLEL_MIN_ROWS: 2 threads gave 0.085-0.14 ms, and more when the second core is busy), 8 rows 0.25 ->
+0.18 ms, 16 rows 0.51 -> 0.33 ms, 64 rows 2.24 -> 1.25 ms, 256 rows 9.7 -> 5.7 ms. When other processes hold the
+second core the worker waits for it and a 2-thread call takes about as long as a 1-thread one (the caller takes
+every task no worker started).
 
 Used by the engine only when every layer is such a block (`supported`; LoRA, FP8, MoE, act-order and
 precision-converted cells keep the MindSpore path), on CPU, when g++ builds the library; `Engine(...,
@@ -38,7 +52,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore import dtype as mstype
 
-from ascend_llm.errors import ConfigError
+from ascend_llm.inference.cpu_pool import POOL_SOURCE, kernel_threads
 from ascend_llm.inference.fused_quant import QUANT_GEMM_SOURCE, group_sizes, matrix_supported
 from ascend_llm.inference.kv_cache import ATTENTION_SOURCE
 from ascend_llm.precision.cpu_kernel import compile_library
@@ -49,133 +63,6 @@ static inline v16 load16(const float *p) {
   v16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
-}
-"""
-
-POOL_SOURCE = r"""
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
-#include <pthread.h>
-#include <unistd.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-static inline void cpu_relax() { _mm_pause(); }
-static inline unsigned fp_mode() { return _mm_getcsr(); }
-static inline void set_fp_mode(unsigned m) { _mm_setcsr(m); }
-#else
-static inline void cpu_relax() {}
-static inline unsigned fp_mode() { return 0; }
-static inline void set_fp_mode(unsigned) {}
-#endif
-
-// Persistent workers (std::thread, atomics + condvar; no OpenMP team: see precision/cpu_kernel.py). run(threads,
-// tasks, fn, ctx) calls fn(ctx, i) for every i in [0, tasks) on the caller and up to threads - 1 workers, which take
-// task numbers from one atomic counter (run id << 32 | next task): a worker that wakes late finds fewer tasks or
-// none, so the caller never waits for a sleeping worker's share, only for tasks already started. Each task is one
-// thread's, computed by the same code whichever thread runs it (workers take the caller's MXCSR: MindSpore's threads
-// may set flush-to-zero): results do not depend on the thread count. Idle workers spin for SPIN_US, then sleep on
-// the condvar. A call while another thread holds the pool (two kernels at once) runs its tasks serially; a forked
-// child starts a new pool (the parent's workers do not exist there).
-typedef void (*TaskFn)(void *ctx, int64_t task);
-
-class Pool {
- public:
-  static Pool &get() {
-    static Pool *pool = new Pool();  // never destroyed: detached workers may still wait on it at exit
-    if (pool->pid_ != getpid()) pool = new Pool();
-    return *pool;
-  }
-
-  int workers() const { return workers_; }
-
-  void run(int threads, int64_t tasks, TaskFn fn, void *ctx) {
-    std::unique_lock<std::mutex> owner(run_mu_, std::defer_lock);
-    if (threads <= 1 || tasks <= 1 || !owner.try_lock()) {
-      for (int64_t i = 0; i < tasks; ++i) fn(ctx, i);
-      return;
-    }
-    const uint32_t id = static_cast<uint32_t>(state_.load(std::memory_order_relaxed) >> 32) + 1;
-    for (; workers_ < threads - 1 && workers_ < 63; ++workers_)
-      std::thread(&Pool::loop, this, workers_, id - 1).detach();
-    fn_.store(fn, std::memory_order_relaxed);
-    ctx_.store(ctx, std::memory_order_relaxed);
-    tasks_.store(tasks, std::memory_order_relaxed);
-    active_.store(threads - 1, std::memory_order_relaxed);
-    mode_.store(fp_mode(), std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
-    state_.store(static_cast<uint64_t>(id) << 32);
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      cv_.notify_all();
-    }
-    work(id);
-    for (int spins = 0; done_.load(std::memory_order_acquire) < tasks; ++spins) {
-      if (spins < 4096) cpu_relax(); else std::this_thread::yield();
-    }
-  }
-
- private:
-  static constexpr int64_t SPIN_US = 50;
-
-  void work(uint32_t id) {
-    for (;;) {
-      uint64_t v = state_.load(std::memory_order_acquire);
-      if (static_cast<uint32_t>(v >> 32) != id) return;
-      const int64_t task = static_cast<int64_t>(v & 0xffffffffu);
-      if (task >= tasks_.load(std::memory_order_relaxed)) return;
-      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-      fn_.load(std::memory_order_relaxed)(ctx_.load(std::memory_order_relaxed), task);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  void loop(int index, uint32_t seen) {
-#if defined(__linux__)
-    pthread_setname_np(pthread_self(), "fused_layer");  // visible in top -H, /proc/PID/task/*/comm
-#endif
-    for (;;) {
-      auto began = std::chrono::steady_clock::now();
-      uint64_t s;
-      for (int spins = 1; static_cast<uint32_t>((s = state_.load(std::memory_order_acquire)) >> 32) == seen; ++spins) {
-        cpu_relax();
-        if (spins % 64 || std::chrono::steady_clock::now() - began < std::chrono::microseconds(SPIN_US)) continue;
-        std::unique_lock<std::mutex> lock(mu_);
-        sleepers_.fetch_add(1);
-        while (static_cast<uint32_t>(state_.load() >> 32) == seen) cv_.wait(lock);
-        sleepers_.fetch_sub(1);
-        began = std::chrono::steady_clock::now();
-      }
-      seen = static_cast<uint32_t>(s >> 32);
-      if (index >= active_.load(std::memory_order_relaxed)) continue;
-      const unsigned saved = fp_mode();
-      set_fp_mode(mode_.load(std::memory_order_relaxed));
-      work(seen);
-      set_fp_mode(saved);
-    }
-  }
-
-  pid_t pid_ = getpid();
-  int workers_ = 0;
-  std::mutex run_mu_, mu_;
-  std::condition_variable cv_;
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> done_{0}, tasks_{0};
-  std::atomic<TaskFn> fn_{nullptr};
-  std::atomic<void *> ctx_{nullptr};
-  std::atomic<int> active_{0}, sleepers_{0};
-  std::atomic<unsigned> mode_{0};
-};
-
-// Workers the pool of this process has started (tests).
-extern "C" int PoolWorkers() { return Pool::get().workers(); }
-
-// fn(i) for i in [0, tasks) on `threads` threads (Pool::run).
-template <class F>
-static void parallel(int threads, int64_t tasks, F &fn) {
-  Pool::get().run(threads, tasks, [](void *c, int64_t i) { (*static_cast<F *>(c))(i); }, &fn);
 }
 """
 
@@ -435,31 +322,9 @@ extern "C" int DecodeLayerQuant(int nparam, void **params, int *ndims, int64_t *
 }
 """
 
-THREADS_ENV = "ASCEND_LLM_KERNEL_THREADS"
-MAX_THREADS = 64  # the pool's limit (63 workers and the caller)
-PARALLEL_MIN_ROWS = 4  # rows of a step from which the fused layer uses its threads (measured: see the docstring)
+PARALLEL_MIN_ROWS = 4  # rows from which the layer uses its threads: below, 2 threads gained little or lost under load
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-pthread")
-
-
-def kernel_threads(threads: int | None = None) -> int:
-    """Threads of the fused layer: `threads` when given, else $ASCEND_LLM_KERNEL_THREADS, else min(2, CPUs this
-    process may run on (sched_getaffinity)). ConfigError unless an integer in [1, 64]."""
-    import os
-
-    field, value = "threads", threads
-    if value is None and os.environ.get(THREADS_ENV, "").strip():
-        field, value = THREADS_ENV, os.environ[THREADS_ENV].strip()
-    if value is None:
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(2, allowed))
-    try:
-        count = int(value)
-    except (TypeError, ValueError):
-        count = 0
-    if isinstance(value, bool) or count < 1 or count > MAX_THREADS or str(count) != str(value).strip():
-        raise ConfigError(field, value, f"an integer from 1 to {MAX_THREADS} (threads of the fused CPU layer)")
-    return count
 
 
 def _cpu_signature() -> str:

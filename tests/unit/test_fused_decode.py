@@ -16,7 +16,7 @@ from mindspore import Parameter, Tensor, nn
 
 from ascend_llm.config.model import ModelConfig
 from ascend_llm.errors import ConfigError
-from ascend_llm.inference import fused_decode
+from ascend_llm.inference import cpu_pool, fused_decode
 from ascend_llm.inference.engine import Engine
 from ascend_llm.models import build_model
 from ascend_llm.models.llama import rope_tables
@@ -142,18 +142,18 @@ def test_three_threads_equal_one_bit_for_bit_and_start_workers(model):
 
 
 def test_kernel_threads_from_argument_environment_or_cpus(monkeypatch):
-    monkeypatch.delenv(fused_decode.THREADS_ENV, raising=False)
-    assert fused_decode.kernel_threads() == min(2, len(os.sched_getaffinity(0)))
-    assert fused_decode.kernel_threads(3) == 3
-    monkeypatch.setenv(fused_decode.THREADS_ENV, "1")
-    assert fused_decode.kernel_threads() == 1 and fused_decode.kernel_threads(2) == 2
+    monkeypatch.delenv(cpu_pool.THREADS_ENV, raising=False)
+    assert cpu_pool.kernel_threads() == min(2, len(os.sched_getaffinity(0)))
+    assert cpu_pool.kernel_threads(3) == 3
+    monkeypatch.setenv(cpu_pool.THREADS_ENV, "1")
+    assert cpu_pool.kernel_threads() == 1 and cpu_pool.kernel_threads(2) == 2
     for bad in ("0", "two", "1.5", "65"):
-        monkeypatch.setenv(fused_decode.THREADS_ENV, bad)
-        with pytest.raises(ConfigError, match=fused_decode.THREADS_ENV):
+        monkeypatch.setenv(cpu_pool.THREADS_ENV, bad)
+        with pytest.raises(ConfigError, match=cpu_pool.THREADS_ENV):
             Engine(build_model(CFG, seed=5), max_len=16, num_slots=2)
-    monkeypatch.delenv(fused_decode.THREADS_ENV)
+    monkeypatch.delenv(cpu_pool.THREADS_ENV)
     with pytest.raises(ConfigError, match="threads"):
-        fused_decode.kernel_threads(0)
+        cpu_pool.kernel_threads(0)
 
 
 def test_engine_takes_the_fused_path_only_for_plain_layers(model):
