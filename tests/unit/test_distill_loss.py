@@ -116,7 +116,18 @@ def test_kd_ratio_zero_tau_one_is_plain_cross_entropy_exactly(teacher):
         np.testing.assert_array_equal(a, b)
 
 
-def test_teacher_is_frozen_and_matches_its_own_forward(teacher):
+@pytest.fixture
+def pynative_mode():
+    """Eager for a comparison of values (two cells called on their own would compile two graphs); the compiled
+    step is test_kd_ratio_zero_tau_one_is_plain_cross_entropy_exactly's and
+    test_a_quantized_teacher_runs_in_the_step's."""
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=mode)
+
+
+def test_teacher_is_frozen_and_matches_its_own_forward(teacher, pynative_mode):
     assert all(not p.requires_grad for p in teacher.get_parameters())
     assert all(p.name.startswith("teacher.") for p in teacher.get_parameters())
     student = _student()
