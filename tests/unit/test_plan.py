@@ -72,8 +72,19 @@ def test_hccl_buffers_on_ascend():
     assert got["communication buffers"] == 1 * 2 * 100 * 2**20  # world group only (dp == world)
 
 
+@pytest.fixture
+def pynative_mode():
+    """Eager: the test reads the sizes and dtypes of the gradients, which do not depend on the mode (a graph
+    compile per model was most of its time)."""
+    ms = pytest.importorskip("mindspore")
+    mode = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=mode)
+
+
 @pytest.mark.parametrize("model", ["debug", "tiny"])
-def test_state_terms_equal_the_trainers_parameters(model):
+def test_state_terms_equal_the_trainers_parameters(model, pynative_mode):
     ms = pytest.importorskip("mindspore")
     from ascend_llm.optim.adamw import AdamW
     from ascend_llm.train.build import build_training_model
