@@ -252,6 +252,7 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
   float *x = buf.data(), *q = x + B * dim, *k = q + B * nq, *v = k + B * nkv, *att = v + B * nkv, *g = att + B * nq;
   float *u = g + B * F;
   std::memcpy(h, in(H), rows * dim * sizeof(float));
+  if (B == 0) return;  // padding only (warm-up)
   rmsnorm(h, B, dim, in(ATTN_NORM), eps, x);
   products<Matrix>(threads, {{x, B, dim, &w[WQ], nq, bias ? in(BQ) : nullptr, q, false},
                              {x, B, dim, &w[WK], nkv, bias ? in(BK) : nullptr, k, false},
@@ -270,7 +271,7 @@ static void decode_layer(void **params, int64_t **shapes, const Matrix *w, float
   }
   auto attend = [&](int64_t b) {
     thread_local std::vector<float> scores;
-    scores.resize(MB * BS);
+    scores.resize(attention_scratch(MB, BS));
     paged_attention_row(b, q, kc, vc, tables, positions, Hq, D, BS, Hkv, MB, scores.data(), att);
   };
   parallel(threads, B, attend);

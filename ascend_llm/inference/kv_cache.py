@@ -76,9 +76,87 @@ static inline void exp_inplace(float *x, int64_t n, float shift) {
   }
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline float hsum16(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+static inline float hsum16(v16 v) {
+  float s = 0.0f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+#endif
+
+// Scratch floats paged_attention_row needs for a table of MB blocks of BS positions.
+static inline int64_t attention_scratch(int64_t MB, int64_t BS) { return 2 * MB * BS; }
+
+// HP query heads (q: HP rows of D = 16 * DC floats) against one KV head (k/v rows at offset kvh_off of each cache
+// position): q and the HP output rows stay in vector registers, each cached K and V row is loaded once for the HP
+// heads. scores: HP * ctx floats.
+template <int DC, int HP>
+static void attend_heads(const float *q, const float *kc, const float *vc, const int32_t *table, int64_t ctx,
+                         int64_t BS, int64_t row, int64_t kvh_off, float scale, float *scores, float *out) {
+  v16 qv[HP][DC], o[HP][DC];
+  float top[HP];
+  for (int h = 0; h < HP; ++h) {
+    top[h] = -INFINITY;
+    for (int c = 0; c < DC; ++c) std::memcpy(&qv[h][c], q + h * DC * 16 + c * 16, sizeof(v16)), o[h][c] = v16{};
+  }
+  const int64_t blocks = (ctx + BS - 1) / BS;
+  for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
+    const float *k = kc + static_cast<int64_t>(table[blk]) * BS * row + kvh_off;
+    for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, k += row) {
+      v16 kv[DC];
+      for (int c = 0; c < DC; ++c) std::memcpy(&kv[c], k + c * 16, sizeof(v16));
+      for (int h = 0; h < HP; ++h) {
+        v16 acc = qv[h][0] * kv[0];
+        for (int c = 1; c < DC; ++c) acc += qv[h][c] * kv[c];
+        const float score = hsum16(acc) * scale;
+        scores[h * ctx + j] = score;
+        top[h] = score > top[h] ? score : top[h];
+      }
+    }
+  }
+  float inv[HP];
+  for (int h = 0; h < HP; ++h) {
+    exp_inplace(scores + h * ctx, ctx, top[h]);
+    double total = 0.0;
+    for (int64_t j = 0; j < ctx; ++j) total += scores[h * ctx + j];
+    inv[h] = static_cast<float>(1.0 / total);
+  }
+  for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
+    const float *v = vc + static_cast<int64_t>(table[blk]) * BS * row + kvh_off;
+    for (int64_t off = 0; off < BS && j < ctx; ++off, ++j, v += row) {
+      v16 vv[DC];
+      for (int c = 0; c < DC; ++c) std::memcpy(&vv[c], v + c * 16, sizeof(v16));
+      for (int h = 0; h < HP; ++h) {
+        const float p = scores[h * ctx + j] * inv[h];
+        for (int c = 0; c < DC; ++c) o[h][c] += p * vv[c];
+      }
+    }
+  }
+  for (int h = 0; h < HP; ++h)
+    for (int c = 0; c < DC; ++c) std::memcpy(out + h * DC * 16 + c * 16, &o[h][c], sizeof(v16));
+}
+
+// Every KV head's query heads, two at a time (attend_heads).
+template <int DC>
+static void attend_row(const float *q, const float *kc, const float *vc, const int32_t *table, int64_t ctx,
+                       int64_t H, int64_t Hkv, int64_t BS, float scale, float *scores, float *out) {
+  const int64_t G = H / Hkv, D = DC * 16, row = Hkv * D;
+  for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+    int64_t h = kvh * G;
+    for (; h + 2 <= (kvh + 1) * G; h += 2)
+      attend_heads<DC, 2>(q + h * D, kc, vc, table, ctx, BS, row, kvh * D, scale, scores, out + h * D);
+    if (h < (kvh + 1) * G)
+      attend_heads<DC, 1>(q + h * D, kc, vc, table, ctx, BS, row, kvh * D, scale, scores, out + h * D);
+  }
+}
+
 // Decode attention over a sequence's blocks only (vLLM's paged_attention_v1 on CPU), one query row b: q (B, H, D),
 // caches (NB, BS, Hkv, D), block tables (B, MB), positions (B,) (keys 0..position are visible) -> out[b] (H, D);
-// scores: scratch of MB * BS floats. Rows are independent (the fused layer hands them to its worker threads).
+// scores: attention_scratch(MB, BS) floats. Rows are independent (the fused layer hands them to its worker
+// threads). Head sizes of 16, 32, 64 or 128 take the register path (attend_row), others a plain loop.
 static void paged_attention_row(int64_t b, const float *q, const float *kc, const float *vc, const int32_t *tables,
                                 const int32_t *positions, int64_t H, int64_t D, int64_t BS, int64_t Hkv, int64_t MB,
                                 float *scores, float *out) {
@@ -88,10 +166,19 @@ static void paged_attention_row(int64_t b, const float *q, const float *kc, cons
   if (ctx > MB * BS) ctx = MB * BS;
   if (ctx < 1) ctx = 1;
   const int32_t *table = tables + b * MB;
+  const float *qb = q + b * H * D;
+  float *ob = out + b * H * D;
+  switch (D) {
+    case 16: return attend_row<1>(qb, kc, vc, table, ctx, H, Hkv, BS, scale, scores, ob);
+    case 32: return attend_row<2>(qb, kc, vc, table, ctx, H, Hkv, BS, scale, scores, ob);
+    case 64: return attend_row<4>(qb, kc, vc, table, ctx, H, Hkv, BS, scale, scores, ob);
+    case 128: return attend_row<8>(qb, kc, vc, table, ctx, H, Hkv, BS, scale, scores, ob);
+    default: break;
+  }
   const int64_t blocks = (ctx + BS - 1) / BS;
   for (int64_t h = 0; h < H; ++h) {
     const int64_t kvh = h / G;
-    const float *qh = q + (b * H + h) * D;
+    const float *qh = qb + h * D;
     float top = -INFINITY;
     for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {  // block by block: no division per position
       const float *k = kc + static_cast<int64_t>(table[blk]) * BS * row + kvh * D;
@@ -106,7 +193,7 @@ static void paged_attention_row(int64_t b, const float *q, const float *kc, cons
     exp_inplace(scores, ctx, top);
     double total = 0.0;
     for (int64_t j = 0; j < ctx; ++j) total += scores[j];
-    float *o = out + (b * H + h) * D;
+    float *o = ob + h * D;
     for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
     const float inv = static_cast<float>(1.0 / total);
     for (int64_t blk = 0, j = 0; blk < blocks; ++blk) {
@@ -124,7 +211,7 @@ static void paged_attention_row(int64_t b, const float *q, const float *kc, cons
 static void paged_attention_rows(const float *q, const float *kc, const float *vc, const int32_t *tables,
                                  const int32_t *positions, int64_t B, int64_t H, int64_t D, int64_t BS, int64_t Hkv,
                                  int64_t MB, float *out) {
-  std::vector<float> scores(MB * BS);
+  std::vector<float> scores(attention_scratch(MB, BS));
   for (int64_t b = 0; b < B; ++b)
     paged_attention_row(b, q, kc, vc, tables, positions, H, D, BS, Hkv, MB, scores.data(), out);
 }

@@ -8,6 +8,7 @@ plain fp32 layers."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 
 import numpy as np
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.skipif(fused_decode.library_path() is None, reason="no 
 # dim 36 = 3 heads x 12, 1 KV head (GQA group 3), ffn 52: no width is a multiple of 16, no row count of 8
 CFG = ModelConfig(name="fused", vocab_size=53, dim=36, num_layers=1, num_heads=3, num_kv_heads=1, ffn_hidden_dim=52,
                   max_seq_len=48, rope_theta=300.0, init_std=0.3, qkv_bias=True, qk_norm=True, norm_eps=1e-5)
+CFG32 = dataclasses.replace(CFG, dim=96, ffn_hidden_dim=40)  # 3 heads x 32, 1 KV head
 NB, BS, MB = 9, 4, 5  # cache blocks, positions per block, table width
 
 
@@ -88,10 +90,17 @@ def model():
     return m
 
 
-def layer_inputs(batch: int):
+@pytest.fixture(scope="module")
+def model32():  # head_dim 32: the attention's register path (a pair of query heads per KV head, then one)
+    m = build_model(CFG32, seed=6)
+    m.set_train(False)
+    return m
+
+
+def layer_inputs(batch: int, cfg=CFG):
     """Random caches, rows (positions, slots, block tables; the last row of a batch is padding) and h (batch, dim)."""
     rng = np.random.default_rng(batch)
-    shape = (NB, BS, CFG.num_kv_heads, CFG.head_dim)
+    shape = (NB, BS, cfg.num_kv_heads, cfg.head_dim)
     kc, vc = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
     tables = np.stack([rng.permutation(np.arange(1, NB))[:MB] for _ in range(batch)]).astype(np.int32)
     positions = rng.integers(0, MB * BS, batch).astype(np.int32)
@@ -99,13 +108,13 @@ def layer_inputs(batch: int):
     if batch > 1:
         slots[-1] = -1  # a padding row: its K/V go nowhere
         positions[-1], tables[-1] = 0, 0
-    h = rng.standard_normal((batch, CFG.dim)).astype(np.float32)
+    h = rng.standard_normal((batch, cfg.dim)).astype(np.float32)
     return kc, vc, positions, slots, tables, h
 
 
 def run_layer(model, batch: int, threads: int):
     """(output (batch, dim), key cache, value cache) of one kernel call with `threads` threads."""
-    kc, vc, positions, slots, tables, h = layer_inputs(batch)
+    kc, vc, positions, slots, tables, h = layer_inputs(batch, model.cfg)
     cell = OneLayer(model, kc, vc, threads)
     got = cell(Tensor(h), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy()
     return got, cell.kc.asnumpy(), cell.vc.asnumpy()
@@ -115,14 +124,24 @@ def run_layer(model, batch: int, threads: int):
 @pytest.mark.parametrize("batch", [1, 3, 8, 37])
 def test_decode_layer_equals_float64_layer(model, batch):
     assert fused_decode.PARALLEL_MIN_ROWS in range(4, 9)
+    check_layer(model, batch)
+
+
+def test_decode_layer_with_head_dim_32_equals_float64_layer(model32):
+    check_layer(model32, 8)
+
+
+def check_layer(model, batch: int):
+    """2 threads against the float64 layer, and bit for bit against 1 thread."""
+    cfg = model.cfg
     got, got_k, got_v = run_layer(model, batch, threads=2)
-    kc, vc, positions, slots, tables, h = layer_inputs(batch)
+    kc, vc, positions, slots, tables, h = layer_inputs(batch, cfg)
     weights = {p.name.split("layers.0.", 1)[-1]: p.asnumpy().astype(np.float64)
                for p in model.layers[0].get_parameters()}
-    cos, sin = rope_tables(CFG.head_dim, CFG.max_seq_len, CFG.rope_theta)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     ref_k, ref_v = kc.astype(np.float64), vc.astype(np.float64)
     live = slots >= 0
-    want = np_layer(weights, CFG, h.astype(np.float64)[live], positions[live], slots[live], tables[live], ref_k, ref_v,
+    want = np_layer(weights, cfg, h.astype(np.float64)[live], positions[live], slots[live], tables[live], ref_k, ref_v,
                     cos.astype(np.float64), sin.astype(np.float64))
     np.testing.assert_allclose(got[live], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got[~live], h[~live])  # the trailing padding row is not computed

@@ -97,6 +97,17 @@ def test_quant_decode_layer_equals_float64_layer_of_dequantized_weights(quantize
     np.testing.assert_allclose(cell.vc.asnumpy(), ref_v, rtol=1e-5, atol=1e-5)
 
 
+def test_a_step_of_padding_rows_only_returns_h(quantized):  # the engine's warm-up: no row has a slot
+    rng = np.random.default_rng(0)
+    shape = (NB, BS, CFG.num_kv_heads, CFG.head_dim)
+    kc = rng.standard_normal(shape).astype(np.float32)
+    h = rng.standard_normal((2, CFG.dim)).astype(np.float32)
+    zeros = np.zeros(2, np.int32)
+    got = OneLayer(quantized, kc, kc.copy())(Tensor(h), Tensor(zeros), Tensor(zeros - 1),
+                                             Tensor(np.zeros((2, MB), np.int32))).asnumpy()
+    np.testing.assert_array_equal(got, h)
+
+
 def test_engine_tokens_equal_the_mindspore_path_on_a_quantized_fixture():
     model, _, _ = open_fixture(fixture("qwen2_tied"))
     model.set_train(False)
