@@ -12,7 +12,8 @@ drifting shared machine moves both). The server is started here (`--max-num-seqs
 names a running one; the server compiles every step graph before it answers /health (start-up time is reported),
 and graph_compiles is the rise of the server's ascend_llm:graph_compiles_total during each timed run (0: no
 request waited for a compile). A few short requests of each mode run untimed first. Numbers on a shared
-CPU are noisy: run it on a quiet machine.
+CPU are noisy: run it on a quiet machine (the `load` column is the 1-minute load average before-after each run).
+The server's fused CPU layer uses $ASCEND_LLM_KERNEL_THREADS threads (default min(2, CPUs); inference/cpu_pool.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from ascend_llm.bench.report import print_table, write_json
 
 COLUMNS = ["repeat", "mode", "concurrency", "requests", "tokens", "wall_s", "tokens_per_s", "speedup", "ttft_p50_s",
-           "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "graph_compiles"]
+           "ttft_p95_s", "tpot_p50_ms", "tpot_p95_ms", "graph_compiles", "load"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,12 +150,13 @@ def main(argv: list[str]) -> int:
         rows = []
         for repeat in range(args.repeats):
             for mode, concurrency in (("sequential", 1), ("continuous", args.concurrency)):
-                before = _graph_compiles(base)
+                before, load_before = _graph_compiles(base), _load()
                 wall, results = asyncio.run(run(base, model, requests, concurrency))
                 base_rate = rows[-1]["tokens_per_s"] if mode == "continuous" else None
                 rows.append({**summarize(mode, concurrency, wall, results, base_rate), "repeat": repeat + 1})
                 compiles = _graph_compiles(base)
                 rows[-1]["graph_compiles"] = None if compiles is None else compiles - (before or 0)
+                rows[-1]["load"] = f"{load_before}-{_load()}"
                 print(f"{mode}: {rows[-1]['tokens_per_s']} tokens/s", flush=True)
     finally:
         if server is not None:
@@ -168,6 +170,16 @@ def main(argv: list[str]) -> int:
                concurrency=args.concurrency, prompt_len=[args.min_prompt, args.max_prompt],
                new_tokens=[args.min_new, args.max_new], url=args.url, startup_s=startup_s)
     return 0
+
+
+def _load() -> str:
+    """The machine's 1-minute load average ("?" where the OS does not report it)."""
+    import os
+
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "?"
 
 
 def _graph_compiles(base: str) -> int | None:
