@@ -101,8 +101,16 @@ def test_logits_routing_and_aux_loss_equal_transformers(name):
     assert abs(ce + float(aux.asnumpy()) - meta["loss_with_aux"]) < 1e-5
 
 
+@pytest.fixture
+def graph_mode():
+    """The engine's compiled prefill and decode steps (graph mode) cost less than a dozen eager forwards."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_continuation_through_the_kv_cache_engine(name):
+def test_greedy_continuation_through_the_kv_cache_engine(name, graph_mode):
     source, meta, _ = loaded(name)
     engine = Engine(source.model, max_len=64, num_slots=1, block_size=16, max_chunk=32)
     golden = meta["greedy_continuation_ids"]
