@@ -15,7 +15,7 @@ FIXTURE = ROOT.parent / "shared" / "fixtures" / "hf" / "llama_gqa"  # 2 layers, 
 NUM_DOCS, HELDOUT = 200, 8
 EVAL_BATCH = 64  # every held-out window of a corpus (39 old, 62 new) in one forward per window length
 TINY_RUN = ["runtime=pynative", "train.num_steps=1", "train.global_batch_size=2", "data.seq_len=32",
-            "train.log_every=1", "train.val_every=1", "train.ckpt_every=1", "train.val_batches=1",
+            "train.log_every=1", "train.ckpt_every=1", "train.val_batches=0",
             "train.sample_tokens=0", "train.progress=false", "optim.warmup_steps=1"]
 STUDENT = ["model.dim=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
            "model.ffn_hidden_dim=64", "model.max_seq_len=64"]
