@@ -61,9 +61,27 @@ def run(net, controller, grad_fn, schedule, start=0):
     return log
 
 
-def test_overflow_promotes_and_clean_steps_demote():
+def test_overflow_promotes_clean_steps_demote_and_the_state_survives_checkpoint_and_resume():
+    """One run of SCHEDULE: its state after step 7 loaded into a second net (other seed, same weights) makes
+    steps 8..12 identical there; the whole run's decisions are the promotions and demotions (one net and one
+    compile fewer than two tests)."""
     net, controller, grad_fn = build()
-    log = run(net, controller, grad_fn, SCHEDULE)
+    log = run(net, controller, grad_fn, SCHEDULE[:7])
+    state = controller.state_dict()
+    weights = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+    assert "a.fp8_x_history" in state and "precision.controller.a" in state
+
+    net2, controller2, grad_fn2 = build(seed=5)
+    for p in net2.trainable_params():
+        p.set_data(Tensor(weights[p.name]))
+    controller2.load_state_dict(state)
+    assert controller2.levels == controller.levels and controller2.clean_streak == controller.clean_streak
+    rest = SCHEDULE[7:]
+    resumed = run(net2, controller2, grad_fn2, rest, start=7)
+    log += run(net, controller, grad_fn, rest, start=7)
+    assert resumed == log[7:]
+    np.testing.assert_array_equal(net2.b.fp8_g_history.asnumpy(), net.b.fp8_g_history.asnumpy())
+
     decisions = [d for step, _ in log for d in step]
     a_moves = [(d["step"], d["action"], d["from"], d["to"]) for d in decisions if d["layer"] == "a"]
     # bad at steps 3, 4 -> bf16; bad at 5, 6 -> fp32; clean 7, 8, 9 -> bf16; clean 10, 11, 12 -> fp8
@@ -94,23 +112,6 @@ def test_underflow_counts_as_bad():
     grad_fn(Tensor(x))
     decisions = controller.step(1)
     assert decisions and decisions[0]["layer"] == "a" and "x underflow" in decisions[0]["reason"]
-
-
-def test_state_survives_checkpoint_and_resume():
-    net, controller, grad_fn = build()
-    run(net, controller, grad_fn, SCHEDULE[:7])
-    state = controller.state_dict()
-    weights = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
-    assert "a.fp8_x_history" in state and "precision.controller.a" in state
-
-    net2, controller2, grad_fn2 = build(seed=5)
-    for p in net2.trainable_params():
-        p.set_data(Tensor(weights[p.name]))
-    controller2.load_state_dict(state)
-    assert controller2.levels == controller.levels and controller2.clean_streak == controller.clean_streak
-    rest = SCHEDULE[7:]
-    assert run(net2, controller2, grad_fn2, rest, start=7) == run(net, controller, grad_fn, rest, start=7)
-    np.testing.assert_array_equal(net2.b.fp8_g_history.asnumpy(), net.b.fp8_g_history.asnumpy())
 
 
 def test_without_dynamic_the_controller_only_reports():
