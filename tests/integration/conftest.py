@@ -7,8 +7,8 @@ Session fixtures shared by several files:
   against AdamW), for test_comm_msrun, test_tpcp_msrun, test_tpz_msrun and test_zero_msrun;
 - `tpcp_data` (the corpus of short documents) and `trainer_jobs` (trainer_runs.TrainerJobs: the one-process
   references and one msrun trainer job per world size), for test_dp_msrun, test_zero_train_msrun,
-  test_tpcp_train_msrun, test_tpz_msrun, test_grad_accumulation, test_moe_ep_msrun, test_preference_msrun and
-  test_distill_msrun (the last three add their runs to the jobs: trainer_runs.add_runs)."""
+  test_tpcp_train_msrun, test_tpz_msrun, test_grad_accumulation, test_moe_ep_msrun, test_preference_msrun,
+  test_distill_msrun and test_contrastive_msrun (the last four add their runs to the jobs: trainer_runs.add_runs)."""
 
 from __future__ import annotations
 

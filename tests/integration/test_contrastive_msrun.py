@@ -1,7 +1,7 @@
 """The multimodal objectives through the trainer.
 
-Contrastive training under real msrun (2 CPU workers, one `ascend-llm launch` of workers/train_worker.py for the
-SigLIP run and the seed's cosine aligner): every rank's features form one
+Contrastive training under real msrun (2 CPU workers: the SigLIP run and the seed's cosine aligner are runs of the
+trainer's 2-worker msrun job, trainer_runs.py): every rank's features form one
 contrastive batch (all-gather with a reduce-scatter backward), so dp2 with local batch B/2 trains exactly like one
 process with global batch B: the same losses, validation loss and final parameters within 1e-5. The one-process
 reference trains 2 steps, then resumes from its checkpoint to step 4 (a constant learning rate, so the schedule does
@@ -13,13 +13,15 @@ goldens; a caption run (LLaVA stage 1) checkpoints the projector only, and its c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import add_runs
 
-from tests.conftest import launch, read_records
+from tests.conftest import read_records
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hf"
 COMMON = ["model=debug", "train.global_batch_size=4", "train.log_every=1", "train.val_batches=1",
@@ -34,35 +36,28 @@ RECIPE = ["experiment=digits_clip", "train.global_batch_size=16",
 RUNS = {"siglip": ["objective.multimodal.dual_encoder.loss=siglip"],
         "aligner": ["objective.multimodal.dual_encoder.loss=cosine", "objective.multimodal.train_towers=false",
                     "objective.multimodal.dual_encoder.projection_bias=true"]}
-WORKER = Path(__file__).parent / "workers" / "train_worker.py"
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    pytest.importorskip("sklearn")
+def _digits(jobs) -> list[str]:
+    """Overrides of the session's digits dataset (64 training images, 16 held out; written once)."""
     from ascend_llm.data.images import write_digits_dataset
 
-    root = tmp_path_factory.mktemp("digits")
-    write_digits_dataset(root, num_val=16, count=64)
+    root = jobs.data_dir("digits")
+    if not (root / "train.jsonl").is_file():
+        write_digits_dataset(root, num_val=16, count=64)
     return [f"data.tokenizer={root / 'tokenizer.json'}", f"objective.multimodal.images={root / 'train.jsonl'}",
             f"objective.multimodal.val_images={root / 'val.jsonl'}", f"data.cache_dir={root / 'cache'}"]
 
 
-@pytest.fixture(scope="module")
-def dp2_job(digits, tmp_path_factory) -> Path:
-    """One msrun launch (workers/train_worker.py) training every run of RUNS under dp2."""
-    job = tmp_path_factory.mktemp("contrastive_dp2")
-    spec = job / "spec.json"
-    spec.write_text(json.dumps({"log_dir": str(job / "logs"), "runs": [
-        {"name": name, "overrides": [*RECIPE, *digits, *extra, f"train.num_steps={NUM_STEPS}", "parallel=dp2",
-                                     "cluster=cpu_2proc", f"train.output_dir={job / 'runs' / name}"]}
-        for name, extra in RUNS.items()]}))
-    launch(job, ["parallel=dp2"], 2, WORKER, [str(spec)])
-    return job / "runs"
+if importlib.util.find_spec("sklearn") is not None:  # the runs join the trainer's 2-worker msrun job
+    add_runs(2, tuple(f"{name}_dp2" for name in RUNS), lambda jobs: {
+        f"{name}_dp2": [*RECIPE, *_digits(jobs), *extra, f"train.num_steps={NUM_STEPS}", "parallel=dp2"]
+        for name, extra in RUNS.items()})
 
 
+@pytest.mark.xdist_group("msrun_jobs")  # one pytest-xdist worker runs the shared msrun jobs (conftest.py)
 @pytest.mark.parametrize("name", list(RUNS))
-def test_dp2_global_contrastive_batch_equals_one_process(digits, dp2_job, tmp_path, name):
+def test_dp2_global_contrastive_batch_equals_one_process(trainer_jobs, tmp_path, name):
     """siglip: the sigmoid loss over the gathered batch; aligner: the seed's MultimodalAligner (frozen towers,
     projections with bias, the cosine loss whose matched pairs come from the gathered caption ids); both resume
     in one process from a checkpoint holding the trained tensors only (the aligner's: its projections)."""
@@ -71,8 +66,9 @@ def test_dp2_global_contrastive_batch_equals_one_process(digits, dp2_job, tmp_pa
     from ascend_llm.compose import compose_recipe
     from ascend_llm.train.trainer import train
 
-    overrides = [*RECIPE, *digits, *RUNS[name]]
-    one_dir, two_dir = tmp_path / "one", dp2_job / name
+    pytest.importorskip("sklearn")
+    overrides = [*RECIPE, *_digits(trainer_jobs), *RUNS[name]]
+    one_dir, two_dir = tmp_path / "one", trainer_jobs.run_dir(f"{name}_dp2")
     train(compose_recipe([*overrides, "train.num_steps=2", f"train.output_dir={one_dir}"]))
     resumed = train(compose_recipe([*overrides, f"train.num_steps={NUM_STEPS}", "train.resume=auto",
                                     f"train.output_dir={one_dir}"]))

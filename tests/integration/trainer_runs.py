@@ -2,11 +2,11 @@
 
 `TrainerJobs` launches `workers/train_worker.py` once per world size (`ascend-llm launch cluster=cpu_<N>proc
 --script`), on first use of any run of that size: the runs below and those other test files add with `add_runs` (MoE
-expert parallel, preference tuning, distillation), so every trainer test under msrun shares two launches; the worker
-trains every run of that size one after the other (one start-up, one communicator), each into its own directory
-(`job.run_dir(name)`), its log lines in `job.log(name, rank)`. The tests read those directories and compare them
-with one-process runs of the same recipes (`tests/conftest.py` `one_process`, cached per session, so a reference
-trains once for every test).
+expert parallel, preference tuning, distillation, contrastive training), so every trainer test under msrun shares
+two launches; the worker trains every run of that size one after the other (one start-up, one communicator), each
+into its own directory (`job.run_dir(name)`), its log lines in `job.log(name, rank)`. The tests read those
+directories and compare them with one-process runs of the same recipes (`tests/conftest.py` `one_process`, cached
+per session, so a reference trains once for every test).
 
 Recipes:
 - SMOKE: `debug=smoke` at global batch 8. Its one-process reference (REFERENCES["smoke"]) runs 20 steps with a

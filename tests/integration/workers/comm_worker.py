@@ -1,5 +1,6 @@
 """For test_comm_msrun, run as tpcp_worker.py's "comm" mode: every comm.py op, forward and backward, over the
-world group and over a sub-group made by create_group (the CPU emulation path), in graph mode. Writes
+world group and over a sub-group made by create_group (the CPU emulation path), in graph mode (forward and
+backward, one graph per case) and alone in PyNative mode (the forward). Writes
 <out>/comm_rank<r>.npz."""
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def run_all(out_dir: str) -> None:
     for gname, group in (("world", world), ("sub", sub)):
         for cname, make in cases.items():
             net = Loss(make(group))
+            ms.set_context(mode=ms.PYNATIVE_MODE)  # the op alone, eagerly (no graph to compile)
             probe = net.op(x).asnumpy()  # sync: two graphs' collectives must never be in flight at once
+            ms.set_context(mode=ms.GRAPH_MODE)
             w = Tensor(w_np[:probe.shape[0], :probe.shape[1]])
             grad_fn = ms.jit(ms.value_and_grad(net, 0, None, has_aux=True))
             (_, out), dx = grad_fn(x, w)
