@@ -44,7 +44,7 @@ def _args(root, old, new, out, *extra):
     cache = f"data.cache_dir={root / 'cache'}"
     data = [cache, "data.max_bytes=12000"]  # the first ~60-120 documents of each; the last 8 stay held out
     return ["continual", str(FIXTURE), "--reference", str(old), "--new", str(new), "--out", str(out),
-            "--samples", "16", "--max-tokens", "32", "--permutations", "20", "--pynative",
+            "--samples", "16", "--batch-size", "16", "--max-tokens", "32", "--permutations", "20", "--pynative",
             f"--heldout-docs=-{HELDOUT}:", "--window", "32", "--stride", "31", "--eval-batch-size", str(EVAL_BATCH),
             *[f"--update={a}" for a in TINY_RUN + data],
             *[f"--student={a}" for a in TINY_RUN + data + STUDENT], *extra]
