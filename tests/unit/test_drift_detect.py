@@ -121,7 +121,8 @@ def test_cli_exit_status_json_and_bad_input(tmp_path, capsys):
     from ascend_llm.cli.main import main
 
     tang, song = str(_need(CORPORA / "tang_poems.jsonl")), str(_need(CORPORA / "song_ci.jsonl"))
-    common = [str(_need(FIXTURE)), "--samples", "24", "--max-tokens", "32", "--permutations", "50", "--pynative"]
+    common = [str(_need(FIXTURE)), "--samples", "24", "--batch-size", "24", "--max-tokens", "32",
+              "--permutations", "50", "--pynative"]  # each corpus's 24 documents in one eager forward
     out = tmp_path / "report.json"
     try:
         status = main(["drift", *common, "--reference", tang, "--new", tang, "--ref-docs", "0:300",
