@@ -62,8 +62,9 @@ def test_kv_cache_engine_with_an_image_prefix_matches_the_full_forward(vlm):
     outs = []
     try:  # one engine (compiled once), a new image before each request: the compiled step must see it
         engine = Engine(llm.model, max_len=len(prompt) + 8, num_slots=1)
+        rows = model.image_rows(Tensor(pixels)).asnumpy()  # both images: the shape the first test compiled
         for index in range(2):
-            spliced.set_image(model.image_rows(Tensor(pixels[index:index + 1])).asnumpy()[0])
+            spliced.set_image(rows[index])
             outs.append(engine.generate([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0].token_ids)
     finally:
         llm.model.tok_embeddings = base
