@@ -54,7 +54,8 @@ def loaded(name: str):
 
 
 def layer_inputs(model, ids: np.ndarray) -> dict[int, Tensor]:
-    """The input of each sparse layer's feed-forward (after ffn_norm), computed layer by layer in pynative."""
+    """The input of each sparse layer's feed-forward (after ffn_norm), computed layer by layer in pynative as
+    TransformerBlock.construct computes it (each attention once)."""
     tokens = Tensor(ids.astype(np.int32))
     seq = ids.shape[1]
     cos, sin = model.rope_cos[:seq], model.rope_sin[:seq]
@@ -62,9 +63,10 @@ def layer_inputs(model, ids: np.ndarray) -> dict[int, Tensor]:
     out = {}
     for i, layer in enumerate(model.layers):
         a = h + layer.attention(layer.attention_norm(h), cos, sin)
+        x = layer.ffn_norm(a)
         if layer.is_sparse:
-            out[i] = layer.ffn_norm(a)
-        h = layer(h, cos, sin)
+            out[i] = x
+        h = a + layer.feed_forward(x)
     return out
 
 
