@@ -15,8 +15,8 @@ rotate-half RoPE with the engine's cos/sin tables, SwiGLU). The layer is one C++
 the kind of matrix, with two entry points:
 - `DecodeLayer` (float32 layers): the 7 matrices are packed once at construction into (N/32, K, 32) panels
   (`pack`); each panel is streamed once for all M rows with 8-row x 32-column broadcast-FMA tiles (GCC vector
-  extensions). At 16 rows and more this runs near one core's FMA peak (~185 GFLOP/s of the 5.9 MFLOP per row and
-  layer of the 24 M Qwen2).
+  extensions). From 8 rows on this runs near one core's FMA peak (~215 GFLOP/s: 16 rows of the 24 M Qwen2's 5.9
+  MFLOP per row and layer in 0.44 ms, attention included).
 - `DecodeLayerQuant` (layers of 7 `QuantLinear`, int8 / int4, per channel or group-wise, symmetric or asymmetric,
   no act-order): reads each QuantLinear's stored qweight / scales / zeros and dequantizes 16 codes at a time in
   registers (inference/fused_quant.py); nothing is copied, so the decode path holds the quantized bytes only.
@@ -29,12 +29,13 @@ the library (inference/cpu_pool.py: std::thread workers, an atomic task counter,
 and the attention rows. Norms, RoPE and the cache writes stay on the calling thread. Each output element is computed
 by one thread with the same code whatever the thread count, so 1, 2 or 3 threads give the same bits (tests).
 `threads` = `Engine(..., threads=)`, else $ASCEND_LLM_KERNEL_THREADS, else min(2, CPUs the process may run on); only
-1 and 2 were measured (a 2-core machine). Per layer of the 24 M Qwen2 (ctypes harness, best of 10-2000 calls,
-contexts of 75-225 positions, AVX-512 Zen 5, loaded machine: best-of times), 1 thread -> 2 threads: 1 row 0.11 ms (1
-thread below PARALLEL_MIN_ROWS: 2 threads gave 0.085-0.14 ms, and more when the second core is busy), 8 rows 0.25 ->
-0.18 ms, 16 rows 0.51 -> 0.33 ms, 64 rows 2.24 -> 1.25 ms, 256 rows 9.7 -> 5.7 ms. When other processes hold the
-second core the worker waits for it and a 2-thread call takes about as long as a 1-thread one (the caller takes
-every task no worker started).
+1 and 2 were measured (a 2-core machine). Per layer of the 24 M Qwen2 (ctypes harness, one layer's weights
+L2/L3-resident, contexts of 75-225 positions, AVX-512 Zen 5, load 1.5-1.8, best of 10-2000 calls), 1 -> 2 threads: 8
+rows 0.22 -> 0.12 ms, 16 rows 0.44 -> 0.24 ms, 64 rows 1.81 -> 0.93 ms, 256 rows 7.9-8.4 -> 4.1 ms; 1 row 0.10 ms
+(one thread below PARALLEL_MIN_ROWS; 2 threads measured 0.085-0.14 ms depending on the other core's load). When
+other processes hold the second core the worker waits for it and a 2-thread call takes about as long as a 1-thread
+one (the caller takes every task no worker started). The attention alone (same harness, -march=native both): 3.4 /
+4.0 us per row at 16 / 256 rows, against 8.5 / 14.6 us before the register path.
 
 Used by the engine only when every layer is such a block (`supported`; LoRA, FP8, MoE, act-order and
 precision-converted cells keep the MindSpore path), on CPU, when g++ builds the library; `Engine(...,
@@ -323,7 +324,7 @@ extern "C" int DecodeLayerQuant(int nparam, void **params, int *ndims, int64_t *
 }
 """
 
-PARALLEL_MIN_ROWS = 4  # rows from which the layer uses its threads: below, 2 threads gained little or lost under load
+PARALLEL_MIN_ROWS = 4  # rows from which the layer uses its threads (1 row: 2 threads gained little, lost under load)
 
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-pthread")
 
