@@ -9,6 +9,7 @@ import concurrent.futures
 import dataclasses
 import json
 import re
+import select
 import signal
 import socket
 import time
@@ -118,12 +119,12 @@ def test_big_prompt_tokenizes_off_the_event_loop(server):
     """A prompt near the body limit is tokenized on the pool: /health keeps answering while that request is in
     flight (unless the request is over too soon to have blocked anything). The old server tokenized on the event
     loop and stalled every endpoint for the whole tokenization."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, httpx.Client(timeout=60) as client:
         began = time.perf_counter()
         big = pool.submit(post, server, {"prompt": "春風花月" * 300_000})
         answered_during = 0
-        while not big.done():
-            status = httpx.get(server.base + "/health", timeout=60).status_code
+        while not big.done():  # one connection for the polls: a fresh client per poll was ~50 ms under load
+            status = client.get(server.base + "/health").status_code
             answered_during += status == 200 and not big.done()
             time.sleep(0.01)
         took = time.perf_counter() - began
@@ -178,13 +179,23 @@ def test_disconnect_cancels_and_frees_blocks(server, stream):
     assert full["usage"]["completion_tokens"] == LONG
     before = metrics(server)["ascend_llm:generation_tokens_total"]
     sock = _raw_request(server, {"prompt": "春風", "max_tokens": LONG, "stream": stream, "ignore_eos": True})
+    deadline = time.monotonic() + 120
     if stream:
         got = b""
+        sock.settimeout(120)
         while got.count(b"data: ") < 3:
-            got += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, f"the server closed the stream before 3 chunks: {got[-500:]!r}"
+            got += chunk
     else:
-        while httpx.get(server.base + "/health", timeout=30).json()["kv_blocks_used"] == 0:
-            time.sleep(0.01)
+        # one connection for the polls (~1 ms each, a fresh client per poll was ~50 ms under load: the 200 tokens
+        # could finish between two polls and the loop never ended)
+        with httpx.Client(timeout=30) as client:
+            while client.get(server.base + "/health").json()["kv_blocks_used"] == 0:
+                answered = select.select([sock], [], [], 0)[0]
+                assert not answered, f"answered before it got a KV block: {sock.recv(4096)[:500]!r}"
+                assert time.monotonic() < deadline, "the request to abandon never got a KV block"
+                time.sleep(0.002)
     sock.close()
     health = _wait_idle(server)
     generated = metrics(server)["ascend_llm:generation_tokens_total"] - before
