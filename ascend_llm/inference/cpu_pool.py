@@ -155,6 +155,7 @@ def kernel_threads(threads: int | None = None) -> int:
         count = int(value)
     except (TypeError, ValueError):
         count = 0
-    if isinstance(value, bool) or count < 1 or count > MAX_THREADS or str(count) != str(value).strip():
+    wrong_type = isinstance(value, bool) or (field == "threads" and not isinstance(value, int))  # a str only from env
+    if wrong_type or count < 1 or count > MAX_THREADS or str(count) != str(value).strip():
         raise ConfigError(field, value, f"an integer from 1 to {MAX_THREADS} (threads of the fused CPU layer)")
     return count

@@ -171,8 +171,9 @@ def test_kernel_threads_from_argument_environment_or_cpus(monkeypatch):
         with pytest.raises(ConfigError, match=cpu_pool.THREADS_ENV):
             Engine(build_model(CFG, seed=5), max_len=16, num_slots=2)
     monkeypatch.delenv(cpu_pool.THREADS_ENV)
-    with pytest.raises(ConfigError, match="threads"):
-        cpu_pool.kernel_threads(0)
+    for bad in (0, 65, True, 2.0, "2"):  # the Python argument takes an int only (a string only from the env var)
+        with pytest.raises(ConfigError, match="threads"):
+            cpu_pool.kernel_threads(bad)
 
 
 def test_engine_takes_the_fused_path_only_for_plain_layers(model):
