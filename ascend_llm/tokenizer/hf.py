@@ -165,8 +165,10 @@ class HFTokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; add_special_tokens applies the tokenizer's post-processor (BOS/EOS)."""
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; add_special_tokens applies the tokenizer's post-processor (BOS/EOS).
+        Through `encode_batch`, which releases the GIL (`Tokenizer.encode` holds it: a 1.2 M-character prompt kept
+        every other thread, the server's event loop included, waiting for 2 s; the same ids)."""
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """The text of `ids`; skip_special_tokens drops special tokens."""
