@@ -1,12 +1,14 @@
 """Tensor and context parallel through the trainer, under real msrun on CPU (MCCL), fp32, 20 steps.
 
-The layouts `tp2` and `cp2` (2 workers) and `tp2_dp2` and `cp2_dp2` (4 workers) train the debug model for 20 steps
-on the same global batch as one process, each a run of trainer_runs.py's msrun job of its world size (`ascend-llm
-launch` with workers/train_worker.py). The corpus is written by the `tpcp_data` fixture: thousands of short
-documents, so every packed window holds several of them; the context-parallel runs train with
-`data.document_mask=true` (attention and labels stay inside each document, across CP shards, and under cp2_dp2
-the loss is the token mean of the whole global batch though the replicas count different numbers of tokens:
-averaging the replicas' own means was 2.5e-4 off one process at step 1).
+The layouts `tp2_dp2` and `cp2_dp2` (4 workers) train the debug model for 20 steps on the same global batch as one
+process, each a run of trainer_runs.py's 4-worker msrun job (`ascend-llm launch` with workers/train_worker.py):
+each TP (CP) pair of ranks runs exactly what a tp2 (cp2) job would, and reduces over DP besides, so these runs
+carry every assertion a 2-worker tp2 or cp2 run would. TP and CP at dp=1 train through the trainer in the 2-worker
+job too (test_tpz_msrun's cp2_zero2, test_preference_msrun's dpo_tp2 and dpo_cp2). The corpus is written by the
+`tpcp_data` fixture: thousands of short documents, so every packed window holds several of them; the
+context-parallel run trains with `data.document_mask=true` (attention and labels stay inside each document, across
+CP shards, and the loss is the token mean of the whole global batch though the replicas count different numbers of
+tokens: averaging the replicas' own means was 2.5e-4 off one process at step 1).
 The reference is the one-process run of the same recipe, computed by the trainer itself in this test's process
 (a different code path: no groups, plain cross-entropy, plain clipping), once per configuration (session
 fixtures shared by every test):
@@ -18,9 +20,9 @@ fixtures shared by every test):
   PARAM_ATOL after 20 steps;
 - each rank logs its final-parameter digest with its coordinates (TP ranks hold different shards, CP and DP
   ranks identical replicas);
-- cross-layout resume: the tp2 run's step-18 checkpoint resumed in one process, and the one-process run's step-18
-  checkpoint resumed under cp2, continue with the uninterrupted one-process losses for steps 19..20 (within 1e-5)
-  and end at its final parameters.
+- cross-layout resume: the tp2_dp2 run's step-18 checkpoint resumed in one process continues with the
+  uninterrupted one-process losses for steps 19..20 (within 1e-5) and ends at its final parameters (one process ->
+  cp2: test_tpz_msrun's cp2_zero2).
 """
 
 from __future__ import annotations
@@ -100,33 +102,18 @@ def check_against_reference(jobs, run: str, reference, workers: int, first: int 
     return digests
 
 
-def test_tp2_trains_like_one_process_and_its_checkpoint_resumes_in_one_process(trainer_jobs, one_process, plain):
+def test_tp2_dp2_trains_like_one_process_and_its_checkpoint_resumes_in_one_process(trainer_jobs, one_process,
+                                                                                    plain):
     summary, one_dir, overrides = plain
-    digests = check_against_reference(trainer_jobs, "tp2", plain, 2)
-    assert digests[0][1] == "dp=0 cp=0 tp=0" and digests[1][1] == "dp=0 cp=0 tp=1"
-    assert digests[0][0] != digests[1][0]  # each TP rank holds its own shards
+    digests = check_against_reference(trainer_jobs, "tp2_dp2", plain, 4)
+    assert [digests[r][1] for r in range(4)] == [f"dp={r // 2} cp=0 tp={r % 2}" for r in range(4)]
+    assert digests[0][0] == digests[2][0] != digests[1][0] == digests[3][0]  # DP replicas of each TP shard
 
-    start = checkpoint(trainer_jobs.run_dir("tp2"), TPCP_RESUME)
+    start = checkpoint(trainer_jobs.run_dir("tp2_dp2"), TPCP_RESUME)
     resumed, resumed_dir = one_process([*overrides, f"train.resume={start}"])
     assert resumed["start_step"] == TPCP_RESUME and len(resumed["losses"]) == NUM_STEPS - TPCP_RESUME
     np.testing.assert_allclose(resumed["losses"], summary["losses"][TPCP_RESUME:], rtol=0, atol=ATOL)
     check_checkpoint(resumed_dir, one_dir)
-
-
-def test_cp2_with_document_mask_trains_like_one_process(trainer_jobs, masked):
-    digests = check_against_reference(trainer_jobs, "cp2", masked, 2)
-    assert digests[0][1] == "dp=0 cp=0 tp=0" and digests[1][1] == "dp=0 cp=1 tp=0"
-    assert digests[0][0] == digests[1][0]  # CP ranks are replicas
-
-
-def test_one_process_checkpoint_resumes_under_cp2(trainer_jobs, masked):
-    check_against_reference(trainer_jobs, "cp2_resumed", masked, 2, first=TPCP_RESUME + 1)
-
-
-def test_tp2_dp2_trains_like_one_process(trainer_jobs, plain):
-    digests = check_against_reference(trainer_jobs, "tp2_dp2", plain, 4)
-    assert [digests[r][1] for r in range(4)] == [f"dp={r // 2} cp=0 tp={r % 2}" for r in range(4)]
-    assert digests[0][0] == digests[2][0] != digests[1][0] == digests[3][0]  # DP replicas of each TP shard
 
 
 def test_cp2_dp2_with_document_mask_trains_like_one_process(trainer_jobs, masked):

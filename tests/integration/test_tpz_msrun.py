@@ -13,7 +13,11 @@
    process losses and gradient norms within 1e-5; its step-4 checkpoint has the one-process names and shapes (model
    and AdamW moments: layout-free) and values close to it; resumed in one process (ZeRO-2 x TP x DP -> one process),
    steps 5..6 give the one-process losses within 1e-5.
-3. 2 workers, `parallel=cp2 parallel.zero_stage=2` (ZeRO over the CP group, dp=1): steps 1..4 as one process."""
+3. 2 workers, `parallel=cp2 parallel.zero_stage=2` (ZeRO over the CP group, dp=1), resumed from the one-process
+   run's step-2 checkpoint (one process -> ZeRO-2 x CP: the AdamW moments sharded over the CP ranks on load):
+   steps 3..4 give the one-process losses and gradient norms, and its step-4 checkpoint the one-process names,
+   shapes and values (training from scratch under cp2: test_tpcp_train_msrun's cp2_dp2 and test_preference_msrun's
+   dpo_cp2)."""
 
 from __future__ import annotations
 
@@ -104,8 +108,8 @@ def test_zero2_with_tp2_dp2_resumes_both_ways_like_one_process(trainer_jobs, one
 
 
 @TRAINER_JOBS
-def test_zero2_over_the_context_parallel_group_trains_like_one_process(trainer_jobs):
+def test_one_process_checkpoint_resumes_under_zero2_over_the_context_parallel_group(trainer_jobs):
     """cp2 with dp=1: ZeRO shards over the 2 CP ranks (each holds a share of one loss: gradients summed, scale
-    1/dp = 1)."""
+    1/dp = 1), from the one-process step-2 checkpoint."""
     _, one, _ = trainer_jobs.reference("tpz")
-    check_run(trainer_jobs.run_dir("cp2_zero2"), one, [1, 2, 3, 4])
+    check_run(trainer_jobs.run_dir("cp2_zero2"), one, [3, 4])

@@ -14,6 +14,7 @@ shards)."""
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 
@@ -145,20 +146,28 @@ def main(out_dir: str, modes: str) -> None:
     setup_runtime(RuntimeConfig(device_target="cpu"))  # graph mode, one kernel thread per core
     init()
     for mode in modes.split(","):
-        if mode == "comm":  # every collective of comm.py (comm_worker.py)
-            from comm_worker import run_all as run_comm
+        start, cpu = time.monotonic(), time.process_time()
+        run_mode(mode, out_dir)
+        print(f"[tpcp_worker] {mode} done in {time.monotonic() - start:.1f} s ({time.process_time() - cpu:.1f} CPU-s)",
+              flush=True)
 
-            run_comm(out_dir)
-        elif mode == "kv1":  # one replicated KV head under TP (tpz_worker.py)
-            from tpz_worker import run as run_kv1
 
-            run_kv1(out_dir)
-        elif mode == "zero":  # ZeRO-1/2 AdamW vs the unsharded AdamW (zero_worker.py)
-            from zero_worker import run as run_zero
+def run_mode(mode: str, out_dir: str) -> None:
+    """One mode of this job (module doc)."""
+    if mode == "comm":  # every collective of comm.py (comm_worker.py)
+        from comm_worker import run_all as run_comm
 
-            run_zero(out_dir)
-        else:
-            run(mode, out_dir)
+        run_comm(out_dir)
+    elif mode == "kv1":  # one replicated KV head under TP (tpz_worker.py)
+        from tpz_worker import run as run_kv1
+
+        run_kv1(out_dir)
+    elif mode == "zero":  # ZeRO-1/2 AdamW vs the unsharded AdamW (zero_worker.py)
+        from zero_worker import run as run_zero
+
+        run_zero(out_dir)
+    else:
+        run(mode, out_dir)
 
 
 if __name__ == "__main__":

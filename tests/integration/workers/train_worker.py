@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -39,12 +40,14 @@ def run_all(log_root: Path, runs: list[dict]) -> None:
         handler.setFormatter(logging.Formatter("[ascend_llm] %(message)s"))
         package_log.addHandler(handler)
         print(f"[train_worker] rank {rank}: run {run['name']}", flush=True)
+        start, cpu = time.monotonic(), time.process_time()
         try:
             train(recipe)
         finally:
             package_log.removeHandler(handler)
             handler.close()
-        print(f"[train_worker] rank {rank}: run {run['name']} done", flush=True)
+        print(f"[train_worker] rank {rank}: run {run['name']} done in {time.monotonic() - start:.1f} s "
+              f"({time.process_time() - cpu:.1f} CPU-s)", flush=True)
 
 
 if __name__ == "__main__":
