@@ -1,13 +1,11 @@
-"""For tests/integration/test_zero_msrun.py, run as tpcp_worker.py's "zero" mode: ZeRO-1/2 AdamW vs the
-unsharded AdamW.
+"""For tests/integration/test_zero_msrun.py, run as tpcp_worker.py's "zero" mode: ZeRO-1/2 AdamW over 2 ranks.
 
-For each ZeRO stage in turn (one job serves both), each rank trains two copies of the same seeded model on
-the same global batches: one with ZeroAdamW over the world group (each rank computes gradients of its half of
-the batch), one with the unsharded AdamW on the whole batch (no communication: the one-process reference).
-Writes DIR/stage<s>_rank<r>.json with both loss curves, the largest parameter difference, optimizer-state
-bytes and the checks of the layout-free state; rank 0 also writes DIR/stage<s>_state.npz (full parameters and
-full optimizer state after the sharded run) and the reference's losses for RESUME_STEPS more steps, for the
-one-process resume check.
+For each ZeRO stage in turn (one job serves both), each rank trains the seeded debug model with ZeroAdamW over the
+world group, each rank computing the gradients of its half of every global batch, for NUM_STEPS steps. Writes
+DIR/stage<s>_rank<r>.json (the loss curve, optimizer-state bytes, the re-sharding check) and DIR/stage<s>_rank<r>.npz
+(this rank's final parameters as "param.<name>" and the gathered, layout-free optimizer state as "opt.<name>").
+The test trains the unsharded AdamW on the whole batches itself (the one-process reference: `batch`, `lr_at`,
+`CLIP` and the seed are shared from here) and compares.
 """
 
 from __future__ import annotations
@@ -30,35 +28,33 @@ def lr_at(step: int) -> np.float32:
     return np.float32(3e-3 * (1.0 + step) / NUM_STEPS)
 
 
-def build_steps(recipe, world: int, stage: int):
-    """Two seeded copies of the model: (zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params)."""
+SEED = 7
+
+
+def build_step(recipe, world: int, stage: int):
+    """The seeded model with ZeroAdamW: (step(x, y, lr) -> global mean loss, optimizer, parameters)."""
     import mindspore as ms
     from mindspore import ops
 
     from ascend_llm.models import build_model
-    from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
+    from ascend_llm.optim.adamw import clip_by_global_norm
     from ascend_llm.parallel.dp import build_grad_reducer
     from ascend_llm.parallel.zero import ZeroAdamW
     from ascend_llm.train.step import cross_entropy_loss
 
-    zero_model, ref_model = build_model(recipe.model, seed=7), build_model(recipe.model, seed=7)
-    zero_params, ref_params = zero_model.trainable_params(), ref_model.trainable_params()
-    zero_opt = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
-    ref_opt = AdamW(ref_params, recipe.optim)
+    model = build_model(recipe.model, seed=SEED)
+    params = model.trainable_params()
+    optimizer = ZeroAdamW(params, recipe.optim, stage, grad_clip=CLIP)
     reduce = build_grad_reducer(None, world)
 
-    def zero_loss(x, y):
-        return cross_entropy_loss(zero_model(x), y)
+    def forward(x, y):
+        return cross_entropy_loss(model(x), y)
 
-    def ref_loss(x, y):
-        return cross_entropy_loss(ref_model(x), y)
-
-    zero_grad = ms.value_and_grad(zero_loss, None, zero_params)
-    ref_grad = ms.value_and_grad(ref_loss, None, ref_params)
+    grad_fn = ms.value_and_grad(forward, None, params)
 
     @ms.jit
-    def zero_step(x, y, lr):
-        loss, grads = zero_grad(x, y)
+    def step(x, y, lr):
+        loss, grads = grad_fn(x, y)
         # comm.py's ordering rule: collectives of one graph are chained by data, so every rank issues them
         # in the same order (loss mean first, then the gradients, then the optimizer's own collectives)
         loss = reduce((loss,))[0]
@@ -66,62 +62,36 @@ def build_steps(recipe, world: int, stage: int):
         if stage == 1:  # the trainer's path: all-reduce (mean), clip, then the optimizer
             grads = reduce(grads)
             grads, _ = clip_by_global_norm(grads, CLIP)
-        zero_opt(grads, lr)
+        optimizer(grads, lr)
         return loss
 
-    @ms.jit
-    def ref_step(x, y, lr):
-        loss, grads = ref_grad(x, y)
-        grads, _ = clip_by_global_norm(grads, CLIP)
-        ref_opt(grads, lr)
-        return loss
-
-    return zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params
-
-
-def state_checks(recipe, stage: int, zero_opt, ref_opt, zero_params) -> tuple[dict, dict]:
-    """The gathered (layout-free) state vs the unsharded one, and its re-sharding; (full state, report)."""
-    from ascend_llm.parallel.zero import ZeroAdamW
-
-    full = zero_opt.full_state_dict()  # collective: every rank
-    ref_state = {p.name: p.asnumpy() for p in ref_opt.state_parameters()}
-    fresh = ZeroAdamW(zero_params, recipe.optim, stage, grad_clip=CLIP)
-    fresh.load_full_state_dict(full)  # the gathered state, re-sharded: must give back the same shards
-    return full, {
-        "full_state_keys_match": sorted(full) == sorted(ref_state),
-        "state_diff": max(float(np.abs(full[k].astype(np.float64) - ref_state[k]).max()) for k in ref_state),
-        "reload_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
-                           for a, b in zip(fresh.state_parameters(), zero_opt.state_parameters())),
-        "zero_state_bytes": zero_opt.state_bytes(),
-        "unsharded_state_bytes": sum(int(p.size) * p.itemsize for p in ref_opt.state_parameters()),
-        "param_sizes": [int(p.size) for p in zero_params]}
+    return step, optimizer, params
 
 
 def run_stage(recipe, rank: int, world: int, stage: int, out: Path) -> None:
-    """Both runs of one ZeRO stage; writes this rank's report (and rank 0 the full state for the resume check)."""
+    """NUM_STEPS sharded steps; writes this rank's report and final state (module doc)."""
     from mindspore import Tensor
 
-    zero_step, ref_step, zero_opt, ref_opt, zero_params, ref_params = build_steps(recipe, world, stage)
+    from ascend_llm.parallel.zero import ZeroAdamW
+
+    step, optimizer, params = build_step(recipe, world, stage)
     half = ROWS // world
-    zero_losses, ref_losses = [], []
-    for step in range(NUM_STEPS):
-        x, y = batch(step, recipe.model.vocab_size)
-        lr = Tensor(lr_at(step))
-        local = slice(rank * half, (rank + 1) * half)
-        zero_losses.append(float(zero_step(Tensor(x[local]), Tensor(y[local]), lr).asnumpy()))
-        ref_losses.append(float(ref_step(Tensor(x), Tensor(y), lr).asnumpy()))
-    full, checks = state_checks(recipe, stage, zero_opt, ref_opt, zero_params)
-    report = {"rank": rank, "world": world, "stage": stage, "zero_losses": zero_losses, "ref_losses": ref_losses,
-              "max_param_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
-                                    for a, b in zip(zero_params, ref_params)), **checks}
-    print(f"[zero_worker] stage {stage} rank {rank}: optimizer state {checks['zero_state_bytes']:,} bytes "
-          f"(unsharded {checks['unsharded_state_bytes']:,})", flush=True)
-    if rank == 0:
-        np.savez(out / f"stage{stage}_state.npz", **{"param." + p.name: p.asnumpy() for p in zero_params},
-                 **{"opt." + k: v for k, v in full.items()})
-        report["ref_resumed_losses"] = [
-            float(ref_step(Tensor(x), Tensor(y), Tensor(lr_at(i))).asnumpy())
-            for i in range(NUM_STEPS, NUM_STEPS + RESUME_STEPS) for x, y in [batch(i, recipe.model.vocab_size)]]
+    local = slice(rank * half, (rank + 1) * half)
+    losses = []
+    for i in range(NUM_STEPS):
+        x, y = batch(i, recipe.model.vocab_size)
+        losses.append(float(step(Tensor(x[local]), Tensor(y[local]), Tensor(lr_at(i))).asnumpy()))
+    full = optimizer.full_state_dict()  # collective: every rank
+    fresh = ZeroAdamW(params, recipe.optim, stage, grad_clip=CLIP)
+    fresh.load_full_state_dict(full)  # the gathered state, re-sharded: must give back the same shards
+    report = {"rank": rank, "world": world, "stage": stage, "zero_losses": losses,
+              "reload_diff": max(float(np.abs(a.asnumpy() - b.asnumpy()).max())
+                                 for a, b in zip(fresh.state_parameters(), optimizer.state_parameters())),
+              "zero_state_bytes": optimizer.state_bytes(), "param_sizes": [int(p.size) for p in params]}
+    print(f"[zero_worker] stage {stage} rank {rank}: optimizer state {report['zero_state_bytes']:,} bytes",
+          flush=True)
+    np.savez(out / f"stage{stage}_rank{rank}.npz", **{"param." + p.name: p.asnumpy() for p in params},
+             **{"opt." + k: v for k, v in full.items()})
     (out / f"stage{stage}_rank{rank}.json").write_text(json.dumps(report))
 
 
