@@ -80,19 +80,24 @@ def local_batch(parallel, groups):
     return tuple(shard_sequence(a[rows], cp, groups.cp_rank) for a in batch())
 
 
-def full_logits(logits, parallel, groups, vocab: int) -> np.ndarray:
-    """This layout's logits (B, S, V) in global order on every rank (gathered over tp, cp and dp)."""
+def logits_gatherer(parallel, groups, vocab: int):
+    """logits -> this layout's logits (B, S, V) in global order on every rank (gathered over tp, cp and dp)."""
     from mindspore import Tensor
 
     from ascend_llm.parallel import comm
     from ascend_llm.parallel.cp import zigzag_positions
 
-    local = comm.AllGather(groups.tp, 2)(logits).asnumpy()[..., :vocab]
+    gather_tp, sum_dp_cp = comm.AllGather(groups.tp, 2), comm.AllReduce(groups.dp_cp, "sum")
     per = BATCH // parallel.data_parallel_degree
-    full = np.zeros((BATCH, SEQ, vocab), np.float32)
     rows = slice(groups.dp_rank * per, (groups.dp_rank + 1) * per)
-    full[rows][:, zigzag_positions(SEQ, parallel.context_parallel_degree, groups.cp_rank)] = local
-    return comm.AllReduce(groups.dp_cp, "sum")(Tensor(full)).asnumpy()
+    positions = zigzag_positions(SEQ, parallel.context_parallel_degree, groups.cp_rank)
+
+    def full_logits(logits) -> np.ndarray:
+        full = np.zeros((BATCH, SEQ, vocab), np.float32)
+        full[rows][:, positions] = gather_tp(logits).asnumpy()[..., :vocab]
+        return sum_dp_cp(Tensor(full)).asnumpy()
+
+    return full_logits
 
 
 def run(mode: str, out_dir: str) -> None:
@@ -112,24 +117,31 @@ def run(mode: str, out_dir: str) -> None:
     mine = shard_full(init_full, axes, groups.tp_rank, groups.tp.size)
     results["state/gather_err"] = max(np.abs(gathered[n] - init_full[n]).max() for n in init_full)
     results["state/shard_err"] = max(np.abs(mine[p.name] - p.asnumpy()).max() for p in params)
+
+    def forward(x, y):
+        logits = model(x)
+        return loss_fn(logits, y), logits
+
+    def forward_segments(x, y, s):
+        logits = model(x, s)
+        return loss_fn(logits, y), logits
+
+    # one compiled graph per signature and cell, reused by every variant: "causal" and "lowlabels" differ only in
+    # the label values
+    norm, gather = TPGradNorm(params, groups.tp), logits_gatherer(parallel, groups, model.cfg.vocab_size)
+    steps = {name: ms.jit(ms.value_and_grad(fn, None, params, has_aux=True))
+             for name, fn in (("plain", forward), ("segments", forward_segments))}
     for variant in VARIANTS[mode]:
         targets = labels % 255 if variant == "lowlabels" else labels
         if variant != "segments":
-            def forward(x, y):
-                logits = model(x)
-                return loss_fn(logits, y), logits
-            args = (Tensor(tokens), Tensor(targets))
+            (loss, logits), grads = steps["plain"](Tensor(tokens), Tensor(targets))
         else:
-            def forward(x, y, s):
-                logits = model(x, s)
-                return loss_fn(logits, y), logits
-            args = (Tensor(tokens), Tensor(targets), Tensor(segments))
-        (loss, logits), grads = ms.jit(ms.value_and_grad(forward, None, params, has_aux=True))(*args)
+            (loss, logits), grads = steps["segments"](Tensor(tokens), Tensor(targets), Tensor(segments))
         loss = reduce((loss,))[0].asnumpy()
         grads = reduce(tuple(grads))
-        results[f"{variant}/grad_norm"] = TPGradNorm(params, groups.tp)(grads).asnumpy()
+        results[f"{variant}/grad_norm"] = norm(grads).asnumpy()
         results[f"{variant}/loss"] = loss
-        results[f"{variant}/logits"] = full_logits(logits, parallel, groups, model.cfg.vocab_size)
+        results[f"{variant}/logits"] = gather(logits)
         grads = gather_full({p.name: g for p, g in zip(params, grads)}, axes, groups.tp, full_shapes)
         results.update({f"{variant}/grad/{name}": value for name, value in grads.items()})
     if groups.rank == 0:
