@@ -1,7 +1,9 @@
 """Distillation under real msrun (2 CPU workers, runs of the trainer's 2-worker msrun job, trainer_runs.py): a
 debug-size student learns from a frozen teacher (the llama_gqa fixture, opened by the model opener, running in the
-same compiled step) under data parallel, with gradient accumulation too; the loss, its CE and KD parts per step and
-at validation equal the same recipe in one process within 1e-5, and the checkpoint holds the student only."""
+same compiled step) under data parallel with gradient accumulation (2 micro-batches per rank: the distillation step
+runs twice per update and its gradients accumulate, which a run without accumulation takes once); the loss, its CE
+and KD parts per step and at validation equal the same recipe in one process within 1e-5, and the checkpoint holds
+the student only."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def _data(jobs) -> Path:
     return root
 
 
-RUNS = {"kd_dp2": ["parallel=dp2"], "kd_dp2_accum": ["parallel=dp2", "train.grad_accum_steps=2"]}
+RUNS = {"kd_dp2_accum": ["parallel=dp2", "train.grad_accum_steps=2"]}
 if TEACHER.is_dir():  # the runs join the trainer's 2-worker msrun job (tests/integration/trainer_runs.py)
     add_runs(2, tuple(RUNS), lambda jobs: {
         name: [*_common(_data(jobs) / "poems.jsonl", _data(jobs) / "cache_msrun"), *extra]
@@ -73,6 +75,6 @@ def test_distillation_under_msrun_equals_one_process(trainer_jobs, one_process):
     # the checkpoint holds the student only (debug size), under the model's own parameter names
     from ascend_llm.interop.source import open_model
 
-    student = open_model(trainer_jobs.run_dir("kd_dp2"))
+    student = open_model(trainer_jobs.run_dir("kd_dp2_accum"))
     assert student.config.dim == 64 and student.config.vocab_size == 640
     assert all(not name.startswith("teacher.") for name in student.weights)
