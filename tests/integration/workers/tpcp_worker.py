@@ -2,7 +2,8 @@
 
 `tpcp_worker.py OUT_DIR MODE[,MODE...]` runs the modes one after the other in the same job (one msrun start-up for
 all of them). Layouts: "tp" (causal, and every target in one vocabulary shard), "cp" (causal, and packed-document
-segment ids), "tp_sp" (TP with sequence parallel) on 2 ranks; "tp_dp" and "cp_dp" (2x2) on 4 ranks. More modes run
+segment ids), "tp_sp" (TP with sequence parallel), on 2 ranks (the code takes any data-parallel degree: each
+replica its rows of the batch; TP and CP composed with DP are checked through the trainer). More modes run
 other workers' checks in the same job, on 2 ranks: "comm" (comm_worker.py: every collective), "kv1"
 (tpz_worker.py: one replicated KV head under TP) and "zero" (zero_worker.py: ZeRO-1/2 against AdamW). A group
 with the same name in two modes is created once and reused (`comm.new_group`: the same communicator).
@@ -39,13 +40,9 @@ def batch() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 LAYOUTS = {"tp": dict(tensor_parallel_degree=2), "cp": dict(context_parallel_degree=2),
-           "tp_sp": dict(tensor_parallel_degree=2, sequence_parallel=True),
-           "tp_dp": dict(data_parallel_degree=2, tensor_parallel_degree=2),
-           "cp_dp": dict(data_parallel_degree=2, context_parallel_degree=2)}
+           "tp_sp": dict(tensor_parallel_degree=2, sequence_parallel=True)}
 # "lowlabels": every target in rank 0's vocabulary shard [0, 256), so rank 1's shard holds none
-VARIANTS = {"tp": ("causal", "lowlabels"), "cp": ("causal", "segments"), "tp_sp": ("segments",),
-            "tp_dp": ("causal",),
-            "cp_dp": ("segments",)}
+VARIANTS = {"tp": ("causal", "lowlabels"), "cp": ("causal", "segments"), "tp_sp": ("segments",)}
 
 
 def build(mode: str):
