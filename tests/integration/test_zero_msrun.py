@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, SEED, batch, lr_at
+from zero_worker import CLIP, NUM_STEPS, RESUME_STEPS, SEED, batch, lr_at, seeded_grads
 
 # one pytest-xdist worker runs every test of the layout jobs (tests/integration/conftest.py)
 pytestmark = pytest.mark.xdist_group("layout_jobs")
@@ -33,23 +33,16 @@ def planned_state_bytes(stage: int) -> float:
 
 
 def unsharded(seed: int):
-    """(step(x, y, lr) -> loss, optimizer, parameters): the debug model with the plain AdamW, clipped at CLIP."""
+    """(step(x, y, lr) -> loss, optimizer, parameters, vocabulary size): the debug model with the plain AdamW,
+    clipped at CLIP."""
     import mindspore as ms
 
     from ascend_llm.compose import compose_recipe
-    from ascend_llm.models import build_model
     from ascend_llm.optim.adamw import AdamW, clip_by_global_norm
-    from ascend_llm.train.step import cross_entropy_loss
 
     recipe = compose_recipe(["model=debug"])
-    model = build_model(recipe.model, seed=seed)
-    params = model.trainable_params()
+    params, grad_fn = seeded_grads(recipe, seed)
     optimizer = AdamW(params, recipe.optim)
-
-    def forward(x, y):
-        return cross_entropy_loss(model(x), y)
-
-    grad_fn = ms.value_and_grad(forward, None, params)
 
     @ms.jit
     def step(x, y, lr):
@@ -58,16 +51,13 @@ def unsharded(seed: int):
         optimizer(grads, lr)
         return loss
 
-    return step, optimizer, params
+    return step, optimizer, params, recipe.model.vocab_size
 
 
-def train(step, first: int, last: int) -> list[float]:
+def train(step, vocab: int, first: int, last: int) -> list[float]:
     """Losses of global steps first..last-1 on the whole batches (one process)."""
     from mindspore import Tensor
 
-    from ascend_llm.compose import compose_recipe
-
-    vocab = compose_recipe(["model=debug"]).model.vocab_size
     return [float(step(Tensor(x), Tensor(y), Tensor(lr_at(i))).asnumpy())
             for i in range(first, last) for x, y in [batch(i, vocab)]]
 
@@ -76,26 +66,26 @@ def train(step, first: int, last: int) -> list[float]:
 def reference() -> dict:
     """The unsharded run: losses, final parameters and AdamW state after NUM_STEPS, state bytes, and the losses
     of RESUME_STEPS more steps."""
-    step, optimizer, params = unsharded(SEED)
-    losses = train(step, 0, NUM_STEPS)
+    step, optimizer, params, vocab = unsharded(SEED)
+    losses = train(step, vocab, 0, NUM_STEPS)
     # copies: asnumpy() shares the parameter's buffer, which the RESUME_STEPS steps below update in place
     out = {"losses": losses, "params": {p.name: p.asnumpy().copy() for p in params},
            "state": {p.name: p.asnumpy().copy() for p in optimizer.state_parameters()},
            "state_bytes": sum(int(p.size) * p.itemsize for p in optimizer.state_parameters())}
-    out["resumed_losses"] = train(step, NUM_STEPS, NUM_STEPS + RESUME_STEPS)
+    out["resumed_losses"] = train(step, vocab, NUM_STEPS, NUM_STEPS + RESUME_STEPS)
     return out
 
 
 def resume_in_one_process(state_file: Path) -> list[float]:
     from mindspore import Tensor
 
-    step, optimizer, params = unsharded(0)  # a different init: everything comes from the checkpoint
+    step, optimizer, params, vocab = unsharded(0)  # a different init: everything comes from the checkpoint
     saved = np.load(state_file)
     for p in params:
         p.set_data(Tensor(saved["param." + p.name]))
     for p in optimizer.state_parameters():
         p.set_data(Tensor(saved["opt." + p.name]))
-    return train(step, NUM_STEPS, NUM_STEPS + RESUME_STEPS)
+    return train(step, vocab, NUM_STEPS, NUM_STEPS + RESUME_STEPS)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

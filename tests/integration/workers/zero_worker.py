@@ -31,26 +31,35 @@ def lr_at(step: int) -> np.float32:
 SEED = 7
 
 
+def seeded_grads(recipe, seed: int = SEED):
+    """The debug model seeded with `seed`: (parameters, value_and_grad of its cross-entropy: (x, y) -> (loss,
+    grads)). The sharded runs here and the test's unsharded reference both build theirs with it."""
+    import mindspore as ms
+
+    from ascend_llm.models import build_model
+    from ascend_llm.train.step import cross_entropy_loss
+
+    model = build_model(recipe.model, seed=seed)
+    params = model.trainable_params()
+
+    def forward(x, y):
+        return cross_entropy_loss(model(x), y)
+
+    return params, ms.value_and_grad(forward, None, params)
+
+
 def build_step(recipe, world: int, stage: int):
     """The seeded model with ZeroAdamW: (step(x, y, lr) -> global mean loss, optimizer, parameters)."""
     import mindspore as ms
     from mindspore import ops
 
-    from ascend_llm.models import build_model
     from ascend_llm.optim.adamw import clip_by_global_norm
     from ascend_llm.parallel.dp import build_grad_reducer
     from ascend_llm.parallel.zero import ZeroAdamW
-    from ascend_llm.train.step import cross_entropy_loss
 
-    model = build_model(recipe.model, seed=SEED)
-    params = model.trainable_params()
+    params, grad_fn = seeded_grads(recipe)
     optimizer = ZeroAdamW(params, recipe.optim, stage, grad_clip=CLIP)
     reduce = build_grad_reducer(None, world)
-
-    def forward(x, y):
-        return cross_entropy_loss(model(x), y)
-
-    grad_fn = ms.value_and_grad(forward, None, params)
 
     @ms.jit
     def step(x, y, lr):
