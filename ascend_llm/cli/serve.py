@@ -4,9 +4,9 @@ sampling defaults come from the directory).
 
 Binds 127.0.0.1 unless --host says otherwise; with --api-key (or $ASCEND_LLM_API_KEY) every /v1/* request needs
 `Authorization: Bearer <key>`. Prompts and outputs are never logged. Limits (refused with a 400 naming the field):
---max-body-bytes, --max-prompt-tokens, --max-stop, --max-stop-chars, --max-n; past --max-queue waiting requests,
-503. SIGTERM/SIGINT: stop accepting (503), let running requests finish for --grace seconds, then end every open
-stream with an error chunk and `data: [DONE]` and answer waiting clients 503; exit 0.
+--max-body-bytes, --max-prompt-tokens, --max-stop, --max-stop-chars, --max-n; past --max-queue requests waiting
+beyond the free slots, 503. SIGTERM/SIGINT: stop accepting (503), let running requests finish for --grace seconds,
+then end every open stream with an error chunk and `data: [DONE]` and answer waiting clients 503; exit 0.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
                         "65,536 positions)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block, a power of two" + d)
     p.add_argument("--max-prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step" + d)
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503" + d)
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the free slots before 503" + d)
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on shutdown" + d)
     p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="request body bytes" + d)
     p.add_argument("--max-prompt-tokens", type=int, default=None,

@@ -110,7 +110,9 @@ class SchedulerOutput:
 
 class Scheduler:
     """Continuous batching over `engine` (inference.Engine); tokenizer: for text, stop strings and logprob tokens;
-    max_queue: waiting requests accepted; max_prefill_tokens: prompt tokens per step (default engine.max_chunk)."""
+    max_queue: requests accepted beyond the free slots (a request that a free slot takes at the next step is not
+    counted, so max_num_seqs + max_queue clients are always served however their requests interleave with steps);
+    max_prefill_tokens: prompt tokens per step (default engine.max_chunk)."""
 
     def __init__(self, engine, tokenizer=None, *, max_queue: int = 64, max_prefill_tokens: int | None = None):
         self.engine, self.tokenizer, self.max_queue = engine, tokenizer, max_queue
@@ -158,8 +160,10 @@ class Scheduler:
         with self.lock:
             if not self.accepting:
                 raise QueueFull("the scheduler is shutting down")
-            if not _unbounded and len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests waiting (max_queue={self.max_queue})")
+            free = max(0, self.engine.num_slots - len(self.running))
+            if not _unbounded and len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self.waiting)} requests waiting for {free} free slots "
+                                f"(max_queue={self.max_queue})")
             self.waiting.append(request)
             self.lock.notify_all()
         return request

@@ -83,15 +83,20 @@ def test_blocks_run_out_preempt_the_newest_and_recompute_the_same_tokens(model, 
 def test_stop_token_and_queue_full(model, alone):
     prompt = [5, 9, 13, 2]
     greedy = alone(prompt, SamplingParams(max_new_tokens=8))
-    scheduler = Scheduler(Engine(model, MAX_LEN, num_slots=2, block_size=8), max_queue=2)
+    scheduler = Scheduler(Engine(model, MAX_LEN, num_slots=2, block_size=8), max_queue=1)
     request = scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=8, stop_token_ids=[greedy[2]])))
     seen = []
     other = Request(prompt, SamplingParams(max_new_tokens=4))
     other.on_event = lambda: seen.append((len(other.out), other.finish_reason))
     scheduler.submit(other)
+    queued = scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=4)))  # 2 free slots + max_queue 1
+    with pytest.raises(QueueFull):
+        scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=4)))
+    scheduler.step()  # two requests take the slots: the queue holds one, and max_queue is 1
     with pytest.raises(QueueFull):
         scheduler.submit(Request(prompt, SamplingParams(max_new_tokens=4)))
     scheduler.run_until_idle()
+    assert queued.out == greedy[:4]
     stop_at = greedy.index(greedy[2]) + 1
     assert request.out == greedy[:stop_at] and request.finish_reason == "stop"
     assert request.stop_reason == greedy[2]
