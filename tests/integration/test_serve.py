@@ -32,7 +32,9 @@ WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "
 KEY = "test-key-7"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GRACE_S = 2.0
-LONG = 200  # max_tokens of the requests a client abandons
+LONG = 200  # max_tokens of a request that runs to its end
+ABANDONED = 2000  # max_tokens of the requests a client abandons: the client closes within ~0.5 s of generation even
+# on a loaded machine, where 200 tokens of this model may take 0.2 s
 CONTEXT = 4096  # long enough that the requests open at SIGTERM cannot finish within --grace
 
 
@@ -178,7 +180,7 @@ def test_disconnect_cancels_and_frees_blocks(server, stream):
     full = post(server, {"prompt": "春風", "max_tokens": LONG, "ignore_eos": True}).json()  # not abandoned
     assert full["usage"]["completion_tokens"] == LONG
     before = metrics(server)["ascend_llm:generation_tokens_total"]
-    sock = _raw_request(server, {"prompt": "春風", "max_tokens": LONG, "stream": stream, "ignore_eos": True})
+    sock = _raw_request(server, {"prompt": "春風", "max_tokens": ABANDONED, "stream": stream, "ignore_eos": True})
     deadline = time.monotonic() + 120
     if stream:
         got = b""
@@ -199,7 +201,7 @@ def test_disconnect_cancels_and_frees_blocks(server, stream):
     sock.close()
     health = _wait_idle(server)
     generated = metrics(server)["ascend_llm:generation_tokens_total"] - before
-    assert health["kv_blocks_used"] == 0 and generated < LONG / 2, generated
+    assert health["kv_blocks_used"] == 0 and generated < ABANDONED / 4, generated
 
 
 def test_overload_gets_503_in_openai_shape(server):
