@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
                         "65,536 positions)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block, a power of two" + d)
     p.add_argument("--max-prefill-chunk", type=int, default=256, help="prompt tokens per sequence per step" + d)
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the free slots before 503" + d)
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the free slots before 503 (0: none waits for a busy slot)" + d)
     p.add_argument("--grace", type=float, default=30.0, help="seconds running requests get on shutdown" + d)
     p.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes, help="request body bytes" + d)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -58,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
 def _check(args) -> None:
     from ascend_llm.errors import ConfigError
 
-    for name in ("max_num_seqs", "max_queue", "max_body_bytes", "max_stop", "max_stop_chars", "max_n",
+    if args.max_queue < 0:
+        raise ConfigError("--max-queue", args.max_queue, "must be >= 0")
+    for name in ("max_num_seqs", "max_body_bytes", "max_stop", "max_stop_chars", "max_n",
                  "tokenizer_workers", "block_size", "max_prefill_chunk"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", getattr(args, name), "must be >= 1")

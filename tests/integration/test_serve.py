@@ -12,6 +12,8 @@ import re
 import select
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -249,3 +251,11 @@ def test_sigterm_ends_streams_with_error_and_done_then_exits(server):
     exit_s = time.time() - sent
     print(f"exit {exit_s:.1f} s after SIGTERM (grace {GRACE_S} s)")
     assert "春風" not in server.output() and "山水" not in server.output()  # no prompt logging
+
+
+def test_max_queue_below_zero_is_refused_before_the_model_opens(tmp_path):
+    """--max-queue 0 is allowed (no request waits for a busy slot); -1 is one line naming the flag, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "serve", str(tmp_path / "none"),
+                           "--max-queue", "-1"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr.strip()) == (2, "config error: --max-queue=-1: must be >= 0"), done.stderr
+    assert parser().parse_args(["m", "--max-queue", "0"]).max_queue == 0
