@@ -15,6 +15,9 @@ rowsum(P); [Q, -lse] @ [K, 1]^T gives S - lse; [dO, -D] @ [V, 1]^T gives dP - D.
 
 Kernel layout: query heads are grouped by their key/value head (GQA without repeating K/V), so a query block
 is (batch, num_kv_heads, group * block_q, head_dim) and stacked blocks carry a leading block axis.
+
+One block pair (seq_q <= block_q and seq_k <= block_k, so every sequence up to the 512-token default block): the
+same arithmetic without the loops (`one_block.py`), bit for bit the loops' result in a graph that compiles faster.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ from mindspore import dtype as mstype
 
 from ascend_llm.attention.blocks import block_plan, num_blocks
 from ascend_llm.attention.masks import KEY_PAD, QUERY_PAD, segment_codes
+from ascend_llm.attention.one_block import EMPTY_ROW_LSE, NEG_START, OneBlockPath
 
 AUTO_BLOCK = 512  # see auto_block_size
-NEG_START = -1e30  # running-max start: finite, so exp(m_old - m_new) never meets inf - inf
-EMPTY_ROW_LSE = 1e30  # backward lse of rows that see no key: exp(score - 1e30) = 0, so their gradients are 0
 INT_BIG = 2**31 - 1
 
 
@@ -55,7 +57,7 @@ def _device_ranges(visible: Tensor, cols: Tensor, size: int) -> tuple[Tensor, Te
     return lo, hi
 
 
-class SegmentedAttention(nn.Cell):
+class SegmentedAttention(OneBlockPath, nn.Cell):
     """One attention call of fixed shapes and options. Returns float32 (batch, num_heads, seq_q, head_dim + 1):
     the output rows with the log-sum-exp appended as the last column (a tuple output breaks MindSpore's
     autodiff around a custom bprop in graph mode).
@@ -96,6 +98,9 @@ class SegmentedAttention(nn.Cell):
         self.scores_nt = ops.BatchMatMul(transpose_b=True)
         self.grads_tn = ops.BatchMatMul(transpose_a=True)
         self.while_loop = ops.WhileLoop()
+        # one block pair (seq_q <= block_q, seq_k <= block_k): the loops' arithmetic without the loops (one_block.py)
+        self.one_block = self.nq == 1 and self.nk == 1
+        self._one_block_constants(causal)
 
     # ----- layout -----
     # Tensors stay in their natural order; a block is a view axis, read with ops.gather and written with
@@ -270,6 +275,8 @@ class SegmentedAttention(nn.Cell):
     def construct(self, q, k, v, q_seg, k_seg):
         """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), q_seg (B, Sq) / k_seg (B, Sk) int32 codes (placeholders without
         segments) -> float32 (B, H, Sq, D + 1): output rows and, in the last column, the log-sum-exp (-inf: no key)."""
+        if self.one_block:
+            return self._one_block_forward(q, k, v, q_seg, k_seg)
         q6 = self._q_view(q)
         k5 = self._kv_view(k)
         v5 = self._kv_view(self._with_column(v, 1.0))
@@ -331,6 +338,8 @@ class SegmentedAttention(nn.Cell):
         """FlashAttention-2 backward (Dao 2023, arXiv:2307.08691, Algorithm 2): dq, dk, dv in q's, k's and v's dtypes,
         recomputed blockwise from the saved output and log-sum-exp; a gradient on the lse column enters as
         dS += P * dLSE. Zero gradients for the segment codes."""
+        if self.one_block:
+            return self._one_block_backward(q, k, v, q_seg, k_seg, out, dout)
         d = self.head_dim
         d_out = dout[..., :d].astype(mstype.float32)
         lse = out[..., d]
