@@ -162,8 +162,8 @@ class Scheduler:
                 raise QueueFull("the scheduler is shutting down")
             free = max(0, self.engine.num_slots - len(self.running))
             if not _unbounded and len(self.waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self.waiting)} requests waiting for {free} free slots "
-                                f"(max_queue={self.max_queue})")
+                raise QueueFull(f"queue full: {len(self.waiting)} waiting, the limit is max_queue={self.max_queue} "
+                                f"+ {free} free of {self.engine.num_slots} slots")
             self.waiting.append(request)
             self.lock.notify_all()
         return request

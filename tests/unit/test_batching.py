@@ -107,7 +107,7 @@ def test_stop_token_and_queue_full(model, alone):
 def test_max_queue_zero_admits_what_the_free_slots_take(model):
     scheduler = Scheduler(Engine(model, MAX_LEN, num_slots=2, block_size=8), max_queue=0)
     first, second = (scheduler.submit(Request([1, 2, 3], SamplingParams(max_new_tokens=3))) for _ in range(2))
-    with pytest.raises(QueueFull, match=r"2 requests waiting for 2 free slots \(max_queue=0\)"):
+    with pytest.raises(QueueFull, match=r"queue full: 2 waiting, the limit is max_queue=0 \+ 2 free of 2 slots"):
         scheduler.submit(Request([1, 2], SamplingParams(max_new_tokens=2)))
     scheduler.run_until_idle()
     assert len(first.out) == len(second.out) == 3
