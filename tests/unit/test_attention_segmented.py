@@ -11,8 +11,10 @@ from mindspore import Tensor
 from ascend_llm.attention import attention, empty_partial, merge_attention
 
 
-def reference(q, k, v, causal=False, scale=None, q_codes=None, k_codes=None, d_out=None):
-    """float64 attention with GQA by repeating heads; returns out, lse and (given d_out) dq, dk, dv."""
+def reference(q, k, v, causal=False, scale=None, q_codes=None, k_codes=None, d_out=None, lse_weight=None):
+    """float64 attention with GQA by repeating heads; returns out, lse and (given d_out) dq, dk, dv: the gradients of
+    sum(out * d_out), plus sum(lse * lse_weight) over the rows that see a key when lse_weight (B, H, Sq) is given
+    (d lse_i / d s_ij = p_ij, so dS = P * (dP - rowsum(dO * O) + dLSE), the softmax chain rule)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, heads, seq_q, dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -38,7 +40,8 @@ def reference(q, k, v, causal=False, scale=None, q_codes=None, k_codes=None, d_o
         return out, lse
     dv = (p.transpose(0, 1, 3, 2) @ d_out).reshape(batch, kv_heads, group, seq_k, dim).sum(2)
     dp = d_out @ vr.transpose(0, 1, 3, 2)
-    ds = p * (dp - (d_out * out).sum(-1, keepdims=True))
+    d_lse = 0.0 if lse_weight is None else lse_weight[..., None]  # p is 0 on rows that see no key
+    ds = p * (dp - (d_out * out).sum(-1, keepdims=True) + d_lse)
     dq = ds @ kr * scale
     dk = (ds.transpose(0, 1, 3, 2) @ q * scale).reshape(batch, kv_heads, group, seq_k, dim).sum(2)
     return out, lse, dq, dk, dv
