@@ -7,8 +7,8 @@ the same operations in the same order on the same values (the running max starts
 accumulator at zero, so the first online-softmax step is exactly this), so the output, log-sum-exp and gradients
 are the loop path's, bit for bit. What changes is the graph: no loop bodies, no index_add buffers, no gathered
 block views. Measured with MindSpore 2.10 on a 2-core CPU, loops first, this path second, one sitting:
-`ascend-llm train debug=smoke` (2 layers, 64 tokens): train-step compile 2.4-2.6 s -> 2.0 s, the whole run 8.0-8.4
--> 6.4-6.6 CPU-s, every metric and checkpoint identical; `ascend-llm bench attention --lengths 256,512 --batch 8
+`ascend-llm train debug=smoke` (2 layers, 64 tokens): train-step compile 2.4-2.7 s -> 1.6-2.0 s, the whole run
+7.8-8.4 -> 6.1-6.7 CPU-s, every metric and checkpoint identical; `ascend-llm bench attention --lengths 256,512 --batch 8
 --heads 8 --head-dim 32 --backends segmented` (causal forward + backward, two runs each): N=256 0.054-0.057 ->
 0.045-0.046 s per call, first call 1.27-1.56 -> 0.71-0.73 s, peak 688-696 -> 602 MiB; N=512 0.146-0.152 ->
 0.129-0.141 s, first call 1.59-1.92 -> 0.89-0.93 s, peak 996-1000 -> 922 MiB; the same max error (7.1e-06).
