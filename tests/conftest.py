@@ -30,13 +30,19 @@ if str(ROOT) not in sys.path:
 
 @pytest.fixture(scope="session", autouse=True)
 def cpu_graph_mode():
+    """CPU graph mode; under pytest-xdist the workers share the cores as `launch` shares them among the workers of
+    a node (cluster/launch.py worker_threads_env): OMP_NUM_THREADS = cores // workers for this process's kernels
+    and the trainers it starts, unless already set."""
     import mindspore as ms
 
-    from ascend_llm.train.runtime import set_cpu_threads
+    from ascend_llm.cluster.launch import worker_threads_env
+    from ascend_llm.config.runtime import RuntimeConfig
+    from ascend_llm.train.runtime import cpu_threads, set_cpu_threads
 
+    os.environ.update(worker_threads_env(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     ms.set_device("CPU")
     ms.set_context(mode=ms.GRAPH_MODE)
-    set_cpu_threads(os.cpu_count() or 1)
+    set_cpu_threads(cpu_threads(RuntimeConfig()))
     yield
 
 
@@ -67,11 +73,13 @@ def _worker_logs(log_dir: Path, chars: int = 3000) -> str:
 
 
 def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2, timeout: int = 600) -> None:
-    """msrun `script out_dir args...` with `workers` local workers (CPU, MCCL); asserts every worker succeeded."""
-    from ascend_llm.cluster.launch import msrun_executable
+    """msrun `script out_dir args...` with `workers` local workers (CPU, MCCL) and the launcher's kernel threads per
+    worker (OMP_NUM_THREADS: cluster/launch.py); asserts every worker succeeded."""
+    from ascend_llm.cluster.launch import msrun_executable, worker_threads_env
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    env = dict(os.environ, **worker_threads_env(workers),
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",
             f"--master_port={find_free_port()}", f"--log_dir={out_dir / 'log'}", "--join=True",

@@ -11,7 +11,10 @@ Modes (from `cluster.launcher` and the world size):
   multi-node jobs run the same command on every node with that node's `cluster.node_rank`.
 - rank_table: one process per device of `server_list[cluster.node_rank]` with RANK_TABLE_FILE, RANK_ID,
   DEVICE_ID and RANK_SIZE (no scheduler; HCCL on Ascend only).
-Every mode exports the HCCL knobs of `cluster.hccl`, `ASCEND_RT_VISIBLE_DEVICES` when set, and `cluster.env`.
+Every mode exports the HCCL knobs of `cluster.hccl`, `ASCEND_RT_VISIBLE_DEVICES` when set, and `cluster.env`;
+with several workers on a node, `OMP_NUM_THREADS` = this node's cores / its workers (at least 1) unless the
+environment or `cluster.env` sets it: the CPU kernel threads of each worker (`runtime.num_threads=0`, see
+train/runtime.py), so workers sharing the cores do not oversubscribe them (torchrun sets 1 per worker).
 """
 
 from __future__ import annotations
@@ -77,11 +80,32 @@ def mindspore_log_env() -> dict[str, str]:
     return {"GLOG_v": GLOG_LEVELS.get(level, "2")}
 
 
-def base_env(cluster: Any) -> dict[str, str]:
-    """Environment additions for every worker: HCCL knobs, visible devices, the log level, cluster.env (last,
-    so the user's values win)."""
+THREADS_ENV = "OMP_NUM_THREADS"
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on: its affinity mask (a container's or taskset's limit), else
+    os.cpu_count(); at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def worker_threads_env(num_local_workers: int) -> dict[str, str]:
+    """{OMP_NUM_THREADS: cores // workers (at least 1)} for `num_local_workers` > 1 workers sharing this node's
+    cores; {} for one worker or when the launcher's own environment sets it."""
+    if num_local_workers <= 1 or THREADS_ENV in os.environ:
+        return {}
+    return {THREADS_ENV: str(max(1, available_cpus() // num_local_workers))}
+
+
+def base_env(cluster: Any, num_local_workers: int = 1) -> dict[str, str]:
+    """Environment additions for every worker: HCCL knobs, visible devices, the log level, the kernel threads of
+    `num_local_workers` workers sharing this node (worker_threads_env), cluster.env (last, so the user's values
+    win)."""
     env = dict(cluster.hccl.env())
     env.update(mindspore_log_env())
+    env.update(worker_threads_env(num_local_workers))
     if cluster.visible_devices is not None:
         env["ASCEND_RT_VISIBLE_DEVICES"] = str(cluster.visible_devices)
     env.update({str(k): str(v) for k, v in dict(cluster.env).items()})
@@ -122,7 +146,7 @@ def build_launch_plan(recipe: Any, overrides: Sequence[str] = (), script: Option
     cluster, world = recipe.cluster, check_world_size(recipe.parallel, recipe.cluster)
     task = _worker_task(overrides, script, script_args)
     log_dir = Path(cluster.log_dir).expanduser().absolute()
-    env = base_env(cluster)
+    env = base_env(cluster, 1 if world == 1 else int(cluster.num_workers_per_node))
     common = dict(log_dir=log_dir, world_size=world, cluster_timeout_s=int(cluster.cluster_timeout_s),
                   job_timeout_s=cluster.job_timeout_s, failure_grace_s=int(cluster.failure_grace_s))
     if world == 1:

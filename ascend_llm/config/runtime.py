@@ -18,7 +18,9 @@ class RuntimeConfig:
     mode: graph (ms.jit-compiled steps) | pynative (eager, for debugging).
     peak_tflops: declared peak TFLOP/s per device for MFU; None: 354 on Ascend 910B (bf16 dense, the figure
         verl and MindSpeed use) and cpu_peak_tflops on CPU (a nominal figure: set it for your machine).
-    num_threads: CPU kernel threads (0: all cores). deterministic: MindSpore deterministic kernels.
+    num_threads: CPU kernel threads (0: $OMP_NUM_THREADS if set, else every core this process may use; `launch`
+        sets OMP_NUM_THREADS to cores // workers for several workers on a node).
+    deterministic: MindSpore deterministic kernels.
     max_device_memory, jit_level, memory_optimize_level, precision_mode: Ascend context settings, applied only on
         Ascend. validate() checks jit_level and memory_optimize_level everywhere; max_device_memory ("58GB",
         "512MB") is parsed by the memory planner (`ascend-llm plan`, and the preflight with train.memory_check)
@@ -31,7 +33,7 @@ class RuntimeConfig:
     # for 910B), and on CPU a nominal figure the user should set for their machine.
     peak_tflops: Optional[float] = None
     cpu_peak_tflops: float = 0.1
-    num_threads: int = 0  # 0: all cores
+    num_threads: int = 0  # 0: $OMP_NUM_THREADS, else all cores
     deterministic: bool = False
     # Applied only when the device is Ascend (see the class docstring for which are checked where).
     max_device_memory: str = "58GB"

@@ -6,6 +6,7 @@ import os
 
 import mindspore as ms
 
+from ascend_llm.cluster.launch import THREADS_ENV, available_cpus
 from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS, RuntimeConfig
 from ascend_llm.errors import ConfigError
 
@@ -22,6 +23,21 @@ def resolve_device(cfg: RuntimeConfig) -> str:
 
 
 _threads_set: list[int] = []
+
+
+def cpu_threads(cfg: RuntimeConfig) -> int:
+    """CPU kernel threads of this process: runtime.num_threads when > 0, else $OMP_NUM_THREADS (the launcher sets
+    cores // workers for workers sharing a node: cluster/launch.py), else every core this process may run on.
+    ConfigError names OMP_NUM_THREADS unless it is a positive integer."""
+    if cfg.num_threads:
+        return cfg.num_threads
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return available_cpus()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(THREADS_ENV, value,
+                          "must be a positive integer (CPU kernel threads; or set runtime.num_threads)")
+    return int(value)
 
 
 def set_cpu_threads(num_threads: int) -> None:
@@ -49,7 +65,7 @@ def setup_runtime(cfg: RuntimeConfig) -> str:
     if cfg.deterministic:
         ms.set_deterministic(True)
     if device == "CPU":
-        set_cpu_threads(cfg.num_threads or os.cpu_count() or 1)
+        set_cpu_threads(cpu_threads(cfg))
     else:
         ms.set_context(jit_config={"jit_level": cfg.jit_level}, max_device_memory=cfg.max_device_memory,
                        memory_optimize_level=cfg.memory_optimize_level,

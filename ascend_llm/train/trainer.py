@@ -95,10 +95,10 @@ def run_step(session: Session, step: int) -> StepOutcome:
         aux_sum += [float(a.asnumpy()) for a in aux]
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
     loss, norm, finite = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
+    loss_value = float(loss.asnumpy())  # waits for the update here, before the next graph call (see reduced_aux)
     aux = reduced_aux(session, aux_sum / cfg.grad_accum_steps)
     session.data.advance(cfg.global_batch_size)
     session.throughput.step_done()
-    loss_value = float(loss.asnumpy())
     ok = bool(np.asarray(finite.asnumpy() if hasattr(finite, "asnumpy") else finite)) and math.isfinite(loss_value)
     session.losses.append(loss_value)
     return StepOutcome(step + 1, loss_value, float(norm.asnumpy()), lr, ok, aux)

@@ -3,6 +3,7 @@ and the supervisor's failure detection and timeouts with fast fake workers (no M
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import stat
@@ -453,3 +454,46 @@ def test_data_parallel_degree_fills_the_world_unless_set():
     with pytest.raises(ConfigError) as info:
         compose_recipe(["cluster=cpu_2proc", "parallel.data_parallel_degree=1"])  # explicit and disagreeing
     assert info.value.field == "parallel.data_parallel_degree"
+
+
+@pytest.mark.parametrize("cluster, layout, workers", [("cpu_2proc", "dp2", 2), ("cpu_4proc", "tp2_dp2", 4)])
+def test_workers_sharing_a_node_share_its_cores(monkeypatch, cluster, layout, workers):
+    """OMP_NUM_THREADS = cores // local workers (at least 1) for every worker; a value in the launcher's
+    environment or in cluster.env wins; one process gets none (its trainer uses every core)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    layout = f"parallel={layout}"
+    assert plan_for([f"cluster={cluster}", layout]).processes[0].env["OMP_NUM_THREADS"] == str(max(1, cores // workers))
+    assert plan_for([f"cluster={cluster}", layout, "+cluster.env.OMP_NUM_THREADS=3"]).processes[0].env[
+        "OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in plan_for(["train.num_steps=3"]).processes[0].env
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # inherited by msrun's workers as it is
+    assert "OMP_NUM_THREADS" not in plan_for([f"cluster={cluster}", layout]).processes[0].env
+
+
+def test_kernel_threads_come_from_the_recipe_then_omp_num_threads_then_the_cores(monkeypatch):
+    from ascend_llm.config.runtime import RuntimeConfig
+    from ascend_llm.train.runtime import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(RuntimeConfig()) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads(RuntimeConfig()) == 3
+    assert cpu_threads(RuntimeConfig(num_threads=2)) == 2
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("OMP_NUM_THREADS", bad)
+        with pytest.raises(ConfigError, match="must be a positive integer") as info:
+            cpu_threads(RuntimeConfig())
+        assert info.value.field == "OMP_NUM_THREADS"
+
+
+def test_a_bad_omp_num_threads_is_one_line_exit_2_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "train", "debug=smoke",
+                           f"train.output_dir={run}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "many"})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "config error: OMP_NUM_THREADS='many': must be a positive integer (CPU kernel threads; or set "
+        "runtime.num_threads)"), done.stderr
+    assert not run.exists()

@@ -152,7 +152,7 @@ def main(out_dir: str, modes: str) -> None:
     from ascend_llm.config.runtime import RuntimeConfig
     from ascend_llm.train.runtime import setup_runtime
 
-    setup_runtime(RuntimeConfig(device_target="cpu"))  # graph mode, one kernel thread per core
+    setup_runtime(RuntimeConfig(device_target="cpu"))  # graph mode, $OMP_NUM_THREADS kernel threads (run_msrun)
     init()
     for mode in modes.split(","):
         start, cpu = time.monotonic(), time.process_time()
