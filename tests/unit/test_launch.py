@@ -21,6 +21,9 @@ from ascend_llm.cluster.supervise import TIMEOUT_EXIT, run_plan
 from ascend_llm.compose import compose_recipe
 from ascend_llm.errors import ConfigError, LaunchError
 
+# the supervisor tests mostly wait for fake workers (sleeps, timeouts): one pytest-xdist worker runs them all while
+# the other keeps both cores busy (spread over both workers they left both cores idle at once, ~20 CPU-s)
+pytestmark = pytest.mark.xdist_group("launch_supervisor")
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["python", "-m", "ascend_llm.cli.main", "train"]
 
