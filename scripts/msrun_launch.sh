@@ -72,9 +72,17 @@ if (( nodes > 1 )) && [[ "$master_addr" == 127.* || "$master_addr" == localhost 
     die "--master-addr='$master_addr': a multi-node job needs node 0's IP address, reachable from every node"
 fi
 if [[ -n "$rank_table" && ! -f "$rank_table" ]]; then die "--rank-table='$rank_table': file not found"; fi
+omp_given=0
 for kv in ${envs[@]+"${envs[@]}"}; do
     [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv': must look like KEY=VALUE"
+    [[ "$kv" == OMP_NUM_THREADS=* ]] && omp_given=1
 done
+# workers sharing this node share its cores, as `ascend-llm launch` does: OMP_NUM_THREADS = cores / workers (at
+# least 1), the CPU kernel threads of each worker, unless set in the environment or by --env
+if (( workers > 1 && ! omp_given )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    threads=$(( $(nproc) / workers )); (( threads >= 1 )) || threads=1
+    envs+=("OMP_NUM_THREADS=$threads")
+fi
 
 cmd=("${MSRUN:-msrun}" "--worker_num=$((nodes * workers))" "--local_worker_num=$workers"
      "--master_addr=$master_addr" "--master_port=$master_port" "--node_rank=$node_rank"

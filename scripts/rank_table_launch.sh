@@ -83,6 +83,13 @@ PY
 )" || die "cannot use $rank_table"
 world_size="$(head -n1 <<<"$devices")"
 mapfile -t local_devices < <(tail -n +2 <<<"$devices")
+# processes sharing this node share its cores, as `ascend-llm launch` does: OMP_NUM_THREADS = cores / processes
+# (at least 1) unless set in the environment or by --env
+if (( ${#local_devices[@]} > 1 )) && [[ -z "${OMP_NUM_THREADS:-}" ]] \
+        && ! printf '%s\n' ${envs[@]+"${envs[@]}"} | grep -q '^OMP_NUM_THREADS='; then
+    threads=$(( $(nproc) / ${#local_devices[@]} )); (( threads >= 1 )) || threads=1
+    envs+=("OMP_NUM_THREADS=$threads")
+fi
 
 if (( dry_run )); then
     for line in "${local_devices[@]}"; do

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ascend_llm.errors import LaunchError
+from ascend_llm.errors import ConfigError, LaunchError
 
 TRAIN_MODULE = ("-m", "ascend_llm.cli.main", "train")
 
@@ -91,6 +91,18 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def env_threads() -> Optional[int]:
+    """$OMP_NUM_THREADS as an int, None when unset or empty. ConfigError names OMP_NUM_THREADS unless it is a
+    positive integer."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(THREADS_ENV, value,
+                          "must be a positive integer (CPU kernel threads; or set runtime.num_threads)")
+    return int(value)
+
+
 def worker_threads_env(num_local_workers: int) -> dict[str, str]:
     """{OMP_NUM_THREADS: cores // workers (at least 1)} for `num_local_workers` > 1 workers sharing this node's
     cores; {} for one worker or when the launcher's own environment sets it."""
@@ -144,6 +156,7 @@ def build_launch_plan(recipe: Any, overrides: Sequence[str] = (), script: Option
     from ascend_llm.config.parallel import check_world_size
 
     cluster, world = recipe.cluster, check_world_size(recipe.parallel, recipe.cluster)
+    env_threads()  # a bad OMP_NUM_THREADS fails here, not in every worker after msrun started
     task = _worker_task(overrides, script, script_args)
     log_dir = Path(cluster.log_dir).expanduser().absolute()
     env = base_env(cluster, 1 if world == 1 else int(cluster.num_workers_per_node))

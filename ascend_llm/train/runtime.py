@@ -6,7 +6,7 @@ import os
 
 import mindspore as ms
 
-from ascend_llm.cluster.launch import THREADS_ENV, available_cpus
+from ascend_llm.cluster.launch import available_cpus, env_threads
 from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS, RuntimeConfig
 from ascend_llm.errors import ConfigError
 
@@ -29,15 +29,7 @@ def cpu_threads(cfg: RuntimeConfig) -> int:
     """CPU kernel threads of this process: runtime.num_threads when > 0, else $OMP_NUM_THREADS (the launcher sets
     cores // workers for workers sharing a node: cluster/launch.py), else every core this process may run on.
     ConfigError names OMP_NUM_THREADS unless it is a positive integer."""
-    if cfg.num_threads:
-        return cfg.num_threads
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if not value:
-        return available_cpus()
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(THREADS_ENV, value,
-                          "must be a positive integer (CPU kernel threads; or set runtime.num_threads)")
-    return int(value)
+    return cfg.num_threads or env_threads() or available_cpus()
 
 
 def set_cpu_threads(num_threads: int) -> None:

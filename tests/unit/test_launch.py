@@ -404,8 +404,8 @@ def test_msrun_mode_job_timeout_kills_a_hung_job(tmp_path):
 
 # ---- shell scripts ---------------------------------------------------------------------------------------------
 
-def sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=60)
+def sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.mark.parametrize("script", ["msrun_launch.sh", "rank_table_launch.sh"])
@@ -415,14 +415,22 @@ def test_scripts_have_help(script):
 
 
 def test_msrun_script_dry_run_quotes_arguments():
-    done = sh(str(REPO / "scripts" / "msrun_launch.sh"), "--nodes", "2", "--workers", "8", "--node-rank", "1",
-              "--master-addr", "10.0.0.1", "--env", "HCCL_CONNECT_TIMEOUT=600", "--dry-run", "--",
-              "train.py", "--name", "a b;rm -rf x")
+    """Also the kernel threads of workers sharing the node, as `launch` sets them (OMP_NUM_THREADS = cores //
+    workers unless the environment or --env sets it)."""
+    script = str(REPO / "scripts" / "msrun_launch.sh")
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = sh(script, "--nodes", "2", "--workers", "8", "--node-rank", "1", "--master-addr", "10.0.0.1", "--env",
+              "HCCL_CONNECT_TIMEOUT=600", "--dry-run", "--", "train.py", "--name", "a b;rm -rf x", env=clean)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == ("HCCL_CONNECT_TIMEOUT=600 msrun --worker_num=16 --local_worker_num=8 "
+    threads = max(1, len(os.sched_getaffinity(0)) // 8)
+    assert done.stdout.strip() == (f"HCCL_CONNECT_TIMEOUT=600 OMP_NUM_THREADS={threads} msrun --worker_num=16 "
+                                   "--local_worker_num=8 "
                                    "--master_addr=10.0.0.1 --master_port=8118 --node_rank=1 --log_dir=msrun_log "
                                    "--join=True --cluster_time_out=600 train.py --name a\\ b\\;rm\\ -rf\\ x")
-    bad = sh(str(REPO / "scripts" / "msrun_launch.sh"), "--nodes", "2", "--dry-run", "--", "train.py")
+    given = sh(script, "--workers", "2", "--env", "OMP_NUM_THREADS=3", "--dry-run", "--", "t.py", env=clean).stdout
+    inherited = sh(script, "--workers", "2", "--dry-run", "--", "t.py", env={**clean, "OMP_NUM_THREADS": "5"}).stdout
+    assert given.startswith("OMP_NUM_THREADS=3 msrun ") and inherited.startswith("msrun ")
+    bad = sh(script, "--nodes", "2", "--dry-run", "--", "train.py")
     assert bad.returncode == 2 and "master-addr" in bad.stderr
 
 
@@ -435,6 +443,15 @@ def test_rank_table_script_reports_the_failed_rank(tmp_path):
     assert time.monotonic() - start < 20
     assert done.returncode == 5 and "rank 2 exited with status 5" in done.stderr and "boom" in done.stderr
     assert (tmp_path / "worker_7.log").read_text().startswith("rank 7 device 7")
+    clean = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    table = str(REPO / "hccl_configs" / "hccl_910b_1x8.json")
+    lines = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", table, "--dry-run", "--", "true",
+               env=clean).stdout.splitlines()  # 8 processes on this node share its cores, as under `launch`
+    assert len(lines) == 8 and all(line.startswith(f"OMP_NUM_THREADS={max(1, len(os.sched_getaffinity(0)) // 8)} "
+                                                   "RANK_TABLE_FILE=") for line in lines)
+    given = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", table, "--env", "OMP_NUM_THREADS=4",
+               "--dry-run", "--", "true", env=clean).stdout.splitlines()
+    assert all(line.startswith("OMP_NUM_THREADS=4 RANK_TABLE_FILE=") for line in given)
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "9"}')
     done = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", str(bad), "--dry-run", "--", "true")
@@ -472,6 +489,9 @@ def test_workers_sharing_a_node_share_its_cores(monkeypatch, cluster, layout, wo
     assert "OMP_NUM_THREADS" not in plan_for(["train.num_steps=3"]).processes[0].env
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # inherited by msrun's workers as it is
     assert "OMP_NUM_THREADS" not in plan_for([f"cluster={cluster}", layout]).processes[0].env
+    monkeypatch.setenv("OMP_NUM_THREADS", "all")  # refused before msrun starts, not by every worker
+    with pytest.raises(ConfigError, match="OMP_NUM_THREADS='all': must be a positive integer"):
+        plan_for([f"cluster={cluster}", layout])
 
 
 def test_kernel_threads_come_from_the_recipe_then_omp_num_threads_then_the_cores(monkeypatch):
