@@ -95,7 +95,10 @@ def run_step(session: Session, step: int) -> StepOutcome:
         aux_sum += [float(a.asnumpy()) for a in aux]
     grad_scale = Tensor(np.float32(1.0 / cfg.grad_accum_steps))
     loss, norm, finite = steps.apply(acc, loss_sum, Tensor(np.float32(lr)), grad_scale)
-    loss_value = float(loss.asnumpy())  # waits for the update here, before the next graph call (see reduced_aux)
+    # read before the aux all-reduce: that graph call, made while the update still ran, busy-waited in MindSpore
+    # 2.10's runtime queue (AsyncRQueue::Wait: 97% of a rank's CPU samples), and on shared cores the spinning ranks
+    # starved the others (4 MoE ranks on 2 cores: 25 s -> 12.5 s for a 6-step run with this order)
+    loss_value = float(loss.asnumpy())
     aux = reduced_aux(session, aux_sum / cfg.grad_accum_steps)
     session.data.advance(cfg.global_batch_size)
     session.throughput.step_done()
