@@ -17,7 +17,8 @@ Options:
   --node-rank R       which server of the table this node is (server_list[R]), default 0
   --log-dir DIR       default rank_table_log
   --timeout S         stop everything after S seconds (0 = no limit), default 0
-  --env KEY=VALUE     export a variable to every process (repeatable), e.g. --env HCCL_CONNECT_TIMEOUT=600
+  --env KEY=VALUE     export a variable to every process (repeatable), e.g. --env HCCL_CONNECT_TIMEOUT=600;
+                      OMP_NUM_THREADS (CPU kernel threads per process) defaults to cores / processes when unset
   --dry-run           print the commands instead of running them
   -h, --help          show this help
 
@@ -30,6 +31,15 @@ EOF
 }
 
 die() { echo "rank_table_launch.sh: $*" >&2; exit 2; }
+# OMP_NUM_THREADS (the CPU kernel threads of each process): empty counts as unset; else a positive integer or
+# OpenMP's list form like 4,2 (its first entry counts), as the toolkit reads it (cluster/launch.py parse_threads)
+check_threads() {
+    local first="${2%%,*}"
+    first="${first//[[:space:]]/}"
+    [[ -z "${2//[[:space:]]/}" ]] && return 0
+    [[ "$first" =~ ^[0-9]+$ ]] && (( 10#$first >= 1 )) \
+        || die "$1='$2': must be a positive integer, or OpenMP's list form like 4,2 (its first entry counts)"
+}
 
 rank_table="" node_rank=0 log_dir=rank_table_log timeout=0 dry_run=0
 envs=()
@@ -85,8 +95,15 @@ world_size="$(head -n1 <<<"$devices")"
 mapfile -t local_devices < <(tail -n +2 <<<"$devices")
 # processes sharing this node share its cores, as `ascend-llm launch` does: OMP_NUM_THREADS = cores / processes
 # (at least 1) unless set in the environment or by --env
-if (( ${#local_devices[@]} > 1 )) && [[ -z "${OMP_NUM_THREADS:-}" ]] \
-        && ! printf '%s\n' ${envs[@]+"${envs[@]}"} | grep -q '^OMP_NUM_THREADS='; then
+omp_env="${OMP_NUM_THREADS:-}" omp_given=0
+check_threads OMP_NUM_THREADS "$omp_env"
+for kv in ${envs[@]+"${envs[@]}"}; do
+    if [[ "$kv" == OMP_NUM_THREADS=* ]]; then
+        check_threads "--env OMP_NUM_THREADS" "${kv#OMP_NUM_THREADS=}"
+        [[ -n "${kv#OMP_NUM_THREADS=}" ]] && omp_given=1
+    fi
+done
+if (( ${#local_devices[@]} > 1 && ! omp_given )) && [[ -z "${omp_env//[[:space:]]/}" ]]; then
     threads=$(( $(nproc) / ${#local_devices[@]} )); (( threads >= 1 )) || threads=1
     envs+=("OMP_NUM_THREADS=$threads")
 fi

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ascend_llm.cli.streams import configure_logging, protect_std_streams
+from ascend_llm.cluster.launch import env_threads
 from ascend_llm.errors import TrainingDiverged, UserInputError
 
 COMMANDS = {
@@ -50,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"ascend-llm: command={name!r}: allowed: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     try:
+        env_threads()  # before MindSpore loads (its OpenMP runtime prints its own complaint about a bad value)
+        module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except UserInputError as exc:
         print(exc.one_line(), file=sys.stderr)

@@ -91,22 +91,27 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def env_threads() -> Optional[int]:
-    """$OMP_NUM_THREADS as an int, None when unset or empty. ConfigError names OMP_NUM_THREADS unless it is a
-    positive integer."""
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if not value:
+def parse_threads(field: str, value: str) -> Optional[int]:
+    """Kernel threads from an OMP_NUM_THREADS value: None when empty; OpenMP's nested list form ("4,2") counts
+    its first entry. ConfigError naming `field` unless that is a positive integer (ASCII digits)."""
+    first = str(value).strip().split(",")[0].strip()
+    if not str(value).strip():
         return None
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(THREADS_ENV, value,
-                          "must be a positive integer (CPU kernel threads; or set runtime.num_threads)")
-    return int(value)
+    if not (first.isascii() and first.isdigit()) or int(first) < 1:
+        raise ConfigError(field, value, "must be a positive integer, or OpenMP's list form like 4,2 (its first "
+                                        "entry counts): the CPU kernel threads of each process")
+    return int(first)
+
+
+def env_threads() -> Optional[int]:
+    """$OMP_NUM_THREADS (parse_threads), None when unset or empty. ConfigError names OMP_NUM_THREADS."""
+    return parse_threads(THREADS_ENV, os.environ.get(THREADS_ENV, ""))
 
 
 def worker_threads_env(num_local_workers: int) -> dict[str, str]:
     """{OMP_NUM_THREADS: cores // workers (at least 1)} for `num_local_workers` > 1 workers sharing this node's
-    cores; {} for one worker or when the launcher's own environment sets it."""
-    if num_local_workers <= 1 or THREADS_ENV in os.environ:
+    cores; {} for one worker or when the launcher's own environment sets a value."""
+    if num_local_workers <= 1 or env_threads() is not None:
         return {}
     return {THREADS_ENV: str(max(1, available_cpus() // num_local_workers))}
 
@@ -121,6 +126,8 @@ def base_env(cluster: Any, num_local_workers: int = 1) -> dict[str, str]:
     if cluster.visible_devices is not None:
         env["ASCEND_RT_VISIBLE_DEVICES"] = str(cluster.visible_devices)
     env.update({str(k): str(v) for k, v in dict(cluster.env).items()})
+    if THREADS_ENV in dict(cluster.env):
+        parse_threads(f"cluster.env.{THREADS_ENV}", env[THREADS_ENV])
     return env
 
 
@@ -156,7 +163,7 @@ def build_launch_plan(recipe: Any, overrides: Sequence[str] = (), script: Option
     from ascend_llm.config.parallel import check_world_size
 
     cluster, world = recipe.cluster, check_world_size(recipe.parallel, recipe.cluster)
-    env_threads()  # a bad OMP_NUM_THREADS fails here, not in every worker after msrun started
+    env_threads()  # a bad OMP_NUM_THREADS fails here, not in every worker after msrun started (cli/main checks too)
     task = _worker_task(overrides, script, script_args)
     log_dir = Path(cluster.log_dir).expanduser().absolute()
     env = base_env(cluster, 1 if world == 1 else int(cluster.num_workers_per_node))

@@ -33,7 +33,8 @@ def cpu_threads(cfg: RuntimeConfig) -> int:
 
 
 def set_cpu_threads(num_threads: int) -> None:
-    """Kernel threads = cores (MindSpore defaults to 25, oversubscribing small machines). Settable once."""
+    """MindSpore's CPU kernel threads (its default, 25, oversubscribes small machines; see cpu_threads). Settable
+    once per process."""
     if not _threads_set:
         ms.device_context.cpu.op_tuning.threads_num(num_threads)
         _threads_set.append(num_threads)

@@ -430,6 +430,11 @@ def test_msrun_script_dry_run_quotes_arguments():
     given = sh(script, "--workers", "2", "--env", "OMP_NUM_THREADS=3", "--dry-run", "--", "t.py", env=clean).stdout
     inherited = sh(script, "--workers", "2", "--dry-run", "--", "t.py", env={**clean, "OMP_NUM_THREADS": "5"}).stdout
     assert given.startswith("OMP_NUM_THREADS=3 msrun ") and inherited.startswith("msrun ")
+    for env, args in (({**clean, "OMP_NUM_THREADS": "abc"}, ()), (clean, ("--env", "OMP_NUM_THREADS=0"))):
+        refused = sh(script, "--workers", "2", *args, "--dry-run", "--", "t.py", env=env)
+        assert refused.returncode == 2 and refused.stdout == "", refused.stdout
+        assert refused.stderr.count("\n") == 1 and "OMP_NUM_THREADS=" in refused.stderr
+        assert "must be a positive integer" in refused.stderr
     bad = sh(script, "--nodes", "2", "--dry-run", "--", "train.py")
     assert bad.returncode == 2 and "master-addr" in bad.stderr
 
@@ -452,6 +457,9 @@ def test_rank_table_script_reports_the_failed_rank(tmp_path):
     given = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", table, "--env", "OMP_NUM_THREADS=4",
                "--dry-run", "--", "true", env=clean).stdout.splitlines()
     assert all(line.startswith("OMP_NUM_THREADS=4 RANK_TABLE_FILE=") for line in given)
+    refused = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", table, "--dry-run", "--", "true",
+                 env={**clean, "OMP_NUM_THREADS": "\u00b2"})
+    assert refused.returncode == 2 and "OMP_NUM_THREADS='\u00b2': must be a positive integer" in refused.stderr
     bad = tmp_path / "bad.json"
     bad.write_text('{"version": "9"}')
     done = sh(str(REPO / "scripts" / "rank_table_launch.sh"), "--rank-table", str(bad), "--dry-run", "--", "true")
@@ -489,9 +497,15 @@ def test_workers_sharing_a_node_share_its_cores(monkeypatch, cluster, layout, wo
     assert "OMP_NUM_THREADS" not in plan_for(["train.num_steps=3"]).processes[0].env
     monkeypatch.setenv("OMP_NUM_THREADS", "5")  # inherited by msrun's workers as it is
     assert "OMP_NUM_THREADS" not in plan_for([f"cluster={cluster}", layout]).processes[0].env
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty: unset
+    assert plan_for([f"cluster={cluster}", layout]).processes[0].env["OMP_NUM_THREADS"] == str(max(1, cores // workers))
     monkeypatch.setenv("OMP_NUM_THREADS", "all")  # refused before msrun starts, not by every worker
     with pytest.raises(ConfigError, match="OMP_NUM_THREADS='all': must be a positive integer"):
         plan_for([f"cluster={cluster}", layout])
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    with pytest.raises(ConfigError) as info:  # the value the workers would get is checked, wherever it comes from
+        plan_for([f"cluster={cluster}", layout, "+cluster.env.OMP_NUM_THREADS=abc"])
+    assert info.value.field == "cluster.env.OMP_NUM_THREADS"
 
 
 def test_kernel_threads_come_from_the_recipe_then_omp_num_threads_then_the_cores(monkeypatch):
@@ -503,10 +517,13 @@ def test_kernel_threads_come_from_the_recipe_then_omp_num_threads_then_the_cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads(RuntimeConfig()) == 3
     assert cpu_threads(RuntimeConfig(num_threads=2)) == 2
-    for bad in ("0", "two", "-1", "1.5"):
+    for value, threads in ((" 4 ", 4), ("4,2", 4), ("1,1", 1), ("", len(os.sched_getaffinity(0)))):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)  # OpenMP's nested list: its first entry; empty: unset
+        assert cpu_threads(RuntimeConfig()) == threads, value
+    for bad in ("0", "two", "-1", "1.5", "\u00b2", "\u0663", ",2"):
         monkeypatch.setenv("OMP_NUM_THREADS", bad)
         with pytest.raises(ConfigError, match="must be a positive integer") as info:
-            cpu_threads(RuntimeConfig())
+            cpu_threads(RuntimeConfig())  # superscript and Arabic-Indic digits too: ASCII digits only
         assert info.value.field == "OMP_NUM_THREADS"
 
 
@@ -516,7 +533,7 @@ def test_a_bad_omp_num_threads_is_one_line_exit_2_before_anything_is_written(tmp
                            f"train.output_dir={run}"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "many"})
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
-        "config error: OMP_NUM_THREADS='many': must be a positive integer (CPU kernel threads; or set "
-        "runtime.num_threads)"), done.stderr
+    assert done.stderr.strip().splitlines() == [  # one line: checked before MindSpore's OpenMP runtime loads
+        "config error: OMP_NUM_THREADS='many': must be a positive integer, or OpenMP's list form like 4,2 (its "
+        "first entry counts): the CPU kernel threads of each process"], done.stderr
     assert not run.exists()
