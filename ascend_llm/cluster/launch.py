@@ -94,9 +94,9 @@ def available_cpus() -> int:
 def parse_threads(field: str, value: str) -> Optional[int]:
     """Kernel threads from an OMP_NUM_THREADS value: None when empty; OpenMP's nested list form ("4,2") counts
     its first entry. ConfigError naming `field` unless that is a positive integer (ASCII digits)."""
-    first = str(value).strip().split(",")[0].strip()
     if not str(value).strip():
         return None
+    first = str(value).split(",")[0].strip()
     if not (first.isascii() and first.isdigit()) or int(first) < 1:
         raise ConfigError(field, value, "must be a positive integer, or OpenMP's list form like 4,2 (its first "
                                         "entry counts): the CPU kernel threads of each process")
