@@ -12,7 +12,7 @@ import importlib
 import sys
 
 from ascend_llm.cli.streams import configure_logging, protect_std_streams
-from ascend_llm.cluster.launch import env_threads
+from ascend_llm.config.threads import env_threads
 from ascend_llm.errors import TrainingDiverged, UserInputError
 
 COMMANDS = {

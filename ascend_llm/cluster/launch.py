@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ascend_llm.errors import ConfigError, LaunchError
+from ascend_llm.config.threads import THREADS_ENV, available_cpus, env_threads, parse_threads
+from ascend_llm.errors import LaunchError
 
 TRAIN_MODULE = ("-m", "ascend_llm.cli.main", "train")
 
@@ -78,34 +79,6 @@ def mindspore_log_env() -> dict[str, str]:
         return {}
     level = os.environ.get("ASCEND_LLM_LOG_LEVEL", "INFO").upper()
     return {"GLOG_v": GLOG_LEVELS.get(level, "2")}
-
-
-THREADS_ENV = "OMP_NUM_THREADS"
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on: its affinity mask (a container's or taskset's limit), else
-    os.cpu_count(); at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def parse_threads(field: str, value: str) -> Optional[int]:
-    """Kernel threads from an OMP_NUM_THREADS value: None when empty; OpenMP's nested list form ("4,2") counts
-    its first entry. ConfigError naming `field` unless that is a positive integer (ASCII digits)."""
-    if not str(value).strip():
-        return None
-    first = str(value).split(",")[0].strip()
-    if not (first.isascii() and first.isdigit()) or int(first) < 1:
-        raise ConfigError(field, value, "must be a positive integer, or OpenMP's list form like 4,2 (its first "
-                                        "entry counts): the CPU kernel threads of each process")
-    return int(first)
-
-
-def env_threads() -> Optional[int]:
-    """$OMP_NUM_THREADS (parse_threads), None when unset or empty. ConfigError names OMP_NUM_THREADS."""
-    return parse_threads(THREADS_ENV, os.environ.get(THREADS_ENV, ""))
 
 
 def worker_threads_env(num_local_workers: int) -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from ascend_llm.config.threads import available_cpus
 from ascend_llm.errors import ConfigError
 
 THREADS_ENV = "ASCEND_LLM_KERNEL_THREADS"
@@ -149,8 +150,7 @@ def kernel_threads(threads: int | None = None) -> int:
     if value is None and os.environ.get(THREADS_ENV, "").strip():
         field, value = THREADS_ENV, os.environ[THREADS_ENV].strip()
     if value is None:
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, min(2, allowed))
+        return min(2, available_cpus())
     try:
         count = int(value)
     except (TypeError, ValueError):

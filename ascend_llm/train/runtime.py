@@ -6,8 +6,8 @@ import os
 
 import mindspore as ms
 
-from ascend_llm.cluster.launch import available_cpus, env_threads
 from ascend_llm.config.runtime import ASCEND_910B_PEAK_TFLOPS, RuntimeConfig
+from ascend_llm.config.threads import available_cpus, env_threads
 from ascend_llm.errors import ConfigError
 
 
@@ -26,8 +26,8 @@ _threads_set: list[int] = []
 
 
 def cpu_threads(cfg: RuntimeConfig) -> int:
-    """CPU kernel threads of this process: runtime.num_threads when > 0, else $OMP_NUM_THREADS (the launcher sets
-    cores // workers for workers sharing a node: cluster/launch.py), else every core this process may run on.
+    """CPU kernel threads of this process: runtime.num_threads when > 0, else $OMP_NUM_THREADS (config/threads.py;
+    the launcher sets cores // workers for workers sharing a node), else every core this process may run on.
     ConfigError names OMP_NUM_THREADS unless it is a positive integer."""
     return cfg.num_threads or env_threads() or available_cpus()
 
