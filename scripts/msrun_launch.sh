@@ -73,31 +73,12 @@ if (( nodes > 1 )) && [[ "$master_addr" == 127.* || "$master_addr" == localhost 
     die "--master-addr='$master_addr': a multi-node job needs node 0's IP address, reachable from every node"
 fi
 if [[ -n "$rank_table" && ! -f "$rank_table" ]]; then die "--rank-table='$rank_table': file not found"; fi
-# OMP_NUM_THREADS (the CPU kernel threads of each worker): empty counts as unset; else a positive integer or
-# OpenMP's list form like 4,2 (its first entry counts), as the toolkit reads it (cluster/launch.py parse_threads)
-check_threads() {
-    local first="${2%%,*}"
-    first="${first//[[:space:]]/}"
-    [[ -z "${2//[[:space:]]/}" ]] && return 0
-    [[ "$first" =~ ^[0-9]+$ ]] && (( 10#$first >= 1 )) \
-        || die "$1='$2': must be a positive integer, or OpenMP's list form like 4,2 (its first entry counts)"
-}
-omp_given=0
 for kv in ${envs[@]+"${envs[@]}"}; do
     [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env '$kv': must look like KEY=VALUE"
-    if [[ "$kv" == OMP_NUM_THREADS=* ]]; then
-        check_threads "--env OMP_NUM_THREADS" "${kv#OMP_NUM_THREADS=}"
-        [[ -n "${kv#OMP_NUM_THREADS=}" ]] && omp_given=1
-    fi
 done
-omp_env="${OMP_NUM_THREADS:-}"
-check_threads OMP_NUM_THREADS "$omp_env"
-# workers sharing this node share its cores, as `ascend-llm launch` does: OMP_NUM_THREADS = cores / workers (at
-# least 1), the CPU kernel threads of each worker, unless set in the environment or by --env
-if (( workers > 1 && ! omp_given )) && [[ -z "${omp_env//[[:space:]]/}" ]]; then
-    threads=$(( $(nproc) / workers )); (( threads >= 1 )) || threads=1
-    envs+=("OMP_NUM_THREADS=$threads")
-fi
+# workers sharing this node share its cores (OMP_NUM_THREADS = cores / workers unless set)
+source "$(dirname "${BASH_SOURCE[0]}")/omp_threads.sh"
+default_omp_threads "$workers"
 
 cmd=("${MSRUN:-msrun}" "--worker_num=$((nodes * workers))" "--local_worker_num=$workers"
      "--master_addr=$master_addr" "--master_port=$master_port" "--node_rank=$node_rank"

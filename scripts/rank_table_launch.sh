@@ -31,15 +31,7 @@ EOF
 }
 
 die() { echo "rank_table_launch.sh: $*" >&2; exit 2; }
-# OMP_NUM_THREADS (the CPU kernel threads of each process): empty counts as unset; else a positive integer or
-# OpenMP's list form like 4,2 (its first entry counts), as the toolkit reads it (cluster/launch.py parse_threads)
-check_threads() {
-    local first="${2%%,*}"
-    first="${first//[[:space:]]/}"
-    [[ -z "${2//[[:space:]]/}" ]] && return 0
-    [[ "$first" =~ ^[0-9]+$ ]] && (( 10#$first >= 1 )) \
-        || die "$1='$2': must be a positive integer, or OpenMP's list form like 4,2 (its first entry counts)"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/omp_threads.sh"
 
 rank_table="" node_rank=0 log_dir=rank_table_log timeout=0 dry_run=0
 envs=()
@@ -93,20 +85,8 @@ PY
 )" || die "cannot use $rank_table"
 world_size="$(head -n1 <<<"$devices")"
 mapfile -t local_devices < <(tail -n +2 <<<"$devices")
-# processes sharing this node share its cores, as `ascend-llm launch` does: OMP_NUM_THREADS = cores / processes
-# (at least 1) unless set in the environment or by --env
-omp_env="${OMP_NUM_THREADS:-}" omp_given=0
-check_threads OMP_NUM_THREADS "$omp_env"
-for kv in ${envs[@]+"${envs[@]}"}; do
-    if [[ "$kv" == OMP_NUM_THREADS=* ]]; then
-        check_threads "--env OMP_NUM_THREADS" "${kv#OMP_NUM_THREADS=}"
-        [[ -n "${kv#OMP_NUM_THREADS=}" ]] && omp_given=1
-    fi
-done
-if (( ${#local_devices[@]} > 1 && ! omp_given )) && [[ -z "${omp_env//[[:space:]]/}" ]]; then
-    threads=$(( $(nproc) / ${#local_devices[@]} )); (( threads >= 1 )) || threads=1
-    envs+=("OMP_NUM_THREADS=$threads")
-fi
+# processes sharing this node share its cores (OMP_NUM_THREADS = cores / processes unless set)
+default_omp_threads "${#local_devices[@]}"
 
 if (( dry_run )); then
     for line in "${local_devices[@]}"; do
