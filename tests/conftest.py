@@ -73,12 +73,13 @@ def _worker_logs(log_dir: Path, chars: int = 3000) -> str:
 
 
 def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2, timeout: int = 600) -> None:
-    """msrun `script out_dir args...` with `workers` local workers (CPU, MCCL) and the launcher's kernel threads per
-    worker (OMP_NUM_THREADS: cluster/launch.py); asserts every worker succeeded."""
-    from ascend_llm.cluster.launch import msrun_executable, worker_threads_env
+    """msrun `script out_dir args...` with `workers` local workers (CPU, MCCL), the launcher's kernel threads per
+    worker (OMP_NUM_THREADS) and the CPU recipes' 1-second heartbeat (cluster/launch.py); asserts every worker
+    succeeded."""
+    from ascend_llm.cluster.launch import heartbeat_env, msrun_executable, worker_threads_env
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, **worker_threads_env(workers),
+    env = dict(os.environ, **worker_threads_env(workers), **heartbeat_env(1),
                PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",

@@ -89,13 +89,22 @@ def worker_threads_env(num_local_workers: int) -> dict[str, str]:
     return {THREADS_ENV: str(max(1, available_cpus() // num_local_workers))}
 
 
+def heartbeat_env(seconds: Optional[int]) -> dict[str, str]:
+    """{MS_RETRY_INTERVAL_LOWER, MS_RETRY_INTERVAL_UPPER: seconds} (MindSpore draws each heartbeat interval between
+    the two; documented in MindSpore's environment-variable list), {} for None (MindSpore's 3 and 5)."""
+    if seconds is None:
+        return {}
+    return {"MS_RETRY_INTERVAL_LOWER": str(int(seconds)), "MS_RETRY_INTERVAL_UPPER": str(int(seconds))}
+
+
 def base_env(cluster: Any, num_local_workers: int = 1) -> dict[str, str]:
     """Environment additions for every worker: HCCL knobs, visible devices, the log level, the kernel threads of
-    `num_local_workers` workers sharing this node (worker_threads_env), cluster.env (last, so the user's values
-    win)."""
+    `num_local_workers` workers sharing this node (worker_threads_env), the heartbeat interval (heartbeat_env),
+    cluster.env (last, so the user's values win)."""
     env = dict(cluster.hccl.env())
     env.update(mindspore_log_env())
     env.update(worker_threads_env(num_local_workers))
+    env.update(heartbeat_env(cluster.heartbeat_s))
     if cluster.visible_devices is not None:
         env["ASCEND_RT_VISIBLE_DEVICES"] = str(cluster.visible_devices)
     env.update({str(k): str(v) for k, v in dict(cluster.env).items()})

@@ -201,6 +201,11 @@ class ClusterConfig:
     cluster_timeout_s: int = 600  # msrun --cluster_time_out (MS_TOPO_TIMEOUT)
     job_timeout_s: Optional[int] = None  # wall-clock limit for the whole job; None: no limit
     failure_grace_s: int = 10  # after a worker fails, how long msrun may take to stop before it is killed
+    # Seconds between a worker's heartbeats to the msrun scheduler (MS_RETRY_INTERVAL_LOWER = _UPPER); None keeps
+    # MindSpore's random 3-5 s. A worker learns that the cluster is built from a heartbeat reply and its exit waits
+    # for the heartbeat thread's sleep, so 1 starts and ends a small local job seconds sooner; large clusters keep
+    # the default, which spreads the scheduler's load.
+    heartbeat_s: Optional[int] = None
     bind_core: bool = False
     tail_worker_log: str = "all"  # worker logs msrun echoes to the console: all | none | ranks like "0" or "0,1"
     hccl: HcclConfig = field(default_factory=HcclConfig)
@@ -218,7 +223,7 @@ class ClusterConfig:
     def validate(self, prefix: str = "cluster") -> None:
         """Raises ConfigError naming the field: counts <= 0, node_rank outside 0..num_nodes-1, master_port outside
         [1024, 65535], an empty master_addr or log_dir, malformed visible_devices, tail_worker_log or env keys,
-        timeouts or declared hardware figures <= 0 (failure_grace_s < 0), bad HCCL settings, or
+        timeouts, heartbeat_s or declared hardware figures <= 0 (failure_grace_s < 0), bad HCCL settings, or
         launcher=rank_table without rank_table_file."""
         positive(f"{prefix}.num_nodes", self.num_nodes)
         positive(f"{prefix}.num_workers_per_node", self.num_workers_per_node)
@@ -233,6 +238,8 @@ class ClusterConfig:
         if self.job_timeout_s is not None:
             positive(f"{prefix}.job_timeout_s", self.job_timeout_s)
         non_negative(f"{prefix}.failure_grace_s", self.failure_grace_s)
+        if self.heartbeat_s is not None:
+            positive(f"{prefix}.heartbeat_s", self.heartbeat_s)
         if not self.log_dir:
             raise ConfigError(f"{prefix}.log_dir", self.log_dir, "must be a directory path")
         self._validate_tail(prefix)

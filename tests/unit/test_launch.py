@@ -112,6 +112,7 @@ def test_dry_run_cli_prints_the_command_and_quotes_it(capsys, tmp_path):
     (["cluster=cpu_2proc", "parallel=dp2", "cluster.hccl.connect_timeout_s=60"], "cluster.hccl.connect_timeout_s"),
     (["cluster=cpu_2proc", "parallel=dp2", "cluster.hccl.deterministic=maybe"], "cluster.hccl.deterministic"),
     (["cluster=cpu_2proc", "parallel=dp2", "cluster.tail_worker_log=5"], "cluster.tail_worker_log"),
+    (["cluster=cpu_2proc", "parallel=dp2", "cluster.heartbeat_s=0"], "cluster.heartbeat_s"),
     (["cluster=910b_1x8_rank_table", "parallel.data_parallel_degree=4", "cluster.num_workers_per_node=4"],
      "cluster.num_workers_per_node"),
     (["cluster=910b_1x8_rank_table", "parallel=dp16", "cluster.num_nodes=2", "train.global_batch_size=16"],
@@ -506,6 +507,19 @@ def test_workers_sharing_a_node_share_its_cores(monkeypatch, cluster, layout, wo
     with pytest.raises(ConfigError) as info:  # the value the workers would get is checked, wherever it comes from
         plan_for([f"cluster={cluster}", layout, "+cluster.env.OMP_NUM_THREADS=abc"])
     assert info.value.field == "cluster.env.OMP_NUM_THREADS"
+
+
+def test_the_cpu_clusters_beat_every_second_and_the_910b_ones_keep_mindspores_interval():
+    """cluster.heartbeat_s -> MS_RETRY_INTERVAL_LOWER and _UPPER (MindSpore draws each heartbeat interval between
+    them; default 3 and 5 s): 1 for the local CPU recipes, unset for the 910B ones; cluster.env wins."""
+    env = plan_for(["cluster=cpu_4proc", "parallel=tp2_dp2"]).processes[0].env
+    assert (env["MS_RETRY_INTERVAL_LOWER"], env["MS_RETRY_INTERVAL_UPPER"]) == ("1", "1")
+    env = plan_for(["cluster=cpu_2proc", "parallel=dp2", "cluster.heartbeat_s=2"]).processes[0].env
+    assert (env["MS_RETRY_INTERVAL_LOWER"], env["MS_RETRY_INTERVAL_UPPER"]) == ("2", "2")
+    env = plan_for(["cluster=cpu_2proc", "parallel=dp2", "+cluster.env.MS_RETRY_INTERVAL_UPPER=4"]).processes[0].env
+    assert (env["MS_RETRY_INTERVAL_LOWER"], env["MS_RETRY_INTERVAL_UPPER"]) == ("1", "4")
+    env = plan_for(["cluster=910b_1x8", "parallel=dp8", "runtime=ascend"]).processes[0].env
+    assert "MS_RETRY_INTERVAL_LOWER" not in env and "MS_RETRY_INTERVAL_UPPER" not in env
 
 
 def test_kernel_threads_come_from_the_recipe_then_omp_num_threads_then_the_cores(monkeypatch):
