@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("model_opener_cli")]  # fixtures start once
 
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
@@ -50,13 +50,16 @@ def test_eval_reads_a_hugging_face_directory_and_matches_a_numpy_perplexity(corp
     from ascend_llm.interop.source import open_model
 
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    source = open_model(model)
-    eos = source.eos_token_ids[0]
-    ids = []
-    for text in POEMS[:1]:
-        ids += source.tokenizer.encode(text) + [eos]
-    assert row["num_tokens"] == len(ids) - 1 and len(ids) <= 64  # one window holds the whole stream
-    logits = source.model(ms.Tensor(np.array([ids], np.int32))).asnumpy()[0].astype(np.float64)
+    try:
+        source = open_model(model)
+        eos = source.eos_token_ids[0]
+        ids = []
+        for text in POEMS[:1]:
+            ids += source.tokenizer.encode(text) + [eos]
+        assert row["num_tokens"] == len(ids) - 1 and len(ids) <= 64  # one window holds the whole stream
+        logits = source.model(ms.Tensor(np.array([ids], np.int32))).asnumpy()[0].astype(np.float64)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)  # the session's mode for the tests that follow on this worker
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()

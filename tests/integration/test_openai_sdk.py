@@ -23,7 +23,7 @@ from tests.integration.openai_server import (
     start_server,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("openai_sdk")]  # one xdist worker: fixtures start once
 CONTEXT = 160  # --max-model-len: the golden chat prompts (<= 110 tokens) fit, "the rest of the context" stays short
 MODELS = ["qwen2_tied", "qwen3_qknorm", "llama3", "qwen2_tied-int8", "qwen3_qknorm-int8", "llama3-int8"]
 

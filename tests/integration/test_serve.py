@@ -29,7 +29,7 @@ from ascend_llm.tokenizer.bpe import train_tokenizer
 from ascend_llm.train.checkpoint import save_model_checkpoint
 from tests.integration.openai_server import start_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("serve")]  # one xdist worker: fixtures start once
 WORDS = ["春", "風", "花", "月", "山", "水", "雲", "夜", "江", "柳", "秋", "雨", "人", "歸", "酒", "明"]
 KEY = "test-key-7"
 AUTH = {"Authorization": f"Bearer {KEY}"}

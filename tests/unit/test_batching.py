@@ -12,6 +12,8 @@ from ascend_llm.config.model import ModelConfig
 from ascend_llm.inference import Engine, QueueFull, Request, SamplingParams, Scheduler
 from ascend_llm.models.llama import build_model
 
+pytestmark = pytest.mark.xdist_group("batching")  # one xdist worker: module fixtures build once
+
 CFG = dict(vocab_size=96, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=64, max_seq_len=64)
 MAX_LEN = 48
 

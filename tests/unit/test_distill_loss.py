@@ -16,6 +16,8 @@ from ascend_llm.train.objective import LanguageModeling
 from ascend_llm.train.step import cross_entropy_loss, masked_cross_entropy_loss
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.xdist_group("distill_loss")  # one xdist worker: module fixtures build once
+
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "hf" / "llama_gqa"  # vocab 640
 
 

@@ -15,6 +15,8 @@ from ascend_llm.eval.drift import count_matrix, detect, document_features, sampl
 from ascend_llm.train.loss import token_cross_entropy
 from tests.conftest import CORPORA, ROOT
 
+pytestmark = pytest.mark.xdist_group("drift_detect")  # one xdist worker: module fixtures build once
+
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "hf" / "llama_gqa"  # 2 layers, hidden 64, vocab 640, EOS 636
 NUM_SPLITS = 20
 

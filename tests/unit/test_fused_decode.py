@@ -22,7 +22,8 @@ from ascend_llm.inference.engine import Engine
 from ascend_llm.models import build_model
 from ascend_llm.models.llama import rope_tables
 
-pytestmark = pytest.mark.skipif(fused_decode.library_path() is None, reason="no C++ compiler")
+pytestmark = [pytest.mark.skipif(fused_decode.library_path() is None, reason="no C++ compiler"),
+              pytest.mark.xdist_group("fused_decode")]  # one xdist worker: module fixtures build once
 
 # dim 36 = 3 heads x 12, 1 KV head (GQA group 3), ffn 52: no width is a multiple of 16, no row count of 8
 CFG = ModelConfig(name="fused", vocab_size=53, dim=36, num_layers=1, num_heads=3, num_kv_heads=1, ffn_hidden_dim=52,

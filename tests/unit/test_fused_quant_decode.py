@@ -21,7 +21,8 @@ from tests.conftest import open_fixture
 from tests.unit.test_fused_decode import BS, CFG, MB, NB, OneLayer, np_layer
 from tests.unit.test_generation import fixture
 
-pytestmark = pytest.mark.skipif(fused_decode.library_path() is None, reason="no C++ compiler")
+pytestmark = [pytest.mark.skipif(fused_decode.library_path() is None, reason="no C++ compiler"),
+              pytest.mark.xdist_group("fused_quant_decode")]  # one xdist worker: module fixtures build once
 
 # (bits, group_size, sym): dim 36 / ffn 52 columns; int8 group 20 -> groups of 20 + 16 (and 20 + 20 + 12),
 # int4 group 40 -> one partial group of 36 (20 bytes: one 16-byte vector + 4 one by one) or 40 + 12

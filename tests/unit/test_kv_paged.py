@@ -14,6 +14,8 @@ from ascend_llm.inference.kv_cache import NULL_BLOCK, BlockAllocator, CacheWrite
 from ascend_llm.models import build_model
 from tests.unit.test_model_reference import np_forward
 
+pytestmark = pytest.mark.xdist_group("kv_paged")  # one xdist worker: module fixtures build once
+
 CFG = ModelConfig(name="paged", vocab_size=97, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_dim=48,
                   max_seq_len=64, rope_theta=500.0, init_std=0.2, tie_embeddings=True, qkv_bias=True)
 TOL = 1e-4  # float32 engine vs float64 reference; measured max |diff| ~1e-6 at logit scale ~3

@@ -16,6 +16,8 @@ from ascend_llm.cli.main import main
 from ascend_llm.errors import CheckpointError
 from ascend_llm.train.checkpoint import check_lora_compatible
 
+pytestmark = pytest.mark.xdist_group("lora_resume")  # one xdist worker: module fixtures build once
+
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), Path("shared/fixtures/hf"))
 QWEN2 = FIXTURES / "qwen2_tied"

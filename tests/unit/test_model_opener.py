@@ -30,6 +30,8 @@ def fixture(name: str) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
+    yield
+    ms.set_context(mode=ms.GRAPH_MODE)  # the session's mode for the tests that follow on this worker
 
 
 def hf_tensors(root: Path) -> dict[str, np.ndarray]:

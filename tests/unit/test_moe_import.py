@@ -21,6 +21,8 @@ from ascend_llm.interop.safetensors_io import read_tensors, write_tensors
 from ascend_llm.interop.source import open_model
 from ascend_llm.models.moe import route
 
+pytestmark = pytest.mark.xdist_group("moe_import")  # one xdist worker: module fixtures build once
+
 FIXTURES = next((p / "shared" / "fixtures" / "hf" for p in Path(__file__).resolve().parents
                  if (p / "shared" / "fixtures" / "hf").is_dir()), None)
 NAMES = ["qwen2_moe_tiny", "qwen3_moe_tiny"]

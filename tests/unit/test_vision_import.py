@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 from ascend_llm.data.images import read_image_records
 from ascend_llm.errors import DataError, InteropError
 
+pytestmark = pytest.mark.xdist_group("vision_import")  # one xdist worker: module fixtures build once
+
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hf"
 NAMES = ("clip_tiny", "siglip_tiny")
 

@@ -12,6 +12,8 @@ from mindspore import Tensor
 
 from ascend_llm.train.caption import IGNORE_INDEX, caption_sequences, prompt_ids
 
+pytestmark = pytest.mark.xdist_group("vlm")  # one xdist worker: module fixtures build once
+
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "hf"
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 def run_all(log_root: Path, runs: list[dict]) -> None:
+    from ascend_llm.cli.process import freeze_imported_objects
     from ascend_llm.cli.streams import configure_logging
     from ascend_llm.compose import compose_recipe
     from ascend_llm.parallel.dp import init_distributed
@@ -28,6 +29,7 @@ def run_all(log_root: Path, runs: list[dict]) -> None:
     from ascend_llm.train.trainer import train
 
     configure_logging()
+    freeze_imported_objects()  # as `ascend-llm train` does: this process runs many compiles
     recipes = [compose_recipe(run["overrides"]) for run in runs]  # every recipe checked before the first run
     setup_runtime(recipes[0].runtime)
     # the msrun scheduler runs this file too and exits inside init: nothing below runs in it
