@@ -4,6 +4,7 @@ that start processes or train:
 - `run_msrun(script, out_dir, *args, workers)`: a worker script under real msrun (raw: no recipe);
 - `launch(run_dir, overrides, workers, script=None, script_args=())`: `ascend-llm launch` of a recipe (or a script)
   on `workers` CPU workers, into run_dir, on a free port; asserts it succeeded;
+- `raise_priority`: the preexec_fn of a subprocess that runs msrun jobs (they run ahead of the pytest workers);
 - `read_records(run_dir)` / `records_by_step(run_dir)`: a run's metrics.jsonl, every line parsed strictly;
 - the `one_process` session fixture: one-process trainer runs cached by their overrides, so a reference that several
   tests compare against trains once per session.
@@ -77,6 +78,19 @@ def _worker_logs(log_dir: Path, chars: int = 3000) -> str:
                    for p in sorted(Path(log_dir).glob("worker_*.log")))
 
 
+JOB_NICE = -5  # the msrun jobs' priority relative to the pytest workers
+
+
+def raise_priority() -> None:
+    """preexec_fn of an msrun job: its ranks wait for each other in every collective, so a rank that the other
+    pytest-xdist worker preempts stalls its peers (each spinning in MindSpore's queue wait); the job runs ahead of
+    the pytest workers where this process may raise priorities (root, CAP_SYS_NICE), unchanged elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, JOB_NICE)
+    except OSError:
+        pass
+
+
 def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2, timeout: int = 600) -> None:
     """msrun `script out_dir args...` with `workers` local workers (CPU, MCCL), the launcher's kernel threads per
     worker (OMP_NUM_THREADS) and the CPU recipes' 1-second heartbeat (cluster/launch.py); asserts every worker
@@ -90,7 +104,8 @@ def run_msrun(script: Path, out_dir: Path, *args: str, workers: int = 2, timeout
     argv = [msrun_executable(), f"--worker_num={workers}", f"--local_worker_num={workers}",
             f"--master_port={find_free_port()}", f"--log_dir={out_dir / 'log'}", "--join=True",
             "--cluster_time_out=300", str(script), str(out_dir), *args]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=out_dir,
+                          preexec_fn=raise_priority)
     assert done.returncode == 0, done.stderr[-2000:] + _worker_logs(out_dir / "log")
 
 
@@ -105,7 +120,7 @@ def launch(run_dir: Path, overrides: Sequence[str], workers: int, script: Path |
     if script is not None:
         argv += ["--script", str(script), "--", *script_args]
     done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *argv],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=raise_priority)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:] + _worker_logs(run_dir / "msrun_log")
     return done
 

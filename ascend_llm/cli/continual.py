@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ascend_llm.cli import drift as drift_cli
+from ascend_llm.cli.process import start_mindspore
 from ascend_llm.errors import ConfigError
 
 # Recipe keys the loop sets itself (an --update/--student override of one is refused: it would break the loop).
@@ -151,7 +152,6 @@ def run_training(recipe) -> str:
 def export_student(student: str, out: Path, bits: int, pynative: bool = False) -> dict[str, str]:
     """RTN-quantize the student (symmetric, per channel for int8, groups of 128 for int4; as `ascend-llm quantize`)
     and export it as a Hugging Face directory (as `ascend-llm convert --to hf`, fp32). Returns the two paths."""
-    import mindspore as ms
 
     from ascend_llm.config.quant import QuantConfig
     from ascend_llm.interop.export import export_hf
@@ -159,7 +159,7 @@ def export_student(student: str, out: Path, bits: int, pynative: bool = False) -
     from ascend_llm.interop.source import open_model
     from ascend_llm.quant.apply import apply_quantization
 
-    ms.set_context(mode=ms.PYNATIVE_MODE if pynative else ms.GRAPH_MODE)
+    start_mindspore(graph=not pynative)
     cfg = QuantConfig(bits=bits, group_size=128 if bits == 4 else -1, sym=True, method="rtn")
     cfg.validate()
     source = open_model(student)
@@ -176,13 +176,12 @@ def evaluate(models: dict[str, str], corpora: dict[str, str], docs: str, args: a
     """Perplexity of every model on the `docs` slice of every corpus, tokenized by the first model's tokenizer
     with its first EOS id, as `ascend-llm eval MODELS --corpus C --docs D` computes it. One row per model:
     {"role", "model", "params", "ppl": {corpus: perplexity}, "nll": {corpus: nats/token}, "tokens": {...}}."""
-    import mindspore as ms
 
     from ascend_llm.eval.perplexity import perplexity
     from ascend_llm.eval.text import parse_slice, token_stream
     from ascend_llm.interop.source import open_model
 
-    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
+    start_mindspore(graph=not args.pynative)
     streams, rows = {}, []
     for role, path in models.items():
         source = open_model(path)

@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Open the model, sample both corpora, compute features and the detectors; returns the report dict."""
-    import mindspore as ms
 
+    from ascend_llm.cli.process import start_mindspore
     from ascend_llm.errors import InteropError
     from ascend_llm.eval.drift import check_settings, detect, document_features, sample_documents
     from ascend_llm.eval.text import parse_slice
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     check_settings(args.alpha, args.permutations)
     slices = {"reference": parse_slice(args.ref_docs, "--ref-docs"), "new": parse_slice(args.new_docs, "--new-docs")}
 
-    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
+    start_mindspore(graph=not args.pynative)
     source = apply_tokenizer_override(open_model(args.model), args.tokenizer)
     if source.tokenizer is None:
         raise InteropError("--tokenizer", None, f"{args.model} has no tokenizer.json: give --tokenizer")

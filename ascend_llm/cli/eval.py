@@ -50,13 +50,12 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
 
-    import mindspore as ms
-
+    from ascend_llm.cli.process import start_mindspore
     from ascend_llm.eval.perplexity import perplexity
     from ascend_llm.eval.text import parse_slice, token_stream
     from ascend_llm.interop.source import apply_tokenizer_override, open_model
 
-    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
+    start_mindspore(graph=not args.pynative)
     docs = parse_slice(args.docs, "--docs")
     rows, ids, baseline = [], None, None
     for path in args.models:

@@ -39,12 +39,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    import mindspore as ms
 
+    from ascend_llm.cli.process import start_mindspore
     from ascend_llm.inference import Engine, SamplingParams, Scheduler
     from ascend_llm.interop.source import open_model
 
-    ms.set_context(mode=ms.GRAPH_MODE if args.mode == "graph" else ms.PYNATIVE_MODE)
+    start_mindspore(graph=args.mode == "graph")
     if args.image:  # a caption run: the image is projected into placeholder ids the engine embeds (models/vlm.py)
         from ascend_llm.train.caption import open_vlm
 

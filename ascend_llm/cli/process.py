@@ -13,3 +13,12 @@ def freeze_imported_objects() -> None:
     A `debug=smoke` training run spent 6.7% of its CPU samples in `gc_collect_main` (perf, 2026-12-06)."""
     gc.collect()
     gc.freeze()
+
+
+def start_mindspore(graph: bool = True) -> None:
+    """This command's MindSpore mode: graph (compiled, `ms.GRAPH_MODE`) or eager (`ms.PYNATIVE_MODE`); then
+    freeze_imported_objects(), MindSpore being imported by now."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    freeze_imported_objects()

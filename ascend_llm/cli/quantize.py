@@ -47,8 +47,7 @@ def main(argv: list[str]) -> int:
     cfg = build_config(args)
     from pathlib import Path
 
-    import mindspore as ms
-
+    from ascend_llm.cli.process import start_mindspore
     from ascend_llm.errors import ConfigError
     from ascend_llm.eval.text import calibration_windows, parse_slice, token_stream
     from ascend_llm.interop.quantized import hf_gptq_layout, save_quantized, write_hf_gptq
@@ -56,7 +55,7 @@ def main(argv: list[str]) -> int:
     from ascend_llm.quant.apply import apply_quantization, weight_bytes
     from ascend_llm.store.files import OutputError, check_output_dir
 
-    ms.set_context(mode=ms.GRAPH_MODE)
+    start_mindspore(graph=True)
     source = open_model(args.model)
     if source.kind == "quantized":
         raise ConfigError("model", args.model, "is already quantized: quantize the original model")

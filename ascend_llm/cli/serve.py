@@ -74,14 +74,14 @@ def _check(args) -> None:
 
 def build_serving(args):
     """Open the model, build the engine and scheduler: an OpenAIServing ready for build_app."""
-    import mindspore as ms
 
+    from ascend_llm.cli.process import start_mindspore
     from ascend_llm.errors import ConfigError
     from ascend_llm.inference.scheduler import Scheduler
     from ascend_llm.inference.serving import ModelInfo, OpenAIServing
     from ascend_llm.interop.source import apply_tokenizer_override, open_model
 
-    ms.set_context(mode=ms.PYNATIVE_MODE if args.pynative else ms.GRAPH_MODE)
+    start_mindspore(graph=not args.pynative)
     source = apply_tokenizer_override(open_model(args.model), args.tokenizer)
     context = args.max_model_len or source.config.max_seq_len
     if context > source.config.max_seq_len or context < 2:

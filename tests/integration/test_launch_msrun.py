@@ -8,6 +8,7 @@ import sys
 import time
 
 from ascend_llm.cluster.launch import find_free_port
+from tests.conftest import raise_priority
 
 # Real communication: both ranks init (MCCL), all-reduce every step; rank 1 raises at step 2 while rank 0
 # is about to wait in the next all-reduce.
@@ -43,7 +44,7 @@ def test_failed_worker_is_named_and_the_job_stops(tmp_path):
                  "cluster.failure_grace_s=3", "cluster.tail_worker_log=none"]
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "ascend_llm.cli.main", "launch", *overrides, "--script", str(script)],
-                          capture_output=True, text=True, timeout=cluster_timeout + 60)
+                          capture_output=True, text=True, timeout=cluster_timeout + 60, preexec_fn=raise_priority)
     elapsed = time.monotonic() - start
     print(f"failing msrun job stopped after {elapsed:.1f} s")
     assert done.returncode not in (0, 2), done.stderr[-3000:]

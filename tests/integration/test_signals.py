@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ascend_llm.train.checkpoint import list_checkpoints, read_checkpoint
+from tests.conftest import raise_priority
 
 pytestmark = pytest.mark.integration
 
@@ -158,7 +159,7 @@ def test_sigterm_to_one_rank_under_launch_stops_every_rank_after_the_same_step_w
             "train.num_steps=200", f"data.cache_dir={data_cache}", f"train.output_dir={run_dir}",
             f"cluster.master_port={find_free_port()}", "cluster.failure_grace_s=3", "cluster.tail_worker_log=0"]
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, preexec_fn=raise_priority)
         try:
             wait_for(past_step(run_dir, 0), proc)
             os.kill(worker_pid(proc, 1), signal.SIGTERM)

@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import raise_priority
+
 BATCH, SEQ, DIM, LAYERS = 2, 16, 64, 2  # recipes/model/debug.yaml: dim 64, 2 layers
 
 
@@ -22,7 +24,7 @@ def test_bench_parallel_smallest_setting(tmp_path):
             "--warmup", "1", "--repeats", "1", "--global-batch", str(BATCH), "--seq-len", str(SEQ),
             "--memory-cap-gib", "64", "--seq-unit", "16", "--max-seq-len", "16", "--json", str(out),
             "data.max_bytes=200000", f"data.cache_dir={tmp_path / 'cache'}", "cluster.cluster_timeout_s=300"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1200, preexec_fn=raise_priority)  # msrun jobs
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "not measurements" in done.stdout and "VmHWM" in done.stdout
     rows = json.loads(out.read_text())["rows"]
