@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from ascend_llm.cli.process import own_process
 from ascend_llm.cli.streams import configure_logging, protect_std_streams
 from ascend_llm.config.threads import env_threads
 from ascend_llm.errors import TrainingDiverged, UserInputError
@@ -41,6 +42,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # run as the program (console script, python -m, msrun's workers): the command owns it
+        own_process()
     argv = sys.argv[1:] if argv is None else list(argv)
     protect_std_streams()
     configure_logging()

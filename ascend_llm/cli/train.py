@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from ascend_llm.cli.process import freeze_imported_objects
+from ascend_llm.cli.process import freeze_once
 from ascend_llm.cluster.preflight import preflight
 from ascend_llm.compose import compose_recipe, recipes_dir, register_schema, to_recipe
 from ascend_llm.compose.overrides import check_group_options, expand_sweep, quote_overrides
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
     if not any(flag in argv for flag in MULTIRUN_FLAGS):
         from ascend_llm.train.trainer import train
 
-        freeze_imported_objects()  # this process is the command's own
+        freeze_once()  # MindSpore is imported: out of the collector's scans where this command owns the process
         try:
             _print_summary(train(compose_recipe(argv)))
         except TrainingStopped as exc:
